@@ -1,0 +1,3 @@
+from mflux_server.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,128 @@
+"""The seed endpoints: generate, status, image (at /api/... and at the original /generate, /status, /image)."""
+
+from __future__ import annotations
+
+import base64
+import secrets
+
+from flask import Response, request
+from flask_smorest import Blueprint, abort
+
+from mflux_server import models, store
+from mflux_server.api.generation_schemas import (
+    FORMATS,
+    MAX_SEED,
+    GenerateRequest,
+    GenerateResponse,
+    ImageQuery,
+    StatusQuery,
+    TaskStatus,
+)
+from mflux_server.api.task_view import task_status
+from mflux_server.app import conn, settings
+
+blp = Blueprint("generation", __name__, description="Submit a prompt, follow it, fetch its images.")
+
+NOT_FOUND = {"description": "no task with this id (never existed, or deleted after its image was served)"}
+
+
+@blp.before_request
+def require_json_body() -> None:
+    """A POST must carry JSON; without this a form post would read as 'prompt missing'."""
+    if request.method == "POST" and not request.is_json:
+        abort(415, message="send the request body as JSON with Content-Type: application/json")
+
+
+def find_task(task_id: str) -> dict:
+    """The task, or a JSON 404 naming the task_id."""
+    task = store.get(conn(), task_id)
+    if task is None:
+        abort(404, code="task_not_found", field="task_id", message=f"no task with id {task_id!r}")
+    return task
+
+
+def served_models() -> set[str]:
+    """Models some live worker runs, plus the configured default."""
+    live = store.live_workers(conn(), settings().stale_after)
+    default = models.resolve(settings().model)
+    return {w["model"] for w in live} | ({default.name} if default else set())
+
+
+@blp.route("/generate", methods=["POST"])
+@blp.arguments(GenerateRequest, location="json")
+@blp.response(200, GenerateResponse)
+@blp.alt_response(422, description="a field is invalid; the body names it and the rule")
+def generate(body: dict):
+    """Queue a text-to-image task.
+
+    Answers at once with the task id, the unfinished tasks ahead of it (`task_length`) and the forecast
+    seconds until its images are done (`expected_time_seconds`).
+    """
+    info = models.resolve(body["model"] or settings().model)
+    served = served_models()
+    if info is None or info.name not in served:
+        abort(
+            422,
+            code="invalid_input",
+            field="model",
+            message=f"model: no worker serves {request['model']!r}; served models: {', '.join(sorted(served))}",
+            errors={"json": {"model": [f"not served; served models: {', '.join(sorted(served))}"]}},
+        )
+    task = dict(body, model=info.name)
+    if task["steps"] is None:
+        task["steps"] = info.default_steps
+    if task["seed"] is None:
+        task["seed"] = secrets.randbelow(MAX_SEED - task["count"] + 2)
+    elif task["seed"] + task["count"] - 1 > MAX_SEED:
+        abort(422, field="seed", message=f"seed: seed + count - 1 must be at most {MAX_SEED}")
+    created = store.submit(conn(), task)
+    view = task_status(conn(), created)
+    view["task_length"] = created["tasks_ahead"]
+    view["expected_time_seconds"] = view["wait_remaining"]
+    return view
+
+
+@blp.route("/status", methods=["GET"])
+@blp.arguments(StatusQuery, location="query")
+@blp.response(200, TaskStatus)
+@blp.alt_response(404, description=NOT_FOUND["description"])
+def status(query: dict):
+    """A task's status, queue position, progress and forecast wait in seconds."""
+    return task_status(conn(), find_task(query["task_id"]))
+
+
+@blp.route("/image", methods=["GET"])
+@blp.arguments(ImageQuery, location="query")
+@blp.response(
+    200,
+    description="the image bytes (image/jpeg, image/png or image/webp), or base64 text with base64=true",
+    content_type="image/jpeg",
+)
+@blp.alt_response(404, description=NOT_FOUND["description"])
+@blp.alt_response(409, description="the task has no image yet; the body carries its status")
+def image(query: dict):
+    """Fetch a finished task's image; by default the task is removed once all its images were served."""
+    task = find_task(query["task_id"])
+    if task["status"] != "done":
+        abort(
+            409,
+            code="image_not_ready",
+            field="task_id",
+            status=task["status"],
+            message=f"task {task['id']} is {task['status']}, not done" + (f": {task['error']}" if task["error"] else ""),
+        )
+    if query["index"] >= task["count"]:
+        abort(422, field="index", message=f"index: must be from 0 to {task['count'] - 1}, got {query['index']}")
+    stored = store.fetch_image(conn(), task["id"], query["index"])
+    if stored is None:
+        abort(404, code="image_not_found", field="index", message=f"image {query['index']} of task {task['id']} was not kept")
+    store.mark_served(conn(), task["id"], query["index"], query["delete"])
+    extension = next(name for name, mime in FORMATS.items() if mime == stored["mime"]).lower()
+    headers = {
+        "Content-Disposition": f'inline; filename="{task["id"]}-{query["index"]}.{extension}"',
+        "X-Seed": str(stored["seed"]),
+        "Cache-Control": "no-store",
+    }
+    if query["base64"]:
+        return Response(base64.b64encode(stored["data"]), mimetype="text/plain", headers=headers)
+    return Response(stored["data"], mimetype=stored["mime"], headers=headers)

@@ -1,0 +1,183 @@
+"""Request and response schemas of the generate, status and image endpoints."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import marshmallow as ma
+from flask import current_app
+from marshmallow import fields, validate
+
+from mflux_server import models
+
+FORMATS = {"JPEG": "image/jpeg", "JPG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
+SIZE_STEP = 16
+MIN_SIZE = 128
+MAX_SEED = 2**32 - 1
+
+
+def _limit(name: str) -> int:
+    return getattr(current_app.extensions["mflux_settings"], name)
+
+
+class SeedField(fields.Field):
+    """A seed given as an integer or as a string of digits, as the seed examples send it."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs) -> int:
+        if isinstance(value, bool):
+            raise ma.ValidationError("must be an integer or a string of digits, not a boolean")
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value.strip())
+        if not isinstance(value, int):
+            raise ma.ValidationError(f"must be an integer or a string of digits, got {value!r}")
+        if not 0 <= value <= MAX_SEED:
+            raise ma.ValidationError(f"must be between 0 and {MAX_SEED}, got {value}")
+        return value
+
+    def _jsonschema_type_mapping(self) -> dict:
+        return {"oneOf": [{"type": "integer"}, {"type": "string", "pattern": "^[0-9]+$"}]}
+
+
+class FormatField(fields.String):
+    """An image format name in any case: JPEG (or JPG), PNG or WEBP."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs) -> str:
+        text = super()._deserialize(value, attr, data, **kwargs).strip().upper()
+        if text not in FORMATS:
+            raise ma.ValidationError(f"must be one of JPEG, PNG or WEBP (any case), got {value!r}")
+        return "JPEG" if text == "JPG" else text
+
+
+def _size(name: str, limit: str):
+    def check(value: int) -> None:
+        top = _limit(limit)
+        if value % SIZE_STEP or not MIN_SIZE <= value <= top:
+            raise ma.ValidationError(f"must be a multiple of {SIZE_STEP} from {MIN_SIZE} to {top}, got {value}")
+
+    return check
+
+
+def _at_most(limit: str, low: int = 1):
+    def check(value: int) -> None:
+        top = _limit(limit)
+        if not low <= value <= top:
+            raise ma.ValidationError(f"must be from {low} to {top}, got {value}")
+
+    return check
+
+
+def _prompt(value: str) -> None:
+    top = _limit("max_prompt_length")
+    if not value.strip():
+        raise ma.ValidationError("must not be empty")
+    if len(value) > top:
+        raise ma.ValidationError(f"must be at most {top} characters, got {len(value)}")
+
+
+def _model(value: str) -> None:
+    if models.resolve(value) is None:
+        raise ma.ValidationError(f"unknown model {value!r}; known models: {', '.join(models.names())}")
+
+
+class StrictInteger(fields.Integer):
+    """An integer that refuses booleans and fractions instead of silently truncating them."""
+
+    default_error_messages = {"invalid": "must be an integer"}
+
+    def __init__(self, **kwargs):
+        super().__init__(strict=False, **kwargs)
+
+    def _validated(self, value: Any):
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise self.make_error("invalid")
+        return super()._validated(value)
+
+
+class GenerateRequest(ma.Schema):
+    """A text-to-image request; the fields and types of the original mflux-server's examples."""
+
+    class Meta:
+        unknown = ma.RAISE
+
+    error_messages = {"type": "the request body must be a JSON object", "unknown": "unknown field"}
+
+    prompt = fields.String(required=True, validate=_prompt, metadata={"description": "what to draw", "example": "A beautiful landscape"})
+    seed = SeedField(
+        load_default=None,
+        metadata={"description": f"0 to {MAX_SEED}, integer or digit string; image k of count uses seed+k. Random when absent.",
+                  "example": "1725311496"},
+    )
+    width = StrictInteger(load_default=1024, validate=_size("width", "max_width"),
+                          metadata={"description": "pixels; a multiple of 16 from 128 to --max-width (2048)"})
+    height = StrictInteger(load_default=1024, validate=_size("height", "max_height"),
+                           metadata={"description": "pixels; a multiple of 16 from 128 to --max-height (2048)"})
+    steps = StrictInteger(load_default=None, validate=_at_most("max_steps"),
+                          metadata={"description": "denoising steps, 1 to --max-steps (100); default: the model's (schnell 4, dev 25)"})
+    guidance = fields.Float(load_default=3.5, validate=validate.Range(0, 50),
+                            metadata={"description": "guidance scale, 0 to 50 (schnell ignores it)"})
+    format = FormatField(load_default="JPEG", metadata={"description": "JPEG, PNG or WEBP, any case", "example": "JPEG"})
+    quality = StrictInteger(load_default=85, validate=validate.Range(1, 100),
+                            metadata={"description": "JPEG/WEBP quality, 1 to 100"})
+    priority = fields.Boolean(load_default=False, metadata={"description": "true jumps ahead of every normal task"})
+    count = StrictInteger(load_default=1, validate=_at_most("max_count"),
+                          metadata={"description": "images to generate, 1 to --max-count (8)"})
+    model = fields.String(load_default=None, validate=_model,
+                          metadata={"description": "schnell, dev or krea-dev; default: the workers' model"})
+
+
+class Progress(ma.Schema):
+    """How far a task has come."""
+
+    image = fields.Integer(metadata={"description": "image being generated, 1-based"})
+    count = fields.Integer(metadata={"description": "images in the task"})
+    step = fields.Integer(metadata={"description": "denoising steps finished on that image"})
+    steps = fields.Integer(metadata={"description": "denoising steps per image"})
+    fraction = fields.Float(metadata={"description": "0 to 1, over all images and steps"})
+
+
+class TaskStatus(ma.Schema):
+    """A task's state, queue position and forecast."""
+
+    task_id = fields.String(required=True)
+    status = fields.String(required=True, metadata={"description": "waiting, processing, done, error or canceled"})
+    pos = fields.Integer(metadata={"description": "waiting tasks that will start before this one; 0 when next or running"})
+    wait_remaining = fields.Float(metadata={"description": "seconds until this task's images are done (forecast)"})
+    progress = fields.Nested(Progress)
+    error = fields.String(allow_none=True, metadata={"description": "why the task failed, when status is error"})
+    model = fields.String()
+    engine = fields.String(allow_none=True, metadata={"description": "what generated it: mflux or synthetic"})
+    seed = fields.Integer()
+    width = fields.Integer()
+    height = fields.Integer()
+    steps = fields.Integer()
+    count = fields.Integer()
+    format = fields.String()
+    priority = fields.Boolean()
+    attempts = fields.Integer(metadata={"description": "times a worker started this task"})
+    created_at = fields.Float(metadata={"description": "Unix time"})
+    started_at = fields.Float(allow_none=True)
+    finished_at = fields.Float(allow_none=True)
+
+
+class GenerateResponse(TaskStatus):
+    """The new task, with the original server's task_length and expected_time_seconds."""
+
+    task_length = fields.Integer(metadata={"description": "unfinished tasks ahead of this one when it was submitted"})
+    expected_time_seconds = fields.Float(metadata={"description": "forecast seconds until its images are done"})
+
+
+class StatusQuery(ma.Schema):
+    """Which task."""
+
+    task_id = fields.String(required=True, validate=validate.Length(1, 64))
+
+
+class ImageQuery(StatusQuery):
+    """Which image, and how to return it."""
+
+    index = StrictInteger(load_default=0, validate=validate.Range(0), metadata={"description": "image index when count > 1"})
+    base64 = fields.Boolean(load_default=False, metadata={"description": "return base64 text instead of bytes"})
+    delete = fields.Boolean(
+        load_default=True,
+        metadata={"description": "remove the task once every one of its images has been served"},
+    )

@@ -1,0 +1,64 @@
+"""What is running: workers, engines, models, queue depth and version."""
+
+from __future__ import annotations
+
+import marshmallow as ma
+from flask_smorest import Blueprint
+from marshmallow import fields
+
+from mflux_server import __version__, models, store
+from mflux_server.app import conn, forecaster, settings
+
+blp = Blueprint("info", __name__, description="Server, workers and queue at a glance.")
+
+
+class WorkerInfo(ma.Schema):
+    """One live worker."""
+
+    id = fields.String()
+    hostname = fields.String()
+    pid = fields.Integer()
+    engine = fields.String(metadata={"description": "mflux, or synthetic (procedural images, no model)"})
+    model = fields.String()
+    quantize = fields.Integer(allow_none=True)
+    started_at = fields.Float()
+    heartbeat_at = fields.Float()
+
+
+class Info(ma.Schema):
+    """The server at a glance."""
+
+    version = fields.String()
+    workers = fields.List(fields.Nested(WorkerInfo))
+    engines = fields.List(fields.String(), metadata={"description": "engines of the live workers"})
+    synthetic = fields.Boolean(metadata={"description": "true when any live worker makes synthetic images, not model output"})
+    warnings = fields.List(fields.String())
+    models = fields.List(fields.String(), metadata={"description": "models a live worker serves"})
+    known_models = fields.List(fields.String())
+    default_model = fields.String()
+    queue = fields.Dict(keys=fields.String(), values=fields.Integer(), metadata={"description": "tasks per status"})
+    forecast = fields.Dict(metadata={"description": "measured: whether the cost model is fitted to this machine's timings"})
+
+
+@blp.route("/info", methods=["GET"])
+@blp.response(200, Info)
+def info():
+    """Version, live workers with their engine, model and quantization, and the queue depth."""
+    workers = store.live_workers(conn(), settings().stale_after)
+    warnings = []
+    if not workers:
+        warnings.append("no live worker: tasks will wait until a worker starts")
+    if any(w["engine"] == "synthetic" for w in workers):
+        warnings.append("synthetic engine: images are procedural test patterns, not model output")
+    return {
+        "version": __version__,
+        "workers": workers,
+        "engines": sorted({w["engine"] for w in workers}),
+        "synthetic": any(w["engine"] == "synthetic" for w in workers),
+        "warnings": warnings,
+        "models": sorted({w["model"] for w in workers}),
+        "known_models": models.names(),
+        "default_model": settings().model,
+        "queue": store.status_counts(conn()),
+        "forecast": {"measured": forecaster().model(conn()).measured},
+    }

@@ -1,0 +1,49 @@
+"""How a task row is shown to clients, with its queue position and forecast."""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any
+
+from mflux_server import store
+from mflux_server.app import forecaster, settings
+
+
+def progress(task: dict[str, Any]) -> dict[str, Any]:
+    """Image and step counters and an overall fraction."""
+    total = task["count"] * task["steps"]
+    if task["status"] == "done":
+        done = total
+    else:
+        done = task["image_index"] * task["steps"] + task["step"] if task["status"] == "processing" else 0
+    return {
+        "image": min(task["image_index"] + 1, task["count"]),
+        "count": task["count"],
+        "step": task["step"],
+        "steps": task["steps"],
+        "fraction": round(done / total, 4) if total else 0.0,
+    }
+
+
+def serving_workers(conn: sqlite3.Connection, model: str) -> int:
+    """Live workers that run this model."""
+    return sum(1 for w in store.live_workers(conn, settings().stale_after) if w["model"] == model)
+
+
+def task_status(conn: sqlite3.Connection, task: dict[str, Any]) -> dict[str, Any]:
+    """The status view of a task: position, forecast wait and progress."""
+    view = {k: task[k] for k in ("status", "error", "model", "engine", "seed", "width", "height", "steps", "count",
+                                  "format", "attempts", "created_at", "started_at", "finished_at")}
+    view["task_id"] = task["id"]
+    view["priority"] = bool(task["priority"])
+    view["progress"] = progress(task)
+    if task["status"] == "waiting":
+        view["pos"] = store.waiting_ahead_count(conn, task["model"], task["priority"], task["seq"])
+    else:
+        view["pos"] = 0
+    if task["status"] in store.UNFINISHED:
+        workers = serving_workers(conn, task["model"])
+        view["wait_remaining"] = round(forecaster().wait_seconds(conn, task, workers), 3)
+    else:
+        view["wait_remaining"] = 0.0
+    return view

@@ -1,0 +1,90 @@
+"""The queue as a resource: list tasks, show one, cancel or delete one."""
+
+from __future__ import annotations
+
+import marshmallow as ma
+from flask_smorest import Blueprint
+from marshmallow import fields, validate
+
+from mflux_server import store
+from mflux_server.api.generation import NOT_FOUND, find_task
+from mflux_server.api.generation_schemas import TaskStatus
+from mflux_server.api.task_view import progress, task_status
+from mflux_server.app import conn
+
+blp = Blueprint("tasks", __name__, description="List the queue and recent tasks; cancel or delete a task.")
+
+
+class TaskListQuery(ma.Schema):
+    """Filter and page."""
+
+    status = fields.String(load_default=None, validate=validate.OneOf(store.STATUSES),
+                           metadata={"description": "only tasks with this status"})
+    limit = fields.Integer(load_default=50, validate=validate.Range(1, 500), metadata={"description": "page size, 1 to 500"})
+    offset = fields.Integer(load_default=0, validate=validate.Range(0), metadata={"description": "tasks to skip"})
+
+
+class TaskSummary(ma.Schema):
+    """One task in a listing (no forecast: ask /api/status for that)."""
+
+    task_id = fields.String()
+    status = fields.String()
+    prompt = fields.String()
+    model = fields.String()
+    width = fields.Integer()
+    height = fields.Integer()
+    steps = fields.Integer()
+    count = fields.Integer()
+    format = fields.String()
+    priority = fields.Boolean()
+    progress = fields.Nested("Progress")
+    error = fields.String(allow_none=True)
+    created_at = fields.Float()
+    finished_at = fields.Float(allow_none=True)
+
+
+class TaskList(ma.Schema):
+    """A page of tasks: running first, then waiting in claim order, then the newest finished."""
+
+    tasks = fields.List(fields.Nested(TaskSummary))
+    total = fields.Integer(metadata={"description": "tasks matching the filter"})
+    limit = fields.Integer()
+    offset = fields.Integer()
+    counts = fields.Dict(keys=fields.String(), values=fields.Integer(), metadata={"description": "tasks per status"})
+
+
+class DeleteResult(ma.Schema):
+    """What DELETE did."""
+
+    task_id = fields.String()
+    result = fields.String(metadata={"description": "canceled (it was waiting or processing) or deleted"})
+
+
+@blp.route("/tasks", methods=["GET"])
+@blp.arguments(TaskListQuery, location="query")
+@blp.response(200, TaskList)
+def list_tasks(query: dict):
+    """List tasks, filtered by status and paginated."""
+    rows, total = store.list_tasks(conn(), query["status"], query["limit"], query["offset"])
+    tasks = [dict(row, task_id=row["id"], priority=bool(row["priority"]), progress=progress(row)) for row in rows]
+    return {"tasks": tasks, "total": total, "limit": query["limit"], "offset": query["offset"],
+            "counts": store.status_counts(conn())}
+
+
+@blp.route("/tasks/<string:task_id>", methods=["GET"])
+@blp.response(200, TaskStatus)
+@blp.alt_response(404, description=NOT_FOUND["description"])
+def get_task(task_id: str):
+    """One task's status, as /api/status gives it."""
+    return task_status(conn(), find_task(task_id))
+
+
+@blp.route("/tasks/<string:task_id>", methods=["DELETE"])
+@blp.response(200, DeleteResult)
+@blp.alt_response(404, description=NOT_FOUND["description"])
+def delete_task(task_id: str):
+    """Cancel a waiting or running task (a running one stops at its next step), or delete a finished one."""
+    result = store.cancel_or_delete(conn(), task_id)
+    if result is None:
+        find_task(task_id)
+    return {"task_id": task_id, "result": result}

@@ -1,0 +1,116 @@
+"""create_app: the Flask application, its OpenAPI docs, and per-thread database connections."""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+from typing import Any
+
+from flask import Flask, current_app, send_from_directory
+from flask_smorest import Api
+from werkzeug.exceptions import HTTPException, InternalServerError
+
+from mflux_server import __version__, db
+from mflux_server.config import Settings
+from mflux_server.errors import ErrorSchema, error_payload
+from mflux_server.forecast import Forecaster
+
+log = logging.getLogger("mflux_server")
+
+API_DESCRIPTION = """\
+A queue in front of one GPU per worker. Submit a prompt with `POST /api/generate`, poll
+`GET /api/status` for the position, progress and forecast wait, then fetch the bytes with
+`GET /api/image`. `/generate`, `/status` and `/image` are the same endpoints without the `/api` prefix,
+as in the original mflux-server. Every error is JSON with a stable `code`, a `message` and the `field` at fault.
+"""
+
+
+class JsonErrorApi(Api):
+    """flask-smorest's Api with our error body: code, message, field, errors."""
+
+    ERROR_SCHEMA = ErrorSchema
+
+    def handle_http_exception(self, error: HTTPException):  # noqa: D401 - flask-smorest hook
+        """Render any HTTP error as our JSON error body."""
+        return error_payload(error)
+
+
+class Connections:
+    """One SQLite connection per thread, opened on first use; the database is the only shared state."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._local = threading.local()
+
+    def get(self) -> sqlite3.Connection:
+        """This thread's connection."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = db.connect(self.path)
+            self._local.conn = conn
+        return conn
+
+
+def conn() -> sqlite3.Connection:
+    """The current thread's connection to the app's queue."""
+    return current_app.extensions["mflux_connections"].get()
+
+
+def settings() -> Settings:
+    """The app's settings."""
+    return current_app.extensions["mflux_settings"]
+
+
+def forecaster() -> Forecaster:
+    """The app's cost model cache."""
+    return current_app.extensions["mflux_forecaster"]
+
+
+def create_app(config: Settings | None = None, overrides: dict[str, Any] | None = None) -> Flask:
+    """Build the API app for a settings object; migrates the database first."""
+    config = config or Settings()
+    app = Flask("mflux_server")
+    app.config.update(
+        API_TITLE="mflux-server",
+        API_VERSION=__version__,
+        OPENAPI_VERSION="3.0.3",
+        OPENAPI_URL_PREFIX="/",
+        OPENAPI_JSON_PATH="openapi.json",
+        OPENAPI_SWAGGER_UI_PATH="/swagger",
+        OPENAPI_SWAGGER_UI_URL="/swagger-assets/",
+        API_SPEC_OPTIONS={"info": {"description": API_DESCRIPTION}},
+        MAX_CONTENT_LENGTH=1 << 20,
+        JSON_SORT_KEYS=False,
+    )
+    app.config.update(overrides or {})
+    db.open_database(config.db).close()
+    app.extensions["mflux_settings"] = config
+    app.extensions["mflux_connections"] = Connections(config.db)
+    app.extensions["mflux_forecaster"] = Forecaster()
+
+    api = JsonErrorApi(app)
+    # Imported here so the blueprints can import this module's helpers.
+    from mflux_server.api import generation, info, tasks
+
+    api.register_blueprint(generation.blp, url_prefix="/api")
+    api.register_blueprint(generation.blp, url_prefix="", name="seed-paths")
+    api.register_blueprint(tasks.blp, url_prefix="/api")
+    api.register_blueprint(info.blp, url_prefix="/api")
+
+    @app.route("/swagger-assets/<path:filename>")
+    def swagger_assets(filename: str):
+        """Swagger UI's files, served from the swagger-ui-bundle package so the docs work offline."""
+        from swagger_ui_bundle import swagger_ui_path
+
+        return send_from_directory(str(swagger_ui_path), filename, max_age=86400)
+
+    @app.errorhandler(Exception)
+    def unexpected(error: Exception):
+        """Anything unhandled becomes a logged JSON 500, never an HTML page."""
+        if isinstance(error, HTTPException):
+            return error_payload(error)
+        log.exception("unhandled error")
+        return error_payload(InternalServerError())
+
+    return app

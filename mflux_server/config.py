@@ -1,0 +1,172 @@
+"""One settings object for both processes, from command-line flags, then MFLUX_SERVER_* variables, then defaults."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+ENV_PREFIX = "MFLUX_SERVER_"
+QUANTIZE_CHOICES = ("3", "4", "5", "6", "8", "none")
+ENGINES = ("auto", "mflux", "synthetic")
+
+
+def default_db_path() -> str:
+    """The queue file both processes use unless told otherwise."""
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return os.path.join(base, "mflux-server", "queue.db")
+
+
+def _floats(count: int) -> Callable[[str], tuple[float, ...]]:
+    def parse(text: str) -> tuple[float, ...]:
+        parts = [p for p in str(text).replace(" ", "").split(",") if p]
+        try:
+            values = tuple(float(p) for p in parts)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {count} comma-separated numbers, got {text!r}") from None
+        if len(values) != count or any(v < 0 for v in values):
+            raise argparse.ArgumentTypeError(f"expected {count} comma-separated non-negative numbers, got {text!r}")
+        return values
+
+    parse.__name__ = f"{count} numbers"
+    return parse
+
+
+def _quantize(text: str) -> int | None:
+    text = str(text).strip().lower()
+    if text not in QUANTIZE_CHOICES:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(QUANTIZE_CHOICES)}, got {text!r}")
+    return None if text == "none" else int(text)
+
+
+def _bool(text: str) -> bool:
+    lowered = str(text).strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _list(kind: Callable[[str], Any]) -> Callable[[str], list]:
+    def parse(text: str) -> list:
+        return [kind(p) for p in str(text).replace(",", " ").split() if p]
+
+    parse.__name__ = "list"
+    return parse
+
+
+def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be greater than 0, got {text!r}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def setting(default: Any, help: str, roles: str = "api,worker", parse: Callable[[str], Any] = str, flag: bool = True):
+    """Declare one setting: its default, its help, which processes read it and how to parse it."""
+    return field(default=default, metadata={"help": help, "roles": roles.split(","), "parse": parse, "flag": flag})
+
+
+@dataclass
+class Settings:
+    """Everything either process can be told; see the configuration table in the README."""
+
+    host: str = setting("127.0.0.1", "address the API listens on", "api")
+    port: int = setting(4030, "port the API listens on", "api", _positive(int))
+    db: str = setting(default_db_path(), "SQLite queue file shared by the API and the workers")
+    model: str = setting("schnell", "model the worker loads; also the API's default for requests without one")
+    debug: bool = setting(False, "serve with Flask's development server and debugger (never in production)", "api", _bool)
+    http_workers: int = setting(2, "API server processes (gunicorn workers)", "api", _positive(int))
+    threads: int = setting(8, "threads per API server process", "api", _positive(int))
+    max_width: int = setting(2048, "largest width a request may ask for", "api", _positive(int))
+    max_height: int = setting(2048, "largest height a request may ask for", "api", _positive(int))
+    max_steps: int = setting(100, "most denoising steps a request may ask for", "api", _positive(int))
+    max_count: int = setting(8, "most images one request may ask for", "api", _positive(int))
+    max_prompt_length: int = setting(4000, "longest prompt, in characters", "api", _positive(int))
+    stale_after: float = setting(15.0, "seconds without a heartbeat before a worker counts as dead", parse=_positive(float))
+    engine: str = setting("auto", "mflux, synthetic, or auto (mflux where MLX has a GPU, else synthetic)", "worker")
+    quantize: int | None = setting(None, "quantize the model to 3, 4, 5, 6 or 8 bits, or none", "worker", _quantize)
+    model_path: str | None = setting(None, "load weights from this local folder instead of the Hugging Face cache", "worker")
+    lora_paths: list[str] = setting(None, "LoRA .safetensors files to apply (space or comma separated)", "worker", _list(str))
+    lora_scales: list[float] = setting(None, "scale of each LoRA, in the same order", "worker", _list(float))
+    synthetic_step: tuple[float, ...] = setting(
+        (0.05, 0.6, 0.3), "synthetic engine: seconds per step as a,b,c in a + b·mp + c·mp²", "worker", _floats(3)
+    )
+    synthetic_fixed: tuple[float, ...] = setting(
+        (0.2, 0.1), "synthetic engine: seconds before,after the denoising loop", "worker", _floats(2)
+    )
+    synthetic_noise: float = setting(0.0, "synthetic engine: random ± fraction on every duration", "worker", float)
+    synthetic_speed: float = setting(1.0, "synthetic engine: divide every duration by this", "worker", _positive(float))
+    heartbeat_interval: float = setting(2.0, "seconds between worker heartbeats", "worker", _positive(float))
+    max_attempts: int = setting(3, "times a task may be started before it is failed as crashing its worker", "worker", _positive(int))
+    poll_interval: float = setting(0.005, "seconds between the idle worker's checks for new tasks", "worker", _positive(float))
+    log_level: str = setting("info", "debug, info, warning or error")
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if self.lora_scales and len(self.lora_scales) != len(self.lora_paths or []):
+            raise ValueError("lora_scales needs one scale per LoRA path")
+        if not 0 <= self.synthetic_noise < 1:
+            raise ValueError("synthetic_noise must be a fraction in [0, 1)")
+
+
+def env_name(name: str) -> str:
+    """The environment variable that sets a setting."""
+    return ENV_PREFIX + name.upper()
+
+
+def build_parser(role: str, prog: str, description: str) -> argparse.ArgumentParser:
+    """An argparse parser with one flag per setting this role reads."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    for f in fields(Settings):
+        if role not in f.metadata["roles"]:
+            continue
+        default = f.default if f.default is not None else "none"
+        if isinstance(default, tuple):
+            default = ",".join(f"{v:g}" for v in default)
+        help_text = f"{f.metadata['help']} (env {env_name(f.name)}; default {default})"
+        flag = "--" + f.name.replace("_", "-")
+        if f.metadata["parse"] is _bool:
+            parser.add_argument(flag, dest=f.name, nargs="?", const=True, default=None, type=_bool, help=help_text)
+        elif f.name == "engine":
+            parser.add_argument(flag, dest=f.name, choices=ENGINES, default=None, help=help_text)
+        else:
+            parser.add_argument(flag, dest=f.name, default=None, type=f.metadata["parse"], help=help_text)
+    return parser
+
+
+def load_settings(role: str, argv: Sequence[str] | None, prog: str, description: str, extra: Callable | None = None):
+    """Parse flags over environment over defaults; returns (Settings, parsed args)."""
+    parser = build_parser(role, prog, description)
+    if extra:
+        extra(parser)
+    args = parser.parse_args(argv)
+    values: dict[str, Any] = {}
+    for f in fields(Settings):
+        flagged = getattr(args, f.name, None)
+        if flagged is not None:
+            values[f.name] = flagged
+            continue
+        raw = os.environ.get(env_name(f.name))
+        if raw is not None and raw != "":
+            try:
+                values[f.name] = f.metadata["parse"](raw)
+            except (argparse.ArgumentTypeError, ValueError) as exc:
+                parser.error(f"{env_name(f.name)}: {exc}")
+    try:
+        settings = Settings(**values)
+    except ValueError as exc:
+        parser.error(str(exc))
+    settings.db = str(Path(settings.db).expanduser())
+    return settings, args

@@ -1,0 +1,202 @@
+"""The cost model: how long a task takes, fitted to the worker's measured timings, and how long a task waits."""
+
+from __future__ import annotations
+
+import math
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from mflux_server import store
+
+KINDS = ("step", "before", "after", "encode")
+
+# Seconds per kind as a + b·mp + c·mp², mp = width·height / 2**20, used until the worker has measured
+# anything. Roughly FLUX.1 at 8-bit on an M2-class Mac: 1024² costs ~3.5 s a step, ~2 s of prompt
+# encoding before the loop, ~1 s of VAE decoding after it, and a few hundredths of a second to encode.
+PRIOR: dict[str, tuple[float, float, float]] = {
+    "step": (0.5, 2.0, 1.0),
+    "before": (2.0, 0.0, 0.0),
+    "after": (0.2, 0.8, 0.0),
+    "encode": (0.01, 0.04, 0.0),
+}
+# A size measured this many times is forecast from its own mean rather than from the fitted curve.
+MIN_SAMPLES_FOR_MEAN = 3
+
+
+def megapixels(width: int, height: int) -> float:
+    """Pixel count in units of 2**20."""
+    return width * height / 2**20
+
+
+def _poly(coef: tuple[float, float, float], mp: float) -> float:
+    return coef[0] + coef[1] * mp + coef[2] * mp * mp
+
+
+def _solve3(m: list[list[float]], v: list[float]) -> tuple[float, float, float] | None:
+    """Solve a 3×3 linear system by Cramer's rule; None when it is singular."""
+
+    def det(a: list[list[float]]) -> float:
+        return (
+            a[0][0] * (a[1][1] * a[2][2] - a[1][2] * a[2][1])
+            - a[0][1] * (a[1][0] * a[2][2] - a[1][2] * a[2][0])
+            + a[0][2] * (a[1][0] * a[2][1] - a[1][1] * a[2][0])
+        )
+
+    d = det(m)
+    if abs(d) < 1e-12:
+        return None
+    out = []
+    for col in range(3):
+        replaced = [[v[r] if c == col else m[r][c] for c in range(3)] for r in range(3)]
+        out.append(det(replaced) / d)
+    return (out[0], out[1], out[2])
+
+
+@dataclass
+class KindModel:
+    """The fitted cost of one kind (step, before, after, encode) for one model."""
+
+    prior: tuple[float, float, float]
+    means: dict[float, tuple[float, int]] = field(default_factory=dict)  # mp -> (mean seconds, n)
+    coef: tuple[float, float, float] | None = None
+    ratio: float | None = None
+
+    @classmethod
+    def fit(cls, prior: tuple[float, float, float], samples: dict[float, tuple[float, int]]) -> "KindModel":
+        """Fit a + b·mp + c·mp² with three or more sizes, else scale the prior to what was measured."""
+        model = cls(prior=prior, means=samples)
+        if not samples:
+            return model
+        weighted = [(mp, mean, n) for mp, (mean, n) in samples.items()]
+        ratios = [(mean / _poly(prior, mp), n) for mp, mean, n in weighted if _poly(prior, mp) > 0]
+        if ratios:
+            model.ratio = sum(r * n for r, n in ratios) / sum(n for _, n in ratios)
+        if len(samples) >= 3:
+            # Weighted least squares on [1, mp, mp²]; weights sqrt(n) so one size can't drown the rest.
+            m = [[0.0] * 3 for _ in range(3)]
+            v = [0.0] * 3
+            for mp, mean, n in weighted:
+                w = math.sqrt(n)
+                x = (1.0, mp, mp * mp)
+                for i in range(3):
+                    v[i] += w * x[i] * mean
+                    for j in range(3):
+                        m[i][j] += w * x[i] * x[j]
+            model.coef = _solve3(m, v)
+        return model
+
+    def seconds(self, mp: float) -> float:
+        """Predicted seconds at this pixel count."""
+        measured = self.means.get(mp)
+        if measured and measured[1] >= MIN_SAMPLES_FOR_MEAN:
+            return measured[0]
+        if self.coef is not None:
+            fitted = _poly(self.coef, mp)
+            lo, hi = min(self.means), max(self.means)
+            # Trust the curve inside the measured range; outside it, only while it stays plausible.
+            if fitted > 0 and (lo <= mp <= hi or fitted <= 4 * _poly(self.prior, mp) * (self.ratio or 1)):
+                return fitted
+        if self.ratio is not None:
+            return _poly(self.prior, mp) * self.ratio
+        return _poly(self.prior, mp)
+
+
+@dataclass
+class CostModel:
+    """Per model name, the fitted cost of each kind; predicts task durations."""
+
+    kinds: dict[str, dict[str, KindModel]]
+    measured: bool
+
+    @classmethod
+    def from_rows(cls, rows: list[dict[str, Any]]) -> "CostModel":
+        """Fit every (model, kind) from aggregated timing rows."""
+        grouped: dict[tuple[str, str], dict[float, tuple[float, int]]] = {}
+        for row in rows:
+            mp = megapixels(row["width"], row["height"])
+            grouped.setdefault((row["model"], row["kind"]), {})[mp] = (row["total"] / row["n"], row["n"])
+        kinds: dict[str, dict[str, KindModel]] = {}
+        for (model, kind), samples in grouped.items():
+            kinds.setdefault(model, {})[kind] = KindModel.fit(PRIOR[kind], samples)
+        return cls(kinds=kinds, measured=bool(rows))
+
+    def kind(self, model: str, kind: str) -> KindModel:
+        """The fitted cost of one kind, falling back to the prior when this model was never measured."""
+        fitted = self.kinds.get(model, {}).get(kind)
+        if fitted is not None:
+            return fitted
+        # Another model measured on this machine says more about its speed than the prior does.
+        others = [m[kind] for m in self.kinds.values() if kind in m and m[kind].ratio is not None]
+        ratio = sum(o.ratio for o in others) / len(others) if others else None
+        return KindModel(prior=PRIOR[kind], ratio=ratio)
+
+    def parts(self, model: str, width: int, height: int) -> dict[str, float]:
+        """Seconds for one step and for each fixed cost, at this size."""
+        mp = megapixels(width, height)
+        return {kind: self.kind(model, kind).seconds(mp) for kind in KINDS}
+
+    def image_seconds(self, model: str, width: int, height: int, steps: int) -> float:
+        """Seconds to generate and encode one image."""
+        p = self.parts(model, width, height)
+        return p["before"] + steps * p["step"] + p["after"] + p["encode"]
+
+    def task_seconds(self, task: dict[str, Any]) -> float:
+        """Seconds for a whole task from its start."""
+        return task["count"] * self.image_seconds(task["model"], task["width"], task["height"], task["steps"])
+
+    def remaining_seconds(self, task: dict[str, Any], now: float) -> float:
+        """Seconds until a running task is done, from its reported step and when that step finished."""
+        p = self.parts(task["model"], task["width"], task["height"])
+        steps, step = task["steps"], task["step"]
+        elapsed = max(0.0, now - (task["step_at"] or task["started_at"] or now))
+        tail = p["after"] + p["encode"]
+        if step <= 0:
+            current = max(p["before"] + p["step"] - elapsed, 0.0) + (steps - 1) * p["step"] + tail
+        elif step < steps:
+            current = max(p["step"] - elapsed, 0.0) + (steps - step - 1) * p["step"] + tail
+        else:
+            current = max(tail - elapsed, 0.0)
+        later_images = task["count"] - task["image_index"] - 1
+        return current + max(later_images, 0) * (p["before"] + steps * p["step"] + tail)
+
+
+class Forecaster:
+    """Keeps a fitted CostModel, refitting only when the worker has recorded new timings."""
+
+    def __init__(self, min_refit_interval: float = 0.5):
+        self._lock = threading.Lock()
+        self._model: CostModel | None = None
+        self._version: tuple[float, int] | None = None
+        self._checked_at = 0.0
+        self._interval = min_refit_interval
+
+    def model(self, conn: sqlite3.Connection) -> CostModel:
+        """The current cost model; checks for new timings at most every min_refit_interval seconds."""
+        now = time.monotonic()
+        if self._model is not None and now - self._checked_at < self._interval:
+            return self._model
+        with self._lock:
+            version = store.timing_version(conn)
+            if self._model is None or version != self._version:
+                self._model = CostModel.from_rows(store.timing_rows(conn))
+                self._version = version
+            self._checked_at = now
+            return self._model
+
+    def wait_seconds(self, conn: sqlite3.Connection, task: dict[str, Any], workers: int) -> float:
+        """Seconds until this task's images are done: what runs and waits ahead of it, then itself."""
+        cost = self.model(conn)
+        now = time.time()
+        if task["status"] == "processing":
+            return cost.remaining_seconds(task, now)
+        if task["status"] != "waiting":
+            return 0.0
+        running = [t for t in store.running_tasks(conn) if t["model"] == task["model"]]
+        ahead = sum(cost.remaining_seconds(t, now) for t in running)
+        for group in store.waiting_ahead(conn, task["model"], task["priority"], task["seq"]):
+            ahead += group["n"] * cost.task_seconds(group)
+        # Several workers serving this model drain the queue ahead of us in parallel.
+        return ahead / max(workers, 1) + cost.task_seconds(task)
