@@ -194,7 +194,8 @@ class Forecaster:
             return cost.remaining_seconds(task, now)
         if task["status"] != "waiting":
             return 0.0
-        running = [t for t in store.running_tasks(conn) if t["model"] == task["model"]]
+        # The worker may have claimed this very task since its row was read; it is not ahead of itself.
+        running = [t for t in store.running_tasks(conn) if t["model"] == task["model"] and t["id"] != task["id"]]
         ahead = sum(cost.remaining_seconds(t, now) for t in running)
         for group in store.waiting_ahead(conn, task["model"], task["priority"], task["seq"]):
             ahead += group["n"] * cost.task_seconds(group)

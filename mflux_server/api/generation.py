@@ -65,7 +65,7 @@ def generate(body: dict):
             422,
             code="invalid_input",
             field="model",
-            message=f"model: no worker serves {request['model']!r}; served models: {', '.join(sorted(served))}",
+            message=f"model: no worker serves {body['model']!r}; served models: {', '.join(sorted(served))}",
             errors={"json": {"model": [f"not served; served models: {', '.join(sorted(served))}"]}},
         )
     task = dict(body, model=info.name)
