@@ -35,6 +35,9 @@ def serve(settings: Settings) -> None:
             self.cfg.set("graceful_timeout", 10)
             self.cfg.set("timeout", 60)
             self.cfg.set("proc_name", "mflux-server")
+            if "control_socket_disable" in self.cfg.settings:
+                # gunicorn ≥ 24 opens a control socket in $HOME by default; we have no use for it.
+                self.cfg.set("control_socket_disable", True)
 
         def load(self):
             return create_app(settings)

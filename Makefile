@@ -1,0 +1,59 @@
+# mflux-server: every target works from a fresh clone; the first one run creates .venv.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The mflux release the engine and tests/contract are checked against, and the MLX it pins.
+MFLUX_VERSION := 0.24.0
+MLX_VERSION := 0.32.2
+# What mflux imports at run time for FLUX.1 text-to-image. On Linux we install these instead of
+# mflux's own metadata, which pulls CUDA PyTorch (gigabytes) that nothing here uses.
+MFLUX_RUNTIME := "tqdm>=4.66.5,<5" "huggingface-hub>=1.1.6,<2" "platformdirs>=4,<5" "numpy>=2.0.1,<3" \
+	"piexif>=1.1.3,<2" "toml>=0.10.2,<1" "transformers>=5.5,<6" "safetensors>=0.4.4,<1" \
+	"sentencepiece>=0.2.1,<1" "regex>=2024.11.6" "pyyaml>=6,<7" "requests>=2.33" "filelock>=3.20.1" \
+	"fsspec>=2026.6.0"
+ARGS ?=
+
+.PHONY: help install run test lint bench clean
+
+help: ## list the targets
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: setup.cfg pyproject.toml Makefile | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[test,bench]'
+	@if [ "$$(uname -s)" = Darwin ]; then \
+		echo "installing mflux $(MFLUX_VERSION) for macOS"; \
+		$(BIN)/pip install --quiet "mflux==$(MFLUX_VERSION)"; \
+	else \
+		if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then mlx="mlx[cuda13]==$(MLX_VERSION)"; \
+		else mlx="mlx[cpu]==$(MLX_VERSION)"; fi; \
+		echo "installing mflux $(MFLUX_VERSION) without its PyTorch dependency, with $$mlx"; \
+		$(BIN)/pip install --quiet "$$mlx" $(MFLUX_RUNTIME) && \
+		$(BIN)/pip install --quiet --no-deps "mflux==$(MFLUX_VERSION)"; \
+	fi
+	touch $@
+
+install: $(VENV)/.installed ## create .venv and install the server, mflux and the test tools
+
+run: install ## start the API and one worker; Ctrl-C stops both
+	@trap 'kill -TERM $$api $$worker 2>/dev/null; wait' INT TERM; \
+	$(BIN)/mflux-worker $(ARGS) & worker=$$!; \
+	$(BIN)/mflux-server & api=$$!; \
+	wait
+
+test: install ## run the test suite (unit, API, worker, end-to-end, mflux contract)
+	$(BIN)/python -m pytest -q $(ARGS)
+
+lint: install ## check style with ruff
+	$(BIN)/pip install --quiet "ruff>=0.6"
+	$(BIN)/ruff check mflux_server worker tests bench
+
+bench: install ## run the benchmarks and write docs/benchmarks.md
+	$(BIN)/python -m bench $(ARGS)
+
+clean: ## remove .venv and caches
+	rm -rf $(VENV) build *.egg-info .pytest_cache bench/out
