@@ -61,20 +61,15 @@ def generate(body: dict):
     info = models.resolve(body["model"] or settings().model)
     served = served_models()
     if info is None or info.name not in served:
-        abort(
-            422,
-            code="invalid_input",
-            field="model",
-            message=f"model: no worker serves {body['model']!r}; served models: {', '.join(sorted(served))}",
-            errors={"json": {"model": [f"not served; served models: {', '.join(sorted(served))}"]}},
-        )
+        rule = f"no worker serves {body['model']!r}; served models: {', '.join(sorted(served))}"
+        abort(422, errors={"json": {"model": [rule]}})
     task = dict(body, model=info.name)
     if task["steps"] is None:
         task["steps"] = info.default_steps
     if task["seed"] is None:
         task["seed"] = secrets.randbelow(MAX_SEED - task["count"] + 2)
     elif task["seed"] + task["count"] - 1 > MAX_SEED:
-        abort(422, field="seed", message=f"seed: seed + count - 1 must be at most {MAX_SEED}")
+        abort(422, errors={"json": {"seed": [f"seed + count - 1 must be at most {MAX_SEED}"]}})
     created = store.submit(conn(), task)
     view = task_status(conn(), created)
     view["task_length"] = created["tasks_ahead"]
@@ -112,7 +107,7 @@ def image(query: dict):
             message=f"task {task['id']} is {task['status']}, not done" + (f": {task['error']}" if task["error"] else ""),
         )
     if query["index"] >= task["count"]:
-        abort(422, field="index", message=f"index: must be from 0 to {task['count'] - 1}, got {query['index']}")
+        abort(422, errors={"query": {"index": [f"must be from 0 to {task['count'] - 1}, got {query['index']}"]}})
     stored = store.fetch_image(conn(), task["id"], query["index"])
     if stored is None:
         abort(404, code="image_not_found", field="index", message=f"image {query['index']} of task {task['id']} was not kept")
