@@ -138,11 +138,11 @@ def build_parser(role: str, prog: str, description: str) -> argparse.ArgumentPar
         help_text = f"{f.metadata['help']} (env {env_name(f.name)}; default {default})"
         flag = "--" + f.name.replace("_", "-")
         if f.metadata["parse"] is _bool:
-            parser.add_argument(flag, dest=f.name, nargs="?", const=True, default=None, type=_bool, help=help_text)
+            parser.add_argument(flag, dest=f.name, nargs="?", const=True, default=argparse.SUPPRESS, type=_bool, help=help_text)
         elif f.name == "engine":
-            parser.add_argument(flag, dest=f.name, choices=ENGINES, default=None, help=help_text)
+            parser.add_argument(flag, dest=f.name, choices=ENGINES, default=argparse.SUPPRESS, help=help_text)
         else:
-            parser.add_argument(flag, dest=f.name, default=None, type=f.metadata["parse"], help=help_text)
+            parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, type=f.metadata["parse"], help=help_text)
     return parser
 
 
@@ -154,9 +154,9 @@ def load_settings(role: str, argv: Sequence[str] | None, prog: str, description:
     args = parser.parse_args(argv)
     values: dict[str, Any] = {}
     for f in fields(Settings):
-        flagged = getattr(args, f.name, None)
-        if flagged is not None:
-            values[f.name] = flagged
+        # Absent flags are absent from args (SUPPRESS), so "--quantize none" (None) still wins over the env.
+        if hasattr(args, f.name):
+            values[f.name] = getattr(args, f.name)
             continue
         raw = os.environ.get(env_name(f.name))
         if raw is not None and raw != "":

@@ -1,0 +1,117 @@
+"""The forecast: monotone in steps, pixels, count and queue; a measured model replaces the prior."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+
+from mflux_server import store
+from mflux_server.forecast import PRIOR, CostModel, Forecaster, KindModel, megapixels
+
+
+def task(**overrides) -> dict:
+    base = {"prompt": "p", "model": "schnell", "width": 512, "height": 512, "steps": 4, "guidance": 3.5,
+            "seed": 7, "count": 1, "format": "PNG", "quality": 90, "priority": 0}
+    base.update(overrides)
+    return base
+
+
+def record(conn, model: str, width: int, height: int, kind: str, seconds: list[float]) -> None:
+    with_task = {"model": model, "width": width, "height": height}
+    conn.execute("BEGIN IMMEDIATE")
+    store._record_timings(conn, with_task, [store.Timing(kind, seconds)], time.time())
+    conn.execute("COMMIT")
+
+
+def test_more_steps_pixels_or_images_take_longer():
+    cost = CostModel.from_rows([])
+    base = cost.task_seconds(task())
+    assert cost.task_seconds(task(steps=8)) > base
+    assert cost.task_seconds(task(width=1024, height=1024)) > base
+    assert cost.task_seconds(task(count=2)) == pytest.approx(2 * base)
+
+
+def test_prior_is_used_before_any_measurement():
+    cost = CostModel.from_rows([])
+    a, b, c = PRIOR["step"]
+    assert cost.parts("schnell", 1024, 1024)["step"] == pytest.approx(a + b + c)
+    assert not cost.measured
+
+
+def test_more_tasks_ahead_means_a_longer_wait(conn):
+    forecaster = Forecaster(min_refit_interval=0)
+    first = store.submit(conn, task())
+    second = store.submit(conn, task())
+    urgent = store.submit(conn, task(priority=1))
+    waits = {t["id"]: forecaster.wait_seconds(conn, store.get(conn, t["id"]), workers=1) for t in (first, second, urgent)}
+    assert waits[urgent["id"]] < waits[first["id"]] < waits[second["id"]]
+    one = CostModel.from_rows([]).task_seconds(task())
+    assert waits[second["id"]] == pytest.approx(3 * one)  # urgent and first are ahead of it
+
+
+def test_running_task_remaining_shrinks_with_progress(conn):
+    forecaster = Forecaster(min_refit_interval=0)
+    store.submit(conn, task(steps=10))
+    running = store.claim_next(conn, "w", "schnell", "synthetic")
+    waiting = store.submit(conn, task(steps=10))
+    now = time.time()
+    store.record_progress(conn, running["id"], "w", 0, 2, now)
+    early = forecaster.wait_seconds(conn, store.get(conn, waiting["id"]), workers=1)
+    store.record_progress(conn, running["id"], "w", 0, 8, now)
+    late = forecaster.wait_seconds(conn, store.get(conn, waiting["id"]), workers=1)
+    step = CostModel.from_rows([]).parts("schnell", 512, 512)["step"]
+    assert early - late == pytest.approx(6 * step, rel=1e-3)
+
+
+def test_measured_timings_replace_the_prior(conn):
+    forecaster = Forecaster(min_refit_interval=0)
+    t = store.submit(conn, task(width=512, height=512, steps=4))
+    prior = forecaster.wait_seconds(conn, store.get(conn, t["id"]), workers=1)
+    for kind, seconds in (("step", 0.25), ("before", 0.1), ("after", 0.05), ("encode", 0.01)):
+        record(conn, "schnell", 512, 512, kind, [seconds] * 5)
+    measured = forecaster.wait_seconds(conn, store.get(conn, t["id"]), workers=1)
+    assert measured == pytest.approx(0.1 + 4 * 0.25 + 0.05 + 0.01)
+    assert measured != pytest.approx(prior)
+    assert forecaster.model(conn).measured
+
+
+def test_fit_recovers_a_quadratic_cost_and_extrapolates():
+    a, b, c = 0.05, 0.3, 0.4
+    rnd = random.Random(1)
+    samples = {}
+    for side in (512, 768, 1024, 1280):
+        mp = megapixels(side, side)
+        values = [(a + b * mp + c * mp * mp) * (1 + rnd.uniform(-0.05, 0.05)) for _ in range(5)]
+        samples[mp] = (sum(values) / len(values), len(values))
+    model = KindModel.fit(PRIOR["step"], samples)
+    for side in (640, 1536):  # unseen sizes, inside and beyond the measured range
+        mp = megapixels(side, side)
+        assert model.seconds(mp) == pytest.approx(a + b * mp + c * mp * mp, rel=0.05)
+
+
+def test_one_measured_size_scales_the_prior_for_the_others():
+    mp = megapixels(512, 512)
+    prior_value = PRIOR["step"][0] + PRIOR["step"][1] * mp + PRIOR["step"][2] * mp * mp
+    model = KindModel.fit(PRIOR["step"], {mp: (prior_value / 10, 4)})
+    big = megapixels(1024, 1024)
+    assert model.seconds(big) == pytest.approx(sum(PRIOR["step"]) / 10)
+
+
+def test_an_unmeasured_model_borrows_this_machines_speed(conn):
+    record(conn, "schnell", 512, 512, "step", [0.01] * 5)
+    cost = CostModel.from_rows(store.timing_rows(conn))
+    prior = CostModel.from_rows([])
+    assert cost.parts("dev", 512, 512)["step"] < prior.parts("dev", 512, 512)["step"] / 5
+
+
+def test_several_workers_share_the_queue_ahead(conn):
+    forecaster = Forecaster(min_refit_interval=0)
+    for _ in range(4):
+        store.submit(conn, task())
+    last = store.submit(conn, task())
+    one = forecaster.wait_seconds(conn, store.get(conn, last["id"]), workers=1)
+    two = forecaster.wait_seconds(conn, store.get(conn, last["id"]), workers=2)
+    single = CostModel.from_rows([]).task_seconds(task())
+    assert one == pytest.approx(5 * single) and two == pytest.approx(2 * single + single)
