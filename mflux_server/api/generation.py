@@ -20,6 +20,7 @@ from mflux_server.api.generation_schemas import (
 )
 from mflux_server.api.task_view import task_status
 from mflux_server.app import conn, settings
+from mflux_server.errors import ErrorSchema
 
 blp = Blueprint("generation", __name__, description="Submit a prompt, follow it, fetch its images.")
 
@@ -51,7 +52,7 @@ def served_models() -> set[str]:
 @blp.route("/generate", methods=["POST"])
 @blp.arguments(GenerateRequest, location="json")
 @blp.response(200, GenerateResponse)
-@blp.alt_response(422, description="a field is invalid; the body names it and the rule")
+@blp.alt_response(422, schema=ErrorSchema, description="a field is invalid; the body names it and the rule")
 def generate(body: dict):
     """Queue a text-to-image task.
 
@@ -80,7 +81,7 @@ def generate(body: dict):
 @blp.route("/status", methods=["GET"])
 @blp.arguments(StatusQuery, location="query")
 @blp.response(200, TaskStatus)
-@blp.alt_response(404, description=NOT_FOUND["description"])
+@blp.alt_response(404, schema=ErrorSchema, description=NOT_FOUND["description"])
 def status(query: dict):
     """A task's status, queue position, progress and forecast wait in seconds."""
     return task_status(conn(), find_task(query["task_id"]))
@@ -93,8 +94,8 @@ def status(query: dict):
     description="the image bytes (image/jpeg, image/png or image/webp), or base64 text with base64=true",
     content_type="image/jpeg",
 )
-@blp.alt_response(404, description=NOT_FOUND["description"])
-@blp.alt_response(409, description="the task has no image yet; the body carries its status")
+@blp.alt_response(404, schema=ErrorSchema, description=NOT_FOUND["description"])
+@blp.alt_response(409, schema=ErrorSchema, description="the task has no image yet; the body carries its status")
 def image(query: dict):
     """Fetch a finished task's image; by default the task is removed once all its images were served."""
     task = find_task(query["task_id"])

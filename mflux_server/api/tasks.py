@@ -11,6 +11,7 @@ from mflux_server.api.generation import NOT_FOUND, find_task
 from mflux_server.api.generation_schemas import TaskStatus
 from mflux_server.api.task_view import progress, task_status
 from mflux_server.app import conn
+from mflux_server.errors import ErrorSchema
 
 blp = Blueprint("tasks", __name__, description="List the queue and recent tasks; cancel or delete a task.")
 
@@ -73,7 +74,7 @@ def list_tasks(query: dict):
 
 @blp.route("/tasks/<string:task_id>", methods=["GET"])
 @blp.response(200, TaskStatus)
-@blp.alt_response(404, description=NOT_FOUND["description"])
+@blp.alt_response(404, schema=ErrorSchema, description=NOT_FOUND["description"])
 def get_task(task_id: str):
     """One task's status, as /api/status gives it."""
     return task_status(conn(), find_task(task_id))
@@ -81,7 +82,7 @@ def get_task(task_id: str):
 
 @blp.route("/tasks/<string:task_id>", methods=["DELETE"])
 @blp.response(200, DeleteResult)
-@blp.alt_response(404, description=NOT_FOUND["description"])
+@blp.alt_response(404, schema=ErrorSchema, description=NOT_FOUND["description"])
 def delete_task(task_id: str):
     """Cancel a waiting or running task (a running one stops at its next step), or delete a finished one."""
     result = store.cancel_or_delete(conn(), task_id)
