@@ -1,0 +1,129 @@
+"""Starting the real API and worker processes on loopback, and describing the machine, for benchmarks and tests."""
+
+from __future__ import annotations
+
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    """A free TCP port on loopback."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 20.0, interval: float = 0.02, what: str = "condition"):
+    """Poll until predicate() is truthy; returns its value or raises AssertionError."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+class Processes:
+    """mflux-server and mflux-worker as subprocesses on one queue file; stop_all() ends them."""
+
+    def __init__(self, workdir: Path, db_path: str):
+        self.workdir = Path(workdir)
+        self.db_path = db_path
+        self.procs: list[subprocess.Popen] = []
+
+    def spawn(self, module: str, args: list[str], name: str) -> subprocess.Popen:
+        """Start `python -m module --db … args`, logging to a file in workdir."""
+        log = open(self.workdir / f"{name}-{len(self.procs)}.log", "wb")
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        proc = subprocess.Popen([sys.executable, "-m", module, "--db", self.db_path, *args],
+                                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT))
+        proc.log_path = log.name  # type: ignore[attr-defined]
+        self.procs.append(proc)
+        return proc
+
+    def worker(self, *args: str, speed: float = 20.0, wait: bool = True) -> subprocess.Popen:
+        """Start a synthetic worker with fast heartbeats; by default waits until it has registered."""
+        before = self.worker_count()
+        proc = self.spawn("worker", ["--engine", "synthetic", "--synthetic-speed", str(speed),
+                                     "--heartbeat-interval", "0.2", "--stale-after", "2", *args], "worker")
+        if wait:
+            wait_for(lambda: self.worker_count() > before or proc.poll() is not None, what="worker registration")
+            assert proc.poll() is None, self.log(proc)
+        return proc
+
+    def server(self, *args: str, http_workers: int = 1) -> str:
+        """Start the API under gunicorn on a free port; returns its base URL once it answers."""
+        port = free_port()
+        proc = self.spawn("mflux_server", ["--port", str(port), "--http-workers", str(http_workers),
+                                           "--stale-after", "2", *args], "server")
+        url = f"http://127.0.0.1:{port}"
+
+        def up() -> bool:
+            assert proc.poll() is None, self.log(proc)
+            try:
+                return requests.get(url + "/api/info", timeout=1).status_code == 200
+            except requests.ConnectionError:
+                return False
+
+        wait_for(up, what="the API to answer")
+        self.server_proc = proc
+        return url
+
+    def worker_count(self) -> int:
+        """Workers ever registered in the queue."""
+        from mflux_server import db
+
+        conn = db.connect(self.db_path)
+        try:
+            return conn.execute("SELECT COUNT(*) FROM workers").fetchone()[0]
+        finally:
+            conn.close()
+
+    @staticmethod
+    def log(proc: subprocess.Popen) -> str:
+        """The process's output so far."""
+        return Path(proc.log_path).read_text(errors="replace")  # type: ignore[attr-defined]
+
+    def stop_all(self) -> None:
+        """SIGTERM every process still running, then SIGKILL stragglers."""
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def machine() -> str:
+    """One line about the machine the figures come from."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        import psutil
+
+        memory = f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM"
+    except ImportError:
+        memory = "RAM unknown"
+    return (f"{platform.system()} {platform.release()}, {cpu}, {os.cpu_count()} cores, {memory}, "
+            f"Python {platform.python_version()}")
