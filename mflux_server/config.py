@@ -109,7 +109,7 @@ class Settings:
     synthetic_speed: float = setting(1.0, "synthetic engine: divide every duration by this", "worker", _positive(float))
     heartbeat_interval: float = setting(2.0, "seconds between worker heartbeats", "worker", _positive(float))
     max_attempts: int = setting(3, "times a task may be started before it is failed as crashing its worker", "worker", _positive(int))
-    poll_interval: float = setting(0.005, "seconds between the idle worker's checks for new tasks", "worker", _positive(float))
+    poll_interval: float = setting(0.01, "seconds between the idle worker's checks for new tasks", "worker", _positive(float))
     log_level: str = setting("info", "debug, info, warning or error")
 
     def __post_init__(self) -> None:

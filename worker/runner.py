@@ -96,6 +96,7 @@ class Runner:
         self.taken: set[str] = set()
         self.outbox: queue.Queue = queue.Queue(maxsize=OUTBOX_IMAGES)
         self._progress_stop = threading.Event()
+        self._task_started = threading.Event()
         self._threads: list[threading.Thread] = []
 
     # The loop
@@ -124,6 +125,7 @@ class Runner:
         log.info("task %s: %d×%d, %d steps, %d image(s), attempt %d", task["id"], task["width"], task["height"],
                  task["steps"], task["count"], task["attempts"])
         self.current = task["id"]
+        self._task_started.set()
         try:
             for index in range(task["count"]):
                 job = Job(task["prompt"], task["seed"] + index, task["width"], task["height"], task["steps"],
@@ -195,7 +197,13 @@ class Runner:
         written = None
         beat_at = 0.0
         version = conn.execute("PRAGMA data_version").fetchone()[0]
-        while not self._progress_stop.wait(PROGRESS_INTERVAL):
+        while not self._progress_stop.is_set():
+            # Idle, this thread sleeps until a task starts or a heartbeat is due: an idle worker costs ~nothing.
+            if self.current is None:
+                self._task_started.wait(max(self.settings.heartbeat_interval - (time.monotonic() - beat_at), 0.0))
+                self._task_started.clear()
+            else:
+                time.sleep(PROGRESS_INTERVAL)
             current, latest = self.current, self.progress
             if latest is not None and latest != written:
                 task_id, index, step, at = latest
@@ -263,6 +271,7 @@ class Runner:
             if thread.name == "store":
                 thread.join()
         self._progress_stop.set()
+        self._task_started.set()
         for thread in self._threads:
             thread.join(timeout=5)
         store.stop_worker(self.conn, self.worker_id)

@@ -1,0 +1,54 @@
+"""Benchmark 2: from submit to processing with an idle worker, and the idle worker's CPU use."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import requests
+
+from bench.harness import Processes, wait_for
+from bench.results import Result, median, percentile
+from mflux_server import db
+
+
+def run(smoke: bool = False) -> Result:
+    """Submit tasks one at a time over HTTP to an idle worker; then watch the idle worker's CPU."""
+    samples, idle_seconds = (5, 2.0) if smoke else (200, 20.0)
+    result = Result("Dispatch latency", f"make bench ARGS='--only dispatch'  ({samples} submits, {idle_seconds:.0f} s idle)")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = str(Path(tmp) / "queue.db")
+        db.open_database(path).close()
+        procs = Processes(Path(tmp), path)
+        conn = db.connect(path)
+        try:
+            url = procs.server()
+            worker = procs.worker(speed=1000.0)
+            session = requests.Session()
+            latencies = []
+            for i in range(samples):
+                time.sleep(0.05)  # let the worker settle back into its idle wait
+                submitted = time.time()
+                task_id = session.post(url + "/api/generate", json={"prompt": f"d{i}", "width": 128, "height": 128,
+                                                                      "steps": 1}).json()["task_id"]
+                started = wait_for(lambda: conn.execute("SELECT started_at FROM tasks WHERE id = ?",
+                                                        (task_id,)).fetchone()[0], timeout=10, interval=0.001)
+                latencies.append((started - submitted) * 1000)
+                wait_for(lambda: conn.execute("SELECT status FROM tasks WHERE id = ?", (task_id,)).fetchone()[0] == "done",
+                         timeout=10, interval=0.002)
+            time.sleep(1.0)
+            process = psutil.Process(worker.pid)
+            before = process.cpu_times()
+            time.sleep(idle_seconds)
+            after = process.cpu_times()
+        finally:
+            conn.close()
+            procs.stop_all()
+    idle_cpu = 100 * ((after.user - before.user) + (after.system - before.system)) / idle_seconds
+    p50, p99 = median(latencies), percentile(latencies, 99)
+    result.add("submit → processing, p50", p50, "ms", "≤ 20 ms", p50 <= 20)
+    result.add("submit → processing, p99", p99, "ms", "≤ 100 ms", p99 <= 100)
+    result.add("idle worker CPU (% of one core)", idle_cpu, "%", "≤ 2%", idle_cpu <= 2)
+    return result
