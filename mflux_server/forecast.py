@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import bisect
 import math
 import sqlite3
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from mflux_server import store
 
@@ -138,40 +139,107 @@ class CostModel:
         mp = megapixels(width, height)
         return {kind: self.kind(model, kind).seconds(mp) for kind in KINDS}
 
-    def image_seconds(self, model: str, width: int, height: int, steps: int) -> float:
-        """Seconds to generate and encode one image."""
-        p = self.parts(model, width, height)
-        return p["before"] + steps * p["step"] + p["after"] + p["encode"]
+    def gpu_seconds(self, task: dict[str, Any]) -> float:
+        """Seconds a task keeps the engine busy; encoding runs beside the next generation, so it is not here."""
+        p = self.parts(task["model"], task["width"], task["height"])
+        return task["count"] * (p["before"] + task["steps"] * p["step"] + p["after"])
 
     def task_seconds(self, task: dict[str, Any]) -> float:
-        """Seconds for a whole task from its start."""
-        return task["count"] * self.image_seconds(task["model"], task["width"], task["height"], task["steps"])
+        """Seconds from a task's start until its images are stored: the generation, then its last encode."""
+        return self.gpu_seconds(task) + self.parts(task["model"], task["width"], task["height"])["encode"]
 
-    def remaining_seconds(self, task: dict[str, Any], now: float) -> float:
-        """Seconds until a running task is done, from its reported step and when that step finished."""
+    def remaining_gpu_seconds(self, task: dict[str, Any], now: float) -> float:
+        """Seconds until a running task frees the engine, from its reported step and when that step finished."""
         p = self.parts(task["model"], task["width"], task["height"])
         steps, step = task["steps"], task["step"]
         elapsed = max(0.0, now - (task["step_at"] or task["started_at"] or now))
-        tail = p["after"] + p["encode"]
         if step <= 0:
-            current = max(p["before"] + p["step"] - elapsed, 0.0) + (steps - 1) * p["step"] + tail
+            current = max(p["before"] + p["step"] - elapsed, 0.0) + (steps - 1) * p["step"] + p["after"]
         elif step < steps:
-            current = max(p["step"] - elapsed, 0.0) + (steps - step - 1) * p["step"] + tail
+            current = max(p["step"] - elapsed, 0.0) + (steps - step - 1) * p["step"] + p["after"]
         else:
-            current = max(tail - elapsed, 0.0)
-        later_images = task["count"] - task["image_index"] - 1
-        return current + max(later_images, 0) * (p["before"] + steps * p["step"] + tail)
+            current = max(p["after"] - elapsed, 0.0)
+        later_images = max(task["count"] - task["image_index"] - 1, 0)
+        return current + later_images * (p["before"] + steps * p["step"] + p["after"])
+
+    def remaining_seconds(self, task: dict[str, Any], now: float) -> float:
+        """Seconds until a running task's images are stored."""
+        encode = self.parts(task["model"], task["width"], task["height"])["encode"]
+        return self.remaining_gpu_seconds(task, now) + encode
+
+
+class Estimate(NamedTuple):
+    """Where a task stands in the queue."""
+
+    pos: int  # waiting tasks that will start before it
+    running: int  # tasks of its model running now (ahead of it, if it waits)
+    seconds: float  # until its images are stored
+
+
+def claim_key(task: dict[str, Any]) -> tuple[int, int]:
+    """Sort key of claim order: higher priority first, then first in."""
+    return (-task["priority"], task["seq"])
+
+
+@dataclass(frozen=True)
+class QueueSnapshot:
+    """The waiting tasks of each model in claim order, with prefix sums of their predicted engine time."""
+
+    max_seq: int
+    keys: dict[str, list[tuple[int, int]]]
+    prefix: dict[str, list[float]]
+
+    @classmethod
+    def build(cls, conn: sqlite3.Connection, cost: CostModel) -> "QueueSnapshot":
+        """Read every waiting task once (an index-only scan) and sum predicted times in claim order."""
+        conn.execute("BEGIN")  # one read snapshot for both statements
+        try:
+            rows = conn.execute(store.sql("waiting_queue")).fetchall()
+            max_seq = conn.execute(store.sql("max_seq")).fetchone()[0]
+        finally:
+            conn.execute("COMMIT")
+        keys: dict[str, list[tuple[int, int]]] = {}
+        prefix: dict[str, list[float]] = {}
+        shapes: dict[tuple, float] = {}
+        for row in rows:
+            shape = (row["model"], row["width"], row["height"], row["steps"], row["count"])
+            seconds = shapes.get(shape)
+            if seconds is None:
+                seconds = shapes[shape] = cost.gpu_seconds(dict(row))
+            model_keys = keys.setdefault(row["model"], [])
+            model_prefix = prefix.setdefault(row["model"], [0.0])
+            model_keys.append((-row["priority"], row["seq"]))
+            model_prefix.append(model_prefix[-1] + seconds)
+        return cls(max_seq=max_seq, keys=keys, prefix=prefix)
+
+    def ahead(self, model: str, key: tuple[int, int]) -> tuple[int, float]:
+        """Waiting tasks ahead of a claim key, and their summed engine seconds."""
+        keys = self.keys.get(model, [])
+        index = bisect.bisect_left(keys, key)
+        return index, self.prefix[model][index] if keys else 0.0
+
+    def seconds_of(self, model: str, key: tuple[int, int]) -> float | None:
+        """The predicted engine seconds of a task that was waiting in this snapshot, or None."""
+        keys = self.keys.get(model, [])
+        index = bisect.bisect_left(keys, key)
+        if index < len(keys) and keys[index] == key:
+            return self.prefix[model][index + 1] - self.prefix[model][index]
+        return None
 
 
 class Forecaster:
-    """Keeps a fitted CostModel, refitting only when the worker has recorded new timings."""
+    """Keeps a fitted CostModel and a recent QueueSnapshot, so a status request costs a few indexed reads."""
 
-    def __init__(self, min_refit_interval: float = 0.5):
+    def __init__(self, min_refit_interval: float = 0.5, snapshot_ttl: float = 0.2):
         self._lock = threading.Lock()
         self._model: CostModel | None = None
         self._version: tuple[float, int] | None = None
         self._checked_at = 0.0
         self._interval = min_refit_interval
+        self._snapshot: QueueSnapshot | None = None
+        self._snapshot_at = 0.0
+        self._snapshot_model: CostModel | None = None
+        self._ttl = snapshot_ttl
 
     def model(self, conn: sqlite3.Connection) -> CostModel:
         """The current cost model; checks for new timings at most every min_refit_interval seconds."""
@@ -186,18 +254,48 @@ class Forecaster:
             self._checked_at = now
             return self._model
 
-    def wait_seconds(self, conn: sqlite3.Connection, task: dict[str, Any], workers: int) -> float:
-        """Seconds until this task's images are done: what runs and waits ahead of it, then itself."""
+    def snapshot(self, conn: sqlite3.Connection, cost: CostModel) -> QueueSnapshot:
+        """A snapshot of the waiting queue at most snapshot_ttl seconds old, priced with the current model."""
+        now = time.monotonic()
+        current = self._snapshot
+        if current is not None and now - self._snapshot_at < self._ttl and self._snapshot_model is cost:
+            return current
+        with self._lock:
+            if self._snapshot is current:  # nobody rebuilt it while we waited for the lock
+                self._snapshot = QueueSnapshot.build(conn, cost)
+                self._snapshot_at, self._snapshot_model = time.monotonic(), cost
+            return self._snapshot
+
+    def estimate(self, conn: sqlite3.Connection, task: dict[str, Any], workers: int) -> "Estimate":
+        """Where a task stands: waiting tasks and running tasks ahead of it, and seconds until its images are done."""
         cost = self.model(conn)
         now = time.time()
         if task["status"] == "processing":
-            return cost.remaining_seconds(task, now)
+            return Estimate(0, 0, cost.remaining_seconds(task, now))
         if task["status"] != "waiting":
-            return 0.0
-        # The worker may have claimed this very task since its row was read; it is not ahead of itself.
-        running = [t for t in store.running_tasks(conn) if t["model"] == task["model"] and t["id"] != task["id"]]
-        ahead = sum(cost.remaining_seconds(t, now) for t in running)
-        for group in store.waiting_ahead(conn, task["model"], task["priority"], task["seq"]):
-            ahead += group["n"] * cost.task_seconds(group)
+            return Estimate(0, 0, 0.0)
+        model, key = task["model"], claim_key(task)
+        snap = self.snapshot(conn, cost)
+        pos, ahead = snap.ahead(model, key)
+        # Tasks submitted since the snapshot: a rowid range read, so a new task's position is always exact.
+        for row in store.waiting_since(conn, model, snap.max_seq):
+            if claim_key(row) < key:
+                pos += 1
+                ahead += cost.gpu_seconds(row)
+        running_ahead = 0
+        for running in store.running_tasks(conn):
+            if running["model"] != model or running["id"] == task["id"]:
+                continue  # the worker may have claimed this very task since its row was read
+            running_ahead += 1
+            ahead += cost.remaining_gpu_seconds(running, now)
+            queued = snap.seconds_of(model, claim_key(running))
+            if queued is not None and claim_key(running) < key:  # claimed since the snapshot: count it once
+                pos -= 1
+                ahead -= queued
         # Several workers serving this model drain the queue ahead of us in parallel.
-        return ahead / max(workers, 1) + cost.task_seconds(task)
+        seconds = max(ahead, 0.0) / max(workers, 1) + cost.task_seconds(task)
+        return Estimate(max(pos, 0), running_ahead, seconds)
+
+    def wait_seconds(self, conn: sqlite3.Connection, task: dict[str, Any], workers: int) -> float:
+        """Seconds until this task's images are done: what runs and waits ahead of it, then itself."""
+        return self.estimate(conn, task, workers).seconds

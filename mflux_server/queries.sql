@@ -88,23 +88,22 @@ SELECT COUNT(*) FROM tasks WHERE (:status IS NULL OR status = :status);
 -- name: status_counts
 SELECT status, COUNT(*) AS n FROM tasks GROUP BY status;
 
--- name: running_count
-SELECT COUNT(*) FROM tasks WHERE status = 'processing' AND model = :model;
-
 -- name: running_tasks
 SELECT * FROM tasks WHERE status = 'processing' ORDER BY started_at;
 
--- name: waiting_ahead_groups
--- Tasks ahead of (priority, seq) in claim order, grouped by what their cost depends on.
-SELECT model, width, height, steps, count, COUNT(*) AS n FROM tasks
- WHERE status = 'waiting' AND model = :model
-   AND (priority > :priority OR (priority = :priority AND seq < :seq))
- GROUP BY model, width, height, steps, count;
+-- name: waiting_queue
+-- Every waiting task in claim order, read from the tasks_queue index alone.
+SELECT model, priority, seq, width, height, steps, count FROM tasks
+ WHERE status = 'waiting'
+ ORDER BY priority DESC, seq;
 
--- name: waiting_ahead_count
-SELECT COUNT(*) FROM tasks
- WHERE status = 'waiting' AND model = :model
-   AND (priority > :priority OR (priority = :priority AND seq < :seq));
+-- name: max_seq
+SELECT COALESCE(MAX(seq), 0) FROM tasks;
+
+-- name: waiting_since
+-- Waiting tasks newer than a snapshot: a range read on the rowid.
+SELECT model, priority, seq, width, height, steps, count FROM tasks
+ WHERE seq > :seq AND status = 'waiting' AND model = :model;
 
 -- name: register_worker
 INSERT INTO workers (id, hostname, pid, engine, model, quantize, started_at, heartbeat_at)

@@ -42,15 +42,12 @@ def new_task_id() -> str:
 
 
 def submit(conn: sqlite3.Connection, task: dict[str, Any], now: float | None = None) -> dict[str, Any]:
-    """Insert a waiting task and return it with its id, sequence and the unfinished tasks ahead."""
+    """Insert a waiting task and return its row."""
     row = dict(task, id=new_task_id(), created_at=now or time.time())
     row["priority"] = int(row.get("priority") or 0)
     with transaction(conn):
-        seq = conn.execute(sql("insert_task"), row).fetchone()[0]
-        ahead = waiting_ahead_count(conn, row["model"], row["priority"], seq)
-        running = conn.execute(sql("running_count"), {"model": row["model"]}).fetchone()[0]
-        stored = get(conn, row["id"])
-    return dict(stored, tasks_ahead=ahead + running)
+        conn.execute(sql("insert_task"), row).fetchone()
+        return get(conn, row["id"])
 
 
 def get(conn: sqlite3.Connection, task_id: str) -> dict[str, Any] | None:
@@ -212,16 +209,9 @@ def running_tasks(conn: sqlite3.Connection) -> list[dict[str, Any]]:
     return [dict(r) for r in conn.execute(sql("running_tasks"))]
 
 
-def waiting_ahead(conn: sqlite3.Connection, model: str, priority: int, seq: int) -> list[dict[str, Any]]:
-    """Waiting tasks for a model ahead of a claim position, grouped by size, steps and count."""
-    params = {"model": model, "priority": priority, "seq": seq}
-    return [dict(r) for r in conn.execute(sql("waiting_ahead_groups"), params)]
-
-
-def waiting_ahead_count(conn: sqlite3.Connection, model: str, priority: int, seq: int) -> int:
-    """How many waiting tasks for a model will be claimed before this position."""
-    params = {"model": model, "priority": priority, "seq": seq}
-    return conn.execute(sql("waiting_ahead_count"), params).fetchone()[0]
+def waiting_since(conn: sqlite3.Connection, model: str, seq: int) -> list[dict[str, Any]]:
+    """Waiting tasks for a model submitted after sequence number seq."""
+    return [dict(r) for r in conn.execute(sql("waiting_since"), {"model": model, "seq": seq})]
 
 
 def timing_rows(conn: sqlite3.Connection) -> list[dict[str, Any]]:

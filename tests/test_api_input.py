@@ -25,6 +25,18 @@ def test_seed_request_is_accepted_at_both_paths(client, prefix):
     assert status["status"] == "waiting" and status["pos"] == 0 and status["wait_remaining"] > 0
 
 
+def test_task_length_counts_running_and_waiting_ahead_in_claim_order(client):
+    conn = client.application.extensions["mflux_connections"].get()
+    client.post("/api/generate", json={"prompt": "runs"})
+    store.claim_next(conn, "w", "schnell", "synthetic")
+    client.post("/api/generate", json={"prompt": "waits"})
+    urgent = client.post("/api/generate", json={"prompt": "urgent", "priority": True}).json
+    normal = client.post("/api/generate", json={"prompt": "normal"}).json
+    assert (urgent["task_length"], urgent["pos"]) == (1, 0)  # only the running one is ahead
+    assert (normal["task_length"], normal["pos"]) == (3, 2)
+    assert normal["expected_time_seconds"] > urgent["expected_time_seconds"]
+
+
 @pytest.mark.parametrize("given, stored", [("jpeg", "JPEG"), ("Png", "PNG"), ("webp", "WEBP"), ("JPG", "JPEG")])
 def test_format_in_any_case(client, given, stored):
     response = client.post("/api/generate", json={"prompt": "x", "format": given})

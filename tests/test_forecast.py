@@ -30,7 +30,9 @@ def test_more_steps_pixels_or_images_take_longer():
     base = cost.task_seconds(task())
     assert cost.task_seconds(task(steps=8)) > base
     assert cost.task_seconds(task(width=1024, height=1024)) > base
-    assert cost.task_seconds(task(count=2)) == pytest.approx(2 * base)
+    assert cost.gpu_seconds(task(count=2)) == pytest.approx(2 * cost.gpu_seconds(task()))
+    # encoding overlaps the next generation, so a task pays for its last encode only
+    assert cost.task_seconds(task()) - cost.gpu_seconds(task()) == pytest.approx(cost.parts("schnell", 512, 512)["encode"])
 
 
 def test_prior_is_used_before_any_measurement():
@@ -47,8 +49,9 @@ def test_more_tasks_ahead_means_a_longer_wait(conn):
     urgent = store.submit(conn, task(priority=1))
     waits = {t["id"]: forecaster.wait_seconds(conn, store.get(conn, t["id"]), workers=1) for t in (first, second, urgent)}
     assert waits[urgent["id"]] < waits[first["id"]] < waits[second["id"]]
-    one = CostModel.from_rows([]).task_seconds(task())
-    assert waits[second["id"]] == pytest.approx(3 * one)  # urgent and first are ahead of it
+    cost = CostModel.from_rows([])
+    # urgent and first are ahead of it
+    assert waits[second["id"]] == pytest.approx(2 * cost.gpu_seconds(task()) + cost.task_seconds(task()))
 
 
 def test_running_task_remaining_shrinks_with_progress(conn):
@@ -113,5 +116,29 @@ def test_several_workers_share_the_queue_ahead(conn):
     last = store.submit(conn, task())
     one = forecaster.wait_seconds(conn, store.get(conn, last["id"]), workers=1)
     two = forecaster.wait_seconds(conn, store.get(conn, last["id"]), workers=2)
-    single = CostModel.from_rows([]).task_seconds(task())
-    assert one == pytest.approx(5 * single) and two == pytest.approx(2 * single + single)
+    cost = CostModel.from_rows([])
+    gpu, own = cost.gpu_seconds(task()), cost.task_seconds(task())
+    assert one == pytest.approx(4 * gpu + own) and two == pytest.approx(2 * gpu + own)
+
+
+def test_a_task_claimed_since_the_snapshot_is_counted_once(conn):
+    forecaster = Forecaster(min_refit_interval=0, snapshot_ttl=60)
+    first = store.submit(conn, task(steps=10))
+    last = store.submit(conn, task())
+    before = forecaster.estimate(conn, store.get(conn, last["id"]), workers=1)
+    assert before.pos == 1 and before.running == 0
+    store.claim_next(conn, "w", "schnell", "synthetic")  # the snapshot still lists it as waiting
+    after = forecaster.estimate(conn, store.get(conn, last["id"]), workers=1)
+    assert (after.pos, after.running) == (0, 1)
+    assert after.seconds == pytest.approx(before.seconds, rel=0.01)
+
+
+def test_tasks_submitted_since_the_snapshot_are_seen(conn):
+    forecaster = Forecaster(min_refit_interval=0, snapshot_ttl=60)
+    normal = store.submit(conn, task())
+    forecaster.estimate(conn, store.get(conn, normal["id"]), workers=1)  # builds the snapshot
+    urgent = store.submit(conn, task(priority=1))
+    newest = store.submit(conn, task())
+    assert forecaster.estimate(conn, store.get(conn, normal["id"]), workers=1).pos == 1
+    assert forecaster.estimate(conn, store.get(conn, newest["id"]), workers=1).pos == 2
+    assert forecaster.estimate(conn, store.get(conn, urgent["id"]), workers=1).pos == 0

@@ -41,16 +41,6 @@ def test_ids_are_unguessable_and_unique(conn):
     assert newest["seq"] > max(seqs) + 1  # AUTOINCREMENT: a deleted sequence number is never reused
 
 
-def test_tasks_ahead_counts_running_and_waiting_in_claim_order(conn):
-    store.submit(conn, task())
-    store.claim_next(conn, "w", "schnell", "synthetic")
-    store.submit(conn, task())
-    urgent = store.submit(conn, task(priority=1))
-    normal = store.submit(conn, task())
-    assert urgent["tasks_ahead"] == 1  # only the running one
-    assert normal["tasks_ahead"] == 3
-
-
 def test_a_worker_that_lost_its_task_cannot_overwrite_it(conn):
     t = store.submit(conn, task())
     store.claim_next(conn, "w1", "schnell", "synthetic")

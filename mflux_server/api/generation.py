@@ -73,7 +73,6 @@ def generate(body: dict):
         abort(422, errors={"json": {"seed": [f"seed + count - 1 must be at most {MAX_SEED}"]}})
     created = store.submit(conn(), task)
     view = task_status(conn(), created)
-    view["task_length"] = created["tasks_ahead"]
     view["expected_time_seconds"] = view["wait_remaining"]
     return view
 

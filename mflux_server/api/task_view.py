@@ -37,13 +37,10 @@ def task_status(conn: sqlite3.Connection, task: dict[str, Any]) -> dict[str, Any
     view["task_id"] = task["id"]
     view["priority"] = bool(task["priority"])
     view["progress"] = progress(task)
-    if task["status"] == "waiting":
-        view["pos"] = store.waiting_ahead_count(conn, task["model"], task["priority"], task["seq"])
-    else:
-        view["pos"] = 0
-    if task["status"] in store.UNFINISHED:
-        workers = serving_workers(conn, task["model"])
-        view["wait_remaining"] = round(forecaster().wait_seconds(conn, task, workers), 3)
-    else:
-        view["wait_remaining"] = 0.0
+    workers = serving_workers(conn, task["model"]) if task["status"] in store.UNFINISHED else 0
+    estimate = forecaster().estimate(conn, task, workers)
+    view["pos"] = estimate.pos
+    view["wait_remaining"] = round(estimate.seconds, 3)
+    # The original server's task_length: unfinished tasks that will finish before this one.
+    view["task_length"] = estimate.pos + estimate.running
     return view

@@ -1,0 +1,186 @@
+"""Benchmarks 3 and 5: /api/status under 32 concurrent clients with 10,000 queued tasks; peak RSS meanwhile."""
+
+from __future__ import annotations
+
+import random
+import re
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import requests
+
+from bench.harness import Processes
+from bench.results import Result, median, percentile
+from mflux_server import db, store
+
+WRK_SCRIPT = """
+local ids = {}
+for line in io.lines("%s") do ids[#ids + 1] = line end
+math.randomseed(os.time())
+request = function()
+  return wrk.format("GET", "/api/status?task_id=" .. ids[math.random(#ids)])
+end
+"""
+
+
+def fill_queue(path: str, tasks: int) -> list[str]:
+    """Insert waiting tasks of mixed sizes and priorities in one transaction; returns their ids."""
+    conn = db.open_database(path)
+    rnd = random.Random(3)
+    rows = []
+    for i in range(tasks):
+        rows.append({"id": store.new_task_id(), "priority": int(rnd.random() < 0.2), "model": "schnell",
+                     "prompt": f"load {i}", "width": rnd.choice([512, 768, 1024]), "height": rnd.choice([512, 1024]),
+                     "steps": rnd.randint(2, 8), "guidance": 3.5, "seed": i, "count": rnd.randint(1, 2),
+                     "format": "JPEG", "quality": 85, "created_at": time.time()})
+    conn.execute("BEGIN IMMEDIATE")
+    conn.executemany(store.sql("insert_task").replace("RETURNING seq", ""), rows)
+    conn.execute("COMMIT")
+    conn.close()
+    return [row["id"] for row in rows]
+
+
+def wrk(url: str, ids_file: Path, seconds: float, connections: int) -> dict:
+    """Drive GET /api/status for random tasks with wrk; returns rate, latency percentiles and errors."""
+    script = ids_file.with_suffix(".lua")
+    script.write_text(WRK_SCRIPT % ids_file)
+    out = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{seconds:.0f}s", "--latency", "-s", str(script), url],
+                         capture_output=True, text=True, check=True).stdout
+
+    def ms(label: str) -> float:
+        match = re.search(rf"^\s+{label}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        value, unit = float(match.group(1)), match.group(2)
+        return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+
+    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    total = int(re.search(r"(\d+) requests in", out).group(1))
+    non_2xx = int((re.search(r"Non-2xx or 3xx responses: (\d+)", out) or [0, 0])[1])
+    socket_errors = sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
+    return {"rate": rate, "p50": ms("50"), "p99": ms("99"), "errors": non_2xx + socket_errors, "total": total,
+            "raw": out}
+
+
+def python_clients(url: str, ids: list[str], seconds: float, connections: int) -> dict:
+    """The same load from Python threads (the smoke run, or where wrk is not installed); slower than wrk."""
+    latencies: list[float] = []
+    errors = [0]
+    stop = time.monotonic() + seconds
+
+    def client() -> None:
+        session = requests.Session()
+        while time.monotonic() < stop:
+            started = time.perf_counter()
+            try:
+                ok = session.get(url + "/api/status", params={"task_id": random.choice(ids)}, timeout=5).status_code == 200
+            except requests.RequestException:
+                ok = False
+            latencies.append((time.perf_counter() - started) * 1000)
+            errors[0] += not ok
+
+    threads = [threading.Thread(target=client) for _ in range(connections)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return {"rate": len(latencies) / seconds, "p50": median(latencies), "p99": percentile(latencies, 99),
+            "errors": errors[0], "total": len(latencies)}
+
+
+class PeakRss:
+    """Samples the resident memory of processes (and their children) until stopped; keeps each one's peak."""
+
+    def __init__(self, roots: dict[str, int], interval: float = 0.2):
+        self.roots = roots
+        self.peaks: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.interval = interval
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            for name, pid in self.roots.items():
+                try:
+                    root = psutil.Process(pid)
+                    family = [(name, root)] + [(f"{name} child {c.pid}", c) for c in root.children()]
+                    for label, proc in family:
+                        rss = proc.memory_info().rss / 2**20
+                        self.peaks[label] = max(self.peaks.get(label, 0.0), rss)
+                except psutil.NoSuchProcess:
+                    pass
+
+    def __enter__(self) -> "PeakRss":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def submitter(url: str, stop: threading.Event, latencies: list[float], errors: list[int], interval: float) -> None:
+    """Submit a task every `interval` seconds, timing each POST."""
+    session = requests.Session()
+    while not stop.is_set():
+        started = time.perf_counter()
+        response = session.post(url + "/api/generate", json={"prompt": "more", "width": 512, "height": 512}, timeout=10)
+        latencies.append((time.perf_counter() - started) * 1000)
+        errors[0] += response.status_code != 200
+        stop.wait(interval)
+
+
+def run(smoke: bool = False) -> Result:
+    """10,000 queued tasks, a running worker, 32 pollers and 2 submitters for 30 s (smoke: 300 tasks, 3 s)."""
+    tasks, seconds, connections = (300, 3.0, 8) if smoke else (10_000, 30.0, 32)
+    use_wrk = shutil.which("wrk") is not None and not smoke
+    result = Result("API under load", f"make bench ARGS='--only load'  ({tasks:,} queued, {connections} pollers "
+                                      f"via {'wrk' if use_wrk else 'Python threads'}, 2 submitters, {seconds:.0f} s)")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = str(Path(tmp) / "queue.db")
+        ids = fill_queue(path, tasks)
+        ids_file = Path(tmp) / "ids.txt"
+        ids_file.write_text("\n".join(ids) + "\n")
+        procs = Processes(Path(tmp), path)
+        try:
+            url = procs.server(http_workers=2)
+            worker = procs.worker(speed=1.0)  # real-time synthetic tasks: the queue stays ~10,000 deep
+            stop = threading.Event()
+            submit_ms: list[float] = []
+            submit_errors = [0]
+            submitters = [threading.Thread(target=submitter, args=(url, stop, submit_ms, submit_errors, 0.1))
+                          for _ in range(2)]
+            with PeakRss({"API": procs.server_proc.pid, "worker": worker.pid}) as memory:
+                for t in submitters:
+                    t.start()
+                load = (wrk if use_wrk else python_clients)(url if use_wrk else url, ids_file if use_wrk else ids,
+                                                            seconds, connections)
+                stop.set()
+                for t in submitters:
+                    t.join()
+        finally:
+            procs.stop_all()
+    result.add("status requests per second", load["rate"], "/s", "≥ 1,000/s", load["rate"] >= 1000)
+    result.add("status latency p50", load["p50"], "ms")
+    result.add("status latency p99", load["p99"], "ms", "≤ 50 ms", load["p99"] <= 50)
+    result.add("errors (non-2xx and socket)", load["errors"] + submit_errors[0], "", "0", load["errors"] + submit_errors[0] == 0)
+    result.add("submit latency p50 (with the queue full)", median(submit_ms), "ms", "≤ 10 ms", median(submit_ms) <= 10)
+    result.add("submit latency p99", percentile(submit_ms, 99), "ms")
+    result.extra["requests"] = load["total"]
+    result.extra["submits"] = len(submit_ms)
+    api_peak = max((v for k, v in memory.peaks.items() if k.startswith("API")), default=0.0)
+    worker_peak = memory.peaks.get("worker", 0.0)
+    memory_result = Result("Memory", result.command + " (sampled every 0.2 s during benchmark 3)")
+    for label, peak in sorted(memory.peaks.items()):
+        role = "API" if label.startswith("API") else "worker"
+        name = label.replace("API child", "API server process").replace("API", "API (gunicorn master)", 1) \
+            if label == "API" else label.replace("API child", "API server process")
+        memory_result.add(f"peak RSS, {name}", peak, "MB", "≤ 100 MB", peak <= 100)
+    memory_result.extra = {"api_peak": api_peak, "worker_peak": worker_peak, "role": role}
+    result.extra["memory"] = memory_result
+    if smoke or not use_wrk:
+        result.notes.append("Python-thread clients share the 2 cores with the server, so these figures understate it.")
+    return result
