@@ -87,7 +87,7 @@ def create_app(config: Settings | None = None, overrides: dict[str, Any] | None 
     db.open_database(config.db).close()
     app.extensions["mflux_settings"] = config
     app.extensions["mflux_connections"] = Connections(config.db)
-    app.extensions["mflux_forecaster"] = Forecaster()
+    app.extensions["mflux_forecaster"] = Forecaster(connect=lambda: db.connect(config.db))
 
     api = JsonErrorApi(app)
     # Imported here so the blueprints can import this module's helpers.

@@ -8,7 +8,7 @@ import sqlite3
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 from mflux_server import store
 
@@ -192,23 +192,28 @@ class QueueSnapshot:
     @classmethod
     def build(cls, conn: sqlite3.Connection, cost: CostModel) -> "QueueSnapshot":
         """Read every waiting task once (an index-only scan) and sum predicted times in claim order."""
-        conn.execute("BEGIN")  # one read snapshot for both statements
+        cursor = conn.cursor()
+        cursor.row_factory = None  # plain tuples: several times cheaper than sqlite3.Row for 10,000 rows
+        cursor.execute("BEGIN")  # one read snapshot for both statements
         try:
-            rows = conn.execute(store.sql("waiting_queue")).fetchall()
-            max_seq = conn.execute(store.sql("max_seq")).fetchone()[0]
+            rows = cursor.execute(store.sql("waiting_queue")).fetchall()
+            max_seq = cursor.execute(store.sql("max_seq")).fetchone()[0]
         finally:
-            conn.execute("COMMIT")
+            cursor.execute("COMMIT")
         keys: dict[str, list[tuple[int, int]]] = {}
         prefix: dict[str, list[float]] = {}
         shapes: dict[tuple, float] = {}
-        for row in rows:
-            shape = (row["model"], row["width"], row["height"], row["steps"], row["count"])
+        for model, priority, seq, width, height, steps, count in rows:
+            shape = (model, width, height, steps, count)
             seconds = shapes.get(shape)
             if seconds is None:
-                seconds = shapes[shape] = cost.gpu_seconds(dict(row))
-            model_keys = keys.setdefault(row["model"], [])
-            model_prefix = prefix.setdefault(row["model"], [0.0])
-            model_keys.append((-row["priority"], row["seq"]))
+                seconds = shapes[shape] = cost.gpu_seconds(
+                    {"model": model, "width": width, "height": height, "steps": steps, "count": count})
+            model_keys = keys.get(model)
+            if model_keys is None:
+                model_keys, prefix[model] = keys.setdefault(model, []), [0.0]
+            model_prefix = prefix[model]
+            model_keys.append((-priority, seq))
             model_prefix.append(model_prefix[-1] + seconds)
         return cls(max_seq=max_seq, keys=keys, prefix=prefix)
 
@@ -230,7 +235,8 @@ class QueueSnapshot:
 class Forecaster:
     """Keeps a fitted CostModel and a recent QueueSnapshot, so a status request costs a few indexed reads."""
 
-    def __init__(self, min_refit_interval: float = 0.5, snapshot_ttl: float = 0.2):
+    def __init__(self, min_refit_interval: float = 0.5, snapshot_ttl: float = 0.2,
+                 connect: Callable[[], sqlite3.Connection] | None = None):
         self._lock = threading.Lock()
         self._model: CostModel | None = None
         self._version: tuple[float, int] | None = None
@@ -240,6 +246,10 @@ class Forecaster:
         self._snapshot_at = 0.0
         self._snapshot_model: CostModel | None = None
         self._ttl = snapshot_ttl
+        # With a connection factory, an expired snapshot is rebuilt on a background thread while
+        # requests keep answering from the previous one, so no request pays for the rebuild.
+        self._connect = connect
+        self._rebuilding = False
 
     def model(self, conn: sqlite3.Connection) -> CostModel:
         """The current cost model; checks for new timings at most every min_refit_interval seconds."""
@@ -255,16 +265,35 @@ class Forecaster:
             return self._model
 
     def snapshot(self, conn: sqlite3.Connection, cost: CostModel) -> QueueSnapshot:
-        """A snapshot of the waiting queue at most snapshot_ttl seconds old, priced with the current model."""
-        now = time.monotonic()
+        """A snapshot of the waiting queue about snapshot_ttl seconds old at most, priced with the current model."""
         current = self._snapshot
-        if current is not None and now - self._snapshot_at < self._ttl and self._snapshot_model is cost:
+        fresh = time.monotonic() - self._snapshot_at < self._ttl and self._snapshot_model is cost
+        if current is not None and fresh:
+            return current
+        if current is not None and self._snapshot_model is cost and self._connect is not None:
+            with self._lock:
+                start = not self._rebuilding
+                self._rebuilding = True
+            if start:
+                threading.Thread(target=self._rebuild, args=(cost,), name="queue-snapshot", daemon=True).start()
             return current
         with self._lock:
             if self._snapshot is current:  # nobody rebuilt it while we waited for the lock
-                self._snapshot = QueueSnapshot.build(conn, cost)
-                self._snapshot_at, self._snapshot_model = time.monotonic(), cost
+                self._store(QueueSnapshot.build(conn, cost), cost)
             return self._snapshot
+
+    def _store(self, snapshot: QueueSnapshot, cost: CostModel) -> None:
+        self._snapshot, self._snapshot_at, self._snapshot_model = snapshot, time.monotonic(), cost
+
+    def _rebuild(self, cost: CostModel) -> None:
+        conn = self._connect()
+        try:
+            snapshot = QueueSnapshot.build(conn, cost)
+            with self._lock:
+                self._store(snapshot, cost)
+        finally:
+            conn.close()
+            self._rebuilding = False
 
     def estimate(self, conn: sqlite3.Connection, task: dict[str, Any], workers: int) -> "Estimate":
         """Where a task stands: waiting tasks and running tasks ahead of it, and seconds until its images are done."""

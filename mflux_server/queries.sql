@@ -101,9 +101,10 @@ SELECT model, priority, seq, width, height, steps, count FROM tasks
 SELECT COALESCE(MAX(seq), 0) FROM tasks;
 
 -- name: waiting_since
--- Waiting tasks newer than a snapshot: a range read on the rowid.
+-- Waiting tasks newer than a snapshot: a range read on the rowid. The unary + keeps SQLite from
+-- preferring the status index, which would scan every waiting task.
 SELECT model, priority, seq, width, height, steps, count FROM tasks
- WHERE seq > :seq AND status = 'waiting' AND model = :model;
+ WHERE seq > :seq AND +status = 'waiting' AND +model = :model;
 
 -- name: register_worker
 INSERT INTO workers (id, hostname, pid, engine, model, quantize, started_at, heartbeat_at)
