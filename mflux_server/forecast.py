@@ -23,6 +23,8 @@ PRIOR: dict[str, tuple[float, float, float]] = {
     "after": (0.2, 0.8, 0.0),
     "encode": (0.01, 0.04, 0.0),
 }
+# Fresh submissions are read past the snapshot each request; beyond this many, fold them into a new one.
+MAX_UNSNAPSHOTTED = 200
 # A size measured this many times is forecast from its own mean rather than from the fitted curve.
 MIN_SAMPLES_FOR_MEAN = 3
 
@@ -186,6 +188,7 @@ class QueueSnapshot:
     """The waiting tasks of each model in claim order, with prefix sums of their predicted engine time."""
 
     max_seq: int
+    changes: int
     keys: dict[str, list[tuple[int, int]]]
     prefix: dict[str, list[float]]
 
@@ -194,10 +197,11 @@ class QueueSnapshot:
         """Read every waiting task once (an index-only scan) and sum predicted times in claim order."""
         cursor = conn.cursor()
         cursor.row_factory = None  # plain tuples: several times cheaper than sqlite3.Row for 10,000 rows
-        cursor.execute("BEGIN")  # one read snapshot for both statements
+        cursor.execute("BEGIN")  # one read snapshot for all three statements
         try:
             rows = cursor.execute(store.sql("waiting_queue")).fetchall()
             max_seq = cursor.execute(store.sql("max_seq")).fetchone()[0]
+            changes = cursor.execute(store.sql("queue_changes")).fetchone()[0]
         finally:
             cursor.execute("COMMIT")
         keys: dict[str, list[tuple[int, int]]] = {}
@@ -215,7 +219,7 @@ class QueueSnapshot:
             model_prefix = prefix[model]
             model_keys.append((-priority, seq))
             model_prefix.append(model_prefix[-1] + seconds)
-        return cls(max_seq=max_seq, keys=keys, prefix=prefix)
+        return cls(max_seq=max_seq, changes=changes, keys=keys, prefix=prefix)
 
     def ahead(self, model: str, key: tuple[int, int]) -> tuple[int, float]:
         """Waiting tasks ahead of a claim key, and their summed engine seconds."""
@@ -235,19 +239,16 @@ class QueueSnapshot:
 class Forecaster:
     """Keeps a fitted CostModel and a recent QueueSnapshot, so a status request costs a few indexed reads."""
 
-    def __init__(self, min_refit_interval: float = 0.5, snapshot_ttl: float = 0.2,
-                 connect: Callable[[], sqlite3.Connection] | None = None):
+    def __init__(self, min_refit_interval: float = 0.5, connect: Callable[[], sqlite3.Connection] | None = None):
         self._lock = threading.Lock()
         self._model: CostModel | None = None
         self._version: tuple[float, int] | None = None
         self._checked_at = 0.0
         self._interval = min_refit_interval
         self._snapshot: QueueSnapshot | None = None
-        self._snapshot_at = 0.0
         self._snapshot_model: CostModel | None = None
-        self._ttl = snapshot_ttl
-        # With a connection factory, an expired snapshot is rebuilt on a background thread while
-        # requests keep answering from the previous one, so no request pays for the rebuild.
+        # With a connection factory, a stale snapshot is rebuilt on a background thread while requests
+        # keep answering from the previous one (corrected for claims), so no request pays for the rebuild.
         self._connect = connect
         self._rebuilding = False
 
@@ -265,25 +266,27 @@ class Forecaster:
             return self._model
 
     def snapshot(self, conn: sqlite3.Connection, cost: CostModel) -> QueueSnapshot:
-        """A snapshot of the waiting queue about snapshot_ttl seconds old at most, priced with the current model."""
+        """The waiting queue priced with the current model; rebuilt when tasks left or re-entered the queue."""
         current = self._snapshot
-        fresh = time.monotonic() - self._snapshot_at < self._ttl and self._snapshot_model is cost
-        if current is not None and fresh:
+        if current is not None and self._snapshot_model is cost and current.changes == store.queue_changes(conn):
             return current
         if current is not None and self._snapshot_model is cost and self._connect is not None:
-            with self._lock:
-                start = not self._rebuilding
-                self._rebuilding = True
-            if start:
-                threading.Thread(target=self._rebuild, args=(cost,), name="queue-snapshot", daemon=True).start()
+            self._rebuild_soon(cost)
             return current
         with self._lock:
             if self._snapshot is current:  # nobody rebuilt it while we waited for the lock
                 self._store(QueueSnapshot.build(conn, cost), cost)
             return self._snapshot
 
+    def _rebuild_soon(self, cost: CostModel) -> None:
+        with self._lock:
+            start = not self._rebuilding
+            self._rebuilding = True
+        if start:
+            threading.Thread(target=self._rebuild, args=(cost,), name="queue-snapshot", daemon=True).start()
+
     def _store(self, snapshot: QueueSnapshot, cost: CostModel) -> None:
-        self._snapshot, self._snapshot_at, self._snapshot_model = snapshot, time.monotonic(), cost
+        self._snapshot, self._snapshot_model = snapshot, cost
 
     def _rebuild(self, cost: CostModel) -> None:
         conn = self._connect()
@@ -307,7 +310,10 @@ class Forecaster:
         snap = self.snapshot(conn, cost)
         pos, ahead = snap.ahead(model, key)
         # Tasks submitted since the snapshot: a rowid range read, so a new task's position is always exact.
-        for row in store.waiting_since(conn, model, snap.max_seq):
+        newer = store.waiting_since(conn, model, snap.max_seq)
+        if len(newer) > MAX_UNSNAPSHOTTED and self._connect is not None:
+            self._rebuild_soon(cost)
+        for row in newer:
             if claim_key(row) < key:
                 pos += 1
                 ahead += cost.gpu_seconds(row)

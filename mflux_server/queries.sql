@@ -100,6 +100,9 @@ SELECT model, priority, seq, width, height, steps, count FROM tasks
 -- name: max_seq
 SELECT COALESCE(MAX(seq), 0) FROM tasks;
 
+-- name: queue_changes
+SELECT changes FROM queue_state WHERE id = 1;
+
 -- name: waiting_since
 -- Waiting tasks newer than a snapshot: a range read on the rowid. The unary + keeps SQLite from
 -- preferring the status index, which would scan every waiting task.

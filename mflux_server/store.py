@@ -214,6 +214,11 @@ def waiting_since(conn: sqlite3.Connection, model: str, seq: int) -> list[dict[s
     return [dict(r) for r in conn.execute(sql("waiting_since"), {"model": model, "seq": seq})]
 
 
+def queue_changes(conn: sqlite3.Connection) -> int:
+    """A counter that moves whenever a task leaves or re-enters the waiting set (not on fresh submits)."""
+    return conn.execute(sql("queue_changes")).fetchone()[0]
+
+
 def timing_rows(conn: sqlite3.Connection) -> list[dict[str, Any]]:
     """Every aggregated timing row."""
     return [dict(r) for r in conn.execute(sql("timing_stats"))]

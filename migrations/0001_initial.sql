@@ -68,3 +68,23 @@ CREATE TABLE workers (
     heartbeat_at  REAL    NOT NULL,
     stopped_at    REAL
 );
+
+-- A counter of changes to the waiting set other than fresh submissions (claims, cancels, deletes,
+-- requeues). The API keeps a snapshot of the queue and rebuilds it only when this moves.
+CREATE TABLE queue_state (
+    id       INTEGER PRIMARY KEY CHECK (id = 1),
+    changes  INTEGER NOT NULL
+);
+INSERT INTO queue_state (id, changes) VALUES (1, 0);
+
+CREATE TRIGGER tasks_leave_queue AFTER UPDATE OF status ON tasks
+WHEN (OLD.status = 'waiting') != (NEW.status = 'waiting')
+BEGIN
+    UPDATE queue_state SET changes = changes + 1 WHERE id = 1;
+END;
+
+CREATE TRIGGER tasks_delete_waiting AFTER DELETE ON tasks
+WHEN OLD.status = 'waiting'
+BEGIN
+    UPDATE queue_state SET changes = changes + 1 WHERE id = 1;
+END;

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from mflux_server import store
+from mflux_server import db, store
 from mflux_server.forecast import PRIOR, CostModel, Forecaster, KindModel, megapixels
 
 
@@ -121,8 +121,8 @@ def test_several_workers_share_the_queue_ahead(conn):
     assert one == pytest.approx(4 * gpu + own) and two == pytest.approx(2 * gpu + own)
 
 
-def test_a_task_claimed_since_the_snapshot_is_counted_once(conn):
-    forecaster = Forecaster(min_refit_interval=0, snapshot_ttl=60)
+def test_a_task_claimed_since_the_snapshot_is_counted_once(conn, db_path):
+    forecaster = Forecaster(min_refit_interval=60, connect=lambda: db.connect(db_path))
     first = store.submit(conn, task(steps=10))
     last = store.submit(conn, task())
     before = forecaster.estimate(conn, store.get(conn, last["id"]), workers=1)
@@ -134,7 +134,7 @@ def test_a_task_claimed_since_the_snapshot_is_counted_once(conn):
 
 
 def test_tasks_submitted_since_the_snapshot_are_seen(conn):
-    forecaster = Forecaster(min_refit_interval=0, snapshot_ttl=60)
+    forecaster = Forecaster(min_refit_interval=60)
     normal = store.submit(conn, task())
     forecaster.estimate(conn, store.get(conn, normal["id"]), workers=1)  # builds the snapshot
     urgent = store.submit(conn, task(priority=1))
@@ -142,3 +142,18 @@ def test_tasks_submitted_since_the_snapshot_are_seen(conn):
     assert forecaster.estimate(conn, store.get(conn, normal["id"]), workers=1).pos == 1
     assert forecaster.estimate(conn, store.get(conn, newest["id"]), workers=1).pos == 2
     assert forecaster.estimate(conn, store.get(conn, urgent["id"]), workers=1).pos == 0
+    assert forecaster._snapshot.max_seq == normal["seq"]  # answered without a rebuild
+
+
+def test_the_snapshot_is_rebuilt_only_when_tasks_leave_or_reenter_the_queue(conn):
+    forecaster = Forecaster(min_refit_interval=60)
+    first = store.submit(conn, task())
+    second = store.submit(conn, task())
+    forecaster.estimate(conn, store.get(conn, second["id"]), workers=1)
+    built = forecaster._snapshot
+    store.submit(conn, task())
+    forecaster.estimate(conn, store.get(conn, second["id"]), workers=1)
+    assert forecaster._snapshot is built
+    store.cancel_or_delete(conn, first["id"])
+    assert forecaster.estimate(conn, store.get(conn, second["id"]), workers=1).pos == 0
+    assert forecaster._snapshot is not built

@@ -15,6 +15,7 @@ EXPECTED_COLUMNS = {
               "count", "format", "quality", "created_at", "started_at", "finished_at", "worker_id", "attempts",
               "image_index", "step", "step_at", "engine", "error"},
     "images": {"task_id", "idx", "seed", "mime", "data", "served", "gen_started", "gen_ended"},
+    "queue_state": {"id", "changes"},
     "timing_stats": {"model", "width", "height", "kind", "n", "total", "total_sq", "updated_at"},
     "workers": {"id", "hostname", "pid", "engine", "model", "quantize", "started_at", "heartbeat_at", "stopped_at"},
 }
