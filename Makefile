@@ -53,6 +53,9 @@ lint: install ## check style with ruff
 	$(BIN)/ruff check mflux_server worker tests bench
 
 bench: install ## run the benchmarks and write docs/benchmarks.md
+	@command -v wrk >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && \
+		{ apt-get install -y -q wrk >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q wrk >/dev/null; }; }; } || \
+		echo "wrk is not installed: benchmark 3 falls back to Python clients, which understate the server"
 	$(BIN)/python -m bench $(ARGS)
 
 clean: ## remove .venv and caches

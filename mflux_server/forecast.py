@@ -38,24 +38,50 @@ def _poly(coef: tuple[float, float, float], mp: float) -> float:
     return coef[0] + coef[1] * mp + coef[2] * mp * mp
 
 
-def _solve3(m: list[list[float]], v: list[float]) -> tuple[float, float, float] | None:
-    """Solve a 3×3 linear system by Cramer's rule; None when it is singular."""
+def _solve(m: list[list[float]], v: list[float]) -> list[float] | None:
+    """Solve a small linear system by Gaussian elimination with partial pivoting; None when singular."""
+    n = len(v)
+    a = [row[:] + [v[i]] for i, row in enumerate(m)]
+    for col in range(n):
+        pivot = max(range(col, n), key=lambda r: abs(a[r][col]))
+        if abs(a[pivot][col]) < 1e-12:
+            return None
+        a[col], a[pivot] = a[pivot], a[col]
+        for r in range(col + 1, n):
+            factor = a[r][col] / a[col][col]
+            for c in range(col, n + 1):
+                a[r][c] -= factor * a[col][c]
+    out = [0.0] * n
+    for r in range(n - 1, -1, -1):
+        out[r] = (a[r][n] - sum(a[r][c] * out[c] for c in range(r + 1, n))) / a[r][r]
+    return out
 
-    def det(a: list[list[float]]) -> float:
-        return (
-            a[0][0] * (a[1][1] * a[2][2] - a[1][2] * a[2][1])
-            - a[0][1] * (a[1][0] * a[2][2] - a[1][2] * a[2][0])
-            + a[0][2] * (a[1][0] * a[2][1] - a[1][1] * a[2][0])
-        )
 
-    d = det(m)
-    if abs(d) < 1e-12:
+Point = tuple[float, float, float]  # (mp, mean seconds, weight)
+
+
+def _fit_poly(points: list[Point], degree: int) -> tuple[float, float, float] | None:
+    """Weighted least squares of seconds on 1, mp, … mp^degree; coefficients padded to (a, b, c)."""
+    size = degree + 1
+    m = [[0.0] * size for _ in range(size)]
+    v = [0.0] * size
+    for mp, mean, weight in points:
+        x = [mp**k for k in range(size)]
+        for i in range(size):
+            v[i] += weight * x[i] * mean
+            for j in range(size):
+                m[i][j] += weight * x[i] * x[j]
+    solved = _solve(m, v)
+    if solved is None:
         return None
-    out = []
-    for col in range(3):
-        replaced = [[v[r] if c == col else m[r][c] for c in range(3)] for r in range(3)]
-        out.append(det(replaced) / d)
-    return (out[0], out[1], out[2])
+    return tuple(solved + [0.0] * (3 - size))  # type: ignore[return-value]
+
+
+def _fit_ratio(points: list[Point], prior: tuple[float, float, float]) -> tuple[float, float, float]:
+    """The prior's shape, scaled to the measurements."""
+    ratios = [(mean / _poly(prior, mp), weight) for mp, mean, weight in points if _poly(prior, mp) > 0]
+    ratio = sum(r * w for r, w in ratios) / sum(w for _, w in ratios) if ratios else 1.0
+    return (prior[0] * ratio, prior[1] * ratio, prior[2] * ratio)
 
 
 @dataclass
@@ -66,29 +92,37 @@ class KindModel:
     means: dict[float, tuple[float, int]] = field(default_factory=dict)  # mp -> (mean seconds, n)
     coef: tuple[float, float, float] | None = None
     ratio: float | None = None
+    shape: str = "prior"
 
     @classmethod
     def fit(cls, prior: tuple[float, float, float], samples: dict[float, tuple[float, int]]) -> "KindModel":
-        """Fit a + b·mp + c·mp² with three or more sizes, else scale the prior to what was measured."""
+        """Pick, by leave-one-out error over the measured sizes, the scaled prior or a polynomial of degree 0–2."""
         model = cls(prior=prior, means=samples)
         if not samples:
             return model
-        weighted = [(mp, mean, n) for mp, (mean, n) in samples.items()]
-        ratios = [(mean / _poly(prior, mp), n) for mp, mean, n in weighted if _poly(prior, mp) > 0]
-        if ratios:
-            model.ratio = sum(r * n for r, n in ratios) / sum(n for _, n in ratios)
-        if len(samples) >= 3:
-            # Weighted least squares on [1, mp, mp²]; weights sqrt(n) so one size can't drown the rest.
-            m = [[0.0] * 3 for _ in range(3)]
-            v = [0.0] * 3
-            for mp, mean, n in weighted:
-                w = math.sqrt(n)
-                x = (1.0, mp, mp * mp)
-                for i in range(3):
-                    v[i] += w * x[i] * mean
-                    for j in range(3):
-                        m[i][j] += w * x[i] * x[j]
-            model.coef = _solve3(m, v)
+        # Relative weights (we care about percentage error), damped in the sample count.
+        points = [(mp, mean, math.sqrt(n) / mean**2) for mp, (mean, n) in samples.items() if mean > 0]
+        if not points:
+            return model
+        scaled = _fit_ratio(points, prior)
+        model.ratio = _poly(scaled, 1.0) / _poly(prior, 1.0) if _poly(prior, 1.0) else None
+        candidates = {"scaled prior": lambda pts: _fit_ratio(pts, prior)}
+        for degree in range(3):
+            candidates[f"degree {degree}"] = lambda pts, d=degree: _fit_poly(pts, d)
+        best, best_error = "scaled prior", None
+        for name, fitter in candidates.items():
+            params = 1 if name == "scaled prior" else int(name[-1]) + 1
+            if len(points) < params + 1:
+                continue  # too few sizes to judge this shape by leaving one out
+            error = 0.0
+            for i, (mp, mean, weight) in enumerate(points):
+                coef = fitter(points[:i] + points[i + 1:])
+                predicted = _poly(coef, mp) if coef else -1.0
+                error += weight * mean**2 * (((predicted - mean) / mean) ** 2 if predicted > 0 else 100.0)
+            if best_error is None or error < best_error * 0.98:  # a more complex shape must clearly win
+                best, best_error = name, error
+        model.coef = candidates[best](points) or scaled
+        model.shape = best
         return model
 
     def seconds(self, mp: float) -> float:
@@ -96,12 +130,17 @@ class KindModel:
         measured = self.means.get(mp)
         if measured and measured[1] >= MIN_SAMPLES_FOR_MEAN:
             return measured[0]
-        if self.coef is not None:
-            fitted = _poly(self.coef, mp)
-            lo, hi = min(self.means), max(self.means)
-            # Trust the curve inside the measured range; outside it, only while it stays plausible.
-            if fitted > 0 and (lo <= mp <= hi or fitted <= 4 * _poly(self.prior, mp) * (self.ratio or 1)):
-                return fitted
+        if self.coef is not None and self.means:
+            # Inside the measured sizes, trust the fit. Beyond them, polynomials can run wild: carry the fit's
+            # level at the nearest edge along the prior's shape, unless the fit's own curve stays within 2× of that.
+            edge = min(max(mp, min(self.means)), max(self.means))
+            fitted = _poly(self.coef, edge)
+            if fitted > 0:
+                if edge == mp or _poly(self.prior, edge) <= 0:
+                    return fitted
+                along_prior = fitted * _poly(self.prior, mp) / _poly(self.prior, edge)
+                own = _poly(self.coef, mp)
+                return own if along_prior / 2 <= own <= along_prior * 2 else along_prior
         if self.ratio is not None:
             return _poly(self.prior, mp) * self.ratio
         return _poly(self.prior, mp)

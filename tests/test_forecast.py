@@ -157,3 +157,19 @@ def test_the_snapshot_is_rebuilt_only_when_tasks_leave_or_reenter_the_queue(conn
     store.cancel_or_delete(conn, first["id"])
     assert forecaster.estimate(conn, store.get(conn, second["id"]), workers=1).pos == 0
     assert forecaster._snapshot is not built
+
+
+def test_a_constant_cost_measured_at_three_close_sizes_does_not_extrapolate_wildly():
+    # Regression: an exact quadratic through three noisy points of a constant once forecast 160× too much.
+    samples = {megapixels(512, 512): (0.0104, 2), megapixels(512, 640): (0.0098, 2), megapixels(640, 640): (0.0101, 1)}
+    model = KindModel.fit(PRIOR["before"], samples)
+    for side in (1024, 1536):
+        assert model.seconds(megapixels(side, side)) == pytest.approx(0.01, rel=0.1)
+    assert model.shape in ("scaled prior", "degree 0")
+
+
+def test_the_shape_is_chosen_by_leave_one_out_error():
+    quadratic = {megapixels(s, s): (0.1 + 0.2 * megapixels(s, s) ** 2, 3) for s in (512, 768, 1024, 1280, 1536)}
+    assert KindModel.fit(PRIOR["step"], quadratic).shape == "degree 2"
+    linear = {megapixels(s, s): (0.1 + 0.2 * megapixels(s, s), 3) for s in (512, 768, 1024, 1280, 1536)}
+    assert KindModel.fit(PRIOR["encode"], linear).shape in ("degree 1", "scaled prior")

@@ -1,0 +1,208 @@
+"""Benchmark 4: forecast error on a Poisson trace of mixed tasks, against a naive seconds-per-pixel baseline."""
+
+from __future__ import annotations
+
+import random
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+
+from bench.harness import Processes, wait_for
+from bench.results import Result
+from mflux_server import db
+
+# The machine the trace runs on, in model seconds: per-step time grows faster than linearly with pixels.
+# Deliberately not the server's prior, so the forecast has to learn it.
+STEP = (0.3, 1.2, 1.6)  # a + b·mp + c·mp² seconds per step
+FIXED = (1.5, 0.6)  # seconds before and after the denoising loop
+NOISE = 0.05
+SIDES = (512, 640, 768, 896, 1024, 1152, 1280, 1408, 1536)
+SKIP = 10  # the first tasks teach the model; errors are counted after them
+
+
+@dataclass
+class Submitted:
+    """One task of the trace as the client saw it."""
+
+    index: int
+    task_id: str
+    priority: bool
+    pixels: int
+    count: int
+    submitted: float
+    expected: float
+    samples: list[tuple[float, float, str]] = field(default_factory=list)  # (time, wait_remaining, status)
+
+
+def make_trace(n: int, rnd: random.Random) -> list[dict]:
+    """Mixed sizes (square and not), steps 2–30, count 1–4, about 20% priority."""
+    return [{"prompt": f"trace {i}", "width": rnd.choice(SIDES), "height": rnd.choice(SIDES),
+             "steps": rnd.randint(2, 30), "count": rnd.randint(1, 4), "priority": rnd.random() < 0.2,
+             "seed": i, "format": "JPEG", "quality": 85} for i in range(n)]
+
+
+def true_seconds(task: dict, speed: float) -> float:
+    """What the synthetic engine will take for a task, without noise (used only to pace arrivals)."""
+    mp = task["width"] * task["height"] / 2**20
+    step = STEP[0] + STEP[1] * mp + STEP[2] * mp * mp
+    return task["count"] * (FIXED[0] + task["steps"] * step + FIXED[1]) / speed
+
+
+def mape(pairs: list[tuple[float, float]]) -> float:
+    """Mean absolute percentage error of (predicted, actual) pairs, in percent."""
+    pairs = [(p, a) for p, a in pairs if a > 0]
+    return 100 * sum(abs(p - a) / a for p, a in pairs) / len(pairs) if pairs else float("nan")
+
+
+def baseline_predictions(tasks: list[Submitted], rows: dict[str, dict], speed: float) -> tuple[dict, dict]:
+    """The naive forecast, replayed offline on the same timeline: one running seconds-per-pixel average.
+
+    It learns from each finished task's duration ÷ (pixels × count), ignores steps, and otherwise
+    queues the same way as the server's forecast (running task's remainder, tasks ahead in claim order).
+    """
+    finished = sorted(((rows[t.task_id]["finished_at"], t) for t in tasks), key=lambda x: x[0])
+    initial = 4 * 3.5 / 2**20 / speed  # a 4-step, 1024² image at the server's prior, per pixel
+
+    def spp_at(moment: float) -> float:
+        pixels = seconds = 0.0
+        for done_at, t in finished:
+            if done_at > moment:
+                break
+            row = rows[t.task_id]
+            seconds += row["finished_at"] - row["started_at"]
+            pixels += t.pixels * t.count
+        return seconds / pixels if pixels else initial
+
+    def wait_at(target: Submitted, moment: float) -> float:
+        spp = spp_at(moment)
+        key = (-rows[target.task_id]["priority"], rows[target.task_id]["seq"])
+        ahead = 0.0
+        for other in tasks:
+            row = rows[other.task_id]
+            if other is target or other.submitted > moment or row["finished_at"] <= moment:
+                continue
+            own = spp * other.pixels * other.count
+            if row["started_at"] <= moment:
+                ahead += max(own - (moment - row["started_at"]), 0.0)
+            elif (-row["priority"], row["seq"]) < key:
+                ahead += own
+        row = rows[target.task_id]
+        own = spp * target.pixels * target.count
+        if row["started_at"] <= moment:
+            return max(own - (moment - row["started_at"]), 0.0)
+        return ahead + own
+
+    at_submit = {t.task_id: wait_at(t, t.submitted + 1e-6) for t in tasks}
+    samples = {(t.task_id, when): wait_at(t, when) for t in tasks for when, _, _ in t.samples}
+    return at_submit, samples
+
+
+def run(smoke: bool = False, plot_path: Path | None = None) -> Result:
+    """Replay the trace against the real API and a synthetic worker; compare forecasts with what happened."""
+    n, speed = (14, 2000.0) if smoke else (320, 150.0)
+    rnd = random.Random(11)
+    trace = make_trace(n, rnd)
+    mean_service = sum(true_seconds(t, speed) for t in trace) / n
+    result = Result("Forecast accuracy", f"make bench ARGS='--only forecast'  ({n} tasks, Poisson arrivals at "
+                                         f"1/{0.9 * mean_service:.2f} s, synthetic engine time-scaled ÷{speed:g})")
+    submitted: list[Submitted] = []
+    lock = threading.Lock()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = str(Path(tmp) / "queue.db")
+        db.open_database(path).close()
+        procs = Processes(Path(tmp), path)
+        try:
+            url = procs.server()
+            procs.worker("--synthetic-step", ",".join(map(str, STEP)), "--synthetic-fixed", ",".join(map(str, FIXED)),
+                         "--synthetic-noise", str(NOISE), speed=speed)
+            stop = threading.Event()
+
+            def sample() -> None:
+                session = requests.Session()
+                while not stop.is_set():
+                    with lock:
+                        candidates = [t for t in submitted if not getattr(t, "done", False)]
+                    for t in rnd.sample(candidates, min(4, len(candidates))):
+                        body = session.get(url + "/api/status", params={"task_id": t.task_id}).json()
+                        if body["status"] in ("waiting", "processing"):
+                            t.samples.append((time.time(), body["wait_remaining"], body["status"]))
+                        else:
+                            t.done = True  # type: ignore[attr-defined]
+                    stop.wait(0.05)
+
+            sampler = threading.Thread(target=sample, daemon=True)
+            sampler.start()
+            session = requests.Session()
+            clock = time.monotonic()
+            for index, task in enumerate(trace):
+                clock += rnd.expovariate(1 / (0.9 * mean_service))
+                time.sleep(max(clock - time.monotonic(), 0))
+                sent = time.time()
+                body = session.post(url + "/api/generate", json=task).json()
+                with lock:
+                    submitted.append(Submitted(index, body["task_id"], task["priority"], task["width"] * task["height"],
+                                               task["count"], sent, body["expected_time_seconds"]))
+            conn = db.connect(path)
+            wait_for(lambda: conn.execute("SELECT COUNT(*) FROM tasks WHERE status = 'done'").fetchone()[0] == n,
+                     timeout=n * mean_service * 3 + 60, interval=0.2, what="the trace to finish")
+            stop.set()
+            sampler.join()
+            rows = {r["id"]: dict(r) for r in conn.execute("SELECT id, seq, priority, started_at, finished_at FROM tasks")}
+            conn.close()
+        finally:
+            procs.stop_all()
+    counted = [t for t in submitted if t.index >= SKIP]
+    base_submit, base_samples = baseline_predictions(submitted, rows, speed)
+    ours_submit = [(t.expected, rows[t.task_id]["finished_at"] - t.submitted) for t in counted]
+    naive_submit = [(base_submit[t.task_id], rows[t.task_id]["finished_at"] - t.submitted) for t in counted]
+    ours_wait = [(w, rows[t.task_id]["finished_at"] - when) for t in counted for when, w, _ in t.samples]
+    naive_wait = [(base_samples[(t.task_id, when)], rows[t.task_id]["finished_at"] - when)
+                  for t in counted for when, _, _ in t.samples]
+    figures = {"submit": (mape(ours_submit), mape(naive_submit)), "wait": (mape(ours_wait), mape(naive_wait))}
+    for name, label in (("submit", "expected_time_seconds at submit"), ("wait", "wait_remaining while waiting or processing")):
+        ours, naive = figures[name]
+        result.add(f"MAPE of {label}", ours, "%", "≤ 10%", ours <= 10)
+        result.add(f"  naive baseline, same", naive, "%")
+        result.add(f"  baseline error ÷ ours", naive / ours if ours else float("inf"), "×", "≥ 3×", naive >= 3 * ours)
+    result.extra = {"tasks": len(counted), "samples": len(ours_wait), "ours_submit": ours_submit, "raw": (submitted, rows),
+                    "naive_submit": naive_submit, "ours_wait": ours_wait, "naive_wait": naive_wait,
+                    "max_queue": max((sum(1 for o in submitted if o.submitted <= t.submitted
+                                          and rows[o.task_id]["finished_at"] > t.submitted) for t in submitted), default=0)}
+    result.notes.append(f"{len(counted)} tasks and {len(ours_wait)} status samples counted (the first {SKIP} tasks "
+                        f"excluded); the queue held up to {result.extra['max_queue']} unfinished tasks.")
+    if plot_path is not None:
+        plot(result.extra, plot_path)
+    return result
+
+
+def plot(extra: dict, path: Path) -> None:
+    """Forecast against actual seconds, ours and the baseline, on log axes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5))
+    for ax, key, title in ((axes[0], "submit", "expected_time_seconds at submit"),
+                           (axes[1], "wait", "wait_remaining samples")):
+        for series, colour, label in ((f"naive_{key}", "tab:orange", "naive s/pixel baseline"),
+                                      (f"ours_{key}", "tab:blue", "mflux-server forecast")):
+            pairs = [(p, a) for p, a in extra[series] if a > 0 and p > 0]
+            ax.scatter([a for _, a in pairs], [p for p, _ in pairs], s=6, alpha=0.5, color=colour, label=label)
+        values = [v for s in (f"ours_{key}", f"naive_{key}") for pair in extra[s] for v in pair if v > 0]
+        lo, hi = min(values), max(values)
+        ax.plot([lo, hi], [lo, hi], color="black", linewidth=1, label="forecast = actual")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("actual seconds until done")
+        ax.set_ylabel("forecast seconds")
+        ax.set_title(title)
+        ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
