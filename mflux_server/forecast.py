@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bisect
 import math
+from collections import deque
 import sqlite3
 import threading
 import time
@@ -23,6 +24,12 @@ PRIOR: dict[str, tuple[float, float, float]] = {
     "after": (0.2, 0.8, 0.0),
     "encode": (0.01, 0.04, 0.0),
 }
+# Higher-priority tasks that arrive while a task waits also go ahead of it. Their recent load ρ (engine
+# seconds per second, from the last ARRIVAL_WINDOW seconds of submissions) stretches the time ahead by
+# 1 / (1 − ρ), as in an M/G/1 priority queue; ρ is capped so a burst cannot make forecasts explode.
+ARRIVAL_WINDOW = 600.0
+MIN_ARRIVAL_SPAN = 30.0
+MAX_PRIORITY_LOAD = 0.8
 # Fresh submissions are read past the snapshot each request; beyond this many, fold them into a new one.
 MAX_UNSNAPSHOTTED = 200
 # A size measured this many times is forecast from its own mean rather than from the fitted curve.
@@ -290,6 +297,9 @@ class Forecaster:
         # keep answering from the previous one (corrected for claims), so no request pays for the rebuild.
         self._connect = connect
         self._rebuilding = False
+        self._arrivals: deque[tuple[float, str, int, float]] = deque()  # (created_at, model, priority, seconds)
+        self._arrivals_seq = 0
+        self._arrival_load: dict[str, dict[int, float]] = {}  # model -> priority -> engine seconds per second
 
     def model(self, conn: sqlite3.Connection) -> CostModel:
         """The current cost model; checks for new timings at most every min_refit_interval seconds."""
@@ -315,6 +325,7 @@ class Forecaster:
         with self._lock:
             if self._snapshot is current:  # nobody rebuilt it while we waited for the lock
                 self._store(QueueSnapshot.build(conn, cost), cost)
+                self._observe_arrivals(conn, cost)
             return self._snapshot
 
     def _rebuild_soon(self, cost: CostModel) -> None:
@@ -327,12 +338,35 @@ class Forecaster:
     def _store(self, snapshot: QueueSnapshot, cost: CostModel) -> None:
         self._snapshot, self._snapshot_model = snapshot, cost
 
+    def _observe_arrivals(self, conn: sqlite3.Connection, cost: CostModel) -> None:
+        """Extend the arrival log to the newest task and recompute each priority's recent load."""
+        now = time.time()
+        for row in store.arrivals_since(conn, self._arrivals_seq, now - ARRIVAL_WINDOW):
+            self._arrivals.append((row["created_at"], row["model"], row["priority"], cost.gpu_seconds(row)))
+            self._arrivals_seq = row["seq"]
+        # created_at need not grow with seq (clocks step), so prune and measure by time, not by position.
+        self._arrivals = deque(a for a in self._arrivals if a[0] >= now - ARRIVAL_WINDOW)
+        oldest = min((a[0] for a in self._arrivals), default=now - ARRIVAL_WINDOW)
+        span = max(now - oldest, MIN_ARRIVAL_SPAN)
+        load: dict[str, dict[int, float]] = {}
+        for _, model, priority, seconds in self._arrivals:
+            by_priority = load.setdefault(model, {})
+            by_priority[priority] = by_priority.get(priority, 0.0) + seconds / span
+        self._arrival_load = load
+
+    def overtaking_load(self, model: str, priority: int, workers: int) -> float:
+        """Engine seconds per second of recent arrivals that would go ahead of a task with this priority."""
+        load = sum(rate for p, rate in self._arrival_load.get(model, {}).items() if p > priority)
+        return min(load / max(workers, 1), MAX_PRIORITY_LOAD)
+
     def _rebuild(self, cost: CostModel) -> None:
         conn = self._connect()
         try:
             snapshot = QueueSnapshot.build(conn, cost)
             with self._lock:
-                self._store(snapshot, cost)
+                if self._snapshot_model is cost:  # a newer model may have been priced in meanwhile
+                    self._store(snapshot, cost)
+                self._observe_arrivals(conn, cost)
         finally:
             conn.close()
             self._rebuilding = False
@@ -367,7 +401,8 @@ class Forecaster:
                 pos -= 1
                 ahead -= queued
         # Several workers serving this model drain the queue ahead of us in parallel.
-        seconds = max(ahead, 0.0) / max(workers, 1) + cost.task_seconds(task)
+        stretch = 1.0 / (1.0 - self.overtaking_load(model, task["priority"], workers))
+        seconds = max(ahead, 0.0) / max(workers, 1) * stretch + cost.task_seconds(task)
         return Estimate(max(pos, 0), running_ahead, seconds)
 
     def wait_seconds(self, conn: sqlite3.Connection, task: dict[str, Any], workers: int) -> float:

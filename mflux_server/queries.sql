@@ -100,6 +100,12 @@ SELECT model, priority, seq, width, height, steps, count FROM tasks
 -- name: max_seq
 SELECT COALESCE(MAX(seq), 0) FROM tasks;
 
+-- name: arrivals_since
+-- Tasks submitted after a sequence number (any status): the arrival stream, a range read on the rowid.
+SELECT seq, model, priority, width, height, steps, count, created_at FROM tasks
+ WHERE seq > :seq AND created_at >= :since
+ ORDER BY seq;
+
 -- name: queue_changes
 SELECT changes FROM queue_state WHERE id = 1;
 

@@ -101,16 +101,16 @@ class Timing:
     seconds: list[float]
 
 
-def _record_timings(conn: sqlite3.Connection, task: dict[str, Any], timings: Iterable[Timing], now: float) -> None:
+def _record_timings(conn: sqlite3.Connection, shape: dict[str, Any], timings: Iterable[Timing], now: float) -> None:
     for timing in timings:
         if not timing.seconds:
             continue
         conn.execute(
             sql("record_timing"),
             {
-                "model": task["model"],
-                "width": task["width"],
-                "height": task["height"],
+                "model": shape["model"],
+                "width": shape["width"],
+                "height": shape["height"],
                 "kind": timing.kind,
                 "n": len(timing.seconds),
                 "total": sum(timing.seconds),
@@ -120,24 +120,20 @@ def _record_timings(conn: sqlite3.Connection, task: dict[str, Any], timings: Ite
         )
 
 
-def complete(
-    conn: sqlite3.Connection,
-    task: dict[str, Any],
-    worker_id: str,
-    images: list[StoredImage],
-    timings: Iterable[Timing],
-) -> bool:
-    """Store the images and timings and mark the task done, in one transaction; False if it was not ours."""
-    now = time.time()
+def record_timings(conn: sqlite3.Connection, shape: dict[str, Any], timings: Iterable[Timing]) -> None:
+    """Add measured seconds for one model and size to the stats the forecast is fitted to."""
+    with transaction(conn):
+        _record_timings(conn, shape, timings, time.time())
+
+
+def complete(conn: sqlite3.Connection, task: dict[str, Any], worker_id: str, images: list[StoredImage]) -> bool:
+    """Store the images and mark the task done, in one transaction; False if it was not ours."""
     with transaction(conn):
         if not still_mine(conn, task["id"], worker_id):
-            # Canceled or recovered while we worked: keep the timings, drop the images.
-            _record_timings(conn, task, timings, now)
-            return False
+            return False  # canceled or recovered while we worked: drop the images
         for image in images:
             conn.execute(sql("insert_image"), dict(image.__dict__, task_id=task["id"]))
-        _record_timings(conn, task, timings, now)
-        conn.execute(sql("mark_done"), {"id": task["id"], "worker_id": worker_id, "now": now})
+        conn.execute(sql("mark_done"), {"id": task["id"], "worker_id": worker_id, "now": time.time()})
     return True
 
 
@@ -212,6 +208,11 @@ def running_tasks(conn: sqlite3.Connection) -> list[dict[str, Any]]:
 def waiting_since(conn: sqlite3.Connection, model: str, seq: int) -> list[dict[str, Any]]:
     """Waiting tasks for a model submitted after sequence number seq."""
     return [dict(r) for r in conn.execute(sql("waiting_since"), {"model": model, "seq": seq})]
+
+
+def arrivals_since(conn: sqlite3.Connection, seq: int, since: float) -> list[dict[str, Any]]:
+    """Tasks submitted after sequence number seq and after time since, whatever their status now."""
+    return [dict(r) for r in conn.execute(sql("arrivals_since"), {"seq": seq, "since": since})]
 
 
 def queue_changes(conn: sqlite3.Connection) -> int:

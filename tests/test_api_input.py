@@ -151,7 +151,7 @@ def _finish(client, count: int = 1, fmt: str = "PNG") -> str:
     task_id = client.post("/api/generate", json={"prompt": "x", "count": count, "format": fmt}).json["task_id"]
     claimed = store.claim_next(conn, "w", "schnell", "synthetic")
     images = [store.StoredImage(i, claimed["seed"] + i, "image/png", b"PNG%d" % i, 1, 2) for i in range(count)]
-    assert store.complete(conn, claimed, "w", images, [])
+    assert store.complete(conn, claimed, "w", images)
     return task_id
 
 

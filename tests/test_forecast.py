@@ -8,7 +8,15 @@ import time
 import pytest
 
 from mflux_server import db, store
-from mflux_server.forecast import PRIOR, CostModel, Forecaster, KindModel, megapixels
+from mflux_server.forecast import (
+    MAX_PRIORITY_LOAD,
+    MIN_ARRIVAL_SPAN,
+    PRIOR,
+    CostModel,
+    Forecaster,
+    KindModel,
+    megapixels,
+)
 
 
 def task(**overrides) -> dict:
@@ -19,10 +27,7 @@ def task(**overrides) -> dict:
 
 
 def record(conn, model: str, width: int, height: int, kind: str, seconds: list[float]) -> None:
-    with_task = {"model": model, "width": width, "height": height}
-    conn.execute("BEGIN IMMEDIATE")
-    store._record_timings(conn, with_task, [store.Timing(kind, seconds)], time.time())
-    conn.execute("COMMIT")
+    store.record_timings(conn, {"model": model, "width": width, "height": height}, [store.Timing(kind, seconds)])
 
 
 def test_more_steps_pixels_or_images_take_longer():
@@ -50,8 +55,11 @@ def test_more_tasks_ahead_means_a_longer_wait(conn):
     waits = {t["id"]: forecaster.wait_seconds(conn, store.get(conn, t["id"]), workers=1) for t in (first, second, urgent)}
     assert waits[urgent["id"]] < waits[first["id"]] < waits[second["id"]]
     cost = CostModel.from_rows([])
-    # urgent and first are ahead of it
-    assert waits[second["id"]] == pytest.approx(2 * cost.gpu_seconds(task()) + cost.task_seconds(task()))
+    # urgent and first are ahead of it; the urgent arrival also tells that more may overtake it
+    stretch = 1 / (1 - min(cost.gpu_seconds(task()) / MIN_ARRIVAL_SPAN, MAX_PRIORITY_LOAD))
+    assert waits[second["id"]] == pytest.approx(2 * cost.gpu_seconds(task()) * stretch + cost.task_seconds(task()))
+    # the urgent task itself waits only for itself: nothing can overtake it
+    assert waits[urgent["id"]] == pytest.approx(cost.task_seconds(task()))
 
 
 def test_running_task_remaining_shrinks_with_progress(conn):
@@ -173,3 +181,24 @@ def test_the_shape_is_chosen_by_leave_one_out_error():
     assert KindModel.fit(PRIOR["step"], quadratic).shape == "degree 2"
     linear = {megapixels(s, s): (0.1 + 0.2 * megapixels(s, s), 3) for s in (512, 768, 1024, 1280, 1536)}
     assert KindModel.fit(PRIOR["encode"], linear).shape in ("degree 1", "scaled prior")
+
+
+def test_recent_priority_arrivals_stretch_the_wait_of_normal_tasks_only(conn):
+    forecaster = Forecaster(min_refit_interval=60)
+    record(conn, "schnell", 512, 512, "step", [0.25] * 10)
+    for kind in ("before", "after", "encode"):
+        record(conn, "schnell", 512, 512, kind, [0.0] * 10)
+    normal = store.submit(conn, task())
+    last = store.submit(conn, task())
+    calm = forecaster.estimate(conn, store.get(conn, last["id"]), workers=1).seconds
+    assert calm == pytest.approx(2.0)  # 1 s ahead, 1 s its own
+    # eight urgent tasks of 1 s each were submitted over the last minute: ρ = 8 / 60
+    now = time.time()
+    for i in range(8):
+        urgent = store.submit(conn, task(priority=1), now=now - 60 + i * 7.5)
+        store.cancel_or_delete(conn, urgent["id"])  # gone from the queue, still part of the arrival history
+    stretched = forecaster.estimate(conn, store.get(conn, last["id"]), workers=1).seconds
+    assert stretched == pytest.approx(1.0 / (1 - 8 / 60) + 1.0, rel=0.02)
+    mine = store.submit(conn, task(priority=1))
+    assert forecaster.estimate(conn, store.get(conn, mine["id"]), workers=1).seconds == pytest.approx(1.0)
+    assert forecaster.estimate(conn, store.get(conn, normal["id"]), workers=1).pos == 1  # mine went ahead

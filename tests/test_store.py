@@ -47,30 +47,35 @@ def test_a_worker_that_lost_its_task_cannot_overwrite_it(conn):
     assert store.cancel_or_delete(conn, t["id"]) == "canceled"
     assert not store.record_progress(conn, t["id"], "w1", 0, 2, time.time())
     image = store.StoredImage(0, 7, "image/png", b"x", 0.0, 1.0)
-    assert not store.complete(conn, store.get(conn, t["id"]), "w1", [image], [store.Timing("step", [0.5])])
+    assert not store.complete(conn, store.get(conn, t["id"]), "w1", [image])
     assert not store.fail(conn, t["id"], "w1", "boom")
     row = store.get(conn, t["id"])
     assert row["status"] == "canceled"
     assert conn.execute("SELECT COUNT(*) FROM images").fetchone()[0] == 0
-    # timings measured before the cancel still teach the forecast
-    assert conn.execute("SELECT n FROM timing_stats WHERE kind='step'").fetchone()[0] == 1
 
 
-def test_complete_stores_images_timings_and_done_together(conn):
+def test_complete_stores_images_and_done_together(conn):
     t = store.submit(conn, task(count=2))
     claimed = store.claim_next(conn, "w", "schnell", "synthetic")
     images = [store.StoredImage(i, 7 + i, "image/png", b"img%d" % i, 1.0, 2.0) for i in range(2)]
-    assert store.complete(conn, claimed, "w", images, [store.Timing("step", [0.1, 0.3]), store.Timing("encode", [0.01])])
+    assert store.complete(conn, claimed, "w", images)
     assert store.get(conn, t["id"])["status"] == "done"
     assert store.fetch_image(conn, t["id"], 1)["data"] == b"img1"
-    row = conn.execute("SELECT n, total FROM timing_stats WHERE kind='step'").fetchone()
-    assert row["n"] == 2 and abs(row["total"] - 0.4) < 1e-9
+
+
+def test_timings_accumulate_per_model_size_and_kind(conn):
+    shape = {"model": "schnell", "width": 512, "height": 768}
+    store.record_timings(conn, shape, [store.Timing("step", [0.1, 0.3]), store.Timing("encode", [0.01])])
+    store.record_timings(conn, shape, [store.Timing("step", [0.2])])
+    row = conn.execute("SELECT n, total, total_sq FROM timing_stats WHERE kind='step'").fetchone()
+    assert row["n"] == 3 and abs(row["total"] - 0.6) < 1e-9 and abs(row["total_sq"] - 0.14) < 1e-9
+    assert conn.execute("SELECT COUNT(*) FROM timing_stats").fetchone()[0] == 2
 
 
 def test_image_delete_waits_for_every_image(conn):
     t = store.submit(conn, task(count=2))
     claimed = store.claim_next(conn, "w", "schnell", "synthetic")
-    store.complete(conn, claimed, "w", [store.StoredImage(i, 7, "image/png", b"i", 1, 2) for i in range(2)], [])
+    store.complete(conn, claimed, "w", [store.StoredImage(i, 7, "image/png", b"i", 1, 2) for i in range(2)])
     assert not store.mark_served(conn, t["id"], 0, True)
     assert store.get(conn, t["id"]) is not None
     assert store.mark_served(conn, t["id"], 1, True)

@@ -7,7 +7,7 @@ import queue
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass, field
+from collections import deque
 from typing import Any
 
 from PIL import Image
@@ -39,47 +39,37 @@ class ShutdownRequested(TaskStopped):
     """SIGTERM or SIGINT: stop at this step boundary and put the task back."""
 
 
-@dataclass
-class Measured:
-    """Timings of one image: the fixed cost before the loop, each step, and after it."""
-
-    before: float | None = None
-    steps: list[float] = field(default_factory=list)
-    after: float | None = None
-
-
 class Reporter:
     """Receives an engine's loop events for one image: times them, publishes progress, and stops on request."""
 
     def __init__(self, runner: "Runner", task: dict[str, Any], index: int):
         self.runner = runner
-        self.task_id = task["id"]
+        self.task = task
         self.index = index
-        self.measured = Measured()
         self.started = self.last = time.perf_counter()
-        runner.progress = (self.task_id, index, 0, time.time())
+        self.looping = False
+        runner.progress = (task["id"], index, 0, time.time())
 
     def loop_started(self) -> None:
         """The engine finished its work before the denoising loop."""
         now = time.perf_counter()
-        self.measured.before = now - self.started
-        self.last = now
-        self.runner.check(self.task_id)
+        self.runner.measured(self.task, "before", now - self.started)
+        self.last, self.looping = now, True
+        self.runner.check(self.task["id"])
 
     def step(self, done: int, total: int) -> None:
         """A denoising step finished: record it, publish it, and stop here if asked to."""
         now = time.perf_counter()
-        if self.measured.before is None:
-            self.measured.before = 0.0
-        self.measured.steps.append(now - self.last)
+        if not self.looping:  # an engine that never reported the loop's start: count that time as 'before'
+            self.loop_started()
+        self.runner.measured(self.task, "step", now - self.last)
         self.last = now
-        self.runner.progress = (self.task_id, self.index, done, time.time())
-        self.runner.check(self.task_id)
+        self.runner.progress = (self.task["id"], self.index, done, time.time())
+        self.runner.check(self.task["id"])
 
-    def finished(self) -> Measured:
-        """The engine returned the image."""
-        self.measured.after = time.perf_counter() - self.last
-        return self.measured
+    def after_seconds(self) -> float:
+        """Seconds from the last step until the engine returned the image."""
+        return time.perf_counter() - self.last
 
 
 class Runner:
@@ -94,6 +84,9 @@ class Runner:
         self.progress: tuple[str, int, int, float] | None = None
         self.current: str | None = None
         self.taken: set[str] = set()
+        # (model, width, height, kind, seconds) measured on the generation thread, written by the progress
+        # thread, so the forecast learns this machine's speed from the first steps of the first task.
+        self.timings: deque[tuple[str, int, int, str, float]] = deque()
         self.outbox: queue.Queue = queue.Queue(maxsize=OUTBOX_IMAGES)
         self._progress_stop = threading.Event()
         self._task_started = threading.Event()
@@ -146,10 +139,14 @@ class Runner:
                     log.exception("task %s: engine failed", task["id"])
                     self.outbox.put(("fail", task, f"{self.engine.name} engine failed: {type(exc).__name__}: {exc}"))
                     return
-                self.outbox.put(("image", task, index, image, started, time.time(), reporter.finished()))
+                self.outbox.put(("image", task, index, image, started, time.time(), reporter.after_seconds()))
         finally:
             self.current = None
             self.progress = None
+
+    def measured(self, task: dict[str, Any], kind: str, seconds: float) -> None:
+        """Queue one measured duration for the timing stats."""
+        self.timings.append((task["model"], task["width"], task["height"], kind, seconds))
 
     def check(self, task_id: str) -> None:
         """Raise at a step boundary when the worker is stopping or the task is no longer ours."""
@@ -214,11 +211,21 @@ class Runner:
             if current and now_version != version and not store.still_mine(conn, current, self.worker_id):
                 self.taken.add(current)
             version = now_version
+            self._flush_timings(conn)
             if time.monotonic() - beat_at >= self.settings.heartbeat_interval:
                 store.heartbeat(conn, self.worker_id)
                 for task_id, outcome in store.recover_orphans(conn, self.settings.stale_after, self.settings.max_attempts):
                     log.warning("recovered task %s from a dead worker: now %s", task_id, outcome)
                 beat_at = time.monotonic()
+
+    def _flush_timings(self, conn: sqlite3.Connection) -> None:
+        grouped: dict[tuple[str, int, int], dict[str, list[float]]] = {}
+        while self.timings:
+            model, width, height, kind, seconds = self.timings.popleft()
+            grouped.setdefault((model, width, height), {}).setdefault(kind, []).append(seconds)
+        for (model, width, height), kinds in grouped.items():
+            shape = {"model": model, "width": width, "height": height}
+            store.record_timings(conn, shape, [store.Timing(kind, seconds) for kind, seconds in kinds.items()])
 
     def _store_loop(self, conn: sqlite3.Connection) -> None:
         """Encode images and write outcomes in order, so the GPU goes straight on to the next task."""
@@ -243,23 +250,18 @@ class Runner:
                 store.fail(conn, task["id"], self.worker_id, f"storing the image failed: {type(exc).__name__}: {exc}")
 
     def _store_image(self, conn: sqlite3.Connection, pending: dict, task: dict, index: int, image: Image.Image,
-                     started: float, ended: float, measured: Measured) -> None:
-        entry = pending.setdefault(task["id"], {"images": [], "timings": {k: [] for k in ("step", "before", "after", "encode")}})
+                     started: float, ended: float, after: float) -> None:
+        images = pending.setdefault(task["id"], [])
         t0 = time.perf_counter()
         software = f"mflux-server {self.engine.name} engine, model {self.engine.model}"
         if self.engine.name == "synthetic":
             software += " (synthetic test image, not model output)"
         data, mime = encode(image, task["format"], task["quality"], software, task["seed"] + index)
-        timings = entry["timings"]
-        timings["encode"].append(time.perf_counter() - t0)
-        timings["step"] += measured.steps
-        timings["before"].append(measured.before or 0.0)
-        timings["after"].append(measured.after or 0.0)
-        entry["images"].append(store.StoredImage(index, task["seed"] + index, mime, data, started, ended))
-        if len(entry["images"]) == task["count"]:
+        store.record_timings(conn, task, [store.Timing("after", [after]), store.Timing("encode", [time.perf_counter() - t0])])
+        images.append(store.StoredImage(index, task["seed"] + index, mime, data, started, ended))
+        if len(images) == task["count"]:
             del pending[task["id"]]
-            stored = [store.Timing(kind, seconds) for kind, seconds in timings.items()]
-            if store.complete(conn, task, self.worker_id, entry["images"], stored):
+            if store.complete(conn, task, self.worker_id, images):
                 log.info("task %s: done", task["id"])
             else:
                 log.info("task %s: finished but no longer ours (canceled); images dropped", task["id"])
@@ -274,6 +276,7 @@ class Runner:
         self._task_started.set()
         for thread in self._threads:
             thread.join(timeout=5)
+        self._flush_timings(self.conn)
         store.stop_worker(self.conn, self.worker_id)
         self.conn.close()
         log.info("worker %s stopped", self.worker_id)
