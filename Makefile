@@ -50,7 +50,7 @@ test: install ## run the test suite (unit, API, worker, end-to-end, mflux contra
 
 lint: install ## check style with ruff
 	$(BIN)/pip install --quiet "ruff>=0.6"
-	$(BIN)/ruff check mflux_server worker tests bench
+	$(BIN)/ruff check --isolated --line-length 130 --select E,F,W,I,UP,B mflux_server worker tests bench
 
 bench: install ## run the benchmarks and write docs/benchmarks.md
 	@command -v wrk >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && \

@@ -122,7 +122,7 @@ class PeakRss:
                 except psutil.NoSuchProcess:
                     pass
 
-    def __enter__(self) -> "PeakRss":
+    def __enter__(self) -> PeakRss:
         self._thread.start()
         return self
 

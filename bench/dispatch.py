@@ -33,10 +33,12 @@ def run(smoke: bool = False) -> Result:
                 submitted = time.time()
                 task_id = session.post(url + "/api/generate", json={"prompt": f"d{i}", "width": 128, "height": 128,
                                                                       "steps": 1}).json()["task_id"]
-                started = wait_for(lambda: conn.execute("SELECT started_at FROM tasks WHERE id = ?",
-                                                        (task_id,)).fetchone()[0], timeout=10, interval=0.001)
+                query = "SELECT started_at, status FROM tasks WHERE id = ?"
+                # wait_for polls right away, so closing over this iteration's task_id is safe
+                started = wait_for(lambda: conn.execute(query, (task_id,)).fetchone()[0],  # noqa: B023
+                                   timeout=10, interval=0.001)
                 latencies.append((started - submitted) * 1000)
-                wait_for(lambda: conn.execute("SELECT status FROM tasks WHERE id = ?", (task_id,)).fetchone()[0] == "done",
+                wait_for(lambda: conn.execute(query, (task_id,)).fetchone()[1] == "done",  # noqa: B023
                          timeout=10, interval=0.002)
             time.sleep(1.0)
             process = psutil.Process(worker.pid)

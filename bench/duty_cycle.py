@@ -42,7 +42,8 @@ def run_format(fmt: str, tasks: int, size: int) -> dict:
 def run(smoke: bool = False) -> Result:
     """Both formats; 200 tasks of 1024² each (smoke: 5 tasks of 256²)."""
     tasks, size = (5, 256) if smoke else (200, 1024)
-    result = Result("GPU duty cycle", f"make bench ARGS='--only duty'  ({tasks} tasks, {size}², {PER_IMAGE * 1000:.0f} ms per image)")
+    result = Result("GPU duty cycle",
+                    f"make bench ARGS='--only duty'  ({tasks} tasks, {size}², {PER_IMAGE * 1000:.0f} ms per image)")
     for fmt in ("PNG", "JPEG"):
         found = run_format(fmt, tasks, size)
         result.add(f"{fmt}: duty cycle (generating ÷ wall, first claim → last completion)", found["duty"], "%",

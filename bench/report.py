@@ -12,7 +12,7 @@ TARGETS_MISSED_HELP = "Where a target is missed, the section below it says why; 
 
 def render(results: list[Result], machine: str, command: str, plot: str | None, explanations: dict[str, str]) -> str:
     """The whole benchmarks page as Markdown."""
-    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
         "# Benchmarks",
         "",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from mflux_server import __version__, db
 from mflux_server.config import Settings, load_settings

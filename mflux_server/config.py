@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 ENV_PREFIX = "MFLUX_SERVER_"
 QUANTIZE_CHOICES = ("3", "4", "5", "6", "8", "none")
@@ -108,7 +109,9 @@ class Settings:
     synthetic_noise: float = setting(0.0, "synthetic engine: random ± fraction on every duration", "worker", float)
     synthetic_speed: float = setting(1.0, "synthetic engine: divide every duration by this", "worker", _positive(float))
     heartbeat_interval: float = setting(2.0, "seconds between worker heartbeats", "worker", _positive(float))
-    max_attempts: int = setting(3, "times a task may be started before it is failed as crashing its worker", "worker", _positive(int))
+    max_attempts: int = setting(
+        3, "times a task may be started before it is failed as crashing its worker", "worker", _positive(int)
+    )
     poll_interval: float = setting(0.01, "seconds between the idle worker's checks for new tasks", "worker", _positive(float))
     log_level: str = setting("info", "debug, info, warning or error")
 

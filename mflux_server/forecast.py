@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections import deque
 import sqlite3
 import threading
 import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 from mflux_server import store
 
@@ -102,7 +103,7 @@ class KindModel:
     shape: str = "prior"
 
     @classmethod
-    def fit(cls, prior: tuple[float, float, float], samples: dict[float, tuple[float, int]]) -> "KindModel":
+    def fit(cls, prior: tuple[float, float, float], samples: dict[float, tuple[float, int]]) -> KindModel:
         """Pick, by leave-one-out error over the measured sizes, the scaled prior or a polynomial of degree 0–2."""
         model = cls(prior=prior, means=samples)
         if not samples:
@@ -161,7 +162,7 @@ class CostModel:
     measured: bool
 
     @classmethod
-    def from_rows(cls, rows: list[dict[str, Any]]) -> "CostModel":
+    def from_rows(cls, rows: list[dict[str, Any]]) -> CostModel:
         """Fit every (model, kind) from aggregated timing rows."""
         grouped: dict[tuple[str, str], dict[float, tuple[float, int]]] = {}
         for row in rows:
@@ -239,7 +240,7 @@ class QueueSnapshot:
     prefix: dict[str, list[float]]
 
     @classmethod
-    def build(cls, conn: sqlite3.Connection, cost: CostModel) -> "QueueSnapshot":
+    def build(cls, conn: sqlite3.Connection, cost: CostModel) -> QueueSnapshot:
         """Read every waiting task once (an index-only scan) and sum predicted times in claim order."""
         cursor = conn.cursor()
         cursor.row_factory = None  # plain tuples: several times cheaper than sqlite3.Row for 10,000 rows
@@ -371,7 +372,7 @@ class Forecaster:
             conn.close()
             self._rebuilding = False
 
-    def estimate(self, conn: sqlite3.Connection, task: dict[str, Any], workers: int) -> "Estimate":
+    def estimate(self, conn: sqlite3.Connection, task: dict[str, Any], workers: int) -> Estimate:
         """Where a task stands: waiting tasks and running tasks ahead of it, and seconds until its images are done."""
         cost = self.model(conn)
         now = time.time()

@@ -8,10 +8,11 @@ import secrets
 import socket
 import sqlite3
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from mflux_server.db import transaction
 

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.e2e
 
 
 # The three client functions from the seed document, verbatim but for the endpoint override it hard-codes.
-def mflux_generate_client(mfluxendpoint, prompt, width=1280, height=720, steps=4, count=4, seed=None, format="JPEG", quality=85, priority=False):
+def mflux_generate_client(mfluxendpoint, prompt, width=1280, height=720, steps=4, count=4, seed=None, format="JPEG", quality=85, priority=False):  # noqa: E501
     data = {
         "prompt": prompt,
         "height": height,
@@ -44,7 +44,7 @@ def mflux_status_ready(mfluxendpoint, task_id):
         else:
             # read the waiting time
             waiting_time = response.json().get("wait_remaining", 1)
-            if waiting_time < 1: waiting_time = 1
+            if waiting_time < 1: waiting_time = 1  # noqa: E701
             return waiting_time
     else:
         return -1

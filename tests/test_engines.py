@@ -9,11 +9,11 @@ import time
 import pytest
 from PIL import Image
 
+from mflux_server.config import Settings
 from worker.encoding import encode
 from worker.engines import choose_engine, make_engine
 from worker.engines.base import Job
 from worker.engines.synthetic import SyntheticEngine
-from mflux_server.config import Settings
 
 
 class Recorder:

@@ -131,7 +131,7 @@ def test_several_workers_share_the_queue_ahead(conn):
 
 def test_a_task_claimed_since_the_snapshot_is_counted_once(conn, db_path):
     forecaster = Forecaster(min_refit_interval=60, connect=lambda: db.connect(db_path))
-    first = store.submit(conn, task(steps=10))
+    store.submit(conn, task(steps=10))
     last = store.submit(conn, task())
     before = forecaster.estimate(conn, store.get(conn, last["id"]), workers=1)
     assert before.pos == 1 and before.running == 0

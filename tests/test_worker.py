@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import signal
 import threading
-import time
 
-import pytest
-
-from mflux_server import db, store
+from mflux_server import store
 from mflux_server.config import Settings
 from tests.conftest import task_row, wait_for
 from worker.runner import Runner

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import signal
-from typing import Sequence
+from collections.abc import Sequence
 
 from mflux_server import __version__
 from mflux_server.cli import configure_logging

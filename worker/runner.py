@@ -42,7 +42,7 @@ class ShutdownRequested(TaskStopped):
 class Reporter:
     """Receives an engine's loop events for one image: times them, publishes progress, and stops on request."""
 
-    def __init__(self, runner: "Runner", task: dict[str, Any], index: int):
+    def __init__(self, runner: Runner, task: dict[str, Any], index: int):
         self.runner = runner
         self.task = task
         self.index = index

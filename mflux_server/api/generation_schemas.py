@@ -101,7 +101,8 @@ class GenerateRequest(ma.Schema):
 
     error_messages = {"type": "the request body must be a JSON object", "unknown": "unknown field"}
 
-    prompt = fields.String(required=True, validate=_prompt, metadata={"description": "what to draw", "example": "A beautiful landscape"})
+    prompt = fields.String(required=True, validate=_prompt,
+                           metadata={"description": "what to draw", "example": "A beautiful landscape"})
     seed = SeedField(
         load_default=None,
         metadata={"description": f"0 to {MAX_SEED}, integer or digit string; image k of count uses seed+k. Random when absent.",
@@ -112,7 +113,8 @@ class GenerateRequest(ma.Schema):
     height = StrictInteger(load_default=1024, validate=_size("height", "max_height"),
                            metadata={"description": "pixels; a multiple of 16 from 128 to --max-height (2048)"})
     steps = StrictInteger(load_default=None, validate=_at_most("max_steps"),
-                          metadata={"description": "denoising steps, 1 to --max-steps (100); default: the model's (schnell 4, dev 25)"})
+                          metadata={"description": "denoising steps, 1 to --max-steps (100); "
+                                                   "default: the model's (schnell 4, dev 25)"})
     guidance = fields.Float(load_default=3.5, validate=validate.Range(0, 50),
                             metadata={"description": "guidance scale, 0 to 50 (schnell ignores it)"})
     format = FormatField(load_default="JPEG", metadata={"description": "JPEG, PNG or WEBP, any case", "example": "JPEG"})
