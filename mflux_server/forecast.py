@@ -298,7 +298,7 @@ class Forecaster:
         # keep answering from the previous one (corrected for claims), so no request pays for the rebuild.
         self._connect = connect
         self._rebuilding = False
-        self._arrivals: deque[tuple[float, str, int, float]] = deque()  # (created_at, model, priority, seconds)
+        self._arrivals: deque[tuple[float, int, tuple]] = deque()  # (created_at, priority, (model, w, h, steps, count))
         self._arrivals_seq = 0
         self._arrival_load: dict[str, dict[int, float]] = {}  # model -> priority -> engine seconds per second
 
@@ -343,15 +343,23 @@ class Forecaster:
         """Extend the arrival log to the newest task and recompute each priority's recent load."""
         now = time.time()
         for row in store.arrivals_since(conn, self._arrivals_seq, now - ARRIVAL_WINDOW):
-            self._arrivals.append((row["created_at"], row["model"], row["priority"], cost.gpu_seconds(row)))
+            shape = (row["model"], row["width"], row["height"], row["steps"], row["count"])
+            self._arrivals.append((row["created_at"], row["priority"], shape))
             self._arrivals_seq = row["seq"]
         # created_at need not grow with seq (clocks step), so prune and measure by time, not by position.
         self._arrivals = deque(a for a in self._arrivals if a[0] >= now - ARRIVAL_WINDOW)
         oldest = min((a[0] for a in self._arrivals), default=now - ARRIVAL_WINDOW)
         span = max(now - oldest, MIN_ARRIVAL_SPAN)
+        # Priced with the current model every time: prices from an earlier model (the prior) would linger.
+        prices: dict[tuple, float] = {}
         load: dict[str, dict[int, float]] = {}
-        for _, model, priority, seconds in self._arrivals:
-            by_priority = load.setdefault(model, {})
+        for _, priority, shape in self._arrivals:
+            seconds = prices.get(shape)
+            if seconds is None:
+                model, width, height, steps, count = shape
+                seconds = prices[shape] = cost.gpu_seconds(
+                    {"model": model, "width": width, "height": height, "steps": steps, "count": count})
+            by_priority = load.setdefault(shape[0], {})
             by_priority[priority] = by_priority.get(priority, 0.0) + seconds / span
         self._arrival_load = load
 
