@@ -208,14 +208,13 @@ def test_the_arrival_load_is_repriced_when_the_model_learns(conn):
     forecaster = Forecaster(min_refit_interval=0)
     for _ in range(3):
         store.cancel_or_delete(conn, store.submit(conn, task(priority=1))["id"])
-    waiting = store.submit(conn, task())
     store.submit(conn, task())
+    last = store.submit(conn, task())
     store.claim_next(conn, "w", "schnell", "synthetic")  # something runs ahead of the last task
-    last = store.get(conn, conn.execute("SELECT id FROM tasks ORDER BY seq DESC LIMIT 1").fetchone()[0])
-    forecaster.estimate(conn, last, workers=1)
+    forecaster.estimate(conn, store.get(conn, last["id"]), workers=1)
     at_prior = 3 * CostModel.from_rows([]).gpu_seconds(task()) / MIN_ARRIVAL_SPAN
     assert forecaster.overtaking_load("schnell", 0, 1) == pytest.approx(min(at_prior, MAX_PRIORITY_LOAD))
     for kind, seconds in (("step", 0.01), ("before", 0.0), ("after", 0.0), ("encode", 0.0)):
         record(conn, "schnell", 512, 512, kind, [seconds] * 5)
-    forecaster.estimate(conn, store.get(conn, waiting["id"]), workers=1)
+    forecaster.estimate(conn, store.get(conn, last["id"]), workers=1)
     assert forecaster.overtaking_load("schnell", 0, 1) == pytest.approx(3 * 4 * 0.01 / MIN_ARRIVAL_SPAN)
