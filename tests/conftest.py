@@ -15,6 +15,26 @@ from mflux_server.app import create_app
 from mflux_server.config import Settings
 
 
+class StopHere(Exception):
+    """Raised by Recorder to stop a generation at a chosen step."""
+
+
+class Recorder:
+    """A StepReporter that records the engine's events, and can stop it at a step."""
+
+    def __init__(self, stop_at: int | None = None):
+        self.events: list[object] = []
+        self.stop_at = stop_at
+
+    def loop_started(self) -> None:
+        self.events.append("loop")
+
+    def step(self, done: int, total: int) -> None:
+        self.events.append((done, total))
+        if done == self.stop_at:
+            raise StopHere(f"stopped at step {done}")
+
+
 def task_row(db_path: str, task_id: str) -> dict | None:
     """Read one task straight from the database."""
     conn = db.connect(db_path)

@@ -18,6 +18,7 @@ from mflux.models.flux.variants.txt2img.flux import Flux1  # noqa: E402
 from mflux.utils.generated_image import GeneratedImage  # noqa: E402
 
 from mflux_server import models  # noqa: E402
+from tests.conftest import Recorder, StopHere  # noqa: E402
 from worker.engines.base import Job  # noqa: E402
 from worker.engines.mflux import MfluxEngine, StepBridge  # noqa: E402
 
@@ -68,26 +69,15 @@ def test_the_registry_drives_the_bridge_through_a_real_generation_context():
     bridge = StepBridge()
     registry.register(bridge)
     assert registry.in_loop_callbacks() == [bridge] and registry.before_loop_callbacks() == [bridge]
-    events = []
-
-    class Reporter:
-        def loop_started(self):
-            events.append("loop")
-
-        def step(self, done, total):
-            events.append((done, total))
-            if done == 2:
-                raise InterruptedError("cancel")
-
-    bridge.reporter = Reporter()
+    bridge.reporter = recorder = Recorder(stop_at=2)
     config = Config(model_config=ModelConfig.schnell(), num_inference_steps=3, width=256, height=256)
     ctx = registry.start(seed=1, prompt="p", config=config)
     latents = mx.zeros((1, 16, 64))
     ctx.before_loop(latents)
     ctx.in_loop(0, latents)
-    with pytest.raises(InterruptedError):
+    with pytest.raises(StopHere):
         ctx.in_loop(1, latents)
-    assert events == ["loop", (1, 3), (2, 3)]
+    assert recorder.events == ["loop", (1, 3), (2, 3)]
 
 
 class FluxWithoutWeights:
@@ -119,17 +109,9 @@ class FluxWithoutWeights:
 def test_engine_passes_job_fields_and_reports_steps():
     flux = FluxWithoutWeights()
     engine = MfluxEngine("dev", quantize=8, flux=flux)
-    events = []
-
-    class Reporter:
-        def loop_started(self):
-            events.append("loop")
-
-        def step(self, done, total):
-            events.append((done, total))
-
-    image = engine.generate(Job("fox", 5, 256, 128, 4, 3.5), Reporter())
+    recorder = Recorder()
+    image = engine.generate(Job("fox", 5, 256, 128, 4, 3.5), recorder)
     assert flux.calls == [(5, "fox", 4, 128, 256, 3.5)]
-    assert events == ["loop", (1, 4), (2, 4), (3, 4), (4, 4)]
+    assert recorder.events == ["loop", (1, 4), (2, 4), (3, 4), (4, 4)]
     assert image.size == (256, 128) and engine.bridge.reporter is None
     assert (engine.name, engine.model, engine.quantize) == ("mflux", "dev", 8)

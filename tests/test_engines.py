@@ -10,25 +10,11 @@ import pytest
 from PIL import Image
 
 from mflux_server.config import Settings
+from tests.conftest import Recorder, StopHere
 from worker.encoding import encode
 from worker.engines import choose_engine, make_engine
 from worker.engines.base import Job
 from worker.engines.synthetic import SyntheticEngine
-
-
-class Recorder:
-    def __init__(self, stop_at: int | None = None):
-        self.events: list[object] = []
-        self.stop_at = stop_at
-
-    def loop_started(self) -> None:
-        self.events.append("loop")
-
-    def step(self, done: int, total: int) -> None:
-        self.events.append((done, total))
-        if done == self.stop_at:
-            raise KeyError("stop here")
-
 
 JOB = Job("a red fox", 42, 320, 192, 3, 3.5)
 
@@ -83,7 +69,7 @@ def test_waiting_releases_the_gil():
 
 def test_raising_from_a_step_stops_generation_there():
     recorder = Recorder(stop_at=2)
-    with pytest.raises(KeyError):
+    with pytest.raises(StopHere):
         SyntheticEngine("schnell", step=(0, 0, 0), fixed=(0, 0)).generate(JOB, recorder)
     assert recorder.events == ["loop", (1, 3), (2, 3)]
 
