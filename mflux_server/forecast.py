@@ -25,9 +25,11 @@ PRIOR: dict[str, tuple[float, float, float]] = {
     "after": (0.2, 0.8, 0.0),
     "encode": (0.01, 0.04, 0.0),
 }
-# Higher-priority tasks that arrive while a task waits also go ahead of it. Their recent load ρ (engine
-# seconds per second, from the last ARRIVAL_WINDOW seconds of submissions) stretches the time ahead by
-# 1 / (1 − ρ), as in an M/G/1 priority queue; ρ is capped so a burst cannot make forecasts explode.
+# Higher-priority tasks that arrive while a task waits also go ahead of it. From the last ARRIVAL_WINDOW
+# seconds of submissions we know their rate and mean engine time; a waiting task's forecast adds the
+# *median* number of such arrivals during its wait (Poisson), times their mean time. The median, not the
+# mean: overtaking is skewed (often none, sometimes many), and the median gives an even chance of being
+# early or late. Their load is capped so a burst cannot make forecasts explode.
 ARRIVAL_WINDOW = 600.0
 MIN_ARRIVAL_SPAN = 30.0
 MAX_PRIORITY_LOAD = 0.8
@@ -217,6 +219,13 @@ class CostModel:
         return self.remaining_gpu_seconds(task, now) + encode
 
 
+def median_poisson(mean: float) -> int:
+    """The median of a Poisson distribution with this mean (exact below ln 2, Choi's bound above)."""
+    if mean < math.log(2):
+        return 0
+    return max(int(mean + 1 / 3 - 0.02 / mean), 0)
+
+
 class Estimate(NamedTuple):
     """Where a task stands in the queue."""
 
@@ -300,7 +309,7 @@ class Forecaster:
         self._rebuilding = False
         self._arrivals: deque[tuple[float, int, tuple]] = deque()  # (created_at, priority, (model, w, h, steps, count))
         self._arrivals_seq = 0
-        self._arrival_load: dict[str, dict[int, float]] = {}  # model -> priority -> engine seconds per second
+        self._arrival_load: dict[str, dict[int, tuple[float, float]]] = {}
 
     def model(self, conn: sqlite3.Connection) -> CostModel:
         """The current cost model; checks for new timings at most every min_refit_interval seconds."""
@@ -352,7 +361,7 @@ class Forecaster:
         span = max(now - oldest, MIN_ARRIVAL_SPAN)
         # Priced with the current model every time: prices from an earlier model (the prior) would linger.
         prices: dict[tuple, float] = {}
-        load: dict[str, dict[int, float]] = {}
+        load: dict[str, dict[int, tuple[float, float]]] = {}  # model -> priority -> (arrivals/s, engine s/s)
         for _, priority, shape in self._arrivals:
             seconds = prices.get(shape)
             if seconds is None:
@@ -360,13 +369,32 @@ class Forecaster:
                 seconds = prices[shape] = cost.gpu_seconds(
                     {"model": model, "width": width, "height": height, "steps": steps, "count": count})
             by_priority = load.setdefault(shape[0], {})
-            by_priority[priority] = by_priority.get(priority, 0.0) + seconds / span
+            rate, work = by_priority.get(priority, (0.0, 0.0))
+            by_priority[priority] = (rate + 1 / span, work + seconds / span)
         self._arrival_load = load
 
     def overtaking_load(self, model: str, priority: int, workers: int) -> float:
         """Engine seconds per second of recent arrivals that would go ahead of a task with this priority."""
-        load = sum(rate for p, rate in self._arrival_load.get(model, {}).items() if p > priority)
+        load = sum(work for p, (_, work) in self._arrival_load.get(model, {}).items() if p > priority)
         return min(load / max(workers, 1), MAX_PRIORITY_LOAD)
+
+    def with_overtaking(self, model: str, priority: int, workers: int, ahead: float) -> float:
+        """Seconds until a task starts: the work ahead now plus the median work of later arrivals that overtake it."""
+        higher = [(rate, work) for p, (rate, work) in self._arrival_load.get(model, {}).items() if p > priority]
+        rate = sum(r for r, _ in higher) / max(workers, 1)
+        if rate <= 0 or ahead <= 0:
+            return ahead
+        mean_seconds = sum(w for _, w in higher) / max(workers, 1) / rate
+        # Cap the load as in overtaking_load; then T = ahead + median(Poisson(rate·T))·mean is found by
+        # iterating upwards from T = ahead, which converges because the load is below 1.
+        mean_seconds = min(mean_seconds, MAX_PRIORITY_LOAD / rate)
+        start = ahead
+        for _ in range(64):
+            later = median_poisson(rate * start) * mean_seconds
+            if ahead + later <= start:
+                break
+            start = ahead + later
+        return start
 
     def _rebuild(self, cost: CostModel) -> None:
         conn = self._connect()
@@ -410,8 +438,8 @@ class Forecaster:
                 pos -= 1
                 ahead -= queued
         # Several workers serving this model drain the queue ahead of us in parallel.
-        stretch = 1.0 / (1.0 - self.overtaking_load(model, task["priority"], workers))
-        seconds = max(ahead, 0.0) / max(workers, 1) * stretch + cost.task_seconds(task)
+        until_start = self.with_overtaking(model, task["priority"], workers, max(ahead, 0.0) / max(workers, 1))
+        seconds = until_start + cost.task_seconds(task)
         return Estimate(max(pos, 0), running_ahead, seconds)
 
     def wait_seconds(self, conn: sqlite3.Connection, task: dict[str, Any], workers: int) -> float:

@@ -16,6 +16,7 @@ from mflux_server.forecast import (
     Forecaster,
     KindModel,
     megapixels,
+    median_poisson,
 )
 
 
@@ -55,9 +56,10 @@ def test_more_tasks_ahead_means_a_longer_wait(conn):
     waits = {t["id"]: forecaster.wait_seconds(conn, store.get(conn, t["id"]), workers=1) for t in (first, second, urgent)}
     assert waits[urgent["id"]] < waits[first["id"]] < waits[second["id"]]
     cost = CostModel.from_rows([])
-    # urgent and first are ahead of it; the urgent arrival also tells that more may overtake it
-    stretch = 1 / (1 - min(cost.gpu_seconds(task()) / MIN_ARRIVAL_SPAN, MAX_PRIORITY_LOAD))
-    assert waits[second["id"]] == pytest.approx(2 * cost.gpu_seconds(task()) * stretch + cost.task_seconds(task()))
+    # urgent and first are ahead of it; one urgent arrival in 30 s makes a later overtaker unlikely enough
+    # (median 0 while rate × wait < ln 2) that it is not counted
+    assert 1 / MIN_ARRIVAL_SPAN * 2 * cost.gpu_seconds(task()) < 0.6931
+    assert waits[second["id"]] == pytest.approx(2 * cost.gpu_seconds(task()) + cost.task_seconds(task()))
     # the urgent task itself waits only for itself: nothing can overtake it
     assert waits[urgent["id"]] == pytest.approx(cost.task_seconds(task()))
 
@@ -183,25 +185,31 @@ def test_the_shape_is_chosen_by_leave_one_out_error():
     assert KindModel.fit(PRIOR["encode"], linear).shape in ("degree 1", "scaled prior")
 
 
-def test_recent_priority_arrivals_stretch_the_wait_of_normal_tasks_only(conn):
+def test_median_poisson():
+    assert [median_poisson(m) for m in (0.0, 0.5, 0.69, 0.7, 1.0, 2.5, 10.0)] == [0, 0, 0, 1, 1, 2, 10]
+
+
+def test_recent_priority_arrivals_add_their_median_to_the_wait_of_normal_tasks_only(conn):
     forecaster = Forecaster(min_refit_interval=60)
     record(conn, "schnell", 512, 512, "step", [0.25] * 10)
     for kind in ("before", "after", "encode"):
         record(conn, "schnell", 512, 512, kind, [0.0] * 10)
-    normal = store.submit(conn, task())
+    ahead = [store.submit(conn, task()) for _ in range(20)]
     last = store.submit(conn, task())
     calm = forecaster.estimate(conn, store.get(conn, last["id"]), workers=1).seconds
-    assert calm == pytest.approx(2.0)  # 1 s ahead, 1 s its own
-    # eight urgent tasks of 1 s each were submitted over the last minute: ρ = 8 / 60
+    assert calm == pytest.approx(21.0)  # 20 s ahead, 1 s its own
+    # six urgent 1 s tasks were submitted over the last minute: 0.1 a second, so during a wait of
+    # ~20 s the median is 2 more overtakers (T = 20 + 2 → 22 s, 2.2 expected → still 2)
     now = time.time()
-    for i in range(8):
-        urgent = store.submit(conn, task(priority=1), now=now - 60 + i * 7.5)
+    for i in range(6):
+        urgent = store.submit(conn, task(priority=1), now=now - 60 + i * 10)
         store.cancel_or_delete(conn, urgent["id"])  # gone from the queue, still part of the arrival history
     stretched = forecaster.estimate(conn, store.get(conn, last["id"]), workers=1).seconds
-    assert stretched == pytest.approx(1.0 / (1 - 8 / 60) + 1.0, rel=0.02)
+    assert stretched == pytest.approx(20.0 + 2.0 + 1.0, rel=0.01)
+    near = forecaster.estimate(conn, store.get(conn, ahead[1]["id"]), workers=1).seconds
+    assert near == pytest.approx(1.0 + 1.0)  # 1 s ahead: an overtaker is unlikely (0.1 expected), median 0
     mine = store.submit(conn, task(priority=1))
     assert forecaster.estimate(conn, store.get(conn, mine["id"]), workers=1).seconds == pytest.approx(1.0)
-    assert forecaster.estimate(conn, store.get(conn, normal["id"]), workers=1).pos == 1  # mine went ahead
 
 
 def test_the_arrival_load_is_repriced_when_the_model_learns(conn):
