@@ -42,6 +42,8 @@ class Figure:
             return f"{self.value:.1f} MB"
         if self.unit == "/s":
             return f"{self.value:,.0f}/s"
+        if self.unit == "×":
+            return f"{self.value:.2f}×"
         return f"{self.value:g}{self.unit}"
 
 
