@@ -25,7 +25,8 @@ def run(smoke: bool = False) -> Result:
         conn = db.connect(path)
         try:
             url = procs.server()
-            worker = procs.worker(speed=1000.0)
+            # the production heartbeat and staleness (the harness's defaults are sped up for the tests)
+            worker = procs.worker("--heartbeat-interval", "2", "--stale-after", "15", speed=1000.0)
             session = requests.Session()
             latencies = []
             for i in range(samples):

@@ -295,7 +295,8 @@ class QueueSnapshot:
 class Forecaster:
     """Keeps a fitted CostModel and a recent QueueSnapshot, so a status request costs a few indexed reads."""
 
-    def __init__(self, min_refit_interval: float = 0.5, connect: Callable[[], sqlite3.Connection] | None = None):
+    def __init__(self, min_refit_interval: float = 0.5, connect: Callable[[], sqlite3.Connection] | None = None,
+                 reprice_after: float = 5.0):
         self._lock = threading.Lock()
         self._model: CostModel | None = None
         self._version: tuple[float, int] | None = None
@@ -303,6 +304,8 @@ class Forecaster:
         self._interval = min_refit_interval
         self._snapshot: QueueSnapshot | None = None
         self._snapshot_model: CostModel | None = None
+        self._built_at = 0.0
+        self._reprice_after = reprice_after
         # With a connection factory, a stale snapshot is rebuilt on a background thread while requests
         # keep answering from the previous one (corrected for claims), so no request pays for the rebuild.
         self._connect = connect
@@ -325,13 +328,21 @@ class Forecaster:
             return self._model
 
     def snapshot(self, conn: sqlite3.Connection, cost: CostModel) -> QueueSnapshot:
-        """The waiting queue priced with the current model; rebuilt when tasks left or re-entered the queue."""
+        """The waiting queue in claim order, rebuilt when tasks left or re-entered it, and re-priced now and then.
+
+        The worker records timings with every step, so the cost model changes often; re-pricing waits until
+        the snapshot is reprice_after seconds old. With a connection factory every rebuild after the first
+        runs on a background thread, and requests answer from the previous snapshot meanwhile.
+        """
         current = self._snapshot
-        if current is not None and self._snapshot_model is cost and current.changes == store.queue_changes(conn):
-            return current
-        if current is not None and self._snapshot_model is cost and self._connect is not None:
-            self._rebuild_soon(cost)
-            return current
+        if current is not None:
+            moved = current.changes != store.queue_changes(conn)
+            repriced = self._snapshot_model is not cost and time.monotonic() - self._built_at >= self._reprice_after
+            if not (moved or repriced):
+                return current
+            if self._connect is not None:
+                self._rebuild_soon(cost)
+                return current
         with self._lock:
             if self._snapshot is current:  # nobody rebuilt it while we waited for the lock
                 self._store(QueueSnapshot.build(conn, cost), cost)
@@ -346,7 +357,7 @@ class Forecaster:
             threading.Thread(target=self._rebuild, args=(cost,), name="queue-snapshot", daemon=True).start()
 
     def _store(self, snapshot: QueueSnapshot, cost: CostModel) -> None:
-        self._snapshot, self._snapshot_model = snapshot, cost
+        self._snapshot, self._snapshot_model, self._built_at = snapshot, cost, time.monotonic()
 
     def _observe_arrivals(self, conn: sqlite3.Connection, cost: CostModel) -> None:
         """Extend the arrival log to the newest task and recompute each priority's recent load."""
@@ -400,10 +411,11 @@ class Forecaster:
         conn = self._connect()
         try:
             snapshot = QueueSnapshot.build(conn, cost)
+            # Only this thread touches the arrival log now (one rebuild at a time), so no lock is held
+            # while it is re-priced: request threads never wait for it.
+            self._observe_arrivals(conn, cost)
             with self._lock:
-                if self._snapshot_model is cost:  # a newer model may have been priced in meanwhile
-                    self._store(snapshot, cost)
-                self._observe_arrivals(conn, cost)
+                self._store(snapshot, cost)
         finally:
             conn.close()
             self._rebuilding = False

@@ -79,7 +79,7 @@ def test_running_task_remaining_shrinks_with_progress(conn):
 
 
 def test_measured_timings_replace_the_prior(conn):
-    forecaster = Forecaster(min_refit_interval=0)
+    forecaster = Forecaster(min_refit_interval=0, reprice_after=0)
     t = store.submit(conn, task(width=512, height=512, steps=4))
     prior = forecaster.wait_seconds(conn, store.get(conn, t["id"]), workers=1)
     for kind, seconds in (("step", 0.25), ("before", 0.1), ("after", 0.05), ("encode", 0.01)):
@@ -213,7 +213,7 @@ def test_recent_priority_arrivals_add_their_median_to_the_wait_of_normal_tasks_o
 
 
 def test_the_arrival_load_is_repriced_when_the_model_learns(conn):
-    forecaster = Forecaster(min_refit_interval=0)
+    forecaster = Forecaster(min_refit_interval=0, reprice_after=0)
     for _ in range(3):
         store.cancel_or_delete(conn, store.submit(conn, task(priority=1))["id"])
     store.submit(conn, task())

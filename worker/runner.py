@@ -102,19 +102,30 @@ class Runner:
                  self.engine.model, self.engine.quantize, self.settings.db)
         self._start(self._progress_loop, "progress")
         self._start(self._store_loop, "store")
+        handoff = None
         try:
             while not self.stopping.is_set():
                 task = store.claim_next(self.conn, self.worker_id, self.engine.model, self.engine.name)
+                # The previous task's last image goes to the encoder only now: claiming first means the
+                # encoder thread is not competing for the GIL while the next task is taken.
+                if handoff is not None:
+                    self.outbox.put(handoff)
+                    handoff = None
                 if task is None:
                     self._wait_for_work()
                     continue
-                self.run_task(task)
+                handoff = self.run_task(task)
         finally:
+            if handoff is not None:
+                self.outbox.put(handoff)
             self._shutdown()
         return 0
 
-    def run_task(self, task: dict[str, Any]) -> None:
-        """Generate every image of a task and queue each for encoding; stop early on cancel, shutdown or error."""
+    def run_task(self, task: dict[str, Any]) -> tuple | None:
+        """Generate a task's images and queue them for encoding; stop early on cancel, shutdown or error.
+
+        Returns the last image's hand-off instead of queueing it, for the caller to queue after its next claim.
+        """
         log.info("task %s: %d×%d, %d steps, %d image(s), attempt %d", task["id"], task["width"], task["height"],
                  task["steps"], task["count"], task["attempts"])
         self.current = task["id"]
@@ -139,7 +150,10 @@ class Runner:
                     log.exception("task %s: engine failed", task["id"])
                     self.outbox.put(("fail", task, f"{self.engine.name} engine failed: {type(exc).__name__}: {exc}"))
                     return
-                self.outbox.put(("image", task, index, image, started, time.time(), reporter.after_seconds()))
+                handoff = ("image", task, index, image, started, time.time(), reporter.after_seconds())
+                if index == task["count"] - 1:
+                    return handoff
+                self.outbox.put(handoff)
         finally:
             self.current = None
             self.progress = None
