@@ -34,7 +34,7 @@ ARRIVAL_WINDOW = 600.0
 MIN_ARRIVAL_SPAN = 30.0
 MAX_PRIORITY_LOAD = 0.8
 # Fresh submissions are read past the snapshot each request; beyond this many, fold them into a new one.
-MAX_UNSNAPSHOTTED = 200
+MAX_UNSNAPSHOTTED = 32
 # A size measured this many times is forecast from its own mean rather than from the fitted curve.
 MIN_SAMPLES_FOR_MEAN = 3
 
@@ -435,10 +435,14 @@ class Forecaster:
         newer = store.waiting_since(conn, model, snap.max_seq)
         if len(newer) > MAX_UNSNAPSHOTTED and self._connect is not None:
             self._rebuild_soon(cost)
+        prices: dict[tuple, float] = {}
         for row in newer:
             if claim_key(row) < key:
+                shape = (row["model"], row["width"], row["height"], row["steps"], row["count"])
+                if shape not in prices:
+                    prices[shape] = cost.gpu_seconds(row)
                 pos += 1
-                ahead += cost.gpu_seconds(row)
+                ahead += prices[shape]
         running_ahead = 0
         for running in store.running_tasks(conn):
             if running["model"] != model or running["id"] == task["id"]:

@@ -7,7 +7,7 @@ import signal
 from collections.abc import Sequence
 
 from mflux_server import __version__
-from mflux_server.cli import configure_logging
+from mflux_server.cli import configure_logging, shorten_gil_switch_interval
 from mflux_server.config import load_settings
 from worker.engines import make_engine
 from worker.runner import Runner
@@ -22,6 +22,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         description=f"mflux-server {__version__} worker: holds one model and generates queued tasks one at a time.",
     )
     configure_logging(settings.log_level, "mflux-worker")
+    shorten_gil_switch_interval()  # the claim between two generations competes with the encoder thread
     log = logging.getLogger("mflux_worker")
     try:
         engine = make_engine(settings)
