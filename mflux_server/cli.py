@@ -9,7 +9,6 @@ from collections.abc import Sequence
 from mflux_server import __version__, db
 from mflux_server.config import Settings, load_settings
 
-
 # Requests and the worker's threads release the GIL for many short sqlite and socket calls; with Python's
 # default 5 ms switch interval each release can cost a thread up to 5 ms to get it back. 1 ms measured
 # better tails for the API under load (bench/explanations.md).

@@ -15,8 +15,8 @@ from mflux_server.forecast import (
     CostModel,
     Forecaster,
     KindModel,
-    megapixels,
     median_poisson,
+    megapixels,
 )
 
 
