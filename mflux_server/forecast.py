@@ -395,10 +395,9 @@ class Forecaster:
         rate = sum(r for r, _ in higher) / max(workers, 1)
         if rate <= 0 or ahead <= 0:
             return ahead
-        mean_seconds = sum(w for _, w in higher) / max(workers, 1) / rate
-        # Cap the load as in overtaking_load; then T = ahead + median(Poisson(rate·T))·mean is found by
-        # iterating upwards from T = ahead, which converges because the load is below 1.
-        mean_seconds = min(mean_seconds, MAX_PRIORITY_LOAD / rate)
+        # Mean engine seconds per overtaker, from the capped load; then T = ahead + median(Poisson(rate·T))·mean
+        # is found by iterating upwards from T = ahead, which converges because the load is below 1.
+        mean_seconds = self.overtaking_load(model, priority, workers) / rate
         start = ahead
         for _ in range(64):
             later = median_poisson(rate * start) * mean_seconds
