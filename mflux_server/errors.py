@@ -33,7 +33,7 @@ class ErrorSchema(ma.Schema):
     message = ma.fields.String(required=True, metadata={"description": "what went wrong, for a person"})
     field = ma.fields.String(allow_none=True, metadata={"description": "the request field at fault, if any"})
     errors = ma.fields.Dict(metadata={"description": "every invalid field and its messages, by location"})
-    status = ma.fields.String(metadata={"description": "the task's status, on task_not_ready errors (409)"})
+    status = ma.fields.String(metadata={"description": "the task's status, on image_not_ready errors (409)"})
 
 
 def _flatten(messages: Any, path: str = "") -> list[tuple[str, str]]:

@@ -456,7 +456,3 @@ class Forecaster:
         until_start = self.with_overtaking(model, task["priority"], workers, max(ahead, 0.0) / max(workers, 1))
         seconds = until_start + cost.task_seconds(task)
         return Estimate(max(pos, 0), running_ahead, seconds)
-
-    def wait_seconds(self, conn: sqlite3.Connection, task: dict[str, Any], workers: int) -> float:
-        """Seconds until this task's images are done: what runs and waits ahead of it, then itself."""
-        return self.estimate(conn, task, workers).seconds

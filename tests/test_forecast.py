@@ -53,7 +53,7 @@ def test_more_tasks_ahead_means_a_longer_wait(conn):
     first = store.submit(conn, task())
     second = store.submit(conn, task())
     urgent = store.submit(conn, task(priority=1))
-    waits = {t["id"]: forecaster.wait_seconds(conn, store.get(conn, t["id"]), workers=1) for t in (first, second, urgent)}
+    waits = {t["id"]: forecaster.estimate(conn, store.get(conn, t["id"]), workers=1).seconds for t in (first, second, urgent)}
     assert waits[urgent["id"]] < waits[first["id"]] < waits[second["id"]]
     cost = CostModel.from_rows([])
     # urgent and first are ahead of it; one urgent arrival in 30 s makes a later overtaker unlikely enough
@@ -71,9 +71,9 @@ def test_running_task_remaining_shrinks_with_progress(conn):
     waiting = store.submit(conn, task(steps=10))
     now = time.time()
     store.record_progress(conn, running["id"], "w", 0, 2, now)
-    early = forecaster.wait_seconds(conn, store.get(conn, waiting["id"]), workers=1)
+    early = forecaster.estimate(conn, store.get(conn, waiting["id"]), workers=1).seconds
     store.record_progress(conn, running["id"], "w", 0, 8, now)
-    late = forecaster.wait_seconds(conn, store.get(conn, waiting["id"]), workers=1)
+    late = forecaster.estimate(conn, store.get(conn, waiting["id"]), workers=1).seconds
     step = CostModel.from_rows([]).parts("schnell", 512, 512)["step"]
     assert early - late == pytest.approx(6 * step, rel=1e-3)
 
@@ -81,10 +81,10 @@ def test_running_task_remaining_shrinks_with_progress(conn):
 def test_measured_timings_replace_the_prior(conn):
     forecaster = Forecaster(min_refit_interval=0, reprice_after=0)
     t = store.submit(conn, task(width=512, height=512, steps=4))
-    prior = forecaster.wait_seconds(conn, store.get(conn, t["id"]), workers=1)
+    prior = forecaster.estimate(conn, store.get(conn, t["id"]), workers=1).seconds
     for kind, seconds in (("step", 0.25), ("before", 0.1), ("after", 0.05), ("encode", 0.01)):
         record(conn, "schnell", 512, 512, kind, [seconds] * 5)
-    measured = forecaster.wait_seconds(conn, store.get(conn, t["id"]), workers=1)
+    measured = forecaster.estimate(conn, store.get(conn, t["id"]), workers=1).seconds
     assert measured == pytest.approx(0.1 + 4 * 0.25 + 0.05 + 0.01)
     assert measured != pytest.approx(prior)
     assert forecaster.model(conn).measured
@@ -124,8 +124,8 @@ def test_several_workers_share_the_queue_ahead(conn):
     for _ in range(4):
         store.submit(conn, task())
     last = store.submit(conn, task())
-    one = forecaster.wait_seconds(conn, store.get(conn, last["id"]), workers=1)
-    two = forecaster.wait_seconds(conn, store.get(conn, last["id"]), workers=2)
+    one = forecaster.estimate(conn, store.get(conn, last["id"]), workers=1).seconds
+    two = forecaster.estimate(conn, store.get(conn, last["id"]), workers=2).seconds
     cost = CostModel.from_rows([])
     gpu, own = cost.gpu_seconds(task()), cost.task_seconds(task())
     assert one == pytest.approx(4 * gpu + own) and two == pytest.approx(2 * gpu + own)

@@ -18,7 +18,7 @@ from mflux_server.api.generation_schemas import (
     StatusQuery,
     TaskStatus,
 )
-from mflux_server.api.task_view import task_status
+from mflux_server.api.task_view import live_workers, task_status
 from mflux_server.app import conn, settings
 from mflux_server.errors import ErrorSchema
 
@@ -42,9 +42,8 @@ def find_task(task_id: str) -> dict:
     return task
 
 
-def served_models() -> set[str]:
+def served_models(live: list[dict]) -> set[str]:
     """Models some live worker runs, plus the configured default."""
-    live = store.live_workers(conn(), settings().stale_after)
     default = models.resolve(settings().model)
     return {w["model"] for w in live} | ({default.name} if default else set())
 
@@ -60,7 +59,8 @@ def generate(body: dict):
     seconds until its images are done (`expected_time_seconds`).
     """
     info = models.resolve(body["model"] or settings().model)
-    served = served_models()
+    live = live_workers(conn())  # read once: it decides the model check and the forecast's worker count
+    served = served_models(live)
     if info is None or info.name not in served:
         rule = f"no worker serves {body['model']!r}; served models: {', '.join(sorted(served))}"
         abort(422, errors={"json": {"model": [rule]}})
@@ -72,7 +72,7 @@ def generate(body: dict):
     elif task["seed"] + task["count"] - 1 > MAX_SEED:
         abort(422, errors={"json": {"seed": [f"seed + count - 1 must be at most {MAX_SEED}"]}})
     created = store.submit(conn(), task)
-    view = task_status(conn(), created)
+    view = task_status(conn(), created, live)
     view["expected_time_seconds"] = view["wait_remaining"]
     return view
 

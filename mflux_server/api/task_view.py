@@ -25,19 +25,21 @@ def progress(task: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def serving_workers(conn: sqlite3.Connection, model: str) -> int:
-    """Live workers that run this model."""
-    return sum(1 for w in store.live_workers(conn, settings().stale_after) if w["model"] == model)
+def live_workers(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+    """Workers that heartbeated within --stale-after seconds."""
+    return store.live_workers(conn, settings().stale_after)
 
 
-def task_status(conn: sqlite3.Connection, task: dict[str, Any]) -> dict[str, Any]:
-    """The status view of a task: position, forecast wait and progress."""
+def task_status(conn: sqlite3.Connection, task: dict[str, Any], live: list[dict] | None = None) -> dict[str, Any]:
+    """The status view of a task: position, forecast wait and progress (pass `live` if already read)."""
     view = {k: task[k] for k in ("status", "error", "model", "engine", "seed", "width", "height", "steps", "count",
                                   "format", "attempts", "created_at", "started_at", "finished_at")}
     view["task_id"] = task["id"]
     view["priority"] = bool(task["priority"])
     view["progress"] = progress(task)
-    workers = serving_workers(conn, task["model"]) if task["status"] in store.UNFINISHED else 0
+    workers = 0
+    if task["status"] in store.UNFINISHED:
+        workers = sum(1 for w in (live if live is not None else live_workers(conn)) if w["model"] == task["model"])
     estimate = forecaster().estimate(conn, task, workers)
     view["pos"] = estimate.pos
     view["wait_remaining"] = round(estimate.seconds, 3)
