@@ -33,6 +33,17 @@ end
 """
 # Per-connection mean pause that offers ~1,150 requests/s from 32 connections at a few ms of latency.
 PACED_PAUSE_MS = 22
+SUBMIT_SCRIPT = """
+wrk.method = "POST"
+wrk.body = '{"prompt": "more", "width": 512, "height": 512}'
+wrk.headers["Content-Type"] = "application/json"
+delay = function() return %d end
+"""
+SUBMITTERS = 2
+SUBMIT_INTERVAL_MS = 100
+# Writing 10,000 rows leaves the page cache busy and the processes cold for a few seconds: measured
+# windows in that time ran at a quarter of the steady rate, so the load starts after this pause.
+SETTLE_SECONDS = 5.0
 
 
 def fill_queue(path: str, tasks: int) -> list[str]:
@@ -52,12 +63,22 @@ def fill_queue(path: str, tasks: int) -> list[str]:
     return [row["id"] for row in rows]
 
 
+def wrk_command(url: str, script: Path, seconds: float, connections: int, threads: int = 2) -> list[str]:
+    """The wrk command line for a Lua script."""
+    return ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds:.0f}s", "--latency", "-s", str(script), url]
+
+
 def wrk(url: str, ids_file: Path, seconds: float, connections: int, pause_ms: float = 0) -> dict:
     """Drive GET /api/status for random tasks with wrk (flat out, or paced); returns rate, latencies, errors."""
     script = ids_file.with_suffix(".lua")
     script.write_text(WRK_SCRIPT % (ids_file, pause_ms))
-    out = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{seconds:.0f}s", "--latency", "-s", str(script), url],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(wrk_command(url, script, seconds, connections), capture_output=True, text=True,
+                         check=True).stdout
+    return parse_wrk(out)
+
+
+def parse_wrk(out: str) -> dict:
+    """Rate, p50, p99 (ms), errors and request count from wrk --latency output."""
 
     def ms(label: str) -> float:
         match = re.search(rf"^\s+{label}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
@@ -145,16 +166,26 @@ def submitter(url: str, stop: threading.Event, latencies: list[float], errors: l
 def phase(url: str, ids: list[str], ids_file: Path, seconds: float, connections: int, pause_ms: float,
           use_wrk: bool) -> dict:
     """One load phase: pollers (flat out, or paced) plus two submitters; returns both sides' figures."""
+    if use_wrk:
+        # A second wrk submits: Python clients on these 2 busy cores would add their own CPU waits to the
+        # latency they measure (observed: a few ms at p50).
+        script = ids_file.with_name("submit.lua")
+        script.write_text(SUBMIT_SCRIPT % SUBMIT_INTERVAL_MS)
+        submits = subprocess.Popen(wrk_command(url + "/api/generate", script, seconds, SUBMITTERS, threads=1),
+                                   stdout=subprocess.PIPE, text=True)
+        load = wrk(url, ids_file, seconds, connections, pause_ms)
+        posted = parse_wrk(submits.communicate()[0])
+        load.update(submit_p50=posted["p50"], submit_p99=posted["p99"], submits=posted["total"],
+                    errors=load["errors"] + posted["errors"])
+        return load
     stop = threading.Event()
     submit_ms: list[float] = []
     submit_errors = [0]
-    submitters = [threading.Thread(target=submitter, args=(url, stop, submit_ms, submit_errors, 0.1)) for _ in range(2)]
+    submitters = [threading.Thread(target=submitter, args=(url, stop, submit_ms, submit_errors, SUBMIT_INTERVAL_MS / 1000))
+                  for _ in range(SUBMITTERS)]
     for t in submitters:
         t.start()
-    if use_wrk:
-        load = wrk(url, ids_file, seconds, connections, pause_ms)
-    else:
-        load = python_clients(url, ids, seconds, connections, pause_ms)
+    load = python_clients(url, ids, seconds, connections, pause_ms)
     stop.set()
     for t in submitters:
         t.join()
@@ -179,6 +210,7 @@ def run(smoke: bool = False) -> Result:
         try:
             url = procs.server(http_workers=2)
             worker = procs.worker(speed=1.0)  # real-time synthetic tasks: the queue stays ~10,000 deep
+            time.sleep(0 if smoke else SETTLE_SECONDS)
             with PeakRss({"API": procs.server_proc.pid, "worker": worker.pid}) as memory:
                 flat = phase(url, ids, ids_file, seconds, connections, 0, use_wrk)
                 paced = phase(url, ids, ids_file, seconds, connections, PACED_PAUSE_MS, use_wrk)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 import sys
 from collections.abc import Sequence
 
@@ -20,6 +21,24 @@ def shorten_gil_switch_interval() -> None:
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
 
 
+def spreads_connections() -> bool:
+    """Whether SO_REUSEPORT balances connections across server processes here (Linux does; macOS does not)."""
+    return sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT")
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Exit with a clear message if host:port cannot be listened on (in use, or not allowed)."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    with socket.socket(family, kind, proto) as probe:
+        # Without SO_REUSEPORT this bind fails if anything listens on the port, even another
+        # mflux-server whose per-process sockets would otherwise silently share it with us.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as error:
+            raise SystemExit(f"mflux-server: cannot listen on {host}:{port}: {error.strerror}") from None
+
+
 def configure_logging(level: str, name: str) -> None:
     """One log format for both processes, on stderr (journald picks it up)."""
     logging.basicConfig(
@@ -30,7 +49,7 @@ def configure_logging(level: str, name: str) -> None:
 
 
 def serve(settings: Settings) -> None:
-    """Run the API under gunicorn's threaded workers until SIGTERM or Ctrl-C."""
+    """Run the API under gunicorn (threaded workers, see http_worker) until SIGTERM or Ctrl-C."""
     from gunicorn.app.base import BaseApplication
 
     from mflux_server.app import create_app
@@ -39,8 +58,12 @@ def serve(settings: Settings) -> None:
         def load_config(self) -> None:
             self.cfg.set("bind", f"{settings.host}:{settings.port}")
             self.cfg.set("workers", settings.http_workers)
-            self.cfg.set("worker_class", "gthread")
+            self.cfg.set("worker_class", "mflux_server.http_worker.SubmitFirstWorker")
             self.cfg.set("threads", settings.threads)
+            # With one shared listening socket the process that wakes first accepts, and under load one
+            # process can end up with most kept-alive connections and a single core's worth of GIL.
+            # One socket per process lets the kernel spread connections evenly (bench/explanations.md).
+            self.cfg.set("reuse_port", spreads_connections())
             self.cfg.set("loglevel", settings.log_level)
             self.cfg.set("graceful_timeout", 10)
             self.cfg.set("timeout", 60)
@@ -53,6 +76,7 @@ def serve(settings: Settings) -> None:
             shorten_gil_switch_interval()
             return create_app(settings)
 
+    check_port_free(settings.host, settings.port)
     Server().run()
 
 

@@ -49,7 +49,7 @@ def served_models(live: list[dict]) -> set[str]:
 
 
 @blp.route("/generate", methods=["POST"])
-@blp.arguments(GenerateRequest, location="json")
+@blp.arguments(GenerateRequest(), location="json")
 @blp.response(200, GenerateResponse)
 @blp.alt_response(422, schema=ErrorSchema, description="a field is invalid; the body names it and the rule")
 def generate(body: dict):
@@ -78,7 +78,7 @@ def generate(body: dict):
 
 
 @blp.route("/status", methods=["GET"])
-@blp.arguments(StatusQuery, location="query")
+@blp.arguments(StatusQuery(), location="query")
 @blp.response(200, TaskStatus)
 @blp.alt_response(404, schema=ErrorSchema, description=NOT_FOUND["description"])
 def status(query: dict):
@@ -87,7 +87,7 @@ def status(query: dict):
 
 
 @blp.route("/image", methods=["GET"])
-@blp.arguments(ImageQuery, location="query")
+@blp.arguments(ImageQuery(), location="query")
 @blp.response(
     200,
     description="the image bytes (image/jpeg, image/png or image/webp), or base64 text with base64=true",

@@ -62,7 +62,7 @@ class DeleteResult(ma.Schema):
 
 
 @blp.route("/tasks", methods=["GET"])
-@blp.arguments(TaskListQuery, location="query")
+@blp.arguments(TaskListQuery(), location="query")
 @blp.response(200, TaskList)
 def list_tasks(query: dict):
     """List tasks, filtered by status and paginated."""
