@@ -283,15 +283,6 @@ class QueueSnapshot:
         index = bisect.bisect_left(keys, key)
         return index, self.prefix[model][index] if keys else 0.0
 
-    def seconds_of(self, model: str, key: tuple[int, int]) -> float | None:
-        """The predicted engine seconds of a task that was waiting in this snapshot, or None."""
-        keys = self.keys.get(model, [])
-        index = bisect.bisect_left(keys, key)
-        if index < len(keys) and keys[index] == key:
-            return self.prefix[model][index + 1] - self.prefix[model][index]
-        return None
-
-
 class Forecaster:
     """Keeps a fitted CostModel and a recent QueueSnapshot, so a status request costs a few indexed reads."""
 
@@ -429,7 +420,15 @@ class Forecaster:
             return Estimate(0, 0, 0.0)
         model, key = task["model"], claim_key(task)
         snap = self.snapshot(conn, cost)
+        # The worker claims in claim order, so every task of the snapshot ahead of the first one still waiting
+        # has left the queue since: skipping them keeps a snapshot exact between rebuilds.
+        front = store.waiting_front(conn, model, snap.max_seq)
         pos, ahead = snap.ahead(model, key)
+        if front is None:
+            pos, ahead = 0, 0.0
+        else:
+            gone, gone_seconds = snap.ahead(model, claim_key(front))
+            pos, ahead = max(pos - gone, 0), max(ahead - gone_seconds, 0.0)
         # Tasks submitted since the snapshot: a rowid range read, so a new task's position is always exact.
         newer = store.waiting_since(conn, model, snap.max_seq)
         if len(newer) > MAX_UNSNAPSHOTTED and self._connect is not None:
@@ -448,10 +447,6 @@ class Forecaster:
                 continue  # the worker may have claimed this very task since its row was read
             running_ahead += 1
             ahead += cost.remaining_gpu_seconds(running, now)
-            queued = snap.seconds_of(model, claim_key(running))
-            if queued is not None and claim_key(running) < key:  # claimed since the snapshot: count it once
-                pos -= 1
-                ahead -= queued
         # Several workers serving this model drain the queue ahead of us in parallel.
         until_start = self.with_overtaking(model, task["priority"], workers, max(ahead, 0.0) / max(workers, 1))
         seconds = until_start + cost.task_seconds(task)

@@ -97,6 +97,14 @@ SELECT model, priority, seq, width, height, steps, count FROM tasks
  WHERE status = 'waiting'
  ORDER BY priority DESC, seq;
 
+-- name: waiting_front
+-- The first task in claim order that is still waiting, among those up to seq: everything of a queue
+-- snapshot ahead of it has been claimed (or canceled) since the snapshot was read.
+SELECT priority, seq FROM tasks
+ WHERE status = 'waiting' AND model = :model AND seq <= :seq
+ ORDER BY priority DESC, seq
+ LIMIT 1;
+
 -- name: max_seq
 SELECT COALESCE(MAX(seq), 0) FROM tasks;
 

@@ -211,6 +211,12 @@ def waiting_since(conn: sqlite3.Connection, model: str, seq: int) -> list[dict[s
     return [dict(r) for r in conn.execute(sql("waiting_since"), {"model": model, "seq": seq})]
 
 
+def waiting_front(conn: sqlite3.Connection, model: str, seq: int) -> dict[str, Any] | None:
+    """The first waiting task in claim order among those with sequence number up to seq, or None."""
+    row = conn.execute(sql("waiting_front"), {"model": model, "seq": seq}).fetchone()
+    return dict(row) if row else None
+
+
 def arrivals_since(conn: sqlite3.Connection, seq: int, since: float) -> list[dict[str, Any]]:
     """Tasks submitted after sequence number seq and after time since, whatever their status now."""
     return [dict(r) for r in conn.execute(sql("arrivals_since"), {"seq": seq, "since": since})]

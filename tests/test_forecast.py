@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import threading
 import time
 
 import pytest
@@ -141,6 +142,32 @@ def test_a_task_claimed_since_the_snapshot_is_counted_once(conn, db_path):
     after = forecaster.estimate(conn, store.get(conn, last["id"]), workers=1)
     assert (after.pos, after.running) == (0, 1)
     assert after.seconds == pytest.approx(before.seconds, rel=0.01)
+
+
+def test_tasks_that_left_the_queue_since_the_snapshot_are_not_counted(conn, db_path):
+    gate = threading.Event()  # holds the background rebuild, so estimates must answer from the stale snapshot
+
+    def slow_connect():
+        gate.wait(10)
+        return db.connect(db_path)
+
+    forecaster = Forecaster(min_refit_interval=60, connect=slow_connect)
+    first, second, third = (store.submit(conn, task(steps=s)) for s in (10, 20, 30))
+    last = store.submit(conn, task())
+    try:
+        assert forecaster.estimate(conn, store.get(conn, last["id"]), workers=1).pos == 3
+        built = forecaster._snapshot
+        claimed = store.claim_next(conn, "w", "schnell", "synthetic")
+        assert claimed["id"] == first["id"] and store.complete(conn, claimed, "w", [])
+        assert store.claim_next(conn, "w", "schnell", "synthetic")["id"] == second["id"]
+        after = forecaster.estimate(conn, store.get(conn, last["id"]), workers=1)
+        assert forecaster._snapshot is built
+        assert (after.pos, after.running) == (1, 1)
+        cost = CostModel.from_rows([])
+        running = cost.remaining_gpu_seconds(store.get(conn, second["id"]), time.time())
+        assert after.seconds == pytest.approx(running + cost.gpu_seconds(third) + cost.task_seconds(last), rel=0.01)
+    finally:
+        gate.set()
 
 
 def test_tasks_submitted_since_the_snapshot_are_seen(conn):
