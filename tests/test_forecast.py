@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 import threading
 import time
@@ -12,12 +13,13 @@ from mflux_server import db, store
 from mflux_server.forecast import (
     MAX_PRIORITY_LOAD,
     MIN_ARRIVAL_SPAN,
+    OVERTAKING_QUANTILE,
     PRIOR,
     CostModel,
     Forecaster,
     KindModel,
-    median_poisson,
     megapixels,
+    poisson_quantile,
 )
 
 
@@ -58,8 +60,8 @@ def test_more_tasks_ahead_means_a_longer_wait(conn):
     assert waits[urgent["id"]] < waits[first["id"]] < waits[second["id"]]
     cost = CostModel.from_rows([])
     # urgent and first are ahead of it; one urgent arrival in 30 s makes a later overtaker unlikely enough
-    # (median 0 while rate × wait < ln 2) that it is not counted
-    assert 1 / MIN_ARRIVAL_SPAN * 2 * cost.gpu_seconds(task()) < 0.6931
+    # (none counted while P(none) = exp(-rate × wait) is at least the quantile) that it is not counted
+    assert math.exp(-1 / MIN_ARRIVAL_SPAN * 2 * cost.gpu_seconds(task())) >= OVERTAKING_QUANTILE
     assert waits[second["id"]] == pytest.approx(2 * cost.gpu_seconds(task()) + cost.task_seconds(task()))
     # the urgent task itself waits only for itself: nothing can overtake it
     assert waits[urgent["id"]] == pytest.approx(cost.task_seconds(task()))
@@ -212,11 +214,17 @@ def test_the_shape_is_chosen_by_leave_one_out_error():
     assert KindModel.fit(PRIOR["encode"], linear).shape in ("degree 1", "scaled prior")
 
 
-def test_median_poisson():
-    assert [median_poisson(m) for m in (0.0, 0.5, 0.69, 0.7, 1.0, 2.5, 10.0)] == [0, 0, 0, 1, 1, 2, 10]
+def test_poisson_quantile():
+    # medians: 0 below ln 2, then about the mean
+    assert [poisson_quantile(m, 0.5) for m in (0.0, 0.5, 0.69, 0.7, 1.0, 2.5, 10.0)] == [0, 0, 0, 1, 1, 2, 10]
+    # Poisson(2): P(0) = 0.135, P(<=1) = 0.406, P(<=2) = 0.677
+    assert [poisson_quantile(2.0, q) for q in (0.1, 0.3, 0.5, 0.6, 0.7)] == [0, 1, 2, 2, 3]
+    # the normal approximation above a mean of 200 joins the exact sum without a jump
+    exact, approximate = poisson_quantile(199.9, 0.3), poisson_quantile(200.1, 0.3)
+    assert 0 <= approximate - exact <= 1
 
 
-def test_recent_priority_arrivals_add_their_median_to_the_wait_of_normal_tasks_only(conn):
+def test_recent_priority_arrivals_lengthen_the_wait_of_normal_tasks_only(conn):
     forecaster = Forecaster(min_refit_interval=60)
     record(conn, "schnell", 512, 512, "step", [0.25] * 10)
     for kind in ("before", "after", "encode"):
@@ -225,16 +233,17 @@ def test_recent_priority_arrivals_add_their_median_to_the_wait_of_normal_tasks_o
     last = store.submit(conn, task())
     calm = forecaster.estimate(conn, store.get(conn, last["id"]), workers=1).seconds
     assert calm == pytest.approx(21.0)  # 20 s ahead, 1 s its own
-    # six urgent 1 s tasks were submitted over the last minute: 0.1 a second, so during a wait of
-    # ~20 s the median is 2 more overtakers (T = 20 + 2 → 22 s, 2.2 expected → still 2)
+    # six urgent 1 s tasks were submitted over the last minute: 0.1 a second, so during a wait of ~20 s
+    # 2 are expected and the 30th percentile is 1 (T = 20 + 1 → 21 s, 2.1 expected → still 1)
     now = time.time()
     for i in range(6):
         urgent = store.submit(conn, task(priority=1), now=now - 60 + i * 10)
         store.cancel_or_delete(conn, urgent["id"])  # gone from the queue, still part of the arrival history
     stretched = forecaster.estimate(conn, store.get(conn, last["id"]), workers=1).seconds
-    assert stretched == pytest.approx(20.0 + 2.0 + 1.0, rel=0.01)
+    assert OVERTAKING_QUANTILE == 0.3
+    assert stretched == pytest.approx(20.0 + 1.0 + 1.0, rel=0.01)
     near = forecaster.estimate(conn, store.get(conn, ahead[1]["id"]), workers=1).seconds
-    assert near == pytest.approx(1.0 + 1.0)  # 1 s ahead: an overtaker is unlikely (0.1 expected), median 0
+    assert near == pytest.approx(1.0 + 1.0)  # 1 s ahead: an overtaker is unlikely (0.1 expected), none counted
     mine = store.submit(conn, task(priority=1))
     assert forecaster.estimate(conn, store.get(conn, mine["id"]), workers=1).seconds == pytest.approx(1.0)
 
