@@ -140,7 +140,8 @@ def run(smoke: bool = False, plot_path: Path | None = None) -> Result:
     trace = make_trace(n, rnd)
     mean_service = sum(true_seconds(t, speed) for t in trace) / n
     result = Result("Forecast accuracy", f"make bench ARGS='--only forecast'  ({n} tasks, Poisson arrivals at "
-                                         f"1/{mean_service / LOAD:.2f} s (load {LOAD:g}), synthetic engine time-scaled ÷{speed:g})")
+                                         f"1/{mean_service / LOAD:.2f} s (load {LOAD:g}), synthetic engine "
+                                         f"time-scaled ÷{speed:g})")
     submitted: list[Submitted] = []
     lock = threading.Lock()
     with tempfile.TemporaryDirectory() as tmp:
