@@ -42,7 +42,8 @@ class SubmitFirstWorker(ThreadWorker):
         head = peek_method(conn.sock)
         if head is None and not conn.initialized and not conn.data_ready:
             # A fresh connection with no request yet: wait on the poller, not in a thread, so the
-            # method is known when it is dispatched.
+            # method is known when it is dispatched. Same deadline as gthread's own pending connections
+            # (the keep-alive timeout), which keeps that deque ordered by deadline.
             conn.sock.setblocking(False)
             conn.timeout = time.monotonic() + self.cfg.keepalive
             self.pending_conns.append(conn)
