@@ -106,25 +106,25 @@ class Runner:
         try:
             while not self.stopping.is_set():
                 task = store.claim_next(self.conn, self.worker_id, self.engine.model, self.engine.name)
-                # The previous task's last image goes to the encoder only now: claiming first means the
-                # encoder thread is not competing for the GIL while the next task is taken.
-                if handoff is not None:
-                    self.outbox.put(handoff)
-                    handoff = None
                 if task is None:
+                    if handoff is not None:
+                        self.outbox.put(handoff)
+                        handoff = None
                     self._wait_for_work()
                     continue
-                handoff = self.run_task(task)
+                previous, handoff = handoff, None  # run_task queues it, even if it fails
+                handoff = self.run_task(task, previous)
         finally:
             if handoff is not None:
                 self.outbox.put(handoff)
             self._shutdown()
         return 0
 
-    def run_task(self, task: dict[str, Any]) -> tuple | None:
+    def run_task(self, task: dict[str, Any], previous: tuple | None = None) -> tuple | None:
         """Generate a task's images and queue them for encoding; stop early on cancel, shutdown or error.
 
-        Returns the last image's hand-off instead of queueing it, for the caller to queue after its next claim.
+        Returns the last image's hand-off instead of queueing it; the caller passes it to the next task as
+        `previous`, queued the moment that task's generation starts.
         """
         log.info("task %s: %d×%d, %d steps, %d image(s), attempt %d", task["id"], task["width"], task["height"],
                  task["steps"], task["count"], task["attempts"])
@@ -136,6 +136,11 @@ class Runner:
                           task["guidance"])
                 reporter = Reporter(self, task, index)
                 started = time.time()
+                if previous is not None:
+                    # Only now: the encoder thread wakes and takes the GIL for a while, and between two
+                    # generations that wait was most of the gap (bench/explanations.md).
+                    self.outbox.put(previous)
+                    previous = None
                 try:
                     image = self.engine.generate(job, reporter)
                 except TaskTaken:
@@ -155,6 +160,8 @@ class Runner:
                     return handoff
                 self.outbox.put(handoff)
         finally:
+            if previous is not None:  # not started after all: hand it off anyway
+                self.outbox.put(previous)
             self.current = None
             self.progress = None
 
