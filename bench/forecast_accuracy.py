@@ -162,7 +162,10 @@ def run(smoke: bool = False, plot_path: Path | None = None) -> Result:
                         candidates = [t for t in submitted[:n] if not getattr(t, "done", False)]
                     for t in picks.sample(candidates, min(4, len(candidates))):
                         sent = time.time()
-                        body = session.get(url + "/api/status", params={"task_id": t.task_id}).json()
+                        try:
+                            body = session.get(url + "/api/status", params={"task_id": t.task_id}).json()
+                        except requests.ConnectionError:  # a kept-alive connection closed under us: next round
+                            continue
                         if body["status"] in ("waiting", "processing"):
                             # The forecast was made somewhere between sending and receiving: take the midpoint,
                             # or a task about to finish would be charged the request's own latency.
@@ -173,7 +176,6 @@ def run(smoke: bool = False, plot_path: Path | None = None) -> Result:
 
             sampler = threading.Thread(target=sample, daemon=True)
             sampler.start()
-            session = requests.Session()
             conn = db.connect(path)
             clock = time.monotonic()
             index = 0
@@ -194,7 +196,9 @@ def run(smoke: bool = False, plot_path: Path | None = None) -> Result:
                 clock += rnd.expovariate(LOAD / mean_service)
                 time.sleep(max(clock - time.monotonic(), 0))
                 sent = time.time()
-                body = session.post(url + "/api/generate", json=task).json()
+                # A new connection per submission: arrivals are often more than gunicorn's 2 s keep-alive
+                # apart, and a POST racing the server's close of an idle connection fails (seen once).
+                body = requests.post(url + "/api/generate", json=task, timeout=30).json()
                 with lock:
                     submitted.append(Submitted(index, body["task_id"], task["priority"], task["width"] * task["height"],
                                                task["count"], sent, body["expected_time_seconds"]))
