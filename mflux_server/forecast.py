@@ -297,6 +297,7 @@ class QueueSnapshot:
         index = bisect.bisect_left(keys, key)
         return index, self.prefix[model][index] if keys else 0.0
 
+
 class Forecaster:
     """Keeps a fitted CostModel and a recent QueueSnapshot, so a status request costs a few indexed reads."""
 

@@ -6,6 +6,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import psutil
 import pytest
@@ -26,34 +28,42 @@ def raw_request(url: str, request: bytes, pause: float = 0.0) -> bytes:
     return b"".join(chunks)
 
 
-def test_a_submission_is_answered_while_every_read_thread_is_stuck(processes):
-    url = processes.server("--threads", "2", http_workers=1)
+@contextmanager
+def read_threads_held(url: str, threads: int) -> Iterator[None]:
+    """Hold every read thread of a 1-process server with GETs that never finish, and check they are held."""
     host, port = url.removeprefix("http://").split(":")
-    # Two clients that start a GET and never finish it each hold one of the two read threads.
-    stuck = [socket.create_connection((host, int(port))) for _ in range(2)]
+    stuck = [socket.create_connection((host, int(port))) for _ in range(threads)]
     try:
         for sock in stuck:
             sock.sendall(b"GET /api/info HTTP/1.1\r\nHost: x\r\n")
         time.sleep(0.3)
         with pytest.raises(requests.Timeout):  # the read threads really are all taken
             requests.get(url + "/api/info", timeout=1)
+        yield
+    finally:
+        for sock in stuck:
+            sock.close()
+
+
+def test_a_submission_is_answered_while_every_read_thread_is_stuck(processes):
+    url = processes.server("--threads", "2", http_workers=1)
+    with read_threads_held(url, 2):
         started = time.monotonic()
         response = requests.post(url + "/api/generate", json={"prompt": "through the write threads"}, timeout=10)
         assert response.status_code == 200, response.text
         assert time.monotonic() - started < 5
         deleted = requests.delete(url + f"/api/tasks/{response.json()['task_id']}", timeout=10)
         assert deleted.status_code == 200, deleted.text
-    finally:
-        for sock in stuck:
-            sock.close()
 
 
 def test_a_client_that_connects_and_waits_before_sending_is_served(processes):
-    url = processes.server(http_workers=1)
+    url = processes.server("--threads", "2", http_workers=1)
     body = b'{"prompt": "slow typist"}'
     request = (b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nConnection: close\r\n"
                b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-    response = raw_request(url, request, pause=0.5)
+    # Its method is unknown until it sends: it must wait on the poller, not in a read thread (all held here).
+    with read_threads_held(url, 2):
+        response = raw_request(url, request, pause=0.5)
     assert response.startswith(b"HTTP/1.1 200"), response[:200]
     assert b'"task_id"' in response
     assert raw_request(url, b"GET /api/info HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", pause=0.5).startswith(
