@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 from bench import api_load, dispatch, duty_cycle, forecast_accuracy, report
-from bench.harness import ROOT, machine
+from bench.report import machine
+from mflux_server.testing import ROOT
 
 NAMES = ("duty", "dispatch", "load", "forecast")
 EXPLANATIONS_FILE = ROOT / "bench" / "explanations.md"

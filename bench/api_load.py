@@ -14,9 +14,10 @@ from pathlib import Path
 import psutil
 import requests
 
-from bench.harness import Processes
+from mflux_server.testing import Processes
 from bench.results import Result, median, percentile
-from mflux_server import db, store
+from mflux_server.core import db, store
+from mflux_server.core.rows import NewTask
 
 WRK_SCRIPT = """
 local ids = {}
@@ -50,17 +51,13 @@ def fill_queue(path: str, tasks: int) -> list[str]:
     """Insert waiting tasks of mixed sizes and priorities in one transaction; returns their ids."""
     conn = db.open_database(path)
     rnd = random.Random(3)
-    rows = []
-    for i in range(tasks):
-        rows.append({"id": store.new_task_id(), "priority": int(rnd.random() < 0.2), "model": "schnell",
-                     "prompt": f"load {i}", "width": rnd.choice([512, 768, 1024]), "height": rnd.choice([512, 1024]),
-                     "steps": rnd.randint(2, 8), "guidance": 3.5, "seed": i, "count": rnd.randint(1, 2),
-                     "format": "JPEG", "quality": 85, "created_at": time.time()})
-    conn.execute("BEGIN IMMEDIATE")
-    conn.executemany(store.sql("insert_task").replace("RETURNING seq", ""), rows)
-    conn.execute("COMMIT")
+    tasks_to_add = [NewTask(prompt=f"load {i}", model="schnell", width=rnd.choice([512, 768, 1024]),
+                            height=rnd.choice([512, 1024]), steps=rnd.randint(2, 8), guidance=3.5, seed=i,
+                            count=rnd.randint(1, 2), format="JPEG", quality=85, priority=int(rnd.random() < 0.2))
+                    for i in range(tasks)]
+    ids = store.submit_many(conn, tasks_to_add)
     conn.close()
-    return [row["id"] for row in rows]
+    return ids
 
 
 def wrk_command(url: str, script: Path, seconds: float, connections: int, threads: int = 2) -> list[str]:

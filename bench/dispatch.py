@@ -9,9 +9,9 @@ from pathlib import Path
 import psutil
 import requests
 
-from bench.harness import Processes, wait_for
+from mflux_server.testing import Processes, wait_for
 from bench.results import Result, median, percentile
-from mflux_server import db
+from mflux_server.core import db, store
 
 
 def run(smoke: bool = False) -> Result:
@@ -34,12 +34,11 @@ def run(smoke: bool = False) -> Result:
                 submitted = time.time()
                 task_id = session.post(url + "/api/generate", json={"prompt": f"d{i}", "width": 128, "height": 128,
                                                                       "steps": 1}).json()["task_id"]
-                query = "SELECT started_at, status FROM tasks WHERE id = ?"
                 # wait_for polls right away, so closing over this iteration's task_id is safe
-                started = wait_for(lambda: conn.execute(query, (task_id,)).fetchone()[0],  # noqa: B023
+                started = wait_for(lambda: store.get(conn, task_id).started_at,  # type: ignore[union-attr]  # noqa: B023
                                    timeout=10, interval=0.001)
                 latencies.append((started - submitted) * 1000)
-                wait_for(lambda: conn.execute(query, (task_id,)).fetchone()[1] == "done",  # noqa: B023
+                wait_for(lambda: store.get(conn, task_id).status == "done",  # type: ignore[union-attr]  # noqa: B023
                          timeout=10, interval=0.002)
             time.sleep(1.0)
             process = psutil.Process(worker.pid)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from bench.harness import Processes, wait_for
+from mflux_server.testing import Processes, wait_for
 from bench.results import Result, median, percentile
-from mflux_server import db, store
+from mflux_server.core import db, store
+from mflux_server.core.rows import NewTask, Status
 
 PER_IMAGE = 0.25  # seconds the synthetic engine takes per image, as the issue fixes it
 STEPS = 4
@@ -18,20 +19,20 @@ def run_format(fmt: str, tasks: int, size: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         path = str(Path(tmp) / "queue.db")
         conn = db.open_database(path)
-        for i in range(tasks):
-            store.submit(conn, {"prompt": f"duty {i}", "model": "schnell", "width": size, "height": size,
-                                "steps": STEPS, "guidance": 3.5, "seed": i, "count": 1, "format": fmt,
-                                "quality": 85, "priority": 0})
+        store.submit_many(conn, [NewTask(prompt=f"duty {i}", model="schnell", width=size, height=size, steps=STEPS,
+                                         guidance=3.5, seed=i, count=1, format=fmt, quality=85) for i in range(tasks)])
         procs = Processes(Path(tmp), path)
         try:
             # a fixed 250 ms per image, all of it in the denoising steps
             procs.worker("--synthetic-step", f"{PER_IMAGE / STEPS},0,0", "--synthetic-fixed", "0,0", speed=1.0)
-            wait_for(lambda: store.status_counts(conn)["done"] == tasks, timeout=tasks * PER_IMAGE * 3 + 30,
+            wait_for(lambda: store.status_counts(conn)[Status.DONE] == tasks, timeout=tasks * PER_IMAGE * 3 + 30,
                      interval=0.2, what="every duty-cycle task")
         finally:
             procs.stop_all()
-        spans = conn.execute("SELECT gen_started, gen_ended FROM images ORDER BY gen_started").fetchall()
-        first_claim, last_done = conn.execute("SELECT MIN(started_at), MAX(finished_at) FROM tasks").fetchone()
+        spans = store.generation_spans(conn)
+        finished = store.list_tasks(conn, Status.DONE, tasks, 0)[0]
+        first_claim = min(t.started_at for t in finished if t.started_at is not None)
+        last_done = max(t.finished_at for t in finished if t.finished_at is not None)
         conn.close()
     generating = sum(end - start for start, end in spans)
     gaps = [(spans[i + 1][0] - spans[i][1]) * 1000 for i in range(len(spans) - 1)]

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import requests
 
-from bench.harness import Processes
+from mflux_server.testing import Processes
 from bench.results import Result
-from mflux_server import db
+from mflux_server.core import db, store
+from mflux_server.core.rows import Status
 
 # The machine the trace runs on, in model seconds: per-step time grows faster than linearly with pixels.
 # Deliberately not the server's prior, so the forecast has to learn it.
@@ -181,10 +182,9 @@ def run(smoke: bool = False, plot_path: Path | None = None) -> Result:
             index = 0
 
             def counted_done() -> bool:
-                ids = [t.task_id for t in submitted[:n]]
-                done = conn.execute(f"SELECT COUNT(*) FROM tasks WHERE status = 'done' AND id IN ({','.join('?' * len(ids))})",
-                                    ids).fetchone()[0]
-                return len(ids) == n and done == n
+                ids = {t.task_id for t in submitted[:n]}
+                done = {t.id for t in store.list_tasks(conn, Status.DONE, len(submitted) + 1, 0)[0]}
+                return len(ids) == n and ids <= done
 
             # Arrivals go on past the trace (the cool-down, not counted) until every counted task is done:
             # if they stopped, the last tasks would never be overtaken, penalising forecasts that expect it.
@@ -205,7 +205,9 @@ def run(smoke: bool = False, plot_path: Path | None = None) -> Result:
                 index += 1
             stop.set()
             sampler.join()
-            rows = {r["id"]: dict(r) for r in conn.execute("SELECT id, seq, priority, started_at, finished_at FROM tasks")}
+            every = store.list_tasks(conn, None, len(submitted) + 1, 0)[0]
+            rows = {t.id: {"seq": t.seq, "priority": t.priority, "started_at": t.started_at, "finished_at": t.finished_at}
+                    for t in every}
             conn.close()
         finally:
             procs.stop_all()

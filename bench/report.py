@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime
+import os
+import platform
 from pathlib import Path
 
 from bench.results import Result
@@ -49,3 +51,23 @@ def write(path: Path, text: str) -> None:
     """Write the page, creating docs/ if needed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
+
+
+def machine() -> str:
+    """One line about the machine the figures come from."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        import psutil
+
+        memory = f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM"
+    except ImportError:
+        memory = "RAM unknown"
+    return (f"{platform.system()} {platform.release()}, {cpu}, {os.cpu_count()} cores, {memory}, "
+            f"Python {platform.python_version()}")

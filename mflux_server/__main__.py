@@ -1,3 +1,5 @@
-from mflux_server.cli import main
+"""python -m mflux_server: the API server, as the mflux-server command runs it."""
+
+from mflux_server.api.server import main
 
 raise SystemExit(main())

@@ -1,18 +1,72 @@
-"""Fixtures: real SQLite files in tmp_path, the Flask app, and real API and worker subprocesses (bench.harness)."""
+"""The one fixture module: real SQLite files in tmp_path, task factories, the Flask app, and real processes.
+
+tests/fast/ runs in-process (`make test-fast`); tests/process/ starts real API and worker processes and
+is marked `process` here, by folder.
+"""
 
 from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
+from flask import Flask
+from flask.testing import FlaskClient
 
-from bench.harness import Processes, wait_for
-from mflux_server import db
-from mflux_server.app import create_app
-from mflux_server.config import Settings
+from mflux_server.api.app import create_app
+from mflux_server.core import db, store
+from mflux_server.core.rows import NewTask, StoredImage, Task
+from mflux_server.core.settings import Settings
+from mflux_server.testing import Processes, wait_for
+
+PROCESS_TESTS = Path(__file__).parent / "process"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test under tests/process/ as a process test."""
+    for item in items:
+        if PROCESS_TESTS in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.process)
+
+
+# Factories
+
+TASK_DEFAULTS = NewTask(prompt="p", model="schnell", width=512, height=512, steps=4, guidance=3.5, seed=7, count=1,
+                        format="PNG", quality=90, priority=0)
+
+
+def new_task(**overrides: Any) -> NewTask:
+    """A valid task request: small defaults, any field overridden."""
+    return replace(TASK_DEFAULTS, **overrides)
+
+
+def queue_task(conn: sqlite3.Connection, now: float | None = None, **overrides: Any) -> Task:
+    """Submit a task built by new_task and return its row."""
+    return store.submit(conn, new_task(**overrides), now=now)
+
+
+def images_for(task: Task, data: bytes = b"img") -> list[StoredImage]:
+    """One small fake encoded image per image of a task, as the worker would store them."""
+    return [StoredImage(i, task.seed + i, "image/png", data + b"%d" % i, 1.0, 2.0) for i in range(task.count)]
+
+
+def reread(db_path: str, task_id: str) -> Task | None:
+    """Read one task afresh, on a connection of its own."""
+    conn = db.connect(db_path)
+    try:
+        return store.get(conn, task_id)
+    finally:
+        conn.close()
+
+
+def status_of(db_path: str, task_id: str) -> str | None:
+    """A task's status as the database has it now (None when deleted)."""
+    task = reread(db_path, task_id)
+    return task.status if task else None
 
 
 class StopHere(Exception):
@@ -35,14 +89,7 @@ class Recorder:
             raise StopHere(f"stopped at step {done}")
 
 
-def task_row(db_path: str, task_id: str) -> dict | None:
-    """Read one task straight from the database."""
-    conn = db.connect(db_path)
-    try:
-        row = conn.execute("SELECT * FROM tasks WHERE id = ?", (task_id,)).fetchone()
-        return dict(row) if row else None
-    finally:
-        conn.close()
+# Fixtures
 
 
 @pytest.fixture
@@ -62,14 +109,14 @@ def conn(db_path: str) -> Iterator[sqlite3.Connection]:
 
 
 @pytest.fixture
-def app(db_path: str):
+def app(db_path: str) -> Flask:
     """The API app on the fresh queue."""
     return create_app(Settings(db=db_path, stale_after=2.0))
 
 
 @pytest.fixture
-def client(app):
-    """Flask's test client (for input rules; the e2e tests use real HTTP)."""
+def client(app: Flask) -> FlaskClient:
+    """Flask's test client (for input rules; the process tests use real HTTP)."""
     return app.test_client()
 
 
@@ -81,19 +128,24 @@ def processes(tmp_path: Path, db_path: str) -> Iterator[Processes]:
     procs.stop_all()
 
 
-def submit(url: str, **fields) -> str:
+# Over HTTP
+
+
+def submit(url: str, **fields: Any) -> str:
     """POST /api/generate with small defaults; returns the task id."""
     body = {"prompt": "a test", "width": 256, "height": 256, "steps": 4, "seed": 1}
     body.update(fields)
     response = requests.post(url + "/api/generate", json=body, timeout=10)
     assert response.status_code == 200, response.text
-    return response.json()["task_id"]
+    return str(response.json()["task_id"])
 
 
-def wait_status(url: str, task_id: str, statuses: tuple[str, ...], timeout: float = 30.0) -> dict:
+def wait_status(url: str, task_id: str, statuses: tuple[str, ...], timeout: float = 30.0) -> dict[str, Any]:
     """Poll /api/status until the task reaches one of the statuses."""
-    def reached():
-        body = requests.get(url + "/api/status", params={"task_id": task_id}, timeout=10).json()
+
+    def reached() -> dict[str, Any] | None:
+        body: dict[str, Any] = requests.get(url + "/api/status", params={"task_id": task_id}, timeout=10).json()
         return body if body.get("status") in statuses else None
 
-    return wait_for(reached, timeout=timeout, interval=0.02, what=f"task {task_id} to reach {statuses}")
+    found: dict[str, Any] = wait_for(reached, timeout=timeout, interval=0.02, what=f"task {task_id} to reach {statuses}")
+    return found

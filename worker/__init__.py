@@ -1,1 +1,4 @@
-"""The mflux-server worker: holds the model and runs queued tasks one at a time."""
+"""mflux_server.worker: the generation process that holds the model and runs queued tasks one at a time.
+
+Installed as mflux_server.worker (setup.cfg maps this folder); it imports the core, never the API.
+"""

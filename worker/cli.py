@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 import signal
 from collections.abc import Sequence
+from types import FrameType
 
 from mflux_server import __version__
-from mflux_server.cli import configure_logging, shorten_gil_switch_interval
-from mflux_server.config import load_settings
-from worker.engines import make_engine
-from worker.runner import Runner
+from mflux_server.core.logs import configure_logging, shorten_gil_switch_interval
+from mflux_server.core.settings import load_settings
+from mflux_server.worker.engines import make_engine
+from mflux_server.worker.supervisor import Supervisor
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -29,12 +30,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         log.error("could not start the %s engine: %s", settings.engine, exc)
         return 1
-    runner = Runner(settings, engine)
+    supervisor = Supervisor(settings, engine)
 
-    def request_stop(signum: int, _frame) -> None:
+    def request_stop(signum: int, _frame: FrameType | None) -> None:
         log.info("%s received: stopping at the next step boundary", signal.Signals(signum).name)
-        runner.stop()
+        supervisor.stop()
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
-    return runner.run()
+    return supervisor.run()

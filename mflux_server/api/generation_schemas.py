@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import marshmallow as ma
-from flask import current_app
 from marshmallow import fields, validate
 
-from mflux_server import models
+from mflux_server.api.context import settings
+from mflux_server.core import catalog
 
 FORMATS = {"JPEG": "image/jpeg", "JPG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
 SIZE_STEP = 16
@@ -17,13 +18,14 @@ MAX_SEED = 2**32 - 1
 
 
 def _limit(name: str) -> int:
-    return getattr(current_app.extensions["mflux_settings"], name)
+    limit: int = getattr(settings(), name)
+    return limit
 
 
 class SeedField(fields.Field):
-    """A seed given as an integer or as a string of digits, as the seed examples send it."""
+    """A seed given as an integer or as a string of digits, as the original server's examples send it."""
 
-    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs) -> int:
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> int:
         if isinstance(value, bool):
             raise ma.ValidationError("must be an integer or a string of digits, not a boolean")
         if isinstance(value, str) and value.strip().isdigit():
@@ -34,21 +36,21 @@ class SeedField(fields.Field):
             raise ma.ValidationError(f"must be between 0 and {MAX_SEED}, got {value}")
         return value
 
-    def _jsonschema_type_mapping(self) -> dict:
+    def _jsonschema_type_mapping(self) -> dict[str, Any]:
         return {"oneOf": [{"type": "integer"}, {"type": "string", "pattern": "^[0-9]+$"}]}
 
 
 class FormatField(fields.String):
     """An image format name in any case: JPEG (or JPG), PNG or WEBP."""
 
-    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs) -> str:
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
         text = super()._deserialize(value, attr, data, **kwargs).strip().upper()
         if text not in FORMATS:
             raise ma.ValidationError(f"must be one of JPEG, PNG or WEBP (any case), got {value!r}")
         return "JPEG" if text == "JPG" else text
 
 
-def _size(name: str, limit: str):
+def _size(limit: str) -> Callable[[int], None]:
     def check(value: int) -> None:
         top = _limit(limit)
         if value % SIZE_STEP or not MIN_SIZE <= value <= top:
@@ -57,7 +59,7 @@ def _size(name: str, limit: str):
     return check
 
 
-def _at_most(limit: str, low: int = 1):
+def _at_most(limit: str, low: int = 1) -> Callable[[int], None]:
     def check(value: int) -> None:
         top = _limit(limit)
         if not low <= value <= top:
@@ -75,8 +77,8 @@ def _prompt(value: str) -> None:
 
 
 def _model(value: str) -> None:
-    if models.resolve(value) is None:
-        raise ma.ValidationError(f"unknown model {value!r}; known models: {', '.join(models.names())}")
+    if catalog.resolve(value) is None:
+        raise ma.ValidationError(f"unknown model {value!r}; known models: {', '.join(catalog.names())}")
 
 
 class StrictInteger(fields.Integer):
@@ -84,10 +86,10 @@ class StrictInteger(fields.Integer):
 
     default_error_messages = {"invalid": "must be an integer"}
 
-    def __init__(self, **kwargs):
+    def __init__(self, **kwargs: Any) -> None:
         super().__init__(strict=False, **kwargs)
 
-    def _validated(self, value: Any):
+    def _validated(self, value: Any) -> int | None:
         if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
             raise self.make_error("invalid")
         return super()._validated(value)
@@ -108,9 +110,9 @@ class GenerateRequest(ma.Schema):
         metadata={"description": f"0 to {MAX_SEED}, integer or digit string; image k of count uses seed+k. Random when absent.",
                   "example": "1725311496"},
     )
-    width = StrictInteger(load_default=1024, validate=_size("width", "max_width"),
+    width = StrictInteger(load_default=1024, validate=_size("max_width"),
                           metadata={"description": "pixels; a multiple of 16 from 128 to --max-width (2048)"})
-    height = StrictInteger(load_default=1024, validate=_size("height", "max_height"),
+    height = StrictInteger(load_default=1024, validate=_size("max_height"),
                            metadata={"description": "pixels; a multiple of 16 from 128 to --max-height (2048)"})
     steps = StrictInteger(load_default=None, validate=_at_most("max_steps"),
                           metadata={"description": "denoising steps, 1 to --max-steps (100); "

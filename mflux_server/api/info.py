@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import marshmallow as ma
 from flask_smorest import Blueprint
 from marshmallow import fields
 
-from mflux_server import __version__, models, store
-from mflux_server.app import conn, forecaster, settings
+from mflux_server import __version__
+from mflux_server.api.context import conn, forecaster, settings
+from mflux_server.api.task_view import live_workers
+from mflux_server.core import catalog, store
 
 blp = Blueprint("info", __name__, description="Server, workers and queue at a glance.")
 
@@ -42,23 +46,24 @@ class Info(ma.Schema):
 
 @blp.route("/info", methods=["GET"])
 @blp.response(200, Info)
-def info():
+def info() -> dict[str, Any]:
     """Version, live workers with their engine, model and quantization, and the queue depth."""
-    workers = store.live_workers(conn(), settings().stale_after)
+    workers = live_workers(conn())
+    synthetic = any(w.engine == "synthetic" for w in workers)
     warnings = []
     if not workers:
         warnings.append("no live worker: tasks will wait until a worker starts")
-    if any(w["engine"] == "synthetic" for w in workers):
+    if synthetic:
         warnings.append("synthetic engine: images are procedural test patterns, not model output")
     return {
         "version": __version__,
         "workers": workers,
-        "engines": sorted({w["engine"] for w in workers}),
-        "synthetic": any(w["engine"] == "synthetic" for w in workers),
+        "engines": sorted({w.engine for w in workers}),
+        "synthetic": synthetic,
         "warnings": warnings,
-        "models": sorted({w["model"] for w in workers}),
-        "known_models": models.names(),
+        "models": sorted({w.model for w in workers}),
+        "known_models": catalog.names(),
         "default_model": settings().model,
         "queue": store.status_counts(conn()),
-        "forecast": {"measured": forecaster().model(conn()).measured},
+        "forecast": {"measured": forecaster().cost_model(conn()).measured},
     }

@@ -1,46 +1,68 @@
-"""How a task row is shown to clients, with its queue position and forecast."""
+"""How a task is shown to clients, with its queue position and forecast, and the lookup-or-404 of a task."""
 
 from __future__ import annotations
 
 import sqlite3
 from typing import Any
 
-from mflux_server import store
-from mflux_server.app import forecaster, settings
+from flask_smorest import abort
+
+from mflux_server.api.context import conn, forecaster, settings
+from mflux_server.core import store
+from mflux_server.core.rows import Status, Task, Worker
+
+NOT_FOUND = "no task with this id (never existed, or deleted after its image was served)"
 
 
-def progress(task: dict[str, Any]) -> dict[str, Any]:
+def get_task_or_404(task_id: str) -> Task:
+    """The task; aborts with a JSON 404 (code task_not_found, field task_id) when there is none."""
+    task = store.get(conn(), task_id)
+    if task is None:
+        abort(404, code="task_not_found", field="task_id", message=f"no task with id {task_id!r}")
+    return task
+
+
+def progress(task: Task) -> dict[str, Any]:
     """Image and step counters and an overall fraction."""
-    total = task["count"] * task["steps"]
-    if task["status"] == "done":
+    total = task.count * task.steps
+    if task.status is Status.DONE:
         done = total
+    elif task.status is Status.PROCESSING:
+        done = task.image_index * task.steps + task.step
     else:
-        done = task["image_index"] * task["steps"] + task["step"] if task["status"] == "processing" else 0
+        done = 0
     return {
-        "image": min(task["image_index"] + 1, task["count"]),
-        "count": task["count"],
-        "step": task["step"],
-        "steps": task["steps"],
+        "image": min(task.image_index + 1, task.count),
+        "count": task.count,
+        "step": task.step,
+        "steps": task.steps,
         "fraction": round(done / total, 4) if total else 0.0,
     }
 
 
-def live_workers(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+def live_workers(connection: sqlite3.Connection) -> list[Worker]:
     """Workers that heartbeated within --stale-after seconds."""
-    return store.live_workers(conn, settings().stale_after)
+    return store.live_workers(connection, settings().stale_after)
 
 
-def task_status(conn: sqlite3.Connection, task: dict[str, Any], live: list[dict] | None = None) -> dict[str, Any]:
+def summary(task: Task) -> dict[str, Any]:
+    """The fields every view of a task shows, without the forecast."""
+    return {
+        "task_id": task.id, "status": task.status, "prompt": task.prompt, "error": task.error, "model": task.model,
+        "engine": task.engine, "seed": task.seed, "width": task.width, "height": task.height, "steps": task.steps,
+        "count": task.count, "format": task.format, "priority": bool(task.priority), "attempts": task.attempts,
+        "created_at": task.created_at, "started_at": task.started_at, "finished_at": task.finished_at,
+        "progress": progress(task),
+    }
+
+
+def task_status(connection: sqlite3.Connection, task: Task, live: list[Worker] | None = None) -> dict[str, Any]:
     """The status view of a task: position, forecast wait and progress (pass `live` if already read)."""
-    view = {k: task[k] for k in ("status", "error", "model", "engine", "seed", "width", "height", "steps", "count",
-                                  "format", "attempts", "created_at", "started_at", "finished_at")}
-    view["task_id"] = task["id"]
-    view["priority"] = bool(task["priority"])
-    view["progress"] = progress(task)
+    view = summary(task)
     workers = 0
-    if task["status"] in store.UNFINISHED:
-        workers = sum(1 for w in (live if live is not None else live_workers(conn)) if w["model"] == task["model"])
-    estimate = forecaster().estimate(conn, task, workers)
+    if task.status.unfinished:
+        workers = sum(1 for w in (live if live is not None else live_workers(connection)) if w.model == task.model)
+    estimate = forecaster().estimate(connection, task, workers)
     view["pos"] = estimate.pos
     view["wait_remaining"] = round(estimate.seconds, 3)
     # The original server's task_length: unfinished tasks that will finish before this one.

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import marshmallow as ma
+from flask.views import MethodView
 from flask_smorest import Blueprint
 from marshmallow import fields, validate
 
-from mflux_server import store
-from mflux_server.api.generation import NOT_FOUND, find_task
-from mflux_server.api.generation_schemas import TaskStatus
-from mflux_server.api.task_view import progress, task_status
-from mflux_server.app import conn
-from mflux_server.errors import ErrorSchema
+from mflux_server.api.context import conn
+from mflux_server.api.errors import ErrorSchema
+from mflux_server.api.generation_schemas import Progress, TaskStatus
+from mflux_server.api.task_view import NOT_FOUND, get_task_or_404, summary, task_status
+from mflux_server.core import store
+from mflux_server.core.rows import Status
 
 blp = Blueprint("tasks", __name__, description="List the queue and recent tasks; cancel or delete a task.")
 
@@ -19,8 +22,8 @@ blp = Blueprint("tasks", __name__, description="List the queue and recent tasks;
 class TaskListQuery(ma.Schema):
     """Filter and page."""
 
-    status = fields.String(load_default=None, validate=validate.OneOf(store.STATUSES),
-                           metadata={"description": "only tasks with this status"})
+    status = fields.Enum(Status, by_value=True, load_default=None,
+                         metadata={"description": "only tasks with this status"})
     limit = fields.Integer(load_default=50, validate=validate.Range(1, 500), metadata={"description": "page size, 1 to 500"})
     offset = fields.Integer(load_default=0, validate=validate.Range(0), metadata={"description": "tasks to skip"})
 
@@ -38,7 +41,7 @@ class TaskSummary(ma.Schema):
     count = fields.Integer()
     format = fields.String()
     priority = fields.Boolean()
-    progress = fields.Nested("Progress")
+    progress = fields.Nested(Progress)
     error = fields.String(allow_none=True)
     created_at = fields.Float()
     finished_at = fields.Float(allow_none=True)
@@ -61,31 +64,34 @@ class DeleteResult(ma.Schema):
     result = fields.String(metadata={"description": "canceled (it was waiting or processing) or deleted"})
 
 
-@blp.route("/tasks", methods=["GET"])
-@blp.arguments(TaskListQuery(), location="query")
-@blp.response(200, TaskList)
-def list_tasks(query: dict):
-    """List tasks, filtered by status and paginated."""
-    rows, total = store.list_tasks(conn(), query["status"], query["limit"], query["offset"])
-    tasks = [dict(row, task_id=row["id"], priority=bool(row["priority"]), progress=progress(row)) for row in rows]
-    return {"tasks": tasks, "total": total, "limit": query["limit"], "offset": query["offset"],
-            "counts": store.status_counts(conn())}
+@blp.route("/tasks")
+class TaskCollection(MethodView):
+    """The queue and recent tasks."""
+
+    @blp.arguments(TaskListQuery(), location="query")
+    @blp.response(200, TaskList)
+    def get(self, query: dict[str, Any]) -> dict[str, Any]:
+        """List tasks, filtered by status and paginated."""
+        tasks, total = store.list_tasks(conn(), query["status"], query["limit"], query["offset"])
+        return {"tasks": [summary(task) for task in tasks], "total": total, "limit": query["limit"],
+                "offset": query["offset"], "counts": store.status_counts(conn())}
 
 
-@blp.route("/tasks/<string:task_id>", methods=["GET"])
-@blp.response(200, TaskStatus)
-@blp.alt_response(404, schema=ErrorSchema, description=NOT_FOUND["description"])
-def get_task(task_id: str):
-    """One task's status, as /api/status gives it."""
-    return task_status(conn(), find_task(task_id))
+@blp.route("/tasks/<string:task_id>")
+class TaskItem(MethodView):
+    """One task."""
 
+    @blp.response(200, TaskStatus)
+    @blp.alt_response(404, schema=ErrorSchema, description=NOT_FOUND)
+    def get(self, task_id: str) -> dict[str, Any]:
+        """One task's status, as /api/status gives it."""
+        return task_status(conn(), get_task_or_404(task_id))
 
-@blp.route("/tasks/<string:task_id>", methods=["DELETE"])
-@blp.response(200, DeleteResult)
-@blp.alt_response(404, schema=ErrorSchema, description=NOT_FOUND["description"])
-def delete_task(task_id: str):
-    """Cancel a waiting or running task (a running one stops at its next step), or delete a finished one."""
-    result = store.cancel_or_delete(conn(), task_id)
-    if result is None:
-        find_task(task_id)
-    return {"task_id": task_id, "result": result}
+    @blp.response(200, DeleteResult)
+    @blp.alt_response(404, schema=ErrorSchema, description=NOT_FOUND)
+    def delete(self, task_id: str) -> dict[str, Any]:
+        """Cancel a waiting or running task (a running one stops at its next step), or delete a finished one."""
+        result = store.cancel_or_delete(conn(), task_id)
+        if result is None:
+            get_task_or_404(task_id)
+        return {"task_id": task_id, "result": result}

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import logging
 
-from mflux_server import models
-from mflux_server.config import Settings
-from worker.engines.base import Engine, Job, StepReporter
+from mflux_server.core import catalog
+from mflux_server.core.settings import Settings
+from mflux_server.worker.engines.base import Engine, Job, StepReporter
 
 log = logging.getLogger("mflux_worker")
 
@@ -17,7 +17,7 @@ def choose_engine(requested: str) -> str:
     """Resolve 'auto': mflux where MLX has a GPU (Apple Silicon or CUDA), otherwise synthetic."""
     if requested != "auto":
         return requested
-    from worker.engines.mflux import gpu_available
+    from mflux_server.worker.engines.mflux import gpu_available
 
     return "mflux" if gpu_available() else "synthetic"
 
@@ -25,16 +25,16 @@ def choose_engine(requested: str) -> str:
 def make_engine(settings: Settings) -> Engine:
     """Build (and for mflux, load) the engine the settings ask for."""
     name = choose_engine(settings.engine)
-    info = models.resolve(settings.model)
+    info = catalog.resolve(settings.model)
     if info is None:
-        raise ValueError(f"unknown model {settings.model!r}; known models: {', '.join(models.names())}")
+        raise ValueError(f"unknown model {settings.model!r}; known models: {', '.join(catalog.names())}")
     if name == "synthetic":
         if settings.engine == "auto":
             log.warning("=" * 72)
             log.warning("NO GPU FOUND FOR MLX: using the SYNTHETIC engine. Images are procedural test")
             log.warning("patterns, not %s output. Pass --engine mflux to insist on the real model.", info.name)
             log.warning("=" * 72)
-        from worker.engines.synthetic import SyntheticEngine
+        from mflux_server.worker.engines.synthetic import SyntheticEngine
 
         return SyntheticEngine(
             info.name,
@@ -43,7 +43,7 @@ def make_engine(settings: Settings) -> Engine:
             noise=settings.synthetic_noise,
             speed=settings.synthetic_speed,
         )
-    from worker.engines.mflux import MfluxEngine
+    from mflux_server.worker.engines.mflux import MfluxEngine
 
     return MfluxEngine(
         info.name,

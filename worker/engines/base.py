@@ -36,6 +36,7 @@ class Engine(Protocol):
     name: str  # "mflux" or "synthetic"; shown to clients so nobody mistakes a test pattern for model output
     model: str
     quantize: int | None
+    software: str  # written into every image file: which engine and model made it
 
     def generate(self, job: Job, reporter: StepReporter) -> Image.Image:
         """Generate one image; exceptions raised by the reporter propagate unchanged."""

@@ -7,8 +7,8 @@ from typing import Any
 
 from PIL import Image
 
-from mflux_server import models
-from worker.engines.base import Job, StepReporter
+from mflux_server.core import catalog
+from mflux_server.worker.engines.base import Job, StepReporter
 
 log = logging.getLogger("mflux_worker")
 
@@ -50,7 +50,7 @@ def gpu_available() -> bool:
 class MfluxEngine:
     """Loads one FLUX.1 model once and generates with it."""
 
-    name = "mflux"
+    name: str = "mflux"
 
     def __init__(
         self,
@@ -61,11 +61,12 @@ class MfluxEngine:
         lora_scales: list[float] | None = None,
         flux: Any = None,
     ):
-        info = models.resolve(model)
+        info = catalog.resolve(model)
         if info is None:
-            raise ValueError(f"unknown model {model!r}; the mflux engine runs: {', '.join(models.names())}")
-        self.model = info.name
-        self.quantize = quantize
+            raise ValueError(f"unknown model {model!r}; the mflux engine runs: {', '.join(catalog.names())}")
+        self.model: str = info.name
+        self.quantize: int | None = quantize
+        self.software: str = f"mflux-server mflux engine, model {info.name}"
         if flux is None:
             from mflux.models.common.config import ModelConfig
             from mflux.models.flux.variants.txt2img.flux import Flux1

@@ -8,7 +8,7 @@ import time
 
 from PIL import Image, ImageDraw, ImageOps
 
-from worker.engines.base import Job, StepReporter
+from mflux_server.worker.engines.base import Job, StepReporter
 
 LABEL = "SYNTHETIC TEST IMAGE - mflux-server synthetic engine, not model output"
 
@@ -49,7 +49,7 @@ def draw(job: Job) -> Image.Image:
 class SyntheticEngine:
     """Sleeps a + b·mp + c·mp² seconds a step, plus fixed seconds before and after the loop, then draws."""
 
-    name = "synthetic"
+    name: str = "synthetic"
 
     def __init__(
         self,
@@ -59,8 +59,9 @@ class SyntheticEngine:
         noise: float = 0.0,
         speed: float = 1.0,
     ):
-        self.model = model
-        self.quantize = None
+        self.model: str = model
+        self.quantize: int | None = None
+        self.software: str = f"mflux-server synthetic engine, model {model} (synthetic test image, not model output)"
         self.step_coef = step
         self.fixed = fixed
         self.noise = noise

@@ -54,7 +54,10 @@ def _flatten(messages: Any, path: str = "") -> list[tuple[str, str]]:
     return [(path, str(messages))]
 
 
-def error_payload(error: HTTPException) -> tuple[dict[str, Any], int, dict[str, str]]:
+JsonError = tuple[dict[str, Any], int, dict[str, str]]
+
+
+def error_payload(error: HTTPException) -> JsonError:
     """Build the JSON body, status and headers for an HTTP error."""
     code = error.code or 500
     data = dict(getattr(error, "data", None) or {})

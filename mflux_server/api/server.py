@@ -1,4 +1,4 @@
-"""mflux-server: serve the API with gunicorn (threads), or Flask's development server with --debug."""
+"""mflux-server, the API's command: serve the API with gunicorn (threads), or Flask's development server with --debug."""
 
 from __future__ import annotations
 
@@ -7,18 +7,13 @@ import socket
 import sys
 from collections.abc import Sequence
 
-from mflux_server import __version__, db
-from mflux_server.config import Settings, load_settings
+from flask import Flask
 
-# Requests and the worker's threads release the GIL for many short sqlite and socket calls; with Python's
-# default 5 ms switch interval each release can cost a thread up to 5 ms to get it back. 1 ms measured
-# better tails for the API under load (bench/explanations.md).
-GIL_SWITCH_INTERVAL = 0.001
-
-
-def shorten_gil_switch_interval() -> None:
-    """Let threads that return from I/O get the GIL back sooner (see GIL_SWITCH_INTERVAL)."""
-    sys.setswitchinterval(GIL_SWITCH_INTERVAL)
+from mflux_server import __version__
+from mflux_server.api.app import create_app
+from mflux_server.core import db
+from mflux_server.core.logs import configure_logging, shorten_gil_switch_interval
+from mflux_server.core.settings import Settings, load_settings
 
 
 def spreads_connections() -> bool:
@@ -39,26 +34,15 @@ def check_port_free(host: str, port: int) -> None:
             raise SystemExit(f"mflux-server: cannot listen on {host}:{port}: {error.strerror}") from None
 
 
-def configure_logging(level: str, name: str) -> None:
-    """One log format for both processes, on stderr (journald picks it up)."""
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format=f"%(asctime)s {name} %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
-
-
 def serve(settings: Settings) -> None:
     """Run the API under gunicorn (threaded workers, see http_worker) until SIGTERM or Ctrl-C."""
     from gunicorn.app.base import BaseApplication
-
-    from mflux_server.app import create_app
 
     class Server(BaseApplication):
         def load_config(self) -> None:
             self.cfg.set("bind", f"{settings.host}:{settings.port}")
             self.cfg.set("workers", settings.http_workers)
-            self.cfg.set("worker_class", "mflux_server.http_worker.SubmitFirstWorker")
+            self.cfg.set("worker_class", "mflux_server.api.http_worker.SubmitFirstWorker")
             self.cfg.set("threads", settings.threads)
             # With one shared listening socket the process that wakes first accepts, and under load one
             # process can end up with most kept-alive connections and a single core's worth of GIL.
@@ -72,7 +56,7 @@ def serve(settings: Settings) -> None:
                 # gunicorn ≥ 24 opens a control socket in $HOME by default; we have no use for it.
                 self.cfg.set("control_socket_disable", True)
 
-        def load(self):
+        def load(self) -> Flask:
             shorten_gil_switch_interval()
             return create_app(settings)
 
@@ -93,8 +77,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     db.open_database(settings.db).close()
     logging.getLogger("mflux_server").info("queue %s; listening on http://%s:%d", settings.db, settings.host, settings.port)
     if settings.debug:
-        from mflux_server.app import create_app
-
         create_app(settings).run(host=settings.host, port=settings.port, debug=True, use_reloader=False)
     else:
         serve(settings)

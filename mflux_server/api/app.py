@@ -1,20 +1,18 @@
-"""create_app: the Flask application, its OpenAPI docs, and per-thread database connections."""
+"""create_app: the Flask application with its OpenAPI docs and JSON errors."""
 
 from __future__ import annotations
 
 import logging
-import sqlite3
-import threading
 from typing import Any
 
-from flask import Flask, current_app, send_from_directory
+from flask import Flask, Response, send_from_directory
 from flask_smorest import Api
 from werkzeug.exceptions import HTTPException, InternalServerError
 
-from mflux_server import __version__, db
-from mflux_server.config import Settings
-from mflux_server.errors import ErrorSchema, error_payload
-from mflux_server.forecast import Forecaster
+from mflux_server import __version__
+from mflux_server.api import context, generation, info, tasks
+from mflux_server.api.errors import ErrorSchema, JsonError, error_payload
+from mflux_server.core.settings import Settings
 
 log = logging.getLogger("mflux_server")
 
@@ -31,40 +29,9 @@ class JsonErrorApi(Api):
 
     ERROR_SCHEMA = ErrorSchema
 
-    def handle_http_exception(self, error: HTTPException):  # noqa: D401 - flask-smorest hook
+    def handle_http_exception(self, error: HTTPException) -> JsonError:
         """Render any HTTP error as our JSON error body."""
         return error_payload(error)
-
-
-class Connections:
-    """One SQLite connection per thread, opened on first use; the database is the only shared state."""
-
-    def __init__(self, path: str):
-        self.path = path
-        self._local = threading.local()
-
-    def get(self) -> sqlite3.Connection:
-        """This thread's connection."""
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = db.connect(self.path)
-            self._local.conn = conn
-        return conn
-
-
-def conn() -> sqlite3.Connection:
-    """The current thread's connection to the app's queue."""
-    return current_app.extensions["mflux_connections"].get()
-
-
-def settings() -> Settings:
-    """The app's settings."""
-    return current_app.extensions["mflux_settings"]
-
-
-def forecaster() -> Forecaster:
-    """The app's cost model cache."""
-    return current_app.extensions["mflux_forecaster"]
 
 
 def create_app(config: Settings | None = None, overrides: dict[str, Any] | None = None) -> Flask:
@@ -84,29 +51,24 @@ def create_app(config: Settings | None = None, overrides: dict[str, Any] | None 
         JSON_SORT_KEYS=False,
     )
     app.config.update(overrides or {})
-    db.open_database(config.db).close()
-    app.extensions["mflux_settings"] = config
-    app.extensions["mflux_connections"] = Connections(config.db)
-    app.extensions["mflux_forecaster"] = Forecaster(connect=lambda: db.connect(config.db))
+    context.init_app(app, config)
 
     api = JsonErrorApi(app)
-    # Imported here so the blueprints can import this module's helpers.
-    from mflux_server.api import generation, info, tasks
-
     api.register_blueprint(generation.blp, url_prefix="/api")
-    api.register_blueprint(generation.blp, url_prefix="", name="seed-paths")
+    # The original mflux-server's paths, for its clients: the same views without the /api prefix.
+    api.register_blueprint(generation.blp, url_prefix="", name="original-paths")
     api.register_blueprint(tasks.blp, url_prefix="/api")
     api.register_blueprint(info.blp, url_prefix="/api")
 
     @app.route("/swagger-assets/<path:filename>")
-    def swagger_assets(filename: str):
+    def swagger_assets(filename: str) -> Response:
         """Swagger UI's files, served from the swagger-ui-bundle package so the docs work offline."""
         from swagger_ui_bundle import swagger_ui_path
 
         return send_from_directory(str(swagger_ui_path), filename, max_age=86400)
 
     @app.errorhandler(Exception)
-    def unexpected(error: Exception):
+    def unexpected(error: Exception) -> JsonError:
         """Anything unhandled becomes a logged JSON 500, never an HTML page."""
         if isinstance(error, HTTPException):
             return error_payload(error)

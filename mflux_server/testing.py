@@ -1,9 +1,8 @@
-"""Starting the real API and worker processes on loopback, and describing the machine, for benchmarks and tests."""
+"""Launching the real API and worker processes on loopback, for the tests and the benchmarks (never imported by either process)."""
 
 from __future__ import annotations
 
 import os
-import platform
 import signal
 import socket
 import subprocess
@@ -14,7 +13,9 @@ from pathlib import Path
 
 import requests
 
-ROOT = Path(__file__).resolve().parent.parent
+from mflux_server.core import db, store
+
+ROOT = Path(__file__).resolve().parent.parent  # the checkout: processes run from it, as `make run` does
 
 
 def free_port() -> int:
@@ -56,7 +57,7 @@ class Processes:
     def worker(self, *args: str, speed: float = 20.0, wait: bool = True) -> subprocess.Popen:
         """Start a synthetic worker with fast heartbeats; by default waits until it has registered."""
         before = self.worker_count()
-        proc = self.spawn("worker", ["--engine", "synthetic", "--synthetic-speed", str(speed),
+        proc = self.spawn("mflux_server.worker", ["--engine", "synthetic", "--synthetic-speed", str(speed),
                                      "--heartbeat-interval", "0.2", "--stale-after", "2", *args], "worker")
         if wait:
             wait_for(lambda: self.worker_count() > before or proc.poll() is not None, what="worker registration")
@@ -83,11 +84,9 @@ class Processes:
 
     def worker_count(self) -> int:
         """Workers ever registered in the queue."""
-        from mflux_server import db
-
         conn = db.connect(self.db_path)
         try:
-            return conn.execute("SELECT COUNT(*) FROM workers").fetchone()[0]
+            return store.worker_count(conn)
         finally:
             conn.close()
 
@@ -107,23 +106,3 @@ class Processes:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-
-
-def machine() -> str:
-    """One line about the machine the figures come from."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        import psutil
-
-        memory = f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM"
-    except ImportError:
-        memory = "RAM unknown"
-    return (f"{platform.system()} {platform.release()}, {cpu}, {os.cpu_count()} cores, {memory}, "
-            f"Python {platform.python_version()}")

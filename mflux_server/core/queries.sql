@@ -1,16 +1,20 @@
--- Every statement about the queue, by name. store.py loads them once.
+-- Every statement about the queue, by name, each with a one-line description under its name.
+-- store.py loads them once (store.queries()) and is the only code that runs them.
 
 -- name: insert_task
+-- Queue a new waiting task; its seq (AUTOINCREMENT, never reused) orders it within its priority.
 INSERT INTO tasks (id, priority, model, prompt, width, height, steps, guidance, seed, count,
                    format, quality, created_at)
 VALUES (:id, :priority, :model, :prompt, :width, :height, :steps, :guidance, :seed, :count,
         :format, :quality, :created_at)
-RETURNING seq;
+RETURNING *;
 
 -- name: get_task
+-- One task by its public id.
 SELECT * FROM tasks WHERE id = ?;
 
 -- name: claim_next
+-- Take the highest-priority, oldest waiting task of a model for a worker, counting the attempt.
 UPDATE tasks
    SET status = 'processing', worker_id = :worker_id, started_at = :now, attempts = attempts + 1,
        image_index = 0, step = 0, step_at = :now, engine = :engine, error = NULL
@@ -21,60 +25,77 @@ UPDATE tasks
 RETURNING *;
 
 -- name: record_progress
+-- Publish the image and step a worker has reached, only while the task is still its own.
 UPDATE tasks SET image_index = :image_index, step = :step, step_at = :step_at
  WHERE id = :id AND worker_id = :worker_id AND status = 'processing';
 
 -- name: still_mine
+-- Whether a task is still processing under this worker (not canceled, not recovered by another).
 SELECT 1 FROM tasks WHERE id = :id AND worker_id = :worker_id AND status = 'processing';
 
 -- name: insert_image
+-- Store one encoded image of a task.
 INSERT INTO images (task_id, idx, seed, mime, data, gen_started, gen_ended)
 VALUES (:task_id, :idx, :seed, :mime, :data, :gen_started, :gen_ended);
 
 -- name: mark_done
+-- Finish a task this worker holds, with its progress at the end.
 UPDATE tasks SET status = 'done', finished_at = :now, image_index = count - 1, step = steps
  WHERE id = :id AND worker_id = :worker_id AND status = 'processing';
 
 -- name: mark_error
+-- Fail a task this worker holds, with a message for the client.
 UPDATE tasks SET status = 'error', finished_at = :now, error = :error
  WHERE id = :id AND worker_id = :worker_id AND status = 'processing';
 
 -- name: release_task
+-- Put a task this worker holds back in line (graceful stop), uncounting the interrupted attempt.
 UPDATE tasks SET status = 'waiting', worker_id = NULL, started_at = NULL, step = 0, image_index = 0,
                  step_at = NULL, attempts = MAX(attempts - 1, 0)
  WHERE id = :id AND worker_id = :worker_id AND status = 'processing';
 
 -- name: record_timing
-INSERT INTO timing_stats (model, width, height, kind, n, total, total_sq, updated_at)
-VALUES (:model, :width, :height, :kind, :n, :total, :total_sq, :now)
+-- Add measured seconds of one kind of cost to the running totals of a model and size.
+INSERT INTO timing_stats (model, width, height, kind, n, total, updated_at)
+VALUES (:model, :width, :height, :kind, :n, :total, :now)
 ON CONFLICT (model, width, height, kind) DO UPDATE
-   SET n = n + excluded.n, total = total + excluded.total,
-       total_sq = total_sq + excluded.total_sq, updated_at = excluded.updated_at;
+   SET n = n + excluded.n, total = total + excluded.total, updated_at = excluded.updated_at;
 
 -- name: timing_stats
-SELECT model, width, height, kind, n, total, total_sq FROM timing_stats;
+-- Every aggregated timing, for fitting the cost model.
+SELECT model, width, height, kind, n, total FROM timing_stats;
 
 -- name: timing_version
+-- A cheap fingerprint of the timing stats: the cost model is refit only when it moves.
 SELECT COALESCE(MAX(updated_at), 0) AS version, COUNT(*) AS rows FROM timing_stats;
 
 -- name: cancel_task
+-- Cancel a waiting or processing task; a worker running it notices at its next step.
 UPDATE tasks SET status = 'canceled', finished_at = :now
- WHERE id = :id AND status IN ('waiting', 'processing')
-RETURNING status;
+ WHERE id = :id AND status IN ('waiting', 'processing');
 
 -- name: delete_task
+-- Remove a task; its images go with it (ON DELETE CASCADE).
 DELETE FROM tasks WHERE id = ?;
 
 -- name: get_image
-SELECT idx, seed, mime, data FROM images WHERE task_id = ? AND idx = ?;
+-- One stored image of a task.
+SELECT idx, seed, mime, data, gen_started, gen_ended FROM images WHERE task_id = ? AND idx = ?;
 
 -- name: mark_served
+-- Note that an image has been sent to a client.
 UPDATE images SET served = 1 WHERE task_id = ? AND idx = ?;
 
 -- name: unserved_count
+-- Images of a task not yet sent to any client.
 SELECT COUNT(*) FROM images WHERE task_id = ? AND served = 0;
 
+-- name: generation_spans
+-- When the engine generated each stored image, in order: the duty-cycle benchmark's raw data.
+SELECT gen_started, gen_ended FROM images ORDER BY gen_started;
+
 -- name: list_tasks
+-- A page of tasks: running, then waiting in claim order, then the newest finished.
 SELECT * FROM tasks
  WHERE (:status IS NULL OR status = :status)
  ORDER BY CASE status WHEN 'processing' THEN 0 WHEN 'waiting' THEN 1 ELSE 2 END,
@@ -83,12 +104,15 @@ SELECT * FROM tasks
  LIMIT :limit OFFSET :offset;
 
 -- name: count_tasks
+-- How many tasks match a listing's status filter.
 SELECT COUNT(*) FROM tasks WHERE (:status IS NULL OR status = :status);
 
 -- name: status_counts
+-- Tasks per status.
 SELECT status, COUNT(*) AS n FROM tasks GROUP BY status;
 
 -- name: running_tasks
+-- Tasks being generated right now, oldest start first.
 SELECT * FROM tasks WHERE status = 'processing' ORDER BY started_at;
 
 -- name: waiting_queue
@@ -106,6 +130,7 @@ SELECT priority, seq FROM tasks
  LIMIT 1;
 
 -- name: max_seq
+-- The newest task's sequence number (0 for an empty queue).
 SELECT COALESCE(MAX(seq), 0) FROM tasks;
 
 -- name: arrivals_since
@@ -115,6 +140,7 @@ SELECT seq, model, priority, width, height, steps, count, created_at FROM tasks
  ORDER BY seq;
 
 -- name: queue_changes
+-- The counter that moves whenever a task leaves or re-enters the waiting set (not on fresh submits).
 SELECT changes FROM queue_state WHERE id = 1;
 
 -- name: waiting_since
@@ -124,17 +150,25 @@ SELECT model, priority, seq, width, height, steps, count FROM tasks
  WHERE seq > :seq AND +status = 'waiting' AND +model = :model;
 
 -- name: register_worker
+-- Record a worker process under a fresh id, alive as of now.
 INSERT INTO workers (id, hostname, pid, engine, model, quantize, started_at, heartbeat_at)
 VALUES (:id, :hostname, :pid, :engine, :model, :quantize, :now, :now);
 
 -- name: heartbeat
+-- Tell everyone a worker is alive.
 UPDATE workers SET heartbeat_at = :now WHERE id = :id;
 
 -- name: stop_worker
+-- Mark a worker as cleanly stopped.
 UPDATE workers SET stopped_at = :now WHERE id = :id;
 
 -- name: live_workers
+-- Workers that heartbeated since a time and have not stopped, oldest first.
 SELECT * FROM workers WHERE stopped_at IS NULL AND heartbeat_at >= :since ORDER BY started_at;
+
+-- name: worker_count
+-- Workers ever registered (and not yet forgotten).
+SELECT COUNT(*) FROM workers;
 
 -- name: held_tasks
 -- Tasks held by a worker, with what we know of that worker's liveness.
@@ -143,14 +177,21 @@ SELECT t.id, t.attempts, t.worker_id, w.hostname, w.pid, w.heartbeat_at, w.stopp
  WHERE t.status = 'processing';
 
 -- name: requeue_orphan
+-- Put a dead worker's task back in line; its attempt stays counted.
 UPDATE tasks SET status = 'waiting', worker_id = NULL, started_at = NULL, step = 0, image_index = 0,
                  step_at = NULL
  WHERE id = :id AND worker_id = :worker_id AND status = 'processing';
 
 -- name: fail_orphan
+-- Give up on a task whose workers died too often.
 UPDATE tasks SET status = 'error', finished_at = :now, error = :error
  WHERE id = :id AND worker_id = :worker_id AND status = 'processing';
 
 -- name: forget_old_workers
+-- Drop workers silent for a long time that hold no task.
 DELETE FROM workers WHERE heartbeat_at < :before
    AND id NOT IN (SELECT worker_id FROM tasks WHERE status = 'processing' AND worker_id IS NOT NULL);
+
+-- name: data_version
+-- A number that changes when another connection commits: a cheap "did anything happen?".
+PRAGMA data_version;

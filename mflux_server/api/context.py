@@ -1,0 +1,54 @@
+"""The API's per-app state, for blueprints to import: this thread's queue connection, the settings, the forecaster."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+
+from flask import Flask, current_app
+
+from mflux_server.core import db
+from mflux_server.core.settings import Settings
+from mflux_server.forecast.queue_view import Forecaster
+
+
+class Connections:
+    """One SQLite connection per thread, opened on first use; the database is the only shared state."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._local = threading.local()
+
+    def get(self) -> sqlite3.Connection:
+        """This thread's connection."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = db.connect(self.path)
+            self._local.conn = conn
+        return conn
+
+
+def init_app(app: Flask, config: Settings) -> None:
+    """Migrate the queue and attach the settings, the connections and the forecaster to the app."""
+    db.open_database(config.db).close()
+    app.extensions["mflux_settings"] = config
+    app.extensions["mflux_connections"] = Connections(config.db)
+    app.extensions["mflux_forecaster"] = Forecaster(connect=lambda: db.connect(config.db))
+
+
+def conn() -> sqlite3.Connection:
+    """The current thread's connection to the app's queue."""
+    connections: Connections = current_app.extensions["mflux_connections"]
+    return connections.get()
+
+
+def settings() -> Settings:
+    """The app's settings."""
+    config: Settings = current_app.extensions["mflux_settings"]
+    return config
+
+
+def forecaster() -> Forecaster:
+    """The app's forecaster (cost model and queue snapshot)."""
+    found: Forecaster = current_app.extensions["mflux_forecaster"]
+    return found

@@ -1,0 +1,205 @@
+"""Typed rows of the queue: what the store hands out instead of row dicts, and the task Status."""
+
+from __future__ import annotations
+
+import enum
+import sqlite3
+from dataclasses import dataclass, fields
+from typing import Any, NamedTuple, TypeVar
+
+T = TypeVar("T")
+
+
+class Status(enum.StrEnum):
+    """Where a task is in its lifecycle: waiting → processing → done | error; waiting | processing → canceled."""
+
+    WAITING = "waiting"
+    PROCESSING = "processing"
+    DONE = "done"
+    ERROR = "error"
+    CANCELED = "canceled"
+
+    @property
+    def unfinished(self) -> bool:
+        """True while a worker may still run the task."""
+        return self in (Status.WAITING, Status.PROCESSING)
+
+
+class Removal(enum.StrEnum):
+    """What DELETE did to a task."""
+
+    CANCELED = "canceled"
+    DELETED = "deleted"
+
+
+def _from_row(cls: type[T], row: sqlite3.Row, **converted: Any) -> T:
+    """Build a dataclass from a row holding (at least) its field names."""
+    values = {f.name: row[f.name] for f in fields(cls)}  # type: ignore[arg-type]
+    values.update(converted)
+    return cls(**values)
+
+
+@dataclass(frozen=True, slots=True)
+class NewTask:
+    """A validated request, ready to be queued."""
+
+    prompt: str
+    model: str
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    seed: int
+    count: int
+    format: str
+    quality: int
+    priority: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    """One row of the tasks table."""
+
+    seq: int
+    id: str
+    status: Status
+    priority: int
+    model: str
+    prompt: str
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    seed: int
+    count: int
+    format: str
+    quality: int
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    worker_id: str | None
+    attempts: int
+    image_index: int
+    step: int
+    step_at: float | None
+    engine: str | None
+    error: str | None
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> Task:
+        """The task a `SELECT *` or `RETURNING *` row describes."""
+        return _from_row(cls, row, status=Status(row["status"]))
+
+
+@dataclass(frozen=True, slots=True)
+class Worker:
+    """One row of the workers table: a generation process, registered afresh at each start."""
+
+    id: str
+    hostname: str
+    pid: int
+    engine: str
+    model: str
+    quantize: int | None
+    started_at: float
+    heartbeat_at: float
+    stopped_at: float | None
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> Worker:
+        """The worker a `SELECT *` row describes."""
+        return _from_row(cls, row)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredImage:
+    """One encoded image of a task, on its way into the database or out of it."""
+
+    idx: int
+    seed: int
+    mime: str
+    data: bytes
+    gen_started: float  # wall clock around the engine's generate, for duty-cycle figures
+    gen_ended: float
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> StoredImage:
+        """The image an images row describes."""
+        return _from_row(cls, row)
+
+
+@dataclass(frozen=True, slots=True)
+class Timing:
+    """Seconds measured for one kind of cost (step, before, after, encode)."""
+
+    kind: str
+    seconds: tuple[float, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class TimingStat:
+    """Aggregated timings of one model, size and kind: what the cost model is fitted to."""
+
+    model: str
+    width: int
+    height: int
+    kind: str
+    n: int
+    total: float
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> TimingStat:
+        """The stat a timing_stats row describes."""
+        return _from_row(cls, row)
+
+
+class QueueEntry(NamedTuple):
+    """A waiting task as the forecast sees it; a tuple because a snapshot reads 10,000 of them."""
+
+    model: str
+    priority: int
+    seq: int
+    width: int
+    height: int
+    steps: int
+    count: int
+
+
+class Arrival(NamedTuple):
+    """A submission as the forecast's arrival log sees it, whatever its status now."""
+
+    seq: int
+    model: str
+    priority: int
+    width: int
+    height: int
+    steps: int
+    count: int
+    created_at: float
+
+
+class ClaimKey(NamedTuple):
+    """Claim order: higher priority first, then first in; smaller keys are claimed first."""
+
+    neg_priority: int
+    seq: int
+
+    @classmethod
+    def of(cls, priority: int, seq: int) -> ClaimKey:
+        """The key of a task with this priority and sequence number."""
+        return cls(-priority, seq)
+
+
+class QueueRead(NamedTuple):
+    """Every waiting task in claim order, read in one transaction with the newest seq and the change counter."""
+
+    entries: list[QueueEntry]
+    max_seq: int
+    changes: int
+
+
+class Recovery(NamedTuple):
+    """What recovery did to one task held by a dead worker."""
+
+    task_id: str
+    status: Status

@@ -1,0 +1,356 @@
+"""All reads and writes of the queue, and the only code that runs SQL on it; rows come out typed (core.rows)."""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import socket
+import sqlite3
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from importlib import resources
+
+from mflux_server.core.db import transaction
+from mflux_server.core.rows import (
+    Arrival,
+    ClaimKey,
+    NewTask,
+    QueueEntry,
+    QueueRead,
+    Recovery,
+    Removal,
+    Status,
+    StoredImage,
+    Task,
+    Timing,
+    TimingStat,
+    Worker,
+)
+
+# Workers silent this long that hold no task are forgotten.
+FORGET_WORKERS_AFTER = 7 * 24 * 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    """One named statement of queries.sql with the line that says what it does."""
+
+    name: str
+    description: str
+    sql: str
+
+
+def parse_queries(text: str) -> dict[str, Query]:
+    """Split a queries file into named statements; each must have a description comment under its name."""
+    named: dict[str, Query] = {}
+    for block in re.split(r"^-- name: ", text, flags=re.MULTILINE)[1:]:
+        name, _, body = block.partition("\n")
+        name = name.strip()
+        lines = body.strip().splitlines()
+        description = []
+        while lines and lines[0].startswith("--"):
+            description.append(lines.pop(0).removeprefix("--").strip())
+        if not description:
+            raise ValueError(f"query {name!r} has no description under its name")
+        if name in named:
+            raise ValueError(f"query {name!r} is defined twice")
+        named[name] = Query(name, " ".join(description), "\n".join(lines).strip().rstrip(";"))
+    return named
+
+
+@lru_cache(maxsize=1)
+def queries() -> dict[str, Query]:
+    """The named statements of queries.sql, loaded once."""
+    text = resources.files("mflux_server.core").joinpath("queries.sql").read_text(encoding="utf-8")
+    return parse_queries(text)
+
+
+def sql(name: str) -> str:
+    """One named statement's SQL."""
+    return queries()[name].sql
+
+
+def new_task_id() -> str:
+    """An unguessable id: 128 random bits, hex."""
+    return secrets.token_hex(16)
+
+
+# Tasks
+
+
+def submit(conn: sqlite3.Connection, task: NewTask, now: float | None = None) -> Task:
+    """Queue a waiting task and return its row."""
+    params = asdict(task) | {"id": new_task_id(), "created_at": time.time() if now is None else now}
+    with transaction(conn):
+        return Task.from_row(conn.execute(sql("insert_task"), params).fetchone())
+
+
+def submit_many(conn: sqlite3.Connection, tasks: Iterable[NewTask], now: float | None = None) -> list[str]:
+    """Queue many waiting tasks in one transaction (benchmarks fill a queue this way); returns their ids."""
+    created_at = time.time() if now is None else now
+    ids = []
+    with transaction(conn):
+        for task in tasks:
+            ids.append(new_task_id())
+            conn.execute(sql("insert_task"), asdict(task) | {"id": ids[-1], "created_at": created_at}).fetchone()
+    return ids
+
+
+def get(conn: sqlite3.Connection, task_id: str) -> Task | None:
+    """One task, or None."""
+    row = conn.execute(sql("get_task"), (task_id,)).fetchone()
+    return Task.from_row(row) if row else None
+
+
+def claim_next(conn: sqlite3.Connection, worker_id: str, model: str, engine: str, now: float | None = None) -> Task | None:
+    """Atomically take the highest-priority, oldest waiting task for this model."""
+    params = {"worker_id": worker_id, "model": model, "engine": engine, "now": time.time() if now is None else now}
+    with transaction(conn):
+        row = conn.execute(sql("claim_next"), params).fetchone()
+    return Task.from_row(row) if row else None
+
+
+def record_progress(conn: sqlite3.Connection, task_id: str, worker_id: str, image_index: int, step: int,
+                    step_at: float) -> bool:
+    """Store progress; False when the task is no longer this worker's to run (canceled, recovered)."""
+    cur = conn.execute(
+        sql("record_progress"),
+        {"id": task_id, "worker_id": worker_id, "image_index": image_index, "step": step, "step_at": step_at},
+    )
+    return cur.rowcount == 1
+
+
+def still_mine(conn: sqlite3.Connection, task_id: str, worker_id: str) -> bool:
+    """True while the task is processing under this worker."""
+    return conn.execute(sql("still_mine"), {"id": task_id, "worker_id": worker_id}).fetchone() is not None
+
+
+def complete(conn: sqlite3.Connection, task_id: str, worker_id: str, images: Iterable[StoredImage]) -> bool:
+    """Store the images and mark the task done, in one transaction; False if it was not ours."""
+    with transaction(conn):
+        if not still_mine(conn, task_id, worker_id):
+            return False  # canceled or recovered while we worked: drop the images
+        for image in images:
+            conn.execute(sql("insert_image"), asdict(image) | {"task_id": task_id})
+        conn.execute(sql("mark_done"), {"id": task_id, "worker_id": worker_id, "now": time.time()})
+    return True
+
+
+def fail(conn: sqlite3.Connection, task_id: str, worker_id: str, message: str) -> bool:
+    """Mark a task as error with a message; False if it was not ours."""
+    with transaction(conn):
+        cur = conn.execute(sql("mark_error"), {"id": task_id, "worker_id": worker_id, "now": time.time(), "error": message})
+    return cur.rowcount == 1
+
+
+def release(conn: sqlite3.Connection, task_id: str, worker_id: str) -> bool:
+    """Put a task back in the queue (graceful stop); the interrupted attempt is not counted."""
+    with transaction(conn):
+        cur = conn.execute(sql("release_task"), {"id": task_id, "worker_id": worker_id})
+    return cur.rowcount == 1
+
+
+def cancel_or_delete(conn: sqlite3.Connection, task_id: str) -> Removal | None:
+    """Cancel an unfinished task, or delete a finished one; None when there is no such task."""
+    with transaction(conn):
+        task = get(conn, task_id)
+        if task is None:
+            return None
+        if task.status.unfinished:
+            conn.execute(sql("cancel_task"), {"id": task_id, "now": time.time()})
+            return Removal.CANCELED
+        conn.execute(sql("delete_task"), (task_id,))
+        return Removal.DELETED
+
+
+def fetch_image(conn: sqlite3.Connection, task_id: str, index: int) -> StoredImage | None:
+    """One stored image, or None."""
+    row = conn.execute(sql("get_image"), (task_id, index)).fetchone()
+    return StoredImage.from_row(row) if row else None
+
+
+def mark_served(conn: sqlite3.Connection, task_id: str, index: int, delete_when_all_served: bool) -> bool:
+    """Note an image as served; with delete, remove the task once every image was served. True if deleted."""
+    with transaction(conn):
+        conn.execute(sql("mark_served"), (task_id, index))
+        if delete_when_all_served and conn.execute(sql("unserved_count"), (task_id,)).fetchone()[0] == 0:
+            conn.execute(sql("delete_task"), (task_id,))
+            return True
+    return False
+
+
+def generation_spans(conn: sqlite3.Connection) -> list[tuple[float, float]]:
+    """(started, ended) of every stored image's generation, in order."""
+    return [(row[0], row[1]) for row in conn.execute(sql("generation_spans"))]
+
+
+def list_tasks(conn: sqlite3.Connection, status: Status | None, limit: int, offset: int) -> tuple[list[Task], int]:
+    """A page of tasks (running, then waiting in claim order, then newest finished) and the total."""
+    params = {"status": status, "limit": limit, "offset": offset}
+    rows = conn.execute(sql("list_tasks"), params).fetchall()
+    total = conn.execute(sql("count_tasks"), {"status": status}).fetchone()[0]
+    return [Task.from_row(r) for r in rows], total
+
+
+def status_counts(conn: sqlite3.Connection) -> dict[Status, int]:
+    """Tasks per status, every status present."""
+    counts = {status: 0 for status in Status}
+    counts.update({Status(row["status"]): row["n"] for row in conn.execute(sql("status_counts"))})
+    return counts
+
+
+def running_tasks(conn: sqlite3.Connection) -> list[Task]:
+    """Tasks being generated right now."""
+    return [Task.from_row(r) for r in conn.execute(sql("running_tasks"))]
+
+
+# What the forecast reads
+
+
+def read_queue(conn: sqlite3.Connection) -> QueueRead:
+    """Every waiting task in claim order, with the newest seq and the change counter, from one read snapshot."""
+    cursor = conn.cursor()
+    cursor.row_factory = None  # plain tuples: several times cheaper than sqlite3.Row for 10,000 rows
+    cursor.execute("BEGIN")  # one read transaction for all three statements
+    try:
+        entries = list(map(QueueEntry._make, cursor.execute(sql("waiting_queue")).fetchall()))
+        max_seq = cursor.execute(sql("max_seq")).fetchone()[0]
+        changes = cursor.execute(sql("queue_changes")).fetchone()[0]
+    finally:
+        cursor.execute("COMMIT")
+    return QueueRead(entries, max_seq, changes)
+
+
+def waiting_since(conn: sqlite3.Connection, model: str, seq: int) -> list[QueueEntry]:
+    """Waiting tasks for a model submitted after sequence number seq."""
+    return [QueueEntry._make(r) for r in conn.execute(sql("waiting_since"), {"model": model, "seq": seq})]
+
+
+def waiting_front(conn: sqlite3.Connection, model: str, seq: int) -> ClaimKey | None:
+    """The claim key of the first waiting task in claim order among those with seq up to seq, or None."""
+    row = conn.execute(sql("waiting_front"), {"model": model, "seq": seq}).fetchone()
+    return ClaimKey.of(row["priority"], row["seq"]) if row else None
+
+
+def arrivals_since(conn: sqlite3.Connection, seq: int, since: float) -> list[Arrival]:
+    """Tasks submitted after sequence number seq and after time since, whatever their status now."""
+    return [Arrival._make(r) for r in conn.execute(sql("arrivals_since"), {"seq": seq, "since": since})]
+
+
+def queue_changes(conn: sqlite3.Connection) -> int:
+    """A counter that moves whenever a task leaves or re-enters the waiting set (not on fresh submits)."""
+    return conn.execute(sql("queue_changes")).fetchone()[0]
+
+
+def data_version(conn: sqlite3.Connection) -> int:
+    """A number that changes whenever another connection commits to the database."""
+    return conn.execute(sql("data_version")).fetchone()[0]
+
+
+# Timings
+
+
+def record_timings(conn: sqlite3.Connection, model: str, width: int, height: int, timings: Iterable[Timing],
+                   now: float | None = None) -> None:
+    """Add measured seconds for one model and size to the stats the forecast is fitted to."""
+    at = time.time() if now is None else now
+    with transaction(conn):
+        for timing in timings:
+            if timing.seconds:
+                conn.execute(sql("record_timing"), {"model": model, "width": width, "height": height, "kind": timing.kind,
+                                                    "n": len(timing.seconds), "total": sum(timing.seconds), "now": at})
+
+
+def timing_stats(conn: sqlite3.Connection) -> list[TimingStat]:
+    """Every aggregated timing."""
+    return [TimingStat.from_row(r) for r in conn.execute(sql("timing_stats"))]
+
+
+def timing_version(conn: sqlite3.Connection) -> tuple[float, int]:
+    """A cheap fingerprint of the timing stats, so a fitted model is refit only when they change."""
+    row = conn.execute(sql("timing_version")).fetchone()
+    return (row["version"], row["rows"])
+
+
+# Workers and recovery
+
+
+def register_worker(conn: sqlite3.Connection, engine: str, model: str, quantize: int | None,
+                    pid: int | None = None, now: float | None = None) -> str:
+    """Record a new worker (this process unless pid is given) with a fresh id, and return the id."""
+    pid = os.getpid() if pid is None else pid
+    worker_id = f"{socket.gethostname()}-{pid}-{secrets.token_hex(4)}"
+    params = {"id": worker_id, "hostname": socket.gethostname(), "pid": pid, "engine": engine, "model": model,
+              "quantize": quantize, "now": time.time() if now is None else now}
+    with transaction(conn):
+        conn.execute(sql("register_worker"), params)
+    return worker_id
+
+
+def heartbeat(conn: sqlite3.Connection, worker_id: str, now: float | None = None) -> None:
+    """Tell everyone this worker is alive (as of now)."""
+    conn.execute(sql("heartbeat"), {"id": worker_id, "now": time.time() if now is None else now})
+
+
+def stop_worker(conn: sqlite3.Connection, worker_id: str) -> None:
+    """Mark a worker as cleanly stopped."""
+    conn.execute(sql("stop_worker"), {"id": worker_id, "now": time.time()})
+
+
+def live_workers(conn: sqlite3.Connection, stale_after: float) -> list[Worker]:
+    """Workers that heartbeated within stale_after seconds and have not stopped."""
+    return [Worker.from_row(r) for r in conn.execute(sql("live_workers"), {"since": time.time() - stale_after})]
+
+
+def worker_count(conn: sqlite3.Connection) -> int:
+    """Workers ever registered and not yet forgotten."""
+    return conn.execute(sql("worker_count")).fetchone()[0]
+
+
+def pid_alive(pid: int) -> bool:
+    """True if a process with this pid exists on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recover_orphans(
+    conn: sqlite3.Connection,
+    stale_after: float,
+    max_attempts: int,
+    alive: Callable[[int], bool] = pid_alive,
+) -> list[Recovery]:
+    """Requeue tasks whose worker died (stale heartbeat, or a dead pid on this host); past max_attempts, fail them."""
+    now = time.time()
+    host = socket.gethostname()
+    outcomes = []
+    with transaction(conn):
+        for held in conn.execute(sql("held_tasks")).fetchall():
+            dead = (
+                held["heartbeat_at"] is None
+                or held["stopped_at"] is not None
+                or held["heartbeat_at"] < now - stale_after
+                or (held["hostname"] == host and held["pid"] != os.getpid() and not alive(held["pid"]))
+            )
+            if not dead:
+                continue
+            params = {"id": held["id"], "worker_id": held["worker_id"], "now": now}
+            if held["attempts"] >= max_attempts:
+                params["error"] = (
+                    f"gave up after {held['attempts']} attempts: the worker running this task died each time "
+                    f"(last: {held['worker_id']}); the task may crash the worker or need more memory"
+                )
+                conn.execute(sql("fail_orphan"), params)
+                outcomes.append(Recovery(held["id"], Status.ERROR))
+            else:
+                conn.execute(sql("requeue_orphan"), params)
+                outcomes.append(Recovery(held["id"], Status.WAITING))
+        conn.execute(sql("forget_old_workers"), {"before": now - FORGET_WORKERS_AFTER})
+    return outcomes

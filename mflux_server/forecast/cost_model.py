@@ -1,0 +1,187 @@
+"""The cost model: how long a task keeps the engine busy, fitted to measured timings. Pure: no I/O, no clock."""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from mflux_server.core.rows import Task, TimingStat
+from mflux_server.forecast.numerics import Coefficients, Point, fit_poly, fit_ratio, poly
+
+KINDS = ("step", "before", "after", "encode")
+
+# Seconds per kind as a + b·mp + c·mp², mp = width·height / 2**20, used until the worker has measured
+# anything. Roughly FLUX.1 at 8-bit on an M2-class Mac: 1024² costs ~3.5 s a step, ~2 s of prompt
+# encoding before the loop, ~1 s of VAE decoding after it, and a few hundredths of a second to encode.
+PRIOR: dict[str, Coefficients] = {
+    "step": (0.5, 2.0, 1.0),
+    "before": (2.0, 0.0, 0.0),
+    "after": (0.2, 0.8, 0.0),
+    "encode": (0.01, 0.04, 0.0),
+}
+# A size measured this many times is forecast from its own mean rather than from the fitted curve.
+MIN_SAMPLES_FOR_MEAN = 3
+
+
+def megapixels(width: int, height: int) -> float:
+    """Pixel count in units of 2**20."""
+    return width * height / 2**20
+
+
+class TaskShape(Protocol):
+    """What the cost of a task depends on: a Task, a QueueEntry, an Arrival or a NewTask."""
+
+    @property
+    def model(self) -> str: ...
+    @property
+    def width(self) -> int: ...
+    @property
+    def height(self) -> int: ...
+    @property
+    def steps(self) -> int: ...
+    @property
+    def count(self) -> int: ...
+
+
+class FitShape(enum.Enum):
+    """The curve a kind's cost follows: the prior's shape scaled, or a polynomial of some degree."""
+
+    SCALED_PRIOR = None
+    CONSTANT = 0
+    LINEAR = 1
+    QUADRATIC = 2
+
+    @property
+    def parameters(self) -> int:
+        """Free parameters of the curve."""
+        return 1 if self.value is None else self.value + 1
+
+    def fit(self, points: list[Point], prior: Coefficients) -> Coefficients | None:
+        """Fit this curve to (mp, mean, weight) points."""
+        return fit_ratio(points, prior) if self.value is None else fit_poly(points, self.value)
+
+
+@dataclass
+class KindModel:
+    """The fitted cost of one kind (step, before, after, encode) for one model."""
+
+    prior: Coefficients
+    means: dict[float, tuple[float, int]] = field(default_factory=dict)  # mp -> (mean seconds, n)
+    coef: Coefficients | None = None
+    ratio: float | None = None
+    shape: FitShape | None = None  # None: nothing measured, the prior as it is (scaled by ratio if known)
+
+    @classmethod
+    def fit(cls, prior: Coefficients, samples: dict[float, tuple[float, int]]) -> KindModel:
+        """Pick, by leave-one-out error over the measured sizes, the scaled prior or a polynomial of degree 0–2."""
+        model = cls(prior=prior, means=samples)
+        # Relative weights (we care about percentage error), damped in the sample count.
+        points = [(mp, mean, math.sqrt(n) / mean**2) for mp, (mean, n) in samples.items() if mean > 0]
+        if not points:
+            return model
+        scaled = fit_ratio(points, prior)
+        model.ratio = poly(scaled, 1.0) / poly(prior, 1.0) if poly(prior, 1.0) else None
+        best, best_error = FitShape.SCALED_PRIOR, None
+        for shape in FitShape:
+            if len(points) < shape.parameters + 1:
+                continue  # too few sizes to judge this shape by leaving one out
+            error = leave_one_out_error(points, lambda pts, s=shape: s.fit(pts, prior))
+            if best_error is None or error < best_error * 0.98:  # a more complex shape must clearly win
+                best, best_error = shape, error
+        model.coef = best.fit(points, prior) or scaled
+        model.shape = best
+        return model
+
+    def seconds(self, mp: float) -> float:
+        """Predicted seconds at this pixel count."""
+        measured = self.means.get(mp)
+        if measured and measured[1] >= MIN_SAMPLES_FOR_MEAN:
+            return measured[0]
+        if self.coef is not None and self.means:
+            # Inside the measured sizes, trust the fit. Beyond them, polynomials can run wild: carry the fit's
+            # level at the nearest edge along the prior's shape, unless the fit's own curve stays within 2× of that.
+            edge = min(max(mp, min(self.means)), max(self.means))
+            fitted = poly(self.coef, edge)
+            if fitted > 0:
+                if edge == mp or poly(self.prior, edge) <= 0:
+                    return fitted
+                along_prior = fitted * poly(self.prior, mp) / poly(self.prior, edge)
+                own = poly(self.coef, mp)
+                return own if along_prior / 2 <= own <= along_prior * 2 else along_prior
+        if self.ratio is not None:
+            return poly(self.prior, mp) * self.ratio
+        return poly(self.prior, mp)
+
+
+def leave_one_out_error(points: list[Point], fitter: Callable[[list[Point]], Coefficients | None]) -> float:
+    """Weighted squared relative error of predicting each point from a fit to all the others."""
+    error = 0.0
+    for i, (mp, mean, weight) in enumerate(points):
+        coef = fitter(points[:i] + points[i + 1:])
+        predicted = poly(coef, mp) if coef else -1.0
+        error += weight * mean**2 * (((predicted - mean) / mean) ** 2 if predicted > 0 else 100.0)
+    return error
+
+
+@dataclass
+class CostModel:
+    """Per model name, the fitted cost of each kind; predicts task durations."""
+
+    kinds: dict[str, dict[str, KindModel]]
+    measured: bool
+
+    @classmethod
+    def fit(cls, stats: Iterable[TimingStat]) -> CostModel:
+        """Fit every (model, kind) from aggregated timings; with none, the prior."""
+        grouped: dict[tuple[str, str], dict[float, tuple[float, int]]] = {}
+        for stat in stats:
+            grouped.setdefault((stat.model, stat.kind), {})[megapixels(stat.width, stat.height)] = (stat.total / stat.n, stat.n)
+        kinds: dict[str, dict[str, KindModel]] = {}
+        for (model, kind), samples in grouped.items():
+            kinds.setdefault(model, {})[kind] = KindModel.fit(PRIOR[kind], samples)
+        return cls(kinds=kinds, measured=bool(grouped))
+
+    def kind(self, model: str, kind: str) -> KindModel:
+        """The fitted cost of one kind, falling back to the prior when this model was never measured."""
+        fitted = self.kinds.get(model, {}).get(kind)
+        if fitted is not None:
+            return fitted
+        # Another model measured on this machine says more about its speed than the prior does.
+        ratios = [m[kind].ratio for m in self.kinds.values() if kind in m and m[kind].ratio is not None]
+        ratio = sum(r for r in ratios if r is not None) / len(ratios) if ratios else None
+        return KindModel(prior=PRIOR[kind], ratio=ratio)
+
+    def parts(self, model: str, width: int, height: int) -> dict[str, float]:
+        """Seconds for one step and for each fixed cost, at this size."""
+        mp = megapixels(width, height)
+        return {kind: self.kind(model, kind).seconds(mp) for kind in KINDS}
+
+    def gpu_seconds(self, task: TaskShape) -> float:
+        """Seconds a task keeps the engine busy; encoding runs beside the next generation, so it is not here."""
+        p = self.parts(task.model, task.width, task.height)
+        return task.count * (p["before"] + task.steps * p["step"] + p["after"])
+
+    def task_seconds(self, task: TaskShape) -> float:
+        """Seconds from a task's start until its images are stored: the generation, then its last encode."""
+        return self.gpu_seconds(task) + self.parts(task.model, task.width, task.height)["encode"]
+
+    def remaining_gpu_seconds(self, task: Task, now: float) -> float:
+        """Seconds until a running task frees the engine, from its reported step and when that step finished."""
+        p = self.parts(task.model, task.width, task.height)
+        steps, step = task.steps, task.step
+        elapsed = max(0.0, now - (task.step_at or task.started_at or now))
+        if step <= 0:
+            current = max(p["before"] + p["step"] - elapsed, 0.0) + (steps - 1) * p["step"] + p["after"]
+        elif step < steps:
+            current = max(p["step"] - elapsed, 0.0) + (steps - step - 1) * p["step"] + p["after"]
+        else:
+            current = max(p["after"] - elapsed, 0.0)
+        later_images = max(task.count - task.image_index - 1, 0)
+        return current + later_images * (p["before"] + steps * p["step"] + p["after"])
+
+    def remaining_seconds(self, task: Task, now: float) -> float:
+        """Seconds until a running task's images are stored."""
+        return self.remaining_gpu_seconds(task, now) + self.parts(task.model, task.width, task.height)["encode"]

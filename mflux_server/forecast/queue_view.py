@@ -1,0 +1,198 @@
+"""The queue view: where a task stands and how long it will take, from the cost model and the queue in the store."""
+
+from __future__ import annotations
+
+import bisect
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from mflux_server.core import store
+from mflux_server.core.rows import ClaimKey, QueueRead, Status, Task
+from mflux_server.forecast.arrivals import ARRIVAL_WINDOW, ArrivalLog
+from mflux_server.forecast.cost_model import CostModel
+
+# Fresh submissions are read past the snapshot each request; beyond this many, fold them into a new one.
+MAX_UNSNAPSHOTTED = 32
+
+
+class Estimate(NamedTuple):
+    """Where a task stands in the queue."""
+
+    pos: int  # waiting tasks that will start before it
+    running: int  # tasks of its model running now (ahead of it, if it waits)
+    seconds: float  # until its images are stored
+
+
+@dataclass(frozen=True)
+class QueueSnapshot:
+    """The waiting tasks of each model in claim order, with prefix sums of their predicted engine time."""
+
+    max_seq: int
+    changes: int
+    keys: dict[str, list[ClaimKey]]
+    prefix: dict[str, list[float]]
+    cost: CostModel  # the model the prefix sums were priced with
+    built_at: float
+
+    @classmethod
+    def build(cls, read: QueueRead, cost: CostModel, now: float) -> QueueSnapshot:
+        """Sum predicted times in claim order over a queue read (pure: the read comes from store.read_queue)."""
+        keys: dict[str, list[ClaimKey]] = {}
+        prefix: dict[str, list[float]] = {}
+        prices: dict[tuple[str, int, int, int, int], float] = {}
+        for entry in read.entries:
+            shape = (entry.model, entry.width, entry.height, entry.steps, entry.count)
+            seconds = prices.get(shape)
+            if seconds is None:
+                seconds = prices[shape] = cost.gpu_seconds(entry)
+            model_keys = keys.get(entry.model)
+            if model_keys is None:
+                model_keys, prefix[entry.model] = keys.setdefault(entry.model, []), [0.0]
+            model_prefix = prefix[entry.model]
+            model_keys.append(ClaimKey(-entry.priority, entry.seq))
+            model_prefix.append(model_prefix[-1] + seconds)
+        return cls(read.max_seq, read.changes, keys, prefix, cost, now)
+
+    def ahead(self, model: str, key: ClaimKey) -> tuple[int, float]:
+        """Waiting tasks ahead of a claim key, and their summed engine seconds."""
+        keys = self.keys.get(model)
+        if not keys:
+            return 0, 0.0
+        index = bisect.bisect_left(keys, key)
+        return index, self.prefix[model][index]
+
+
+class CostCache:
+    """The fitted cost model, refit only when the timing stats changed and at most every `interval` seconds."""
+
+    def __init__(self, interval: float) -> None:
+        self._lock = threading.Lock()
+        self._interval = interval
+        self._model: CostModel | None = None
+        self._version: tuple[float, int] | None = None
+        self._checked_at = 0.0
+
+    def get(self, conn: sqlite3.Connection, now: float) -> CostModel:
+        """The current cost model, as of now."""
+        if self._model is not None and now - self._checked_at < self._interval:
+            return self._model
+        with self._lock:
+            version = store.timing_version(conn)
+            if self._model is None or version != self._version:
+                self._model = CostModel.fit(store.timing_stats(conn))
+                self._version = version
+            self._checked_at = now
+            return self._model
+
+
+class Forecaster:
+    """Keeps a fitted cost model and a recent queue snapshot, so a status request costs a few indexed reads.
+
+    The first snapshot is built on the request that needs it; later ones on a background thread (with a
+    connection of its own from `connect`) while requests answer from the previous one, corrected for claims.
+    `clock` gives the current Unix time wherever a caller passes no `now`.
+    """
+
+    def __init__(self, connect: Callable[[], sqlite3.Connection], clock: Callable[[], float] = time.time,
+                 refit_interval: float = 0.5, reprice_after: float = 5.0):
+        self._connect = connect
+        self._clock = clock
+        self._costs = CostCache(refit_interval)
+        # The worker records timings with every step, so the cost model changes often; a snapshot priced
+        # with an older one is re-priced once it is this old.
+        self._reprice_after = reprice_after
+        self._lock = threading.Lock()
+        self._snapshot: QueueSnapshot | None = None
+        self._rebuild: threading.Thread | None = None
+        self.arrivals = ArrivalLog()
+
+    def cost_model(self, conn: sqlite3.Connection, now: float | None = None) -> CostModel:
+        """The current cost model."""
+        return self._costs.get(conn, self._clock() if now is None else now)
+
+    def snapshot(self, conn: sqlite3.Connection, cost: CostModel, now: float) -> QueueSnapshot:
+        """The waiting queue in claim order: rebuilt when tasks left or re-entered it, re-priced now and then."""
+        current = self._snapshot
+        if current is None:
+            with self._lock:
+                if self._snapshot is None:  # nobody built it while we waited for the lock
+                    self._snapshot = QueueSnapshot.build(store.read_queue(conn), cost, now)
+                    self.arrivals.observe(store.arrivals_since(conn, 0, now - ARRIVAL_WINDOW), now, cost)
+                return self._snapshot
+        moved = current.changes != store.queue_changes(conn)
+        stale_prices = current.cost is not cost and now - current.built_at >= self._reprice_after
+        if moved or stale_prices:
+            self._rebuild_soon(cost)
+        return current
+
+    def settle(self, timeout: float = 10.0) -> None:
+        """Wait for a background rebuild in flight, if any (tests use it to read its outcome)."""
+        thread = self._rebuild
+        if thread is not None:
+            thread.join(timeout)
+
+    def _rebuild_soon(self, cost: CostModel) -> None:
+        with self._lock:
+            if self._rebuild is not None:
+                return
+            self._rebuild = threading.Thread(target=self._rebuild_now, args=(cost,), name="queue-snapshot", daemon=True)
+            self._rebuild.start()  # under the lock, so settle() never sees a thread that has not started
+
+    def _rebuild_now(self, cost: CostModel) -> None:
+        conn = self._connect()
+        try:
+            now = self._clock()
+            snapshot = QueueSnapshot.build(store.read_queue(conn), cost, now)
+            # Only this thread touches the arrival log now (one rebuild at a time), so no lock is held
+            # while it is re-priced: request threads never wait for it.
+            self.arrivals.observe(store.arrivals_since(conn, self.arrivals.last_seq, now - ARRIVAL_WINDOW), now, cost)
+            self._snapshot = snapshot
+        finally:
+            conn.close()
+            with self._lock:
+                self._rebuild = None
+
+    def estimate(self, conn: sqlite3.Connection, task: Task, workers: int, now: float | None = None) -> Estimate:
+        """Where a task stands: waiting tasks and running tasks ahead of it, and seconds until its images are done."""
+        now = self._clock() if now is None else now
+        cost = self.cost_model(conn, now)
+        if task.status is Status.PROCESSING:
+            return Estimate(0, 0, cost.remaining_seconds(task, now))
+        if task.status is not Status.WAITING:
+            return Estimate(0, 0, 0.0)
+        key = ClaimKey.of(task.priority, task.seq)
+        snap = self.snapshot(conn, cost, now)
+        # The worker claims in claim order, so every task of the snapshot ahead of the first one still waiting
+        # has left the queue since: skipping them keeps a snapshot exact between rebuilds.
+        front = store.waiting_front(conn, task.model, snap.max_seq)
+        if front is None:
+            pos, ahead = 0, 0.0
+        else:
+            pos, ahead = snap.ahead(task.model, key)
+            gone, gone_seconds = snap.ahead(task.model, front)
+            pos, ahead = max(pos - gone, 0), max(ahead - gone_seconds, 0.0)
+        # Tasks submitted since the snapshot: a rowid range read, so a new task's position is always exact.
+        newer = store.waiting_since(conn, task.model, snap.max_seq)
+        if len(newer) > MAX_UNSNAPSHOTTED:
+            self._rebuild_soon(cost)
+        prices: dict[tuple[int, int, int, int], float] = {}
+        for entry in newer:
+            if ClaimKey.of(entry.priority, entry.seq) < key:
+                shape = (entry.width, entry.height, entry.steps, entry.count)
+                if shape not in prices:
+                    prices[shape] = cost.gpu_seconds(entry)
+                pos += 1
+                ahead += prices[shape]
+        running_ahead = 0
+        for running in store.running_tasks(conn):
+            if running.model != task.model or running.id == task.id:
+                continue  # the worker may have claimed this very task since its row was read
+            running_ahead += 1
+            ahead += cost.remaining_gpu_seconds(running, now)
+        # Several workers serving this model drain the queue ahead of us in parallel.
+        until_start = self.arrivals.until_start(task.model, task.priority, workers, max(ahead, 0.0) / max(workers, 1))
+        return Estimate(max(pos, 0), running_ahead, until_start + cost.task_seconds(task))

@@ -1,0 +1,274 @@
+"""The forecast: monotone in steps, pixels, count and queue; a measured model replaces the prior."""
+
+from __future__ import annotations
+
+import math
+import random
+import threading
+import time
+
+import pytest
+
+from mflux_server.core import db, store
+from mflux_server.core.rows import Task, Timing
+from mflux_server.forecast.arrivals import MAX_PRIORITY_LOAD, MIN_ARRIVAL_SPAN, OVERTAKING_QUANTILE
+from mflux_server.forecast.cost_model import PRIOR, CostModel, FitShape, KindModel, megapixels
+from mflux_server.forecast.numerics import poisson_quantile
+from mflux_server.forecast.queue_view import Estimate, Forecaster
+from tests.conftest import new_task as task
+from tests.conftest import queue_task
+
+# Every forecaster here reads this clock, fixed when the module loads, so no test races wall time.
+NOW = time.time()
+
+
+def record(conn, model: str, width: int, height: int, kind: str, seconds: list[float]) -> None:
+    store.record_timings(conn, model, width, height, [Timing(kind, tuple(seconds))])
+
+
+def forecaster_for(db_path: str, **options) -> Forecaster:
+    """A forecaster on the test's queue, as the API builds one, reading the fixed clock."""
+    return Forecaster(connect=lambda: db.connect(db_path), clock=lambda: NOW, **options)
+
+
+def current(conn, task_id: str) -> Task:
+    found = store.get(conn, task_id)
+    assert found is not None
+    return found
+
+
+def settled(forecaster: Forecaster, conn, task_id: str, workers: int = 1) -> Estimate:
+    """The estimate once any rebuild the first call started has finished."""
+    forecaster.estimate(conn, current(conn, task_id), workers)
+    forecaster.settle()
+    return forecaster.estimate(conn, current(conn, task_id), workers)
+
+
+def test_more_steps_pixels_or_images_take_longer():
+    cost = CostModel.fit([])
+    base = cost.task_seconds(task())
+    assert cost.task_seconds(task(steps=8)) > base
+    assert cost.task_seconds(task(width=1024, height=1024)) > base
+    assert cost.gpu_seconds(task(count=2)) == pytest.approx(2 * cost.gpu_seconds(task()))
+    # encoding overlaps the next generation, so a task pays for its last encode only
+    assert cost.task_seconds(task()) - cost.gpu_seconds(task()) == pytest.approx(cost.parts("schnell", 512, 512)["encode"])
+
+
+def test_prior_is_used_before_any_measurement():
+    cost = CostModel.fit([])
+    a, b, c = PRIOR["step"]
+    assert cost.parts("schnell", 1024, 1024)["step"] == pytest.approx(a + b + c)
+    assert not cost.measured
+
+
+def test_more_tasks_ahead_means_a_longer_wait(conn, db_path):
+    forecaster = forecaster_for(db_path, refit_interval=0)
+    first = queue_task(conn)
+    second = queue_task(conn)
+    urgent = queue_task(conn, priority=1)
+    waits = {t.id: forecaster.estimate(conn, current(conn, t.id), workers=1).seconds for t in (first, second, urgent)}
+    assert waits[urgent.id] < waits[first.id] < waits[second.id]
+    cost = CostModel.fit([])
+    # urgent and first are ahead of it; one urgent arrival in 30 s makes a later overtaker unlikely enough
+    # (none counted while P(none) = exp(-rate × wait) is at least the quantile) that it is not counted
+    assert math.exp(-1 / MIN_ARRIVAL_SPAN * 2 * cost.gpu_seconds(task())) >= OVERTAKING_QUANTILE
+    assert waits[second.id] == pytest.approx(2 * cost.gpu_seconds(task()) + cost.task_seconds(task()))
+    # the urgent task itself waits only for itself: nothing can overtake it
+    assert waits[urgent.id] == pytest.approx(cost.task_seconds(task()))
+
+
+def test_running_task_remaining_shrinks_with_progress(conn, db_path):
+    forecaster = forecaster_for(db_path, refit_interval=0)
+    queue_task(conn, steps=10)
+    running = store.claim_next(conn, "w", "schnell", "synthetic")
+    waiting = queue_task(conn, steps=10)
+    store.record_progress(conn, running.id, "w", 0, 2, NOW - 0.1)
+    early = forecaster.estimate(conn, current(conn, waiting.id), workers=1).seconds
+    store.record_progress(conn, running.id, "w", 0, 8, NOW - 0.1)
+    late = forecaster.estimate(conn, current(conn, waiting.id), workers=1).seconds
+    step = CostModel.fit([]).parts("schnell", 512, 512)["step"]
+    assert early - late == pytest.approx(6 * step, rel=1e-12)  # exact: both read the same clock
+
+
+def test_measured_timings_replace_the_prior(conn, db_path):
+    forecaster = forecaster_for(db_path, refit_interval=0, reprice_after=0)
+    t = queue_task(conn, width=512, height=512, steps=4)
+    prior = forecaster.estimate(conn, current(conn, t.id), workers=1).seconds
+    for kind, seconds in (("step", 0.25), ("before", 0.1), ("after", 0.05), ("encode", 0.01)):
+        record(conn, "schnell", 512, 512, kind, [seconds] * 5)
+    measured = forecaster.estimate(conn, current(conn, t.id), workers=1).seconds
+    assert measured == pytest.approx(0.1 + 4 * 0.25 + 0.05 + 0.01)
+    assert measured != pytest.approx(prior)
+    assert forecaster.cost_model(conn).measured
+
+
+def test_fit_recovers_a_quadratic_cost_and_extrapolates():
+    a, b, c = 0.05, 0.3, 0.4
+    rnd = random.Random(1)
+    samples = {}
+    for side in (512, 768, 1024, 1280):
+        mp = megapixels(side, side)
+        values = [(a + b * mp + c * mp * mp) * (1 + rnd.uniform(-0.05, 0.05)) for _ in range(5)]
+        samples[mp] = (sum(values) / len(values), len(values))
+    model = KindModel.fit(PRIOR["step"], samples)
+    for side in (640, 1536):  # unseen sizes, inside and beyond the measured range
+        mp = megapixels(side, side)
+        assert model.seconds(mp) == pytest.approx(a + b * mp + c * mp * mp, rel=0.05)
+
+
+def test_one_measured_size_scales_the_prior_for_the_others():
+    mp = megapixels(512, 512)
+    prior_value = PRIOR["step"][0] + PRIOR["step"][1] * mp + PRIOR["step"][2] * mp * mp
+    model = KindModel.fit(PRIOR["step"], {mp: (prior_value / 10, 4)})
+    big = megapixels(1024, 1024)
+    assert model.seconds(big) == pytest.approx(sum(PRIOR["step"]) / 10)
+
+
+def test_an_unmeasured_model_borrows_this_machines_speed(conn):
+    record(conn, "schnell", 512, 512, "step", [0.01] * 5)
+    cost = CostModel.fit(store.timing_stats(conn))
+    prior = CostModel.fit([])
+    assert cost.parts("dev", 512, 512)["step"] < prior.parts("dev", 512, 512)["step"] / 5
+
+
+def test_several_workers_share_the_queue_ahead(conn, db_path):
+    forecaster = forecaster_for(db_path, refit_interval=0)
+    for _ in range(4):
+        queue_task(conn)
+    last = queue_task(conn)
+    one = forecaster.estimate(conn, current(conn, last.id), workers=1).seconds
+    two = forecaster.estimate(conn, current(conn, last.id), workers=2).seconds
+    cost = CostModel.fit([])
+    gpu, own = cost.gpu_seconds(task()), cost.task_seconds(task())
+    assert one == pytest.approx(4 * gpu + own) and two == pytest.approx(2 * gpu + own)
+
+
+def test_a_task_claimed_since_the_snapshot_is_counted_once(conn, db_path):
+    forecaster = forecaster_for(db_path, refit_interval=60)
+    queue_task(conn, steps=10)
+    last = queue_task(conn)
+    before = forecaster.estimate(conn, current(conn, last.id), workers=1)
+    assert before.pos == 1 and before.running == 0
+    store.claim_next(conn, "w", "schnell", "synthetic")  # the snapshot still lists it as waiting
+    after = forecaster.estimate(conn, current(conn, last.id), workers=1)
+    assert (after.pos, after.running) == (0, 1)
+    assert after.seconds == pytest.approx(before.seconds, rel=1e-12)
+
+
+def test_tasks_that_left_the_queue_since_the_snapshot_are_not_counted(conn, db_path):
+    gate = threading.Event()  # holds the background rebuild, so estimates must answer from the stale snapshot
+
+    def slow_connect():
+        gate.wait(10)
+        return db.connect(db_path)
+
+    forecaster = Forecaster(connect=slow_connect, clock=lambda: NOW, refit_interval=60)
+    first, second, third = (queue_task(conn, steps=s) for s in (10, 20, 30))
+    last = queue_task(conn)
+    try:
+        assert forecaster.estimate(conn, current(conn, last.id), workers=1).pos == 3
+        built = forecaster._snapshot
+        claimed = store.claim_next(conn, "w", "schnell", "synthetic")
+        assert claimed.id == first.id and store.complete(conn, claimed.id, "w", [])
+        assert store.claim_next(conn, "w", "schnell", "synthetic").id == second.id
+        after = forecaster.estimate(conn, current(conn, last.id), workers=1)
+        assert forecaster._snapshot is built
+        assert (after.pos, after.running) == (1, 1)
+        cost = CostModel.fit([])
+        running = cost.remaining_gpu_seconds(current(conn, second.id), NOW)
+        assert after.seconds == pytest.approx(running + cost.gpu_seconds(third) + cost.task_seconds(last), rel=1e-12)
+    finally:
+        gate.set()
+
+
+def test_tasks_submitted_since_the_snapshot_are_seen(conn, db_path):
+    forecaster = forecaster_for(db_path, refit_interval=60)
+    normal = queue_task(conn)
+    forecaster.estimate(conn, current(conn, normal.id), workers=1)  # builds the snapshot
+    urgent = queue_task(conn, priority=1)
+    newest = queue_task(conn)
+    assert forecaster.estimate(conn, current(conn, normal.id), workers=1).pos == 1
+    assert forecaster.estimate(conn, current(conn, newest.id), workers=1).pos == 2
+    assert forecaster.estimate(conn, current(conn, urgent.id), workers=1).pos == 0
+    assert forecaster._snapshot.max_seq == normal.seq  # answered without a rebuild
+
+
+def test_the_snapshot_is_rebuilt_only_when_tasks_leave_or_reenter_the_queue(conn, db_path):
+    forecaster = forecaster_for(db_path, refit_interval=60)
+    first = queue_task(conn)
+    second = queue_task(conn)
+    forecaster.estimate(conn, current(conn, second.id), workers=1)
+    built = forecaster._snapshot
+    queue_task(conn)
+    forecaster.estimate(conn, current(conn, second.id), workers=1)
+    assert forecaster._snapshot is built
+    store.cancel_or_delete(conn, first.id)
+    assert forecaster.estimate(conn, current(conn, second.id), workers=1).pos == 0  # exact before the rebuild
+    forecaster.settle()
+    assert forecaster._snapshot is not built
+    assert forecaster.estimate(conn, current(conn, second.id), workers=1).pos == 0
+
+
+def test_a_constant_cost_measured_at_three_close_sizes_does_not_extrapolate_wildly():
+    # Regression: an exact quadratic through three noisy points of a constant once forecast 160× too much.
+    samples = {megapixels(512, 512): (0.0104, 2), megapixels(512, 640): (0.0098, 2), megapixels(640, 640): (0.0101, 1)}
+    model = KindModel.fit(PRIOR["before"], samples)
+    for side in (1024, 1536):
+        assert model.seconds(megapixels(side, side)) == pytest.approx(0.01, rel=0.1)
+    assert model.shape in (FitShape.SCALED_PRIOR, FitShape.CONSTANT)
+
+
+def test_the_shape_is_chosen_by_leave_one_out_error():
+    quadratic = {megapixels(s, s): (0.1 + 0.2 * megapixels(s, s) ** 2, 3) for s in (512, 768, 1024, 1280, 1536)}
+    assert KindModel.fit(PRIOR["step"], quadratic).shape is FitShape.QUADRATIC
+    linear = {megapixels(s, s): (0.1 + 0.2 * megapixels(s, s), 3) for s in (512, 768, 1024, 1280, 1536)}
+    assert KindModel.fit(PRIOR["encode"], linear).shape in (FitShape.LINEAR, FitShape.SCALED_PRIOR)
+
+
+def test_poisson_quantile():
+    # medians: 0 below ln 2, then about the mean
+    assert [poisson_quantile(m, 0.5) for m in (0.0, 0.5, 0.69, 0.7, 1.0, 2.5, 10.0)] == [0, 0, 0, 1, 1, 2, 10]
+    # Poisson(2): P(0) = 0.135, P(<=1) = 0.406, P(<=2) = 0.677
+    assert [poisson_quantile(2.0, q) for q in (0.1, 0.3, 0.5, 0.6, 0.7)] == [0, 1, 2, 2, 3]
+    # the normal approximation above a mean of 200 joins the exact sum without a jump
+    exact, approximate = poisson_quantile(199.9, 0.3), poisson_quantile(200.1, 0.3)
+    assert 0 <= approximate - exact <= 1
+
+
+def test_recent_priority_arrivals_lengthen_the_wait_of_normal_tasks_only(conn, db_path):
+    forecaster = forecaster_for(db_path, refit_interval=60)
+    record(conn, "schnell", 512, 512, "step", [0.25] * 10)
+    for kind in ("before", "after", "encode"):
+        record(conn, "schnell", 512, 512, kind, [0.0] * 10)
+    ahead = [queue_task(conn) for _ in range(20)]
+    last = queue_task(conn)
+    calm = forecaster.estimate(conn, current(conn, last.id), workers=1).seconds
+    assert calm == pytest.approx(21.0)  # 20 s ahead, 1 s its own
+    # six urgent 1 s tasks were submitted over the last minute: 0.1 a second, so during a wait of ~20 s
+    # 2 are expected and the 30th percentile is 1 (T = 20 + 1 → 21 s, 2.1 expected → still 1)
+    for i in range(6):
+        urgent = queue_task(conn, now=NOW - 60 + i * 10, priority=1)
+        store.cancel_or_delete(conn, urgent.id)  # gone from the queue, still part of the arrival history
+    stretched = settled(forecaster, conn, last.id).seconds
+    assert OVERTAKING_QUANTILE == 0.3
+    assert stretched == pytest.approx(20.0 + 1.0 + 1.0, rel=0.01)
+    near = forecaster.estimate(conn, current(conn, ahead[1].id), workers=1).seconds
+    assert near == pytest.approx(1.0 + 1.0)  # 1 s ahead: an overtaker is unlikely (0.1 expected), none counted
+    mine = queue_task(conn, priority=1)
+    assert forecaster.estimate(conn, current(conn, mine.id), workers=1).seconds == pytest.approx(1.0)
+
+
+def test_the_arrival_load_is_repriced_when_the_model_learns(conn, db_path):
+    forecaster = forecaster_for(db_path, refit_interval=0, reprice_after=0)
+    for _ in range(3):
+        store.cancel_or_delete(conn, queue_task(conn, priority=1).id)
+    queue_task(conn)
+    last = queue_task(conn)
+    store.claim_next(conn, "w", "schnell", "synthetic")  # something runs ahead of the last task
+    forecaster.estimate(conn, current(conn, last.id), workers=1)
+    at_prior = 3 * CostModel.fit([]).gpu_seconds(task()) / MIN_ARRIVAL_SPAN
+    assert forecaster.arrivals.overtaking_load("schnell", 0, 1) == pytest.approx(min(at_prior, MAX_PRIORITY_LOAD))
+    for kind, seconds in (("step", 0.01), ("before", 0.0), ("after", 0.0), ("encode", 0.0)):
+        record(conn, "schnell", 512, 512, kind, [seconds] * 5)
+    settled(forecaster, conn, last.id)
+    assert forecaster.arrivals.overtaking_load("schnell", 0, 1) == pytest.approx(3 * 4 * 0.01 / MIN_ARRIVAL_SPAN)

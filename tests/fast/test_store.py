@@ -1,0 +1,189 @@
+"""The store contract: typed rows, claim order, guarded writes, cancel, recovery, and the query file."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+
+from pathlib import Path
+
+import pytest
+
+from mflux_server.core import store
+from mflux_server.core.rows import Recovery, Removal, Status, Task, Timing
+from tests.conftest import images_for, queue_task
+
+
+def claim(conn, worker: str = "w", model: str = "schnell") -> Task | None:
+    return store.claim_next(conn, worker, model, "synthetic")
+
+
+def test_rows_are_frozen_typed_tasks(conn):
+    task = queue_task(conn, prompt="typed")
+    assert isinstance(task, Task) and task.status is Status.WAITING and task.prompt == "typed"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        task.status = Status.DONE  # type: ignore[misc]
+    assert store.get(conn, task.id) == task
+
+
+def test_claim_order_is_priority_then_fifo(conn):
+    a = queue_task(conn, prompt="a")
+    b = queue_task(conn, prompt="b", priority=1)
+    c = queue_task(conn, prompt="c")
+    d = queue_task(conn, prompt="d", priority=1)
+    order = [claim(conn).id for _ in range(4)]  # type: ignore[union-attr]
+    assert order == [b.id, d.id, a.id, c.id]
+    assert claim(conn) is None
+
+
+def test_a_claim_marks_the_task_processing_under_the_worker(conn):
+    queue_task(conn)
+    claimed = store.claim_next(conn, "w1", "schnell", "synthetic", now=123.0)
+    assert claimed is not None
+    assert (claimed.status, claimed.worker_id, claimed.engine, claimed.started_at, claimed.attempts) == (
+        Status.PROCESSING, "w1", "synthetic", 123.0, 1)
+
+
+def test_claim_only_takes_the_workers_model(conn):
+    dev = queue_task(conn, model="dev")
+    assert claim(conn) is None
+    assert claim(conn, model="dev").id == dev.id  # type: ignore[union-attr]
+
+
+def test_ids_are_unguessable_and_sequence_numbers_never_reused(conn):
+    tasks = [queue_task(conn) for _ in range(200)]
+    assert len({t.id for t in tasks}) == 200
+    assert all(len(t.id) == 32 and int(t.id, 16) >= 0 for t in tasks)
+    last = queue_task(conn)
+    assert store.cancel_or_delete(conn, last.id) is Removal.CANCELED
+    assert store.cancel_or_delete(conn, last.id) is Removal.DELETED
+    assert queue_task(conn).seq == last.seq + 1  # AUTOINCREMENT: the deleted one's number is not reused
+
+
+def test_a_worker_that_lost_its_task_cannot_overwrite_it(conn):
+    t = queue_task(conn)
+    claim(conn, "w1")
+    assert store.cancel_or_delete(conn, t.id) is Removal.CANCELED
+    assert not store.record_progress(conn, t.id, "w1", 0, 2, time.time())
+    assert not store.still_mine(conn, t.id, "w1")
+    assert not store.complete(conn, t.id, "w1", images_for(t))
+    assert not store.fail(conn, t.id, "w1", "boom")
+    assert not store.release(conn, t.id, "w1")
+    assert store.get(conn, t.id).status is Status.CANCELED  # type: ignore[union-attr]
+    assert store.fetch_image(conn, t.id, 0) is None
+
+
+def test_complete_stores_images_and_done_together(conn):
+    t = queue_task(conn, count=2)
+    claimed = claim(conn)
+    assert store.complete(conn, claimed.id, "w", images_for(t))  # type: ignore[union-attr]
+    done = store.get(conn, t.id)
+    assert done.status is Status.DONE and done.step == done.steps and done.image_index == 1  # type: ignore[union-attr]
+    image = store.fetch_image(conn, t.id, 1)
+    assert image is not None and (image.idx, image.seed, image.data) == (1, 8, b"img1")
+    assert store.generation_spans(conn) == [(1.0, 2.0), (1.0, 2.0)]
+
+
+def test_timings_accumulate_per_model_size_and_kind(conn):
+    store.record_timings(conn, "schnell", 512, 768, [Timing("step", (0.1, 0.3)), Timing("encode", (0.01,))], now=5.0)
+    store.record_timings(conn, "schnell", 512, 768, [Timing("step", (0.2,)), Timing("after", ())], now=6.0)
+    stats = {s.kind: s for s in store.timing_stats(conn)}
+    assert set(stats) == {"step", "encode"}  # an empty timing writes nothing
+    assert stats["step"].n == 3 and stats["step"].total == pytest.approx(0.6)
+    assert store.timing_version(conn) == (6.0, 2)
+
+
+def test_image_delete_waits_for_every_image(conn):
+    t = queue_task(conn, count=2)
+    store.complete(conn, claim(conn).id, "w", images_for(t))  # type: ignore[union-attr]
+    assert not store.mark_served(conn, t.id, 0, True)
+    assert store.get(conn, t.id) is not None
+    assert store.mark_served(conn, t.id, 1, True)
+    assert store.get(conn, t.id) is None
+    assert store.fetch_image(conn, t.id, 0) is None and store.generation_spans(conn) == []  # cascade
+
+
+def test_release_puts_the_task_back_without_counting_the_attempt(conn):
+    t = queue_task(conn)
+    claim(conn)
+    assert store.release(conn, t.id, "w")
+    row = store.get(conn, t.id)
+    assert (row.status, row.attempts, row.worker_id) == (Status.WAITING, 0, None)  # type: ignore[union-attr]
+
+
+def test_cancel_then_delete(conn):
+    t = queue_task(conn)
+    assert store.cancel_or_delete(conn, t.id) is Removal.CANCELED
+    assert claim(conn) is None  # a canceled task never starts
+    assert store.cancel_or_delete(conn, t.id) is Removal.DELETED
+    assert store.cancel_or_delete(conn, t.id) is None
+
+
+def test_listing_and_counts(conn):
+    waiting = [queue_task(conn, prompt=f"w{i}", priority=int(i == 2)) for i in range(3)]
+    running = claim(conn)
+    page, total = store.list_tasks(conn, None, 10, 0)
+    assert total == 3 and [t.id for t in page] == [running.id, waiting[0].id, waiting[1].id]  # type: ignore[union-attr]
+    only_waiting, total = store.list_tasks(conn, Status.WAITING, 1, 1)
+    assert total == 2 and [t.id for t in only_waiting] == [waiting[1].id]
+    counts = store.status_counts(conn)
+    assert counts == {Status.WAITING: 2, Status.PROCESSING: 1, Status.DONE: 0, Status.ERROR: 0, Status.CANCELED: 0}
+    assert [t.id for t in store.running_tasks(conn)] == [running.id]  # type: ignore[union-attr]
+
+
+def test_live_workers_are_typed_and_stopped_ones_are_not_live(conn):
+    first = store.register_worker(conn, "synthetic", "schnell", None)
+    second = store.register_worker(conn, "mflux", "dev", 8)
+    store.stop_worker(conn, first)
+    live = store.live_workers(conn, stale_after=60)
+    assert [(w.id, w.engine, w.model, w.quantize) for w in live] == [(second, "mflux", "dev", 8)]
+    assert store.worker_count(conn) == 2
+
+
+def test_recovery_requeues_a_dead_pid_at_once_and_fails_past_the_attempt_limit(conn):
+    t = queue_task(conn)
+    for attempt in range(1, 4):
+        worker = store.register_worker(conn, "synthetic", "schnell", None, pid=999_999)  # no such process
+        claimed = claim(conn, worker)
+        assert claimed.attempts == attempt  # type: ignore[union-attr]
+        outcome = store.recover_orphans(conn, stale_after=60, max_attempts=3, alive=lambda pid: False)
+        assert outcome == [Recovery(t.id, Status.WAITING if attempt < 3 else Status.ERROR)]
+    row = store.get(conn, t.id)
+    assert row.status is Status.ERROR and "gave up after 3 attempts" in row.error  # type: ignore[union-attr, operator]
+
+
+def test_recovery_leaves_live_workers_alone_and_takes_stale_ones(conn):
+    t = queue_task(conn)
+    remote = store.register_worker(conn, "synthetic", "schnell", None, pid=1)
+    claim(conn, remote)
+    assert store.recover_orphans(conn, stale_after=5, max_attempts=3, alive=lambda pid: True) == []
+    store.heartbeat(conn, remote, now=time.time() - 10)
+    assert store.recover_orphans(conn, stale_after=5, max_attempts=3, alive=lambda pid: True) == [
+        Recovery(t.id, Status.WAITING)]
+
+
+def test_every_named_query_has_a_description_and_compiles(conn):
+    queries = store.queries()
+    assert {"insert_task", "claim_next", "waiting_queue", "data_version"} <= set(queries)
+    for query in queries.values():
+        assert query.description and not query.description.startswith("--"), query.name
+        assert query.sql and not query.sql.endswith(";")
+        names = re.findall(r":(\w+)", query.sql)
+        conn.execute("EXPLAIN " + query.sql, {n: None for n in names} if names else (None,) * query.sql.count("?"))
+
+
+def test_the_query_loader_refuses_a_query_without_description_or_defined_twice():
+    parsed = store.parse_queries("-- name: a\n-- Says what a does.\nSELECT 1;\n\n-- name: b\n-- And b.\nSELECT 2;\n")
+    assert [(q.name, q.description, q.sql) for q in parsed.values()] == [("a", "Says what a does.", "SELECT 1"),
+                                                                          ("b", "And b.", "SELECT 2")]
+    with pytest.raises(ValueError, match="'a' has no description"):
+        store.parse_queries("-- name: a\nSELECT 1;\n")
+    with pytest.raises(ValueError, match="defined twice"):
+        store.parse_queries("-- name: a\n-- x\nSELECT 1;\n-- name: a\n-- y\nSELECT 2;\n")
+
+
+def test_every_query_is_used_by_the_store():
+    source = Path(store.__file__).read_text()
+    unused = [name for name in store.queries() if f'sql("{name}")' not in source]
+    assert unused == [], f"queries.sql defines statements nothing runs: {unused}"

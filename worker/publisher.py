@@ -1,0 +1,128 @@
+"""The progress publisher: writes progress and step timings, notices cancels, heartbeats and recovers orphans."""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from mflux_server.core import store
+from mflux_server.core.rows import Timing
+from mflux_server.core.settings import Settings
+
+log = logging.getLogger("mflux_worker")
+
+# How often a running task's latest step is published and its ownership checked.
+PROGRESS_INTERVAL = 0.02
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """Where the running task is: image, steps finished on it, and when the last one finished."""
+
+    task_id: str
+    image_index: int
+    step: int
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Measurement:
+    """One measured duration of one kind of cost at one model and size."""
+
+    model: str
+    width: int
+    height: int
+    kind: str
+    seconds: float
+
+
+class ProgressPublisher:
+    """Runs on its own thread and connection, so the generation thread's step callback only records and checks."""
+
+    def __init__(self, settings: Settings, worker_id: str) -> None:
+        self.settings = settings
+        self.worker_id = worker_id
+        self._current: str | None = None
+        self._latest: Progress | None = None
+        self._taken: set[str] = set()
+        # Measured on the generation thread and written here, so the forecast learns this machine's speed
+        # from the first steps of the first task.
+        self._measurements: deque[Measurement] = deque()
+        self._task_started = threading.Event()
+        self._stop = threading.Event()
+
+    # Called from the generation thread
+
+    def task_started(self, task_id: str) -> None:
+        """A task is running now: publish its progress often, and watch for it being taken away."""
+        self._current = task_id
+        self._task_started.set()
+
+    def task_ended(self) -> None:
+        """No task is running."""
+        self._current = None
+        self._latest = None
+
+    def publish(self, progress: Progress) -> None:
+        """The latest progress; only the newest is written."""
+        self._latest = progress
+
+    def measured(self, measurement: Measurement) -> None:
+        """Queue one duration for the timing stats."""
+        self._measurements.append(measurement)
+
+    def taken(self, task_id: str) -> bool:
+        """Whether the task was canceled or recovered by someone else while this worker ran it."""
+        return task_id in self._taken
+
+    def stop(self) -> None:
+        """End the loop after its current pass."""
+        self._stop.set()
+        self._task_started.set()
+
+    # The thread
+
+    def run(self, conn: sqlite3.Connection) -> None:
+        """Publish, check, heartbeat and recover until stopped; idle, it sleeps until a task starts or a beat is due."""
+        written: Progress | None = None
+        beat_at = 0.0
+        version = store.data_version(conn)
+        while not self._stop.is_set():
+            if self._current is None:
+                self._task_started.wait(max(self.settings.heartbeat_interval - (time.monotonic() - beat_at), 0.0))
+                self._task_started.clear()
+            else:
+                time.sleep(PROGRESS_INTERVAL)
+            current, latest = self._current, self._latest
+            if latest is not None and latest != written:
+                if not store.record_progress(conn, latest.task_id, self.worker_id, latest.image_index, latest.step, latest.at):
+                    self._taken.add(latest.task_id)
+                written = latest
+            now_version = store.data_version(conn)
+            if current and now_version != version and not store.still_mine(conn, current, self.worker_id):
+                self._taken.add(current)
+            version = now_version
+            self.flush_timings(conn)
+            if time.monotonic() - beat_at >= self.settings.heartbeat_interval:
+                store.heartbeat(conn, self.worker_id)
+                recover(conn, self.settings)
+                beat_at = time.monotonic()
+
+    def flush_timings(self, conn: sqlite3.Connection) -> None:
+        """Write every queued measurement, grouped by model and size."""
+        grouped: dict[tuple[str, int, int], dict[str, list[float]]] = {}
+        while self._measurements:
+            m = self._measurements.popleft()
+            grouped.setdefault((m.model, m.width, m.height), {}).setdefault(m.kind, []).append(m.seconds)
+        for (model, width, height), kinds in grouped.items():
+            store.record_timings(conn, model, width, height, [Timing(kind, tuple(s)) for kind, s in kinds.items()])
+
+
+def recover(conn: sqlite3.Connection, settings: Settings) -> None:
+    """Requeue (or give up on) tasks of dead workers, and log each."""
+    for recovery in store.recover_orphans(conn, settings.stale_after, settings.max_attempts):
+        log.warning("recovered task %s from a dead worker: now %s", recovery.task_id, recovery.status)

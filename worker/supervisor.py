@@ -1,0 +1,74 @@
+"""The supervisor: one worker process's roles (claim loop, progress publisher, result writer) and its clean stop."""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+from collections.abc import Callable
+
+from mflux_server.core import db, store
+from mflux_server.core.settings import Settings
+from mflux_server.worker.claim_loop import ClaimLoop
+from mflux_server.worker.engines.base import Engine
+from mflux_server.worker.messages import SHUTDOWN
+from mflux_server.worker.publisher import ProgressPublisher, recover
+from mflux_server.worker.result_writer import ResultWriter
+
+log = logging.getLogger("mflux_worker")
+
+
+class Supervisor:
+    """Registers the worker, runs the claim loop with the publisher and the writer beside it, never loses a task."""
+
+    def __init__(self, settings: Settings, engine: Engine):
+        self.settings = settings
+        self.engine = engine
+        self.conn = db.open_database(settings.db)
+        self.worker_id = store.register_worker(self.conn, engine.name, engine.model, engine.quantize)
+        self.stopping = threading.Event()
+        self.publisher = ProgressPublisher(settings, self.worker_id)
+        self.writer = ResultWriter(self.worker_id, engine.software)
+        self.claim_loop = ClaimLoop(settings, engine, self.worker_id, self.conn, self.publisher, self.writer, self.stopping)
+
+    def run(self) -> int:
+        """Recover orphans, then claim and run tasks until asked to stop; returns the exit code."""
+        recover(self.conn, self.settings)
+        log.info("worker %s ready: engine=%s model=%s quantize=%s db=%s", self.worker_id, self.engine.name,
+                 self.engine.model, self.engine.quantize, self.settings.db)
+        publishing = self._start(self.publisher.run, "progress")
+        writing = self._start(self.writer.run, "store")
+        try:
+            self.claim_loop.run()
+        finally:
+            # Finish encoding and storing what was generated before exiting: that work is not lost.
+            self.writer.send(SHUTDOWN)
+            writing.join()
+            self.publisher.stop()
+            publishing.join(timeout=5)
+            self.publisher.flush_timings(self.conn)
+            store.stop_worker(self.conn, self.worker_id)
+            self.conn.close()
+            log.info("worker %s stopped", self.worker_id)
+        return 0
+
+    def stop(self) -> None:
+        """Ask the claim loop to stop at the next step boundary (signal handlers call this)."""
+        self.stopping.set()
+
+    def _start(self, target: Callable[[sqlite3.Connection], None], name: str) -> threading.Thread:
+        """Run a role on a thread with its own connection; if it crashes, the whole worker stops."""
+
+        def run() -> None:
+            conn = db.connect(self.settings.db)
+            try:
+                target(conn)
+            except Exception:
+                log.exception("%s thread crashed; stopping the worker", name)
+                self.stopping.set()
+            finally:
+                conn.close()
+
+        thread = threading.Thread(target=run, name=name, daemon=True)
+        thread.start()
+        return thread
