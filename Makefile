@@ -14,10 +14,10 @@ MFLUX_RUNTIME := "tqdm>=4.66.5,<5" "huggingface-hub>=1.1.6,<2" "platformdirs>=4,
 	"fsspec>=2026.6.0"
 ARGS ?=
 
-.PHONY: help install run test lint bench clean
+.PHONY: help install run test test-fast lint bench clean
 
 help: ## list the targets
-	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,12 +45,18 @@ run: install ## start the API and one worker; Ctrl-C stops both
 	$(BIN)/mflux-server & api=$$!; \
 	wait
 
-test: install ## run the test suite (unit, API, worker, end-to-end, mflux contract)
+test: install ## run every test: tests/fast (in-process) and tests/process (real processes)
 	$(BIN)/python -m pytest -q $(ARGS)
 
-lint: install ## check style with ruff
-	$(BIN)/pip install --quiet "ruff>=0.6"
-	$(BIN)/ruff check --isolated --line-length 130 --select E,F,W,I,UP,B mflux_server worker tests bench
+test-fast: install ## run the in-process tests only (tests/fast, a few seconds)
+	$(BIN)/python -m pytest -q tests/fast $(ARGS)
+
+lint: install ## check style with ruff and types with mypy (product code)
+	$(BIN)/pip install --quiet "ruff>=0.6" "mypy>=1.11"
+	$(BIN)/ruff check --isolated --line-length 130 --select E,F,W,I,UP,B \
+		--config "lint.isort.known-first-party=['mflux_server','bench','tests']" mflux_server worker tests bench
+	rm -rf build/typecheck && $(BIN)/pip install --quiet --no-deps --no-build-isolation --target build/typecheck .
+	cd build/typecheck && $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/setup.cfg -p mflux_server
 
 bench: install ## run the benchmarks and write docs/benchmarks.md
 	@command -v wrk >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && \

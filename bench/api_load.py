@@ -14,10 +14,10 @@ from pathlib import Path
 import psutil
 import requests
 
-from mflux_server.testing import Processes
 from bench.results import Result, median, percentile
 from mflux_server.core import db, store
 from mflux_server.core.rows import NewTask
+from mflux_server.testing import Processes
 
 WRK_SCRIPT = """
 local ids = {}

@@ -9,9 +9,9 @@ from pathlib import Path
 import psutil
 import requests
 
-from mflux_server.testing import Processes, wait_for
 from bench.results import Result, median, percentile
 from mflux_server.core import db, store
+from mflux_server.testing import Processes, wait_for
 
 
 def run(smoke: bool = False) -> Result:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from mflux_server.testing import Processes, wait_for
 from bench.results import Result, median, percentile
 from mflux_server.core import db, store
 from mflux_server.core.rows import NewTask, Status
+from mflux_server.testing import Processes, wait_for
 
 PER_IMAGE = 0.25  # seconds the synthetic engine takes per image, as the issue fixes it
 STEPS = 4

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import requests
 
-from mflux_server.testing import Processes
 from bench.results import Result
 from mflux_server.core import db, store
 from mflux_server.core.rows import Status
+from mflux_server.testing import Processes
 
 # The machine the trace runs on, in model seconds: per-step time grows faster than linearly with pixels.
 # Deliberately not the server's prior, so the forecast has to learn it.

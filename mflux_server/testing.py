@@ -1,4 +1,4 @@
-"""Launching the real API and worker processes on loopback, for the tests and the benchmarks (never imported by either process)."""
+"""Launching the real API and worker processes on loopback, for the tests and the benchmarks (neither process imports it)."""
 
 from __future__ import annotations
 
@@ -10,22 +10,25 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import requests
 
 from mflux_server.core import db, store
 
 ROOT = Path(__file__).resolve().parent.parent  # the checkout: processes run from it, as `make run` does
+T = TypeVar("T")
 
 
 def free_port() -> int:
     """A free TCP port on loopback."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        port: int = sock.getsockname()[1]
+        return port
 
 
-def wait_for(predicate: Callable[[], object], timeout: float = 20.0, interval: float = 0.02, what: str = "condition"):
+def wait_for(predicate: Callable[[], T], timeout: float = 20.0, interval: float = 0.02, what: str = "condition") -> T:
     """Poll until predicate() is truthy; returns its value or raises AssertionError."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -42,19 +45,21 @@ class Processes:
     def __init__(self, workdir: Path, db_path: str):
         self.workdir = Path(workdir)
         self.db_path = db_path
-        self.procs: list[subprocess.Popen] = []
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.logs: dict[int, Path] = {}  # pid -> its output file
+        self.server_proc: subprocess.Popen[bytes] | None = None
 
-    def spawn(self, module: str, args: list[str], name: str) -> subprocess.Popen:
+    def spawn(self, module: str, args: list[str], name: str) -> subprocess.Popen[bytes]:
         """Start `python -m module --db … args`, logging to a file in workdir."""
         log = open(self.workdir / f"{name}-{len(self.procs)}.log", "wb")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         proc = subprocess.Popen([sys.executable, "-m", module, "--db", self.db_path, *args],
                                 stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT))
-        proc.log_path = log.name  # type: ignore[attr-defined]
+        self.logs[proc.pid] = Path(log.name)
         self.procs.append(proc)
         return proc
 
-    def worker(self, *args: str, speed: float = 20.0, wait: bool = True) -> subprocess.Popen:
+    def worker(self, *args: str, speed: float = 20.0, wait: bool = True) -> subprocess.Popen[bytes]:
         """Start a synthetic worker with fast heartbeats; by default waits until it has registered."""
         before = self.worker_count()
         proc = self.spawn("mflux_server.worker", ["--engine", "synthetic", "--synthetic-speed", str(speed),
@@ -90,10 +95,9 @@ class Processes:
         finally:
             conn.close()
 
-    @staticmethod
-    def log(proc: subprocess.Popen) -> str:
+    def log(self, proc: subprocess.Popen[bytes]) -> str:
         """The process's output so far."""
-        return Path(proc.log_path).read_text(errors="replace")  # type: ignore[attr-defined]
+        return self.logs[proc.pid].read_text(errors="replace")
 
     def stop_all(self) -> None:
         """SIGTERM every process still running, then SIGKILL stragglers."""

@@ -11,7 +11,12 @@ from mflux_server.core import store
 from mflux_server.core.rows import Task
 from mflux_server.core.settings import Settings
 from mflux_server.worker.engines.base import Engine, Job
-from mflux_server.worker.messages import ImageGenerated, TaskDropped, TaskFailed, TaskReleased
+from mflux_server.worker.messages import (
+    ImageGenerated,
+    TaskDropped,
+    TaskFailed,
+    TaskReleased,
+)
 from mflux_server.worker.publisher import Measurement, Progress, ProgressPublisher
 from mflux_server.worker.result_writer import ResultWriter
 

@@ -16,7 +16,7 @@ from mflux_server.worker.supervisor import Supervisor
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse settings, load the engine, and run the claim loop; exits 0 after a graceful stop."""
-    settings, _ = load_settings(
+    settings = load_settings(
         "worker",
         argv,
         prog="mflux-worker",

@@ -10,7 +10,14 @@ import time
 from mflux_server.core import store
 from mflux_server.core.rows import StoredImage, Timing
 from mflux_server.worker.encoding import encode
-from mflux_server.worker.messages import ImageGenerated, Message, Shutdown, TaskDropped, TaskFailed, TaskReleased
+from mflux_server.worker.messages import (
+    ImageGenerated,
+    Message,
+    Shutdown,
+    TaskDropped,
+    TaskFailed,
+    TaskReleased,
+)
 
 log = logging.getLogger("mflux_worker")
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NoReturn
 
+import flask_smorest
 import marshmallow as ma
 from werkzeug.exceptions import HTTPException
 
@@ -77,3 +78,9 @@ def error_payload(error: HTTPException) -> JsonError:
     # Views may add these through abort(); webargs also leaves its schema object here, which must not leak.
     payload.update({k: data[k] for k in PASSTHROUGH if data.get(k) is not None})
     return payload, code, headers
+
+
+def abort_json(http_status: int, /, **details: Any) -> NoReturn:
+    """Stop the request with our JSON error: flask-smorest's abort, typed as the raise it always is."""
+    flask_smorest.abort(http_status, **details)
+    raise AssertionError("flask_smorest.abort returned")  # it raises an HTTPException; this line never runs

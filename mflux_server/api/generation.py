@@ -7,10 +7,10 @@ import secrets
 from typing import Any
 
 from flask import Response, request
-from flask_smorest import Blueprint, abort
+from flask_smorest import Blueprint
 
 from mflux_server.api.context import conn, settings
-from mflux_server.api.errors import ErrorSchema
+from mflux_server.api.errors import ErrorSchema, abort_json
 from mflux_server.api.generation_schemas import (
     FORMATS,
     MAX_SEED,
@@ -20,7 +20,12 @@ from mflux_server.api.generation_schemas import (
     StatusQuery,
     TaskStatus,
 )
-from mflux_server.api.task_view import NOT_FOUND, get_task_or_404, live_workers, task_status
+from mflux_server.api.task_view import (
+    NOT_FOUND,
+    get_task_or_404,
+    live_workers,
+    task_status,
+)
 from mflux_server.core import catalog, store
 from mflux_server.core.rows import NewTask, Status, Worker
 
@@ -31,7 +36,7 @@ blp = Blueprint("generation", __name__, description="Submit a prompt, follow it,
 def require_json_body() -> None:
     """A POST must carry JSON; without this a form post would read as 'prompt missing'."""
     if request.method == "POST" and not request.is_json:
-        abort(415, message="send the request body as JSON with Content-Type: application/json")
+        abort_json(415, message="send the request body as JSON with Content-Type: application/json")
 
 
 def served_models(live: list[Worker]) -> set[str]:
@@ -55,12 +60,12 @@ def generate(body: dict[str, Any]) -> dict[str, Any]:
     served = served_models(live)
     if info is None or info.name not in served:
         rule = f"no worker serves {body['model']!r}; served models: {', '.join(sorted(served))}"
-        abort(422, errors={"json": {"model": [rule]}})
+        abort_json(422, errors={"json": {"model": [rule]}})
     seed = body["seed"]
     if seed is None:
         seed = secrets.randbelow(MAX_SEED - body["count"] + 2)
     elif seed + body["count"] - 1 > MAX_SEED:
-        abort(422, errors={"json": {"seed": [f"seed + count - 1 must be at most {MAX_SEED}"]}})
+        abort_json(422, errors={"json": {"seed": [f"seed + count - 1 must be at most {MAX_SEED}"]}})
     task = NewTask(prompt=body["prompt"], model=info.name, width=body["width"], height=body["height"],
                    steps=body["steps"] or info.default_steps, guidance=body["guidance"], seed=seed, count=body["count"],
                    format=body["format"], quality=body["quality"], priority=int(body["priority"]))
@@ -92,18 +97,18 @@ def image(query: dict[str, Any]) -> Response:
     """Fetch a finished task's image; by default the task is removed once all its images were served."""
     task = get_task_or_404(query["task_id"])
     if task.status is not Status.DONE:
-        abort(
+        abort_json(
             409,
             code="image_not_ready",
             field="task_id",
-            status=task.status,
+            status=str(task.status),
             message=f"task {task.id} is {task.status}, not done" + (f": {task.error}" if task.error else ""),
         )
     if query["index"] >= task.count:
-        abort(422, errors={"query": {"index": [f"must be from 0 to {task.count - 1}, got {query['index']}"]}})
+        abort_json(422, errors={"query": {"index": [f"must be from 0 to {task.count - 1}, got {query['index']}"]}})
     stored = store.fetch_image(conn(), task.id, query["index"])
     if stored is None:
-        abort(404, code="image_not_found", field="index", message=f"image {query['index']} of task {task.id} was not kept")
+        abort_json(404, code="image_not_found", field="index", message=f"image {query['index']} of task {task.id} was not kept")
     store.mark_served(conn(), task.id, query["index"], query["delete"])
     extension = next(name for name, mime in FORMATS.items() if mime == stored.mime).lower()
     headers = {

@@ -22,7 +22,7 @@ def _limit(name: str) -> int:
     return limit
 
 
-class SeedField(fields.Field):
+class SeedField(fields.Field[int]):
     """A seed given as an integer or as a string of digits, as the original server's examples send it."""
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> int:
@@ -89,7 +89,7 @@ class StrictInteger(fields.Integer):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(strict=False, **kwargs)
 
-    def _validated(self, value: Any) -> int | None:
+    def _validated(self, value: Any) -> int:
         if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
             raise self.make_error("invalid")
         return super()._validated(value)

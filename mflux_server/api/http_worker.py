@@ -8,6 +8,7 @@ import socket
 import time
 from concurrent import futures
 from functools import partial
+from typing import Any
 
 from gunicorn.workers.gthread import ThreadWorker
 
@@ -37,7 +38,7 @@ class SubmitFirstWorker(ThreadWorker):
         self.write_pool = futures.ThreadPoolExecutor(max_workers=WRITE_THREADS, thread_name_prefix="writes")
         super().init_process()
 
-    def enqueue_req(self, conn) -> None:
+    def enqueue_req(self, conn: Any) -> None:
         """Hand a connection whose request has arrived to the pool for its method."""
         head = peek_method(conn.sock)
         if head is None and not conn.initialized and not conn.data_ready:

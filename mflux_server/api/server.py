@@ -66,7 +66,7 @@ def serve(settings: Settings) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse settings, migrate the queue, and serve."""
-    settings, _ = load_settings(
+    settings = load_settings(
         "api",
         argv,
         prog="mflux-server",

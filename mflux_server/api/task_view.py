@@ -5,9 +5,8 @@ from __future__ import annotations
 import sqlite3
 from typing import Any
 
-from flask_smorest import abort
-
 from mflux_server.api.context import conn, forecaster, settings
+from mflux_server.api.errors import abort_json
 from mflux_server.core import store
 from mflux_server.core.rows import Status, Task, Worker
 
@@ -18,7 +17,7 @@ def get_task_or_404(task_id: str) -> Task:
     """The task; aborts with a JSON 404 (code task_not_found, field task_id) when there is none."""
     task = store.get(conn(), task_id)
     if task is None:
-        abort(404, code="task_not_found", field="task_id", message=f"no task with id {task_id!r}")
+        abort_json(404, code="task_not_found", field="task_id", message=f"no task with id {task_id!r}")
     return task
 
 

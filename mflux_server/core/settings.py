@@ -51,8 +51,8 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def _list(kind: Callable[[str], Any]) -> Callable[[str], list]:
-    def parse(text: str) -> list:
+def _list(kind: Callable[[str], Any]) -> Callable[[str], list[Any]]:
+    def parse(text: str) -> list[Any]:
         return [kind(p) for p in str(text).replace(",", " ").split() if p]
 
     parse.__name__ = "list"
@@ -73,9 +73,9 @@ def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     return parse
 
 
-def setting(default: Any, help: str, roles: str = "api,worker", parse: Callable[[str], Any] = str, flag: bool = True):
+def setting(default: Any, help: str, roles: str = "api,worker", parse: Callable[[str], Any] = str) -> Any:
     """Declare one setting: its default, its help, which processes read it and how to parse it."""
-    return field(default=default, metadata={"help": help, "roles": roles.split(","), "parse": parse, "flag": flag})
+    return field(default=default, metadata={"help": help, "roles": roles.split(","), "parse": parse})
 
 
 @dataclass
@@ -101,10 +101,10 @@ class Settings:
     model_path: str | None = setting(None, "load weights from this local folder instead of the Hugging Face cache", "worker")
     lora_paths: list[str] = setting(None, "LoRA .safetensors files to apply (space or comma separated)", "worker", _list(str))
     lora_scales: list[float] = setting(None, "scale of each LoRA, in the same order", "worker", _list(float))
-    synthetic_step: tuple[float, ...] = setting(
+    synthetic_step: tuple[float, float, float] = setting(
         (0.05, 0.6, 0.3), "synthetic engine: seconds per step as a,b,c in a + b·mp + c·mp²", "worker", _floats(3)
     )
-    synthetic_fixed: tuple[float, ...] = setting(
+    synthetic_fixed: tuple[float, float] = setting(
         (0.2, 0.1), "synthetic engine: seconds before,after the denoising loop", "worker", _floats(2)
     )
     synthetic_noise: float = setting(0.0, "synthetic engine: random ± fraction on every duration", "worker", float)
@@ -150,11 +150,9 @@ def build_parser(role: str, prog: str, description: str) -> argparse.ArgumentPar
     return parser
 
 
-def load_settings(role: str, argv: Sequence[str] | None, prog: str, description: str, extra: Callable | None = None):
-    """Parse flags over environment over defaults; returns (Settings, parsed args)."""
+def load_settings(role: str, argv: Sequence[str] | None, prog: str, description: str) -> Settings:
+    """Parse flags over environment over defaults."""
     parser = build_parser(role, prog, description)
-    if extra:
-        extra(parser)
     args = parser.parse_args(argv)
     values: dict[str, Any] = {}
     for f in fields(Settings):
@@ -173,4 +171,4 @@ def load_settings(role: str, argv: Sequence[str] | None, prog: str, description:
     except ValueError as exc:
         parser.error(str(exc))
     settings.db = str(Path(settings.db).expanduser())
-    return settings, args
+    return settings

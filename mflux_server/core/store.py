@@ -216,7 +216,7 @@ def read_queue(conn: sqlite3.Connection) -> QueueRead:
     cursor.row_factory = None  # plain tuples: several times cheaper than sqlite3.Row for 10,000 rows
     cursor.execute("BEGIN")  # one read transaction for all three statements
     try:
-        entries = list(map(QueueEntry._make, cursor.execute(sql("waiting_queue")).fetchall()))
+        entries = [QueueEntry(*row) for row in cursor.execute(sql("waiting_queue")).fetchall()]
         max_seq = cursor.execute(sql("max_seq")).fetchone()[0]
         changes = cursor.execute(sql("queue_changes")).fetchone()[0]
     finally:
@@ -226,7 +226,7 @@ def read_queue(conn: sqlite3.Connection) -> QueueRead:
 
 def waiting_since(conn: sqlite3.Connection, model: str, seq: int) -> list[QueueEntry]:
     """Waiting tasks for a model submitted after sequence number seq."""
-    return [QueueEntry._make(r) for r in conn.execute(sql("waiting_since"), {"model": model, "seq": seq})]
+    return [QueueEntry(*r) for r in conn.execute(sql("waiting_since"), {"model": model, "seq": seq})]
 
 
 def waiting_front(conn: sqlite3.Connection, model: str, seq: int) -> ClaimKey | None:
@@ -237,17 +237,19 @@ def waiting_front(conn: sqlite3.Connection, model: str, seq: int) -> ClaimKey | 
 
 def arrivals_since(conn: sqlite3.Connection, seq: int, since: float) -> list[Arrival]:
     """Tasks submitted after sequence number seq and after time since, whatever their status now."""
-    return [Arrival._make(r) for r in conn.execute(sql("arrivals_since"), {"seq": seq, "since": since})]
+    return [Arrival(*r) for r in conn.execute(sql("arrivals_since"), {"seq": seq, "since": since})]
 
 
 def queue_changes(conn: sqlite3.Connection) -> int:
     """A counter that moves whenever a task leaves or re-enters the waiting set (not on fresh submits)."""
-    return conn.execute(sql("queue_changes")).fetchone()[0]
+    changes: int = conn.execute(sql("queue_changes")).fetchone()[0]
+    return changes
 
 
 def data_version(conn: sqlite3.Connection) -> int:
     """A number that changes whenever another connection commits to the database."""
-    return conn.execute(sql("data_version")).fetchone()[0]
+    version: int = conn.execute(sql("data_version")).fetchone()[0]
+    return version
 
 
 # Timings
@@ -307,7 +309,8 @@ def live_workers(conn: sqlite3.Connection, stale_after: float) -> list[Worker]:
 
 def worker_count(conn: sqlite3.Connection) -> int:
     """Workers ever registered and not yet forgotten."""
-    return conn.execute(sql("worker_count")).fetchone()[0]
+    count: int = conn.execute(sql("worker_count")).fetchone()[0]
+    return count
 
 
 def pid_alive(pid: int) -> bool:

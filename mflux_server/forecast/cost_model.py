@@ -6,10 +6,17 @@ import enum
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Protocol
 
 from mflux_server.core.rows import Task, TimingStat
-from mflux_server.forecast.numerics import Coefficients, Point, fit_poly, fit_ratio, poly
+from mflux_server.forecast.numerics import (
+    Coefficients,
+    Point,
+    fit_poly,
+    fit_ratio,
+    poly,
+)
 
 KINDS = ("step", "before", "after", "encode")
 
@@ -88,7 +95,7 @@ class KindModel:
         for shape in FitShape:
             if len(points) < shape.parameters + 1:
                 continue  # too few sizes to judge this shape by leaving one out
-            error = leave_one_out_error(points, lambda pts, s=shape: s.fit(pts, prior))
+            error = leave_one_out_error(points, partial(FitShape.fit, shape, prior=prior))
             if best_error is None or error < best_error * 0.98:  # a more complex shape must clearly win
                 best, best_error = shape, error
         model.coef = best.fit(points, prior) or scaled

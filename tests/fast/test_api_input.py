@@ -1,4 +1,4 @@
-"""Every input rule of the API gives a JSON 4xx naming the field; the seed request shapes are accepted."""
+"""Every input rule of the API gives a JSON 4xx naming the field; the original server's request shapes are accepted."""
 
 from __future__ import annotations
 
@@ -6,15 +6,17 @@ import base64
 
 import pytest
 
-from mflux_server import store
+from mflux_server.core import store
+from mflux_server.core.rows import Status
+from tests.conftest import images_for
 
-SEED_BODY = {"prompt": "A beautiful landscape", "seed": "1725311496", "height": 1024, "width": 1024, "steps": 4,
+ORIGINAL_BODY = {"prompt": "A beautiful landscape", "seed": "1725311496", "height": 1024, "width": 1024, "steps": 4,
              "guidance": 3.5, "format": "JPEG", "quality": 85, "priority": False}
 
 
 @pytest.mark.parametrize("prefix", ["/api", ""])
-def test_seed_request_is_accepted_at_both_paths(client, prefix):
-    response = client.post(prefix + "/generate", json=SEED_BODY)
+def test_original_request_is_accepted_at_both_paths(client, prefix):
+    response = client.post(prefix + "/generate", json=ORIGINAL_BODY)
     assert response.status_code == 200, response.json
     body = response.json
     assert len(body["task_id"]) == 32
@@ -100,7 +102,7 @@ def test_each_bad_input_is_a_422_naming_field_and_rule(client, body, field, rule
     assert response.json["field"] == field
     assert rule in response.json["message"]
     assert field in response.json["message"]
-    assert store.status_counts(client.application.extensions["mflux_connections"].get())["waiting"] == 0
+    assert store.status_counts(client.application.extensions["mflux_connections"].get())[Status.WAITING] == 0
 
 
 def test_several_bad_fields_are_all_reported(client):
@@ -150,8 +152,7 @@ def _finish(client, count: int = 1, fmt: str = "PNG") -> str:
     conn = client.application.extensions["mflux_connections"].get()
     task_id = client.post("/api/generate", json={"prompt": "x", "count": count, "format": fmt}).json["task_id"]
     claimed = store.claim_next(conn, "w", "schnell", "synthetic")
-    images = [store.StoredImage(i, claimed["seed"] + i, "image/png", b"PNG%d" % i, 1, 2) for i in range(count)]
-    assert store.complete(conn, claimed, "w", images)
+    assert claimed is not None and store.complete(conn, claimed.id, "w", images_for(claimed, b"PNG"))
     return task_id
 
 

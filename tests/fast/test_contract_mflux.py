@@ -17,10 +17,10 @@ from mflux.models.common.config.config import Config  # noqa: E402
 from mflux.models.flux.variants.txt2img.flux import Flux1  # noqa: E402
 from mflux.utils.generated_image import GeneratedImage  # noqa: E402
 
-from mflux_server import models  # noqa: E402
+from mflux_server.core import catalog  # noqa: E402
+from mflux_server.worker.engines.base import Job  # noqa: E402
+from mflux_server.worker.engines.mflux import MfluxEngine, StepBridge  # noqa: E402
 from tests.conftest import Recorder, StopHere  # noqa: E402
-from worker.engines.base import Job  # noqa: E402
-from worker.engines.mflux import MfluxEngine, StepBridge  # noqa: E402
 
 PINNED = "0.24.0"
 
@@ -35,7 +35,7 @@ def test_the_pinned_mflux_is_installed():
     assert version("mflux") == PINNED, "update the pin in the Makefile and README together with this test"
 
 
-@pytest.mark.parametrize("info", models.CATALOG, ids=lambda i: i.name)
+@pytest.mark.parametrize("info", catalog.CATALOG, ids=lambda i: i.name)
 def test_every_catalog_name_and_alias_resolves_to_a_flux1_config(info):
     for name in (info.name, *info.aliases):
         config = ModelConfig.from_name(model_name=name, base_model=None)
@@ -115,3 +115,4 @@ def test_engine_passes_job_fields_and_reports_steps():
     assert recorder.events == ["loop", (1, 4), (2, 4), (3, 4), (4, 4)]
     assert image.size == (256, 128) and engine.bridge.reporter is None
     assert (engine.name, engine.model, engine.quantize) == ("mflux", "dev", 8)
+    assert engine.software == "mflux-server mflux engine, model dev"

@@ -6,9 +6,9 @@ import re
 from dataclasses import fields
 from pathlib import Path
 
-from mflux_server.config import Settings, env_name
+from mflux_server.core.settings import Settings, env_name
 
-README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
 
 
 def test_every_setting_is_in_the_configuration_table_with_its_default():
@@ -50,7 +50,7 @@ def test_every_endpoint_is_in_the_readme_and_fully_described_in_the_spec(client)
     assert all(prop.get("description") for prop in body.values())
 
 
-def test_seed_curl_paths_and_fields_are_in_the_readme():
+def test_original_curl_paths_and_fields_are_in_the_readme():
     for snippet in ("'http://localhost:4030/api/generate'", '"seed": "1725311496"', "/api/status?task_id=",
                     "/api/image?task_id=", "make run", "make test"):
         assert snippet in README

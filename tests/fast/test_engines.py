@@ -9,12 +9,12 @@ import time
 import pytest
 from PIL import Image
 
-from mflux_server.config import Settings
+from mflux_server.core.settings import Settings
+from mflux_server.worker.encoding import encode
+from mflux_server.worker.engines import choose_engine, make_engine
+from mflux_server.worker.engines.base import Job
+from mflux_server.worker.engines.synthetic import SyntheticEngine
 from tests.conftest import Recorder, StopHere
-from worker.encoding import encode
-from worker.engines import choose_engine, make_engine
-from worker.engines.base import Job
-from worker.engines.synthetic import SyntheticEngine
 
 JOB = Job("a red fox", 42, 320, 192, 3, 3.5)
 
@@ -102,3 +102,4 @@ def test_auto_picks_synthetic_without_a_gpu_and_says_so(caplog):
         engine = make_engine(Settings(engine="auto", model="dev-krea"))
     assert engine.name == "synthetic" and engine.model == "krea-dev"
     assert "SYNTHETIC" in caplog.text
+    assert "synthetic test image, not model output" in engine.software

@@ -11,8 +11,18 @@ import pytest
 
 from mflux_server.core import db, store
 from mflux_server.core.rows import Task, Timing
-from mflux_server.forecast.arrivals import MAX_PRIORITY_LOAD, MIN_ARRIVAL_SPAN, OVERTAKING_QUANTILE
-from mflux_server.forecast.cost_model import PRIOR, CostModel, FitShape, KindModel, megapixels
+from mflux_server.forecast.arrivals import (
+    MAX_PRIORITY_LOAD,
+    MIN_ARRIVAL_SPAN,
+    OVERTAKING_QUANTILE,
+)
+from mflux_server.forecast.cost_model import (
+    PRIOR,
+    CostModel,
+    FitShape,
+    KindModel,
+    megapixels,
+)
 from mflux_server.forecast.numerics import poisson_quantile
 from mflux_server.forecast.queue_view import Estimate, Forecaster
 from tests.conftest import new_task as task

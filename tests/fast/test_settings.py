@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 
-from mflux_server.config import Settings, default_db_path, load_settings
+from mflux_server.core.settings import Settings, default_db_path, load_settings
 
 
 def load(role: str, argv: list[str]):
-    return load_settings(role, argv, prog="x", description="x")[0]
+    return load_settings(role, argv, prog="x", description="x")
 
 
 def test_defaults_match_the_issue():
@@ -53,13 +50,6 @@ def test_bad_environment_value_names_the_variable(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         load("api", [])
     assert "MFLUX_SERVER_PORT" in capsys.readouterr().err
-
-
-def test_api_does_not_offer_worker_flags_and_vice_versa():
-    api_help = subprocess.run([sys.executable, "-m", "mflux_server", "--help"], capture_output=True, text=True).stdout
-    worker_help = subprocess.run([sys.executable, "-m", "worker", "--help"], capture_output=True, text=True).stdout
-    assert "--port" in api_help and "--quantize" not in api_help and "MFLUX_SERVER_PORT" in api_help
-    assert "--quantize" in worker_help and "--port" not in worker_help and "--db" in worker_help
 
 
 def test_settings_reject_bad_combinations():

@@ -1,4 +1,4 @@
-"""End to end: mflux-server and mflux-worker as subprocesses, driven by the seed's own client code over HTTP."""
+"""End to end: mflux-server and mflux-worker as subprocesses, driven by the original server's client code over HTTP."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ import pytest
 import requests
 from PIL import Image
 
-from tests.conftest import submit, wait_for, wait_status
+from mflux_server.testing import wait_for
+from tests.conftest import submit, wait_status
 
-pytestmark = pytest.mark.e2e
 
-
-# The three client functions from the seed document, verbatim but for the endpoint override it hard-codes.
+# The three client functions from the original server's document (shared/seeds), verbatim but for the
+# endpoint override it hard-codes.
 def mflux_generate_client(mfluxendpoint, prompt, width=1280, height=720, steps=4, count=4, seed=None, format="JPEG", quality=85, priority=False):  # noqa: E501
     data = {
         "prompt": prompt,
@@ -60,7 +60,7 @@ def mflux_get_image(mfluxendpoint, task_id):
 
 @pytest.mark.parametrize("fmt, pil_format, size", [("JPEG", "JPEG", (1280, 720)), ("png", "PNG", (512, 768)),
                                                    ("WEBP", "WEBP", (256, 256))])
-def test_seed_client_flow(processes, fmt, pil_format, size):
+def test_original_client_flow(processes, fmt, pil_format, size):
     url = processes.server()
     processes.worker(speed=40.0)
     width, height = size
@@ -81,7 +81,7 @@ def test_seed_client_flow(processes, fmt, pil_format, size):
     assert mflux_status_ready(url, task_id) == -1  # delete=true removed it
 
 
-def test_seed_curl_examples_work_unchanged(processes):
+def test_original_curl_examples_work_unchanged(processes):
     url = processes.server()
     processes.worker(speed=40.0)
     body = ('{"prompt": "A beautiful landscape", "seed": "1725311496", "height": 1024, "width": 1024, "steps": 4,'

@@ -13,7 +13,7 @@ import psutil
 import pytest
 import requests
 
-from bench.harness import ROOT, wait_for
+from mflux_server.testing import ROOT, wait_for
 
 
 def raw_request(url: str, request: bytes, pause: float = 0.0) -> bytes:

@@ -1,4 +1,4 @@
-"""The store across processes: concurrent claims from several processes never share a task."""
+"""The queue across processes: concurrent claims never share a task; concurrent starts migrate once."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import time
 from mflux_server.core import db, store
 from mflux_server.core.rows import Status
 from tests.conftest import queue_task
+from tests.fast.test_migrations import EXPECTED_COLUMNS
 
 
 def _claim_all(path: str, worker: str, out, ready, go) -> None:
@@ -40,3 +41,16 @@ def test_concurrent_claims_from_several_processes_never_share_a_task(db_path, co
     assert sum(1 for r in results if r) >= 2, "the claims should really have been spread over processes"
     running = store.list_tasks(conn, Status.PROCESSING, 300, 0)[0]
     assert len({t.worker_id for t in running}) == sum(1 for r in results if r)
+
+
+def _open(path: str) -> object:
+    conn = db.open_database(path)
+    return db.pragma(conn, "user_version")
+
+
+def test_concurrent_processes_migrate_safely(tmp_path):
+    path = str(tmp_path / "q.db")
+    with multiprocessing.get_context("spawn").Pool(6) as pool:
+        versions = pool.map(_open, [path] * 12)
+    assert set(versions) == {len(db.migration_files())}
+    assert db.describe(db.connect(path)) == EXPECTED_COLUMNS

@@ -5,57 +5,66 @@ from __future__ import annotations
 import signal
 import threading
 
-from mflux_server import store
-from mflux_server.config import Settings
-from tests.conftest import task_row, wait_for
-from worker.runner import Runner
+from mflux_server.core import store
+from mflux_server.core.rows import Removal, Status, Task
+from mflux_server.core.settings import Settings
+from mflux_server.testing import wait_for
+from mflux_server.worker.engines.synthetic import draw
+from mflux_server.worker.supervisor import Supervisor
+from tests.conftest import queue_task, reread, status_of
 
 
-def task(**overrides) -> dict:
-    base = {"prompt": "p", "model": "schnell", "width": 256, "height": 256, "steps": 4, "guidance": 3.5,
-            "seed": 7, "count": 1, "format": "PNG", "quality": 90, "priority": 0}
-    base.update(overrides)
-    return base
+def row(db_path: str, task_id: str) -> Task:
+    found = reread(db_path, task_id)
+    assert found is not None
+    return found
 
 
-def status(db_path: str, task_id: str) -> str:
-    return task_row(db_path, task_id)["status"]
+def kinds_measured(conn) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for stat in store.timing_stats(conn):
+        counts[stat.kind] = counts.get(stat.kind, 0) + stat.n
+    return counts
+
+
+def image_count(conn, task: Task) -> int:
+    return sum(1 for i in range(task.count) if store.fetch_image(conn, task.id, i) is not None)
 
 
 def test_worker_runs_in_priority_order_and_stores_images(conn, db_path, processes):
-    a = store.submit(conn, task(prompt="a"))
-    b = store.submit(conn, task(prompt="b", count=2, format="JPEG"))
-    c = store.submit(conn, task(prompt="c", priority=1))
+    a = queue_task(conn, width=256, height=256, prompt="a")
+    b = queue_task(conn, width=256, height=256, prompt="b", count=2, format="JPEG")
+    c = queue_task(conn, width=256, height=256, prompt="c", priority=1)
     processes.worker()
-    wait_for(lambda: all(status(db_path, t["id"]) == "done" for t in (a, b, c)), what="all tasks done")
-    started = sorted((task_row(db_path, t["id"])["started_at"], t["prompt"]) for t in (a, b, c))
+    wait_for(lambda: all(status_of(db_path, t.id) == "done" for t in (a, b, c)), what="all tasks done")
+    started = sorted((row(db_path, t.id).started_at, t.prompt) for t in (a, b, c))
     assert [p for _, p in started] == ["c", "a", "b"]
-    images = conn.execute("SELECT idx, seed, mime FROM images WHERE task_id = ? ORDER BY idx", (b["id"],)).fetchall()
-    assert [tuple(r) for r in images] == [(0, 7, "image/jpeg"), (1, 8, "image/jpeg")]
+    images = [store.fetch_image(conn, b.id, i) for i in range(2)]
+    assert [(i.idx, i.seed, i.mime) for i in images if i] == [(0, 7, "image/jpeg"), (1, 8, "image/jpeg")]
     # every step and fixed cost of the 4 images is measured (the progress thread writes them within ~20 ms)
     expected = {"step": 4 * 4, "before": 4, "after": 4, "encode": 4}
-    wait_for(lambda: {r[0]: r[1] for r in conn.execute("SELECT kind, SUM(n) FROM timing_stats GROUP BY kind")} == expected,
+    wait_for(lambda: kinds_measured(conn) == expected,
              timeout=5, what="all timings recorded")
 
 
 def test_timings_are_recorded_while_the_first_task_is_still_running(conn, db_path, processes):
-    t = store.submit(conn, task(steps=40))
+    t = queue_task(conn, width=256, height=256, steps=40)
     processes.worker(speed=1.0)
-    wait_for(lambda: conn.execute("SELECT COALESCE(SUM(n), 0) FROM timing_stats WHERE kind = 'step'").fetchone()[0] >= 3,
+    wait_for(lambda: kinds_measured(conn).get("step", 0) >= 3,
              what="step timings of the running task")
-    assert status(db_path, t["id"]) == "processing"
+    assert status_of(db_path, t.id) == "processing"
 
 
 def test_progress_is_visible_while_running(conn, db_path, processes):
-    t = store.submit(conn, task(steps=12, count=2))
+    t = queue_task(conn, width=256, height=256, steps=12, count=2)
     processes.worker(speed=1.0)
     seen = set()
 
     def finished() -> bool:
-        row = task_row(db_path, t["id"])
-        if row["status"] == "processing":
-            seen.add((row["image_index"], row["step"]))
-        return row["status"] == "done"
+        now = row(db_path, t.id)
+        if now.status is Status.PROCESSING:
+            seen.add((now.image_index, now.step))
+        return now.status is Status.DONE
 
     wait_for(finished, timeout=30, interval=0.01, what="the task to finish")
     assert {i for i, _ in seen} == {0, 1}, seen
@@ -63,63 +72,64 @@ def test_progress_is_visible_while_running(conn, db_path, processes):
 
 
 def test_cancel_waiting_never_starts_and_running_stops_at_a_step(conn, db_path, processes):
-    running = store.submit(conn, task(steps=200))
-    waiting = store.submit(conn, task())
-    after = store.submit(conn, task())
+    running = queue_task(conn, width=256, height=256, steps=200)
+    waiting = queue_task(conn, width=256, height=256)
+    after = queue_task(conn, width=256, height=256)
     processes.worker(speed=1.0)
-    wait_for(lambda: (task_row(db_path, running["id"])["step"] or 0) >= 2, what="the first task to be mid-way")
-    assert store.cancel_or_delete(conn, waiting["id"]) == "canceled"
-    assert store.cancel_or_delete(conn, running["id"]) == "canceled"
-    wait_for(lambda: status(db_path, after["id"]) == "done", timeout=10, what="the worker to move on")
-    assert task_row(db_path, waiting["id"])["started_at"] is None
-    row = task_row(db_path, running["id"])
-    assert row["status"] == "canceled" and row["step"] < 50  # stopped long before its 200 steps
-    assert conn.execute("SELECT COUNT(*) FROM images WHERE task_id = ?", (running["id"],)).fetchone()[0] == 0
+    wait_for(lambda: (row(db_path, running.id).step or 0) >= 2, what="the first task to be mid-way")
+    assert store.cancel_or_delete(conn, waiting.id) is Removal.CANCELED
+    assert store.cancel_or_delete(conn, running.id) is Removal.CANCELED
+    wait_for(lambda: status_of(db_path, after.id) == "done", timeout=10, what="the worker to move on")
+    assert row(db_path, waiting.id).started_at is None
+    stopped = row(db_path, running.id)
+    assert stopped.status is Status.CANCELED and stopped.step < 50  # stopped long before its 200 steps
+    assert image_count(conn, stopped) == 0
 
 
 def test_sigkill_mid_task_reruns_on_the_next_worker_start(conn, db_path, processes):
-    t = store.submit(conn, task(steps=30))
+    t = queue_task(conn, width=256, height=256, steps=30)
     first = processes.worker(speed=1.0)
-    wait_for(lambda: (task_row(db_path, t["id"])["step"] or 0) >= 1, what="the task to be running")
+    wait_for(lambda: (row(db_path, t.id).step or 0) >= 1, what="the task to be running")
     first.send_signal(signal.SIGKILL)
     first.wait()
-    assert status(db_path, t["id"]) == "processing"  # the dead worker still holds it
+    assert status_of(db_path, t.id) == "processing"  # the dead worker still holds it
     processes.worker(speed=20.0)
-    wait_for(lambda: status(db_path, t["id"]) == "done", what="the task to be rerun")
-    assert task_row(db_path, t["id"])["attempts"] == 2
+    wait_for(lambda: status_of(db_path, t.id) == "done", what="the task to be rerun")
+    assert row(db_path, t.id).attempts == 2
 
 
 def test_a_running_worker_takes_over_from_a_killed_one(conn, db_path, processes):
-    t = store.submit(conn, task(steps=30))
+    t = queue_task(conn, width=256, height=256, steps=30)
     doomed = processes.worker(speed=1.0)
-    wait_for(lambda: status(db_path, t["id"]) == "processing", what="the task to start")
+    wait_for(lambda: status_of(db_path, t.id) == "processing", what="the task to start")
     processes.worker(speed=20.0)  # idle, heartbeating; its recovery pass notices the dead pid
     doomed.send_signal(signal.SIGKILL)
-    wait_for(lambda: status(db_path, t["id"]) == "done", timeout=20, what="the survivor to finish the task")
+    wait_for(lambda: status_of(db_path, t.id) == "done", timeout=20, what="the survivor to finish the task")
 
 
 def test_attempt_limit_ends_a_task_that_keeps_killing_workers(conn, db_path, processes):
-    t = store.submit(conn, task(steps=40))
+    t = queue_task(conn, width=256, height=256, steps=40)
     for _ in range(2):
         proc = processes.worker("--max-attempts", "2", speed=1.0)
-        wait_for(lambda: (task_row(db_path, t["id"])["step"] or 0) >= 1, what="the task to be running")
+        wait_for(lambda: (row(db_path, t.id).step or 0) >= 1, what="the task to be running")
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     processes.worker("--max-attempts", "2")
-    wait_for(lambda: status(db_path, t["id"]) == "error", what="the task to be given up")
-    row = task_row(db_path, t["id"])
-    assert "gave up after 2 attempts" in row["error"]
+    wait_for(lambda: status_of(db_path, t.id) == "error", what="the task to be given up")
+    final = row(db_path, t.id)
+    assert final.error and "gave up after 2 attempts" in final.error
 
 
 def test_sigterm_puts_the_task_back_and_exits_zero(conn, db_path, processes):
-    t = store.submit(conn, task(steps=200))
+    t = queue_task(conn, width=256, height=256, steps=200)
     proc = processes.worker(speed=1.0)
-    wait_for(lambda: (task_row(db_path, t["id"])["step"] or 0) >= 1, what="the task to be running")
+    wait_for(lambda: (row(db_path, t.id).step or 0) >= 1, what="the task to be running")
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=10) == 0
-    row = task_row(db_path, t["id"])
-    assert (row["status"], row["attempts"], row["worker_id"]) == ("waiting", 0, None)
-    assert conn.execute("SELECT stopped_at FROM workers").fetchone()[0] is not None
+    final = row(db_path, t.id)
+    assert (final.status, final.attempts, final.worker_id) == (Status.WAITING, 0, None)
+    assert store.live_workers(conn, stale_after=60) == []  # it said it stopped
+    assert store.worker_count(conn) == 1
     assert "SIGTERM received" in processes.log(proc)
 
 
@@ -135,30 +145,29 @@ class FailingEngine:
     name = "synthetic"
     model = "schnell"
     quantize = None
+    software = "a failing test engine"
 
     def generate(self, job, reporter):
         reporter.loop_started()
         reporter.step(1, job.steps)
         if "crash" in job.prompt:
             raise MemoryError("out of GPU memory")
-        from worker.engines.synthetic import draw
-
         return draw(job)
 
 
 def test_an_engine_exception_fails_that_task_and_the_worker_goes_on(conn, db_path):
-    bad = store.submit(conn, task(prompt="please crash"))
-    good = store.submit(conn, task(prompt="fine"))
-    runner = Runner(Settings(db=db_path, heartbeat_interval=0.2), FailingEngine())
-    thread = threading.Thread(target=runner.run)
+    bad = queue_task(conn, width=256, height=256, prompt="please crash")
+    good = queue_task(conn, width=256, height=256, prompt="fine")
+    supervisor = Supervisor(Settings(db=db_path, heartbeat_interval=0.2), FailingEngine())
+    thread = threading.Thread(target=supervisor.run)
     thread.start()
     try:
-        wait_for(lambda: status(db_path, good["id"]) == "done", what="the next task to finish")
+        wait_for(lambda: status_of(db_path, good.id) == "done", what="the next task to finish")
     finally:
-        runner.stop()
+        supervisor.stop()
         thread.join(timeout=10)
-    row = task_row(db_path, bad["id"])
-    assert row["status"] == "error" and row["error"] == "synthetic engine failed: MemoryError: out of GPU memory"
+    failed = row(db_path, bad.id)
+    assert failed.status is Status.ERROR and failed.error == "synthetic engine failed: MemoryError: out of GPU memory"
     assert not thread.is_alive()
 
 

@@ -97,4 +97,5 @@ class MfluxEngine:
             )
         finally:
             self.bridge.reporter = None
-        return result.image
+        image: Image.Image = result.image
+        return image
