@@ -193,7 +193,7 @@ def phase(url: str, ids: list[str], ids_file: Path, seconds: float, connections:
 
 def run(smoke: bool = False) -> Result:
     """10,000 queued tasks and a running worker; 32 pollers flat out, then paced, each with 2 submitters, 30 s."""
-    tasks, seconds, connections = (300, 2.0, 8) if smoke else (10_000, 30.0, 32)
+    tasks, seconds, connections = (300, 1.0, 8) if smoke else (10_000, 30.0, 32)
     use_wrk = shutil.which("wrk") is not None and not smoke
     driver = "wrk" if use_wrk else "Python threads"
     result = Result("API under load", f"make bench ARGS='--only load'  ({tasks:,} queued, {connections} pollers via "

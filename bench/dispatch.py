@@ -16,7 +16,7 @@ from mflux_server.testing import Processes, wait_for
 
 def run(smoke: bool = False) -> Result:
     """Submit tasks one at a time over HTTP to an idle worker; then watch the idle worker's CPU."""
-    samples, idle_seconds = (5, 2.0) if smoke else (200, 20.0)
+    samples, idle_seconds = (5, 1.0) if smoke else (200, 20.0)
     result = Result("Dispatch latency", f"make bench ARGS='--only dispatch'  ({samples} submits, {idle_seconds:.0f} s idle)")
     with tempfile.TemporaryDirectory() as tmp:
         path = str(Path(tmp) / "queue.db")

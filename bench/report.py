@@ -44,6 +44,11 @@ def render(results: list[Result], machine: str, command: str, plot: str | None, 
             lines += ["", explanations[result.name]]
         if result.name == "Forecast accuracy" and plot:
             lines += ["", f"![forecast against actual time]({plot})"]
+    # Sections of bench/explanations.md that belong to no benchmark (history, comparisons) close the page.
+    names = {result.name for result in results}
+    for name, text in explanations.items():
+        if name not in names:
+            lines += ["", f"## {name}", "", text]
     return "\n".join(lines) + "\n"
 
 
