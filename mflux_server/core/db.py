@@ -98,21 +98,3 @@ def open_database(path: str | Path) -> sqlite3.Connection:
     conn = connect(path)
     migrate(conn)
     return conn
-
-
-def describe(conn: sqlite3.Connection) -> dict[str, set[str]]:
-    """Every table of the schema with its column names (the schema test compares this)."""
-    tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")]
-    return {table: {r[1] for r in conn.execute(f"PRAGMA table_info({table})")} for table in tables}
-
-
-def index_names(conn: sqlite3.Connection) -> set[str]:
-    """Names of the schema's indexes."""
-    return {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
-
-
-def pragma(conn: sqlite3.Connection, name: str) -> object:
-    """The value of one PRAGMA on this connection (journal_mode, user_version, …)."""
-    if not name.isidentifier():
-        raise ValueError(f"not a pragma name: {name!r}")
-    return conn.execute(f"PRAGMA {name}").fetchone()[0]

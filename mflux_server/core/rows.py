@@ -5,9 +5,7 @@ from __future__ import annotations
 import enum
 import sqlite3
 from dataclasses import dataclass, fields
-from typing import Any, NamedTuple, TypeVar
-
-T = TypeVar("T")
+from typing import NamedTuple, Self
 
 
 class Status(enum.StrEnum):
@@ -32,11 +30,15 @@ class Removal(enum.StrEnum):
     DELETED = "deleted"
 
 
-def _from_row(cls: type[T], row: sqlite3.Row, **converted: Any) -> T:
-    """Build a dataclass from a row holding (at least) its field names."""
-    values = {f.name: row[f.name] for f in fields(cls)}  # type: ignore[arg-type]
-    values.update(converted)
-    return cls(**values)
+class FromRow:
+    """Mixed into a row dataclass: build it from a sqlite3.Row holding (at least) its field names."""
+
+    __slots__ = ()
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> Self:
+        """The row as this dataclass."""
+        return cls(**{f.name: row[f.name] for f in fields(cls)})  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +59,7 @@ class NewTask:
 
 
 @dataclass(frozen=True, slots=True)
-class Task:
+class Task(FromRow):
     """One row of the tasks table."""
 
     seq: int
@@ -85,14 +87,13 @@ class Task:
     engine: str | None
     error: str | None
 
-    @classmethod
-    def from_row(cls, row: sqlite3.Row) -> Task:
-        """The task a `SELECT *` or `RETURNING *` row describes."""
-        return _from_row(cls, row, status=Status(row["status"]))
+    def __post_init__(self) -> None:
+        # sqlite hands the status back as a plain string; the enum is what everyone compares with.
+        object.__setattr__(self, "status", Status(self.status))
 
 
 @dataclass(frozen=True, slots=True)
-class Worker:
+class Worker(FromRow):
     """One row of the workers table: a generation process, registered afresh at each start."""
 
     id: str
@@ -105,14 +106,10 @@ class Worker:
     heartbeat_at: float
     stopped_at: float | None
 
-    @classmethod
-    def from_row(cls, row: sqlite3.Row) -> Worker:
-        """The worker a `SELECT *` row describes."""
-        return _from_row(cls, row)
 
 
 @dataclass(frozen=True, slots=True)
-class StoredImage:
+class StoredImage(FromRow):
     """One encoded image of a task, on its way into the database or out of it."""
 
     idx: int
@@ -122,10 +119,6 @@ class StoredImage:
     gen_started: float  # wall clock around the engine's generate, for duty-cycle figures
     gen_ended: float
 
-    @classmethod
-    def from_row(cls, row: sqlite3.Row) -> StoredImage:
-        """The image an images row describes."""
-        return _from_row(cls, row)
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,7 +130,7 @@ class Timing:
 
 
 @dataclass(frozen=True, slots=True)
-class TimingStat:
+class TimingStat(FromRow):
     """Aggregated timings of one model, size and kind: what the cost model is fitted to."""
 
     model: str
@@ -147,10 +140,6 @@ class TimingStat:
     n: int
     total: float
 
-    @classmethod
-    def from_row(cls, row: sqlite3.Row) -> TimingStat:
-        """The stat a timing_stats row describes."""
-        return _from_row(cls, row)
 
 
 # Not frozen: a snapshot reads 10,000 of these, and a frozen dataclass costs 6 ms per 10,000 where a

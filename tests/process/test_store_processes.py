@@ -8,7 +8,7 @@ import time
 from mflux_server.core import db, store
 from mflux_server.core.rows import Status
 from tests.conftest import queue_task
-from tests.fast.test_migrations import EXPECTED_COLUMNS
+from tests.fast.test_migrations import EXPECTED_COLUMNS, describe, pragma
 
 
 def _claim_all(path: str, worker: str, out, ready, go) -> None:
@@ -45,7 +45,7 @@ def test_concurrent_claims_from_several_processes_never_share_a_task(db_path, co
 
 def _open(path: str) -> object:
     conn = db.open_database(path)
-    return db.pragma(conn, "user_version")
+    return pragma(conn, "user_version")
 
 
 def test_concurrent_processes_migrate_safely(tmp_path):
@@ -53,4 +53,4 @@ def test_concurrent_processes_migrate_safely(tmp_path):
     with multiprocessing.get_context("spawn").Pool(6) as pool:
         versions = pool.map(_open, [path] * 12)
     assert set(versions) == {len(db.migration_files())}
-    assert db.describe(db.connect(path)) == EXPECTED_COLUMNS
+    assert describe(db.connect(path)) == EXPECTED_COLUMNS
