@@ -1,4 +1,4 @@
-"""mflux-server, the API's command: serve the API with gunicorn (threads), or Flask's development server with --debug."""
+"""The mflux-server command: serve the API with gunicorn (see request_threads), or Flask's server with --debug."""
 
 from __future__ import annotations
 
@@ -35,14 +35,14 @@ def check_port_free(host: str, port: int) -> None:
 
 
 def serve(settings: Settings) -> None:
-    """Run the API under gunicorn (threaded workers, see http_worker) until SIGTERM or Ctrl-C."""
+    """Run the API under gunicorn (threads, see request_threads) until SIGTERM or Ctrl-C."""
     from gunicorn.app.base import BaseApplication
 
     class Server(BaseApplication):
         def load_config(self) -> None:
             self.cfg.set("bind", f"{settings.host}:{settings.port}")
             self.cfg.set("workers", settings.http_workers)
-            self.cfg.set("worker_class", "mflux_server.api.http_worker.SubmitFirstWorker")
+            self.cfg.set("worker_class", "mflux_server.api.request_threads.SubmitFirstThreads")
             self.cfg.set("threads", settings.threads)
             # With one shared listening socket the process that wakes first accepts, and under load one
             # process can end up with most kept-alive connections and a single core's worth of GIL.

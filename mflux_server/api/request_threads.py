@@ -1,4 +1,4 @@
-"""The API's gunicorn worker: gunicorn's threaded worker with its own threads for submissions."""
+"""How each API server process spreads requests over threads: gunicorn's gthread, with threads of their own for submissions."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def peek_method(sock: socket.socket) -> bytes | None:
         return b""  # a broken connection: let the normal path read the error and close it
 
 
-class SubmitFirstWorker(ThreadWorker):
+class SubmitFirstThreads(ThreadWorker):
     """gunicorn's gthread worker, routing requests that change the queue to a small pool of their own."""
 
     def init_process(self) -> None:

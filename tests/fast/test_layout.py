@@ -1,0 +1,41 @@
+"""The API's layout holds by construction: blueprints import the context, never the app module or each other."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import mflux_server.api
+import mflux_server.worker
+
+API = Path(mflux_server.api.__file__).parent
+BLUEPRINTS = ("generation", "tasks", "info")
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module a file imports, by its dotted name."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return found
+
+
+def test_blueprints_import_neither_the_app_nor_another_blueprint():
+    for name in BLUEPRINTS:
+        imports = imported_modules(API / f"{name}.py")
+        assert "mflux_server.api.context" in imports, f"{name} should reach conn/settings through api.context"
+        forbidden = {"mflux_server.api.app"} | {f"mflux_server.api.{other}" for other in BLUEPRINTS if other != name}
+        assert not imports & forbidden, f"{name}.py imports {imports & forbidden}"
+
+
+def test_nothing_but_the_store_and_db_modules_run_sql():
+    root = API.parent
+    for path in root.rglob("*.py"):
+        if path.name in ("store.py", "db.py"):
+            continue
+        assert ".execute(" not in path.read_text(), f"{path.relative_to(root)} runs SQL outside the store"
+    for path in Path(mflux_server.worker.__file__).parent.rglob("*.py"):
+        assert ".execute(" not in path.read_text(), f"{path} runs SQL outside the store"
