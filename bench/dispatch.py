@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import tempfile
 import time
 from pathlib import Path
@@ -11,7 +12,20 @@ import requests
 
 from bench.results import Result, median, percentile
 from mflux_server.core import db, store
+from mflux_server.core.rows import Status
 from mflux_server.testing import Processes, wait_for
+
+
+def started_at(conn: sqlite3.Connection, task_id: str) -> float | None:
+    """When the worker claimed the task (None while it waits)."""
+    task = store.get(conn, task_id)
+    return task.started_at if task else None
+
+
+def status_of(conn: sqlite3.Connection, task_id: str) -> Status | None:
+    """The task's status now (None once deleted)."""
+    task = store.get(conn, task_id)
+    return task.status if task else None
 
 
 def run(smoke: bool = False) -> Result:
@@ -35,11 +49,9 @@ def run(smoke: bool = False) -> Result:
                 task_id = session.post(url + "/api/generate", json={"prompt": f"d{i}", "width": 128, "height": 128,
                                                                       "steps": 1}).json()["task_id"]
                 # wait_for polls right away, so closing over this iteration's task_id is safe
-                started = wait_for(lambda: store.get(conn, task_id).started_at,  # type: ignore[union-attr]  # noqa: B023
-                                   timeout=10, interval=0.001)
+                started = wait_for(lambda: started_at(conn, task_id), timeout=10, interval=0.001)  # noqa: B023
                 latencies.append((started - submitted) * 1000)
-                wait_for(lambda: store.get(conn, task_id).status == "done",  # type: ignore[union-attr]  # noqa: B023
-                         timeout=10, interval=0.002)
+                wait_for(lambda: status_of(conn, task_id) == Status.DONE, timeout=10, interval=0.002)  # noqa: B023
             time.sleep(1.0)
             process = psutil.Process(worker.pid)
             before = process.cpu_times()

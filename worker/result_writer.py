@@ -14,7 +14,6 @@ from mflux_server.worker.messages import (
     ImageGenerated,
     Message,
     Shutdown,
-    TaskDropped,
     TaskFailed,
     TaskReleased,
 )
@@ -51,8 +50,7 @@ class ResultWriter:
                     store.fail(conn, task.id, self.worker_id, message.message)
                 elif isinstance(message, TaskReleased):
                     store.release(conn, task.id, self.worker_id)
-                elif not isinstance(message, TaskDropped):
-                    raise TypeError(f"unexpected message {message!r}")
+                # TaskDropped: forgetting its pending images, above, is all there is to do
             except Exception as exc:
                 log.exception("task %s: could not store the result", task.id)
                 self._pending.pop(task.id, None)

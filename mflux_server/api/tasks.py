@@ -22,8 +22,9 @@ blp = Blueprint("tasks", __name__, description="List the queue and recent tasks;
 class TaskListQuery(ma.Schema):
     """Filter and page."""
 
-    status = fields.Enum(Status, by_value=True, load_default=None,
-                         metadata={"description": "only tasks with this status"})
+    # No load_default: a None default would put null among the values the spec offers.
+    status = fields.String(validate=validate.OneOf([s.value for s in Status]),
+                           metadata={"description": "only tasks with this status; all tasks when absent"})
     limit = fields.Integer(load_default=50, validate=validate.Range(1, 500), metadata={"description": "page size, 1 to 500"})
     offset = fields.Integer(load_default=0, validate=validate.Range(0), metadata={"description": "tasks to skip"})
 
@@ -72,7 +73,8 @@ class TaskCollection(MethodView):
     @blp.response(200, TaskList)
     def get(self, query: dict[str, Any]) -> dict[str, Any]:
         """List tasks, filtered by status and paginated."""
-        tasks, total = store.list_tasks(conn(), query["status"], query["limit"], query["offset"])
+        status = Status(query["status"]) if "status" in query else None
+        tasks, total = store.list_tasks(conn(), status, query["limit"], query["offset"])
         return {"tasks": [summary(task) for task in tasks], "total": total, "limit": query["limit"],
                 "offset": query["offset"], "counts": store.status_counts(conn())}
 

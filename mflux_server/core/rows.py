@@ -107,7 +107,6 @@ class Worker(FromRow):
     stopped_at: float | None
 
 
-
 @dataclass(frozen=True, slots=True)
 class StoredImage(FromRow):
     """One encoded image of a task, on its way into the database or out of it."""
@@ -118,7 +117,6 @@ class StoredImage(FromRow):
     data: bytes
     gen_started: float  # wall clock around the engine's generate, for duty-cycle figures
     gen_ended: float
-
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,7 +137,6 @@ class TimingStat(FromRow):
     kind: str
     n: int
     total: float
-
 
 
 # Not frozen: a snapshot reads 10,000 of these, and a frozen dataclass costs 6 ms per 10,000 where a

@@ -157,8 +157,8 @@ class CostModel:
         if fitted is not None:
             return fitted
         # Another model measured on this machine says more about its speed than the prior does.
-        ratios = [m[kind].ratio for m in self.kinds.values() if kind in m and m[kind].ratio is not None]
-        ratio = sum(r for r in ratios if r is not None) / len(ratios) if ratios else None
+        ratios = [r for m in self.kinds.values() if kind in m and (r := m[kind].ratio) is not None]
+        ratio = sum(ratios) / len(ratios) if ratios else None
         return KindModel(prior=PRIOR[kind], ratio=ratio)
 
     def parts(self, model: str, width: int, height: int) -> dict[str, float]:

@@ -48,6 +48,8 @@ def test_every_endpoint_is_in_the_readme_and_fully_described_in_the_spec(client)
     assert {"prompt", "seed", "width", "height", "steps", "guidance", "format", "quality", "priority", "count",
             "model"} <= set(body)
     assert all(prop.get("description") for prop in body.values())
+    status = next(p for p in spec["paths"]["/api/tasks"]["get"]["parameters"] if p["name"] == "status")
+    assert status["schema"] == {"type": "string", "enum": ["waiting", "processing", "done", "error", "canceled"]}
 
 
 def test_original_curl_paths_and_fields_are_in_the_readme():
