@@ -1,37 +1,129 @@
-"""The model names mflux-server accepts, their aliases, and their defaults; no mflux import needed."""
+"""The models mflux-server can serve, their families and capabilities: read from models.json, no mflux import.
+
+models.json is generated from the installed mflux (`python -m mflux_server.worker.catalog_build`) and a
+contract test rebuilds it, so it cannot drift from the pinned release.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, fields
+from functools import cache
+from pathlib import Path
+
+CATALOG_FILE = Path(__file__).with_name("models.json")
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """Which inputs a model can use."""
+
+    text_to_image: bool
+    image_to_image: bool
+    edit: bool  # an instruction applied to a reference image
+    inpaint: bool  # an image plus a mask; white repaints
+    negative_prompt: bool
+    guidance: bool
+
+    def as_dict(self) -> dict[str, bool]:
+        """The capabilities as a JSON object."""
+        return {field.name: getattr(self, field.name) for field in fields(self)}
 
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """What the server needs to know about one mflux model name."""
+    """What the server needs to know about one mflux model."""
 
-    name: str  # mflux's ModelConfig name, as passed to ModelConfig.from_name
-    family: str  # which mflux model class runs it
+    name: str  # mflux's registry key, as passed to ModelConfig.from_name
+    aliases: tuple[str, ...]
+    family: str  # which adapter (mflux class) runs it
+    family_title: str
+    repo: str  # the Hugging Face repository of its weights
+    priority: int  # mflux's tie-break when a checkpoint name matches several aliases
     default_steps: int
-    supports_guidance: bool
-    aliases: tuple[str, ...] = ()
+    default_guidance: float | None
+    capabilities: Capabilities
+
+    @property
+    def supports_guidance(self) -> bool:
+        """Whether guidance changes the image (schnell and the turbo distillations ignore it)."""
+        return self.capabilities.guidance
+
+    @property
+    def needs_image(self) -> bool:
+        """True for models that only edit or fill, so every request must carry an image."""
+        return not self.capabilities.text_to_image
 
 
-# The FLUX.1 text-to-image models, run through mflux's Flux1 class. tests/contract checks every name here
-# against the installed mflux's ModelConfig, so a rename upstream fails CI.
-CATALOG: tuple[ModelInfo, ...] = (
-    ModelInfo("schnell", "flux1", 4, False),
-    ModelInfo("dev", "flux1", 25, True),
-    ModelInfo("krea-dev", "flux1", 25, True, aliases=("dev-krea",)),
-)
+@dataclass(frozen=True)
+class Resolved:
+    """A model reference resolved to its catalog entry: `served` is the name a worker loads and tasks carry."""
 
-_BY_NAME = {alias: info for info in CATALOG for alias in (info.name, *info.aliases)}
+    info: ModelInfo
+    served: str  # the registry name, or the Hugging Face repo / local path it was given as
+
+
+@cache
+def _load() -> tuple[tuple[ModelInfo, ...], int]:
+    data = json.loads(CATALOG_FILE.read_text())
+    models = tuple(
+        ModelInfo(
+            name=entry["name"],
+            aliases=tuple(entry["aliases"]),
+            family=entry["family"],
+            family_title=entry["family_title"],
+            repo=entry["repo"],
+            priority=entry["priority"],
+            default_steps=entry["default_steps"],
+            default_guidance=entry["default_guidance"],
+            capabilities=Capabilities(**entry["capabilities"]),
+        )
+        for entry in data["models"]
+    )
+    return models, int(data["size_multiple"])
+
+
+def models() -> tuple[ModelInfo, ...]:
+    """Every model the server can serve, in mflux's registry order."""
+    return _load()[0]
+
+
+def size_multiple() -> int:
+    """Width and height must be multiples of this (mflux's latent patch size)."""
+    return _load()[1]
+
+
+@cache
+def _by_name() -> dict[str, ModelInfo]:
+    return {alias.lower(): info for info in models() for alias in (info.name, *info.aliases)}
 
 
 def resolve(name: str) -> ModelInfo | None:
-    """Find a model by name or alias, case-insensitively; None when unknown."""
-    return _BY_NAME.get(name.strip().lower())
+    """Find a model by registry name or alias, case-insensitively; None when unknown."""
+    return _by_name().get(name.strip().lower())
+
+
+def resolve_reference(reference: str) -> Resolved | None:
+    """Resolve a name, alias, Hugging Face repo or local path to its model, the way mflux infers a checkpoint's base.
+
+    An exact repo id names its model; otherwise the longest alias found in the last path component wins, and
+    mflux's registry priority breaks ties (so "FLUX.1-Krea-dev-mflux-4bit" is krea-dev, not dev).
+    """
+    text = reference.strip()
+    info = resolve(text)
+    if info is not None:
+        return Resolved(info, info.name)
+    by_repo = sorted((m for m in models() if m.repo.lower() == text.lower()), key=lambda m: m.priority)
+    if by_repo:
+        return Resolved(by_repo[0], by_repo[0].name)
+    basename = text.rstrip("/").rsplit("/", 1)[-1].lower()
+    matches = [(info, alias) for info in models() for alias in (info.name, *info.aliases) if alias.lower() in basename]
+    if not matches or not basename:
+        return None
+    best, _ = min(matches, key=lambda match: (-len(match[1]), match[0].priority))
+    return Resolved(best, text)
 
 
 def names() -> list[str]:
-    """Canonical model names."""
-    return [info.name for info in CATALOG]
+    """Registry names of every servable model."""
+    return [info.name for info in models()]

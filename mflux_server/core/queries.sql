@@ -4,10 +4,34 @@
 -- name: insert_task
 -- Queue a new waiting task; its seq (AUTOINCREMENT, never reused) orders it within its priority.
 INSERT INTO tasks (id, priority, model, prompt, width, height, steps, guidance, seed, count,
-                   format, quality, created_at)
+                   format, quality, created_at, negative_prompt, image_strength, guidance_auto)
 VALUES (:id, :priority, :model, :prompt, :width, :height, :steps, :guidance, :seed, :count,
-        :format, :quality, :created_at)
+        :format, :quality, :created_at, :negative_prompt, :image_strength, :guidance_auto)
 RETURNING *;
+
+-- name: insert_input
+-- Store an image a task was submitted with (its start image or reference, or its mask).
+INSERT INTO task_inputs (task_id, role, mime, width, height, data)
+VALUES (:task_id, :role, :mime, :width, :height, :data);
+
+-- name: task_inputs
+-- The images a task was submitted with.
+SELECT role, mime, width, height, data FROM task_inputs WHERE task_id = ? ORDER BY role;
+
+-- name: waiting_heads
+-- Per model and priority: the first waiting task in claim order and how much waits, for choosing what to load.
+SELECT model, priority, MIN(seq) AS seq, COUNT(*) AS tasks, SUM(count) AS images FROM tasks
+ WHERE status = 'waiting'
+ GROUP BY model, priority;
+
+-- name: created_at
+-- When a task (by sequence number) was submitted.
+SELECT created_at FROM tasks WHERE seq = ?;
+
+-- name: fail_waiting
+-- Fail every waiting task of a model (one no worker can load), with a message for the client.
+UPDATE tasks SET status = 'error', finished_at = :now, error = :error
+ WHERE status = 'waiting' AND model = :model;
 
 -- name: get_task
 -- One task by its public id.
@@ -151,8 +175,27 @@ SELECT model, priority, seq, width, height, steps, count FROM tasks
 
 -- name: register_worker
 -- Record a worker process under a fresh id, alive as of now.
-INSERT INTO workers (id, hostname, pid, engine, model, quantize, started_at, heartbeat_at)
-VALUES (:id, :hostname, :pid, :engine, :model, :quantize, :now, :now);
+INSERT INTO workers (id, hostname, pid, engine, model, quantize, started_at, heartbeat_at, models, max_pixels,
+                     affinity_wait)
+VALUES (:id, :hostname, :pid, :engine, :model, :quantize, :now, :now, :models, :max_pixels, :affinity_wait);
+
+-- name: worker_loading
+-- Say which model a worker is loading (NULL once loaded), and which one it holds.
+UPDATE workers SET loading = :loading, model = :model WHERE id = :id;
+
+-- name: worker_max_pixels
+-- Lower the largest image a worker says it can run (after it ran out of memory).
+UPDATE workers SET max_pixels = :max_pixels WHERE id = :id;
+
+-- name: record_load
+-- Add one measured load (and warm-up) of a model to its running totals.
+INSERT INTO load_stats (model, n, total, last, updated_at) VALUES (:model, 1, :seconds, :seconds, :now)
+ON CONFLICT (model) DO UPDATE
+   SET n = n + 1, total = total + excluded.total, last = excluded.last, updated_at = excluded.updated_at;
+
+-- name: load_stats
+-- Every model's measured load times.
+SELECT model, n, total, last FROM load_stats;
 
 -- name: heartbeat
 -- Tell everyone a worker is alive.

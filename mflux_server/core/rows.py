@@ -56,6 +56,21 @@ class NewTask:
     format: str
     quality: int
     priority: int = 0
+    negative_prompt: str | None = None
+    image_strength: float | None = None
+    guidance_auto: bool = False  # no guidance was given: the engine lets the model pick its own
+    inputs: tuple[InputImage, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class InputImage(FromRow):
+    """An image a task was submitted with: the picture to start from or edit ('image'), or the inpaint 'mask'."""
+
+    role: str
+    mime: str
+    width: int
+    height: int
+    data: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +101,9 @@ class Task(FromRow):
     step_at: float | None
     engine: str | None
     error: str | None
+    negative_prompt: str | None
+    image_strength: float | None
+    guidance_auto: int
 
     def __post_init__(self) -> None:
         # sqlite hands the status back as a plain string; the enum is what everyone compares with.
@@ -105,6 +123,26 @@ class Worker(FromRow):
     started_at: float
     heartbeat_at: float
     stopped_at: float | None
+    models: str  # comma-separated: every model it may load; `model` is the one loaded now
+    max_pixels: int | None  # the largest image (width × height) it can run, when known
+    loading: str | None  # the model it is loading right now
+    affinity_wait: float | None  # seconds a task for another model waits before this worker switches for it
+
+    @property
+    def servable(self) -> tuple[str, ...]:
+        """Every model this worker may serve, the loaded one first."""
+        listed = tuple(name for name in self.models.split(",") if name)
+        return (self.model, *(name for name in listed if name != self.model))
+
+
+@dataclass(frozen=True, slots=True)
+class LoadStat(FromRow):
+    """How long loading a model (and warming it up) took."""
+
+    model: str
+    n: int
+    total: float
+    last: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +204,17 @@ class Arrival:
     steps: int
     count: int
     created_at: float
+
+
+class WaitingHead(NamedTuple):
+    """The front of one model's waiting tasks at one priority, and how much work waits behind it."""
+
+    model: str
+    priority: int
+    seq: int  # the first in claim order
+    created_at: float  # when that first one was submitted
+    tasks: int
+    images: int
 
 
 class ClaimKey(NamedTuple):

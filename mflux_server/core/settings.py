@@ -12,6 +12,10 @@ from typing import Any
 ENV_PREFIX = "MFLUX_SERVER_"
 QUANTIZE_CHOICES = ("3", "4", "5", "6", "8", "none")
 ENGINES = ("auto", "mflux", "synthetic")
+VAE_DECODES = ("auto", "legacy", "full_precision", "low_memory")
+# Seconds per denoising step as a + b·mp + c·mp² (mp = pixels / 2**20): FLUX.1-schnell bf16 measured on an
+# H100 (../shared/data/flux1-h100-timings.csv). The synthetic engine's default and the forecast's prior.
+H100_STEP_COST = (0.107, 0.350, 0.098)
 
 
 def default_db_path() -> str:
@@ -73,6 +77,28 @@ def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     return parse
 
 
+def _non_negative(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"must be 0 or more, got {text!r}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _optional(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        return None if str(text).strip().lower() in ("none", "") else kind(text)
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def setting(default: Any, help: str, roles: str = "api,worker", parse: Callable[[str], Any] = str) -> Any:
     """Declare one setting: its default, its help, which processes read it and how to parse it."""
     return field(default=default, metadata={"help": help, "roles": roles.split(","), "parse": parse})
@@ -85,7 +111,14 @@ class Settings:
     host: str = setting("127.0.0.1", "address the API listens on", "api")
     port: int = setting(4030, "port the API listens on", "api", _positive(int))
     db: str = setting(default_db_path(), "SQLite queue file shared by the API and the workers")
-    model: str = setting("schnell", "model the worker loads; also the API's default for requests without one")
+    model: str = setting("schnell", "model the worker loads first; also the API's default for requests without one")
+    models: list[str] = setting(None, "every model this worker may switch to, comma separated (--model is loaded first)",
+                                "worker", _list(str))
+    max_affinity_wait: float = setting(
+        120.0, "seconds a task for another model may wait before the worker switches models for it", "worker",
+        _non_negative(float))
+    max_pixels: int = setting(1536 * 1536, "largest image (width × height) this worker runs; lowered after out-of-memory",
+                              "worker", _positive(int))
     debug: bool = setting(False, "serve with Flask's development server and debugger (never in production)", "api", _bool)
     http_workers: int = setting(2, "API server processes (gunicorn workers)", "api", _positive(int))
     threads: int = setting(3, "threads per API server process for reads (status, images, docs); submissions have 2 more", "api",
@@ -101,9 +134,18 @@ class Settings:
     model_path: str | None = setting(None, "load weights from this local folder instead of the Hugging Face cache", "worker")
     lora_paths: list[str] = setting(None, "LoRA .safetensors files to apply (space or comma separated)", "worker", _list(str))
     lora_scales: list[float] = setting(None, "scale of each LoRA, in the same order", "worker", _list(float))
+    gpu_cache_limit: float | None = setting(
+        None, "GiB of freed GPU buffers MLX may keep cached (like the original server's --cache_limit)", "worker",
+        _optional(_non_negative(float)))
+    vae_decode: str = setting("auto", "VAE decode path: auto (by free memory), legacy, full_precision or low_memory",
+                              "worker")
     synthetic_step: tuple[float, float, float] = setting(
-        (0.05, 0.6, 0.3), "synthetic engine: seconds per step as a,b,c in a + b·mp + c·mp²", "worker", _floats(3)
+        H100_STEP_COST, "synthetic engine: seconds per step as a,b,c in a + b·mp + c·mp²", "worker", _floats(3)
     )
+    synthetic_load: float = setting(0.0, "synthetic engine: seconds to load a model", "worker", _non_negative(float))
+    synthetic_max_pixels: int | None = setting(
+        None, "synthetic engine: run out of memory above this many pixels, breaking until reset", "worker",
+        _optional(_positive(int)))
     synthetic_fixed: tuple[float, float] = setting(
         (0.2, 0.1), "synthetic engine: seconds before,after the denoising loop", "worker", _floats(2)
     )
@@ -123,6 +165,8 @@ class Settings:
             raise ValueError("lora_scales needs one scale per LoRA path")
         if not 0 <= self.synthetic_noise < 1:
             raise ValueError("synthetic_noise must be a fraction in [0, 1)")
+        if self.vae_decode not in VAE_DECODES:
+            raise ValueError(f"vae_decode must be one of {', '.join(VAE_DECODES)}, got {self.vae_decode!r}")
 
 
 def env_name(name: str) -> str:

@@ -8,8 +8,8 @@ import secrets
 import socket
 import sqlite3
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, fields
 from functools import lru_cache
 from importlib import resources
 
@@ -17,6 +17,8 @@ from mflux_server.core.db import transaction
 from mflux_server.core.rows import (
     Arrival,
     ClaimKey,
+    InputImage,
+    LoadStat,
     NewTask,
     QueueEntry,
     QueueRead,
@@ -27,6 +29,7 @@ from mflux_server.core.rows import (
     Task,
     Timing,
     TimingStat,
+    WaitingHead,
     Worker,
 )
 
@@ -81,11 +84,24 @@ def new_task_id() -> str:
 # Tasks
 
 
+def _task_params(task: NewTask, task_id: str, created_at: float) -> dict[str, object]:
+    params = {f.name: getattr(task, f.name) for f in fields(task) if f.name != "inputs"}
+    return params | {"id": task_id, "created_at": created_at, "guidance_auto": int(task.guidance_auto)}
+
+
 def submit(conn: sqlite3.Connection, task: NewTask, now: float | None = None) -> Task:
-    """Queue a waiting task and return its row."""
-    params = asdict(task) | {"id": new_task_id(), "created_at": time.time() if now is None else now}
+    """Queue a waiting task, with its input images, and return its row."""
+    params = _task_params(task, new_task_id(), time.time() if now is None else now)
     with transaction(conn):
-        return Task.from_row(conn.execute(sql("insert_task"), params).fetchone())
+        created = Task.from_row(conn.execute(sql("insert_task"), params).fetchone())
+        for image in task.inputs:
+            conn.execute(sql("insert_input"), asdict(image) | {"task_id": created.id})
+        return created
+
+
+def inputs(conn: sqlite3.Connection, task_id: str) -> dict[str, InputImage]:
+    """The images a task was submitted with, by role ('image', 'mask')."""
+    return {row["role"]: InputImage.from_row(row) for row in conn.execute(sql("task_inputs"), (task_id,))}
 
 
 def submit_many(conn: sqlite3.Connection, tasks: Iterable[NewTask], now: float | None = None) -> list[str]:
@@ -95,7 +111,7 @@ def submit_many(conn: sqlite3.Connection, tasks: Iterable[NewTask], now: float |
     with transaction(conn):
         for task in tasks:
             ids.append(new_task_id())
-            conn.execute(sql("insert_task"), asdict(task) | {"id": ids[-1], "created_at": created_at}).fetchone()
+            conn.execute(sql("insert_task"), _task_params(task, ids[-1], created_at)).fetchone()
     return ids
 
 
@@ -281,15 +297,62 @@ def timing_version(conn: sqlite3.Connection) -> tuple[float, int]:
 
 
 def register_worker(conn: sqlite3.Connection, engine: str, model: str, quantize: int | None,
-                    pid: int | None = None, now: float | None = None) -> str:
-    """Record a new worker (this process unless pid is given) with a fresh id, and return the id."""
+                    pid: int | None = None, now: float | None = None, models: Sequence[str] = (),
+                    max_pixels: int | None = None, affinity_wait: float | None = None) -> str:
+    """Record a new worker (this process unless pid is given) with a fresh id, and return the id.
+
+    `model` is the model it holds; `models` every model it may switch to.
+    """
     pid = os.getpid() if pid is None else pid
     worker_id = f"{socket.gethostname()}-{pid}-{secrets.token_hex(4)}"
     params = {"id": worker_id, "hostname": socket.gethostname(), "pid": pid, "engine": engine, "model": model,
-              "quantize": quantize, "now": time.time() if now is None else now}
+              "quantize": quantize, "now": time.time() if now is None else now,
+              "models": ",".join(dict.fromkeys((model, *models))), "max_pixels": max_pixels,
+              "affinity_wait": affinity_wait}
     with transaction(conn):
         conn.execute(sql("register_worker"), params)
     return worker_id
+
+
+def worker_loading(conn: sqlite3.Connection, worker_id: str, model: str, loading: str | None) -> None:
+    """Publish which model a worker holds, and which it is loading now (None once loaded)."""
+    with transaction(conn):
+        conn.execute(sql("worker_loading"), {"id": worker_id, "model": model, "loading": loading})
+
+
+def lower_max_pixels(conn: sqlite3.Connection, worker_id: str, max_pixels: int) -> None:
+    """Publish a smaller largest-image limit for a worker (it ran out of memory above it)."""
+    with transaction(conn):
+        conn.execute(sql("worker_max_pixels"), {"id": worker_id, "max_pixels": max_pixels})
+
+
+def record_load(conn: sqlite3.Connection, model: str, seconds: float, now: float | None = None) -> None:
+    """Add one measured model load (and warm-up) to its stats."""
+    with transaction(conn):
+        conn.execute(sql("record_load"), {"model": model, "seconds": seconds, "now": time.time() if now is None else now})
+
+
+def load_stats(conn: sqlite3.Connection) -> dict[str, LoadStat]:
+    """Measured load times by model."""
+    return {row["model"]: LoadStat.from_row(row) for row in conn.execute(sql("load_stats"))}
+
+
+def waiting_heads(conn: sqlite3.Connection) -> list[WaitingHead]:
+    """The front of each model's waiting tasks per priority, with the work behind it; one read transaction."""
+    # No transaction: the claim that follows re-checks everything, so a head that moved meanwhile costs nothing.
+    heads = []
+    for r in conn.execute(sql("waiting_heads")).fetchall():
+        created = conn.execute(sql("created_at"), (r["seq"],)).fetchone()
+        if created is not None:
+            heads.append(WaitingHead(r["model"], r["priority"], r["seq"], created[0], r["tasks"], r["images"]))
+    return heads
+
+
+def fail_waiting(conn: sqlite3.Connection, model: str, error: str, now: float | None = None) -> int:
+    """Fail every waiting task of a model; returns how many."""
+    with transaction(conn):
+        cur = conn.execute(sql("fail_waiting"), {"model": model, "error": error, "now": time.time() if now is None else now})
+        return cur.rowcount
 
 
 def heartbeat(conn: sqlite3.Connection, worker_id: str, now: float | None = None) -> None:

@@ -10,6 +10,7 @@ from functools import partial
 from typing import Protocol
 
 from mflux_server.core.rows import Task, TimingStat
+from mflux_server.core.settings import H100_STEP_COST
 from mflux_server.forecast.numerics import (
     Coefficients,
     Point,
@@ -21,12 +22,12 @@ from mflux_server.forecast.numerics import (
 KINDS = ("step", "before", "after", "encode")
 
 # Seconds per kind as a + b·mp + c·mp², mp = width·height / 2**20, used until the worker has measured
-# anything. Roughly FLUX.1 at 8-bit on an M2-class Mac: 1024² costs ~3.5 s a step, ~2 s of prompt
-# encoding before the loop, ~1 s of VAE decoding after it, and a few hundredths of a second to encode.
+# anything. The step curve is FLUX.1-schnell bf16 measured on an H100 (0.58 s a step at 1024²); text
+# encoding before the loop took 60–100 ms there, and a legacy VAE decode 0.07–0.2 s.
 PRIOR: dict[str, Coefficients] = {
-    "step": (0.5, 2.0, 1.0),
-    "before": (2.0, 0.0, 0.0),
-    "after": (0.2, 0.8, 0.0),
+    "step": H100_STEP_COST,
+    "before": (0.1, 0.0, 0.0),
+    "after": (0.05, 0.15, 0.0),
     "encode": (0.01, 0.04, 0.0),
 }
 # A size measured this many times is forecast from its own mean rather than from the fitted curve.

@@ -1,4 +1,4 @@
-"""The Engine protocol: turn a job into an image, reporting each denoising step."""
+"""The Engine protocol: load a model, turn a job into an image reporting each denoising step, recover after a fault."""
 
 from __future__ import annotations
 
@@ -10,14 +10,35 @@ from PIL import Image
 
 @dataclass(frozen=True)
 class Job:
-    """One image to generate."""
+    """One image to generate, with the request's optional image inputs already decoded."""
 
     prompt: str
     seed: int
     width: int
     height: int
     steps: int
-    guidance: float
+    guidance: float | None  # None: the model's own default
+    negative_prompt: str | None = None
+    image: Image.Image | None = None  # the start image (image-to-image), the reference (edit) or the picture to fill
+    mask: Image.Image | None = None  # white repaints, black keeps (inpaint)
+    image_strength: float | None = None  # image-to-image: how much of the input survives, 0 to 1
+
+    @property
+    def pixels(self) -> int:
+        """Width times height."""
+        return self.width * self.height
+
+
+class ModelLoadFailed(Exception):
+    """A model could not be loaded; the message says why, for the tasks that needed it."""
+
+
+class OutOfMemory(Exception):
+    """The job did not fit in the accelerator's memory; the engine needs reset() before it can run again."""
+
+    def __init__(self, pixels: int, detail: str):
+        super().__init__(detail)
+        self.pixels = pixels
 
 
 class StepReporter(Protocol):
@@ -31,12 +52,21 @@ class StepReporter(Protocol):
 
 
 class Engine(Protocol):
-    """Holds a loaded model and generates images one at a time."""
+    """Holds one loaded model at a time and generates images one at a time."""
 
     name: str  # "mflux" or "synthetic"; shown to clients so nobody mistakes a test pattern for model output
-    model: str
+    model: str | None  # the served name loaded now (a registry name, Hugging Face repo or local path)
     quantize: int | None
-    software: str  # written into every image file: which engine and model made it
+
+    @property
+    def software(self) -> str:
+        """Written into every image file: which engine and model made it."""
+
+    def load(self, model: str) -> None:
+        """Load (and warm up) a model, replacing the one held; raises ModelLoadFailed with a reason."""
 
     def generate(self, job: Job, reporter: StepReporter) -> Image.Image:
-        """Generate one image; exceptions raised by the reporter propagate unchanged."""
+        """Generate one image; reporter exceptions propagate unchanged; OutOfMemory when it did not fit."""
+
+    def reset(self) -> None:
+        """Free accelerator memory and reload the held model after an error that can leave it unusable."""

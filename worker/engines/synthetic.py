@@ -6,9 +6,12 @@ import hashlib
 import random
 import time
 
+from pathlib import Path
+
 from PIL import Image, ImageDraw, ImageOps
 
-from mflux_server.worker.engines.base import Job, StepReporter
+from mflux_server.forecast.cost_model import PRIOR_STEP
+from mflux_server.worker.engines.base import Job, ModelLoadFailed, OutOfMemory, StepReporter
 
 LABEL = "SYNTHETIC TEST IMAGE - mflux-server synthetic engine, not model output"
 
@@ -46,27 +49,76 @@ def draw(job: Job) -> Image.Image:
     return image
 
 
+def with_inputs(pattern: Image.Image, job: Job) -> Image.Image:
+    """Show the job's image inputs visibly: blend (image-to-image), repaint under the mask (inpaint), show (edit)."""
+    if job.image is None:
+        return pattern
+    size = (job.width, job.height)
+    source = job.image.convert("RGB")
+    source = source if source.size == size else source.resize(size, Image.Resampling.LANCZOS)
+    if job.mask is not None:
+        # Binary, so every pixel outside the mask is the input's own, exactly (checked in PNG by the tests).
+        mask = job.mask.convert("L")
+        mask = (mask if mask.size == size else mask.resize(size, Image.Resampling.NEAREST)).point(lambda v: 255 if v >= 128 else 0)
+        return Image.composite(pattern, source, mask)
+    if job.image_strength is not None:
+        return Image.blend(pattern, source, job.image_strength)
+    # Edit: the reference, shrunk, in the middle of the pattern.
+    thumbnail = source.resize((job.width // 2, job.height // 2), Image.Resampling.LANCZOS)
+    pattern.paste(thumbnail, (job.width // 4, job.height // 4))
+    return pattern
+
+
 class SyntheticEngine:
-    """Sleeps a + b·mp + c·mp² seconds a step, plus fixed seconds before and after the loop, then draws."""
+    """Sleeps a + b·mp + c·mp² seconds a step, plus fixed seconds before and after the loop, then draws.
+
+    Loading a model sleeps `load_seconds`; a local path that does not exist fails to load, as it would in mflux.
+    Above `max_pixels` a job raises OutOfMemory and leaves the engine broken until reset() or load(), as MLX does.
+    """
 
     name: str = "synthetic"
 
     def __init__(
         self,
-        model: str,
-        step: tuple[float, float, float] = (0.05, 0.6, 0.3),
+        model: str | None = None,
+        step: tuple[float, float, float] = PRIOR_STEP,
         fixed: tuple[float, float] = (0.2, 0.1),
         noise: float = 0.0,
         speed: float = 1.0,
+        load_seconds: float = 0.0,
+        max_pixels: int | None = None,
     ):
-        self.model: str = model
+        self.model: str | None = None
         self.quantize: int | None = None
-        self.software: str = f"mflux-server synthetic engine, model {model} (synthetic test image, not model output)"
         self.step_coef = step
         self.fixed = fixed
         self.noise = noise
         self.speed = speed
+        self.load_seconds = load_seconds
+        self.max_pixels = max_pixels
+        self.broken: str | None = None  # why generate() fails until reset, like MLX after running out of memory
         self._rnd = random.Random()
+        if model is not None:
+            self.load(model)
+
+    @property
+    def software(self) -> str:
+        """Written into every image: says plainly that this is not model output."""
+        return f"mflux-server synthetic engine, model {self.model} (synthetic test image, not model output)"
+
+    def load(self, model: str) -> None:
+        """Take load_seconds (scaled by speed) to 'load' a model; a missing local folder fails like mflux's would."""
+        self.model = None
+        if model.startswith(("/", "./", "~")) and not Path(model).expanduser().is_dir():
+            raise ModelLoadFailed(f"no model folder at {model}")
+        time.sleep(self.load_seconds / self.speed)
+        self.model, self.broken = model, None
+
+    def reset(self) -> None:
+        """Forget the fault and 'reload' the held model."""
+        if self.model is not None:
+            self.load(self.model)
+        self.broken = None
 
     def _seconds(self, nominal: float) -> float:
         jitter = 1.0 + self._rnd.uniform(-self.noise, self.noise) if self.noise else 1.0
@@ -80,6 +132,12 @@ class SyntheticEngine:
 
     def generate(self, job: Job, reporter: StepReporter) -> Image.Image:
         """Wait out the modelled durations step by step, reporting each, then draw the image."""
+        if self.broken:
+            raise RuntimeError(self.broken)
+        if self.max_pixels is not None and job.pixels > self.max_pixels:
+            self.broken = "synthetic engine unusable after running out of memory: reset or reload it"
+            raise OutOfMemory(job.pixels, f"synthetic out of memory: {job.width}×{job.height} is above "
+                                          f"--synthetic-max-pixels {self.max_pixels}")
         # Deadlines rather than plain sleeps, so reporting and drawing overhead do not add up over steps.
         deadline = time.perf_counter() + self._seconds(self.fixed[0])
         sleep_until(deadline)
@@ -90,6 +148,6 @@ class SyntheticEngine:
             sleep_until(deadline)
             reporter.step(done, job.steps)
         deadline += self._seconds(self.fixed[1])
-        image = draw(job)
+        image = with_inputs(draw(job), job)
         sleep_until(deadline)
         return image

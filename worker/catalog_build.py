@@ -1,0 +1,115 @@
+"""Build the model catalog (mflux_server/core/models.json) from the installed mflux: registry, defaults, signatures.
+
+The API never imports mflux, so the catalog it validates against is this generated file. Run
+`python -m mflux_server.worker.catalog_build` after changing the pinned mflux; the contract test
+rebuilds it and fails when the committed file no longer matches mflux.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from mflux_server.core.catalog import CATALOG_FILE
+from mflux_server.worker.engines.families import FAMILIES, Family
+
+# Inputs an image-to-image class takes; a family that takes both (and does not edit) does image-to-image.
+_INIT_PARAMETERS = {"image_path", "image_strength"}
+_MASK_PARAMETERS = {"masked_image_path", "mask_path"}
+_REFERENCE_PARAMETERS = {"image_path", "image_paths"}
+
+
+def capabilities(family: Family, supports_guidance: bool | None) -> dict[str, bool]:
+    """What a family's generate_image (and its edit twin's) accepts, read from their signatures."""
+    main = family.generate_parameters()
+    edit = family.generate_parameters(edit=True) if family.edit_class else {}
+    required_image = any(
+        name in _REFERENCE_PARAMETERS | _MASK_PARAMETERS and parameter.default is parameter.empty
+        for name, parameter in main.items()
+    )
+    return {
+        "text_to_image": family.image_role == "init" and not required_image,
+        "image_to_image": family.image_role == "init" and _INIT_PARAMETERS <= main.keys(),
+        "edit": (family.image_role == "edit" and bool(_REFERENCE_PARAMETERS & main.keys()))
+        or bool(_REFERENCE_PARAMETERS & edit.keys()),
+        "inpaint": bool(_MASK_PARAMETERS & main.keys()),
+        "negative_prompt": "negative_prompt" in main,
+        # mflux marks models that ignore guidance (schnell, the turbo distillations) supports_guidance=False.
+        "guidance": "guidance" in main and supports_guidance is not False,
+    }
+
+
+def default_guidance(family: Family) -> float | None:
+    """The guidance mflux's CLI uses for a family when none is given: its named constant, or the signature's default."""
+    from mflux.cli.defaults import defaults
+
+    if family.guidance_default:
+        return float(getattr(defaults, family.guidance_default))
+    parameter = family.generate_parameters().get("guidance")
+    value = None if parameter is None else parameter.default
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def build() -> dict[str, Any]:
+    """The catalog as JSON-ready data: one entry per registry key a family serves, in registry order."""
+    import mflux
+    from mflux.cli.defaults import defaults
+    from mflux.models.common.config.model_config import AVAILABLE_MODELS
+
+    family_of = {key: family for family in FAMILIES for key in family.registry_keys()}
+    models = []
+    for key, config in AVAILABLE_MODELS.items():
+        family = family_of.get(key)
+        if family is None:
+            continue
+        models.append({
+            "name": key,
+            "aliases": [alias for alias in config.aliases if alias != key],
+            "family": family.name,
+            "family_title": family.title,
+            "repo": config.model_name,
+            "priority": config.priority,
+            "default_steps": defaults.MODEL_INFERENCE_STEPS.get(key, defaults.DEFAULT_INFERENCE_STEPS),
+            "default_guidance": default_guidance(family),
+            "capabilities": capabilities(family, config.supports_guidance),
+        })
+    return {
+        "generated_by": "python -m mflux_server.worker.catalog_build",
+        "mflux_version": mflux.__version__ if hasattr(mflux, "__version__") else _installed_version(),
+        "size_multiple": defaults.DIMENSION_STEP_PIXELS,
+        "models": models,
+    }
+
+
+def _installed_version() -> str:
+    from importlib.metadata import version
+
+    return version("mflux")
+
+
+def render(data: dict[str, Any]) -> str:
+    """The file's exact text, so that a rebuild compares byte for byte."""
+    return json.dumps(data, indent=1, sort_keys=False) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Write the catalog, or with --check report whether the committed one still matches mflux."""
+    parser = argparse.ArgumentParser(prog="python -m mflux_server.worker.catalog_build", description=__doc__)
+    parser.add_argument("--check", action="store_true", help="compare instead of writing; exit 1 on a difference")
+    parser.add_argument("--output", type=Path, default=CATALOG_FILE)
+    args = parser.parse_args(argv)
+    text = render(build())
+    if args.check:
+        same = args.output.exists() and args.output.read_text() == text
+        print("catalog matches mflux" if same else f"{args.output} is stale: rebuild it", file=sys.stderr)
+        return 0 if same else 1
+    args.output.write_text(text)
+    print(f"wrote {args.output}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""The mflux model families the worker can drive: which class runs each, and how job inputs map onto it.
+
+This table holds only what cannot be read from mflux itself: which class generates for a family and
+what role an input image plays there. Model names, aliases, default steps and every capability are
+derived from mflux's registry and method signatures by `mflux_server.worker.catalog_build`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from dataclasses import dataclass
+from typing import Any, Literal
+
+# How a family uses the request's `image`: as the start of image-to-image, as the reference an
+# instruction edits (Kontext, Qwen-Image-Edit, FLUX.2 edit), or as the picture a mask repaints (FLUX.1 Fill).
+ImageRole = Literal["init", "edit", "fill"]
+
+
+@dataclass(frozen=True)
+class Family:
+    """One mflux model class (and optionally its edit twin), and the registry keys it serves."""
+
+    name: str
+    title: str
+    model_class: str  # "module:Class"
+    image_role: ImageRole = "init"
+    keys: tuple[str, ...] = ()  # registry keys; when empty, read from the family's mflux CLI module
+    cli: str | None = None  # the mflux CLI module whose DEFAULT_MODEL and FAMILY_MODELS list the keys
+    edit_class: str | None = None  # same weights, loaded for edit requests (FLUX.2 klein)
+    guidance_default: str | None = None  # name of the mflux CLI default constant, when the CLI overrides the signature
+
+    def load_class(self, edit: bool = False) -> Any:
+        """Import the mflux class (mflux is imported only here and in the engine)."""
+        path = self.edit_class if edit and self.edit_class else self.model_class
+        module, _, name = path.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+    def registry_keys(self) -> tuple[str, ...]:
+        """The ModelConfig registry keys this family runs, from the table or from mflux's own CLI module."""
+        if self.keys:
+            return self.keys
+        assert self.cli is not None, f"family {self.name} names neither keys nor a CLI module"
+        module = importlib.import_module(self.cli)
+        return (module.DEFAULT_MODEL, *getattr(module, "FAMILY_MODELS", ()))
+
+    def generate_parameters(self, edit: bool = False) -> dict[str, inspect.Parameter]:
+        """generate_image's parameters (beyond self) of the class that serves a request."""
+        parameters = dict(inspect.signature(self.load_class(edit).generate_image).parameters)
+        parameters.pop("self", None)
+        return parameters
+
+
+_FLUX1 = "mflux.models.flux.variants"
+FAMILIES: tuple[Family, ...] = (
+    Family("flux1", "FLUX.1", f"{_FLUX1}.txt2img.flux:Flux1", keys=("schnell", "dev", "krea-dev"),
+           guidance_default="GUIDANCE_SCALE"),
+    Family("flux1-kontext", "FLUX.1 Kontext", f"{_FLUX1}.kontext.flux_kontext:Flux1Kontext", image_role="edit",
+           keys=("dev-kontext",), guidance_default="GUIDANCE_SCALE_KONTEXT"),
+    Family("flux1-fill", "FLUX.1 Fill", f"{_FLUX1}.fill.flux_fill:Flux1Fill", image_role="fill",
+           keys=("dev-fill",), guidance_default="DEFAULT_DEV_FILL_GUIDANCE"),
+    Family("flux2-klein", "FLUX.2 klein", "mflux.models.flux2.variants.txt2img.flux2_klein:Flux2Klein",
+           cli="mflux.models.flux2.cli.flux2_generate",
+           edit_class="mflux.models.flux2.variants.edit.flux2_klein_edit:Flux2KleinEdit"),
+    Family("qwen-image", "Qwen-Image", "mflux.models.qwen.variants.txt2img.qwen_image:QwenImage",
+           cli="mflux.models.qwen.cli.qwen_image_generate"),
+    Family("qwen-image-edit", "Qwen-Image-Edit", "mflux.models.qwen.variants.edit.qwen_image_edit:QwenImageEdit",
+           image_role="edit", cli="mflux.models.qwen.cli.qwen_image_edit_generate"),
+    Family("z-image", "Z-Image", "mflux.models.z_image.variants.z_image:ZImage",
+           cli="mflux.models.z_image.cli.z_image_generate"),
+    Family("fibo", "FIBO", "mflux.models.fibo.variants.txt2img.fibo:FIBO", keys=("fibo", "fibo-lite")),
+    Family("fibo-edit", "FIBO Edit", "mflux.models.fibo.variants.edit.fibo_edit:FIBOEdit", image_role="edit",
+           keys=("fibo-edit", "fibo-edit-rmbg")),
+    # Families whose generate_image takes the common arguments, so the generic adapter drives them.
+    Family("krea-2", "Krea 2", "mflux.models.krea2.variants.txt2img.krea2:Krea2", keys=("krea-2", "krea-2-raw")),
+    Family("ernie-image", "ERNIE-Image", "mflux.models.ernie_image.variants.txt2img.ernie_image:ErnieImage",
+           keys=("ernie-image", "ernie-image-turbo")),
+    Family("qwen-image-2.1", "Qwen-Image 2.1", "mflux.models.qwen21.variants.txt2img.qwen_image_21:QwenImage21",
+           cli="mflux.models.qwen21.cli.qwen21_generate"),
+    Family("iris", "Iris", "mflux.models.iris.variants.txt2img.iris:Iris", cli="mflux.models.iris.cli.iris_generate"),
+    Family("anima", "Anima", "mflux.models.anima.variants.txt2img.anima:Anima",
+           cli="mflux.models.anima.cli.anima_generate"),
+    Family("moss-image", "MOSS-Image", "mflux.models.moss_image.variants.txt2img.moss_image:MOSSImage",
+           cli="mflux.models.moss_image.cli.moss_image_generate"),
+    Family("lens", "Lens", "mflux.models.lens.variants.txt2img.lens_image:LensImage", keys=("lens-turbo",)),
+    Family("boogu-image", "Boogu-Image", "mflux.models.boogu.variants.txt2img.boogu_image:BooguImage",
+           keys=("boogu-image-turbo",)),
+    Family("flux3-klein", "FLUX 3 Image klein", "mflux.models.flux3.variants.txt2img.flux3_klein:Flux3Klein",
+           cli="mflux.models.flux3.cli.flux3_generate",
+           edit_class="mflux.models.flux3.variants.edit.flux3_klein_edit:Flux3KleinEdit"),
+    Family("ming-image", "Ming-Image", "mflux.models.ming_image:MingImage", keys=("ming-image-design",)),
+)
+
+# Registry keys no family serves, each with the reason; a contract test fails when mflux adds a key that is
+# in neither list, so a new model is a decision rather than a silent gap.
+NOT_SERVED: dict[str, str] = {
+    "dev-redux": "Redux needs image-variation inputs (redux images and strengths) the API does not take",
+    "dev-depth": "needs a depth map input",
+    "dev-controlnet-canny": "ControlNet needs a control image input",
+    "schnell-controlnet-canny": "ControlNet needs a control image input",
+    "dev-controlnet-upscaler": "an upscaler, not a generator",
+    "dev-fill-catvton": "virtual try-on needs a garment and a person image",
+    "krea-2-controlnet-depth": "ControlNet needs a depth image input",
+    "qwen-image-2.1-controlnet-union": "ControlNet needs a control image input",
+    "qwen-image-2.1-turbo-controlnet-union": "ControlNet needs a control image input",
+    "z-image-turbo-controlnet-union-2.1": "ControlNet needs control image inputs",
+    "seedvr2-3b": "an upscaler, not a generator",
+    "seedvr2-7b": "an upscaler, not a generator",
+    "ideogram-4-fp8": "expects structured caption presets the API does not take",
+    "fibo2": "renders structured JSON prompts and text images the API does not take",
+    "fibo2-edit-turbo": "renders structured JSON prompts and text images the API does not take",
+}
+
+
+def family_named(name: str) -> Family:
+    """The family with this name; KeyError when none."""
+    for family in FAMILIES:
+        if family.name == name:
+            return family
+    raise KeyError(name)
