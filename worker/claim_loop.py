@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import sqlite3
 import threading
 import time
 
+from collections.abc import Sequence
+
+from PIL import Image
+
 from mflux_server.core import store
-from mflux_server.core.rows import Task
+from mflux_server.core.rows import Task, WaitingHead
 from mflux_server.core.settings import Settings
-from mflux_server.worker.engines.base import Engine, Job
+from mflux_server.worker.engines.base import Engine, EngineFault, Job, ModelLoadFailed, OutOfMemory
 from mflux_server.worker.messages import (
     ImageGenerated,
     TaskDropped,
@@ -24,6 +29,13 @@ log = logging.getLogger("mflux_worker")
 
 # Idle claim attempts happen on any database change, and at least this often regardless.
 IDLE_RECHECK_SECONDS = 1.0
+
+
+def too_large(task: Task, limit: int, detail: str) -> str:
+    """The error of a task whose image size this worker cannot run."""
+    because = f": it ran out of memory ({detail})" if detail else ""
+    return (f"{task.width}×{task.height} ({task.width * task.height} pixels) is too large for this worker{because}; "
+            f"it runs at most {limit} pixels. Ask for a smaller width or height.")
 
 
 class TaskStopped(Exception):
@@ -48,6 +60,8 @@ class StepTimer:
         self.stopping = stopping
         self.started = self.last = time.perf_counter()
         self.looping = False
+        # Held until the image is generated: a failed generation's timings would teach the forecast its failure.
+        self.measurements: list[Measurement] = []
         publisher.publish(Progress(task.id, index, 0, time.time()))
 
     def loop_started(self) -> None:
@@ -71,8 +85,14 @@ class StepTimer:
         """Seconds from the last step until the engine returned the image."""
         return time.perf_counter() - self.last
 
+    def commit(self) -> None:
+        """The image was generated: its timings count."""
+        for measurement in self.measurements:
+            self.publisher.measured(measurement)
+        self.measurements.clear()
+
     def _measured(self, kind: str, seconds: float) -> None:
-        self.publisher.measured(Measurement(self.task.model, self.task.width, self.task.height, kind, seconds))
+        self.measurements.append(Measurement(self.task.model, self.task.width, self.task.height, kind, seconds))
 
     def _check(self) -> None:
         if self.stopping.is_set():
@@ -81,11 +101,37 @@ class StepTimer:
             raise TaskTaken()
 
 
+class WorkerBroken(Exception):
+    """The engine could not be recovered after a fault; the process exits so its service manager restarts it."""
+
+
+def choose_model(heads: list[WaitingHead], loaded: str | None, servable: Sequence[str], now: float,
+                 max_affinity_wait: float) -> str | None:
+    """Which model's next task to claim: keep the loaded model while work waits for it, never starving another.
+
+    Only the highest waiting priority counts. A task that has waited longer than max_affinity_wait is served
+    first (oldest first), switching models if need be; otherwise the loaded model's work, otherwise the model
+    with the most waiting images.
+    """
+    candidates = [head for head in heads if head.model in servable]
+    if not candidates:
+        return None
+    top = max(head.priority for head in candidates)
+    candidates = [head for head in candidates if head.priority == top]
+    overdue = [head for head in candidates if now - head.created_at > max_affinity_wait]
+    if overdue:
+        return min(overdue, key=lambda head: head.seq).model
+    if any(head.model == loaded for head in candidates):
+        return loaded
+    return max(candidates, key=lambda head: (head.images, -head.seq)).model
+
+
 class ClaimLoop:
     """Claims tasks in order and generates them one at a time; never holds the GIL while the engine works."""
 
     def __init__(self, settings: Settings, engine: Engine, worker_id: str, conn: sqlite3.Connection,
-                 publisher: ProgressPublisher, writer: ResultWriter, stopping: threading.Event):
+                 publisher: ProgressPublisher, writer: ResultWriter, stopping: threading.Event,
+                 servable: Sequence[str] = ()):
         self.settings = settings
         self.engine = engine
         self.worker_id = worker_id
@@ -93,13 +139,60 @@ class ClaimLoop:
         self.publisher = publisher
         self.writer = writer
         self.stopping = stopping
+        self.servable = list(dict.fromkeys(servable or ([engine.model] if engine.model else [])))
+        self.max_pixels = settings.max_pixels
+
+    def claim(self, now: float | None = None) -> Task | None:
+        """Claim the next task this worker should run, per choose_model; None when nothing it serves waits."""
+        if self.servable == [self.engine.model]:  # one model: the plain claim, no per-model tally
+            model: str | None = self.engine.model
+        else:
+            now = time.time() if now is None else now
+            model = choose_model(store.waiting_heads(self.conn), self.engine.model, self.servable, now,
+                                 self.settings.max_affinity_wait)
+        if model is None:
+            return None
+        return store.claim_next(self.conn, self.worker_id, model, self.engine.name)
+
+    def switch_to(self, task: Task) -> bool:
+        """Load the task's model (it is claimed, so clients see it starting); on failure fail its tasks."""
+        previous = self.engine.model
+        log.info("switching model: %s -> %s for task %s", previous, task.model, task.id)
+        store.worker_loading(self.conn, self.worker_id, previous or "", task.model)
+        started = time.perf_counter()
+        try:
+            self.engine.load(task.model)
+        except Exception as exc:
+            reason = str(exc) if isinstance(exc, ModelLoadFailed) else f"{type(exc).__name__}: {exc}"
+            log.error("could not load %s: %s", task.model, reason)
+            self.servable.remove(task.model)
+            message = f"model {task.model} failed to load on worker {self.worker_id}: {reason}"
+            self.writer.send(TaskFailed(task, message))
+            others = [w for w in store.live_workers(self.conn, self.settings.stale_after)
+                      if w.id != self.worker_id and task.model in w.servable]
+            if not others:
+                failed = store.fail_waiting(self.conn, task.model, message)
+                log.error("failed %d more waiting task(s) of %s: no other worker serves it", failed, task.model)
+            store.worker_loading(self.conn, self.worker_id, "", None)
+            return False
+        seconds = time.perf_counter() - started
+        store.record_load(self.conn, task.model, seconds)
+        store.worker_loading(self.conn, self.worker_id, task.model, None)
+        log.info("loaded %s in %.2f s (warm-up included)", task.model, seconds)
+        return True
 
     def run(self) -> None:
         """Claim and run tasks until stopping is set; every generated image reaches the writer."""
         handoff: ImageGenerated | None = None
         try:
             while not self.stopping.is_set():
-                task = store.claim_next(self.conn, self.worker_id, self.engine.model, self.engine.name)
+                task = self.claim()
+                if task is not None and task.model != self.engine.model:
+                    if handoff is not None:
+                        self.writer.send(handoff)
+                        handoff = None
+                    if not self.switch_to(task):
+                        continue
                 if task is None:
                     if handoff is not None:
                         self.writer.send(handoff)
@@ -118,12 +211,18 @@ class ClaimLoop:
         Returns the last image instead of sending it; the caller passes it to the next task as `previous`,
         sent the moment that task's generation starts.
         """
-        log.info("task %s: %d×%d, %d steps, %d image(s), attempt %d", task.id, task.width, task.height, task.steps,
-                 task.count, task.attempts)
+        log.info("task %s: %s %d×%d, %d steps, %d image(s), attempt %d", task.id, task.model, task.width, task.height,
+                 task.steps, task.count, task.attempts)
+        if task.width * task.height > self.max_pixels:
+            self.writer.send(TaskFailed(task, too_large(task, self.max_pixels, "")))
+            return previous
+        inputs = {role: Image.open(io.BytesIO(stored.data)) for role, stored in store.inputs(self.conn, task.id).items()}
         self.publisher.task_started(task.id)
         try:
             for index in range(task.count):
-                job = Job(task.prompt, task.seed + index, task.width, task.height, task.steps, task.guidance)
+                job = Job(task.prompt, task.seed + index, task.width, task.height, task.steps,
+                          None if task.guidance_auto else task.guidance, task.negative_prompt, inputs.get("image"),
+                          inputs.get("mask"), task.image_strength)
                 timer = StepTimer(task, index, self.publisher, self.stopping)
                 started = time.time()
                 if previous is not None:
@@ -141,10 +240,21 @@ class ClaimLoop:
                     log.info("task %s: shutting down; the task goes back to the queue", task.id)
                     self.writer.send(TaskReleased(task))
                     return None
+                except OutOfMemory as exc:
+                    self.max_pixels = min(self.max_pixels, exc.pixels - 1)
+                    log.error("task %s: out of memory at %d pixels; this worker's limit is now %d", task.id,
+                              exc.pixels, self.max_pixels)
+                    store.lower_max_pixels(self.conn, self.worker_id, self.max_pixels)
+                    self.writer.send(TaskFailed(task, too_large(task, self.max_pixels, str(exc))))
+                    self.recover_engine()
+                    return None
                 except Exception as exc:  # an engine failure fails this task, not the worker
                     log.exception("task %s: engine failed", task.id)
                     self.writer.send(TaskFailed(task, f"{self.engine.name} engine failed: {type(exc).__name__}: {exc}"))
+                    if isinstance(exc, EngineFault):
+                        self.recover_engine()
                     return None
+                timer.commit()
                 done = ImageGenerated(task, index, image, started, time.time(), timer.after_seconds())
                 if index == task.count - 1:
                     return done
@@ -154,6 +264,15 @@ class ClaimLoop:
             if previous is not None:  # not started after all: send it anyway
                 self.writer.send(previous)
             self.publisher.task_ended()
+
+    def recover_engine(self) -> None:
+        """Free memory and reload after a fault, so later tasks do not fail in milliseconds; exit if that fails."""
+        started = time.perf_counter()
+        try:
+            self.engine.reset()
+        except Exception as exc:
+            raise WorkerBroken(f"could not recover the engine: {type(exc).__name__}: {exc}") from exc
+        log.info("engine recovered in %.2f s", time.perf_counter() - started)
 
     def _wait_for_work(self) -> None:
         # data_version changes when another connection commits, so a new task wakes us within one

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import signal
+import time
 from collections.abc import Sequence
 from types import FrameType
 
 from mflux_server import __version__
 from mflux_server.core.logs import configure_logging, shorten_gil_switch_interval
 from mflux_server.core.settings import load_settings
-from mflux_server.worker.engines import make_engine
+from mflux_server.worker.engines import make_engine, served_models
 from mflux_server.worker.supervisor import Supervisor
 
 
@@ -20,17 +21,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         "worker",
         argv,
         prog="mflux-worker",
-        description=f"mflux-server {__version__} worker: holds one model and generates queued tasks one at a time.",
+        description=f"mflux-server {__version__} worker: holds one model at a time and generates queued tasks one at "
+                    "a time, switching among --models as the queue needs.",
     )
     configure_logging(settings.log_level, "mflux-worker")
     shorten_gil_switch_interval()  # the claim between two generations competes with the encoder thread
     log = logging.getLogger("mflux_worker")
     try:
+        servable = served_models(settings)
         engine = make_engine(settings)
+        started = time.perf_counter()
+        engine.load(servable[0])
+        load_seconds = time.perf_counter() - started
     except Exception as exc:
         log.error("could not start the %s engine: %s", settings.engine, exc)
         return 1
-    supervisor = Supervisor(settings, engine)
+    supervisor = Supervisor(settings, engine, servable, load_seconds)
 
     def request_stop(signum: int, _frame: FrameType | None) -> None:
         log.info("%s received: stopping at the next step boundary", signal.Signals(signum).name)

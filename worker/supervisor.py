@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from mflux_server.core import db, store
 from mflux_server.core.settings import Settings
-from mflux_server.worker.claim_loop import ClaimLoop
+from mflux_server.worker.claim_loop import ClaimLoop, WorkerBroken
 from mflux_server.worker.engines.base import Engine
 from mflux_server.worker.messages import SHUTDOWN
 from mflux_server.worker.publisher import ProgressPublisher, recover
@@ -17,29 +17,42 @@ from mflux_server.worker.result_writer import ResultWriter
 
 log = logging.getLogger("mflux_worker")
 
+# EX_TEMPFAIL: the engine could not be recovered after a fault; systemd's Restart=on-failure starts a fresh process.
+EXIT_BROKEN = 75
+
 
 class Supervisor:
     """Registers the worker, runs the claim loop with the publisher and the writer beside it, never loses a task."""
 
-    def __init__(self, settings: Settings, engine: Engine):
+    def __init__(self, settings: Settings, engine: Engine, servable: Sequence[str] = (), load_seconds: float | None = None):
         self.settings = settings
         self.engine = engine
         self.conn = db.open_database(settings.db)
-        self.worker_id = store.register_worker(self.conn, engine.name, engine.model, engine.quantize)
+        servable = list(servable or [engine.model or settings.model])
+        self.worker_id = store.register_worker(self.conn, engine.name, engine.model or "", engine.quantize,
+                                               models=servable, max_pixels=settings.max_pixels,
+                                               affinity_wait=settings.max_affinity_wait)
+        if load_seconds is not None and engine.model:
+            store.record_load(self.conn, engine.model, load_seconds)
         self.stopping = threading.Event()
         self.publisher = ProgressPublisher(settings, self.worker_id)
         self.writer = ResultWriter(self.worker_id, engine.software)
-        self.claim_loop = ClaimLoop(settings, engine, self.worker_id, self.conn, self.publisher, self.writer, self.stopping)
+        self.claim_loop = ClaimLoop(settings, engine, self.worker_id, self.conn, self.publisher, self.writer, self.stopping,
+                                    servable)
 
     def run(self) -> int:
         """Recover orphans, then claim and run tasks until asked to stop; returns the exit code."""
         recover(self.conn, self.settings)
-        log.info("worker %s ready: engine=%s model=%s quantize=%s db=%s", self.worker_id, self.engine.name,
-                 self.engine.model, self.engine.quantize, self.settings.db)
+        log.info("worker %s ready: engine=%s model=%s (serves %s) quantize=%s db=%s", self.worker_id, self.engine.name,
+                 self.engine.model, ",".join(self.claim_loop.servable), self.engine.quantize, self.settings.db)
         publishing = self._start(self.publisher.run, "progress")
         writing = self._start(self.writer.run, "store")
+        code = 0
         try:
             self.claim_loop.run()
+        except WorkerBroken as exc:
+            log.error("%s; exiting with status %d so the service manager restarts the worker", exc, EXIT_BROKEN)
+            code = EXIT_BROKEN
         finally:
             # Finish encoding and storing what was generated before exiting: that work is not lost.
             self.writer.send(SHUTDOWN)
@@ -50,7 +63,7 @@ class Supervisor:
             store.stop_worker(self.conn, self.worker_id)
             self.conn.close()
             log.info("worker %s stopped", self.worker_id)
-        return 0
+        return code
 
     def stop(self) -> None:
         """Ask the claim loop to stop at the next step boundary (signal handlers call this)."""

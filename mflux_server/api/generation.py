@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import base64
 import secrets
-from typing import Any
+from dataclasses import replace
+from typing import Any, NoReturn
 
 from flask import Response, request
 from flask_smorest import Blueprint
+from webargs.flaskparser import FlaskParser
 
 from mflux_server.api.context import conn, settings
 from mflux_server.api.errors import ErrorSchema, abort_json
 from mflux_server.api.generation_schemas import (
     FORMATS,
     MAX_SEED,
+    MIN_SIZE,
     GenerateRequest,
     GenerateResponse,
     ImageQuery,
@@ -27,22 +30,95 @@ from mflux_server.api.task_view import (
     task_status,
 )
 from mflux_server.core import catalog, store
-from mflux_server.core.rows import NewTask, Status, Worker
+from mflux_server.core.rows import InputImage, NewTask, Status, Worker
+
+# mflux's default image-to-image strength (mflux.cli.defaults.IMAGE_STRENGTH).
+DEFAULT_IMAGE_STRENGTH = 0.4
+
+class JsonOrMultipartParser(FlaskParser):
+    """Reads the body as JSON, or a multipart/form-data upload (form fields and file parts) as the same fields."""
+
+    def load_json(self, req: Any, schema: Any) -> Any:
+        """The JSON body, or the multipart form and files flattened into one mapping."""
+        if req.mimetype == "multipart/form-data":
+            return {**req.form.to_dict(), **req.files.to_dict()}
+        return super().load_json(req, schema)
+
 
 blp = Blueprint("generation", __name__, description="Submit a prompt, follow it, fetch its images.")
+blp.ARGUMENTS_PARSER = JsonOrMultipartParser()
 
 
 @blp.before_request
 def require_json_body() -> None:
-    """A POST must carry JSON; without this a form post would read as 'prompt missing'."""
-    if request.method == "POST" and not request.is_json:
-        abort_json(415, message="send the request body as JSON with Content-Type: application/json")
+    """A POST must carry JSON or a multipart upload; without this a form post would read as 'prompt missing'."""
+    if request.method == "POST" and not (request.is_json or request.mimetype == "multipart/form-data"):
+        abort_json(415, message="send the request body as JSON (Content-Type: application/json) or as "
+                                "multipart/form-data")
 
 
 def served_models(live: list[Worker]) -> set[str]:
-    """Models some live worker runs, plus the configured default."""
-    default = catalog.resolve(settings().model)
-    return {w.model for w in live} | ({default.name} if default else set())
+    """Models some live worker may serve (loaded or switchable), plus the configured default."""
+    default = catalog.resolve_reference(settings().model)
+    return {name for w in live for name in w.servable} | ({default.served} if default else set())
+
+
+def _reject(field: str, rule: str) -> NoReturn:
+    location = "form" if request.mimetype == "multipart/form-data" else "json"
+    abort_json(422, errors={location: {field: [rule]}})
+
+
+def check_inputs(body: dict[str, Any], info: catalog.ModelInfo, served: str) -> tuple[InputImage, ...]:
+    """Refuse what the model cannot use, naming the field and the model; return the inputs with their roles."""
+    can = info.capabilities
+    if body["image"] is not None and body["init_image"] is not None:
+        _reject("init_image", "send image or init_image (the original server's name for it), not both")
+    image = body["image"] if body["image"] is not None else body["init_image"]
+    image_field = "image" if body["image"] is not None else "init_image"
+    mask = body["mask"]
+    takes_image = can.image_to_image or can.edit or can.inpaint
+    if image is not None and not takes_image:
+        _reject(image_field, f"model {served} takes no input image (it is text-to-image only)")
+    if image is None and info.needs_image:
+        _reject("image", f"model {served} needs an input image: it " +
+                ("edits a reference image" if can.edit else "repaints an image under a mask"))
+    if body["image_strength"] is not None and not can.image_to_image:
+        _reject("image_strength", f"model {served} does no image-to-image, so image_strength does not apply")
+    if body["image_strength"] is not None and image is None:
+        _reject("image_strength", "needs an input image (image)")
+    if mask is not None and not can.inpaint:
+        _reject("mask", f"model {served} does no inpainting, so it cannot use a mask")
+    if mask is not None and image is None:
+        _reject("mask", "needs the image it masks (image)")
+    if mask is None and can.inpaint and not can.edit and not can.text_to_image:
+        _reject("mask", f"model {served} inpaints: send the mask (white = repaint) with the image")
+    if mask is not None and image is not None and (mask.width, mask.height) != (image.width, image.height):
+        _reject("mask", f"must be the image's size, {image.width}×{image.height}; got {mask.width}×{mask.height}")
+    if body["negative_prompt"] and not can.negative_prompt:
+        _reject("negative_prompt", f"model {served} ignores negative prompts")
+    inputs = []
+    if image is not None:
+        inputs.append(replace(image, role="image"))
+    if mask is not None:
+        inputs.append(replace(mask, role="mask"))
+    return tuple(inputs)
+
+
+def output_size(body: dict[str, Any], image: InputImage | None) -> tuple[int, int]:
+    """The requested size; without one, the input image's (to a multiple of 16, within limits), else 1024²."""
+    width, height = body["width"], body["height"]
+    if image is None:
+        return width or 1024, height or 1024
+    step = catalog.size_multiple()
+    scale = min(1.0, settings().max_width / image.width, settings().max_height / image.height)
+    natural = (max(MIN_SIZE, int(image.width * scale) // step * step), max(MIN_SIZE, int(image.height * scale) // step * step))
+    return width or natural[0], height or natural[1]
+
+
+def pixel_limit(live: list[Worker], served: str) -> int | None:
+    """The largest image any live worker serving this model can run, when they say."""
+    limits = [w.max_pixels for w in live if served in w.servable and w.max_pixels]
+    return max(limits) if limits else None
 
 
 @blp.route("/generate", methods=["POST"])
@@ -50,25 +126,39 @@ def served_models(live: list[Worker]) -> set[str]:
 @blp.response(200, GenerateResponse)
 @blp.alt_response(422, schema=ErrorSchema, description="a field is invalid; the body names it and the rule")
 def generate(body: dict[str, Any]) -> dict[str, Any]:
-    """Queue a text-to-image task.
+    """Queue a generation task: text-to-image, image-to-image, edit or inpaint, as the model allows.
 
+    The body is JSON, or multipart/form-data with the same fields (image and mask as file parts).
     Answers at once with the task id, the unfinished tasks ahead of it (`task_length`) and the forecast
     seconds until its images are done (`expected_time_seconds`).
     """
-    info = catalog.resolve(body["model"] or settings().model)
+    resolved = catalog.resolve_reference(body["model"] or settings().model)
     live = live_workers(conn())  # read once: it decides the model check and the forecast's worker count
     served = served_models(live)
-    if info is None or info.name not in served:
-        rule = f"no worker serves {body['model']!r}; served models: {', '.join(sorted(served))}"
-        abort_json(422, errors={"json": {"model": [rule]}})
+    if resolved is None or resolved.served not in served:
+        _reject("model", f"no worker serves {body['model'] or settings().model!r}; served models: {', '.join(sorted(served))}")
+    info = resolved.info
+    inputs = check_inputs(body, info, resolved.served)
+    width, height = output_size(body, inputs[0] if inputs else None)
+    limit = pixel_limit(live, resolved.served)
+    if limit is not None and width * height > limit:
+        _reject("width" if body["width"] else "height",
+                f"width × height = {width}×{height} = {width * height} pixels; the workers serving {resolved.served} "
+                f"run at most {limit} pixels")
     seed = body["seed"]
     if seed is None:
         seed = secrets.randbelow(MAX_SEED - body["count"] + 2)
     elif seed + body["count"] - 1 > MAX_SEED:
-        abort_json(422, errors={"json": {"seed": [f"seed + count - 1 must be at most {MAX_SEED}"]}})
-    task = NewTask(prompt=body["prompt"], model=info.name, width=body["width"], height=body["height"],
-                   steps=body["steps"] or info.default_steps, guidance=body["guidance"], seed=seed, count=body["count"],
-                   format=body["format"], quality=body["quality"], priority=int(body["priority"]))
+        _reject("seed", f"seed + count - 1 must be at most {MAX_SEED}")
+    image_strength = body["image_strength"]
+    if inputs and image_strength is None and info.capabilities.image_to_image and not info.capabilities.edit:
+        image_strength = DEFAULT_IMAGE_STRENGTH
+    guidance = body["guidance"] if body["guidance"] is not None else info.default_guidance
+    task = NewTask(prompt=body["prompt"], model=resolved.served, width=width, height=height,
+                   steps=body["steps"] or info.default_steps, guidance=0.0 if guidance is None else guidance, seed=seed,
+                   count=body["count"], format=body["format"], quality=body["quality"], priority=int(body["priority"]),
+                   negative_prompt=body["negative_prompt"] or None, image_strength=image_strength,
+                   guidance_auto=guidance is None, inputs=inputs)
     created = store.submit(conn(), task)
     view = task_status(conn(), created, live)
     view["expected_time_seconds"] = view["wait_remaining"]

@@ -9,6 +9,7 @@ import marshmallow as ma
 from marshmallow import fields, validate
 
 from mflux_server.api.context import settings
+from mflux_server.api.image_inputs import ImageField
 from mflux_server.core import catalog
 
 FORMATS = {"JPEG": "image/jpeg", "JPG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
@@ -77,8 +78,9 @@ def _prompt(value: str) -> None:
 
 
 def _model(value: str) -> None:
-    if catalog.resolve(value) is None:
-        raise ma.ValidationError(f"unknown model {value!r}; known models: {', '.join(catalog.names())}")
+    if catalog.resolve_reference(value) is None:
+        raise ma.ValidationError(f"unknown model {value!r}; known models: {', '.join(catalog.names())} "
+                                 "(GET /api/models lists them with their aliases)")
 
 
 class StrictInteger(fields.Integer):
@@ -110,15 +112,18 @@ class GenerateRequest(ma.Schema):
         metadata={"description": f"0 to {MAX_SEED}, integer or digit string; image k of count uses seed+k. Random when absent.",
                   "example": "1725311496"},
     )
-    width = StrictInteger(load_default=1024, validate=_size("max_width"),
-                          metadata={"description": "pixels; a multiple of 16 from 128 to --max-width (2048)"})
-    height = StrictInteger(load_default=1024, validate=_size("max_height"),
-                           metadata={"description": "pixels; a multiple of 16 from 128 to --max-height (2048)"})
+    width = StrictInteger(load_default=None, validate=_size("max_width"),
+                          metadata={"description": "pixels; a multiple of 16 from 128 to --max-width (2048). Default 1024, "
+                                                   "or the input image's width"})
+    height = StrictInteger(load_default=None, validate=_size("max_height"),
+                           metadata={"description": "pixels; a multiple of 16 from 128 to --max-height (2048). Default "
+                                                    "1024, or the input image's height"})
     steps = StrictInteger(load_default=None, validate=_at_most("max_steps"),
                           metadata={"description": "denoising steps, 1 to --max-steps (100); "
                                                    "default: the model's (schnell 4, dev 25)"})
-    guidance = fields.Float(load_default=3.5, validate=validate.Range(0, 50),
-                            metadata={"description": "guidance scale, 0 to 50 (schnell ignores it)"})
+    guidance = fields.Float(load_default=None, validate=validate.Range(0, 50),
+                            metadata={"description": "guidance scale, 0 to 50; default: the model's (GET /api/models). "
+                                                     "Models without the guidance capability ignore it"})
     format = FormatField(load_default="JPEG", metadata={"description": "JPEG, PNG or WEBP, any case", "example": "JPEG"})
     quality = StrictInteger(load_default=85, validate=validate.Range(1, 100),
                             metadata={"description": "JPEG/WEBP quality, 1 to 100"})
@@ -126,7 +131,20 @@ class GenerateRequest(ma.Schema):
     count = StrictInteger(load_default=1, validate=_at_most("max_count"),
                           metadata={"description": "images to generate, 1 to --max-count (8)"})
     model = fields.String(load_default=None, validate=_model,
-                          metadata={"description": "schnell, dev or krea-dev; default: the workers' model"})
+                          metadata={"description": "a name or alias from GET /api/models, or a Hugging Face repo / local "
+                                                   "folder a worker serves; default: the server's --model"})
+    negative_prompt = fields.String(load_default=None, validate=validate.Length(max=4000),
+                                    metadata={"description": "what not to draw; only models with the negative_prompt "
+                                                             "capability"})
+    image = ImageField(load_default=None, metadata={
+        "description": "input image as base64 or a data: URL (or a file part in multipart/form-data): the start of "
+                       "image-to-image, the reference of an edit, or the picture an inpaint repaints"})
+    init_image = ImageField(load_default=None, metadata={"description": "the original mflux-server's name for image"})
+    image_strength = fields.Float(load_default=None, validate=validate.Range(0, 1), metadata={
+        "description": "image-to-image: how much of the input image survives, 0 to 1 (default 0.4). On models that "
+                       "also edit, sending it picks image-to-image over edit"})
+    mask = ImageField(load_default=None, metadata={
+        "description": "inpaint mask, same encoding and size as image: white repaints, black keeps"})
 
 
 class Progress(ma.Schema):

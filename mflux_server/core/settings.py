@@ -128,6 +128,8 @@ class Settings:
     max_steps: int = setting(100, "most denoising steps a request may ask for", "api", _positive(int))
     max_count: int = setting(8, "most images one request may ask for", "api", _positive(int))
     max_prompt_length: int = setting(4000, "longest prompt, in characters", "api", _positive(int))
+    max_input_bytes: int = setting(20 * 2**20, "largest input image or mask, in bytes", "api", _positive(int))
+    max_input_pixels: int = setting(4096 * 4096, "largest input image or mask, in pixels", "api", _positive(int))
     stale_after: float = setting(15.0, "seconds without a heartbeat before a worker counts as dead", parse=_positive(float))
     engine: str = setting("auto", "mflux, synthetic, or auto (mflux where MLX has a GPU, else synthetic)", "worker")
     quantize: int | None = setting(None, "quantize the model to 3, 4, 5, 6 or 8 bits, or none", "worker", _quantize)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 
 import pytest
 
@@ -18,6 +19,7 @@ from mflux.models.flux.variants.txt2img.flux import Flux1  # noqa: E402
 from mflux.utils.generated_image import GeneratedImage  # noqa: E402
 
 from mflux_server.core import catalog  # noqa: E402
+from mflux_server.worker.engines.families import FAMILIES, NOT_SERVED  # noqa: E402
 from mflux_server.worker.engines.base import Job  # noqa: E402
 from mflux_server.worker.engines.mflux import MfluxEngine, StepBridge  # noqa: E402
 from tests.conftest import Recorder, StopHere  # noqa: E402
@@ -35,26 +37,60 @@ def test_the_pinned_mflux_is_installed():
     assert version("mflux") == PINNED, "update the pin in the Makefile and README together with this test"
 
 
-@pytest.mark.parametrize("info", catalog.CATALOG, ids=lambda i: i.name)
-def test_every_catalog_name_and_alias_resolves_to_a_flux1_config(info):
-    for name in (info.name, *info.aliases):
-        config = ModelConfig.from_name(model_name=name, base_model=None)
-        assert "FLUX.1" in config.model_name
-        assert bool(config.supports_guidance) == info.supports_guidance
+def test_the_committed_catalog_is_what_the_installed_mflux_builds():
+    from mflux_server.worker.catalog_build import build, render
+
+    assert catalog.CATALOG_FILE.read_text() == render(build()), "run: python -m mflux_server.worker.catalog_build"
 
 
-def test_flux1_constructor_takes_what_the_engine_passes():
-    got = params(Flux1.__init__)
-    for name in ("model_config", "quantize", "model_path", "lora_paths", "lora_scales"):
-        assert name in got, f"Flux1.__init__ lost {name}"
+def test_every_registry_key_is_served_by_a_family_or_refused_with_a_reason():
+    from mflux.models.common.config.model_config import AVAILABLE_MODELS
+
+    served = {key for family in FAMILIES for key in family.registry_keys()}
+    assert not served & NOT_SERVED.keys()
+    assert set(AVAILABLE_MODELS) == served | NOT_SERVED.keys(), "classify every new mflux model in families.py"
+    assert set(catalog.names()) == served
 
 
-def test_generate_image_takes_what_the_engine_passes_and_returns_a_generated_image():
-    got = params(Flux1.generate_image)
-    for name in ("seed", "prompt", "num_inference_steps", "height", "width", "guidance"):
-        assert name in got, f"Flux1.generate_image lost {name}"
-    assert inspect.signature(Flux1.generate_image).return_annotation in (GeneratedImage, "GeneratedImage")
-    assert "image" in params(GeneratedImage.__init__)
+def test_the_issue_families_are_all_served_with_their_capabilities():
+    caps = {info.name: info.capabilities for info in catalog.models()}
+    for name in ("schnell", "dev", "krea-dev", "flux2-klein-4b", "flux2-klein-9b", "qwen-image", "z-image",
+                 "z-image-turbo", "fibo"):
+        assert caps[name].text_to_image, name
+    assert caps["dev-kontext"].edit and not caps["dev-kontext"].text_to_image
+    assert caps["dev-fill"].inpaint and not caps["dev-fill"].text_to_image
+    assert caps["flux2-klein-4b"].edit and caps["flux2-klein-4b"].image_to_image
+    assert caps["qwen-image-edit"].edit and caps["qwen-image"].negative_prompt
+    assert not caps["schnell"].guidance and caps["dev"].guidance
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
+def test_each_family_class_takes_what_the_adapter_passes_and_keeps_mflux_callbacks(family):
+    classes = [family.load_class()] + ([family.load_class(edit=True)] if family.edit_class else [])
+    for cls in classes:
+        init = params(cls.__init__)
+        for name in ("quantize", "model_path", "model_config"):
+            assert name in init, f"{cls.__name__}.__init__ lost {name}"
+        generate = params(cls.generate_image)
+        for name in ("seed", "prompt", "num_inference_steps", "height", "width"):
+            assert name in generate, f"{cls.__name__}.generate_image lost {name}"
+        # mflux builds the callback registry in each family's initializer; the bridge registers there.
+        package = Path(inspect.getfile(cls))
+        while package.parent.name != "models":
+            package = package.parent
+        sources = [path.read_text() for path in package.rglob("*.py")]
+        assert any("CallbackRegistry()" in text for text in sources), f"{package.name} no longer builds callbacks"
+
+
+@pytest.mark.parametrize("reference", [
+    *[alias for info in catalog.models() for alias in (info.name, *info.aliases)],
+    "filipstrand/FLUX.1-Krea-dev-mflux-4bit", "black-forest-labs/FLUX.1-dev", "mlx-community/flux2-klein-9b-8bit",
+    "/models/my-z-image-turbo-4bit", "Qwen/Qwen-Image-2512",
+])
+def test_names_repos_and_folders_resolve_to_the_model_mflux_picks(reference):
+    from mflux.models.common.resolution.config_resolution import ConfigResolution
+
+    assert catalog.resolve_reference(reference).info.name == ConfigResolution.resolve_key(reference)
 
 
 def test_callback_protocols_match_the_bridge():
@@ -80,39 +116,120 @@ def test_the_registry_drives_the_bridge_through_a_real_generation_context():
     assert recorder.events == ["loop", (1, 3), (2, 3)]
 
 
-class FluxWithoutWeights:
-    """Stands in for Flux1 (whose weights cannot be downloaded here), running mflux's real callback machinery."""
+def stand_in(cls):
+    """A class with cls's exact constructor and generate_image signatures and mflux's real callback machinery.
 
-    def __init__(self):
-        self.callbacks = CallbackRegistry()
-        self.calls = []
+    It stands in at the weight-loading level: constructing it loads nothing, and generating runs no network.
+    """
 
-    def generate_image(self, seed, prompt, num_inference_steps, height, width, guidance):
-        from PIL import Image
+    class StandIn:
+        instances = []
 
-        self.calls.append((seed, prompt, num_inference_steps, height, width, guidance))
-        config = Config(model_config=ModelConfig.dev(), num_inference_steps=num_inference_steps, width=width,
-                        height=height, guidance=guidance)
-        ctx = self.callbacks.start(seed=seed, prompt=prompt, config=config)
-        latents = mx.zeros((1, 4, 4))
-        ctx.before_loop(latents)
-        for t in config.time_steps:
-            ctx.in_loop(t, latents)
-        ctx.after_loop(latents)
+        def __init__(self, **kwargs):
+            inspect.signature(cls.__init__).bind(None, **kwargs)  # TypeError if the adapter passes what cls lacks
+            self.init = kwargs
+            self.callbacks = CallbackRegistry()
+            self.calls = []
+            self.prompt_cache = {}
+            StandIn.instances.append(self)
 
-        class Result:
-            image = Image.new("RGB", (width, height))
+        def generate_image(self, **kwargs):
+            from PIL import Image
 
-        return Result()
+            inspect.signature(cls.generate_image).bind(None, **kwargs)
+            for key in ("image_path", "masked_image_path", "mask_path"):
+                if key in kwargs:
+                    assert Image.open(kwargs[key]).format == "PNG"
+            for path in kwargs.get("image_paths", []):
+                assert Image.open(path).format == "PNG"
+            self.calls.append(kwargs)
+            config = Config(model_config=ModelConfig.dev(), num_inference_steps=kwargs["num_inference_steps"],
+                            width=kwargs["width"], height=kwargs["height"])
+            self.prompt_cache[kwargs["prompt"]] = (mx.ones((1, 4)), mx.ones((1, 2)))
+            ctx = self.callbacks.start(seed=kwargs["seed"], prompt=kwargs["prompt"], config=config)
+            latents = mx.zeros((1, 4, 4))
+            ctx.before_loop(latents)
+            for t in config.time_steps:
+                ctx.in_loop(t, latents)
+            ctx.after_loop(latents)
+
+            class Result:
+                image = Image.new("RGB", (kwargs["width"], kwargs["height"]))
+
+            return Result()
+
+    return StandIn
 
 
-def test_engine_passes_job_fields_and_reports_steps():
-    flux = FluxWithoutWeights()
-    engine = MfluxEngine("dev", quantize=8, flux=flux)
-    recorder = Recorder()
-    image = engine.generate(Job("fox", 5, 256, 128, 4, 3.5), recorder)
-    assert flux.calls == [(5, "fox", 4, 128, 256, 3.5)]
-    assert recorder.events == ["loop", (1, 4), (2, 4), (3, 4), (4, 4)]
-    assert image.size == (256, 128) and engine.bridge.reporter is None
-    assert (engine.name, engine.model, engine.quantize) == ("mflux", "dev", 8)
-    assert engine.software == "mflux-server mflux engine, model dev"
+def engine_with_stand_ins(model, **options):
+    built = []
+
+    def build(cls, kwargs):
+        built.append(stand_in(cls)(**kwargs))
+        return built[-1]
+
+    return MfluxEngine(model, build=build, **options), built
+
+
+@pytest.mark.parametrize("info", catalog.models(), ids=lambda i: i.name)
+def test_the_adapter_drives_every_model_with_every_input_it_accepts(info):
+    from PIL import Image
+
+    engine, built = engine_with_stand_ins(info.name, quantize=4)
+    assert engine.model == info.name and built[0].init["quantize"] == 4
+    assert built[0].calls, "loading warms the model up with one tiny generation"
+    can = info.capabilities
+    picture, mask = Image.new("RGB", (256, 256), "red"), Image.new("L", (256, 256), 255)
+    jobs = []
+    if can.text_to_image:
+        jobs.append(Job("fox", 5, 256, 128, 3, 3.5 if can.guidance else None,
+                        "blurry" if can.negative_prompt else None))
+    if can.image_to_image:
+        jobs.append(Job("fox", 5, 256, 256, 3, None, image=picture, image_strength=0.3))
+    if can.edit:
+        jobs.append(Job("make it blue", 5, 256, 256, 3, None, image=picture))
+    if can.inpaint:
+        jobs.append(Job("a hat", 5, 256, 256, 3, None, image=picture, mask=mask))
+    assert jobs
+    for job in jobs:
+        recorder = Recorder()
+        image = engine.generate(job, recorder)
+        assert image.size == (job.width, job.height)
+        assert recorder.events == ["loop", (1, 3), (2, 3), (3, 3)]
+        call = next(instance for instance in built if instance.calls and instance.calls[-1]["prompt"] == job.prompt).calls[-1]
+        assert (call["seed"], call["num_inference_steps"], call["width"], call["height"]) == (5, 3, job.width, job.height)
+        assert call.get("negative_prompt") == job.negative_prompt
+        assert call.get("guidance") == job.guidance
+        if job.image is not None:
+            assert "image_path" in call or "image_paths" in call
+        if job.mask is not None:
+            assert "masked_image_path" in call or "mask_path" in call
+        if job.image_strength is not None:
+            assert call["image_strength"] == job.image_strength
+
+
+def test_out_of_memory_from_mlx_becomes_out_of_memory_and_reset_reloads():
+    from mflux_server.worker.engines.base import OutOfMemory
+
+    engine, built = engine_with_stand_ins("schnell")
+
+    def fail(**kwargs):
+        raise RuntimeError("cudaMallocAsync(&data, size, stream) failed: out of memory")
+
+    built[0].generate_image = fail
+    with pytest.raises(OutOfMemory) as raised:
+        engine.generate(Job("x", 1, 2048, 2048, 4, None), Recorder())
+    assert raised.value.pixels == 2048 * 2048
+    engine.reset()
+    assert len(built) == 2 and engine.model == "schnell"
+    assert engine.generate(Job("x", 1, 256, 256, 2, None), Recorder()).size == (256, 256)
+
+
+def test_prompt_cache_is_bounded():
+    from mflux_server.worker.engines.mflux import PROMPT_CACHE_ENTRIES
+
+    engine, built = engine_with_stand_ins("schnell")
+    for index in range(PROMPT_CACHE_ENTRIES + 10):
+        engine.generate(Job(f"prompt {index}", 1, 128, 128, 1, None), Recorder())
+    cache = built[0].prompt_cache
+    assert len(cache) == PROMPT_CACHE_ENTRIES and f"prompt {PROMPT_CACHE_ENTRIES + 9}" in cache

@@ -6,11 +6,12 @@ import logging
 
 from mflux_server.core import catalog
 from mflux_server.core.settings import Settings
-from mflux_server.worker.engines.base import Engine, Job, StepReporter
+from mflux_server.worker.engines.base import Engine, Job, ModelLoadFailed, OutOfMemory, StepReporter
 
 log = logging.getLogger("mflux_worker")
 
-__all__ = ["Engine", "Job", "StepReporter", "make_engine", "choose_engine"]
+__all__ = ["Engine", "Job", "ModelLoadFailed", "OutOfMemory", "StepReporter", "make_engine", "choose_engine",
+           "served_models"]
 
 
 def choose_engine(requested: str) -> str:
@@ -22,33 +23,45 @@ def choose_engine(requested: str) -> str:
     return "mflux" if gpu_available() else "synthetic"
 
 
+def served_models(settings: Settings) -> list[str]:
+    """The served names of --model then every --models entry (aliases become registry names); ValueError if unknown."""
+    served = []
+    for reference in (settings.model, *(settings.models or [])):
+        resolved = catalog.resolve_reference(reference)
+        if resolved is None:
+            raise ValueError(f"unknown model {reference!r}; known models: {', '.join(catalog.names())}, "
+                             "or a Hugging Face repo or local folder whose name contains one of them")
+        served.append(resolved.served)
+    return list(dict.fromkeys(served))
+
+
 def make_engine(settings: Settings) -> Engine:
-    """Build (and for mflux, load) the engine the settings ask for."""
+    """Build the engine the settings ask for, with no model loaded yet (the worker loads and times it)."""
     name = choose_engine(settings.engine)
-    info = catalog.resolve(settings.model)
-    if info is None:
-        raise ValueError(f"unknown model {settings.model!r}; known models: {', '.join(catalog.names())}")
     if name == "synthetic":
         if settings.engine == "auto":
             log.warning("=" * 72)
             log.warning("NO GPU FOUND FOR MLX: using the SYNTHETIC engine. Images are procedural test")
-            log.warning("patterns, not %s output. Pass --engine mflux to insist on the real model.", info.name)
+            log.warning("patterns, not model output. Pass --engine mflux to insist on the real model.")
             log.warning("=" * 72)
         from mflux_server.worker.engines.synthetic import SyntheticEngine
 
         return SyntheticEngine(
-            info.name,
             step=settings.synthetic_step,
             fixed=settings.synthetic_fixed,
             noise=settings.synthetic_noise,
             speed=settings.synthetic_speed,
+            load_seconds=settings.synthetic_load,
+            max_pixels=settings.synthetic_max_pixels,
         )
     from mflux_server.worker.engines.mflux import MfluxEngine
 
     return MfluxEngine(
-        info.name,
         quantize=settings.quantize,
         model_path=settings.model_path,
         lora_paths=settings.lora_paths,
         lora_scales=settings.lora_scales,
+        gpu_cache_limit_gib=settings.gpu_cache_limit,
+        vae_decode=settings.vae_decode,
+        first_model=served_models(settings)[0],
     )

@@ -41,6 +41,10 @@ class OutOfMemory(Exception):
         self.pixels = pixels
 
 
+class EngineFault(Exception):
+    """An accelerator error (CUDA, Metal) after which the loaded model may be unusable until reset."""
+
+
 class StepReporter(Protocol):
     """What an engine calls while it generates; raising from either call stops the generation there."""
 

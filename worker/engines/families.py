@@ -65,7 +65,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("qwen-image", "Qwen-Image", "mflux.models.qwen.variants.txt2img.qwen_image:QwenImage",
            cli="mflux.models.qwen.cli.qwen_image_generate"),
     Family("qwen-image-edit", "Qwen-Image-Edit", "mflux.models.qwen.variants.edit.qwen_image_edit:QwenImageEdit",
-           image_role="edit", cli="mflux.models.qwen.cli.qwen_image_edit_generate"),
+           image_role="edit", keys=("qwen-image-edit", "qwen-image-edit-2511")),
     Family("z-image", "Z-Image", "mflux.models.z_image.variants.z_image:ZImage",
            cli="mflux.models.z_image.cli.z_image_generate"),
     Family("fibo", "FIBO", "mflux.models.fibo.variants.txt2img.fibo:FIBO", keys=("fibo", "fibo-lite")),

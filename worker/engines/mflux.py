@@ -1,27 +1,58 @@
-"""The mflux engine: FLUX.1 through mflux's Flux1 class, ModelConfig names, quantization, LoRA and its callbacks."""
+"""The mflux engine: every catalog family through mflux's own classes, ModelConfig names, quantization, LoRA, callbacks."""
 
 from __future__ import annotations
 
+import gc
 import logging
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
 from mflux_server.core import catalog
-from mflux_server.worker.engines.base import Job, StepReporter
+from mflux_server.worker.engines.base import EngineFault, Job, ModelLoadFailed, OutOfMemory, StepReporter
+from mflux_server.worker.engines.families import Family, family_named
 
 log = logging.getLogger("mflux_worker")
+
+# Distinct prompts whose embeddings mflux may keep on the GPU (2–4 MiB each); its cache is otherwise unbounded.
+PROMPT_CACHE_ENTRIES = 32
+# Below this many GiB of accelerator memory left after loading, the auto VAE decode keeps mflux's low_memory path.
+LOW_MEMORY_DECODE_BELOW_GIB = 24.0
+# Above this many pixels a family listed in TILED_DECODE decodes in tiles (Qwen-Image ran out of memory at 1536²).
+TILE_DECODE_ABOVE_PIXELS = 1280 * 1280
+TILED_DECODE = {"qwen-image", "qwen-image-edit", "qwen-image-2.1"}
+_OOM_MARKERS = ("out of memory", "outofmemory", "failed to allocate", "attempting to allocate")
+_FAULT_MARKERS = ("cuda", "metal", "cudnn", "cublas")
+
+
+def classify(exc: BaseException, pixels: int) -> BaseException:
+    """Turn MLX's RuntimeErrors into OutOfMemory or EngineFault, which the worker recovers from; others pass."""
+    text = str(exc).lower()
+    if any(marker in text for marker in _OOM_MARKERS):
+        return OutOfMemory(pixels, str(exc))
+    if isinstance(exc, RuntimeError) and any(marker in text for marker in _FAULT_MARKERS):
+        return EngineFault(str(exc))
+    return exc
 
 
 class StepBridge:
     """An mflux callback (registered in the model's CallbackRegistry) that forwards loop events to our reporter."""
 
-    def __init__(self) -> None:
+    def __init__(self, prompt_arrays: Callable[[str], list[Any]] = lambda prompt: []) -> None:
         self.reporter: StepReporter | None = None
+        self.prompt_arrays = prompt_arrays
 
     def call_before_loop(self, seed: int, prompt: str, latents: Any, config: Any, canny_image: Any = None,
                          depth_image: Any = None, control_images: Any = None) -> None:
         """mflux calls this once the prompt is encoded and the latents exist."""
+        import mlx.core as mx
+
+        # MLX is lazy: without this the text encoder would run inside step 1 and be timed as denoising.
+        mx.eval(latents, *self.prompt_arrays(prompt))
         if self.reporter is not None:
             self.reporter.loop_started()
 
@@ -47,55 +78,247 @@ def gpu_available() -> bool:
     return bool(metal or cuda)
 
 
+def silence_progress_bars() -> None:
+    """mflux's tqdm bars would print to the worker's log on every task."""
+    os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+class Adapter:
+    """One loaded mflux model of a family, and the mapping from a Job onto its generate_image."""
+
+    def __init__(self, family: Family, model: Any, edit_model: Any = None):
+        self.family = family
+        self.model = model
+        self.edit_model = edit_model  # FLUX.2 klein's edit class, built on demand over the same weights
+
+    def call(self, job: Job, files: dict[str, str]) -> Any:
+        """Run generate_image with the arguments this family's signature takes."""
+        edit = self.family.image_role == "edit" or (job.image is not None and job.image_strength is None
+                                                    and self.family.edit_class is not None)
+        model = self.edit_model if edit and self.edit_model is not None else self.model
+        accepted = self.family.generate_parameters(edit=model is self.edit_model)
+        wanted: dict[str, Any] = {"seed": job.seed, "prompt": job.prompt, "num_inference_steps": job.steps,
+                                  "height": job.height, "width": job.width}
+        if job.guidance is not None:
+            wanted["guidance"] = job.guidance
+        if job.negative_prompt:
+            wanted["negative_prompt"] = job.negative_prompt
+        if "image" in files:
+            if "image_paths" in accepted:
+                wanted["image_paths"] = [files["image"]]
+            else:
+                wanted["image_path"] = files["image"]
+            if job.image_strength is not None:
+                wanted["image_strength"] = job.image_strength
+        if "mask" in files:
+            wanted["masked_image_path" if "masked_image_path" in accepted else "mask_path"] = files["mask"]
+        dropped = sorted(set(wanted) - set(accepted))
+        if dropped:  # the API checks capabilities at submit, so this means the catalog and mflux disagree
+            raise ValueError(f"{self.family.name} cannot take {', '.join(dropped)}")
+        return model.generate_image(**wanted)
+
+
 class MfluxEngine:
-    """Loads one FLUX.1 model once and generates with it."""
+    """Holds one mflux model at a time, of any catalog family, and generates with it."""
 
     name: str = "mflux"
 
     def __init__(
         self,
-        model: str,
+        model: str | None = None,
         quantize: int | None = None,
         model_path: str | None = None,
         lora_paths: list[str] | None = None,
         lora_scales: list[float] | None = None,
-        flux: Any = None,
+        gpu_cache_limit_gib: float | None = None,
+        vae_decode: str = "auto",
+        build: Callable[[type, dict[str, Any]], Any] | None = None,
+        first_model: str | None = None,
     ):
-        info = catalog.resolve(model)
-        if info is None:
-            raise ValueError(f"unknown model {model!r}; the mflux engine runs: {', '.join(catalog.names())}")
-        self.model: str = info.name
-        self.quantize: int | None = quantize
-        self.software: str = f"mflux-server mflux engine, model {info.name}"
-        if flux is None:
-            from mflux.models.common.config import ModelConfig
-            from mflux.models.flux.variants.txt2img.flux import Flux1
+        silence_progress_bars()
+        self.model: str | None = None
+        self.quantize = quantize
+        self.model_path = model_path  # applies to the first model only: it is where that model's weights are
+        self.lora_paths = lora_paths or None
+        self.lora_scales = lora_scales or None
+        self.vae_decode = vae_decode
+        self.adapter: Adapter | None = None
+        self.bridge = StepBridge(self._prompt_arrays)
+        self._build = build or (lambda cls, kwargs: cls(**kwargs))  # tests build stand-ins here
+        self._first = first_model or model  # the model --model-path holds the weights of
+        if gpu_cache_limit_gib is not None:
+            import mlx.core as mx
 
-            log.info("loading %s (quantize=%s, path=%s, loras=%s)", info.name, quantize, model_path, lora_paths)
-            flux = Flux1(
-                model_config=ModelConfig.from_name(model_name=info.name, base_model=None),
-                quantize=quantize,
-                model_path=model_path,
-                lora_paths=lora_paths or None,
-                lora_scales=lora_scales or None,
-            )
-        self.flux = flux
-        self.bridge = StepBridge()
-        flux.callbacks.register(self.bridge)
+            mx.set_cache_limit(int(gpu_cache_limit_gib * 2**30))
+        if model is not None:
+            self.load(model)
+
+    @property
+    def software(self) -> str:
+        """Written into every image file."""
+        return f"mflux-server mflux engine, model {self.model}"
+
+    def load(self, model: str) -> None:
+        """Build the family's class for this model (dropping the one held), then warm it up with a tiny image."""
+        resolved = catalog.resolve_reference(model)
+        if resolved is None:
+            raise ModelLoadFailed(f"unknown model {model!r}; the mflux engine runs: {', '.join(catalog.names())}")
+        self._drop()
+        family = family_named(resolved.info.family)
+        path = self.model_path if model == self._first else None
+        if path is None and resolved.served != resolved.info.name:
+            path = resolved.served  # a Hugging Face repo or local folder of a pre-quantized model
+        log.info("loading %s as %s (family %s, quantize=%s, path=%s)", model, resolved.info.name, family.name,
+                 self.quantize, path)
+        try:
+            built = self._construct(family, resolved.info.name, path, edit=False)
+            edit = self._construct(family, resolved.info.name, path, edit=True) if family.edit_class else None
+        except Exception as exc:
+            self._drop()
+            raise ModelLoadFailed(f"could not load {model}: {type(exc).__name__}: {exc}") from exc
+        self.adapter = Adapter(family, built, edit)
+        self.model = model
+        self._tune(resolved.info.family)
+        self.warm_up()
+
+    def _construct(self, family: Family, name: str, path: str | None, edit: bool) -> Any:
+        import inspect
+
+        from mflux.models.common.config import ModelConfig
+
+        cls = family.load_class(edit)
+        accepted = inspect.signature(cls.__init__).parameters
+        kwargs: dict[str, Any] = {"model_config": ModelConfig.from_name(model_name=name), "quantize": self.quantize,
+                                  "model_path": path, "lora_paths": self.lora_paths, "lora_scales": self.lora_scales}
+        instance = self._build(cls, {k: v for k, v in kwargs.items() if k in accepted and (v is not None or k == "quantize")})
+        instance.callbacks.register(self.bridge)
+        return instance
+
+    def _tune(self, family: str) -> None:
+        """Pick the VAE decode path: mflux's low_memory decode costs 10–50× the denoising on Z-Image and FLUX.2."""
+        vae = getattr(self.adapter.model if self.adapter else None, "vae", None)
+        if vae is None or not hasattr(vae, "decode_mode"):
+            return
+        mode = self.vae_decode
+        if mode == "auto":
+            mode = "legacy" if free_gib() >= LOW_MEMORY_DECODE_BELOW_GIB else "low_memory"
+        vae.decode_mode = mode
+        log.info("VAE decode path for %s: %s", family, mode)
+
+    def warm_up(self) -> None:
+        """One tiny generation, so kernel compilation (43 s on a fresh H100) counts as load time, not as step 1."""
+        assert self.adapter is not None
+        role = self.adapter.family.image_role
+        grey = Image.new("RGB", (256, 256), (128, 128, 128)) if role != "init" else None
+        mask = Image.new("L", (256, 256), 255) if role == "fill" else None
+        self._run(Job("warm-up", 0, 256, 256, 2, None, image=grey, mask=mask), None)
+        self._clear_cache()
 
     def generate(self, job: Job, reporter: StepReporter) -> Image.Image:
         """Run mflux's generate_image with our step bridge attached."""
+        return self._run(job, reporter)
+
+    def _run(self, job: Job, reporter: StepReporter | None) -> Image.Image:
+        if self.adapter is None:
+            raise RuntimeError("no model loaded")
         self.bridge.reporter = reporter
         try:
-            result = self.flux.generate_image(
-                seed=job.seed,
-                prompt=job.prompt,
-                num_inference_steps=job.steps,
-                height=job.height,
-                width=job.width,
-                guidance=job.guidance,
-            )
+            with tempfile.TemporaryDirectory(prefix="mflux-inputs-") as folder:
+                files = write_inputs(job, Path(folder))
+                with self._tiling(job):
+                    result = self.adapter.call(job, files)
+        except Exception as exc:
+            raised = classify(exc, job.pixels)
+            if raised is exc:
+                raise
+            raise raised from exc
         finally:
             self.bridge.reporter = None
+            self._bound_prompt_cache()
         image: Image.Image = result.image
         return image
+
+    def _tiling(self, job: Job) -> Any:
+        import contextlib
+
+        assert self.adapter is not None
+        model = self.adapter.model
+        if self.adapter.family.name not in TILED_DECODE or job.pixels <= TILE_DECODE_ABOVE_PIXELS or \
+                not hasattr(model, "tiling_config"):
+            return contextlib.nullcontext()
+        from mflux.models.common.vae.tiling_config import TilingConfig
+
+        @contextlib.contextmanager
+        def tiled() -> Any:
+            previous = model.tiling_config
+            model.tiling_config = TilingConfig()
+            try:
+                yield
+            finally:
+                model.tiling_config = previous
+
+        return tiled()
+
+    def _prompt_arrays(self, prompt: str) -> list[Any]:
+        cache = getattr(self.adapter.model if self.adapter else None, "prompt_cache", None)
+        if not isinstance(cache, dict):
+            return []
+        # FLUX keys the cache by prompt, Qwen by "prompt|NEG|negative": take every entry of this prompt.
+        entries = [entry for key, entry in cache.items() if key == prompt or str(key).startswith(f"{prompt}|")]
+        arrays = []
+        for entry in entries:
+            arrays += [value for value in (entry if isinstance(entry, (tuple, list)) else (entry,)) if hasattr(value, "shape")]
+        return arrays
+
+    def _bound_prompt_cache(self) -> None:
+        cache = getattr(self.adapter.model if self.adapter else None, "prompt_cache", None)
+        if isinstance(cache, dict):
+            while len(cache) > PROMPT_CACHE_ENTRIES:
+                cache.pop(next(iter(cache)))  # dicts keep insertion order: the oldest prompt goes first
+
+    def reset(self) -> None:
+        """Free memory and reload the held model (after out-of-memory or an accelerator error)."""
+        model = self.model
+        self._drop()
+        if model is not None:
+            self.load(model)
+
+    def _drop(self) -> None:
+        self.adapter = None
+        self.model = None
+        gc.collect()
+        self._clear_cache()
+
+    @staticmethod
+    def _clear_cache() -> None:
+        try:
+            import mlx.core as mx
+
+            mx.clear_cache()
+        except (ImportError, AttributeError):
+            pass
+
+
+def free_gib() -> float:
+    """Accelerator memory not in use by MLX, in GiB (infinite when MLX cannot tell)."""
+    try:
+        import mlx.core as mx
+
+        info = mx.device_info()
+        total = float(info.get("memory_size") or info.get("total_memory") or 0)
+        if not total:
+            return float("inf")
+        return (total - mx.get_active_memory()) / 2**30
+    except Exception:  # no device info on this backend: do not constrain the choice
+        return float("inf")
+
+
+def write_inputs(job: Job, folder: Path) -> dict[str, str]:
+    """mflux takes image inputs as file paths: write the job's images as PNG files there."""
+    files = {}
+    for role, image in (("image", job.image), ("mask", job.mask)):
+        if image is not None:
+            path = folder / f"{role}.png"
+            image.save(path, format="PNG")
+            files[role] = str(path)
+    return files
