@@ -61,7 +61,7 @@ def info() -> dict[str, Any]:
         "engines": sorted({w.engine for w in workers}),
         "synthetic": synthetic,
         "warnings": warnings,
-        "models": sorted({w.model for w in workers}),
+        "models": sorted({name for w in workers for name in w.servable}),
         "known_models": catalog.names(),
         "default_model": settings().model,
         "queue": store.status_counts(conn()),

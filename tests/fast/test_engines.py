@@ -11,7 +11,7 @@ from PIL import Image
 
 from mflux_server.core.settings import Settings
 from mflux_server.worker.encoding import encode
-from mflux_server.worker.engines import choose_engine, make_engine
+from mflux_server.worker.engines import served_models, choose_engine, make_engine
 from mflux_server.worker.engines.base import Job
 from mflux_server.worker.engines.synthetic import SyntheticEngine
 from tests.conftest import Recorder, StopHere
@@ -100,6 +100,9 @@ def test_auto_picks_synthetic_without_a_gpu_and_says_so(caplog):
     assert choose_engine("mflux") == "mflux"
     with caplog.at_level("WARNING"):
         engine = make_engine(Settings(engine="auto", model="dev-krea"))
+    assert served_models(Settings(model="dev-krea", models=["schnell", "filipstrand/FLUX.1-Krea-dev-mflux-4bit"])) == [
+        "krea-dev", "schnell", "filipstrand/FLUX.1-Krea-dev-mflux-4bit"]
+    engine.load("krea-dev")
     assert engine.name == "synthetic" and engine.model == "krea-dev"
     assert "SYNTHETIC" in caplog.text
     assert "synthetic test image, not model output" in engine.software

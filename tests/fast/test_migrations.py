@@ -12,11 +12,14 @@ from mflux_server.core import db, store
 EXPECTED_COLUMNS = {
     "tasks": {"seq", "id", "status", "priority", "model", "prompt", "width", "height", "steps", "guidance", "seed",
               "count", "format", "quality", "created_at", "started_at", "finished_at", "worker_id", "attempts",
-              "image_index", "step", "step_at", "engine", "error"},
+              "image_index", "step", "step_at", "engine", "error", "negative_prompt", "image_strength", "guidance_auto"},
+    "task_inputs": {"task_id", "role", "mime", "width", "height", "data"},
+    "load_stats": {"model", "n", "total", "last", "updated_at"},
     "images": {"task_id", "idx", "seed", "mime", "data", "served", "gen_started", "gen_ended"},
     "queue_state": {"id", "changes"},
     "timing_stats": {"model", "width", "height", "kind", "n", "total", "updated_at"},
-    "workers": {"id", "hostname", "pid", "engine", "model", "quantize", "started_at", "heartbeat_at", "stopped_at"},
+    "workers": {"id", "hostname", "pid", "engine", "model", "quantize", "started_at", "heartbeat_at", "stopped_at",
+                "models", "max_pixels", "loading", "affinity_wait"},
 }
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageOps
 
-from mflux_server.forecast.cost_model import PRIOR_STEP
+from mflux_server.core.settings import H100_STEP_COST
 from mflux_server.worker.engines.base import Job, ModelLoadFailed, OutOfMemory, StepReporter
 
 LABEL = "SYNTHETIC TEST IMAGE - mflux-server synthetic engine, not model output"
@@ -81,7 +81,7 @@ class SyntheticEngine:
     def __init__(
         self,
         model: str | None = None,
-        step: tuple[float, float, float] = PRIOR_STEP,
+        step: tuple[float, float, float] = H100_STEP_COST,
         fixed: tuple[float, float] = (0.2, 0.1),
         noise: float = 0.0,
         speed: float = 1.0,

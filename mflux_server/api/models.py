@@ -1,0 +1,109 @@
+"""GET /api/models: every model the server knows, its family and capabilities, and which live workers serve it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import marshmallow as ma
+from flask.views import MethodView
+from flask_smorest import Blueprint
+from marshmallow import fields
+
+from mflux_server.api.context import conn
+from mflux_server.api.task_view import live_workers
+from mflux_server.core import catalog, store
+from mflux_server.core.rows import LoadStat, Worker
+
+blp = Blueprint("models", __name__, description="The models the workers can serve, with what each accepts.")
+
+
+class CapabilitiesSchema(ma.Schema):
+    """Which inputs a model can use."""
+
+    text_to_image = fields.Boolean(metadata={"description": "generates from a prompt alone"})
+    image_to_image = fields.Boolean(metadata={"description": "starts from `image`, keeping `image_strength` of it"})
+    edit = fields.Boolean(metadata={"description": "applies the prompt as an instruction to the reference `image`"})
+    inpaint = fields.Boolean(metadata={"description": "repaints `image` where `mask` is white"})
+    negative_prompt = fields.Boolean(metadata={"description": "takes `negative_prompt`"})
+    guidance = fields.Boolean(metadata={"description": "`guidance` changes the image (distilled models ignore it)"})
+
+
+class ServingWorker(ma.Schema):
+    """A live worker that may serve the model."""
+
+    id = fields.String()
+    engine = fields.String(metadata={"description": "mflux, or synthetic (procedural images, no model)"})
+    loaded = fields.Boolean(metadata={"description": "the model is in this worker's memory now"})
+    loading = fields.Boolean(metadata={"description": "the worker is loading it now"})
+    quantize = fields.Integer(allow_none=True, metadata={"description": "bits, when loaded quantized"})
+    max_pixels = fields.Integer(allow_none=True, metadata={"description": "largest width × height it runs"})
+
+
+class ModelSchema(ma.Schema):
+    """One model."""
+
+    name = fields.String(metadata={"description": "what to send as `model`: a registry name, or the Hugging Face repo "
+                                                  "or folder a worker was started with"})
+    aliases = fields.List(fields.String(), metadata={"description": "other names accepted for it"})
+    family = fields.String(metadata={"description": "the mflux model family that runs it"})
+    family_title = fields.String()
+    repo = fields.String(metadata={"description": "Hugging Face repository of its weights"})
+    default_steps = fields.Integer()
+    default_guidance = fields.Float(allow_none=True, metadata={"description": "null: the model picks its own"})
+    capabilities = fields.Nested(CapabilitiesSchema)
+    workers = fields.List(fields.Nested(ServingWorker), metadata={"description": "live workers that may serve it"})
+    served = fields.Boolean(metadata={"description": "some live worker may serve it"})
+    loaded = fields.Boolean(metadata={"description": "some live worker holds it in memory now"})
+    quantize = fields.Integer(allow_none=True, metadata={"description": "quantization of a worker holding it"})
+    load_seconds = fields.Float(allow_none=True, metadata={
+        "description": "measured mean seconds to load it (and warm it up); charged in the forecast of a switch"})
+
+
+class ModelList(ma.Schema):
+    """Every model."""
+
+    models = fields.List(fields.Nested(ModelSchema))
+
+
+def describe(name: str, info: catalog.ModelInfo, workers: list[Worker], loads: dict[str, LoadStat]) -> dict[str, Any]:
+    """One model's entry: catalog facts, serving workers and measured load time."""
+    serving = [w for w in workers if name in w.servable]
+    holding = [w for w in serving if w.model == name and not w.loading]
+    load = loads.get(name)
+    return {
+        "name": name,
+        "aliases": list(info.aliases) if name == info.name else [],
+        "family": info.family,
+        "family_title": info.family_title,
+        "repo": info.repo if name == info.name else name,
+        "default_steps": info.default_steps,
+        "default_guidance": info.default_guidance,
+        "capabilities": info.capabilities.as_dict(),
+        "workers": [{"id": w.id, "engine": w.engine, "loaded": w in holding, "loading": w.loading == name,
+                     "quantize": w.quantize, "max_pixels": w.max_pixels} for w in serving],
+        "served": bool(serving),
+        "loaded": bool(holding),
+        "quantize": holding[0].quantize if holding else None,
+        "load_seconds": load.total / load.n if load else None,
+    }
+
+
+@blp.route("/models")
+class ModelCollection(MethodView):
+    """The model catalog, built from the installed mflux."""
+
+    @blp.response(200, ModelList)
+    def get(self) -> dict[str, Any]:
+        """Every known model with its family, default steps, capabilities, serving workers and load time.
+
+        Served Hugging Face repos or local folders that are not registry names come after the registry models.
+        """
+        workers = live_workers(conn())
+        loads = store.load_stats(conn())
+        entries = [describe(info.name, info, workers, loads) for info in catalog.models()]
+        known = {info.name for info in catalog.models()}
+        for name in sorted({served for w in workers for served in w.servable} - known):
+            resolved = catalog.resolve_reference(name)
+            if resolved is not None:
+                entries.append(describe(name, resolved.info, workers, loads))
+        return {"models": entries}

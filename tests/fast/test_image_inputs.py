@@ -1,0 +1,171 @@
+"""Image inputs and models: every input kind is checked at submit against the model's capabilities, and stored."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import pytest
+from PIL import Image
+
+from mflux_server.core import store
+from mflux_server.core.rows import Status
+
+
+def png(size=(256, 192), colour="red", mode="RGB") -> bytes:
+    out = io.BytesIO()
+    Image.new(mode, size, colour).save(out, format="PNG")
+    return out.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def serve(client, *models, max_pixels=None):
+    """Register a live worker that may serve these models, as a worker process does."""
+    conn = client.application.extensions["mflux_connections"].get()
+    return store.register_worker(conn, "synthetic", models[0], None, models=models, max_pixels=max_pixels)
+
+
+def post(client, **body):
+    return client.post("/api/generate", json={"prompt": "p", **body})
+
+
+def test_image_to_image_stores_the_input_and_defaults_size_and_strength(client):
+    serve(client, "dev")
+    response = post(client, model="dev", image="data:image/png;base64," + b64(png((300, 200)))).json
+    assert (response["width"], response["height"]) == (288, 192)  # the image's size, down to a multiple of 16
+    conn = client.application.extensions["mflux_connections"].get()
+    task = store.get(conn, response["task_id"])
+    assert task.image_strength == 0.4 and task.model == "dev"
+    stored = store.inputs(conn, task.id)
+    assert set(stored) == {"image"} and (stored["image"].width, stored["image"].height) == (300, 200)
+    assert stored["image"].data == png((300, 200)) and stored["image"].mime == "image/png"
+    assert client.delete(f"/api/tasks/{task.id}").status_code in (200, 204)
+    client.delete(f"/api/tasks/{task.id}")  # canceled first, then deleted
+    assert store.inputs(conn, task.id) == {}, "inputs leave with their task"
+
+
+def test_init_image_is_the_original_servers_name_and_guidance_defaults_to_the_models(client):
+    serve(client, "dev")
+    task = post(client, model="dev", init_image=b64(png()), image_strength=0.7).json
+    conn = client.application.extensions["mflux_connections"].get()
+    row = store.get(conn, task["task_id"])
+    assert row.image_strength == 0.7 and row.guidance == 3.5 and not row.guidance_auto
+    assert set(store.inputs(conn, row.id)) == {"image"}
+
+
+def test_inpaint_takes_image_and_mask_of_the_same_size(client):
+    serve(client, "dev-fill")
+    ok = post(client, model="dev-fill", image=b64(png()), mask=b64(png(colour="white", mode="L")))
+    assert ok.status_code == 200, ok.json
+    conn = client.application.extensions["mflux_connections"].get()
+    assert set(store.inputs(conn, ok.json["task_id"])) == {"image", "mask"}
+    wrong = post(client, model="dev-fill", image=b64(png()), mask=b64(png((128, 128), mode="L")))
+    assert wrong.status_code == 422 and wrong.json["field"] == "mask"
+    assert "must be the image's size, 256×192; got 128×128" in wrong.json["message"]
+    missing = post(client, model="dev-fill", image=b64(png()))
+    assert missing.status_code == 422 and missing.json["field"] == "mask"
+
+
+@pytest.mark.parametrize("model, body, field, rule", [
+    ("schnell", {"mask": "M", "image": "I"}, "mask", "model schnell does no inpainting"),
+    ("iris-3b", {"image": "I"}, "image", "model iris-3b takes no input image"),
+    ("lens-turbo", {"image": "I"}, "image", "model lens-turbo takes no input image"),
+    ("lens-turbo", {"negative_prompt": "blur"}, "negative_prompt", "model lens-turbo ignores negative prompts"),
+    ("dev-kontext", {}, "image", "model dev-kontext needs an input image"),
+    ("dev-kontext", {"image": "I", "image_strength": 0.5}, "image_strength", "does no image-to-image"),
+    ("dev", {"image_strength": 0.5}, "image_strength", "needs an input image"),
+    ("dev", {"mask": "M"}, "mask", "model dev does no inpainting"),
+    ("dev", {"image": "I", "init_image": "I"}, "init_image", "not both"),
+])
+def test_a_field_the_model_cannot_use_is_a_422_naming_field_and_model(client, model, body, field, rule):
+    serve(client, model)
+    images = {"I": b64(png()), "M": b64(png(mode="L"))}
+    response = post(client, model=model, **{k: images.get(v, v) for k, v in body.items()})
+    assert response.status_code == 422, response.json
+    assert response.json["field"] == field and rule in response.json["message"]
+
+
+@pytest.mark.parametrize("value, rule", [
+    ("not base64!", "must be base64 image data or a data: URL"),
+    (b64(b"just some text, not an image"), "is not a readable image"),
+    (b64(png()[:-40]), "is not a readable image"),  # truncated
+    (b64(png()[:60]), "is not a readable image"),  # header only
+    ("", "is empty"),
+    (17, "must be base64 image data, a data: URL, or a file upload"),
+])
+def test_a_corrupt_truncated_or_non_image_is_refused_at_submit(client, value, rule):
+    serve(client, "dev")
+    response = post(client, model="dev", image=value)
+    assert response.status_code == 422 and response.json["field"] == "image"
+    assert rule in response.json["message"], response.json["message"]
+
+
+def test_byte_and_pixel_limits(app, client):
+    serve(client, "dev")
+    app.extensions["mflux_settings"].max_input_pixels = 100 * 100
+    app.extensions["mflux_settings"].max_input_bytes = 10_000
+    big = post(client, model="dev", image=b64(png((200, 200))))
+    assert big.status_code == 422 and "200×200 = 40000 pixels; at most 10000" in big.json["message"]
+    heavy = Image.effect_noise((120, 80), 100).convert("RGB")
+    out = io.BytesIO()
+    heavy.save(out, format="PNG")
+    assert len(out.getvalue()) > 10_000
+    too_heavy = post(client, model="dev", image=b64(out.getvalue()))
+    assert too_heavy.status_code == 422 and "at most 10000 bytes" in too_heavy.json["message"]
+
+
+def test_multipart_upload_takes_the_same_fields(client):
+    serve(client, "dev-fill")
+    response = client.post("/api/generate", content_type="multipart/form-data", data={
+        "prompt": "a hat", "model": "dev-fill", "steps": "3", "seed": "7",
+        "image": (io.BytesIO(png()), "photo.png"), "mask": (io.BytesIO(png(colour="white", mode="L")), "mask.png")})
+    assert response.status_code == 200, response.json
+    conn = client.application.extensions["mflux_connections"].get()
+    task = store.get(conn, response.json["task_id"])
+    assert (task.steps, task.seed, task.width, task.height) == (3, 7, 256, 192)
+    assert set(store.inputs(conn, task.id)) == {"image", "mask"}
+    bad = client.post("/api/generate", content_type="multipart/form-data",
+                      data={"prompt": "x", "model": "dev-fill", "image": (io.BytesIO(b"nope"), "x.png")})
+    assert bad.status_code == 422 and bad.json["field"] == "image"
+
+
+def test_a_size_above_every_serving_workers_limit_is_refused(client):
+    serve(client, "schnell", max_pixels=1024 * 1024)
+    refused = post(client, width=1024, height=1040)
+    assert refused.status_code == 422 and refused.json["field"] == "width"
+    assert "1024×1040 = 1064960 pixels; the workers serving schnell run at most 1048576 pixels" in refused.json["message"]
+    assert post(client, width=1024, height=1024).status_code == 200
+
+
+def test_models_lists_every_catalog_model_with_capabilities_and_who_serves_it(client):
+    worker = serve(client, "schnell", "dev", "filipstrand/FLUX.1-Krea-dev-mflux-4bit")
+    conn = client.application.extensions["mflux_connections"].get()
+    store.record_load(conn, "dev", 12.0)
+    store.record_load(conn, "dev", 14.0)
+    models = {m["name"]: m for m in client.get("/api/models").json["models"]}
+    assert {"schnell", "dev", "dev-kontext", "dev-fill", "flux2-klein-4b", "qwen-image-edit", "z-image-turbo",
+            "fibo"} <= models.keys()
+    schnell, dev = models["schnell"], models["dev"]
+    assert schnell["loaded"] and schnell["workers"][0]["id"] == worker and schnell["default_steps"] == 4
+    assert not dev["loaded"] and dev["served"] and dev["load_seconds"] == 13.0
+    assert dev["capabilities"] == {"text_to_image": True, "image_to_image": True, "edit": False, "inpaint": False,
+                                   "negative_prompt": True, "guidance": True}
+    assert not models["qwen-image"]["served"] and models["qwen-image"]["workers"] == []
+    repo = models["filipstrand/FLUX.1-Krea-dev-mflux-4bit"]
+    assert repo["family"] == "flux1" and repo["served"] and not repo["loaded"]
+    assert models["krea-dev"]["aliases"] == ["dev-krea"]
+    # A served repo is a model a request may name.
+    assert post(client, model="filipstrand/FLUX.1-Krea-dev-mflux-4bit").status_code == 200
+    assert post(client, model="qwen-image").status_code == 422
+
+
+def test_a_task_without_guidance_on_a_model_that_picks_its_own_stores_that(client):
+    serve(client, "z-image-turbo")
+    task = post(client, model="zimage-turbo").json
+    conn = client.application.extensions["mflux_connections"].get()
+    row = store.get(conn, task["task_id"])
+    assert row.model == "z-image-turbo" and row.guidance_auto == 1 and row.steps == 9
+    assert row.status is Status.WAITING
