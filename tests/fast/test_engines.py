@@ -106,3 +106,103 @@ def test_auto_picks_synthetic_without_a_gpu_and_says_so(caplog):
     assert engine.name == "synthetic" and engine.model == "krea-dev"
     assert "SYNTHETIC" in caplog.text
     assert "synthetic test image, not model output" in engine.software
+
+
+# Image inputs, loading and out-of-memory in the synthetic engine, and the worker's choice of model
+
+
+def _picture(size=(256, 128)):
+    from PIL import Image
+
+    image = Image.linear_gradient("L").resize(size).convert("RGB")
+    return image
+
+
+def test_synthetic_inpaint_keeps_every_unmasked_pixel_and_repaints_the_masked_ones():
+    from PIL import Image, ImageChops
+
+    source = _picture()
+    mask = Image.new("L", source.size, 0)
+    mask.paste(255, (64, 32, 192, 96))
+    engine = SyntheticEngine("dev-fill", step=(0, 0, 0), fixed=(0, 0))
+    out = engine.generate(Job("hat", 3, 256, 128, 2, None, image=source, mask=mask), Recorder())
+    diff = ImageChops.difference(out, source).convert("L")
+    outside = Image.composite(Image.new("L", source.size, 0), diff, mask)
+    assert outside.getbbox() is None, "an unmasked pixel changed"
+    inside = Image.composite(diff, Image.new("L", source.size, 0), mask)
+    assert inside.getbbox() is not None, "nothing under the mask was repainted"
+
+
+def test_synthetic_image_to_image_blends_by_strength_and_edit_shows_the_reference():
+    from PIL import ImageChops, ImageStat
+
+    source = _picture()
+    engine = SyntheticEngine("dev", step=(0, 0, 0), fixed=(0, 0))
+
+    def distance(strength):
+        out = engine.generate(Job("p", 1, 256, 128, 1, None, image=source, image_strength=strength), Recorder())
+        return sum(ImageStat.Stat(ImageChops.difference(out, source)).mean)
+
+    assert distance(1.0) < distance(0.6) < distance(0.2)
+    edited = engine.generate(Job("p", 1, 256, 128, 1, None, image=source), Recorder())
+    centre = edited.crop((64, 32, 192, 96))
+    from PIL import Image
+
+    assert ImageChops.difference(centre, source.resize((128, 64), Image.Resampling.LANCZOS)).getbbox() is None
+
+
+def test_synthetic_out_of_memory_breaks_the_engine_until_reset():
+    from mflux_server.worker.engines.base import OutOfMemory
+
+    engine = SyntheticEngine("schnell", step=(0, 0, 0), fixed=(0, 0), max_pixels=512 * 512)
+    with pytest.raises(OutOfMemory) as raised:
+        engine.generate(Job("big", 1, 1024, 1024, 1, None), Recorder())
+    assert raised.value.pixels == 1024 * 1024
+    with pytest.raises(RuntimeError, match="unusable after running out of memory"):
+        engine.generate(Job("small", 1, 256, 256, 1, None), Recorder())  # poisoned, as MLX was on the H100
+    engine.reset()
+    assert engine.generate(Job("small", 1, 256, 256, 1, None), Recorder()).size == (256, 256)
+
+
+def test_synthetic_load_takes_its_time_and_a_missing_folder_fails():
+    import time as _time
+
+    from mflux_server.worker.engines.base import ModelLoadFailed
+
+    engine = SyntheticEngine(load_seconds=0.2, speed=2.0)
+    started = _time.perf_counter()
+    engine.load("dev")
+    assert 0.09 <= _time.perf_counter() - started < 1.0 and engine.model == "dev"
+    with pytest.raises(ModelLoadFailed, match="no model folder at /nonexistent/flux1-dev-4bit"):
+        engine.load("/nonexistent/flux1-dev-4bit")
+    assert engine.model is None
+
+
+def _head(model, seq, age, images=1, priority=0, now=1000.0):
+    from mflux_server.core.rows import WaitingHead
+
+    return WaitingHead(model, priority, seq, now - age, 1, images)
+
+
+def test_choose_model_keeps_the_loaded_model_while_its_work_waits():
+    from mflux_server.worker.claim_loop import choose_model
+
+    heads = [_head("dev", 1, 50, images=9), _head("schnell", 5, 10)]
+    assert choose_model(heads, "schnell", ["schnell", "dev"], 1000.0, 120) == "schnell"
+
+
+def test_choose_model_switches_for_a_task_that_waited_past_the_bound():
+    from mflux_server.worker.claim_loop import choose_model
+
+    heads = [_head("dev", 1, 121), _head("schnell", 5, 10)]
+    assert choose_model(heads, "schnell", ["schnell", "dev"], 1000.0, 120) == "dev"
+    assert choose_model(heads, "schnell", ["schnell", "dev"], 1000.0, 0) == "dev"  # 0: first in, first out
+
+
+def test_choose_model_loads_the_most_waiting_work_and_respects_priority_and_what_it_serves():
+    from mflux_server.worker.claim_loop import choose_model
+
+    heads = [_head("dev", 1, 5, images=2), _head("krea-dev", 2, 5, images=6), _head("qwen-image", 0, 500, images=50)]
+    assert choose_model(heads, None, ["dev", "krea-dev"], 1000.0, 120) == "krea-dev"
+    assert choose_model(heads + [_head("dev", 9, 1, priority=1)], "krea-dev", ["dev", "krea-dev"], 1000.0, 120) == "dev"
+    assert choose_model([_head("qwen-image", 0, 5)], "dev", ["dev"], 1000.0, 120) is None

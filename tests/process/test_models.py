@@ -1,0 +1,65 @@
+"""Workers that switch models, fail a model that will not load, and recover from running out of memory."""
+
+from __future__ import annotations
+
+import io
+
+from PIL import Image
+
+from mflux_server.core import store
+from mflux_server.testing import wait_for
+from tests.conftest import queue_task, reread, status_of
+
+
+def test_a_worker_keeps_its_model_then_switches_and_measures_the_load(conn, db_path, processes):
+    first = [queue_task(conn, model="schnell", width=256, height=256, prompt=f"s{i}") for i in range(3)]
+    other = queue_task(conn, model="dev", width=256, height=256, prompt="d")
+    later = queue_task(conn, model="schnell", width=256, height=256, prompt="s-late")
+    processes.worker("--models", "schnell,dev", "--synthetic-load", "4", "--max-affinity-wait", "60")
+    tasks = [*first, other, later]
+    wait_for(lambda: all(status_of(db_path, t.id) == "done" for t in tasks), what="all tasks done")
+    order = [t.prompt for t in sorted((reread(db_path, t.id) for t in tasks), key=lambda t: t.started_at)]
+    assert order == ["s0", "s1", "s2", "s-late", "d"], "the loaded model's work first, then one switch"
+    loads = store.load_stats(conn)
+    assert set(loads) == {"schnell", "dev"} and loads["dev"].n == 1 and loads["dev"].last >= 4 / 20
+    worker = store.live_workers(conn, 15)[0]
+    assert worker.model == "dev" and worker.servable == ("dev", "schnell") and worker.loading is None
+
+
+def test_a_task_for_another_model_waits_no_longer_than_the_bound(conn, db_path, processes):
+    processes.worker("--models", "schnell,dev", "--max-affinity-wait", "0.5", speed=1.0)
+    waiting = queue_task(conn, model="dev", width=256, height=256, steps=2, prompt="d")
+    stream = [queue_task(conn, model="schnell", width=256, height=256, steps=2, prompt=f"s{i}") for i in range(12)]
+    wait_for(lambda: status_of(db_path, waiting.id) == "done", what="the dev task")
+    started = reread(db_path, waiting.id).started_at
+    schnell_after = [t for t in stream if (reread(db_path, t.id).started_at or 1e18) < started]
+    assert len(schnell_after) < len(stream), "the dev task did not wait for the whole schnell stream"
+    assert started - waiting.created_at < 0.5 + 3.0
+
+
+def test_a_model_that_fails_to_load_fails_its_tasks_and_the_worker_goes_on(conn, db_path, processes):
+    missing = "/nonexistent/flux1-dev-4bit"
+    processes.worker("--models", f"schnell,{missing}")
+    bad = [queue_task(conn, model=missing, width=256, height=256, prompt=f"b{i}") for i in range(2)]
+    good = queue_task(conn, model="schnell", width=256, height=256)
+    wait_for(lambda: status_of(db_path, good.id) == "done" and all(status_of(db_path, t.id) == "error" for t in bad),
+             what="bad tasks failed, good one done")
+    for task in bad:
+        assert f"model {missing} failed to load" in reread(db_path, task.id).error
+        assert "no model folder" in reread(db_path, task.id).error
+
+
+def test_out_of_memory_fails_only_that_task_lowers_the_limit_and_the_worker_recovers(conn, db_path, processes):
+    processes.worker("--synthetic-max-pixels", str(512 * 512))
+    huge = queue_task(conn, width=1024, height=1024, prompt="huge")
+    after = [queue_task(conn, width=256, height=256, prompt=f"ok{i}") for i in range(3)]
+    wait_for(lambda: all(status_of(db_path, t.id) == "done" for t in after), what="later tasks done")
+    failed = reread(db_path, huge.id)
+    assert failed.status == "error"
+    assert "1024×1024 (1048576 pixels) is too large for this worker: it ran out of memory" in failed.error
+    worker = store.live_workers(conn, 15)[0]
+    assert worker.max_pixels == 1024 * 1024 - 1
+    image = store.fetch_image(conn, after[0].id, 0)
+    assert Image.open(io.BytesIO(image.data)).size == (256, 256)
+    timed = {(s.width, s.kind) for s in store.timing_stats(conn)}
+    assert not any(width == 1024 for width, _ in timed), "the failed generation's timings were recorded"
