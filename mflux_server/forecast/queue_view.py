@@ -6,15 +6,17 @@ import bisect
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
 from mflux_server.core import store
-from mflux_server.core.rows import ClaimKey, QueueRead, Status, Task
+from mflux_server.core.rows import ClaimKey, QueueRead, Status, Task, Worker
 from mflux_server.forecast.arrivals import ARRIVAL_WINDOW, ArrivalLog
 from mflux_server.forecast.cost_model import CostModel
 
+# Seconds to load a model never loaded here yet (about FLUX.1 from a local SSD, warm-up included).
+DEFAULT_LOAD_SECONDS = 15.0
 # Fresh submissions are read past the snapshot each request; beyond this many, fold them into a new one.
 MAX_UNSNAPSHOTTED = 32
 
@@ -156,8 +158,12 @@ class Forecaster:
             with self._lock:
                 self._rebuild = None
 
-    def estimate(self, conn: sqlite3.Connection, task: Task, workers: int, now: float | None = None) -> Estimate:
-        """Where a task stands: waiting tasks and running tasks ahead of it, and seconds until its images are done."""
+    def estimate(self, conn: sqlite3.Connection, task: Task, workers: int, now: float | None = None,
+                 live: Sequence[Worker] = ()) -> Estimate:
+        """Where a task stands: waiting tasks and running tasks ahead of it, and seconds until its images are done.
+
+        `live` (the live workers) lets it charge a model switch when no worker serving the task's model holds it.
+        """
         now = self._clock() if now is None else now
         cost = self.cost_model(conn, now)
         if task.status is Status.PROCESSING:
@@ -195,4 +201,30 @@ class Forecaster:
             ahead += cost.remaining_gpu_seconds(running, now)
         # Several workers serving this model drain the queue ahead of us in parallel.
         until_start = self.arrivals.until_start(task.model, task.priority, workers, max(ahead, 0.0) / max(workers, 1))
-        return Estimate(max(pos, 0), running_ahead, until_start + cost.task_seconds(task))
+        switch = self.switch_seconds(conn, task, live, snap, cost, now) if live and not workers else 0.0
+        return Estimate(max(pos, 0), running_ahead, until_start + switch + cost.task_seconds(task))
+
+    def switch_seconds(self, conn: sqlite3.Connection, task: Task, live: Sequence[Worker], snap: QueueSnapshot,
+                       cost: CostModel, now: float) -> float:
+        """Seconds before a task whose model no serving worker holds can start, beyond its own model's queue.
+
+        The worker first finishes its running task and keeps serving its loaded model's queue until this task
+        has waited its --max-affinity-wait, then loads this task's model (the measured mean load time).
+        """
+        serving = [w for w in live if task.model in w.servable]
+        if not serving:
+            return 0.0
+        loads = store.load_stats(conn)
+        load = loads.get(task.model)
+        load_seconds = load.total / load.n if load else DEFAULT_LOAD_SECONDS
+        if any(w.loading == task.model for w in serving):
+            return load_seconds / 2  # already loading: about half of it is left, on average
+        best = None
+        for worker in serving:
+            held = worker.model
+            busy = sum(cost.remaining_gpu_seconds(t, now) for t in store.running_tasks(conn) if t.worker_id == worker.id)
+            queued = snap.ahead(held, ClaimKey(-(2**62), 2**62))[1] if held else 0.0
+            bound = max((worker.affinity_wait or 0.0) - (now - task.created_at), 0.0)
+            seconds = busy + min(queued, bound) + load_seconds
+            best = seconds if best is None else min(best, seconds)
+        return best or 0.0

@@ -169,3 +169,13 @@ def test_a_task_without_guidance_on_a_model_that_picks_its_own_stores_that(clien
     row = store.get(conn, task["task_id"])
     assert row.model == "z-image-turbo" and row.guidance_auto == 1 and row.steps == 9
     assert row.status is Status.WAITING
+
+
+def test_a_task_whose_model_is_not_loaded_is_forecast_with_the_switch(client):
+    serve(client, "schnell", "dev")
+    conn = client.application.extensions["mflux_connections"].get()
+    store.record_load(conn, "dev", 30.0)
+    loaded = post(client, model="schnell", width=256, height=256).json
+    switching = post(client, model="dev", width=256, height=256, steps=4).json
+    assert loaded["expected_time_seconds"] < 10
+    assert 30 <= switching["expected_time_seconds"] < 30 + 10, "the measured 30 s load is charged once"

@@ -47,11 +47,13 @@ def test_worker_runs_in_priority_order_and_stores_images(conn, db_path, processe
              timeout=5, what="all timings recorded")
 
 
-def test_timings_are_recorded_while_the_first_task_is_still_running(conn, db_path, processes):
-    t = queue_task(conn, width=256, height=256, steps=40)
+def test_timings_count_once_an_image_is_generated_not_while_it_might_still_fail(conn, db_path, processes):
+    t = queue_task(conn, width=256, height=256, steps=40, count=2)
     processes.worker(speed=1.0)
-    wait_for(lambda: kinds_measured(conn).get("step", 0) >= 3,
-             what="step timings of the running task")
+    wait_for(lambda: row(db_path, t.id).step >= 5, what="steps of the first image")
+    assert kinds_measured(conn) == {}, "a generation that has not finished could still fail"
+    wait_for(lambda: row(db_path, t.id).image_index == 1, what="the second image started")
+    wait_for(lambda: kinds_measured(conn).get("step", 0) == 40, timeout=5, what="the first image's 40 steps")
     assert status_of(db_path, t.id) == "processing"
 
 
