@@ -7,7 +7,6 @@ import logging
 import sqlite3
 import threading
 import time
-
 from collections.abc import Sequence
 
 from PIL import Image

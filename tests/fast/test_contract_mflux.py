@@ -15,12 +15,10 @@ from mflux.callbacks.callback import BeforeLoopCallback, InLoopCallback  # noqa:
 from mflux.callbacks.callback_registry import CallbackRegistry  # noqa: E402
 from mflux.models.common.config import ModelConfig  # noqa: E402
 from mflux.models.common.config.config import Config  # noqa: E402
-from mflux.models.flux.variants.txt2img.flux import Flux1  # noqa: E402
-from mflux.utils.generated_image import GeneratedImage  # noqa: E402
 
 from mflux_server.core import catalog  # noqa: E402
-from mflux_server.worker.engines.families import FAMILIES, NOT_SERVED  # noqa: E402
 from mflux_server.worker.engines.base import Job  # noqa: E402
+from mflux_server.worker.engines.families import FAMILIES, NOT_SERVED  # noqa: E402
 from mflux_server.worker.engines.mflux import MfluxEngine, StepBridge  # noqa: E402
 from tests.conftest import Recorder, StopHere  # noqa: E402
 

@@ -11,7 +11,7 @@ from PIL import Image
 
 from mflux_server.core.settings import Settings
 from mflux_server.worker.encoding import encode
-from mflux_server.worker.engines import served_models, choose_engine, make_engine
+from mflux_server.worker.engines import choose_engine, make_engine, served_models
 from mflux_server.worker.engines.base import Job
 from mflux_server.worker.engines.synthetic import SyntheticEngine
 from tests.conftest import Recorder, StopHere

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import random
 import time
-
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageOps
@@ -59,7 +58,8 @@ def with_inputs(pattern: Image.Image, job: Job) -> Image.Image:
     if job.mask is not None:
         # Binary, so every pixel outside the mask is the input's own, exactly (checked in PNG by the tests).
         mask = job.mask.convert("L")
-        mask = (mask if mask.size == size else mask.resize(size, Image.Resampling.NEAREST)).point(lambda v: 255 if v >= 128 else 0)
+        mask = mask if mask.size == size else mask.resize(size, Image.Resampling.NEAREST)
+        mask = mask.point(lambda v: 255 if v >= 128 else 0)
         return Image.composite(pattern, source, mask)
     if job.image_strength is not None:
         return Image.blend(pattern, source, job.image_strength)
