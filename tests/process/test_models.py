@@ -63,3 +63,31 @@ def test_out_of_memory_fails_only_that_task_lowers_the_limit_and_the_worker_reco
     assert Image.open(io.BytesIO(image.data)).size == (256, 256)
     timed = {(s.width, s.kind) for s in store.timing_stats(conn)}
     assert not any(width == 1024 for width, _ in timed), "the failed generation's timings were recorded"
+
+
+def test_inpaint_over_real_http_keeps_every_unmasked_pixel(processes):
+    import requests
+    from PIL import ImageChops
+
+    url = processes.server()
+    processes.worker("--models", "schnell,dev-fill")
+    source = Image.linear_gradient("L").resize((256, 192)).convert("RGB")
+    mask = Image.new("L", source.size, 0)
+    mask.paste(255, (32, 32, 128, 96))
+    files = {}
+    for name, picture in (("image", source), ("mask", mask)):
+        out = io.BytesIO()
+        picture.save(out, format="PNG")
+        files[name] = (f"{name}.png", out.getvalue(), "image/png")
+    response = requests.post(f"{url}/api/generate", data={"prompt": "a hat", "model": "dev-fill", "format": "PNG",
+                                                         "steps": "2"}, files=files, timeout=10)
+    assert response.status_code == 200, response.text
+    task_id = response.json()["task_id"]
+    wait_for(lambda: requests.get(f"{url}/api/status", params={"task_id": task_id}, timeout=5).json()["status"] == "done",
+             what="inpaint done")
+    result = Image.open(io.BytesIO(requests.get(f"{url}/api/image", params={"task_id": task_id}, timeout=5).content))
+    diff = ImageChops.difference(result.convert("RGB"), source).convert("L")
+    assert Image.composite(Image.new("L", source.size, 0), diff, mask).getbbox() is None
+    assert Image.composite(diff, Image.new("L", source.size, 0), mask).getbbox() is not None
+    refused = requests.post(f"{url}/api/generate", json={"prompt": "x", "model": "schnell", "mask": "aGVsbG8="}, timeout=5)
+    assert refused.status_code == 422 and refused.json()["field"] == "mask"
