@@ -157,14 +157,14 @@ class ClaimLoop:
         """Load the task's model (it is claimed, so clients see it starting); on failure fail its tasks."""
         previous = self.engine.model
         log.info("switching model: %s -> %s for task %s", previous, task.model, task.id)
-        store.worker_loading(self.conn, self.worker_id, previous or "", task.model)
+        store.worker_loading(self.conn, self.worker_id, previous or "", task.model, self.servable)
         started = time.perf_counter()
         try:
             self.engine.load(task.model)
         except Exception as exc:
             reason = str(exc) if isinstance(exc, ModelLoadFailed) else f"{type(exc).__name__}: {exc}"
             log.error("could not load %s: %s", task.model, reason)
-            self.servable.remove(task.model)
+            self.servable.remove(task.model)  # and from the workers table below, so the API stops accepting it
             message = f"model {task.model} failed to load on worker {self.worker_id}: {reason}"
             self.writer.send(TaskFailed(task, message))
             others = [w for w in store.live_workers(self.conn, self.settings.stale_after)
@@ -172,11 +172,11 @@ class ClaimLoop:
             if not others:
                 failed = store.fail_waiting(self.conn, task.model, message)
                 log.error("failed %d more waiting task(s) of %s: no other worker serves it", failed, task.model)
-            store.worker_loading(self.conn, self.worker_id, "", None)
+            store.worker_loading(self.conn, self.worker_id, "", None, self.servable)
             return False
         seconds = time.perf_counter() - started
         store.record_load(self.conn, task.model, seconds)
-        store.worker_loading(self.conn, self.worker_id, task.model, None)
+        store.worker_loading(self.conn, self.worker_id, task.model, None, self.servable)
         log.info("loaded %s in %.2f s (warm-up included)", task.model, seconds)
         return True
 
@@ -254,7 +254,7 @@ class ClaimLoop:
                         self.recover_engine()
                     return None
                 timer.commit()
-                done = ImageGenerated(task, index, image, started, time.time(), timer.after_seconds())
+                done = ImageGenerated(task, index, image, started, time.time(), timer.after_seconds(), self.engine.software)
                 if index == task.count - 1:
                     return done
                 self.writer.send(done)

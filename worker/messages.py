@@ -20,6 +20,7 @@ class ImageGenerated:
     started: float  # wall clock around the engine's generate
     ended: float
     after_seconds: float  # from the last denoising step until the engine returned the image
+    software: str  # written into the file: which engine and model made it (the model changes when the worker switches)
 
 
 @dataclass(frozen=True, slots=True)

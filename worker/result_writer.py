@@ -27,9 +27,8 @@ OUTBOX_IMAGES = 4
 class ResultWriter:
     """Takes messages in order from an outbox, so the GPU goes straight on to the next task."""
 
-    def __init__(self, worker_id: str, software: str) -> None:
+    def __init__(self, worker_id: str) -> None:
         self.worker_id = worker_id
-        self.software = software  # written into every file: which engine and model made it
         self.outbox: queue.Queue[Message] = queue.Queue(maxsize=OUTBOX_IMAGES)
         self._pending: dict[str, list[StoredImage]] = {}
 
@@ -61,7 +60,7 @@ class ResultWriter:
         images = self._pending.setdefault(task.id, [])
         started = time.perf_counter()
         seed = task.seed + done.index
-        data, mime = encode(done.image, task.format, task.quality, self.software, seed)
+        data, mime = encode(done.image, task.format, task.quality, done.software, seed)
         timings = [Timing("after", (done.after_seconds,)), Timing("encode", (time.perf_counter() - started,))]
         store.record_timings(conn, task.model, task.width, task.height, timings)
         images.append(StoredImage(done.index, seed, mime, data, done.started, done.ended))

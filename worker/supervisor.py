@@ -36,7 +36,7 @@ class Supervisor:
             store.record_load(self.conn, engine.model, load_seconds)
         self.stopping = threading.Event()
         self.publisher = ProgressPublisher(settings, self.worker_id)
-        self.writer = ResultWriter(self.worker_id, engine.software)
+        self.writer = ResultWriter(self.worker_id)
         self.claim_loop = ClaimLoop(settings, engine, self.worker_id, self.conn, self.publisher, self.writer, self.stopping,
                                     servable)
 

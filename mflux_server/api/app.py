@@ -19,7 +19,9 @@ log = logging.getLogger("mflux_server")
 API_DESCRIPTION = """\
 A queue in front of one GPU per worker. Submit a prompt with `POST /api/generate`, poll
 `GET /api/status` for the position, progress and forecast wait, then fetch the bytes with
-`GET /api/image`. `/generate`, `/status` and `/image` are the same endpoints without the `/api` prefix,
+`GET /api/image`. `GET /api/models` lists the models, what each accepts (image-to-image, edit, inpaint,
+negative prompt, guidance) and which workers serve them. `/generate`, `/status` and `/image` are the same
+endpoints without the `/api` prefix,
 as in the original mflux-server. Every error is JSON with a stable `code`, a `message` and the `field` at fault.
 """
 

@@ -114,10 +114,10 @@ class GenerateRequest(ma.Schema):
     )
     width = StrictInteger(load_default=None, validate=_size("max_width"),
                           metadata={"description": "pixels; a multiple of 16 from 128 to --max-width (2048). Default 1024, "
-                                                   "or the input image's width"})
+                                                   "or the input image's width", "example": 1024})
     height = StrictInteger(load_default=None, validate=_size("max_height"),
                            metadata={"description": "pixels; a multiple of 16 from 128 to --max-height (2048). Default "
-                                                    "1024, or the input image's height"})
+                                                    "1024, or the input image's height", "example": 1024})
     steps = StrictInteger(load_default=None, validate=_at_most("max_steps"),
                           metadata={"description": "denoising steps, 1 to --max-steps (100); "
                                                    "default: the model's (schnell 4, dev 25)"})

@@ -58,11 +58,11 @@ def summary(task: Task) -> dict[str, Any]:
 def task_status(connection: sqlite3.Connection, task: Task, live: list[Worker] | None = None) -> dict[str, Any]:
     """The status view of a task: position, forecast wait and progress (pass `live` if already read)."""
     view = summary(task)
-    workers, live = 0, list(live) if live is not None else []
+    workers = 0
     if task.status.unfinished:
-        live = live or live_workers(connection)
+        live = live_workers(connection) if live is None else live
         workers = sum(1 for w in live if w.model == task.model and not w.loading)
-    estimate = forecaster().estimate(connection, task, workers, live=live)
+    estimate = forecaster().estimate(connection, task, workers, live=live or ())
     view["pos"] = estimate.pos
     view["wait_remaining"] = round(estimate.seconds, 3)
     # The original server's task_length: unfinished tasks that will finish before this one.

@@ -19,14 +19,11 @@ VALUES (:task_id, :role, :mime, :width, :height, :data);
 SELECT role, mime, width, height, data FROM task_inputs WHERE task_id = ? ORDER BY role;
 
 -- name: waiting_heads
--- Per model and priority: the first waiting task in claim order and how much waits, for choosing what to load.
-SELECT model, priority, MIN(seq) AS seq, COUNT(*) AS tasks, SUM(count) AS images FROM tasks
+-- Per model and priority: the first waiting task in claim order (SQLite takes the bare created_at from the
+-- row MIN(seq) picked) and how much waits, for choosing what to load.
+SELECT model, priority, MIN(seq) AS seq, created_at, COUNT(*) AS tasks, SUM(count) AS images FROM tasks
  WHERE status = 'waiting'
  GROUP BY model, priority;
-
--- name: created_at
--- When a task (by sequence number) was submitted.
-SELECT created_at FROM tasks WHERE seq = ?;
 
 -- name: fail_waiting
 -- Fail every waiting task of a model (one no worker can load), with a message for the client.
@@ -180,8 +177,8 @@ INSERT INTO workers (id, hostname, pid, engine, model, quantize, started_at, hea
 VALUES (:id, :hostname, :pid, :engine, :model, :quantize, :now, :now, :models, :max_pixels, :affinity_wait);
 
 -- name: worker_loading
--- Say which model a worker is loading (NULL once loaded), and which one it holds.
-UPDATE workers SET loading = :loading, model = :model WHERE id = :id;
+-- Say which model a worker is loading (NULL once loaded), which one it holds, and which it may still serve.
+UPDATE workers SET loading = :loading, model = :model, models = :models WHERE id = :id;
 
 -- name: worker_max_pixels
 -- Lower the largest image a worker says it can run (after it ran out of memory).

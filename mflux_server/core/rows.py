@@ -131,8 +131,8 @@ class Worker(FromRow):
     @property
     def servable(self) -> tuple[str, ...]:
         """Every model this worker may serve, the loaded one first."""
-        listed = tuple(name for name in self.models.split(",") if name)
-        return (self.model, *(name for name in listed if name != self.model))
+        # model is empty while the worker holds nothing (after a model failed to load)
+        return tuple(name for name in dict.fromkeys((self.model, *self.models.split(","))) if name)
 
 
 @dataclass(frozen=True, slots=True)

@@ -63,32 +63,27 @@ def _list(kind: Callable[[str], Any]) -> Callable[[str], list[Any]]:
     return parse
 
 
-def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+def _at_least(kind: Callable[[str], Any], low: float, inclusive: bool) -> Callable[[str], Any]:
     def parse(text: str) -> Any:
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be greater than 0, got {text!r}")
+        if value < low or (value == low and not inclusive):
+            rule = f"{low:g} or more" if inclusive else f"greater than {low:g}"
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text!r}")
         return value
 
     parse.__name__ = kind.__name__
     return parse
+
+
+def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    return _at_least(kind, 0, inclusive=False)
 
 
 def _non_negative(kind: Callable[[str], Any]) -> Callable[[str], Any]:
-    def parse(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if value < 0:
-            raise argparse.ArgumentTypeError(f"must be 0 or more, got {text!r}")
-        return value
-
-    parse.__name__ = kind.__name__
-    return parse
+    return _at_least(kind, 0, inclusive=True)
 
 
 def _optional(kind: Callable[[str], Any]) -> Callable[[str], Any]:

@@ -296,6 +296,11 @@ def timing_version(conn: sqlite3.Connection) -> tuple[float, int]:
 # Workers and recovery
 
 
+def _model_list(model: str, models: Sequence[str]) -> str:
+    """The workers.models column: the held model first, then the others, once each."""
+    return ",".join(name for name in dict.fromkeys((model, *models)) if name)
+
+
 def register_worker(conn: sqlite3.Connection, engine: str, model: str, quantize: int | None,
                     pid: int | None = None, now: float | None = None, models: Sequence[str] = (),
                     max_pixels: int | None = None, affinity_wait: float | None = None) -> str:
@@ -307,17 +312,19 @@ def register_worker(conn: sqlite3.Connection, engine: str, model: str, quantize:
     worker_id = f"{socket.gethostname()}-{pid}-{secrets.token_hex(4)}"
     params = {"id": worker_id, "hostname": socket.gethostname(), "pid": pid, "engine": engine, "model": model,
               "quantize": quantize, "now": time.time() if now is None else now,
-              "models": ",".join(dict.fromkeys((model, *models))), "max_pixels": max_pixels,
+              "models": _model_list(model, models), "max_pixels": max_pixels,
               "affinity_wait": affinity_wait}
     with transaction(conn):
         conn.execute(sql("register_worker"), params)
     return worker_id
 
 
-def worker_loading(conn: sqlite3.Connection, worker_id: str, model: str, loading: str | None) -> None:
-    """Publish which model a worker holds, and which it is loading now (None once loaded)."""
+def worker_loading(conn: sqlite3.Connection, worker_id: str, model: str, loading: str | None,
+                   models: Sequence[str]) -> None:
+    """Publish which model a worker holds, which it is loading now (None once loaded), and what it may still serve."""
     with transaction(conn):
-        conn.execute(sql("worker_loading"), {"id": worker_id, "model": model, "loading": loading})
+        conn.execute(sql("worker_loading"), {"id": worker_id, "model": model, "loading": loading,
+                                             "models": _model_list(model, models)})
 
 
 def lower_max_pixels(conn: sqlite3.Connection, worker_id: str, max_pixels: int) -> None:
@@ -338,14 +345,9 @@ def load_stats(conn: sqlite3.Connection) -> dict[str, LoadStat]:
 
 
 def waiting_heads(conn: sqlite3.Connection) -> list[WaitingHead]:
-    """The front of each model's waiting tasks per priority, with the work behind it; one read transaction."""
-    # No transaction: the claim that follows re-checks everything, so a head that moved meanwhile costs nothing.
-    heads = []
-    for r in conn.execute(sql("waiting_heads")).fetchall():
-        created = conn.execute(sql("created_at"), (r["seq"],)).fetchone()
-        if created is not None:
-            heads.append(WaitingHead(r["model"], r["priority"], r["seq"], created[0], r["tasks"], r["images"]))
-    return heads
+    """The front of each model's waiting tasks per priority, with the work behind it, in one statement."""
+    return [WaitingHead(r["model"], r["priority"], r["seq"], r["created_at"], r["tasks"], r["images"])
+            for r in conn.execute(sql("waiting_heads"))]
 
 
 def fail_waiting(conn: sqlite3.Connection, model: str, error: str, now: float | None = None) -> int:

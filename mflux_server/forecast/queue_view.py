@@ -59,6 +59,11 @@ class QueueSnapshot:
             model_prefix.append(model_prefix[-1] + seconds)
         return cls(read.max_seq, read.changes, keys, prefix, cost, now)
 
+    def queued_seconds(self, model: str) -> float:
+        """Predicted engine seconds of every waiting task of a model."""
+        prefix = self.prefix.get(model)
+        return prefix[-1] if prefix else 0.0
+
     def ahead(self, model: str, key: ClaimKey) -> tuple[int, float]:
         """Waiting tasks ahead of a claim key, and their summed engine seconds."""
         keys = self.keys.get(model)
@@ -194,18 +199,19 @@ class Forecaster:
                 pos += 1
                 ahead += prices[shape]
         running_ahead = 0
-        for running in store.running_tasks(conn):
+        running_now = store.running_tasks(conn)
+        for running in running_now:
             if running.model != task.model or running.id == task.id:
                 continue  # the worker may have claimed this very task since its row was read
             running_ahead += 1
             ahead += cost.remaining_gpu_seconds(running, now)
         # Several workers serving this model drain the queue ahead of us in parallel.
         until_start = self.arrivals.until_start(task.model, task.priority, workers, max(ahead, 0.0) / max(workers, 1))
-        switch = self.switch_seconds(conn, task, live, snap, cost, now) if live and not workers else 0.0
+        switch = self.switch_seconds(conn, task, live, running_now, snap, cost, now) if live and not workers else 0.0
         return Estimate(max(pos, 0), running_ahead, until_start + switch + cost.task_seconds(task))
 
-    def switch_seconds(self, conn: sqlite3.Connection, task: Task, live: Sequence[Worker], snap: QueueSnapshot,
-                       cost: CostModel, now: float) -> float:
+    def switch_seconds(self, conn: sqlite3.Connection, task: Task, live: Sequence[Worker], running: Sequence[Task],
+                       snap: QueueSnapshot, cost: CostModel, now: float) -> float:
         """Seconds before a task whose model no serving worker holds can start, beyond its own model's queue.
 
         The worker first finishes its running task and keeps serving its loaded model's queue until this task
@@ -214,17 +220,18 @@ class Forecaster:
         serving = [w for w in live if task.model in w.servable]
         if not serving:
             return 0.0
-        loads = store.load_stats(conn)
-        load = loads.get(task.model)
+        load = store.load_stats(conn).get(task.model)
         load_seconds = load.total / load.n if load else DEFAULT_LOAD_SECONDS
         if any(w.loading == task.model for w in serving):
             return load_seconds / 2  # already loading: about half of it is left, on average
-        best = None
-        for worker in serving:
-            held = worker.model
-            busy = sum(cost.remaining_gpu_seconds(t, now) for t in store.running_tasks(conn) if t.worker_id == worker.id)
-            queued = snap.ahead(held, ClaimKey(-(2**62), 2**62))[1] if held else 0.0
-            bound = max((worker.affinity_wait or 0.0) - (now - task.created_at), 0.0)
-            seconds = busy + min(queued, bound) + load_seconds
-            best = seconds if best is None else min(best, seconds)
-        return best or 0.0
+        waited = now - task.created_at
+
+        def queued(model: str) -> float:  # the snapshot, plus what was submitted since (as for the task's own model)
+            return snap.queued_seconds(model) + sum(map(cost.gpu_seconds, store.waiting_since(conn, model, snap.max_seq)))
+
+        return min(
+            sum(cost.remaining_gpu_seconds(t, now) for t in running if t.worker_id == worker.id)
+            + min(queued(worker.model), max((worker.affinity_wait or 0.0) - waited, 0.0))
+            + load_seconds
+            for worker in serving
+        )

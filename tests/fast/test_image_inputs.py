@@ -179,3 +179,14 @@ def test_a_task_whose_model_is_not_loaded_is_forecast_with_the_switch(client):
     switching = post(client, model="dev", width=256, height=256, steps=4).json
     assert loaded["expected_time_seconds"] < 10
     assert 30 <= switching["expected_time_seconds"] < 30 + 10, "the measured 30 s load is charged once"
+
+
+def test_a_switch_forecast_waits_out_the_loaded_models_queue_up_to_the_affinity_bound(client):
+    conn = client.application.extensions["mflux_connections"].get()
+    store.register_worker(conn, "synthetic", "schnell", None, models=("schnell", "dev"), affinity_wait=100.0)
+    store.record_load(conn, "dev", 30.0)
+    alone = post(client, model="dev", width=256, height=256, steps=4).json["expected_time_seconds"]
+    for _ in range(20):  # about 20 × 13 s of schnell work at 1024², 50 steps: well past the 100 s bound
+        post(client, model="schnell", steps=50)
+    behind = post(client, model="dev", width=256, height=256, steps=4).json["expected_time_seconds"]
+    assert 100 <= behind - alone <= 100 + 15, (alone, behind)

@@ -13,7 +13,7 @@ from tests.conftest import queue_task, reread, status_of
 
 def test_a_worker_keeps_its_model_then_switches_and_measures_the_load(conn, db_path, processes):
     first = [queue_task(conn, model="schnell", width=256, height=256, prompt=f"s{i}") for i in range(3)]
-    other = queue_task(conn, model="dev", width=256, height=256, prompt="d")
+    other = queue_task(conn, model="dev", width=256, height=256, prompt="d", format="PNG")
     later = queue_task(conn, model="schnell", width=256, height=256, prompt="s-late")
     processes.worker("--models", "schnell,dev", "--synthetic-load", "4", "--max-affinity-wait", "60")
     tasks = [*first, other, later]
@@ -24,6 +24,8 @@ def test_a_worker_keeps_its_model_then_switches_and_measures_the_load(conn, db_p
     assert set(loads) == {"schnell", "dev"} and loads["dev"].n == 1 and loads["dev"].last >= 4 / 20
     worker = store.live_workers(conn, 15)[0]
     assert worker.model == "dev" and worker.servable == ("dev", "schnell") and worker.loading is None
+    made_by = Image.open(io.BytesIO(store.fetch_image(conn, other.id, 0).data)).text["Software"]
+    assert "model dev " in made_by, "the image must name the model that made it, not the one loaded first"
 
 
 def test_a_task_for_another_model_waits_no_longer_than_the_bound(conn, db_path, processes):
@@ -47,6 +49,7 @@ def test_a_model_that_fails_to_load_fails_its_tasks_and_the_worker_goes_on(conn,
     for task in bad:
         assert f"model {missing} failed to load" in reread(db_path, task.id).error
         assert "no model folder" in reread(db_path, task.id).error
+    assert store.live_workers(conn, 15)[0].servable == ("schnell",), "the API must stop accepting the broken model"
 
 
 def test_out_of_memory_fails_only_that_task_lowers_the_limit_and_the_worker_recovers(conn, db_path, processes):
@@ -89,5 +92,7 @@ def test_inpaint_over_real_http_keeps_every_unmasked_pixel(processes):
     diff = ImageChops.difference(result.convert("RGB"), source).convert("L")
     assert Image.composite(Image.new("L", source.size, 0), diff, mask).getbbox() is None
     assert Image.composite(diff, Image.new("L", source.size, 0), mask).getbbox() is not None
-    refused = requests.post(f"{url}/api/generate", json={"prompt": "x", "model": "schnell", "mask": "aGVsbG8="}, timeout=5)
+    readable = {name: (part[0], part[1], part[2]) for name, part in files.items()}
+    refused = requests.post(f"{url}/api/generate", data={"prompt": "x", "model": "schnell"}, files=readable, timeout=5)
     assert refused.status_code == 422 and refused.json()["field"] == "mask"
+    assert "model schnell does no inpainting" in refused.json()["message"]

@@ -63,5 +63,4 @@ def make_engine(settings: Settings) -> Engine:
         lora_scales=settings.lora_scales,
         gpu_cache_limit_gib=settings.gpu_cache_limit,
         vae_decode=settings.vae_decode,
-        first_model=served_models(settings)[0],
     )

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import inspect
 import logging
 import os
 import tempfile
@@ -133,7 +135,6 @@ class MfluxEngine:
         gpu_cache_limit_gib: float | None = None,
         vae_decode: str = "auto",
         build: Callable[[type, dict[str, Any]], Any] | None = None,
-        first_model: str | None = None,
     ):
         silence_progress_bars()
         self.model: str | None = None
@@ -145,7 +146,7 @@ class MfluxEngine:
         self.adapter: Adapter | None = None
         self.bridge = StepBridge(self._prompt_arrays)
         self._build = build or (lambda cls, kwargs: cls(**kwargs))  # tests build stand-ins here
-        self._first = first_model or model  # the model --model-path holds the weights of
+        self._first: str | None = None  # the first model loaded: the one --model-path holds the weights of
         if gpu_cache_limit_gib is not None:
             import mlx.core as mx
 
@@ -165,6 +166,7 @@ class MfluxEngine:
             raise ModelLoadFailed(f"unknown model {model!r}; the mflux engine runs: {', '.join(catalog.names())}")
         self._drop()
         family = family_named(resolved.info.family)
+        self._first = self._first or model
         path = self.model_path if model == self._first else None
         if path is None and resolved.served != resolved.info.name:
             path = resolved.served  # a Hugging Face repo or local folder of a pre-quantized model
@@ -182,15 +184,13 @@ class MfluxEngine:
         self.warm_up()
 
     def _construct(self, family: Family, name: str, path: str | None, edit: bool) -> Any:
-        import inspect
-
         from mflux.models.common.config import ModelConfig
 
         cls = family.load_class(edit)
         accepted = inspect.signature(cls.__init__).parameters
         kwargs: dict[str, Any] = {"model_config": ModelConfig.from_name(model_name=name), "quantize": self.quantize,
                                   "model_path": path, "lora_paths": self.lora_paths, "lora_scales": self.lora_scales}
-        instance = self._build(cls, {k: v for k, v in kwargs.items() if k in accepted and (v is not None or k == "quantize")})
+        instance = self._build(cls, {k: v for k, v in kwargs.items() if k in accepted and v is not None})
         instance.callbacks.register(self.bridge)
         return instance
 
@@ -239,8 +239,6 @@ class MfluxEngine:
         return image
 
     def _tiling(self, job: Job) -> Any:
-        import contextlib
-
         assert self.adapter is not None
         model = self.adapter.model
         if self.adapter.family.name not in TILED_DECODE or job.pixels <= TILE_DECODE_ABOVE_PIXELS or \
