@@ -82,6 +82,10 @@ VALUES (:model, :width, :height, :kind, :n, :total, :now)
 ON CONFLICT (model, width, height, kind) DO UPDATE
    SET n = n + excluded.n, total = total + excluded.total, updated_at = excluded.updated_at;
 
+-- name: timing_stat
+-- The running totals of one model, size and kind (outliers are judged against their mean).
+SELECT n, total FROM timing_stats WHERE model = :model AND width = :width AND height = :height AND kind = :kind;
+
 -- name: timing_stats
 -- Every aggregated timing, for fitting the cost model.
 SELECT model, width, height, kind, n, total FROM timing_stats;

@@ -6,6 +6,7 @@ import os
 import re
 import secrets
 import socket
+import statistics
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -277,9 +278,30 @@ def record_timings(conn: sqlite3.Connection, model: str, width: int, height: int
     at = time.time() if now is None else now
     with transaction(conn):
         for timing in timings:
-            if timing.seconds:
-                conn.execute(sql("record_timing"), {"model": model, "width": width, "height": height, "kind": timing.kind,
-                                                    "n": len(timing.seconds), "total": sum(timing.seconds), "now": at})
+            if not timing.seconds:
+                continue
+            key = {"model": model, "width": width, "height": height, "kind": timing.kind}
+            stored = conn.execute(sql("timing_stat"), key).fetchone()
+            seconds = clip_outliers(timing.seconds, (stored[0], stored[1]) if stored else (0, 0.0))
+            conn.execute(sql("record_timing"), key | {"n": len(seconds), "total": sum(seconds), "now": at})
+
+
+# A sample over this many times the typical one is a stall (kernel compilation, swapping, a GC pause), not the
+# cost of the work: it is counted at this bound, so one 43 s first step cannot make every later forecast 1.7× long.
+OUTLIER_FACTOR = 3.0
+MIN_SAMPLES_TO_CLIP = 3
+
+
+def clip_outliers(samples: Sequence[float], stored: tuple[int, float]) -> tuple[float, ...]:
+    """Samples bounded above by OUTLIER_FACTOR × the typical value: the stored mean, or this batch's median."""
+    n, total = stored
+    if n >= MIN_SAMPLES_TO_CLIP:
+        typical = total / n
+    elif len(samples) >= MIN_SAMPLES_TO_CLIP:
+        typical = statistics.median(samples)
+    else:
+        return tuple(samples)
+    return tuple(min(s, OUTLIER_FACTOR * typical) for s in samples)
 
 
 def timing_stats(conn: sqlite3.Connection) -> list[TimingStat]:

@@ -6,9 +6,10 @@ import enum
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cache, partial
 from typing import Protocol
 
+from mflux_server.core import catalog
 from mflux_server.core.rows import Task, TimingStat
 from mflux_server.core.settings import H100_STEP_COST
 from mflux_server.forecast.numerics import (
@@ -134,31 +135,62 @@ def leave_one_out_error(points: list[Point], fitter: Callable[[list[Point]], Coe
     return error
 
 
+def _means(sums: dict[float, tuple[float, int]]) -> dict[float, tuple[float, int]]:
+    """(total seconds, n) per size as (mean, n), leaving out sizes with no samples."""
+    return {mp: (total / n, n) for mp, (total, n) in sums.items() if n > 0}
+
+
+@cache
+def family_of(model: str) -> str:
+    """The catalog family of a served model name (a name, repo or folder); the name itself when unknown."""
+    resolved = catalog.resolve_reference(model)
+    return resolved.info.family if resolved else model
+
+
 @dataclass
 class CostModel:
-    """Per model name, the fitted cost of each kind; predicts task durations."""
+    """Per model name, the fitted cost of each kind, with each family's pooled fit behind it; predicts durations.
+
+    Models of one family share an architecture (schnell, dev and krea-dev; Z-Image and its turbo), so a model
+    never run here is forecast from its siblings' measurements, and a model measured at a few sizes follows the
+    shape its family learned at many: the family's fit is the prior its own measurements scale.
+    """
 
     kinds: dict[str, dict[str, KindModel]]
+    families: dict[str, dict[str, KindModel]]
     measured: bool
 
     @classmethod
     def fit(cls, stats: Iterable[TimingStat]) -> CostModel:
-        """Fit every (model, kind) from aggregated timings; with none, the prior."""
+        """Fit every (family, kind) and (model, kind) from aggregated timings; with none, the prior."""
         grouped: dict[tuple[str, str], dict[float, tuple[float, int]]] = {}
+        pooled: dict[tuple[str, str], dict[float, tuple[float, int]]] = {}
         for stat in stats:
-            grouped.setdefault((stat.model, stat.kind), {})[megapixels(stat.width, stat.height)] = (stat.total / stat.n, stat.n)
+            mp = megapixels(stat.width, stat.height)
+            grouped.setdefault((stat.model, stat.kind), {})[mp] = (stat.total / stat.n, stat.n)
+            sizes = pooled.setdefault((family_of(stat.model), stat.kind), {})
+            total, n = sizes.get(mp, (0.0, 0))
+            sizes[mp] = (total + stat.total, n + stat.n)
+        families = {family: {kind: KindModel.fit(PRIOR[kind], _means(sums))}
+                    for (family, kind), sums in pooled.items()}
         kinds: dict[str, dict[str, KindModel]] = {}
         for (model, kind), samples in grouped.items():
-            kinds.setdefault(model, {})[kind] = KindModel.fit(PRIOR[kind], samples)
-        return cls(kinds=kinds, measured=bool(grouped))
+            # The shape comes from its siblings alone: a slower sibling measured at one size must not bend it.
+            siblings: dict[float, tuple[float, int]] = {}
+            for mp, (total, n) in pooled[(family_of(model), kind)].items():
+                mean, own = samples.get(mp, (0.0, 0))
+                siblings[mp] = (total - mean * own, n - own)
+            shape = KindModel.fit(PRIOR[kind], _means(siblings)).coef or PRIOR[kind]
+            kinds.setdefault(model, {})[kind] = KindModel.fit(shape, samples)
+        return cls(kinds=kinds, families=families, measured=bool(grouped))
 
     def kind(self, model: str, kind: str) -> KindModel:
-        """The fitted cost of one kind, falling back to the prior when this model was never measured."""
-        fitted = self.kinds.get(model, {}).get(kind)
+        """The fitted cost of one kind: the model's own, else its family's, else the prior scaled to this machine."""
+        fitted = self.kinds.get(model, {}).get(kind) or self.families.get(family_of(model), {}).get(kind)
         if fitted is not None:
             return fitted
-        # Another model measured on this machine says more about its speed than the prior does.
-        ratios = [r for m in self.kinds.values() if kind in m and (r := m[kind].ratio) is not None]
+        # Another family measured on this machine says more about its speed than the prior does.
+        ratios = [r for m in self.families.values() if kind in m and (r := m[kind].ratio) is not None]
         ratio = sum(ratios) / len(ratios) if ratios else None
         return KindModel(prior=PRIOR[kind], ratio=ratio)
 

@@ -141,6 +141,52 @@ def test_an_unmeasured_model_borrows_this_machines_speed(conn):
     assert cost.parts("dev", 512, 512)["step"] < prior.parts("dev", 512, 512)["step"] / 5
 
 
+def test_a_model_never_run_is_forecast_from_its_familys_curve_not_other_families(conn):
+    # schnell measured at four sizes on a quadratic curve unlike the prior; qwen-image (another family) much slower.
+    curve = (0.05, 0.3, 0.9)
+    for side in (512, 768, 1024, 1280):
+        mp = megapixels(side, side)
+        record(conn, "schnell", side, side, "step", [curve[0] + curve[1] * mp + curve[2] * mp * mp] * 5)
+    record(conn, "qwen-image", 1024, 1024, "step", [9.0] * 5)
+    cost = CostModel.fit(store.timing_stats(conn))
+    mp = megapixels(896, 896)
+    expected = curve[0] + curve[1] * mp + curve[2] * mp * mp
+    # dev shares schnell's transformer: forecast from schnell's measurements, at an unmeasured size
+    assert cost.parts("dev", 896, 896)["step"] == pytest.approx(expected, rel=0.03)
+    assert cost.parts("filipstrand/FLUX.1-Krea-dev-mflux-4bit", 896, 896)["step"] == pytest.approx(expected, rel=0.03)
+    # a model of a third family with nothing measured borrows the machine's mean speed, not schnell's curve alone
+    assert cost.parts("z-image", 896, 896)["step"] != pytest.approx(expected, rel=0.03)
+
+
+def test_a_model_measured_at_one_size_follows_its_familys_shape(conn):
+    # klein 4B measured at many sizes; 9B (same family, twice as slow) at one size only.
+    for side in (512, 768, 1024, 1280, 1536):
+        mp = megapixels(side, side)
+        record(conn, "flux2-klein-4b", side, side, "step", [0.02 + 0.1 * mp * mp] * 5)
+    record(conn, "flux2-klein-9b", 1024, 1024, "step", [2 * 0.12] * 5)
+    cost = CostModel.fit(store.timing_stats(conn))
+    for side in (512, 1536):
+        mp = megapixels(side, side)
+        assert cost.parts("flux2-klein-9b", side, side)["step"] == pytest.approx(2 * (0.02 + 0.1 * mp * mp), rel=0.03)
+    # and the 9B's own measurement does not move the 4B's forecast
+    assert cost.parts("flux2-klein-4b", 1024, 1024)["step"] == pytest.approx(0.12, rel=0.01)
+
+
+def test_a_stalled_step_counts_at_most_three_times_the_typical_one(conn):
+    # One image's steps on a fresh machine: kernel compilation makes step 1 take 43 s against 0.55 s.
+    record(conn, "schnell", 1024, 1024, "step", [43.0, 0.55, 0.56, 0.54])
+    record(conn, "schnell", 1024, 1024, "step", [0.55] * 4)
+    record(conn, "schnell", 1024, 1024, "step", [30.0])  # a later stall, judged against the stored mean
+    (stat,) = [s for s in store.timing_stats(conn) if s.kind == "step"]
+    mean = stat.total / stat.n
+    assert stat.n == 9
+    assert mean < 0.55 * 1.7  # unclipped, the mean would be 8.4 s
+    assert mean > 0.55  # the stalls still count, bounded
+    # a genuinely slower size is not an outlier: it is a different key
+    record(conn, "schnell", 1536, 1536, "step", [1.4] * 3)
+    assert CostModel.fit(store.timing_stats(conn)).parts("schnell", 1536, 1536)["step"] == pytest.approx(1.4)
+
+
 def test_several_workers_share_the_queue_ahead(conn, db_path):
     forecaster = forecaster_for(db_path, refit_interval=0)
     for _ in range(4):
