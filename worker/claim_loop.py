@@ -7,7 +7,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from PIL import Image
 
@@ -130,7 +130,7 @@ class ClaimLoop:
 
     def __init__(self, settings: Settings, engine: Engine, worker_id: str, conn: sqlite3.Connection,
                  publisher: ProgressPublisher, writer: ResultWriter, stopping: threading.Event,
-                 servable: Sequence[str] = ()):
+                 servable: Sequence[str] = (), limits: Mapping[str, int] | None = None):
         self.settings = settings
         self.engine = engine
         self.worker_id = worker_id
@@ -139,7 +139,8 @@ class ClaimLoop:
         self.writer = writer
         self.stopping = stopping
         self.servable = list(dict.fromkeys(servable or ([engine.model] if engine.model else [])))
-        self.max_pixels = settings.max_pixels
+        # The largest image per model (its memory need; lowered when it runs out of memory), as published.
+        self.limits = dict(limits or {})
 
     def claim(self, now: float | None = None) -> Task | None:
         """Claim the next task this worker should run, per choose_model; None when nothing it serves waits."""
@@ -204,6 +205,10 @@ class ClaimLoop:
             if handoff is not None:
                 self.writer.send(handoff)
 
+    def limit_for(self, model: str) -> int:
+        """The largest image this worker runs with a model."""
+        return min(self.limits.get(model, self.settings.max_pixels), self.settings.max_pixels)
+
     def run_task(self, task: Task, previous: ImageGenerated | None = None) -> ImageGenerated | None:
         """Generate a task's images and send them to the writer; stop early on cancel, shutdown or error.
 
@@ -212,8 +217,8 @@ class ClaimLoop:
         """
         log.info("task %s: %s %d×%d, %d steps, %d image(s), attempt %d", task.id, task.model, task.width, task.height,
                  task.steps, task.count, task.attempts)
-        if task.width * task.height > self.max_pixels:
-            self.writer.send(TaskFailed(task, too_large(task, self.max_pixels, "")))
+        if task.width * task.height > self.limit_for(task.model):
+            self.writer.send(TaskFailed(task, too_large(task, self.limit_for(task.model), "")))
             return previous
         inputs = {role: Image.open(io.BytesIO(stored.data)) for role, stored in store.inputs(self.conn, task.id).items()}
         self.publisher.task_started(task.id)
@@ -240,11 +245,11 @@ class ClaimLoop:
                     self.writer.send(TaskReleased(task))
                     return None
                 except OutOfMemory as exc:
-                    self.max_pixels = min(self.max_pixels, exc.pixels - 1)
-                    log.error("task %s: out of memory at %d pixels; this worker's limit is now %d", task.id,
-                              exc.pixels, self.max_pixels)
-                    store.lower_max_pixels(self.conn, self.worker_id, self.max_pixels)
-                    self.writer.send(TaskFailed(task, too_large(task, self.max_pixels, str(exc))))
+                    self.limits[task.model] = min(self.limit_for(task.model), exc.pixels - 1)
+                    log.error("task %s: out of memory at %d pixels; this worker's limit for %s is now %d", task.id,
+                              exc.pixels, task.model, self.limits[task.model])
+                    store.set_pixel_limits(self.conn, self.worker_id, self.limits)
+                    self.writer.send(TaskFailed(task, too_large(task, self.limits[task.model], str(exc))))
                     self.recover_engine()
                     return None
                 except Exception as exc:  # an engine failure fails this task, not the worker

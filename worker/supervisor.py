@@ -11,6 +11,7 @@ from mflux_server.core import db, store
 from mflux_server.core.settings import Settings
 from mflux_server.worker.claim_loop import ClaimLoop, WorkerBroken
 from mflux_server.worker.engines.base import Engine
+from mflux_server.worker.engines.memory import device_gib, pixel_limits
 from mflux_server.worker.messages import SHUTDOWN
 from mflux_server.worker.publisher import ProgressPublisher, recover
 from mflux_server.worker.result_writer import ResultWriter
@@ -29,16 +30,18 @@ class Supervisor:
         self.engine = engine
         self.conn = db.open_database(settings.db)
         servable = list(servable or [engine.model or settings.model])
+        memory_gib = settings.gpu_memory if settings.gpu_memory is not None or engine.name != "mflux" else device_gib()
+        limits = pixel_limits(servable, memory_gib, engine.quantize, settings.max_pixels)
         self.worker_id = store.register_worker(self.conn, engine.name, engine.model or "", engine.quantize,
                                                models=servable, max_pixels=settings.max_pixels,
-                                               affinity_wait=settings.max_affinity_wait)
+                                               affinity_wait=settings.max_affinity_wait, pixel_limits=limits)
         if load_seconds is not None and engine.model:
             store.record_load(self.conn, engine.model, load_seconds)
         self.stopping = threading.Event()
         self.publisher = ProgressPublisher(settings, self.worker_id)
         self.writer = ResultWriter(self.worker_id)
         self.claim_loop = ClaimLoop(settings, engine, self.worker_id, self.conn, self.publisher, self.writer, self.stopping,
-                                    servable)
+                                    servable, limits)
 
     def run(self) -> int:
         """Recover orphans, then claim and run tasks until asked to stop; returns the exit code."""

@@ -117,7 +117,7 @@ def output_size(body: dict[str, Any], image: InputImage | None) -> tuple[int, in
 
 def pixel_limit(live: list[Worker], served: str) -> int | None:
     """The largest image any live worker serving this model can run, when they say."""
-    limits = [w.max_pixels for w in live if served in w.servable and w.max_pixels]
+    limits = [limit for w in live if served in w.servable and (limit := w.limit_for(served))]
     return max(limits) if limits else None
 
 

@@ -80,7 +80,7 @@ def describe(name: str, info: catalog.ModelInfo, workers: list[Worker], loads: d
         "default_guidance": info.default_guidance,
         "capabilities": info.capabilities.as_dict(),
         "workers": [{"id": w.id, "engine": w.engine, "loaded": w in holding, "loading": w.loading == name,
-                     "quantize": w.quantize, "max_pixels": w.max_pixels} for w in serving],
+                     "quantize": w.quantize, "max_pixels": w.limit_for(name)} for w in serving],
         "served": bool(serving),
         "loaded": bool(holding),
         "quantize": holding[0].quantize if holding else None,

@@ -177,16 +177,17 @@ SELECT model, priority, seq, width, height, steps, count FROM tasks
 -- name: register_worker
 -- Record a worker process under a fresh id, alive as of now.
 INSERT INTO workers (id, hostname, pid, engine, model, quantize, started_at, heartbeat_at, models, max_pixels,
-                     affinity_wait)
-VALUES (:id, :hostname, :pid, :engine, :model, :quantize, :now, :now, :models, :max_pixels, :affinity_wait);
+                     affinity_wait, pixel_limits)
+VALUES (:id, :hostname, :pid, :engine, :model, :quantize, :now, :now, :models, :max_pixels, :affinity_wait,
+        :pixel_limits);
 
 -- name: worker_loading
 -- Say which model a worker is loading (NULL once loaded), which one it holds, and which it may still serve.
 UPDATE workers SET loading = :loading, model = :model, models = :models WHERE id = :id;
 
--- name: worker_max_pixels
--- Lower the largest image a worker says it can run (after it ran out of memory).
-UPDATE workers SET max_pixels = :max_pixels WHERE id = :id;
+-- name: worker_pixel_limits
+-- Publish the largest image a worker runs with each model (lowered after it ran out of memory).
+UPDATE workers SET pixel_limits = :pixel_limits WHERE id = :id;
 
 -- name: record_load
 -- Add one measured load (and warm-up) of a model to its running totals.

@@ -127,6 +127,14 @@ class Worker(FromRow):
     max_pixels: int | None  # the largest image (width × height) it can run, when known
     loading: str | None  # the model it is loading right now
     affinity_wait: float | None  # seconds a task for another model waits before this worker switches for it
+    pixel_limits: str  # comma-separated model=pixels: each model's largest image here, from its memory need
+
+    def limit_for(self, model: str) -> int | None:
+        """The largest image (width × height) this worker runs with a model: its cap, lowered per model."""
+        limits = dict(item.rsplit("=", 1) for item in self.pixel_limits.split(",") if "=" in item)
+        candidates = [int(limits[model])] if model in limits else []
+        candidates += [self.max_pixels] if self.max_pixels else []
+        return min(candidates) if candidates else None
 
     @property
     def servable(self) -> tuple[str, ...]:

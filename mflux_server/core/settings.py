@@ -112,8 +112,11 @@ class Settings:
     max_affinity_wait: float = setting(
         120.0, "seconds a task for another model may wait before the worker switches models for it", "worker",
         _non_negative(float))
-    max_pixels: int = setting(1536 * 1536, "largest image (width × height) this worker runs; lowered after out-of-memory",
-                              "worker", _positive(int))
+    max_pixels: int = setting(1536 * 1536, "largest image (width × height) this worker runs; lowered per model by its "
+                              "memory need and after out-of-memory", "worker", _positive(int))
+    gpu_memory: float | None = setting(
+        None, "GiB of accelerator memory the model may use, which sets each model's largest image from its measured "
+        "need (default: what the device reports; none for the synthetic engine)", "worker", _optional(_positive(float)))
     debug: bool = setting(False, "serve with Flask's development server and debugger (never in production)", "api", _bool)
     http_workers: int = setting(2, "API server processes (gunicorn workers)", "api", _positive(int))
     threads: int = setting(3, "threads per API server process for reads (status, images, docs); submissions have 2 more", "api",

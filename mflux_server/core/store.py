@@ -6,10 +6,10 @@ import os
 import re
 import secrets
 import socket
-import statistics
 import sqlite3
+import statistics
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from functools import lru_cache
 from importlib import resources
@@ -325,7 +325,8 @@ def _model_list(model: str, models: Sequence[str]) -> str:
 
 def register_worker(conn: sqlite3.Connection, engine: str, model: str, quantize: int | None,
                     pid: int | None = None, now: float | None = None, models: Sequence[str] = (),
-                    max_pixels: int | None = None, affinity_wait: float | None = None) -> str:
+                    max_pixels: int | None = None, affinity_wait: float | None = None,
+                    pixel_limits: Mapping[str, int] | None = None) -> str:
     """Record a new worker (this process unless pid is given) with a fresh id, and return the id.
 
     `model` is the model it holds; `models` every model it may switch to.
@@ -335,7 +336,7 @@ def register_worker(conn: sqlite3.Connection, engine: str, model: str, quantize:
     params = {"id": worker_id, "hostname": socket.gethostname(), "pid": pid, "engine": engine, "model": model,
               "quantize": quantize, "now": time.time() if now is None else now,
               "models": _model_list(model, models), "max_pixels": max_pixels,
-              "affinity_wait": affinity_wait}
+              "affinity_wait": affinity_wait, "pixel_limits": _limit_list(pixel_limits or {})}
     with transaction(conn):
         conn.execute(sql("register_worker"), params)
     return worker_id
@@ -349,10 +350,15 @@ def worker_loading(conn: sqlite3.Connection, worker_id: str, model: str, loading
                                              "models": _model_list(model, models)})
 
 
-def lower_max_pixels(conn: sqlite3.Connection, worker_id: str, max_pixels: int) -> None:
-    """Publish a smaller largest-image limit for a worker (it ran out of memory above it)."""
+def _limit_list(limits: Mapping[str, int]) -> str:
+    """The workers.pixel_limits column: model=pixels, comma separated."""
+    return ",".join(f"{model}={pixels}" for model, pixels in limits.items())
+
+
+def set_pixel_limits(conn: sqlite3.Connection, worker_id: str, limits: Mapping[str, int]) -> None:
+    """Publish the largest image a worker runs with each model (lowered after it ran out of memory)."""
     with transaction(conn):
-        conn.execute(sql("worker_max_pixels"), {"id": worker_id, "max_pixels": max_pixels})
+        conn.execute(sql("worker_pixel_limits"), {"id": worker_id, "pixel_limits": _limit_list(limits)})
 
 
 def record_load(conn: sqlite3.Connection, model: str, seconds: float, now: float | None = None) -> None:

@@ -206,3 +206,24 @@ def test_choose_model_loads_the_most_waiting_work_and_respects_priority_and_what
     assert choose_model(heads, None, ["dev", "krea-dev"], 1000.0, 120) == "krea-dev"
     assert choose_model(heads + [_head("dev", 9, 1, priority=1)], "krea-dev", ["dev", "krea-dev"], 1000.0, 120) == "dev"
     assert choose_model([_head("qwen-image", 0, 5)], "dev", ["dev"], 1000.0, 120) is None
+
+
+def test_memory_needs_reproduce_what_the_h100_ran_and_refused():
+    from mflux_server.worker.engines.memory import HEADROOM, need_of, pixel_limits
+
+    h100 = 79.6 * HEADROOM  # an 80 GB card reports 79.6 GiB
+    flux = need_of("schnell")
+    assert flux is not None and need_of("filipstrand/FLUX.1-Krea-dev-mflux-4bit") is flux
+    assert flux.largest_pixels(h100) >= 1920 * 1920  # ran at 62.2 GiB
+    assert flux.largest_pixels(h100) < 2048 * 2048  # out of memory in every configuration
+    qwen = need_of("qwen-image")
+    assert qwen is not None
+    assert qwen.gib(1024 * 1024) == pytest.approx(64.4, abs=0.1)
+    assert qwen.largest_pixels(h100) >= 1536 * 1536  # passes with the tiled decode, at 70.2 GiB
+    assert qwen.largest_pixels(50) == 0  # its weights alone do not fit
+    assert qwen.largest_pixels(60) < 1280 * 1280  # below the tiling threshold the untiled slope applies
+    # quantization shrinks the weights: 8-bit FLUX.1 fits a 48 GiB Mac at sizes bf16 cannot
+    assert flux.largest_pixels(48, quantize=8) > 2 * flux.largest_pixels(48)
+    limits = pixel_limits(["schnell", "qwen-image", "fibo"], 60, None, cap=1536 * 1536)
+    assert limits["schnell"] == limits["fibo"] == 1536 * 1536 and limits["qwen-image"] < 1024 * 1024
+    assert pixel_limits(["qwen-image"], None, None, cap=1024 * 1024) == {"qwen-image": 1024 * 1024}

@@ -22,10 +22,11 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-def serve(client, *models, max_pixels=None):
+def serve(client, *models, max_pixels=None, pixel_limits=None):
     """Register a live worker that may serve these models, as a worker process does."""
     conn = client.application.extensions["mflux_connections"].get()
-    return store.register_worker(conn, "synthetic", models[0], None, models=models, max_pixels=max_pixels)
+    return store.register_worker(conn, "synthetic", models[0], None, models=models, max_pixels=max_pixels,
+                                pixel_limits=pixel_limits)
 
 
 def post(client, **body):
@@ -138,6 +139,17 @@ def test_a_size_above_every_serving_workers_limit_is_refused(client):
     assert refused.status_code == 422 and refused.json["field"] == "width"
     assert "1024×1040 = 1064960 pixels; the workers serving schnell run at most 1048576 pixels" in refused.json["message"]
     assert post(client, width=1024, height=1024).status_code == 200
+
+
+def test_each_model_has_its_own_size_limit_on_a_worker_serving_several(client):
+    serve(client, "schnell", "qwen-image", max_pixels=1536 * 1536, pixel_limits={"qwen-image": 800 * 800})
+    refused = post(client, model="qwen-image", width=1024, height=1024)
+    assert refused.status_code == 422 and refused.json["field"] == "width"
+    assert "the workers serving qwen-image run at most 640000 pixels" in refused.json["message"]
+    assert post(client, model="schnell", width=1024, height=1024).status_code == 200
+    served = {m["name"]: m for m in client.get("/api/models").json["models"]}
+    assert served["qwen-image"]["workers"][0]["max_pixels"] == 800 * 800
+    assert served["schnell"]["workers"][0]["max_pixels"] == 1536 * 1536
 
 
 def test_models_lists_every_catalog_model_with_capabilities_and_who_serves_it(client):

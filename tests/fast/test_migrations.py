@@ -19,7 +19,7 @@ EXPECTED_COLUMNS = {
     "queue_state": {"id", "changes"},
     "timing_stats": {"model", "width", "height", "kind", "n", "total", "updated_at"},
     "workers": {"id", "hostname", "pid", "engine", "model", "quantize", "started_at", "heartbeat_at", "stopped_at",
-                "models", "max_pixels", "loading", "affinity_wait"},
+                "models", "max_pixels", "loading", "affinity_wait", "pixel_limits"},
 }
 
 

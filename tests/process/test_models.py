@@ -61,7 +61,7 @@ def test_out_of_memory_fails_only_that_task_lowers_the_limit_and_the_worker_reco
     assert failed.status == "error"
     assert "1024×1024 (1048576 pixels) is too large for this worker: it ran out of memory" in failed.error
     worker = store.live_workers(conn, 15)[0]
-    assert worker.max_pixels == 1024 * 1024 - 1
+    assert worker.limit_for("schnell") == 1024 * 1024 - 1
     image = store.fetch_image(conn, after[0].id, 0)
     assert Image.open(io.BytesIO(image.data)).size == (256, 256)
     timed = {(s.width, s.kind) for s in store.timing_stats(conn)}
@@ -96,3 +96,16 @@ def test_inpaint_over_real_http_keeps_every_unmasked_pixel(processes):
     refused = requests.post(f"{url}/api/generate", data={"prompt": "x", "model": "schnell"}, files=readable, timeout=5)
     assert refused.status_code == 422 and refused.json()["field"] == "mask"
     assert "model schnell does no inpainting" in refused.json()["message"]
+
+
+def test_the_worker_publishes_each_models_largest_image_from_its_memory_need(conn, db_path, processes):
+    # 60 GiB: FLUX.1 (33 GiB of weights) fits well past the 1536² cap; Qwen-Image (51.5 GiB) only ~830².
+    processes.worker("--models", "schnell,qwen-image,fibo", "--gpu-memory", "60")
+    worker = wait_for(lambda: next(iter(store.live_workers(conn, 15)), None), what="worker registered")
+    assert worker.limit_for("schnell") == 1536 * 1536
+    assert worker.limit_for("fibo") == 1536 * 1536  # no measured need: the cap alone
+    assert 800 * 800 < worker.limit_for("qwen-image") < 840 * 840
+    # A qwen task queued behind the API's back still fails at the worker with the reason, not out of memory.
+    big = queue_task(conn, model="qwen-image", width=1024, height=1024)
+    wait_for(lambda: status_of(db_path, big.id) == "error", what="oversized task refused")
+    assert "is too large for this worker" in reread(db_path, big.id).error
