@@ -6,11 +6,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from bench import api_load, dispatch, duty_cycle, forecast_accuracy, report
+from bench import api_load, dispatch, duty_cycle, forecast_accuracy, model_switching, report
 from bench.report import machine
 from mflux_server.testing import ROOT
 
-NAMES = ("duty", "dispatch", "load", "forecast")
+NAMES = ("duty", "dispatch", "load", "forecast", "switching")
 EXPLANATIONS_FILE = ROOT / "bench" / "explanations.md"
 
 
@@ -50,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
             results += [load, load.extra.pop("memory")]
         elif name == "forecast":
             results.append(forecast_accuracy.run(args.smoke, plot_path=args.out / plot_name))
+        elif name == "switching":
+            results.append(model_switching.run(args.smoke))
         for figure in results[-1].figures:
             print(f"  {figure.label}: {figure.shown()} {('(target ' + figure.target + ')') if figure.target else ''}",
                   file=sys.stderr)

@@ -12,7 +12,8 @@ from collections.abc import Mapping, Sequence
 from PIL import Image
 
 from mflux_server.core import store
-from mflux_server.core.rows import Task, WaitingHead
+from mflux_server.core.rows import Task
+from mflux_server.core.scheduling import choose_model
 from mflux_server.core.settings import Settings
 from mflux_server.worker.engines.base import Engine, EngineFault, Job, ModelLoadFailed, OutOfMemory
 from mflux_server.worker.messages import (
@@ -104,27 +105,6 @@ class WorkerBroken(Exception):
     """The engine could not be recovered after a fault; the process exits so its service manager restarts it."""
 
 
-def choose_model(heads: list[WaitingHead], loaded: str | None, servable: Sequence[str], now: float,
-                 max_affinity_wait: float) -> str | None:
-    """Which model's next task to claim: keep the loaded model while work waits for it, never starving another.
-
-    Only the highest waiting priority counts. A task that has waited longer than max_affinity_wait is served
-    first (oldest first), switching models if need be; otherwise the loaded model's work, otherwise the model
-    with the most waiting images.
-    """
-    candidates = [head for head in heads if head.model in servable]
-    if not candidates:
-        return None
-    top = max(head.priority for head in candidates)
-    candidates = [head for head in candidates if head.priority == top]
-    overdue = [head for head in candidates if now - head.created_at > max_affinity_wait]
-    if overdue:
-        return min(overdue, key=lambda head: head.seq).model
-    if any(head.model == loaded for head in candidates):
-        return loaded
-    return max(candidates, key=lambda head: (head.images, -head.seq)).model
-
-
 class ClaimLoop:
     """Claims tasks in order and generates them one at a time; never holds the GIL while the engine works."""
 
@@ -148,8 +128,9 @@ class ClaimLoop:
             model: str | None = self.engine.model
         else:
             now = time.time() if now is None else now
+            loads = {name: stat.total / stat.n for name, stat in store.load_stats(self.conn).items()}
             model = choose_model(store.waiting_heads(self.conn), self.engine.model, self.servable, now,
-                                 self.settings.max_affinity_wait)
+                                 self.settings.max_affinity_wait, loads)
         if model is None:
             return None
         return store.claim_next(self.conn, self.worker_id, model, self.engine.name)

@@ -142,7 +142,7 @@ SELECT * FROM tasks WHERE status = 'processing' ORDER BY started_at;
 
 -- name: waiting_queue
 -- Every waiting task in claim order, read from the tasks_queue index alone.
-SELECT model, priority, seq, width, height, steps, count FROM tasks
+SELECT model, priority, seq, width, height, steps, count, created_at FROM tasks
  WHERE status = 'waiting'
  ORDER BY priority DESC, seq;
 
@@ -171,7 +171,7 @@ SELECT changes FROM queue_state WHERE id = 1;
 -- name: waiting_since
 -- Waiting tasks newer than a snapshot: a range read on the rowid. The unary + keeps SQLite from
 -- preferring the status index, which would scan every waiting task.
-SELECT model, priority, seq, width, height, steps, count FROM tasks
+SELECT model, priority, seq, width, height, steps, count, created_at FROM tasks
  WHERE seq > :seq AND +status = 'waiting' AND +model = :model;
 
 -- name: register_worker

@@ -198,6 +198,7 @@ class QueueEntry:
     height: int
     steps: int
     count: int
+    created_at: float
 
 
 @dataclass(slots=True)

@@ -11,9 +11,11 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from mflux_server.core import store
-from mflux_server.core.rows import ClaimKey, QueueRead, Status, Task, Worker
+from mflux_server.core.rows import ClaimKey, QueueEntry, QueueRead, Status, Task, Worker
 from mflux_server.forecast.arrivals import ARRIVAL_WINDOW, ArrivalLog
 from mflux_server.forecast.cost_model import CostModel
+from mflux_server.forecast.policy_replay import ModelQueue, start_time
+from mflux_server.forecast.policy_replay import Worker as ReplayWorker
 
 # Seconds to load a model never loaded here yet (about FLUX.1 from a local SSD, warm-up included).
 DEFAULT_LOAD_SECONDS = 15.0
@@ -36,6 +38,7 @@ class QueueSnapshot:
     max_seq: int
     changes: int
     keys: dict[str, list[ClaimKey]]
+    created: dict[str, list[float]]  # when each was submitted (a multi-model worker's policy depends on it)
     prefix: dict[str, list[float]]
     cost: CostModel  # the model the prefix sums were priced with
     built_at: float
@@ -44,6 +47,7 @@ class QueueSnapshot:
     def build(cls, read: QueueRead, cost: CostModel, now: float) -> QueueSnapshot:
         """Sum predicted times in claim order over a queue read (pure: the read comes from store.read_queue)."""
         keys: dict[str, list[ClaimKey]] = {}
+        created: dict[str, list[float]] = {}
         prefix: dict[str, list[float]] = {}
         prices: dict[tuple[str, int, int, int, int], float] = {}
         for entry in read.entries:
@@ -54,10 +58,25 @@ class QueueSnapshot:
             model_keys = keys.get(entry.model)
             if model_keys is None:
                 model_keys, prefix[entry.model] = keys.setdefault(entry.model, []), [0.0]
+                created[entry.model] = []
             model_prefix = prefix[entry.model]
             model_keys.append(ClaimKey(-entry.priority, entry.seq))
+            created[entry.model].append(entry.created_at)
             model_prefix.append(model_prefix[-1] + seconds)
-        return cls(read.max_seq, read.changes, keys, prefix, cost, now)
+        return cls(read.max_seq, read.changes, keys, created, prefix, cost, now)
+
+    def model_queue(self, model: str, front: ClaimKey | None, newer: Sequence[QueueEntry], cost: CostModel) -> ModelQueue:
+        """One model's waiting queue now: the snapshot less what was claimed since (all before `front`, or
+        everything when nothing of it waits), plus what was submitted since, in claim order."""
+        keys, created, prefix = self.keys.get(model, []), self.created.get(model, []), self.prefix.get(model, [0.0])
+        first = len(keys) if front is None else bisect.bisect_left(keys, front)
+        entries = [(keys[i], created[i], prefix[i + 1] - prefix[i]) for i in range(first, len(keys))]
+        if newer:
+            entries = sorted(entries + [(ClaimKey.of(e.priority, e.seq), e.created_at, cost.gpu_seconds(e)) for e in newer])
+        sums = [0.0]
+        for _, _, seconds in entries:
+            sums.append(sums[-1] + seconds)
+        return ModelQueue([key for key, _, _ in entries], [at for _, at, _ in entries], sums)
 
     def queued_seconds(self, model: str) -> float:
         """Predicted engine seconds of every waiting task of a model."""
@@ -200,6 +219,13 @@ class Forecaster:
                 ahead += prices[shape]
         running_ahead = 0
         running_now = store.running_tasks(conn)
+        serving = [w for w in live if task.model in w.servable]
+        if len(serving) == 1 and len(serving[0].servable) > 1:
+            # One worker switching between models: replay its claim policy over every queue it serves.
+            start = self.replayed_start(conn, task, serving[0], running_now, snap, cost, now)
+            running_ahead = sum(1 for t in running_now if t.model == task.model and t.id != task.id)
+            until_start = self.arrivals.until_start(task.model, task.priority, 1, max(start - now, 0.0))
+            return Estimate(max(pos, 0), running_ahead, until_start + cost.task_seconds(task))
         for running in running_now:
             if running.model != task.model or running.id == task.id:
                 continue  # the worker may have claimed this very task since its row was read
@@ -210,18 +236,34 @@ class Forecaster:
         switch = self.switch_seconds(conn, task, live, running_now, snap, cost, now) if live and not workers else 0.0
         return Estimate(max(pos, 0), running_ahead, until_start + switch + cost.task_seconds(task))
 
+    def replayed_start(self, conn: sqlite3.Connection, task: Task, worker: Worker, running: Sequence[Task],
+                       snap: QueueSnapshot, cost: CostModel, now: float) -> float:
+        """When a worker serving several models will start a waiting task, by replaying its claim policy."""
+        loads = {model: stat.total / stat.n for model, stat in store.load_stats(conn).items()}
+        free_at = now + sum(cost.remaining_gpu_seconds(t, now) for t in running if t.worker_id == worker.id)
+        loaded = worker.model or None
+        if worker.loading:
+            loaded = worker.loading
+            free_at += loads.get(worker.loading, DEFAULT_LOAD_SECONDS) / 2  # about half of it is left, on average
+        queues = {model: snap.model_queue(model, store.waiting_front(conn, model, snap.max_seq),
+                                          store.waiting_since(conn, model, snap.max_seq), cost)
+                  for model in worker.servable}
+        replay = ReplayWorker(loaded, free_at, worker.affinity_wait or 0.0, loads, DEFAULT_LOAD_SECONDS)
+        return start_time(queues, task.model, ClaimKey.of(task.priority, task.seq), replay)
+
     def switch_seconds(self, conn: sqlite3.Connection, task: Task, live: Sequence[Worker], running: Sequence[Task],
                        snap: QueueSnapshot, cost: CostModel, now: float) -> float:
         """Seconds before a task whose model no serving worker holds can start, beyond its own model's queue.
 
         The worker first finishes its running task and keeps serving its loaded model's queue until this task
-        has waited its --max-affinity-wait, then loads this task's model (the measured mean load time).
+        has waited its --max-affinity-wait less the load, then loads this task's model (the measured mean load
+        time; for a model never loaded here, the mean of those that were, as the worker assumes).
         """
         serving = [w for w in live if task.model in w.servable]
         if not serving:
             return 0.0
-        load = store.load_stats(conn).get(task.model)
-        load_seconds = load.total / load.n if load else DEFAULT_LOAD_SECONDS
+        loads = {model: stat.total / stat.n for model, stat in store.load_stats(conn).items()}
+        load_seconds = loads.get(task.model, sum(loads.values()) / len(loads) if loads else DEFAULT_LOAD_SECONDS)
         if any(w.loading == task.model for w in serving):
             return load_seconds / 2  # already loading: about half of it is left, on average
         waited = now - task.created_at
@@ -231,7 +273,8 @@ class Forecaster:
 
         return min(
             sum(cost.remaining_gpu_seconds(t, now) for t in running if t.worker_id == worker.id)
-            + min(queued(worker.model), max((worker.affinity_wait or 0.0) - waited, 0.0))
+            # the worker starts the load early by its length, so the task starts within the bound
+            + min(queued(worker.model), max((worker.affinity_wait or 0.0) - load_seconds - waited, 0.0))
             + load_seconds
             for worker in serving
         )

@@ -185,22 +185,36 @@ def _head(model, seq, age, images=1, priority=0, now=1000.0):
 
 
 def test_choose_model_keeps_the_loaded_model_while_its_work_waits():
-    from mflux_server.worker.claim_loop import choose_model
+    from mflux_server.core.scheduling import choose_model
 
     heads = [_head("dev", 1, 50, images=9), _head("schnell", 5, 10)]
     assert choose_model(heads, "schnell", ["schnell", "dev"], 1000.0, 120) == "schnell"
 
 
 def test_choose_model_switches_for_a_task_that_waited_past_the_bound():
-    from mflux_server.worker.claim_loop import choose_model
+    from mflux_server.core.scheduling import choose_model
 
     heads = [_head("dev", 1, 121), _head("schnell", 5, 10)]
     assert choose_model(heads, "schnell", ["schnell", "dev"], 1000.0, 120) == "dev"
     assert choose_model(heads, "schnell", ["schnell", "dev"], 1000.0, 0) == "dev"  # 0: first in, first out
 
 
+def test_a_switch_starts_early_by_the_models_load_time_so_the_task_starts_within_the_bound():
+    from mflux_server.core.scheduling import choose_model
+
+    heads = [_head("dev", 1, 106), _head("schnell", 5, 10)]  # dev's head has waited 106 s of 120
+    assert choose_model(heads, "schnell", ["schnell", "dev"], 1000.0, 120) == "schnell"
+    assert choose_model(heads, "schnell", ["schnell", "dev"], 1000.0, 120, {"dev": 15.0}) == "dev"
+    assert choose_model(heads, "schnell", ["schnell", "dev"], 1000.0, 120, {"dev": 10.0}) == "schnell"
+    # a model never loaded here is expected to load like the others measured here
+    assert choose_model(heads, "schnell", ["schnell", "dev"], 1000.0, 120, {"schnell": 15.0}) == "dev"
+    # a model that loads in 1 s falls due only 1 s early
+    own = [_head("schnell", 1, 106), _head("dev", 5, 10)]
+    assert choose_model(own, "dev", ["schnell", "dev"], 1000.0, 120, {"dev": 15.0, "schnell": 1.0}) == "dev"
+
+
 def test_choose_model_loads_the_most_waiting_work_and_respects_priority_and_what_it_serves():
-    from mflux_server.worker.claim_loop import choose_model
+    from mflux_server.core.scheduling import choose_model
 
     heads = [_head("dev", 1, 5, images=2), _head("krea-dev", 2, 5, images=6), _head("qwen-image", 0, 500, images=50)]
     assert choose_model(heads, None, ["dev", "krea-dev"], 1000.0, 120) == "krea-dev"

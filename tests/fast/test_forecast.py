@@ -328,3 +328,42 @@ def test_the_arrival_load_is_repriced_when_the_model_learns(conn, db_path):
         record(conn, "schnell", 512, 512, kind, [seconds] * 5)
     settled(forecaster, conn, last.id)
     assert forecaster.arrivals.overtaking_load("schnell", 0, 1) == pytest.approx(3 * 4 * 0.01 / MIN_ARRIVAL_SPAN)
+
+
+def _queue(*tasks: tuple[int, float, float]):
+    """A ModelQueue from (seq, created_at, seconds) in claim order, all normal priority."""
+    from mflux_server.core.rows import ClaimKey
+    from mflux_server.forecast.policy_replay import ModelQueue
+
+    prefix = [0.0]
+    for _, _, seconds in tasks:
+        prefix.append(prefix[-1] + seconds)
+    return ModelQueue([ClaimKey.of(0, seq) for seq, _, _ in tasks], [at for _, at, _ in tasks], prefix)
+
+
+def test_the_replay_delays_a_loaded_models_task_by_the_other_models_turn_and_two_loads():
+    from mflux_server.core.rows import ClaimKey
+    from mflux_server.forecast.policy_replay import Worker, start_time
+
+    # schnell loaded, 60 tasks of 3 s; one dev task submitted at 0; bound 120 s, loads 15 s.
+    queues = {"schnell": _queue(*[(i + 2, 1.0, 3.0) for i in range(60)]), "dev": _queue((1, 0.0, 3.0))}
+    worker = Worker("schnell", 0.0, 120.0, {"schnell": 15.0, "dev": 15.0}, 15.0)
+    # dev falls due at 105 s (its load is started early); the schnell task claimed at 105 runs to 108
+    assert start_time(queues, "dev", ClaimKey.of(0, 1), worker) == pytest.approx(108 + 15)
+    # the 40th schnell task: 35 run before the switch + dev's load and task + schnell's load back + 4 more
+    assert start_time(queues, "schnell", ClaimKey.of(0, 41), worker) == pytest.approx(36 * 3 + 15 + 3 + 15 + 3 * 3)
+    # with a bound of 0 (first in, first out) dev goes first, and schnell pays the switch there and back
+    fifo = Worker("schnell", 0.0, 0.0, {"schnell": 15.0, "dev": 15.0}, 15.0)
+    assert start_time(queues, "dev", ClaimKey.of(0, 1), fifo) == pytest.approx(15)
+    assert start_time(queues, "schnell", ClaimKey.of(0, 2), fifo) == pytest.approx(15 + 3 + 15)
+
+
+def test_a_priority_task_of_another_model_is_served_before_the_loaded_models_normal_work():
+    from mflux_server.core.rows import ClaimKey
+    from mflux_server.forecast.policy_replay import ModelQueue, Worker, start_time
+
+    urgent = ModelQueue([ClaimKey.of(1, 50)], [10.0], [0.0, 2.0])
+    queues = {"schnell": _queue(*[(i + 1, 0.0, 3.0) for i in range(10)]), "dev": urgent}
+    worker = Worker("schnell", 5.0, 120.0, {}, 15.0)  # schnell's running task ends at 5 s; no load measured yet
+    assert start_time(queues, "dev", ClaimKey.of(1, 50), worker) == pytest.approx(5 + 15)
+    assert start_time(queues, "schnell", ClaimKey.of(0, 1), worker) == pytest.approx(5 + 15 + 2 + 15)

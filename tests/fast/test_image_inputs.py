@@ -10,6 +10,8 @@ from PIL import Image
 
 from mflux_server.core import store
 from mflux_server.core.rows import Status
+from mflux_server.forecast.cost_model import CostModel
+from tests.conftest import new_task
 
 
 def png(size=(256, 192), colour="red", mode="RGB") -> bytes:
@@ -197,8 +199,13 @@ def test_a_switch_forecast_waits_out_the_loaded_models_queue_up_to_the_affinity_
     conn = client.application.extensions["mflux_connections"].get()
     store.register_worker(conn, "synthetic", "schnell", None, models=("schnell", "dev"), affinity_wait=100.0)
     store.record_load(conn, "dev", 30.0)
-    alone = post(client, model="dev", width=256, height=256, steps=4).json["expected_time_seconds"]
-    for _ in range(20):  # about 20 × 13 s of schnell work at 1024², 50 steps: well past the 100 s bound
+    first = post(client, model="dev", width=256, height=256, steps=4).json
+    alone = first["expected_time_seconds"]
+    store.cancel_or_delete(conn, first["task_id"])
+    for _ in range(20):  # 20 × 28 s of schnell work at 1024², 50 steps (the prior): well past the 100 s bound
         post(client, model="schnell", steps=50)
     behind = post(client, model="dev", width=256, height=256, steps=4).json["expected_time_seconds"]
-    assert 100 <= behind - alone <= 100 + 15, (alone, behind)
+    # The worker starts dev's 30 s load early: it claims schnell tasks until dev has waited 70 s (3 tasks, the
+    # third claimed at 56 s), runs them to their end (84 s), then loads dev.
+    schnell_task = CostModel.fit([]).gpu_seconds(new_task(model="schnell", steps=50, width=1024, height=1024))
+    assert behind - alone == pytest.approx(3 * schnell_task, abs=1.0), (alone, behind)

@@ -1,0 +1,80 @@
+"""Replays a multi-model worker's claim policy over the waiting queue, to forecast when a task starts. Pure."""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from mflux_server.core.rows import ClaimKey, WaitingHead
+from mflux_server.core.scheduling import choose_model, switch_lead
+
+
+@dataclass(frozen=True)
+class ModelQueue:
+    """One model's waiting tasks in claim order: keys, submit times, and prefix sums of predicted engine seconds."""
+
+    keys: list[ClaimKey]
+    created: list[float]
+    prefix: list[float]  # prefix[i]: seconds of the first i tasks; one longer than keys
+
+
+@dataclass(frozen=True)
+class Worker:
+    """What the replay needs of the worker: what it holds, when it is free, its bound and its load times."""
+
+    loaded: str | None
+    free_at: float  # when its running task (or load) ends
+    affinity_wait: float
+    loads: Mapping[str, float]  # measured mean load seconds per model
+    default_load: float  # for a model never loaded on this machine, when none was
+
+
+def start_time(queues: Mapping[str, ModelQueue], model: str, key: ClaimKey, worker: Worker) -> float:
+    """When the worker would claim the task `key` of `model`, if no other task arrived.
+
+    The worker claims per choose_model after every task; between two decisions that can differ, the replay
+    runs whole stretches of one model's queue at once (prefix sums and bisection), so it costs a few steps
+    per model switch, not one per task.
+    """
+    pointers = {name: 0 for name, queue in queues.items() if queue.keys}
+    target = bisect.bisect_left(queues[model].keys, key)
+    servable = list(queues)
+    loaded, now = worker.loaded, worker.free_at
+    for _ in range(sum(len(queue.keys) for queue in queues.values()) + 1):
+        heads = [WaitingHead(name, -queues[name].keys[i].neg_priority, queues[name].keys[i].seq, queues[name].created[i],
+                             len(queues[name].keys) - i, len(queues[name].keys) - i)
+                 for name, i in pointers.items() if i < len(queues[name].keys)]
+        choice = choose_model(heads, loaded, servable, now, worker.affinity_wait, worker.loads)
+        if choice is None:
+            break
+        if choice != loaded:
+            now += load_seconds(choice, worker)
+            loaded = choice
+        start = pointers[choice]
+        if choice == model and start >= target:
+            return now
+        queue = queues[choice]
+        head_priority = queue.keys[start].neg_priority
+        # The stretch ends at the target, at the end of the head's priority tier, or when another model's head of
+        # that tier falls due (its affinity bound less its load); each task claimed by then runs to its end.
+        end = bisect.bisect_right(queue.keys, ClaimKey(head_priority, math.inf))  # type: ignore[arg-type]
+        if choice == model:
+            end = min(end, target)
+        deadlines = [head.created_at + worker.affinity_wait - switch_lead(head.model, loaded, worker.loads)
+                     for head in heads if head.model != choice and -head.priority == head_priority]
+        claimed = end - start
+        if deadlines:
+            due = min(deadlines) - now + queue.prefix[start]
+            claimed = min(claimed, max(bisect.bisect_right(queue.prefix, due, start, end) - start, 1))
+        now += queue.prefix[start + claimed] - queue.prefix[start]
+        pointers[choice] = start + claimed
+    return now
+
+
+def load_seconds(model: str, worker: Worker) -> float:
+    """The expected load of a model: measured, else the mean of those measured here, else the default."""
+    if model in worker.loads:
+        return worker.loads[model]
+    return sum(worker.loads.values()) / len(worker.loads) if worker.loads else worker.default_load
