@@ -25,8 +25,12 @@ LOAD_SECONDS = 15.0
 AFFINITY = 120.0
 NOISE = 0.05
 SHARE = {"schnell": 0.6, "dev": 0.4}
-# Offered load in images per image-time of one model: high enough that a queue persists, with room for switches.
-LOAD = 0.85
+# Offered load in images per image-time of one model. A queue persists (the other model's work waits through
+# each turn), and there is room for switches: at load ρ each turn of both models costs two loads, so a cycle
+# lasts at least 2·15/(1−ρ) s, while the bound lets one model's turn last at most 120 − 2·15 s. At 0.7 that is
+# 100 s of cycle against turns of up to 90 s: feasible. Above about 0.8 no policy can meet both (a cycle of
+# 2·15/0.2 = 150 s holds 0.6·0.8·150 = 72 s of schnell, and dev's first task waits that plus two loads).
+LOAD = 0.7
 
 
 @dataclass
