@@ -128,9 +128,8 @@ class ClaimLoop:
             model: str | None = self.engine.model
         else:
             now = time.time() if now is None else now
-            loads = {name: stat.total / stat.n for name, stat in store.load_stats(self.conn).items()}
             model = choose_model(store.waiting_heads(self.conn), self.engine.model, self.servable, now,
-                                 self.settings.max_affinity_wait, loads)
+                                 self.settings.max_affinity_wait, store.mean_load_seconds(self.conn))
         if model is None:
             return None
         return store.claim_next(self.conn, self.worker_id, model, self.engine.name)

@@ -30,11 +30,13 @@ def choose_model(heads: list[WaitingHead], loaded: str | None, servable: Sequenc
     return max(candidates, key=lambda head: (head.images, -head.seq)).model
 
 
-def switch_lead(model: str, loaded: str | None, load_seconds: Mapping[str, float]) -> float:
-    """Seconds before its affinity bound a task of another model falls due: that model's expected load time
-    (its measured mean, else the mean of the models measured here, else nothing)."""
-    if model == loaded:
-        return 0.0
+def expected_load(model: str, load_seconds: Mapping[str, float], default: float) -> float:
+    """A model's expected load time: its measured mean, else the mean of the models measured here, else default."""
     if model in load_seconds:
         return load_seconds[model]
-    return sum(load_seconds.values()) / len(load_seconds) if load_seconds else 0.0
+    return sum(load_seconds.values()) / len(load_seconds) if load_seconds else default
+
+
+def switch_lead(model: str, loaded: str | None, load_seconds: Mapping[str, float]) -> float:
+    """Seconds before its affinity bound a task of another model falls due: that model's expected load time."""
+    return 0.0 if model == loaded else expected_load(model, load_seconds, 0.0)

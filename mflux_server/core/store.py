@@ -372,6 +372,11 @@ def load_stats(conn: sqlite3.Connection) -> dict[str, LoadStat]:
     return {row["model"]: LoadStat.from_row(row) for row in conn.execute(sql("load_stats"))}
 
 
+def mean_load_seconds(conn: sqlite3.Connection) -> dict[str, float]:
+    """The mean measured load time of each model loaded here."""
+    return {model: stat.total / stat.n for model, stat in load_stats(conn).items()}
+
+
 def waiting_heads(conn: sqlite3.Connection) -> list[WaitingHead]:
     """The front of each model's waiting tasks per priority, with the work behind it, in one statement."""
     return [WaitingHead(r["model"], r["priority"], r["seq"], r["created_at"], r["tasks"], r["images"])

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from mflux_server.core.rows import ClaimKey, WaitingHead
-from mflux_server.core.scheduling import choose_model, switch_lead
+from mflux_server.core.scheduling import choose_model, expected_load, switch_lead
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ def start_time(queues: Mapping[str, ModelQueue], model: str, key: ClaimKey, work
         if choice is None:
             break
         if choice != loaded:
-            now += load_seconds(choice, worker)
+            now += expected_load(choice, worker.loads, worker.default_load)
             loaded = choice
         start = pointers[choice]
         if choice == model and start >= target:
@@ -72,9 +72,3 @@ def start_time(queues: Mapping[str, ModelQueue], model: str, key: ClaimKey, work
         pointers[choice] = start + claimed
     return now
 
-
-def load_seconds(model: str, worker: Worker) -> float:
-    """The expected load of a model: measured, else the mean of those measured here, else the default."""
-    if model in worker.loads:
-        return worker.loads[model]
-    return sum(worker.loads.values()) / len(worker.loads) if worker.loads else worker.default_load

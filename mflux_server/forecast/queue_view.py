@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 from mflux_server.core import store
 from mflux_server.core.rows import ClaimKey, QueueEntry, QueueRead, Status, Task, Worker
+from mflux_server.core.scheduling import expected_load
 from mflux_server.forecast.arrivals import ARRIVAL_WINDOW, ArrivalLog
 from mflux_server.forecast.cost_model import CostModel
 from mflux_server.forecast.policy_replay import ModelQueue, start_time
@@ -239,12 +240,12 @@ class Forecaster:
     def replayed_start(self, conn: sqlite3.Connection, task: Task, worker: Worker, running: Sequence[Task],
                        snap: QueueSnapshot, cost: CostModel, now: float) -> float:
         """When a worker serving several models will start a waiting task, by replaying its claim policy."""
-        loads = {model: stat.total / stat.n for model, stat in store.load_stats(conn).items()}
+        loads = store.mean_load_seconds(conn)
         free_at = now + sum(cost.remaining_gpu_seconds(t, now) for t in running if t.worker_id == worker.id)
         loaded = worker.model or None
         if worker.loading:
             loaded = worker.loading
-            free_at += loads.get(worker.loading, DEFAULT_LOAD_SECONDS) / 2  # about half of it is left, on average
+            free_at += expected_load(worker.loading, loads, DEFAULT_LOAD_SECONDS) / 2  # about half is left, on average
         queues = {model: snap.model_queue(model, store.waiting_front(conn, model, snap.max_seq),
                                           store.waiting_since(conn, model, snap.max_seq), cost)
                   for model in worker.servable}
@@ -262,8 +263,7 @@ class Forecaster:
         serving = [w for w in live if task.model in w.servable]
         if not serving:
             return 0.0
-        loads = {model: stat.total / stat.n for model, stat in store.load_stats(conn).items()}
-        load_seconds = loads.get(task.model, sum(loads.values()) / len(loads) if loads else DEFAULT_LOAD_SECONDS)
+        load_seconds = expected_load(task.model, store.mean_load_seconds(conn), DEFAULT_LOAD_SECONDS)
         if any(w.loading == task.model for w in serving):
             return load_seconds / 2  # already loading: about half of it is left, on average
         waited = now - task.created_at
