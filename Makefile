@@ -55,7 +55,7 @@ lint: install ## check style with ruff and types with mypy (product code)
 	$(BIN)/pip install --quiet "ruff>=0.6" "mypy>=1.11"
 	$(BIN)/ruff check --isolated --line-length 130 --select E,F,W,I,UP,B \
 		--config "lint.isort.known-first-party=['mflux_server','bench','tests']" mflux_server worker tests bench
-	rm -rf build/typecheck && $(BIN)/pip install --quiet --no-deps --no-build-isolation --target build/typecheck .
+	rm -rf build/typecheck build/lib && $(BIN)/pip install --quiet --no-deps --no-build-isolation --target build/typecheck .
 	cd build/typecheck && $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/setup.cfg -p mflux_server
 
 bench: install ## run the benchmarks and write docs/benchmarks.md

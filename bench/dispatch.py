@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
-import tempfile
 import time
-from pathlib import Path
 
 import psutil
 import requests
@@ -13,7 +11,7 @@ import requests
 from bench.results import Result, median, percentile
 from mflux_server.core import db, store
 from mflux_server.core.rows import Status
-from mflux_server.testing import Processes, wait_for
+from mflux_server.testing import fresh_queue, wait_for
 
 
 def started_at(conn: sqlite3.Connection, task_id: str) -> float | None:
@@ -32,11 +30,8 @@ def run(smoke: bool = False) -> Result:
     """Submit tasks one at a time over HTTP to an idle worker; then watch the idle worker's CPU."""
     samples, idle_seconds = (5, 1.0) if smoke else (200, 20.0)
     result = Result("Dispatch latency", f"make bench ARGS='--only dispatch'  ({samples} submits, {idle_seconds:.0f} s idle)")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = str(Path(tmp) / "queue.db")
-        db.open_database(path).close()
-        procs = Processes(Path(tmp), path)
-        conn = db.connect(path)
+    with fresh_queue() as procs:
+        conn = db.connect(procs.db_path)
         try:
             url = procs.server()
             # the production heartbeat and staleness (the harness's defaults are sped up for the tests)
@@ -59,7 +54,6 @@ def run(smoke: bool = False) -> Result:
             after = process.cpu_times()
         finally:
             conn.close()
-            procs.stop_all()
     idle_cpu = 100 * ((after.user - before.user) + (after.system - before.system)) / idle_seconds
     p50, p99 = median(latencies), percentile(latencies, 99)
     result.add("submit → processing, p50", p50, "ms", "≤ 20 ms", p50 <= 20)

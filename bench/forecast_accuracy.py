@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -14,7 +13,7 @@ import requests
 from bench.results import Result
 from mflux_server.core import db, store
 from mflux_server.core.rows import Status
-from mflux_server.testing import Processes
+from mflux_server.testing import fresh_queue
 
 # The machine the trace runs on, in model seconds: per-step time grows faster than linearly with pixels.
 # Deliberately not the server's prior, so the forecast has to learn it.
@@ -145,72 +144,66 @@ def run(smoke: bool = False, plot_path: Path | None = None) -> Result:
                                          f"time-scaled ÷{speed:g})")
     submitted: list[Submitted] = []
     lock = threading.Lock()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = str(Path(tmp) / "queue.db")
-        db.open_database(path).close()
-        procs = Processes(Path(tmp), path)
-        try:
-            url = procs.server()
-            procs.worker("--synthetic-step", ",".join(map(str, STEP)), "--synthetic-fixed", ",".join(map(str, FIXED)),
-                         "--synthetic-noise", str(NOISE), speed=speed)
-            stop = threading.Event()
+    with fresh_queue() as procs:
+        url = procs.server()
+        procs.worker("--synthetic-step", ",".join(map(str, STEP)), "--synthetic-fixed", ",".join(map(str, FIXED)),
+                     "--synthetic-noise", str(NOISE), speed=speed)
+        stop = threading.Event()
 
-            def sample() -> None:
-                session = requests.Session()
-                picks = random.Random(7)  # its own generator, so the arrival trace stays the same run to run
-                while not stop.is_set():
-                    with lock:
-                        candidates = [t for t in submitted[:n] if not getattr(t, "done", False)]
-                    for t in picks.sample(candidates, min(4, len(candidates))):
-                        sent = time.time()
-                        try:
-                            body = session.get(url + "/api/status", params={"task_id": t.task_id}).json()
-                        except requests.ConnectionError:  # a kept-alive connection closed under us: next round
-                            continue
-                        if body["status"] in ("waiting", "processing"):
-                            # The forecast was made somewhere between sending and receiving: take the midpoint,
-                            # or a task about to finish would be charged the request's own latency.
-                            t.samples.append(((sent + time.time()) / 2, body["wait_remaining"], body["status"]))
-                        else:
-                            t.done = True  # type: ignore[attr-defined]
-                    stop.wait(0.05)
-
-            sampler = threading.Thread(target=sample, daemon=True)
-            sampler.start()
-            conn = db.connect(path)
-            clock = time.monotonic()
-            index = 0
-
-            def counted_done() -> bool:
-                ids = {t.task_id for t in submitted[:n]}
-                done = {t.id for t in store.list_tasks(conn, Status.DONE, len(submitted) + 1, 0)[0]}
-                return len(ids) == n and ids <= done
-
-            # Arrivals go on past the trace (the cool-down, not counted) until every counted task is done:
-            # if they stopped, the last tasks would never be overtaken, penalising forecasts that expect it.
-            deadline = time.monotonic() + n * mean_service * 3 + 60
-            while index < n or not counted_done():
-                if time.monotonic() > deadline:
-                    raise AssertionError("the forecast trace did not finish in time")
-                task = trace[index] if index < n else make_trace(1, rnd)[0] | {"seed": index}
-                clock += rnd.expovariate(LOAD / mean_service)
-                time.sleep(max(clock - time.monotonic(), 0))
-                sent = time.time()
-                # A new connection per submission: arrivals are often more than gunicorn's 2 s keep-alive
-                # apart, and a POST racing the server's close of an idle connection fails (seen once).
-                body = requests.post(url + "/api/generate", json=task, timeout=30).json()
+        def sample() -> None:
+            session = requests.Session()
+            picks = random.Random(7)  # its own generator, so the arrival trace stays the same run to run
+            while not stop.is_set():
                 with lock:
-                    submitted.append(Submitted(index, body["task_id"], task["priority"], task["width"] * task["height"],
-                                               task["count"], sent, body["expected_time_seconds"]))
-                index += 1
-            stop.set()
-            sampler.join()
-            every = store.list_tasks(conn, None, len(submitted) + 1, 0)[0]
-            rows = {t.id: {"seq": t.seq, "priority": t.priority, "started_at": t.started_at, "finished_at": t.finished_at}
-                    for t in every}
-            conn.close()
-        finally:
-            procs.stop_all()
+                    candidates = [t for t in submitted[:n] if not getattr(t, "done", False)]
+                for t in picks.sample(candidates, min(4, len(candidates))):
+                    sent = time.time()
+                    try:
+                        body = session.get(url + "/api/status", params={"task_id": t.task_id}).json()
+                    except requests.ConnectionError:  # a kept-alive connection closed under us: next round
+                        continue
+                    if body["status"] in ("waiting", "processing"):
+                        # The forecast was made somewhere between sending and receiving: take the midpoint,
+                        # or a task about to finish would be charged the request's own latency.
+                        t.samples.append(((sent + time.time()) / 2, body["wait_remaining"], body["status"]))
+                    else:
+                        t.done = True  # type: ignore[attr-defined]
+                stop.wait(0.05)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        conn = db.connect(procs.db_path)
+        clock = time.monotonic()
+        index = 0
+
+        def counted_done() -> bool:
+            ids = {t.task_id for t in submitted[:n]}
+            done = {t.id for t in store.list_tasks(conn, Status.DONE, len(submitted) + 1, 0)[0]}
+            return len(ids) == n and ids <= done
+
+        # Arrivals go on past the trace (the cool-down, not counted) until every counted task is done:
+        # if they stopped, the last tasks would never be overtaken, penalising forecasts that expect it.
+        deadline = time.monotonic() + n * mean_service * 3 + 60
+        while index < n or not counted_done():
+            if time.monotonic() > deadline:
+                raise AssertionError("the forecast trace did not finish in time")
+            task = trace[index] if index < n else make_trace(1, rnd)[0] | {"seed": index}
+            clock += rnd.expovariate(LOAD / mean_service)
+            time.sleep(max(clock - time.monotonic(), 0))
+            sent = time.time()
+            # A new connection per submission: arrivals are often more than gunicorn's 2 s keep-alive
+            # apart, and a POST racing the server's close of an idle connection fails (seen once).
+            body = requests.post(url + "/api/generate", json=task, timeout=30).json()
+            with lock:
+                submitted.append(Submitted(index, body["task_id"], task["priority"], task["width"] * task["height"],
+                                           task["count"], sent, body["expected_time_seconds"]))
+            index += 1
+        stop.set()
+        sampler.join()
+        every = store.list_tasks(conn, None, len(submitted) + 1, 0)[0]
+        rows = {t.id: {"seq": t.seq, "priority": t.priority, "started_at": t.started_at, "finished_at": t.finished_at}
+                for t in every}
+        conn.close()
     inf = float("inf")
     for row in rows.values():  # cool-down tasks still queued or running when the run stopped
         row["started_at"] = row["started_at"] or inf

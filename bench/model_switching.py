@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import random
-import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import requests
 
 from bench.forecast_accuracy import mape
 from bench.results import Result, percentile
 from mflux_server.core import db, store
-from mflux_server.testing import Processes, wait_for
+from mflux_server.testing import fresh_queue, wait_for
 
 # In model seconds: each image 4 steps of 0.7 s plus 0.2 s around the loop (3 s), a model load 15 s, the
 # default --max-affinity-wait 120 s. The trace runs SPEED times faster; every figure is quoted in model seconds.
@@ -60,37 +58,31 @@ def make_trace(n: int, rnd: random.Random) -> list[tuple[float, str]]:
 
 def replay(label: str, trace: list[tuple[float, str]], speed: float, affinity: float, models: str) -> Run:
     """Submit the trace over HTTP to a real API and one synthetic worker; read back when each task started."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = str(Path(tmp) / "queue.db")
-        db.open_database(path).close()
-        procs = Processes(Path(tmp), path)
-        try:
-            url = procs.server()
-            procs.worker("--models", models, "--max-affinity-wait", str(affinity / speed),
-                         "--synthetic-load", str(LOAD_SECONDS), "--synthetic-step", f"{STEP_SECONDS},0,0",
-                         "--synthetic-fixed", ",".join(map(str, FIXED)), "--synthetic-noise", str(NOISE), speed=speed)
-            session = requests.Session()
-            submitted: list[tuple[str, str, float, float]] = []  # (task id, model, submit time, expected)
-            start = time.monotonic()
-            for offset, model in trace:
-                time.sleep(max(start + offset / speed - time.monotonic(), 0))
-                sent = time.time()
-                body = session.post(url + "/api/generate", json={
-                    "prompt": f"{label} {len(submitted)}", "model": model if "," in models else models,
-                    "width": 1024, "height": 1024, "steps": STEPS, "format": "JPEG"}, timeout=30).json()
-                submitted.append((body["task_id"], model, sent, body["expected_time_seconds"]))
-            conn = db.connect(path)
-            ids = [task_id for task_id, *_ in submitted]
+    with fresh_queue() as procs:
+        url = procs.server()
+        procs.worker("--models", models, "--max-affinity-wait", str(affinity / speed),
+                     "--synthetic-load", str(LOAD_SECONDS), "--synthetic-step", f"{STEP_SECONDS},0,0",
+                     "--synthetic-fixed", ",".join(map(str, FIXED)), "--synthetic-noise", str(NOISE), speed=speed)
+        session = requests.Session()
+        submitted: list[tuple[str, str, float, float]] = []  # (task id, model, submit time, expected)
+        start = time.monotonic()
+        for offset, model in trace:
+            time.sleep(max(start + offset / speed - time.monotonic(), 0))
+            sent = time.time()
+            body = session.post(url + "/api/generate", json={
+                "prompt": f"{label} {len(submitted)}", "model": model if "," in models else models,
+                "width": 1024, "height": 1024, "steps": STEPS, "format": "JPEG"}, timeout=30).json()
+            submitted.append((body["task_id"], model, sent, body["expected_time_seconds"]))
+        conn = db.connect(procs.db_path)
+        ids = [task_id for task_id, *_ in submitted]
 
-            def all_done() -> bool:
-                return all((t := store.get(conn, i)) is not None and t.finished_at for i in ids)
+        def all_done() -> bool:
+            return all((t := store.get(conn, i)) is not None and t.finished_at for i in ids)
 
-            wait_for(all_done, timeout=len(trace) * 40 * IMAGE_SECONDS / speed + 60, interval=0.2, what=f"{label} trace")
-            rows = {i: store.get(conn, i) for i in ids}
-            switches = sum(1 for line in procs.log(procs.procs[-1]).splitlines() if "switching model" in line)
-            conn.close()
-        finally:
-            procs.stop_all()
+        wait_for(all_done, timeout=len(trace) * 40 * IMAGE_SECONDS / speed + 60, interval=0.2, what=f"{label} trace")
+        rows = {i: store.get(conn, i) for i in ids}
+        switches = sum(1 for line in procs.log(procs.procs[-1]).splitlines() if "switching model" in line)
+        conn.close()
     waits: dict[str, list[float]] = {}
     forecasts = []
     for task_id, model, sent, expected in submitted:

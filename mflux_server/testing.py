@@ -7,8 +7,10 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
@@ -110,3 +112,16 @@ class Processes:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+@contextmanager
+def fresh_queue() -> Iterator[Processes]:
+    """A new queue file in a temporary folder and Processes on it; every process is stopped on the way out."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = str(Path(tmp) / "queue.db")
+        db.open_database(path).close()
+        procs = Processes(Path(tmp), path)
+        try:
+            yield procs
+        finally:
+            procs.stop_all()

@@ -187,7 +187,7 @@ class ClaimLoop:
 
     def limit_for(self, model: str) -> int:
         """The largest image this worker runs with a model."""
-        return min(self.limits.get(model, self.settings.max_pixels), self.settings.max_pixels)
+        return self.limits.get(model, self.settings.max_pixels)  # published limits are already within the cap
 
     def run_task(self, task: Task, previous: ImageGenerated | None = None) -> ImageGenerated | None:
         """Generate a task's images and send them to the writer; stop early on cancel, shutdown or error.

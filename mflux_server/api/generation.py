@@ -117,7 +117,7 @@ def output_size(body: dict[str, Any], image: InputImage | None) -> tuple[int, in
 
 def pixel_limit(live: list[Worker], served: str) -> int | None:
     """The largest image any live worker serving this model can run, when they say."""
-    limits = [limit for w in live if served in w.servable and (limit := w.limit_for(served))]
+    limits = [limit for w in live if served in w.servable and (limit := w.limit_for(served)) is not None]
     return max(limits) if limits else None
 
 

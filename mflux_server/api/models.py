@@ -36,7 +36,8 @@ class ServingWorker(ma.Schema):
     loaded = fields.Boolean(metadata={"description": "the model is in this worker's memory now"})
     loading = fields.Boolean(metadata={"description": "the worker is loading it now"})
     quantize = fields.Integer(allow_none=True, metadata={"description": "bits, when loaded quantized"})
-    max_pixels = fields.Integer(allow_none=True, metadata={"description": "largest width × height it runs"})
+    max_pixels = fields.Integer(allow_none=True, metadata={
+        "description": "largest width × height it runs with this model (its memory need, lowered after out-of-memory)"})
 
 
 class ModelSchema(ma.Schema):

@@ -171,8 +171,9 @@ class CostModel:
             sizes = pooled.setdefault((family_of(stat.model), stat.kind), {})
             total, n = sizes.get(mp, (0.0, 0))
             sizes[mp] = (total + stat.total, n + stat.n)
-        families = {family: {kind: KindModel.fit(PRIOR[kind], _means(sums))}
-                    for (family, kind), sums in pooled.items()}
+        families: dict[str, dict[str, KindModel]] = {}
+        for (family, kind), sums in pooled.items():
+            families.setdefault(family, {})[kind] = KindModel.fit(PRIOR[kind], _means(sums))
         kinds: dict[str, dict[str, KindModel]] = {}
         for (model, kind), samples in grouped.items():
             # The shape comes from its siblings alone: a slower sibling measured at one size must not bend it.

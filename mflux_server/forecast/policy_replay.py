@@ -18,6 +18,7 @@ class ModelQueue:
     keys: list[ClaimKey]
     created: list[float]
     prefix: list[float]  # prefix[i]: seconds of the first i tasks; one longer than keys
+    first: int = 0  # tasks before this one have left the queue (claimed since the snapshot the lists come from)
 
 
 @dataclass(frozen=True)
@@ -38,11 +39,11 @@ def start_time(queues: Mapping[str, ModelQueue], model: str, key: ClaimKey, work
     runs whole stretches of one model's queue at once (prefix sums and bisection), so it costs a few steps
     per model switch, not one per task.
     """
-    pointers = {name: 0 for name, queue in queues.items() if queue.keys}
-    target = bisect.bisect_left(queues[model].keys, key)
+    pointers = {name: queue.first for name, queue in queues.items() if len(queue.keys) > queue.first}
+    target = bisect.bisect_left(queues[model].keys, key, queues[model].first)
     servable = list(queues)
     loaded, now = worker.loaded, worker.free_at
-    for _ in range(sum(len(queue.keys) for queue in queues.values()) + 1):
+    for _ in range(sum(len(queue.keys) - queue.first for queue in queues.values()) + 1):
         heads = [WaitingHead(name, -queues[name].keys[i].neg_priority, queues[name].keys[i].seq, queues[name].created[i],
                              len(queues[name].keys) - i, len(queues[name].keys) - i)
                  for name, i in pointers.items() if i < len(queues[name].keys)]

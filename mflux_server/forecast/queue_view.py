@@ -71,9 +71,10 @@ class QueueSnapshot:
         everything when nothing of it waits), plus what was submitted since, in claim order."""
         keys, created, prefix = self.keys.get(model, []), self.created.get(model, []), self.prefix.get(model, [0.0])
         first = len(keys) if front is None else bisect.bisect_left(keys, front)
+        if not newer:  # the common case, and no copy: the replay starts at `first`
+            return ModelQueue(keys, created, prefix, first)
         entries = [(keys[i], created[i], prefix[i + 1] - prefix[i]) for i in range(first, len(keys))]
-        if newer:
-            entries = sorted(entries + [(ClaimKey.of(e.priority, e.seq), e.created_at, cost.gpu_seconds(e)) for e in newer])
+        entries = sorted(entries + [(ClaimKey.of(e.priority, e.seq), e.created_at, cost.gpu_seconds(e)) for e in newer])
         sums = [0.0]
         for _, _, seconds in entries:
             sums.append(sums[-1] + seconds)
@@ -197,6 +198,10 @@ class Forecaster:
             return Estimate(0, 0, 0.0)
         key = ClaimKey.of(task.priority, task.seq)
         snap = self.snapshot(conn, cost, now)
+        serving = [w for w in live if task.model in w.servable]
+        if len(serving) == 1 and len(serving[0].servable) > 1:
+            # One worker switching between models: replay its claim policy over every queue it serves.
+            return self.replayed_estimate(conn, task, serving[0], snap, cost, now)
         # The worker claims in claim order, so every task of the snapshot ahead of the first one still waiting
         # has left the queue since: skipping them keeps a snapshot exact between rebuilds.
         front = store.waiting_front(conn, task.model, snap.max_seq)
@@ -220,13 +225,6 @@ class Forecaster:
                 ahead += prices[shape]
         running_ahead = 0
         running_now = store.running_tasks(conn)
-        serving = [w for w in live if task.model in w.servable]
-        if len(serving) == 1 and len(serving[0].servable) > 1:
-            # One worker switching between models: replay its claim policy over every queue it serves.
-            start = self.replayed_start(conn, task, serving[0], running_now, snap, cost, now)
-            running_ahead = sum(1 for t in running_now if t.model == task.model and t.id != task.id)
-            until_start = self.arrivals.until_start(task.model, task.priority, 1, max(start - now, 0.0))
-            return Estimate(max(pos, 0), running_ahead, until_start + cost.task_seconds(task))
         for running in running_now:
             if running.model != task.model or running.id == task.id:
                 continue  # the worker may have claimed this very task since its row was read
@@ -237,20 +235,30 @@ class Forecaster:
         switch = self.switch_seconds(conn, task, live, running_now, snap, cost, now) if live and not workers else 0.0
         return Estimate(max(pos, 0), running_ahead, until_start + switch + cost.task_seconds(task))
 
-    def replayed_start(self, conn: sqlite3.Connection, task: Task, worker: Worker, running: Sequence[Task],
-                       snap: QueueSnapshot, cost: CostModel, now: float) -> float:
-        """When a worker serving several models will start a waiting task, by replaying its claim policy."""
+    def replayed_estimate(self, conn: sqlite3.Connection, task: Task, worker: Worker, snap: QueueSnapshot,
+                          cost: CostModel, now: float) -> Estimate:
+        """Where a waiting task stands with a worker serving several models, by replaying its claim policy."""
+        queues = {}
+        for model in worker.servable:
+            newer = store.waiting_since(conn, model, snap.max_seq)
+            if len(newer) > MAX_UNSNAPSHOTTED:
+                self._rebuild_soon(cost)
+            queues[model] = snap.model_queue(model, store.waiting_front(conn, model, snap.max_seq), newer, cost)
+        own = queues[task.model]
+        key = ClaimKey.of(task.priority, task.seq)
+        running = store.running_tasks(conn)
         loads = store.mean_load_seconds(conn)
         free_at = now + sum(cost.remaining_gpu_seconds(t, now) for t in running if t.worker_id == worker.id)
         loaded = worker.model or None
         if worker.loading:
             loaded = worker.loading
             free_at += expected_load(worker.loading, loads, DEFAULT_LOAD_SECONDS) / 2  # about half is left, on average
-        queues = {model: snap.model_queue(model, store.waiting_front(conn, model, snap.max_seq),
-                                          store.waiting_since(conn, model, snap.max_seq), cost)
-                  for model in worker.servable}
         replay = ReplayWorker(loaded, free_at, worker.affinity_wait or 0.0, loads, DEFAULT_LOAD_SECONDS)
-        return start_time(queues, task.model, ClaimKey.of(task.priority, task.seq), replay)
+        start = start_time(queues, task.model, key, replay)
+        until_start = self.arrivals.until_start(task.model, task.priority, 1, max(start - now, 0.0))
+        running_ahead = sum(1 for t in running if t.model == task.model and t.id != task.id)
+        return Estimate(bisect.bisect_left(own.keys, key, own.first) - own.first, running_ahead,
+                        until_start + cost.task_seconds(task))
 
     def switch_seconds(self, conn: sqlite3.Connection, task: Task, live: Sequence[Worker], running: Sequence[Task],
                        snap: QueueSnapshot, cost: CostModel, now: float) -> float:

@@ -147,6 +147,7 @@ def test_a_model_never_run_is_forecast_from_its_familys_curve_not_other_families
     for side in (512, 768, 1024, 1280):
         mp = megapixels(side, side)
         record(conn, "schnell", side, side, "step", [curve[0] + curve[1] * mp + curve[2] * mp * mp] * 5)
+        record(conn, "schnell", side, side, "after", [0.01 * side] * 5)  # the decode, a second kind
     record(conn, "qwen-image", 1024, 1024, "step", [9.0] * 5)
     cost = CostModel.fit(store.timing_stats(conn))
     mp = megapixels(896, 896)
@@ -154,6 +155,8 @@ def test_a_model_never_run_is_forecast_from_its_familys_curve_not_other_families
     # dev shares schnell's transformer: forecast from schnell's measurements, at an unmeasured size
     assert cost.parts("dev", 896, 896)["step"] == pytest.approx(expected, rel=0.03)
     assert cost.parts("filipstrand/FLUX.1-Krea-dev-mflux-4bit", 896, 896)["step"] == pytest.approx(expected, rel=0.03)
+    # every kind is learned per family, the decode too
+    assert cost.parts("dev", 1024, 1024)["after"] == pytest.approx(10.24, rel=0.01)
     # a model of a third family with nothing measured borrows the machine's mean speed, not schnell's curve alone
     assert cost.parts("z-image", 896, 896)["step"] != pytest.approx(expected, rel=0.03)
 

@@ -154,6 +154,13 @@ def test_each_model_has_its_own_size_limit_on_a_worker_serving_several(client):
     assert served["schnell"]["workers"][0]["max_pixels"] == 1536 * 1536
 
 
+def test_a_model_whose_weights_do_not_fit_any_serving_worker_is_refused_at_submit(client):
+    serve(client, "schnell", "qwen-image", max_pixels=1536 * 1536, pixel_limits={"qwen-image": 0})
+    refused = post(client, model="qwen-image", width=256, height=256)
+    assert refused.status_code == 422 and refused.json["field"] == "width"
+    assert "run at most 0 pixels" in refused.json["message"]
+
+
 def test_models_lists_every_catalog_model_with_capabilities_and_who_serves_it(client):
     worker = serve(client, "schnell", "dev", "filipstrand/FLUX.1-Krea-dev-mflux-4bit")
     conn = client.application.extensions["mflux_connections"].get()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -45,8 +46,11 @@ def test_no_generic_worker_package_is_importable():
 
 
 def test_the_wheel_installs_one_namespace_with_its_sql(tmp_path: Path):
+    # Built from a copy without build outputs: setuptools reuses build/lib, which keeps files since renamed or removed.
+    source = tmp_path / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns("build", ".venv", ".git", "*.egg-info", "__pycache__"))
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(source)],
         check=True, capture_output=True,
     )
     wheel = next(tmp_path.glob("mflux_server-*.whl"))
