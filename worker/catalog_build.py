@@ -14,12 +14,16 @@ from pathlib import Path
 from typing import Any
 
 from mflux_server.core.catalog import CATALOG_FILE
+from mflux_server.core.rows import REFERENCE_ROLES
 from mflux_server.worker.engines.families import FAMILIES, Family
 
 # Inputs an image-to-image class takes; a family that takes both (and does not edit) does image-to-image.
 _INIT_PARAMETERS = {"image_path", "image_strength"}
 _MASK_PARAMETERS = {"masked_image_path", "mask_path"}
 _REFERENCE_PARAMETERS = {"image_path", "image_paths"}
+# A class that takes a list of references (image_paths) edits from several; mflux sets no limit, so the
+# server does (each is a full image in the request body and on the GPU): 'image' plus the further roles.
+MAX_REFERENCES = 1 + len(REFERENCE_ROLES)
 
 
 def capabilities(family: Family, supports_guidance: bool | None) -> dict[str, bool]:
@@ -40,6 +44,15 @@ def capabilities(family: Family, supports_guidance: bool | None) -> dict[str, bo
         # mflux marks models that ignore guidance (schnell, the turbo distillations) supports_guidance=False.
         "guidance": "guidance" in main and supports_guidance is not False,
     }
+
+
+def max_reference_images(family: Family) -> int:
+    """How many reference images an edit takes: several where mflux takes a list (image_paths), else one or none."""
+    for edit in (False, True) if family.edit_class else (False,):
+        accepted = family.generate_parameters(edit=edit)
+        if (edit or family.image_role == "edit") and _REFERENCE_PARAMETERS & accepted.keys():
+            return MAX_REFERENCES if "image_paths" in accepted else 1
+    return 0
 
 
 def default_guidance(family: Family) -> float | None:
@@ -75,6 +88,7 @@ def build() -> dict[str, Any]:
             "default_steps": defaults.MODEL_INFERENCE_STEPS.get(key, defaults.DEFAULT_INFERENCE_STEPS),
             "default_guidance": default_guidance(family),
             "capabilities": capabilities(family, config.supports_guidance),
+            "max_reference_images": max_reference_images(family),
         })
     return {
         "generated_by": "python -m mflux_server.worker.catalog_build",

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from PIL import Image
 
 from mflux_server.core import store
-from mflux_server.core.rows import Task
+from mflux_server.core.rows import REFERENCE_ROLES, Task
 from mflux_server.core.scheduling import choose_model
 from mflux_server.core.settings import Settings
 from mflux_server.worker.engines.base import Engine, EngineFault, Job, ModelLoadFailed, OutOfMemory
@@ -201,12 +201,13 @@ class ClaimLoop:
             self.writer.send(TaskFailed(task, too_large(task, self.limit_for(task.model), "")))
             return previous
         inputs = {role: Image.open(io.BytesIO(stored.data)) for role, stored in store.inputs(self.conn, task.id).items()}
+        references = tuple(inputs[role] for role in REFERENCE_ROLES if role in inputs)
         self.publisher.task_started(task.id)
         try:
             for index in range(task.count):
                 job = Job(task.prompt, task.seed + index, task.width, task.height, task.steps,
                           None if task.guidance_auto else task.guidance, task.negative_prompt, inputs.get("image"),
-                          inputs.get("mask"), task.image_strength)
+                          inputs.get("mask"), task.image_strength, references)
                 timer = StepTimer(task, index, self.publisher, self.stopping)
                 started = time.time()
                 if previous is not None:

@@ -30,7 +30,7 @@ from mflux_server.api.task_view import (
     task_status,
 )
 from mflux_server.core import catalog, store
-from mflux_server.core.rows import InputImage, NewTask, Status, Worker
+from mflux_server.core.rows import REFERENCE_ROLES, InputImage, NewTask, Status, Worker
 
 # mflux's default image-to-image strength (mflux.cli.defaults.IMAGE_STRENGTH).
 DEFAULT_IMAGE_STRENGTH = 0.4
@@ -41,8 +41,19 @@ class JsonOrMultipartParser(FlaskParser):
     def load_json(self, req: Any, schema: Any) -> Any:
         """The JSON body, or the multipart form and files flattened into one mapping."""
         if req.mimetype == "multipart/form-data":
-            return {**req.form.to_dict(), **req.files.to_dict()}
+            fields = {**req.form.to_dict(), **req.files.to_dict()}
+            # Several reference images come as repeated `images` parts (files or base64 text).
+            listed = req.files.getlist("images") + req.form.getlist("images")
+            if listed:
+                fields["images"] = listed
+            return fields
         return super().load_json(req, schema)
+
+
+def body_limit() -> int:
+    """The largest generate body: every input image at --max-input-bytes, base64-encoded, plus 1 MiB for the rest."""
+    images = 1 + len(REFERENCE_ROLES) + 1  # the image, further references, the mask
+    return (1 << 20) + images * (settings().max_input_bytes * 4 // 3 + 4)
 
 
 blp = Blueprint("generation", __name__, description="Submit a prompt, follow it, fetch its images.")
@@ -55,6 +66,9 @@ def require_json_body() -> None:
     if request.method == "POST" and not (request.is_json or request.mimetype == "multipart/form-data"):
         abort_json(415, message="send the request body as JSON (Content-Type: application/json) or as "
                                 "multipart/form-data")
+    if request.method == "POST":
+        # Input images make generate bodies larger than the app-wide 1 MiB; the body is not read yet.
+        request.max_content_length = request.max_form_memory_size = body_limit()
 
 
 def served_models(live: list[Worker]) -> set[str]:
@@ -71,11 +85,16 @@ def _reject(field: str, rule: str) -> NoReturn:
 def check_inputs(body: dict[str, Any], info: catalog.ModelInfo, served: str) -> tuple[InputImage, ...]:
     """Refuse what the model cannot use, naming the field and the model; return the inputs with their roles."""
     can = info.capabilities
-    if body["image"] is not None and body["init_image"] is not None:
-        _reject("init_image", "send image or init_image (the original server's name for it), not both")
-    image = body["image"] if body["image"] is not None else body["init_image"]
-    image_field = "image" if body["image"] is not None else "init_image"
+    given = [name for name in ("image", "init_image", "images") if body[name] is not None]
+    if len(given) > 1:
+        _reject(given[1], f"send one of image, init_image (the original server's name for it) or images, not both "
+                          f"{given[0]} and {given[1]}")
+    image_field = given[0] if given else "image"
+    references: list[InputImage] = list(body["images"] or [])
+    image = body[image_field] if image_field != "images" else references.pop(0)
     mask = body["mask"]
+    if references:
+        _check_references(body, info, served, len(references) + 1)
     takes_image = can.image_to_image or can.edit or can.inpaint
     if image is not None and not takes_image:
         _reject(image_field, f"model {served} takes no input image (it is text-to-image only)")
@@ -99,9 +118,24 @@ def check_inputs(body: dict[str, Any], info: catalog.ModelInfo, served: str) -> 
     inputs = []
     if image is not None:
         inputs.append(replace(image, role="image"))
+    # _check_references capped the list, so every reference gets a role (the roles may outnumber them).
+    inputs.extend(replace(reference, role=role) for role, reference in zip(REFERENCE_ROLES, references, strict=False))
     if mask is not None:
         inputs.append(replace(mask, role="mask"))
     return tuple(inputs)
+
+
+def _check_references(body: dict[str, Any], info: catalog.ModelInfo, served: str, count: int) -> None:
+    """Several images are the references of one edit: only models that edit from several take them."""
+    if not info.capabilities.edit:
+        _reject("images", f"model {served} does no edit, so it takes one input image, not {count}")
+    if count > info.max_reference_images:
+        _reject("images", f"model {served} edits from at most {info.max_reference_images} reference image(s); "
+                          f"got {count}")
+    if body["image_strength"] is not None:
+        _reject("image_strength", "applies to one start image (image-to-image), not to several edit references")
+    if body["mask"] is not None:
+        _reject("mask", "masks one image (inpaint), not several edit references")
 
 
 def output_size(body: dict[str, Any], image: InputImage | None) -> tuple[int, int]:

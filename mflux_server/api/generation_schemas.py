@@ -139,6 +139,10 @@ class GenerateRequest(ma.Schema):
     image = ImageField(load_default=None, metadata={
         "description": "input image as base64 or a data: URL (or a file part in multipart/form-data): the start of "
                        "image-to-image, the reference of an edit, or the picture an inpaint repaints"})
+    images = fields.List(ImageField(), validate=validate.Length(min=1), load_default=None, metadata={
+        "description": "several reference images for one edit (Qwen-Image-Edit, FLUX.2 klein edit), in order; "
+                       "GET /api/models gives each model's max_reference_images. In multipart/form-data, repeated "
+                       "`images` file parts. Instead of image, not with it"})
     init_image = ImageField(load_default=None, metadata={"description": "the original mflux-server's name for image"})
     image_strength = fields.Float(load_default=None, validate=validate.Range(0, 1), metadata={
         "description": "image-to-image: how much of the input image survives, 0 to 1 (default 0.4). On models that "

@@ -52,6 +52,8 @@ class ModelSchema(ma.Schema):
     default_steps = fields.Integer()
     default_guidance = fields.Float(allow_none=True, metadata={"description": "null: the model picks its own"})
     capabilities = fields.Nested(CapabilitiesSchema)
+    max_reference_images = fields.Integer(metadata={
+        "description": "how many reference images an edit takes (`image` plus `images`); 0 without edit"})
     workers = fields.List(fields.Nested(ServingWorker), metadata={"description": "live workers that may serve it"})
     served = fields.Boolean(metadata={"description": "some live worker may serve it"})
     loaded = fields.Boolean(metadata={"description": "some live worker holds it in memory now"})
@@ -80,6 +82,7 @@ def describe(name: str, info: catalog.ModelInfo, workers: list[Worker], loads: d
         "default_steps": info.default_steps,
         "default_guidance": info.default_guidance,
         "capabilities": info.capabilities.as_dict(),
+        "max_reference_images": info.max_reference_images,
         "workers": [{"id": w.id, "engine": w.engine, "loaded": w in holding, "loading": w.loading == name,
                      "quantize": w.quantize, "max_pixels": w.limit_for(name)} for w in serving],
         "served": bool(serving),

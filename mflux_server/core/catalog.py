@@ -43,6 +43,7 @@ class ModelInfo:
     default_steps: int
     default_guidance: float | None
     capabilities: Capabilities
+    max_reference_images: int = 0  # how many reference images an edit takes (0 without the edit capability)
 
     @property
     def supports_guidance(self) -> bool:
@@ -77,6 +78,7 @@ def _load() -> tuple[tuple[ModelInfo, ...], int]:
             default_steps=entry["default_steps"],
             default_guidance=entry["default_guidance"],
             capabilities=Capabilities(**entry["capabilities"]),
+            max_reference_images=entry["max_reference_images"],
         )
         for entry in data["models"]
     )

@@ -62,9 +62,14 @@ class NewTask:
     inputs: tuple[InputImage, ...] = ()
 
 
+# The roles of an edit's further reference images, after 'image' (migration 0005 allows exactly these).
+REFERENCE_ROLES = ("image2", "image3", "image4")
+
+
 @dataclass(frozen=True, slots=True)
 class InputImage(FromRow):
-    """An image a task was submitted with: the picture to start from or edit ('image'), or the inpaint 'mask'."""
+    """An image a task was submitted with: the picture to start from or edit ('image'), more edit references
+    ('image2' to 'image4'), or the inpaint 'mask'."""
 
     role: str
     mime: str

@@ -101,7 +101,7 @@ def submit(conn: sqlite3.Connection, task: NewTask, now: float | None = None) ->
 
 
 def inputs(conn: sqlite3.Connection, task_id: str) -> dict[str, InputImage]:
-    """The images a task was submitted with, by role ('image', 'mask')."""
+    """The images a task was submitted with, by role ('image', 'image2'..'image4', 'mask'), references in order."""
     return {row["role"]: InputImage.from_row(row) for row in conn.execute(sql("task_inputs"), (task_id,))}
 
 

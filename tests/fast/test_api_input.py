@@ -119,10 +119,25 @@ def test_several_bad_fields_are_all_reported(client):
         ({"data": "x" * (2 << 20), "content_type": "application/json"}, 413, "request_too_large"),
     ],
 )
-def test_malformed_bodies(client, kwargs, status, code):
+def test_malformed_bodies(app, client, kwargs, status, code):
+    # Generate bodies may hold every input image at --max-input-bytes; shrink that so 2 MiB is too much.
+    app.extensions["mflux_settings"].max_input_bytes = 1000
     response = client.post("/api/generate", **kwargs)
     assert response.status_code == status
     assert response.is_json and response.json["code"] == code and response.json["message"]
+
+
+def test_the_generate_body_limit_follows_the_input_image_limit(app, client):
+    from mflux_server.api.generation import body_limit
+
+    app.extensions["mflux_settings"].max_input_bytes = 300_000
+    with app.app_context():
+        limit = body_limit()
+    assert (1 << 20) + 5 * 400_000 < limit < (1 << 20) + 5 * 400_000 + 100
+    over = client.post("/api/generate", data=" " * (limit + 1), content_type="application/json")
+    assert over.status_code == 413 and over.json["code"] == "request_too_large"
+    under = client.post("/api/generate", data=" " * (limit - 20) + '{"prompt": "x"}', content_type="application/json")
+    assert under.status_code != 413
 
 
 def test_unknown_task_is_a_json_404_everywhere(client):

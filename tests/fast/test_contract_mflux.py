@@ -140,6 +140,8 @@ def stand_in(cls):
                     assert Image.open(kwargs[key]).format == "PNG"
             for path in kwargs.get("image_paths", []):
                 assert Image.open(path).format == "PNG"
+            # The files live only during the call: keep what they held.
+            self.references = [Image.open(path).copy() for path in kwargs.get("image_paths", [])]
             self.calls.append(kwargs)
             config = Config(model_config=ModelConfig.dev(), num_inference_steps=kwargs["num_inference_steps"],
                             width=kwargs["width"], height=kwargs["height"])
@@ -204,6 +206,40 @@ def test_the_adapter_drives_every_model_with_every_input_it_accepts(info):
             assert "masked_image_path" in call or "mask_path" in call
         if job.image_strength is not None:
             assert call["image_strength"] == job.image_strength
+
+
+@pytest.mark.parametrize("info", [i for i in catalog.models() if i.max_reference_images > 1], ids=lambda i: i.name)
+def test_an_edit_from_several_references_passes_them_all_in_order(info):
+    from PIL import Image
+
+    engine, built = engine_with_stand_ins(info.name)
+    colours = ["red", "green", "blue", "white"][:info.max_reference_images]
+    pictures = [Image.new("RGB", (64 + 16 * n, 64), colour) for n, colour in enumerate(colours)]
+    engine.generate(Job("combine them", 5, 256, 256, 2, None, image=pictures[0], references=tuple(pictures[1:])),
+                    Recorder())
+    used = next(instance for instance in built if instance.calls and instance.calls[-1]["prompt"] == "combine them")
+    assert [(image.size, image.getpixel((0, 0))) for image in used.references] == \
+        [(picture.size, picture.getpixel((0, 0))) for picture in pictures]
+
+
+def test_reference_counts_follow_the_edit_signatures():
+    by_name = {info.name: info for info in catalog.models()}
+    # Kontext and FIBO Edit take one image_path; Qwen-Image-Edit and FLUX.2 klein edit take a list.
+    assert by_name["dev-kontext"].max_reference_images == 1
+    assert by_name["fibo-edit"].max_reference_images == 1
+    assert by_name["qwen-image-edit"].max_reference_images == 4
+    assert by_name["flux2-klein-4b"].max_reference_images == 4
+    assert by_name["schnell"].max_reference_images == 0
+    assert all((info.max_reference_images > 0) == info.capabilities.edit for info in catalog.models())
+
+
+def test_several_references_on_a_one_reference_family_are_refused_before_mflux():
+    from PIL import Image
+
+    engine, _ = engine_with_stand_ins("dev-kontext")
+    picture = Image.new("RGB", (64, 64))
+    with pytest.raises(ValueError, match="image_paths"):
+        engine.adapter.call(Job("x", 1, 256, 256, 2, None, image=picture, references=(picture,)), {"image": "a.png"})
 
 
 def test_out_of_memory_from_mlx_becomes_out_of_memory_and_reset_reloads():

@@ -56,3 +56,21 @@ def test_original_curl_paths_and_fields_are_in_the_readme():
     for snippet in ("'http://localhost:4030/api/generate'", '"seed": "1725311496"', "/api/status?task_id=",
                     "/api/image?task_id=", "make run", "make test"):
         assert snippet in README
+
+
+def test_the_readme_family_table_matches_the_catalog():
+    from mflux_server.core import catalog
+
+    columns = ["text_to_image", "image_to_image", "edit", "inpaint", "negative_prompt", "guidance"]
+    rows = {m.group(1): m.group(2).split(" | ")
+            for m in re.finditer(r"^\| [^|]*\(`([a-z0-9.-]+)`\) \| (.*) \|$", README, re.M)}
+    families = {info.family for info in catalog.models()}
+    assert set(rows) == families, "every family has one row"
+    for family, cells in rows.items():
+        members = [info for info in catalog.models() if info.family == family]
+        for column, cell in zip(columns, cells[2:], strict=True):
+            said = {part.startswith("yes") for part in cell.split("/")}
+            assert said == {getattr(info.capabilities, column) for info in members}, f"{family}: {column} says {cell}"
+        references = {info.max_reference_images for info in members}
+        assert cells[4] == ("–" if references == {0} else "yes, 1 image" if references == {1}
+                            else f"yes, up to {max(references)} images"), family

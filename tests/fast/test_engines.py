@@ -151,6 +151,21 @@ def test_synthetic_image_to_image_blends_by_strength_and_edit_shows_the_referenc
     assert ImageChops.difference(centre, source.resize((128, 64), Image.Resampling.LANCZOS)).getbbox() is None
 
 
+def test_synthetic_edit_shows_every_reference_side_by_side():
+    from PIL import Image, ImageChops
+
+    engine = SyntheticEngine("qwen-image-edit", step=(0, 0, 0), fixed=(0, 0))
+    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
+    references = [Image.new("RGB", (40, 40), colour) for colour in colours]
+    edited = engine.generate(Job("p", 1, 256, 128, 1, None, image=references[0], references=tuple(references[1:])),
+                             Recorder())
+    cell, gap = 256 // 4, (256 - 3 * (256 // 4)) // 4
+    for number, colour in enumerate(colours):
+        left = gap + number * (cell + gap)
+        patch = edited.crop((left, 32, left + cell, 96))
+        assert ImageChops.difference(patch, Image.new("RGB", patch.size, colour)).getbbox() is None
+
+
 def test_synthetic_out_of_memory_breaks_the_engine_until_reset():
     from mflux_server.worker.engines.base import OutOfMemory
 

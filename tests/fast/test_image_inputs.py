@@ -91,6 +91,65 @@ def test_a_field_the_model_cannot_use_is_a_422_naming_field_and_model(client, mo
     assert response.json["field"] == field and rule in response.json["message"]
 
 
+def test_an_edit_takes_several_reference_images_in_order(client):
+    serve(client, "qwen-image-edit")
+    colours = ["red", "green", "blue", "white"]
+    response = post(client, model="qwen-image-edit", images=[b64(png((128 + 16 * n, 128), c)) for n, c in enumerate(colours)])
+    assert response.status_code == 200, response.json
+    assert (response.json["width"], response.json["height"]) == (128, 128), "the size follows the first reference"
+    conn = client.application.extensions["mflux_connections"].get()
+    stored = store.inputs(conn, response.json["task_id"])
+    assert list(stored) == ["image", "image2", "image3", "image4"]
+    assert [stored[role].width for role in stored] == [128, 144, 160, 176]
+
+
+def test_multipart_takes_references_as_repeated_images_parts(client):
+    serve(client, "flux2-klein-4b")
+    response = client.post("/api/generate", content_type="multipart/form-data", data={
+        "prompt": "put the cat on the sofa", "model": "flux2-klein-4b",
+        "images": [(io.BytesIO(png(colour="red")), "cat.png"), (io.BytesIO(png((64, 64), "blue")), "sofa.png")]})
+    assert response.status_code == 200, response.json
+    conn = client.application.extensions["mflux_connections"].get()
+    stored = store.inputs(conn, response.json["task_id"])
+    assert [(role, image.width) for role, image in stored.items()] == [("image", 256), ("image2", 64)]
+
+
+@pytest.mark.parametrize("model, body, field, rule", [
+    ("dev-kontext", {"images": ["I", "I"]}, "images", "model dev-kontext edits from at most 1 reference image(s); got 2"),
+    ("qwen-image-edit", {"images": ["I"] * 5}, "images", "at most 4 reference image(s); got 5"),
+    ("dev", {"images": ["I", "I"]}, "images", "model dev does no edit"),
+    ("flux2-klein-4b", {"images": ["I", "I"], "image_strength": 0.5}, "image_strength", "not to several edit references"),
+    ("qwen-image-edit", {"image": "I", "images": ["I", "I"]}, "images", "not both image and images"),
+    ("qwen-image-edit", {"images": []}, "images", "Shorter than minimum length 1"),
+    ("qwen-image-edit", {"images": ["I", "not base64!"]}, "images.1", "must be base64 image data"),
+])
+def test_bad_reference_lists_are_a_422_naming_the_rule(client, model, body, field, rule):
+    serve(client, model)
+    images = {"I": b64(png())}
+    body = {k: [images.get(i, i) for i in v] if isinstance(v, list) else images.get(v, v) for k, v in body.items()}
+    response = post(client, model=model, **body)
+    assert response.status_code == 422, response.json
+    assert response.json["field"] == field and rule in response.json["message"], response.json
+
+
+def test_a_single_entry_images_list_is_the_same_as_image(client):
+    serve(client, "dev")
+    response = post(client, model="dev", images=[b64(png())], image_strength=0.5)
+    assert response.status_code == 200, response.json
+    conn = client.application.extensions["mflux_connections"].get()
+    assert set(store.inputs(conn, response.json["task_id"])) == {"image"}
+
+
+def test_an_input_image_larger_than_the_app_wide_body_limit_is_accepted(client):
+    serve(client, "dev")
+    noise = Image.effect_noise((700, 700), 100).convert("RGB")
+    out = io.BytesIO()
+    noise.save(out, format="PNG")
+    assert len(out.getvalue()) > 1 << 20, "the image alone is over the 1 MiB other endpoints take"
+    response = post(client, model="dev", image=b64(out.getvalue()))
+    assert response.status_code == 200, response.json
+
+
 @pytest.mark.parametrize("value, rule", [
     ("not base64!", "must be base64 image data or a data: URL"),
     (b64(b"just some text, not an image"), "is not a readable image"),

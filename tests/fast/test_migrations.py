@@ -77,6 +77,29 @@ def test_a_database_from_before_the_last_migration_is_brought_up_to_date(tmp_pat
     assert describe(conn) == EXPECTED_COLUMNS
 
 
+def test_input_images_survive_the_rebuild_that_allows_several_references(tmp_path: Path):
+    from mflux_server.core.rows import InputImage
+    from tests.conftest import new_task
+
+    conn = db.connect(str(tmp_path / "q.db"))
+    with db.transaction(conn):
+        for version, _, sql in db.migration_files()[:4]:
+            for statement in db.split_statements(sql):
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {version}")
+    picture, mask = InputImage("image", "image/png", 8, 8, b"png"), InputImage("mask", "image/png", 8, 8, b"m")
+    kept = store.submit(conn, new_task(inputs=(picture, mask)))
+    with pytest.raises(sqlite3.IntegrityError):
+        store.submit(conn, new_task(inputs=(picture, InputImage("image2", "image/png", 8, 8, b"x"))))
+    db.migrate(conn)
+    assert store.inputs(conn, kept.id) == {"image": picture, "mask": mask}
+    several = store.submit(conn, new_task(inputs=(picture, InputImage("image2", "image/png", 8, 8, b"x"))))
+    assert list(store.inputs(conn, several.id)) == ["image", "image2"]
+    store.cancel_or_delete(conn, several.id)  # canceled first, then deleted
+    store.cancel_or_delete(conn, several.id)
+    assert store.inputs(conn, several.id) == {}, "the rebuilt table still cascades with its task"
+
+
 def test_newer_database_is_refused(tmp_path: Path):
     conn = db.open_database(str(tmp_path / "q.db"))
     conn.execute("PRAGMA user_version = 999")

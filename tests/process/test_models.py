@@ -109,3 +109,28 @@ def test_the_worker_publishes_each_models_largest_image_from_its_memory_need(con
     big = queue_task(conn, model="qwen-image", width=1024, height=1024)
     wait_for(lambda: status_of(db_path, big.id) == "error", what="oversized task refused")
     assert "is too large for this worker" in reread(db_path, big.id).error
+
+
+def test_an_edit_from_several_references_over_real_http_shows_each_one(processes):
+    import requests
+
+    url = processes.server()
+    processes.worker("--models", "qwen-image-edit")
+    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
+    files = []
+    for number, colour in enumerate(colours):
+        out = io.BytesIO()
+        Image.new("RGB", (96, 96), colour).save(out, format="PNG")
+        files.append(("images", (f"reference{number}.png", out.getvalue(), "image/png")))
+    response = requests.post(f"{url}/api/generate", files=files, timeout=10, data={
+        "prompt": "the three side by side", "model": "qwen-image-edit", "format": "PNG", "steps": "2",
+        "width": "256", "height": "128"})
+    assert response.status_code == 200, response.text
+    task_id = response.json()["task_id"]
+    wait_for(lambda: requests.get(f"{url}/api/status", params={"task_id": task_id}, timeout=5).json()["status"] == "done",
+             what="edit done")
+    result = Image.open(io.BytesIO(requests.get(f"{url}/api/image", params={"task_id": task_id}, timeout=5).content))
+    cell, gap = 256 // 4, (256 - 3 * (256 // 4)) // 4
+    # The synthetic engine pastes each reference it was given, in order, across the middle.
+    seen = [result.convert("RGB").getpixel((gap + number * (cell + gap) + cell // 2, 64)) for number in range(3)]
+    assert seen == colours

@@ -22,6 +22,7 @@ class Job:
     image: Image.Image | None = None  # the start image (image-to-image), the reference (edit) or the picture to fill
     mask: Image.Image | None = None  # white repaints, black keeps (inpaint)
     image_strength: float | None = None  # image-to-image: how much of the input survives, 0 to 1
+    references: tuple[Image.Image, ...] = ()  # edit: more reference images after `image`, in order
 
     @property
     def pixels(self) -> int:

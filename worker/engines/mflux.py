@@ -15,6 +15,7 @@ from typing import Any
 from PIL import Image
 
 from mflux_server.core import catalog
+from mflux_server.core.rows import REFERENCE_ROLES
 from mflux_server.worker.engines.base import EngineFault, Job, ModelLoadFailed, OutOfMemory, StepReporter
 from mflux_server.worker.engines.families import Family, family_named
 
@@ -107,13 +108,15 @@ class Adapter:
             wanted["negative_prompt"] = job.negative_prompt
         if "image" in files:
             if "image_paths" in accepted:
-                wanted["image_paths"] = [files["image"]]
+                wanted["image_paths"] = [files["image"], *(files[role] for role in REFERENCE_ROLES if role in files)]
             else:
                 wanted["image_path"] = files["image"]
             if job.image_strength is not None:
                 wanted["image_strength"] = job.image_strength
         if "mask" in files:
             wanted["masked_image_path" if "masked_image_path" in accepted else "mask_path"] = files["mask"]
+        if job.references and "image_paths" not in accepted:
+            wanted["image_paths"] = []  # only a list parameter takes several references: reported below
         dropped = sorted(set(wanted) - set(accepted))
         if dropped:  # the API checks capabilities at submit, so this means the catalog and mflux disagree
             raise ValueError(f"{self.family.name} cannot take {', '.join(dropped)}")
@@ -314,7 +317,9 @@ def free_gib() -> float:
 def write_inputs(job: Job, folder: Path) -> dict[str, str]:
     """mflux takes image inputs as file paths: write the job's images as PNG files there."""
     files = {}
-    for role, image in (("image", job.image), ("mask", job.mask)):
+    # The API stores at most one reference per role, so the roles may outnumber the references, never the reverse.
+    roles = [("image", job.image), *zip(REFERENCE_ROLES, job.references, strict=False), ("mask", job.mask)]
+    for role, image in roles:
         if image is not None:
             path = folder / f"{role}.png"
             image.save(path, format="PNG")

@@ -63,9 +63,12 @@ def with_inputs(pattern: Image.Image, job: Job) -> Image.Image:
         return Image.composite(pattern, source, mask)
     if job.image_strength is not None:
         return Image.blend(pattern, source, job.image_strength)
-    # Edit: the reference, shrunk, in the middle of the pattern.
-    thumbnail = source.resize((job.width // 2, job.height // 2), Image.Resampling.LANCZOS)
-    pattern.paste(thumbnail, (job.width // 4, job.height // 4))
+    # Edit: the references, shrunk, side by side in the middle of the pattern (one is half the width).
+    references = [source, *(reference.convert("RGB") for reference in job.references)]
+    cell = (job.width // (len(references) + 1), job.height // 2)
+    gap = (job.width - cell[0] * len(references)) // (len(references) + 1)
+    for number, reference in enumerate(references):
+        pattern.paste(reference.resize(cell, Image.Resampling.LANCZOS), (gap + number * (cell[0] + gap), job.height // 4))
     return pattern
 
 
