@@ -3,21 +3,24 @@
 from __future__ import annotations
 
 import sqlite3
-import threading
 
 from flask import Flask, current_app
 
-from mflux_server.core import db
+from mflux_server.core import db, native
 from mflux_server.core.settings import Settings
 from mflux_server.forecast.queue_view import Forecaster
 
 
 class Connections:
-    """One SQLite connection per thread, opened on first use; the database is the only shared state."""
+    """One SQLite connection per OS thread, opened on first use; the database is the only shared state.
+
+    Under gevent every request greenlet of a process shares the loop thread's connection. That is safe because
+    no store function yields to the loop in the middle (sqlite calls do not), so transactions never interleave.
+    """
 
     def __init__(self, path: str):
         self.path = path
-        self._local = threading.local()
+        self._local = native.thread_local()
 
     def get(self) -> sqlite3.Connection:
         """This thread's connection."""

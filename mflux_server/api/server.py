@@ -1,11 +1,12 @@
-"""The mflux-server command: serve the API with gunicorn (see request_threads), or Flask's server with --debug."""
+"""The mflux-server command: serve the API with gunicorn's gevent worker, or Flask's server with --debug."""
 
 from __future__ import annotations
 
 import logging
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from flask import Flask
 
@@ -34,16 +35,44 @@ def check_port_free(host: str, port: int) -> None:
             raise SystemExit(f"mflux-server: cannot listen on {host}:{port}: {error.strerror}") from None
 
 
+# Methods that change the queue: served as soon as they are read.
+WRITE_METHODS = ("POST", "PUT", "PATCH", "DELETE")
+
+
+def take_turns(app: Flask) -> Callable[[dict[str, Any], Any], Any]:
+    """Let every connection take its turn: a read waits for the event loop to be idle before it runs.
+
+    gevent's server reads a keep-alive connection's next request without yielding when it has already arrived,
+    so under load a few busy connections were served over and over while others waited (flat-out status p99
+    190-360 ms at a 4-9 ms median). gevent.idle() puts each read behind every pending event, in arrival order,
+    so reads are served first come first served and newly arrived requests are read before queued reads run.
+    Requests that change the queue skip the wait: a submit never queues behind a crowd of status polls
+    (bench/explanations.md has the measurements).
+    """
+    import gevent
+
+    def wsgi(environ: dict[str, Any], start_response: Any) -> Any:
+        if environ.get("REQUEST_METHOD") not in WRITE_METHODS:
+            gevent.idle()
+        return app(environ, start_response)
+
+    return wsgi
+
+
 def serve(settings: Settings) -> None:
-    """Run the API under gunicorn (threads, see request_threads) until SIGTERM or Ctrl-C."""
+    """Run the API under gunicorn until SIGTERM or Ctrl-C.
+
+    The gevent worker holds each connection on a greenlet, so open event streams and idle keep-alive
+    connections cost memory, not threads. CPU-bound work runs on OS threads (core/native.py).
+    """
     from gunicorn.app.base import BaseApplication
 
     class Server(BaseApplication):
         def load_config(self) -> None:
             self.cfg.set("bind", f"{settings.host}:{settings.port}")
             self.cfg.set("workers", settings.http_workers)
-            self.cfg.set("worker_class", "mflux_server.api.request_threads.SubmitFirstThreads")
-            self.cfg.set("threads", settings.threads)
+            self.cfg.set("worker_class", "gevent")
+            self.cfg.set("worker_connections", settings.max_connections)
             # With one shared listening socket the process that wakes first accepts, and under load one
             # process can end up with most kept-alive connections and a single core's worth of GIL.
             # One socket per process lets the kernel spread connections evenly (bench/explanations.md).
@@ -56,9 +85,9 @@ def serve(settings: Settings) -> None:
                 # gunicorn ≥ 24 opens a control socket in $HOME by default; we have no use for it.
                 self.cfg.set("control_socket_disable", True)
 
-        def load(self) -> Flask:
+        def load(self) -> Any:
             shorten_gil_switch_interval()
-            return create_app(settings)
+            return take_turns(create_app(settings))
 
     check_port_free(settings.host, settings.port)
     Server().run()

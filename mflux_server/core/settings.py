@@ -119,8 +119,8 @@ class Settings:
         "need (default: what the device reports; none for the synthetic engine)", "worker", _optional(_positive(float)))
     debug: bool = setting(False, "serve with Flask's development server and debugger (never in production)", "api", _bool)
     http_workers: int = setting(2, "API server processes (gunicorn workers)", "api", _positive(int))
-    threads: int = setting(3, "threads per API server process for reads (status, images, docs); submissions have 2 more", "api",
-                           _positive(int))
+    max_connections: int = setting(1000, "open connections each API server process holds at most (event streams and "
+                                   "idle keep-alives included); more wait to be accepted", "api", _positive(int))
     max_width: int = setting(2048, "largest width a request may ask for", "api", _positive(int))
     max_height: int = setting(2048, "largest height a request may ask for", "api", _positive(int))
     max_steps: int = setting(100, "most denoising steps a request may ask for", "api", _positive(int))

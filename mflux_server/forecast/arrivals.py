@@ -40,6 +40,7 @@ class ArrivalLog:
         self._arrivals: deque[Arrival] = deque()
         self.last_seq = 0  # the newest arrival seen; the next read starts after it
         self._load: dict[str, dict[int, Load]] = {}
+        self._starts: dict[tuple[str, int, int, float], float] = {}  # until_start's solutions for this load
 
     def observe(self, new: Iterable[Arrival], now: float, cost: CostModel) -> None:
         """Add new arrivals, forget old ones, and re-price every priority's load with the current cost model."""
@@ -62,6 +63,7 @@ class ArrivalLog:
             rate, work = by_priority.get(arrival.priority, Load(0.0, 0.0))
             by_priority[arrival.priority] = Load(rate + 1 / span, work + seconds / span)
         self._load = load
+        self._starts = {}
 
     def overtaking_load(self, model: str, priority: int, workers: int) -> float:
         """Engine seconds per second of recent arrivals that would go ahead of a task with this priority."""
@@ -69,7 +71,23 @@ class ArrivalLog:
         return min(load / max(workers, 1), MAX_PRIORITY_LOAD)
 
     def until_start(self, model: str, priority: int, workers: int, ahead: float) -> float:
-        """Seconds until a task starts: the work ahead now plus a low percentile of the later arrivals that overtake it."""
+        """Seconds until a task starts: the work ahead now plus a low percentile of the later arrivals that overtake it.
+
+        Solved once per 0.1% of `ahead` and remembered until the next observe(): the fixed point takes dozens
+        of steps near the load cap, and every status request asks (bench/explanations.md). Within a bucket the
+        start is scaled in proportion to `ahead` (it grows about as ahead ÷ (1 − load)), off by well under 0.1%.
+        """
+        if ahead <= 0:
+            return ahead
+        starts = self._starts  # read once: observe() replaces it together with the load it was solved for
+        bucket = float(f"{ahead:.3g}")
+        key = (model, priority, workers, bucket)
+        start = starts.get(key)
+        if start is None:
+            start = starts[key] = self._solve(model, priority, workers, bucket)
+        return start * ahead / bucket
+
+    def _solve(self, model: str, priority: int, workers: int, ahead: float) -> float:
         rate = sum(r for p, (r, _) in self._load.get(model, {}).items() if p > priority) / max(workers, 1)
         if rate <= 0 or ahead <= 0:
             return ahead

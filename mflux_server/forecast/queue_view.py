@@ -8,9 +8,9 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
-from mflux_server.core import store
+from mflux_server.core import native, store
 from mflux_server.core.rows import ClaimKey, QueueEntry, QueueRead, Status, Task, Worker
 from mflux_server.core.scheduling import expected_load
 from mflux_server.forecast.arrivals import ARRIVAL_WINDOW, ArrivalLog
@@ -135,7 +135,7 @@ class Forecaster:
         self._reprice_after = reprice_after
         self._lock = threading.Lock()
         self._snapshot: QueueSnapshot | None = None
-        self._rebuild: threading.Thread | None = None
+        self._rebuild: Callable[[float], Any] | None = None  # waits for the rebuild in flight
         self.arrivals = ArrivalLog()
 
     def cost_model(self, conn: sqlite3.Connection, now: float | None = None) -> CostModel:
@@ -148,8 +148,13 @@ class Forecaster:
         if current is None:
             with self._lock:
                 if self._snapshot is None:  # nobody built it while we waited for the lock
-                    self._snapshot = QueueSnapshot.build(store.read_queue(conn), cost, now)
-                    self.arrivals.observe(store.arrivals_since(conn, 0, now - ARRIVAL_WINDOW), now, cost)
+                    if native.gevent_active():
+                        # On an OS thread with a connection of its own (the loop's is in use by other greenlets
+                        # meanwhile): only this request waits, the loop's other connections go on.
+                        native.call(lambda: self._build_first(self._connect(), cost, now, close=True))
+                    else:
+                        self._build_first(conn, cost, now)
+                assert self._snapshot is not None
                 return self._snapshot
         moved = current.changes != store.queue_changes(conn)
         stale_prices = current.cost is not cost and now - current.built_at >= self._reprice_after
@@ -159,16 +164,24 @@ class Forecaster:
 
     def settle(self, timeout: float = 10.0) -> None:
         """Wait for a background rebuild in flight, if any (tests use it to read its outcome)."""
-        thread = self._rebuild
-        if thread is not None:
-            thread.join(timeout)
+        wait = self._rebuild
+        if wait is not None:
+            wait(timeout)
+
+    def _build_first(self, conn: sqlite3.Connection, cost: CostModel, now: float, close: bool = False) -> None:
+        try:
+            self._snapshot = QueueSnapshot.build(store.read_queue(conn), cost, now)
+            self.arrivals.observe(store.arrivals_since(conn, 0, now - ARRIVAL_WINDOW), now, cost)
+        finally:
+            if close:
+                conn.close()
 
     def _rebuild_soon(self, cost: CostModel) -> None:
         with self._lock:
             if self._rebuild is not None:
                 return
-            self._rebuild = threading.Thread(target=self._rebuild_now, args=(cost,), name="queue-snapshot", daemon=True)
-            self._rebuild.start()  # under the lock, so settle() never sees a thread that has not started
+            # An OS thread even under gevent: the rebuild is tens of milliseconds of Python.
+            self._rebuild = native.start(lambda: self._rebuild_now(cost), "queue-snapshot")
 
     def _rebuild_now(self, cost: CostModel) -> None:
         conn = self._connect()
@@ -181,8 +194,8 @@ class Forecaster:
             self._snapshot = snapshot
         finally:
             conn.close()
-            with self._lock:
-                self._rebuild = None
+            # No lock: only _rebuild_soon sets it, and only while it is None (a plain store is atomic).
+            self._rebuild = None
 
     def estimate(self, conn: sqlite3.Connection, task: Task, workers: int, now: float | None = None,
                  live: Sequence[Worker] = ()) -> Estimate:

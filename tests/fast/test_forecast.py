@@ -15,6 +15,7 @@ from mflux_server.forecast.arrivals import (
     MAX_PRIORITY_LOAD,
     MIN_ARRIVAL_SPAN,
     OVERTAKING_QUANTILE,
+    ArrivalLog,
 )
 from mflux_server.forecast.cost_model import (
     PRIOR,
@@ -370,3 +371,22 @@ def test_a_priority_task_of_another_model_is_served_before_the_loaded_models_nor
     worker = Worker("schnell", 5.0, 120.0, {}, 15.0)  # schnell's running task ends at 5 s; no load measured yet
     assert start_time(queues, "dev", ClaimKey.of(1, 50), worker) == pytest.approx(5 + 15)
     assert start_time(queues, "schnell", ClaimKey.of(0, 1), worker) == pytest.approx(5 + 15 + 2 + 15)
+
+
+def test_until_start_remembers_solutions_within_a_tenth_of_a_percent_and_forgets_them_on_observe():
+    from mflux_server.core.rows import Arrival
+
+    cost = CostModel.fit([])
+    log = ArrivalLog()
+    urgent = [Arrival(n, "schnell", 1, 1024, 1024, 4, 1, NOW - 300 + n * 3) for n in range(100)]
+    log.observe(urgent, NOW, cost)
+
+    def exact(ahead):
+        return log._solve("schnell", 0, 1, ahead)
+
+    for ahead in (3.7, 41.23, 1234.567, 98765.4):
+        assert log.until_start("schnell", 0, 1, ahead) == pytest.approx(exact(ahead), rel=1e-3)
+        assert log.until_start("schnell", 0, 1, ahead) > ahead, "overtakers lengthen the wait"
+    before = log.until_start("schnell", 0, 1, 500.0)
+    log.observe([Arrival(200 + n, "schnell", 1, 1024, 1024, 4, 4, NOW) for n in range(100)], NOW, cost)
+    assert log.until_start("schnell", 0, 1, 500.0) > before, "a heavier load is solved afresh, not read from the cache"
