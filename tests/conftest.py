@@ -76,15 +76,18 @@ class StopHere(Exception):
 class Recorder:
     """A StepReporter that records the engine's events, and can stop it at a step."""
 
-    def __init__(self, stop_at: int | None = None):
+    def __init__(self, stop_at: int | None = None, previews: bool = False):
         self.events: list[object] = []
         self.stop_at = stop_at
+        self.previews: list[object] = [] if previews else None  # drawn previews, when asked to draw them
 
     def loop_started(self) -> None:
         self.events.append("loop")
 
-    def step(self, done: int, total: int) -> None:
+    def step(self, done: int, total: int, preview=None) -> None:
         self.events.append((done, total))
+        if self.previews is not None and preview is not None:
+            self.previews.append(preview())
         if done == self.stop_at:
             raise StopHere(f"stopped at step {done}")
 

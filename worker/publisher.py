@@ -1,13 +1,16 @@
-"""The progress publisher: writes progress and step timings, notices cancels, heartbeats and recovers orphans."""
+"""The progress publisher: writes progress, previews and step timings, notices cancels, heartbeats, recovers orphans."""
 
 from __future__ import annotations
 
+import io
 import logging
 import sqlite3
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+
+from PIL import Image
 
 from mflux_server.core import store
 from mflux_server.core.rows import Timing
@@ -17,6 +20,7 @@ log = logging.getLogger("mflux_worker")
 
 # How often a running task's latest step is published and its ownership checked.
 PROGRESS_INTERVAL = 0.02
+PREVIEW_QUALITY = 70
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +31,16 @@ class Progress:
     image_index: int
     step: int
     at: float
+
+
+@dataclass(frozen=True, slots=True)
+class PreviewFrame:
+    """A picture of the running task's current image after some step, to encode and publish."""
+
+    task_id: str
+    image_index: int
+    step: int
+    picture: Image.Image
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +62,7 @@ class ProgressPublisher:
         self.worker_id = worker_id
         self._current: str | None = None
         self._latest: Progress | None = None
+        self._preview: PreviewFrame | None = None
         self._taken: set[str] = set()
         # Measured on the generation thread and written here, so the forecast learns this machine's speed
         # from the first steps of the first task.
@@ -66,10 +81,15 @@ class ProgressPublisher:
         """No task is running."""
         self._current = None
         self._latest = None
+        self._preview = None
 
     def publish(self, progress: Progress) -> None:
         """The latest progress; only the newest is written."""
         self._latest = progress
+
+    def publish_preview(self, frame: PreviewFrame) -> None:
+        """The latest preview; only the newest is encoded and written."""
+        self._preview = frame
 
     def measured(self, measurement: Measurement) -> None:
         """Queue one duration for the timing stats."""
@@ -89,6 +109,7 @@ class ProgressPublisher:
     def run(self, conn: sqlite3.Connection) -> None:
         """Publish, check, heartbeat and recover until stopped; idle, it sleeps until a task starts or a beat is due."""
         written: Progress | None = None
+        shown: PreviewFrame | None = None
         beat_at = 0.0
         version = store.data_version(conn)
         while not self._stop.is_set():
@@ -102,6 +123,11 @@ class ProgressPublisher:
                 if not store.record_progress(conn, latest.task_id, self.worker_id, latest.image_index, latest.step, latest.at):
                     self._taken.add(latest.task_id)
                 written = latest
+            frame = self._preview
+            if frame is not None and frame is not shown:
+                shown = frame
+                store.save_preview(conn, frame.task_id, self.worker_id, frame.image_index + 1, frame.step, "image/jpeg",
+                                   encode_preview(frame.picture))
             now_version = store.data_version(conn)
             if current and now_version != version and not store.still_mine(conn, current, self.worker_id):
                 self._taken.add(current)
@@ -120,6 +146,13 @@ class ProgressPublisher:
             grouped.setdefault((m.model, m.width, m.height), {}).setdefault(m.kind, []).append(m.seconds)
         for (model, width, height), kinds in grouped.items():
             store.record_timings(conn, model, width, height, [Timing(kind, tuple(s)) for kind, s in kinds.items()])
+
+
+def encode_preview(picture: Image.Image) -> bytes:
+    """A preview as a small JPEG."""
+    out = io.BytesIO()
+    picture.convert("RGB").save(out, format="JPEG", quality=PREVIEW_QUALITY)
+    return out.getvalue()
 
 
 def recover(conn: sqlite3.Connection, settings: Settings) -> None:

@@ -10,7 +10,7 @@ from flask_smorest import Api
 from werkzeug.exceptions import HTTPException, InternalServerError
 
 from mflux_server import __version__
-from mflux_server.api import context, generation, info, models, tasks
+from mflux_server.api import context, events, generation, info, models, tasks
 from mflux_server.api.errors import ErrorSchema, JsonError, error_payload
 from mflux_server.core.settings import Settings
 
@@ -62,6 +62,7 @@ def create_app(config: Settings | None = None, overrides: dict[str, Any] | None 
     api.register_blueprint(tasks.blp, url_prefix="/api")
     api.register_blueprint(info.blp, url_prefix="/api")
     api.register_blueprint(models.blp, url_prefix="/api")
+    api.register_blueprint(events.blp, url_prefix="/api")
 
     @app.route("/swagger-assets/<path:filename>")
     def swagger_assets(filename: str) -> Response:

@@ -6,6 +6,7 @@ import sqlite3
 
 from flask import Flask, current_app
 
+from mflux_server.api.event_hub import EventHub
 from mflux_server.core import db, native
 from mflux_server.core.settings import Settings
 from mflux_server.forecast.queue_view import Forecaster
@@ -37,6 +38,7 @@ def init_app(app: Flask, config: Settings) -> None:
     app.extensions["mflux_settings"] = config
     app.extensions["mflux_connections"] = Connections(config.db)
     app.extensions["mflux_forecaster"] = Forecaster(connect=lambda: db.connect(config.db))
+    app.extensions["mflux_event_hub"] = EventHub(connect=lambda: db.connect(config.db))
 
 
 def conn() -> sqlite3.Connection:
@@ -55,3 +57,10 @@ def forecaster() -> Forecaster:
     """The app's forecaster (cost model and queue snapshot)."""
     found: Forecaster = current_app.extensions["mflux_forecaster"]
     return found
+
+
+def event_hub() -> EventHub:
+    """The process's event watcher, started by the first stream."""
+    hub: EventHub = current_app.extensions["mflux_event_hub"]
+    hub.start()
+    return hub

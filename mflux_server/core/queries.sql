@@ -240,3 +240,31 @@ DELETE FROM workers WHERE heartbeat_at < :before
 -- name: data_version
 -- A number that changes when another connection commits: a cheap "did anything happen?".
 PRAGMA data_version;
+
+-- name: events_after
+-- Events newer than an id, oldest first (what a stream has not sent yet).
+SELECT id, task_id, kind, data, at FROM events WHERE id > :after ORDER BY id LIMIT :limit;
+
+-- name: task_events_after
+-- One task's events newer than an id, oldest first (a stream resuming from Last-Event-ID).
+SELECT id, task_id, kind, data, at FROM events WHERE task_id = :task_id AND id > :after ORDER BY id LIMIT :limit;
+
+-- name: last_event_id
+-- The newest event's id, 0 when there is none.
+SELECT coalesce(max(id), 0) FROM events;
+
+-- name: prune_events
+-- Forget events older than the retention (a stream resuming from before it gets the task's current state).
+DELETE FROM events WHERE at < :before;
+
+-- name: save_preview
+-- Replace a running task's preview, only while the task is still this worker's.
+INSERT INTO previews (task_id, image, step, mime, data, at)
+SELECT :id, :image, :step, :mime, :data, :at FROM tasks
+ WHERE id = :id AND worker_id = :worker_id AND status = 'processing'
+ON CONFLICT (task_id) DO UPDATE SET image = excluded.image, step = excluded.step, mime = excluded.mime,
+       data = excluded.data, at = excluded.at;
+
+-- name: get_preview
+-- A task's latest preview.
+SELECT task_id, image, step, mime, data, at FROM previews WHERE task_id = ?;

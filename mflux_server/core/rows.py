@@ -256,3 +256,26 @@ class Recovery(NamedTuple):
 
     task_id: str
     status: Status
+
+
+@dataclass(frozen=True, slots=True)
+class Event(FromRow):
+    """A change a client may watch (status, progress, preview, done, error, deleted), in events-table order."""
+
+    id: int
+    task_id: str
+    kind: str
+    data: str  # a JSON object
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Preview(FromRow):
+    """The latest preview of a running task: a small JPEG of its current latents."""
+
+    task_id: str
+    image: int
+    step: int
+    mime: str
+    data: bytes
+    at: float

@@ -18,9 +18,11 @@ from mflux_server.core.db import transaction
 from mflux_server.core.rows import (
     Arrival,
     ClaimKey,
+    Event,
     InputImage,
     LoadStat,
     NewTask,
+    Preview,
     QueueEntry,
     QueueRead,
     Recovery,
@@ -36,6 +38,8 @@ from mflux_server.core.rows import (
 
 # Workers silent this long that hold no task are forgotten.
 FORGET_WORKERS_AFTER = 7 * 24 * 3600.0
+# How long events are kept for streams that reconnect; older ones are pruned by the workers' recovery sweep.
+EVENT_RETENTION = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -454,4 +458,37 @@ def recover_orphans(
                 conn.execute(sql("requeue_orphan"), params)
                 outcomes.append(Recovery(held["id"], Status.WAITING))
         conn.execute(sql("forget_old_workers"), {"before": now - FORGET_WORKERS_AFTER})
+        conn.execute(sql("prune_events"), {"before": now - EVENT_RETENTION})
     return outcomes
+
+
+# Events and previews
+
+
+def events_after(conn: sqlite3.Connection, after: int, task_id: str | None = None, limit: int = 1000) -> list[Event]:
+    """Events newer than id `after` (of one task, when given), oldest first."""
+    if task_id is None:
+        rows = conn.execute(sql("events_after"), {"after": after, "limit": limit})
+    else:
+        rows = conn.execute(sql("task_events_after"), {"after": after, "task_id": task_id, "limit": limit})
+    return [Event.from_row(r) for r in rows]
+
+
+def last_event_id(conn: sqlite3.Connection) -> int:
+    """The newest event's id (0 when none)."""
+    newest: int = conn.execute(sql("last_event_id")).fetchone()[0]
+    return newest
+
+
+def save_preview(conn: sqlite3.Connection, task_id: str, worker_id: str, image: int, step: int, mime: str, data: bytes,
+                 now: float | None = None) -> bool:
+    """Replace the task's preview; False when the task is no longer this worker's to run."""
+    cur = conn.execute(sql("save_preview"), {"id": task_id, "worker_id": worker_id, "image": image, "step": step,
+                                             "mime": mime, "data": data, "at": time.time() if now is None else now})
+    return cur.rowcount == 1
+
+
+def preview(conn: sqlite3.Connection, task_id: str) -> Preview | None:
+    """The task's latest preview, if its worker has published one."""
+    row = conn.execute(sql("get_preview"), (task_id,)).fetchone()
+    return None if row is None else Preview.from_row(row)

@@ -256,3 +256,36 @@ def test_memory_needs_reproduce_what_the_h100_ran_and_refused():
     limits = pixel_limits(["schnell", "qwen-image", "fibo"], 60, None, cap=1536 * 1536)
     assert limits["schnell"] == limits["fibo"] == 1536 * 1536 and limits["qwen-image"] < 1024 * 1024
     assert pixel_limits(["qwen-image"], None, None, cap=1024 * 1024) == {"qwen-image": 1024 * 1024}
+
+
+def test_latent_preview_projects_packed_flux_latents_with_the_flux_factors():
+    import mlx.core as mx
+    import numpy as np
+
+    from mflux_server.worker.engines.previews import FLUX_RGB_BIAS, FLUX_RGB_FACTORS, latent_preview
+
+    height, width = 256, 128
+    channels = np.zeros((16, height // 8, width // 8), dtype=np.float32)
+    channels[4] = 5.0  # one channel strongly on: every pixel is 5 × its factor row, plus the bias
+    channels[4, :, : width // 16] = -5.0  # and strongly off in the left half
+    # mflux's packing: (1, C, 2R, 2C) → 2×2 patches → (1, R·C, C·4), index c·4 + dy·2 + dx.
+    packed = channels.reshape(16, height // 16, 2, width // 16, 2).transpose(1, 3, 0, 2, 4).reshape(1, -1, 64)
+    picture = latent_preview(mx.array(packed), height, width)
+    assert picture.size == (width // 8, height // 8)
+    expected = [round(min(max((5 * f + b + 1) / 2, 0), 1) * 255) for f, b in zip(FLUX_RGB_FACTORS[4], FLUX_RGB_BIAS,
+                                                                                   strict=True)]
+    assert all(abs(a - e) <= 1 for a, e in zip(picture.getpixel((width // 8 - 1, 0)), expected, strict=True))
+    assert picture.getpixel((0, 0)) != picture.getpixel((width // 8 - 1, 0)), "the two halves differ"
+    assert latent_preview(mx.zeros((1, 7, 64)), height, width) is None, "an unknown layout gives no preview"
+
+
+def test_synthetic_previews_reveal_the_final_image_step_by_step():
+    recorder = Recorder(previews=True)
+    job = Job("reveal", 3, 512, 256, 4, None)
+    image = SyntheticEngine("schnell", step=(0, 0, 0), fixed=(0, 0)).generate(job, recorder)
+    halfway, nearly = recorder.previews[1], recorder.previews[2]
+    assert halfway.size == (256, 128), "previews are at most 256 px on the longer side"
+    final = image.resize(halfway.size, Image.Resampling.BILINEAR)
+    assert halfway.crop((0, 0, 256, 60)).tobytes() == final.crop((0, 0, 256, 60)).tobytes()
+    assert halfway.crop((0, 70, 256, 128)).getcolors() == [(256 * 58, (24, 24, 24))], "the rest is not drawn yet"
+    assert nearly.crop((0, 0, 256, 90)).tobytes() == final.crop((0, 0, 256, 90)).tobytes()

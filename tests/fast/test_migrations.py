@@ -18,6 +18,8 @@ EXPECTED_COLUMNS = {
     "images": {"task_id", "idx", "seed", "mime", "data", "served", "gen_started", "gen_ended"},
     "queue_state": {"id", "changes"},
     "timing_stats": {"model", "width", "height", "kind", "n", "total", "updated_at"},
+    "events": {"id", "task_id", "kind", "data", "at"},
+    "previews": {"task_id", "image", "step", "mime", "data", "at"},
     "workers": {"id", "hostname", "pid", "engine", "model", "quantize", "started_at", "heartbeat_at", "stopped_at",
                 "models", "max_pixels", "loading", "affinity_wait", "pixel_limits"},
 }

@@ -186,3 +186,28 @@ def test_every_query_is_used_by_the_store():
     source = Path(store.__file__).read_text()
     unused = [name for name in store.queries() if f'sql("{name}")' not in source]
     assert unused == [], f"queries.sql defines statements nothing runs: {unused}"
+
+
+def test_every_change_of_a_task_appends_an_event_and_previews_belong_to_the_running_worker(conn):
+    import json
+
+    start = store.last_event_id(conn)
+    task = queue_task(conn, steps=2, count=1)
+    claimed = store.claim_next(conn, "w", "schnell", "synthetic")
+    assert claimed.id == task.id
+    assert store.record_progress(conn, task.id, "w", 0, 1, 100.0)
+    assert not store.save_preview(conn, task.id, "someone-else", 1, 1, "image/jpeg", b"x")
+    assert store.save_preview(conn, task.id, "w", 1, 1, "image/jpeg", b"first")
+    assert store.save_preview(conn, task.id, "w", 1, 2, "image/jpeg", b"second")
+    assert store.preview(conn, task.id).data == b"second"
+    assert store.complete(conn, task.id, "w", images_for(claimed))
+    assert store.preview(conn, task.id) is None, "a preview shows a running task only"
+    store.cancel_or_delete(conn, task.id)
+    events = store.events_after(conn, start)
+    assert [(e.kind, json.loads(e.data).get("status")) for e in events] == [
+        ("status", "waiting"), ("status", "processing"), ("progress", None), ("preview", None), ("preview", None),
+        ("done", "done"), ("deleted", "deleted")]
+    assert json.loads(events[2].data) == {"image": 1, "count": 1, "step": 1, "steps": 2}
+    assert [e.id for e in events] == sorted({e.id for e in events}), "ids only grow"
+    assert store.events_after(conn, events[3].id, task_id=task.id)[0].id == events[4].id
+    assert store.last_event_id(conn) == events[-1].id

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -52,8 +53,8 @@ class StepReporter(Protocol):
     def loop_started(self) -> None:
         """The fixed work before the denoising loop (prompt encoding, latents) is done."""
 
-    def step(self, done: int, total: int) -> None:
-        """Denoising step `done` of `total` has finished."""
+    def step(self, done: int, total: int, preview: Callable[[], Image.Image | None] | None = None) -> None:
+        """Denoising step `done` of `total` has finished; `preview` draws the image so far, when one is due."""
 
 
 class Engine(Protocol):

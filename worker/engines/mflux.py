@@ -18,6 +18,7 @@ from mflux_server.core import catalog
 from mflux_server.core.rows import REFERENCE_ROLES
 from mflux_server.worker.engines.base import EngineFault, Job, ModelLoadFailed, OutOfMemory, StepReporter
 from mflux_server.worker.engines.families import Family, family_named
+from mflux_server.worker.engines.previews import latent_preview
 
 log = logging.getLogger("mflux_worker")
 
@@ -67,7 +68,8 @@ class StepBridge:
         mx.eval(latents)
         if self.reporter is not None:
             start = getattr(config, "init_time_step", 0) or 0
-            self.reporter.step(t - start + 1, config.num_inference_steps - start)
+            self.reporter.step(t - start + 1, config.num_inference_steps - start,
+                               lambda: latent_preview(latents, config.height, config.width))
 
 
 def gpu_available() -> bool:

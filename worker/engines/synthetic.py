@@ -11,6 +11,7 @@ from PIL import Image, ImageDraw, ImageOps
 
 from mflux_server.core.settings import H100_STEP_COST
 from mflux_server.worker.engines.base import Job, ModelLoadFailed, OutOfMemory, StepReporter
+from mflux_server.worker.engines.previews import revealed
 
 LABEL = "SYNTHETIC TEST IMAGE - mflux-server synthetic engine, not model output"
 
@@ -146,11 +147,18 @@ class SyntheticEngine:
         sleep_until(deadline)
         reporter.loop_started()
         per_step = self.step_seconds(job.width, job.height)
+        drawn: list[Image.Image] = []
+
+        def final() -> Image.Image:
+            if not drawn:  # drawn once, on the first preview; the image itself reuses it
+                drawn.append(with_inputs(draw(job), job))
+            return drawn[0]
+
         for done in range(1, job.steps + 1):
             deadline += self._seconds(per_step)
             sleep_until(deadline)
-            reporter.step(done, job.steps)
+            reporter.step(done, job.steps, lambda done=done: revealed(final(), done, job.steps))  # type: ignore[misc]
         deadline += self._seconds(self.fixed[1])
-        image = with_inputs(draw(job), job)
+        image = final()
         sleep_until(deadline)
         return image

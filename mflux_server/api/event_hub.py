@@ -1,0 +1,77 @@
+"""One watcher per server process turns database commits into wake-ups for every open event stream.
+
+The worker is another process, so events come from the database. Each stream does not poll it: one
+watcher per process checks `PRAGMA data_version` (a number SQLite changes when another connection
+commits) every tick, reads the new rows of the events table once, and wakes every stream waiting on a
+condition. Under gevent the watcher is a greenlet and its reads take microseconds.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+
+from mflux_server.core import store
+from mflux_server.core.rows import Event
+
+TICK = 0.02  # seconds between checks: an event reaches its streams within about this
+RECENT = 20_000  # events kept in memory for streams that fall behind; older ones are read from the database
+
+
+class EventHub:
+    """The newest events of the database, and a condition that streams wait on for more."""
+
+    def __init__(self, connect: Callable[[], sqlite3.Connection], tick: float = TICK):
+        self._connect = connect
+        self._tick = tick
+        self._changed = threading.Condition()
+        self._recent: deque[Event] = deque(maxlen=RECENT)
+        self._thread: threading.Thread | None = None
+        self.last_id = 0  # the newest event read
+
+    def start(self) -> None:
+        """Start watching, once (the first stream does it)."""
+        with self._changed:
+            if self._thread is not None:
+                return
+            conn = self._connect()
+            self.last_id = store.last_event_id(conn)
+            self._thread = threading.Thread(target=self._watch, args=(conn,), name="event-hub", daemon=True)
+            self._thread.start()
+
+    def _watch(self, conn: sqlite3.Connection) -> None:
+        version = store.data_version(conn)
+        while True:
+            time.sleep(self._tick)
+            now_version = store.data_version(conn)
+            if now_version == version:
+                continue
+            version = now_version
+            self.take_new(conn)
+
+    def take_new(self, conn: sqlite3.Connection) -> None:
+        """Read events newer than the last one seen and wake the streams (the watcher calls it each change)."""
+        while new := store.events_after(conn, self.last_id):
+            with self._changed:
+                self._recent.extend(new)
+                self.last_id = new[-1].id
+                self._changed.notify_all()
+
+    def covers(self, after: int) -> bool:
+        """Whether every event newer than `after` is in memory (else the stream reads the database)."""
+        return after >= self.last_id or (bool(self._recent) and self._recent[0].id <= after + 1)
+
+    def wait(self, after: int, timeout: float) -> list[Event]:
+        """The events newer than `after` in memory, waiting up to `timeout` seconds for one."""
+        with self._changed:
+            self._changed.wait_for(lambda: self.last_id > after, timeout)
+            newer: list[Event] = []
+            for event in reversed(self._recent):
+                if event.id <= after:
+                    break
+                newer.append(event)
+        newer.reverse()
+        return newer
