@@ -1,0 +1,131 @@
+"""The mflux-client command: generate with a progress line and write the files; status, list and cancel."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from mflux_server.client.errors import ServerError, TaskCanceled, TaskFailed
+from mflux_server.client.sync import Client
+
+EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'1024x768' as (width, height)."""
+    width, sep, height = text.lower().partition("x")
+    if not sep or not width.isdigit() or not height.isdigit():
+        raise argparse.ArgumentTypeError(f"size must look like 1024x768, got {text!r}")
+    return int(width), int(height)
+
+
+def progress_line(state: dict[str, Any]) -> str:
+    """One line saying where a task is: queue position and forecast, or image, step and a bar."""
+    status = state.get("status")
+    if state.get("event") == "progress" and "step" in state:
+        fraction = ((state["image"] - 1) * state["steps"] + state["step"]) / max(state["count"] * state["steps"], 1)
+        bar = "#" * round(fraction * 20)
+        return (f"image {state['image']}/{state['count']}  step {state['step']}/{state['steps']}  "
+                f"[{bar:<20}] {fraction:4.0%}  ~{state.get('wait_remaining', 0):.0f} s left")
+    if status == "waiting" or "position" in state or "pos" in state:
+        position = state.get("position", state.get("pos", 0))
+        return f"queued: {position} ahead, ~{state.get('wait_remaining', state.get('expected_time_seconds', 0)):.0f} s"
+    return str(status or state.get("event", ""))
+
+
+def unique_path(folder: Path, stem: str, extension: str) -> Path:
+    """A file name that does not exist yet: the stem, then -1, -2, … (never overwrites)."""
+    candidate = folder / f"{stem}.{extension}"
+    number = 1
+    while candidate.exists():
+        candidate = folder / f"{stem}-{number}.{extension}"
+        number += 1
+    return candidate
+
+
+def generate(client: Client, args: argparse.Namespace) -> int:
+    """Submit, follow with a progress line on stderr, write every image, print their paths."""
+    fields: dict[str, Any] = {"model": args.model, "steps": args.steps, "seed": args.seed, "count": args.count,
+                              "format": args.format, "guidance": args.guidance, "negative_prompt": args.negative_prompt,
+                              "image_strength": args.strength, "priority": args.priority or None}
+    if args.size:
+        fields["width"], fields["height"] = args.size
+    live = sys.stderr.isatty()
+
+    def show(state: dict[str, Any]) -> None:
+        line = progress_line(state)
+        if live:
+            print(f"\r\033[K{line}", end="", file=sys.stderr, flush=True)
+        elif state.get("event") in ("submitted", "done", "status"):
+            print(line, file=sys.stderr)
+
+    task = client.submit(args.prompt, image=args.image, mask=args.mask, **fields)
+    show({"event": "submitted", **task})
+    done = client.wait(task["task_id"], show)
+    if live:
+        print(file=sys.stderr)
+    folder = Path(args.output)
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for index in range(done["count"]):
+        path = unique_path(folder, f"{stamp}-{done['seed'] + index}", EXTENSIONS[done["format"]])
+        path.write_bytes(client.image(task["task_id"], index))
+        print(path)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse the command line and run one command; exit 1 with the server's message on an error."""
+    parser = argparse.ArgumentParser(prog="mflux-client", description="Talk to an mflux-server.")
+    parser.add_argument("--server", default=os.environ.get("MFLUX_SERVER_URL", "http://127.0.0.1:4030"),
+                        help="the server's base URL (default $MFLUX_SERVER_URL or http://127.0.0.1:4030)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    gen = commands.add_parser("generate", help="generate images and write them to a folder")
+    gen.add_argument("prompt")
+    gen.add_argument("-n", "--count", type=int, default=1)
+    gen.add_argument("-o", "--output", default=".", help="folder for the images (default: here)")
+    gen.add_argument("--model")
+    gen.add_argument("--size", type=parse_size, help="WIDTHxHEIGHT, e.g. 1024x768")
+    gen.add_argument("--steps", type=int)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--guidance", type=float)
+    gen.add_argument("--negative-prompt")
+    gen.add_argument("--format", default="PNG", choices=sorted(EXTENSIONS))
+    gen.add_argument("--image", help="init or reference image file")
+    gen.add_argument("--strength", type=float, help="image-to-image strength, 0 to 1")
+    gen.add_argument("--mask", help="inpaint mask file (white repaints)")
+    gen.add_argument("--priority", action="store_true")
+    for name, helptext in (("status", "a task's status"), ("cancel", "cancel or delete a task")):
+        commands.add_parser(name, help=helptext).add_argument("task_id")
+    listing = commands.add_parser("list", help="the queue and recent tasks")
+    listing.add_argument("--status")
+    listing.add_argument("--limit", type=int, default=20)
+    args = parser.parse_args(argv)
+    client = Client(args.server)
+    try:
+        if args.command == "generate":
+            return generate(client, args)
+        if args.command == "status":
+            print(json.dumps(client.status(args.task_id), indent=1))
+        elif args.command == "cancel":
+            print(json.dumps(client.cancel(args.task_id)))
+        else:
+            for task in client.list(args.status, args.limit)["tasks"]:
+                print(f"{task['task_id']}  {task['status']:<10} {task['model']:<12} {task['prompt'][:60]}")
+    except (ServerError, TaskFailed, TaskCanceled) as error:
+        print(f"mflux-client: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:
+        print(f"mflux-client: cannot reach {args.server}: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""The Python client and the mflux-client command, against a real server and synthetic worker."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import threading
+
+import pytest
+from PIL import Image
+
+from mflux_server.client import AsyncClient, Client, ServerError, TaskCanceled
+from mflux_server.testing import ROOT, wait_for
+
+
+def test_generate_waits_reports_progress_and_returns_the_images(processes):
+    url = processes.server()
+    processes.worker(speed=5)
+    seen: list[dict] = []
+    images = Client(url).generate("a red fox", count=2, steps=3, width=256, height=192, seed=7, progress=seen.append)
+    assert [image.size for image in images] == [(256, 192), (256, 192)]
+    assert all(isinstance(image, Image.Image) for image in images)
+    steps = [(e["image"], e["step"]) for e in seen if e["event"] == "progress" and "step" in e]
+    assert (1, 1) in steps and (2, 3) in steps and steps == sorted(steps)
+    assert seen[0]["event"] == "submitted" and seen[-1]["event"] == "done"
+
+
+def test_errors_are_typed_from_the_servers_json(processes):
+    url = processes.server()
+    client = Client(url)
+    with pytest.raises(ServerError) as raised:
+        client.submit("x", width=1000)
+    assert raised.value.status == 422 and raised.value.code == "invalid_input" and raised.value.field == "width"
+    with pytest.raises(ServerError) as missing:
+        client.status("nope")
+    assert missing.value.status == 404 and missing.value.code == "task_not_found"
+
+
+def test_a_task_canceled_while_waited_for_raises_task_canceled(processes):
+    url = processes.server()  # no worker: the task stays waiting until canceled
+    client = Client(url)
+    task = client.submit("never runs")
+    threading.Timer(0.5, lambda: client.cancel(task["task_id"])).start()
+    with pytest.raises(TaskCanceled):
+        client.wait(task["task_id"])
+
+
+def test_the_async_client_generates(processes):
+    url = processes.server()
+    processes.worker(speed=5)
+    blobs = asyncio.run(AsyncClient(url).generate("async", steps=2, width=128, height=128, as_pil=False))
+    assert len(blobs) == 1 and blobs[0][:3] == b"\xff\xd8\xff"  # JPEG by default
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "mflux_server.client.cli", *args], capture_output=True, text=True,
+                          timeout=60, cwd=str(ROOT))
+
+
+def test_the_cli_generates_files_and_shows_status_list_and_cancel(processes, tmp_path):
+    url = processes.server()
+    processes.worker(speed=5)
+    out = tmp_path / "out"
+    result = run_cli("--server", url, "generate", "a cat", "-n", "2", "-o", str(out), "--size", "256x128",
+                     "--steps", "2", "--seed", "40")
+    assert result.returncode == 0, result.stderr
+    paths = result.stdout.split()
+    assert len(paths) == 2 and all(p.endswith(".png") for p in paths)
+    assert [Image.open(p).size for p in paths] == [(256, 128), (256, 128)]
+    assert "queued" in result.stderr  # the progress line, plain when stderr is not a terminal
+    again = run_cli("--server", url, "generate", "a cat", "-o", str(out), "--size", "256x128", "--steps", "2",
+                    "--seed", "40")
+    assert again.stdout.strip() not in paths, "a new file, never an overwrite"
+    queued = Client(url).submit("to cancel", steps=100, width=1536, height=1536, count=8)
+    status = run_cli("--server", url, "status", queued["task_id"])
+    assert status.returncode == 0 and json.loads(status.stdout)["task_id"] == queued["task_id"]
+    assert queued["task_id"] in run_cli("--server", url, "list").stdout
+    assert run_cli("--server", url, "cancel", queued["task_id"]).returncode == 0
+    wait_for(lambda: Client(url).status(queued["task_id"])["status"] == "canceled", what="canceled")
+    bad = run_cli("--server", url, "generate", "x", "--size", "1000x1000")
+    assert bad.returncode == 1 and "422 invalid_input" in bad.stderr and "multiple of 16" in bad.stderr
+    down = run_cli("--server", "http://127.0.0.1:9", "list")
+    assert down.returncode == 1 and "cannot reach" in down.stderr
