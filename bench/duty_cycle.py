@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import tempfile
 from pathlib import Path
 
@@ -12,6 +13,8 @@ from mflux_server.testing import Processes, wait_for
 
 PER_IMAGE = 0.25  # seconds the synthetic engine takes per image, as the issue fixes it
 STEPS = 4
+# The worker's closing log line (worker/claim_loop.py: PreviewCost.summary).
+PREVIEW_LINE = re.compile(r"previews: (?P<count>\d+) drawn in [\d.]+ ms, (?P<share>[\d.]+)% of")
 
 
 def run_format(fmt: str, tasks: int, size: int) -> dict:
@@ -24,11 +27,13 @@ def run_format(fmt: str, tasks: int, size: int) -> dict:
         procs = Processes(Path(tmp), path)
         try:
             # a fixed 250 ms per image, all of it in the denoising steps
-            procs.worker("--synthetic-step", f"{PER_IMAGE / STEPS},0,0", "--synthetic-fixed", "0,0", speed=1.0)
+            worker = procs.worker("--synthetic-step", f"{PER_IMAGE / STEPS},0,0", "--synthetic-fixed", "0,0", speed=1.0)
             wait_for(lambda: store.status_counts(conn)[Status.DONE] == tasks, timeout=tasks * PER_IMAGE * 3 + 30,
                      interval=0.2, what="every duty-cycle task")
         finally:
             procs.stop_all()
+        previews = PREVIEW_LINE.search(procs.log(worker))
+        assert previews is not None, "the worker logs what its previews cost when it stops"
         spans = store.generation_spans(conn)
         finished = store.list_tasks(conn, Status.DONE, tasks, 0)[0]
         first_claim = min(t.started_at for t in finished if t.started_at is not None)
@@ -37,7 +42,8 @@ def run_format(fmt: str, tasks: int, size: int) -> dict:
     generating = sum(end - start for start, end in spans)
     gaps = [(spans[i + 1][0] - spans[i][1]) * 1000 for i in range(len(spans) - 1)]
     return {"duty": 100 * generating / (last_done - first_claim), "gap_p50": median(gaps),
-            "gap_p99": percentile(gaps, 99), "wall": last_done - first_claim, "generating": generating}
+            "gap_p99": percentile(gaps, 99), "wall": last_done - first_claim, "generating": generating,
+            "previews": int(previews["count"]), "preview_share": float(previews["share"])}
 
 
 def run(smoke: bool = False) -> Result:
@@ -51,5 +57,7 @@ def run(smoke: bool = False) -> Result:
                    "≥ 99%", found["duty"] >= 99)
         result.add(f"{fmt}: gap between generations, p50", found["gap_p50"], "ms", "≤ 5 ms", found["gap_p50"] <= 5)
         result.add(f"{fmt}: gap between generations, p99", found["gap_p99"], "ms")
+        result.add(f"{fmt}: previews ({found['previews']} drawn), share of generation time", found["preview_share"], "%",
+                   "≤ 1%", found["preview_share"] <= 1)
         result.extra[fmt] = found
     return result

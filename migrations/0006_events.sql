@@ -6,7 +6,7 @@ CREATE TABLE events (
     task_id  TEXT    NOT NULL,
     kind     TEXT    NOT NULL CHECK (kind IN ('status', 'progress', 'preview', 'done', 'error', 'deleted')),
     data     TEXT    NOT NULL,  -- a JSON object: what changed, as of this event
-    at       REAL    NOT NULL
+    at       REAL    NOT NULL   -- when it was written (Unix time)
 );
 CREATE INDEX events_task ON events (task_id, id);
 CREATE INDEX events_at ON events (at);
@@ -42,7 +42,7 @@ WHEN NEW.status = 'processing' AND OLD.status = 'processing'
 BEGIN
     INSERT INTO events (task_id, kind, data, at)
     VALUES (NEW.id, 'progress', json_object('image', NEW.image_index + 1, 'count', NEW.count, 'step', NEW.step,
-                                            'steps', NEW.steps), coalesce(NEW.step_at, (julianday('now') - 2440587.5) * 86400.0));
+                                            'steps', NEW.steps), (julianday('now') - 2440587.5) * 86400.0);
 END;
 
 CREATE TRIGGER events_deleted AFTER DELETE ON tasks

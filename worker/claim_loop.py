@@ -53,6 +53,25 @@ class ShutdownRequested(TaskStopped):
     """SIGTERM or SIGINT: stop at this step boundary and put the task back."""
 
 
+class PreviewCost:
+    """What drawing previews cost on the generation thread, against the time spent generating (logged at stop)."""
+
+    def __init__(self) -> None:
+        self.previews, self.seconds, self.generating = 0, 0.0, 0.0
+
+    def add(self, previews: int, seconds: float, generating: float) -> None:
+        """One image's previews and its generation time."""
+        self.previews += previews
+        self.seconds += seconds
+        self.generating += generating
+
+    def summary(self) -> str:
+        """One log line (benchmark 1 reads it)."""
+        share = self.seconds / self.generating * 100 if self.generating else 0.0
+        return (f"previews: {self.previews} drawn in {self.seconds * 1000:.1f} ms, {share:.3f}% of "
+                f"{self.generating:.1f} s generating")
+
+
 class StepTimer:
     """The StepReporter of one image: times the engine's loop events, publishes progress, stops on request."""
 
@@ -63,6 +82,7 @@ class StepTimer:
         self.stopping = stopping
         self.started = self.last = time.perf_counter()
         self.previewed = float("-inf")
+        self.previews, self.preview_seconds = 0, 0.0  # what drawing previews cost this image's generation
         self.looping = False
         # Held until the image is generated: a failed generation's timings would teach the forecast its failure.
         self.measurements: list[Measurement] = []
@@ -88,7 +108,9 @@ class StepTimer:
             picture = preview()
             if picture is not None:
                 self.publisher.publish_preview(PreviewFrame(self.task.id, self.index, done, picture))
-            self.previewed = now
+            self.previewed = time.perf_counter()
+            self.preview_seconds += self.previewed - now
+            self.previews += 1
         self._check()
 
     def after_seconds(self) -> float:
@@ -131,6 +153,7 @@ class ClaimLoop:
         self.servable = list(dict.fromkeys(servable or ([engine.model] if engine.model else [])))
         # The largest image per model (its memory need; lowered when it runs out of memory), as published.
         self.limits = dict(limits or {})
+        self.preview_cost = PreviewCost()
 
     def claim(self, now: float | None = None) -> Task | None:
         """Claim the next task this worker should run, per choose_model; None when nothing it serves waits."""
@@ -250,6 +273,7 @@ class ClaimLoop:
                         self.recover_engine()
                     return None
                 timer.commit()
+                self.preview_cost.add(timer.previews, timer.preview_seconds, time.time() - started)
                 done = ImageGenerated(task, index, image, started, time.time(), timer.after_seconds(), self.engine.software)
                 if index == task.count - 1:
                     return done

@@ -65,6 +65,7 @@ class Supervisor:
             self.publisher.flush_timings(self.conn)
             store.stop_worker(self.conn, self.worker_id)
             self.conn.close()
+            log.info("%s", self.claim_loop.preview_cost.summary())
             log.info("worker %s stopped", self.worker_id)
         return code
 

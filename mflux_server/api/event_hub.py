@@ -13,12 +13,15 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 from mflux_server.core import store
 from mflux_server.core.rows import Event
 
 TICK = 0.02  # seconds between checks: an event reaches its streams within about this
 RECENT = 20_000  # events kept in memory for streams that fall behind; older ones are read from the database
+# Rendered messages kept: each event is rendered (task view, position, forecast) once for every stream of a process.
+RENDERED = 2_000
 
 
 class EventHub:
@@ -30,6 +33,7 @@ class EventHub:
         self._changed = threading.Condition()
         self._recent: deque[Event] = deque(maxlen=RECENT)
         self._thread: threading.Thread | None = None
+        self._rendered: dict[int, tuple[str, dict[str, Any] | None]] = {}
         self.last_id = 0  # the newest event read
 
     def start(self) -> None:
@@ -59,6 +63,17 @@ class EventHub:
                 self._recent.extend(new)
                 self.last_id = new[-1].id
                 self._changed.notify_all()
+
+    def rendered(self, event: Event, render: Callable[[Event], tuple[str, dict[str, Any] | None]]
+                 ) -> tuple[str, dict[str, Any] | None]:
+        """An event's message (and the task view it used), made once per process for all its streams."""
+        found = self._rendered.get(event.id)
+        if found is None:
+            found = self._rendered[event.id] = render(event)
+            if len(self._rendered) > RENDERED:
+                for old in sorted(self._rendered)[: len(self._rendered) - RENDERED // 2]:
+                    del self._rendered[old]
+        return found
 
     def covers(self, after: int) -> bool:
         """Whether every event newer than `after` is in memory (else the stream reads the database)."""

@@ -83,6 +83,12 @@ def view_of(task_id: str) -> dict[str, Any] | None:
     return None if task is None else task_status(conn(), task)
 
 
+def render(event: Event) -> tuple[str, dict[str, Any] | None]:
+    """An event's message with the task's view as of now (and that view)."""
+    view = view_of(event.task_id) if event.kind != "deleted" else None
+    return frame(event.id, event.kind, payload(event, view)), view
+
+
 def follow(watched: set[str] | None, after: int | None, single: bool) -> Iterator[str]:
     """The stream: the current state (unless resuming), then every event as it happens, and keep-alives."""
     hub = event_hub()
@@ -112,10 +118,10 @@ def follow(watched: set[str] | None, after: int | None, single: bool) -> Iterato
             queue_moved |= event.kind in ("status", "done", "error", "deleted")
             if watched is not None and event.task_id not in watched:
                 continue
-            view = view_of(event.task_id) if event.kind != "deleted" else None
+            message, view = hub.rendered(event, render)
             if view is not None:
                 positions[event.task_id] = (view["pos"], view["wait_remaining"])
-            yield frame(event.id, event.kind, payload(event, view))
+            yield message
             if single and (event.kind in ("done", "error", "deleted") or json.loads(event.data).get("status") in ENDED):
                 return
         after = events[-1].id

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import socket
 import sys
@@ -35,6 +36,7 @@ def check_port_free(host: str, port: int) -> None:
             raise SystemExit(f"mflux-server: cannot listen on {host}:{port}: {error.strerror}") from None
 
 
+KEEPALIVE_SECONDS = 75
 # Methods that change the queue: served as soon as they are read.
 WRITE_METHODS = ("POST", "PUT", "PATCH", "DELETE")
 
@@ -73,6 +75,9 @@ def serve(settings: Settings) -> None:
             self.cfg.set("workers", settings.http_workers)
             self.cfg.set("worker_class", "gevent")
             self.cfg.set("worker_connections", settings.max_connections)
+            # An idle keep-alive connection costs a greenlet, so keep it as long as common proxies do (gunicorn's
+            # default of 2 s made clients that poll every few seconds reconnect each time).
+            self.cfg.set("keepalive", KEEPALIVE_SECONDS)
             # With one shared listening socket the process that wakes first accepts, and under load one
             # process can end up with most kept-alive connections and a single core's worth of GIL.
             # One socket per process lets the kernel spread connections evenly (bench/explanations.md).
@@ -87,7 +92,12 @@ def serve(settings: Settings) -> None:
 
         def load(self) -> Any:
             shorten_gil_switch_interval()
-            return take_turns(create_app(settings))
+            app = take_turns(create_app(settings))
+            # Everything made so far (modules, the app, the catalog) lives as long as the process: keep it out
+            # of the garbage collector's full passes, which otherwise pause every connection of the loop.
+            gc.collect()
+            gc.freeze()
+            return app
 
     check_port_free(settings.host, settings.port)
     Server().run()

@@ -147,18 +147,12 @@ class SyntheticEngine:
         sleep_until(deadline)
         reporter.loop_started()
         per_step = self.step_seconds(job.width, job.height)
-        drawn: list[Image.Image] = []
-
-        def final() -> Image.Image:
-            if not drawn:  # drawn once, on the first preview; the image itself reuses it
-                drawn.append(with_inputs(draw(job), job))
-            return drawn[0]
-
+        # Drawn while the first step "runs" (its time is a deadline), so previews can reveal it.
+        image = with_inputs(draw(job), job)
         for done in range(1, job.steps + 1):
             deadline += self._seconds(per_step)
             sleep_until(deadline)
-            reporter.step(done, job.steps, lambda done=done: revealed(final(), done, job.steps))  # type: ignore[misc]
+            reporter.step(done, job.steps, lambda done=done: revealed(image, done, job.steps))  # type: ignore[misc]
         deadline += self._seconds(self.fixed[1])
-        image = final()
         sleep_until(deadline)
         return image
