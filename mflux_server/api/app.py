@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 from flask import Flask, Response, send_from_directory
 from flask_smorest import Api
 from werkzeug.exceptions import HTTPException, InternalServerError
 
+import mflux_server.web
 from mflux_server import __version__
 from mflux_server.api import context, events, generation, info, models, tasks
 from mflux_server.api.errors import ErrorSchema, JsonError, error_payload
 from mflux_server.core.settings import Settings
+
+WEB = str(Path(mflux_server.web.__file__).parent)  # the web UI's files
 
 log = logging.getLogger("mflux_server")
 
@@ -63,6 +67,16 @@ def create_app(config: Settings | None = None, overrides: dict[str, Any] | None 
     api.register_blueprint(info.blp, url_prefix="/api")
     api.register_blueprint(models.blp, url_prefix="/api")
     api.register_blueprint(events.blp, url_prefix="/api")
+
+    @app.route("/")
+    def web_ui() -> Response:
+        """The web UI: one page from the package's files, no CDN."""
+        return send_from_directory(WEB, "index.html", max_age=0)
+
+    @app.route("/ui/<path:filename>")
+    def web_assets(filename: str) -> Response:
+        """The web UI's script and style sheet."""
+        return send_from_directory(WEB, filename, max_age=0)
 
     @app.route("/swagger-assets/<path:filename>")
     def swagger_assets(filename: str) -> Response:

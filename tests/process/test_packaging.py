@@ -59,8 +59,10 @@ def test_the_wheel_installs_one_namespace_with_its_sql(tmp_path: Path):
     shipped = sorted(n.rsplit("/", 1)[-1] for n in names if n.startswith("mflux_server/migrations/") and n.endswith(".sql"))
     assert shipped == [name for _, name, _ in db.migration_files()]
     for module in ("mflux_server/core/queries.sql", "mflux_server/worker/cli.py", "mflux_server/worker/engines/mflux.py",
-                   "mflux_server/api/app.py", "mflux_server/forecast/cost_model.py"):
+                   "mflux_server/api/app.py", "mflux_server/forecast/cost_model.py", "mflux_server/web/index.html",
+                   "mflux_server/web/app.js", "mflux_server/web/style.css", "mflux_server/client/cli.py"):
         assert module in names
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "mflux-worker = mflux_server.worker.cli:main" in entry_points
     assert "mflux-server = mflux_server.api.server:main" in entry_points
+    assert "mflux-client = mflux_server.client.cli:main" in entry_points

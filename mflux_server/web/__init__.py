@@ -1,0 +1,1 @@
+"""The web UI's files (index.html, app.js, style.css), served by the API at / and /ui/."""

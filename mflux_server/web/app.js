@@ -1,0 +1,328 @@
+// mflux-server's web UI: one page, no build step, no network beyond this server.
+"use strict";
+const $ = (selector) => document.querySelector(selector);
+const store = {
+  get: (key, fallback) => { try { return JSON.parse(localStorage.getItem("mflux." + key)) ?? fallback; } catch { return fallback; } },
+  set: (key, value) => localStorage.setItem("mflux." + key, JSON.stringify(value)),
+};
+const state = { models: [], tasks: store.get("tasks", []), gallery: store.get("gallery", []), views: {}, source: null,
+                image: null, maskDirty: false, polling: null };
+
+async function api(path, options = {}) {
+  const response = await fetch(path, options);
+  const body = response.headers.get("Content-Type")?.includes("json") ? await response.json() : null;
+  if (!response.ok) throw Object.assign(new Error(body?.message || response.statusText), { status: response.status, body });
+  return body;
+}
+
+// ---- settings that persist -------------------------------------------------------------------------------------
+function persist() {
+  for (const el of document.querySelectorAll("[data-persist]")) {
+    const saved = store.get("field." + el.id, null);
+    if (saved !== null) { if (el.type === "checkbox") el.checked = saved; else el.value = saved; }
+    el.addEventListener("change", () => store.set("field." + el.id, el.type === "checkbox" ? el.checked : el.value));
+  }
+}
+
+// ---- models and the fields each can use ------------------------------------------------------------------------
+async function loadModels() {
+  try {
+    const [models, info] = await Promise.all([api("/api/models"), api("/api/info")]);
+    state.models = models.models;
+    const select = $("#model"), wanted = store.get("field.model", null) || info.default_model;
+    const served = state.models.filter((m) => m.served), others = state.models.filter((m) => !m.served);
+    select.innerHTML = "";
+    for (const [label, group] of [["Served now", served], ["Not served by any live worker", others]]) {
+      if (!group.length) continue;
+      const optgroup = document.createElement("optgroup");
+      optgroup.label = label;
+      for (const model of group) optgroup.append(new Option(`${model.name} (${model.family_title})`, model.name));
+      select.append(optgroup);
+    }
+    select.value = state.models.some((m) => m.name === wanted) ? wanted : (served[0] || state.models[0])?.name;
+    if (info.warnings?.length) $("#server-note").textContent = info.warnings[0];
+    else if (info.engines?.includes("synthetic")) $("#server-note").textContent = "synthetic engine: test patterns, not model output";
+  } catch (error) { $("#server-note").textContent = "cannot reach the server: " + error.message; }
+  applyModel();
+}
+
+function currentModel() { return state.models.find((m) => m.name === $("#model").value); }
+
+function applyModel() {
+  const model = currentModel(), caps = model?.capabilities || {};
+  const can = { negative_prompt: caps.negative_prompt, guidance: caps.guidance, inpaint: caps.inpaint,
+                image_to_image: caps.image_to_image, image: caps.image_to_image || caps.edit || caps.inpaint };
+  for (const el of document.querySelectorAll("[data-needs]")) el.hidden = model ? !can[el.dataset.needs] : false;
+  $("#strength-field").hidden = !caps.image_to_image || (caps.edit && !$("#image_strength").dataset.touched);
+  const hints = [];
+  if (model) {
+    hints.push(`${model.default_steps} steps by default`);
+    if (caps.edit) hints.push("edits the image you give it");
+    if (caps.inpaint) hints.push("paint the area to repaint");
+    if (!model.served) hints.push("no live worker serves it");
+  }
+  $("#model-hint").textContent = hints.join(" · ");
+  $("#steps").placeholder = model ? String(model.default_steps) : "model default";
+  $("#mask-canvas").hidden = !caps.inpaint;
+}
+
+// ---- size presets ----------------------------------------------------------------------------------------------
+function applyPreset() {
+  const side = Number($("#preset").value), [a, b] = $("#aspect").value.split(":").map(Number);
+  const scale = Math.sqrt((side * side) / (a * b));
+  $("#width").value = Math.max(128, Math.round((a * scale) / 16) * 16);
+  $("#height").value = Math.max(128, Math.round((b * scale) / 16) * 16);
+  store.set("field.width", $("#width").value); store.set("field.height", $("#height").value);
+}
+
+// ---- init image and mask ---------------------------------------------------------------------------------------
+function readFile(file) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result); reader.onerror = () => reject(reader.error);
+    reader.readAsDataURL(file);
+  });
+}
+
+function setImage(dataUrl) {
+  state.image = dataUrl; state.maskDirty = false;
+  const img = $("#init-preview");
+  img.onload = () => {
+    const canvas = $("#mask-canvas");
+    canvas.width = img.naturalWidth; canvas.height = img.naturalHeight;
+    canvas.getContext("2d").clearRect(0, 0, canvas.width, canvas.height);
+    // Generate at the image's size (down to a multiple of 16, within 2048), as the server does without one.
+    const scale = Math.min(1, 2048 / img.naturalWidth, 2048 / img.naturalHeight);
+    $("#width").value = Math.max(128, Math.floor((img.naturalWidth * scale) / 16) * 16);
+    $("#height").value = Math.max(128, Math.floor((img.naturalHeight * scale) / 16) * 16);
+  };
+  img.src = dataUrl;
+  $("#mask-wrap").hidden = !dataUrl; $("#image-tools").hidden = !dataUrl; $("#drop-text").hidden = !!dataUrl;
+}
+
+function setupImageInput() {
+  const drop = $("#drop"), file = $("#image-file");
+  drop.addEventListener("click", (e) => { if (!state.image && e.target.id !== "mask-canvas") file.click(); });
+  file.addEventListener("change", async () => file.files[0] && setImage(await readFile(file.files[0])));
+  drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
+  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+  drop.addEventListener("drop", async (e) => {
+    e.preventDefault(); drop.classList.remove("over");
+    const dropped = e.dataTransfer.files[0];
+    if (dropped?.type.startsWith("image/")) setImage(await readFile(dropped));
+  });
+  document.addEventListener("paste", async (e) => {
+    const item = [...(e.clipboardData?.items || [])].find((i) => i.type.startsWith("image/"));
+    if (item) setImage(await readFile(item.getAsFile()));
+  });
+  $("#image-clear").addEventListener("click", () => setImage(null));
+  $("#mask-clear").addEventListener("click", () => {
+    const canvas = $("#mask-canvas"); canvas.getContext("2d").clearRect(0, 0, canvas.width, canvas.height); state.maskDirty = false;
+  });
+  const strength = $("#image_strength"), out = $("#strength-out");
+  const show = () => { out.textContent = Number(strength.value).toFixed(2); };
+  strength.addEventListener("input", () => { strength.dataset.touched = "1"; show(); }); show();
+  const canvas = $("#mask-canvas"); let painting = false;
+  const paint = (e) => {
+    if (!painting) return;
+    const rect = canvas.getBoundingClientRect(), scale = canvas.width / rect.width;
+    const ctx = canvas.getContext("2d"), radius = (Number($("#brush").value) * scale) / 2;
+    ctx.fillStyle = "#ffffff"; ctx.beginPath();
+    ctx.arc((e.clientX - rect.left) * scale, (e.clientY - rect.top) * scale, radius, 0, Math.PI * 2); ctx.fill();
+    state.maskDirty = true;
+  };
+  canvas.addEventListener("pointerdown", (e) => { painting = true; canvas.setPointerCapture(e.pointerId); paint(e); });
+  canvas.addEventListener("pointermove", paint);
+  canvas.addEventListener("pointerup", () => { painting = false; });
+}
+
+function maskDataUrl() {
+  // The server wants white = repaint on black, at the image's exact size.
+  const source = $("#mask-canvas"), out = document.createElement("canvas");
+  out.width = source.width; out.height = source.height;
+  const ctx = out.getContext("2d"); ctx.fillStyle = "#000"; ctx.fillRect(0, 0, out.width, out.height); ctx.drawImage(source, 0, 0);
+  return out.toDataURL("image/png");
+}
+
+// ---- submit ----------------------------------------------------------------------------------------------------
+function clearErrors() {
+  for (const el of document.querySelectorAll(".error")) el.textContent = "";
+  for (const el of document.querySelectorAll(".invalid")) el.classList.remove("invalid");
+}
+
+function showError(error) {
+  const errors = error.body?.errors?.json || error.body?.errors?.query || {};
+  let placed = false;
+  for (const [field, messages] of Object.entries(errors)) {
+    const name = field.split(".")[0], slot = document.querySelector(`[data-error-for="${name}"]`);
+    const text = Array.isArray(messages) ? messages.join(" ") : JSON.stringify(messages);
+    if (slot) { slot.textContent = text; placed = true; document.getElementById(name)?.classList.add("invalid"); }
+  }
+  if (!placed) $("#form-error").textContent = error.message;
+}
+
+async function submit(event) {
+  event.preventDefault(); clearErrors();
+  const model = currentModel(), caps = model?.capabilities || {}, body = { prompt: $("#prompt").value };
+  const number = (id) => ($(id).value === "" ? undefined : Number($(id).value));
+  Object.assign(body, { model: model?.name, width: number("#width"), height: number("#height"), steps: number("#steps"),
+    count: number("#count"), format: $("#format").value, quality: number("#quality"), priority: $("#priority").checked });
+  if (caps.guidance) body.guidance = number("#guidance");
+  if (caps.negative_prompt && $("#negative_prompt").value.trim()) body.negative_prompt = $("#negative_prompt").value;
+  if (!$("#seed-random").checked) body.seed = number("#seed");
+  if (state.image && (caps.image_to_image || caps.edit || caps.inpaint)) {
+    body.image = state.image;
+    if (caps.inpaint) body.mask = maskDataUrl();
+    else if (caps.image_to_image && !$("#strength-field").hidden) body.image_strength = Number($("#image_strength").value);
+  }
+  for (const key of Object.keys(body)) if (body[key] === undefined) delete body[key];
+  const button = $("#generate"); button.disabled = true;
+  try {
+    const task = await api("/api/generate", { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
+    state.tasks.push({ id: task.task_id, prompt: body.prompt, format: task.format, count: task.count, seed: task.seed });
+    state.views[task.task_id] = { ...task, position: task.pos, seenAt: Date.now() };
+    saveTasks(); renderQueue(); follow();
+  } catch (error) { showError(error); } finally { button.disabled = false; }
+}
+
+// ---- queue: live events, polling fallback ----------------------------------------------------------------------
+function saveTasks() { store.set("tasks", state.tasks); store.set("gallery", state.gallery); }
+
+function follow() {
+  if (state.source) { state.source.close(); state.source = null; }
+  const ids = state.tasks.map((t) => t.id);
+  if (!ids.length) return;
+  if (!window.EventSource || state.polling) return poll();
+  const source = new EventSource("/api/events?task_ids=" + encodeURIComponent(ids.join(",")));
+  state.source = source;
+  for (const kind of ["status", "progress", "preview", "done", "error", "deleted"]) {
+    source.addEventListener(kind, (message) => onEvent(kind, JSON.parse(message.data)));
+  }
+  source.onerror = () => { if (source.readyState === EventSource.CLOSED) { state.polling = true; poll(); } };
+}
+
+async function poll() {
+  for (const task of [...state.tasks]) {
+    try {
+      const view = await api("/api/tasks/" + task.id);
+      onEvent(view.status === "done" ? "done" : view.status === "error" ? "error" : "status",
+              { ...view, position: view.pos, progress: view.progress });
+    } catch (error) { if (error.status === 404) onEvent("deleted", { task_id: task.id }); }
+  }
+  if (state.tasks.length) setTimeout(poll, 1000);
+}
+
+function onEvent(kind, data) {
+  const task = state.tasks.find((t) => t.id === data.task_id);
+  if (!task) return;
+  const view = (state.views[task.id] = { ...(state.views[task.id] || {}), ...data, seenAt: Date.now() });
+  if (kind === "progress" && data.step !== undefined) view.progress = { image: data.image, count: data.count, step: data.step, steps: data.steps };
+  if (kind === "preview") view.preview = `/api/tasks/${task.id}/preview?step=${data.image}-${data.step}`;
+  if (kind === "done") {
+    for (let index = 0; index < task.count; index++) {
+      state.gallery.unshift({ task: task.id, index, prompt: task.prompt, seed: (view.seed ?? task.seed) + index, format: task.format,
+        url: `/api/image?task_id=${task.id}&index=${index}&delete=false` });
+    }
+    dropTask(task.id); renderGallery();
+  } else if (kind === "deleted" || data.status === "canceled") {
+    dropTask(task.id);
+  } else if (kind === "error") {
+    view.failed = data.error || "failed";
+  }
+  renderQueue();
+}
+
+function dropTask(id) {
+  state.tasks = state.tasks.filter((t) => t.id !== id); delete state.views[id]; saveTasks(); follow();
+}
+
+function renderQueue() {
+  const list = $("#queue"); list.innerHTML = "";
+  for (const task of state.tasks) {
+    const view = state.views[task.id] || {}, li = document.createElement("li");
+    li.dataset.task = task.id;
+    const p = view.progress || {}, total = (p.count || task.count) * (p.steps || 1);
+    const done = view.status === "processing" ? ((p.image || 1) - 1) * (p.steps || 1) + (p.step || 0) : 0;
+    const left = Math.max(0, (view.wait_remaining ?? 0) - (Date.now() - (view.seenAt || Date.now())) / 1000);
+    let meta = view.failed ? `<span class="failed">${escapeHtml(view.failed)}</span>`
+      : view.status === "processing" ? `image ${p.image || 1}/${p.count || task.count} · step ${p.step || 0}/${p.steps || "?"} · ~<span class="countdown">${left.toFixed(0)}</span> s`
+      : `waiting · ${view.position ?? "?"} ahead · ~<span class="countdown">${left.toFixed(0)}</span> s`;
+    li.innerHTML = `${view.preview ? `<img class="thumb" alt="preview" src="${view.preview}">` : '<div class="thumb" aria-hidden="true"></div>'}
+      <div><div class="prompt">${escapeHtml(task.prompt)}</div><div class="meta">${meta}</div>
+      <div class="bar" role="progressbar" aria-valuemin="0" aria-valuemax="100" aria-valuenow="${Math.round((done / total) * 100)}"><span style="width:${(done / total) * 100}%"></span></div></div>
+      <button type="button" class="small">${view.failed ? "Dismiss" : "Cancel"}</button>`;
+    li.querySelector("button").addEventListener("click", () => cancel(task.id, !!view.failed));
+    list.append(li);
+  }
+  $("#queue-empty").hidden = state.tasks.length > 0;
+}
+
+async function cancel(id, dismiss) {
+  try { await api("/api/tasks/" + id, { method: "DELETE" }); } catch (error) { if (error.status !== 404) return showError(error); }
+  if (dismiss) { await api("/api/tasks/" + id, { method: "DELETE" }).catch(() => {}); }
+  dropTask(id); renderQueue();
+}
+
+setInterval(() => {  // the forecast counts down between events
+  for (const el of document.querySelectorAll("#queue li")) {
+    const view = state.views[el.dataset.task], counter = el.querySelector(".countdown");
+    if (view && counter) counter.textContent = Math.max(0, (view.wait_remaining ?? 0) - (Date.now() - view.seenAt) / 1000).toFixed(0);
+  }
+}, 1000);
+
+// ---- gallery ---------------------------------------------------------------------------------------------------
+function renderGallery() {
+  const list = $("#gallery"); list.innerHTML = "";
+  for (const item of state.gallery) {
+    const li = document.createElement("li"), ext = { JPEG: "jpg", PNG: "png", WEBP: "webp" }[item.format] || "png";
+    const name = `mflux-${new Date().toISOString().slice(0, 10)}-${item.seed}-${item.task.slice(0, 6)}.${ext}`;
+    li.innerHTML = `<img src="${item.url}" alt="${escapeHtml(item.prompt)}" loading="lazy">
+      <div class="actions"><a class="button small" href="${item.url}" download="${name}">Download</a>
+      <button type="button" class="small" data-act="init">Use as init</button><button type="button" class="small" data-act="seed">Reuse seed</button>
+      <button type="button" class="small" data-act="delete">Delete</button></div>
+      <div class="caption">seed ${item.seed} · ${escapeHtml(item.prompt)}</div>`;
+    li.querySelector("img").addEventListener("click", () => view(item));
+    li.querySelector('[data-act="init"]').addEventListener("click", async () => {
+      const blob = await (await fetch(item.url)).blob(); setImage(await readFile(blob)); window.scrollTo({ top: 0, behavior: "smooth" });
+    });
+    li.querySelector('[data-act="seed"]').addEventListener("click", () => {
+      $("#seed").value = item.seed; $("#seed-random").checked = false; $("#seed").dispatchEvent(new Event("change"));
+      $("#seed-random").dispatchEvent(new Event("change"));
+    });
+    li.querySelector('[data-act="delete"]').addEventListener("click", () => removeImage(item));
+    list.append(li);
+  }
+  $("#gallery-empty").hidden = state.gallery.length > 0;
+}
+
+async function removeImage(item) {
+  state.gallery = state.gallery.filter((g) => g !== item);
+  if (!state.gallery.some((g) => g.task === item.task)) await api("/api/tasks/" + item.task, { method: "DELETE" }).catch(() => {});
+  saveTasks(); renderGallery();
+}
+
+function view(item) {
+  $("#viewer-img").src = item.url; $("#viewer-caption").textContent = `seed ${item.seed} · ${item.prompt}`; $("#viewer").showModal();
+}
+
+function escapeHtml(text) {
+  return String(text).replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
+}
+
+// ---- start -----------------------------------------------------------------------------------------------------
+persist();
+if (!$("#width").value) applyPreset();
+$("#preset").addEventListener("change", applyPreset); $("#aspect").addEventListener("change", applyPreset);
+$("#model").addEventListener("change", applyModel);
+$("#form").addEventListener("submit", submit);
+$("#viewer-close").addEventListener("click", () => $("#viewer").close());
+setupImageInput();
+loadModels();
+renderQueue(); renderGallery();
+(async () => {  // a reload restores this browser's queue: refresh each task, then follow them live
+  for (const task of [...state.tasks]) {
+    try { const v = await api("/api/tasks/" + task.id); state.views[task.id] = { ...v, position: v.pos, seenAt: Date.now() }; if (v.status === "done") onEvent("done", v); }
+    catch (error) { if (error.status === 404) dropTask(task.id); }
+  }
+  renderQueue(); follow();
+})();

@@ -1,0 +1,134 @@
+"""The web UI in a real browser (Playwright driving Debian's Chromium) against the real server and a synthetic worker."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+
+import pytest
+import requests
+from PIL import Image
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+sync_api = pytest.importorskip("playwright.sync_api", reason="LOUD SKIP: playwright is not installed (make test installs it)")
+pytestmark = pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"),
+                                reason="LOUD SKIP: no chromium here (make test installs Debian's where it can)")
+
+
+@pytest.fixture
+def browser():
+    assert CHROMIUM, "CI must have chromium: make test installs it"
+    with sync_api.sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield launched
+        launched.close()
+
+
+@pytest.fixture
+def ui(processes, browser):
+    """The page on a server whose worker takes about half a second a step, so progress can be watched."""
+    url = processes.server()
+    processes.worker("--models", "schnell,dev-fill", "--synthetic-step", "0.4,0,0", "--synthetic-fixed", "0.1,0.1",
+                     speed=1)
+    page = browser.new_page(viewport={"width": 1280, "height": 900}, accept_downloads=True)
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto(url + "/")
+    page.wait_for_function("document.querySelectorAll('#model option').length > 0")
+    yield page, url
+    assert not errors, errors
+
+
+def fill_small(page, steps: int) -> None:
+    page.get_by_role("textbox", name="Prompt").fill("a lighthouse at dusk")
+    page.locator("#preset").select_option("512")
+    page.locator("#steps").fill(str(steps))
+
+
+def test_three_images_show_progress_and_previews_then_land_in_the_gallery_and_download(ui, tmp_path):
+    page, url = ui
+    fill_small(page, 5)
+    for _ in range(3):
+        page.get_by_role("button", name="Generate").click()
+        page.wait_for_timeout(150)
+    assert page.locator("#queue li").count() == 3
+    page.wait_for_function("[...document.querySelectorAll('#queue [role=progressbar]')]"
+                           ".some(bar => Number(bar.getAttribute('aria-valuenow')) > 0)", timeout=15000)
+    page.wait_for_selector("#queue img.thumb[src*='/preview']", timeout=15000)
+    page.screenshot(path=str(tmp_path / "running.png"))
+    page.wait_for_function("document.querySelectorAll('#gallery li').length === 3", timeout=30000)
+    assert page.locator("#queue li").count() == 0
+    with page.expect_download() as waiting:
+        page.locator("#gallery li").first.get_by_role("link", name="Download").click()
+    saved = tmp_path / waiting.value.suggested_filename
+    waiting.value.save_as(saved)
+    assert saved.suffix == ".png" and Image.open(saved).size == (512, 512)
+    Image.open(saved).verify()
+
+
+def test_a_running_task_is_canceled_from_its_queue_card(ui):
+    page, url = ui
+    fill_small(page, 40)
+    page.get_by_role("button", name="Generate").click()
+    card = page.locator("#queue li").first
+    card.locator(".meta", has_text="step").wait_for(timeout=10000)
+    task_id = card.get_attribute("data-task")
+    card.get_by_role("button", name="Cancel").click()
+    page.wait_for_function("document.querySelectorAll('#queue li').length === 0", timeout=10000)
+    assert requests.get(f"{url}/api/tasks/{task_id}", timeout=5).json()["status"] == "canceled"
+
+
+def test_a_bad_size_shows_the_servers_message_next_to_the_field(ui):
+    page, _ = ui
+    page.get_by_role("textbox", name="Prompt").fill("x")
+    page.locator("#width").fill("1000")
+    page.get_by_role("button", name="Generate").click()
+    message = page.locator('[data-error-for="width"]')
+    message.wait_for(timeout=5000)
+    assert "multiple of 16" in message.inner_text()
+    assert "invalid" in page.locator("#width").get_attribute("class")
+    assert page.locator("#queue li").count() == 0
+
+
+def test_a_reload_mid_generation_restores_the_queue_and_it_finishes(ui):
+    page, _ = ui
+    fill_small(page, 8)
+    page.get_by_role("button", name="Generate").click()
+    page.locator("#queue li .meta", has_text="step").wait_for(timeout=10000)
+    task_id = page.locator("#queue li").first.get_attribute("data-task")
+    page.reload()
+    assert page.locator(f'#queue li[data-task="{task_id}"]').count() == 1
+    assert page.get_by_role("textbox", name="Prompt").input_value() == "a lighthouse at dusk", "settings persist"
+    page.wait_for_function("document.querySelectorAll('#gallery li').length === 1", timeout=20000)
+
+
+def test_inpaint_models_paint_a_mask_over_the_image_and_the_layout_fits_a_phone(ui, tmp_path, browser):
+    page, url = ui
+    page.locator("#model").select_option("dev-fill")
+    assert page.locator("#guidance").is_visible() and not page.locator("#strength-field").is_visible()
+    source = tmp_path / "photo.png"
+    Image.linear_gradient("L").resize((256, 256)).convert("RGB").save(source)
+    page.locator("#image-file").set_input_files(str(source))
+    canvas = page.locator("#mask-canvas")
+    canvas.wait_for(timeout=5000)
+    box = canvas.bounding_box()
+    page.mouse.move(box["x"] + 20, box["y"] + 20)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2, steps=5)
+    page.mouse.up()
+    page.get_by_role("textbox", name="Prompt").fill("a hat")
+    page.locator("#steps").fill("2")
+    page.get_by_role("button", name="Generate").click()
+    page.wait_for_function("document.querySelectorAll('#gallery li').length === 1", timeout=20000)
+    result = Image.open(io.BytesIO(requests.get(url + page.locator("#gallery img").first.get_attribute("src"),
+                                                timeout=5).content)).convert("RGB")
+    assert result.size == (256, 256)
+    corner = Image.open(source).getpixel((250, 250))  # unpainted: kept exactly
+    assert result.getpixel((250, 250)) == corner
+    assert result.getpixel((128, 128)) != Image.open(source).getpixel((128, 128)), "the painted area was repainted"
+    phone = browser.new_page(viewport={"width": 390, "height": 844}, is_mobile=True)
+    phone.goto(url + "/")
+    width = phone.evaluate("document.documentElement.scrollWidth")
+    assert width <= 390, f"the page overflows a phone's width: {width}px"
+    phone.screenshot(path=str(tmp_path / "phone.png"), full_page=True)  # kept in tmp_path for a look on failure
