@@ -9,6 +9,8 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
@@ -191,13 +193,10 @@ def phase(url: str, ids: list[str], ids_file: Path, seconds: float, connections:
     return load
 
 
-def run(smoke: bool = False) -> Result:
-    """10,000 queued tasks and a running worker; 32 pollers flat out, then paced, each with 2 submitters, 30 s."""
-    tasks, seconds, connections = (300, 1.0, 8) if smoke else (10_000, 30.0, 32)
-    use_wrk = shutil.which("wrk") is not None and not smoke
-    driver = "wrk" if use_wrk else "Python threads"
-    result = Result("API under load", f"make bench ARGS='--only load'  ({tasks:,} queued, {connections} pollers via "
-                                      f"{driver} for {seconds:.0f} s flat out, then {seconds:.0f} s paced; 2 submitters)")
+@contextmanager
+def full_queue(tasks: int, smoke: bool) -> Iterator[tuple[Processes, str, list[str], Path, subprocess.Popen[bytes]]]:
+    """`tasks` waiting tasks, the API (2 processes) and a real-time worker: yields the processes, the URL, the task
+    ids (also written to a file, one per line, for wrk) and the worker."""
     with tempfile.TemporaryDirectory() as tmp:
         path = str(Path(tmp) / "queue.db")
         ids = fill_queue(path, tasks)
@@ -208,11 +207,22 @@ def run(smoke: bool = False) -> Result:
             url = procs.server(http_workers=2)
             worker = procs.worker(speed=1.0)  # real-time synthetic tasks: the queue stays ~10,000 deep
             time.sleep(0 if smoke else SETTLE_SECONDS)
-            with PeakRss({"API": procs.server_proc.pid, "worker": worker.pid}) as memory:
-                flat = phase(url, ids, ids_file, seconds, connections, 0, use_wrk)
-                paced = phase(url, ids, ids_file, seconds, connections, PACED_PAUSE_MS, use_wrk)
+            yield procs, url, ids, ids_file, worker
         finally:
             procs.stop_all()
+
+
+def run(smoke: bool = False) -> Result:
+    """10,000 queued tasks and a running worker; 32 pollers flat out, then paced, each with 2 submitters, 30 s."""
+    tasks, seconds, connections = (300, 1.0, 8) if smoke else (10_000, 30.0, 32)
+    use_wrk = shutil.which("wrk") is not None and not smoke
+    driver = "wrk" if use_wrk else "Python threads"
+    result = Result("API under load", f"make bench ARGS='--only load'  ({tasks:,} queued, {connections} pollers via "
+                                      f"{driver} for {seconds:.0f} s flat out, then {seconds:.0f} s paced; 2 submitters)")
+    with full_queue(tasks, smoke) as (procs, url, ids, ids_file, worker):
+        with PeakRss({"API": procs.server_proc.pid, "worker": worker.pid}) as memory:
+            flat = phase(url, ids, ids_file, seconds, connections, 0, use_wrk)
+            paced = phase(url, ids, ids_file, seconds, connections, PACED_PAUSE_MS, use_wrk)
     for name, found in (("flat out", flat), ("paced", paced)):
         result.add(f"{name}: status requests per second", found["rate"], "/s", "≥ 1,000/s", found["rate"] >= 1000)
         result.add(f"{name}: status latency p50", found["p50"], "ms")
