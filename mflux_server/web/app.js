@@ -6,7 +6,7 @@ const store = {
   set: (key, value) => localStorage.setItem("mflux." + key, JSON.stringify(value)),
 };
 const state = { models: [], tasks: store.get("tasks", []), gallery: store.get("gallery", []), views: {}, source: null,
-                image: null, maskDirty: false, polling: null };
+                image: null, maskDirty: false, polling: null, strokes: [] };
 
 async function api(path, options = {}) {
   const response = await fetch(path, options);
@@ -85,7 +85,7 @@ function readFile(file) {
 }
 
 function setImage(dataUrl) {
-  state.image = dataUrl; state.maskDirty = false;
+  state.image = dataUrl; state.maskDirty = false; state.strokes = []; $("#mask-undo").disabled = true;
   const img = $("#init-preview");
   img.onload = () => {
     const canvas = $("#mask-canvas");
@@ -117,23 +117,37 @@ function setupImageInput() {
   });
   $("#image-clear").addEventListener("click", () => setImage(null));
   $("#mask-clear").addEventListener("click", () => {
-    const canvas = $("#mask-canvas"); canvas.getContext("2d").clearRect(0, 0, canvas.width, canvas.height); state.maskDirty = false;
+    const canvas = $("#mask-canvas"), ctx = canvas.getContext("2d");
+    state.strokes.push(ctx.getImageData(0, 0, canvas.width, canvas.height));
+    ctx.clearRect(0, 0, canvas.width, canvas.height); state.maskDirty = false; $("#mask-undo").disabled = false;
+  });
+  $("#mask-undo").addEventListener("click", () => {
+    const canvas = $("#mask-canvas"), before = state.strokes.pop();
+    if (before) canvas.getContext("2d").putImageData(before, 0, 0);
+    $("#mask-undo").disabled = state.strokes.length === 0;
   });
   const strength = $("#image_strength"), out = $("#strength-out");
   const show = () => { out.textContent = Number(strength.value).toFixed(2); };
   strength.addEventListener("input", () => { strength.dataset.touched = "1"; show(); }); show();
-  const canvas = $("#mask-canvas"); let painting = false;
+  const canvas = $("#mask-canvas"); let painting = false, last = null;
   const paint = (e) => {
     if (!painting) return;
     const rect = canvas.getBoundingClientRect(), scale = canvas.width / rect.width;
-    const ctx = canvas.getContext("2d"), radius = (Number($("#brush").value) * scale) / 2;
-    ctx.fillStyle = "#ffffff"; ctx.beginPath();
-    ctx.arc((e.clientX - rect.left) * scale, (e.clientY - rect.top) * scale, radius, 0, Math.PI * 2); ctx.fill();
-    state.maskDirty = true;
+    const ctx = canvas.getContext("2d"), at = [(e.clientX - rect.left) * scale, (e.clientY - rect.top) * scale];
+    // A round-capped line from the last point: fast moves leave a stroke, not a trail of dots.
+    ctx.strokeStyle = "#ffffff"; ctx.lineCap = ctx.lineJoin = "round"; ctx.lineWidth = Number($("#brush").value) * scale;
+    ctx.beginPath(); ctx.moveTo(...(last || at)); ctx.lineTo(...at); ctx.stroke();
+    last = at; state.maskDirty = true;
   };
-  canvas.addEventListener("pointerdown", (e) => { painting = true; canvas.setPointerCapture(e.pointerId); paint(e); });
+  canvas.addEventListener("pointerdown", (e) => {
+    // Each stroke keeps the mask as it was before, so Undo can step back (a few MB per stroke at most: keep 20).
+    state.strokes.push(canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height));
+    if (state.strokes.length > 20) state.strokes.shift();
+    $("#mask-undo").disabled = false;
+    painting = true; canvas.setPointerCapture(e.pointerId); paint(e);
+  });
   canvas.addEventListener("pointermove", paint);
-  canvas.addEventListener("pointerup", () => { painting = false; });
+  canvas.addEventListener("pointerup", () => { painting = false; last = null; });
 }
 
 function maskDataUrl() {

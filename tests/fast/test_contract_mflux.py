@@ -267,3 +267,49 @@ def test_prompt_cache_is_bounded():
         engine.generate(Job(f"prompt {index}", 1, 128, 128, 1, None), Recorder())
     cache = built[0].prompt_cache
     assert len(cache) == PROMPT_CACHE_ENTRIES and f"prompt {PROMPT_CACHE_ENTRIES + 9}" in cache
+
+
+def _loop_latents(family: str, height: int, width: int):
+    """The latents each family's denoising loop starts from, made by mflux's own latent creators."""
+    import importlib
+
+    creators = {
+        "flux1": "flux.latent_creator.flux_latent_creator:FluxLatentCreator",
+        "qwen-image": "qwen.latent_creator.qwen_latent_creator:QwenLatentCreator",
+        "z-image": "z_image.latent_creator.z_image_latent_creator:ZImageLatentCreator",
+        "fibo": "fibo.latent_creator.fibo_latent_creator:FiboLatentCreator",
+        "ernie-image": "ernie_image.latent_creator.ernie_latent_creator:ErnieLatentCreator",
+        "qwen-image-2.1": "qwen21.latent_creator.qwen21_latent_creator:Qwen21LatentCreator",
+        "flux3-klein": "flux3.latent_creator.flux3_latent_creator:Flux3LatentCreator",
+        "moss-image": "moss_image.latent_creator.moss_image_latent_creator:MOSSImageLatentCreator",
+        "krea-2": "krea2.latent_creator.krea2_latent_creator:Krea2LatentCreator",
+        "anima": "anima.latent_creator.anima_latent_creator:AnimaLatentCreator",
+        "ming-image": "ming_image.latent_creator.ming_latent_creator:MingLatentCreator",
+        "iris": "iris.latent_creator.iris_latent_creator:IrisLatentCreator",
+    }
+    if family == "flux2-klein":
+        from mflux.models.flux2.latent_creator.flux2_latent_creator import Flux2LatentCreator
+
+        return Flux2LatentCreator.prepare_packed_latents(seed=1, height=height, width=width, batch_size=1)[0]
+    module, _, name = creators[family].partition(":")
+    return getattr(importlib.import_module("mflux.models." + module), name).create_noise(1, height, width)
+
+
+@pytest.mark.parametrize("family", ["flux1", "flux2-klein", "qwen-image", "z-image", "fibo", "ernie-image", "qwen-image-2.1",
+                                    "flux3-klein", "moss-image", "krea-2", "anima", "ming-image", "iris"])
+def test_previews_read_the_latents_each_family_denoises(family):
+    from mflux_server.worker.engines.families import family_named
+    from mflux_server.worker.engines.latent_formats import FORMATS
+    from mflux_server.worker.engines.previews import latent_preview
+
+    latent_format = FORMATS[family_named(family).latent_format]
+    height, width = 256, 128
+    picture = latent_preview(_loop_latents(family, height, width), height, width, latent_format)
+    assert picture is not None, f"{family}: its latents' layout or channel count is not the {latent_format.name} format's"
+    assert picture.size == (width // latent_format.downscale, height // latent_format.downscale)
+
+
+def test_every_family_names_a_latent_format():
+    from mflux_server.worker.engines.latent_formats import FORMATS
+
+    assert {family.name: family.latent_format for family in FAMILIES if family.latent_format not in FORMATS} == {}

@@ -262,7 +262,8 @@ def test_latent_preview_projects_packed_flux_latents_with_the_flux_factors():
     import mlx.core as mx
     import numpy as np
 
-    from mflux_server.worker.engines.previews import FLUX_RGB_BIAS, FLUX_RGB_FACTORS, latent_preview
+    from mflux_server.worker.engines.latent_formats import FLUX
+    from mflux_server.worker.engines.previews import latent_preview
 
     height, width = 256, 128
     channels = np.zeros((16, height // 8, width // 8), dtype=np.float32)
@@ -270,13 +271,42 @@ def test_latent_preview_projects_packed_flux_latents_with_the_flux_factors():
     channels[4, :, : width // 16] = -5.0  # and strongly off in the left half
     # mflux's packing: (1, C, 2R, 2C) → 2×2 patches → (1, R·C, C·4), index c·4 + dy·2 + dx.
     packed = channels.reshape(16, height // 16, 2, width // 16, 2).transpose(1, 3, 0, 2, 4).reshape(1, -1, 64)
-    picture = latent_preview(mx.array(packed), height, width)
+    picture = latent_preview(mx.array(packed), height, width, FLUX)
     assert picture.size == (width // 8, height // 8)
-    expected = [round(min(max((5 * f + b + 1) / 2, 0), 1) * 255) for f, b in zip(FLUX_RGB_FACTORS[4], FLUX_RGB_BIAS,
-                                                                                   strict=True)]
+    expected = [round(min(max((5 * f + b + 1) / 2, 0), 1) * 255) for f, b in zip(FLUX.factors[4], FLUX.bias, strict=True)]
     assert all(abs(a - e) <= 1 for a, e in zip(picture.getpixel((width // 8 - 1, 0)), expected, strict=True))
     assert picture.getpixel((0, 0)) != picture.getpixel((width // 8 - 1, 0)), "the two halves differ"
-    assert latent_preview(mx.zeros((1, 7, 64)), height, width) is None, "an unknown layout gives no preview"
+    assert latent_preview(mx.zeros((1, 7, 64)), height, width, FLUX) is None, "an unknown layout gives no preview"
+    assert latent_preview(mx.array(packed), height, width, None) is None, "nor does an unknown latent space"
+
+
+def test_each_latent_layout_shows_the_same_picture_through_its_formats_factors():
+    import mlx.core as mx
+    import numpy as np
+
+    from mflux_server.worker.engines.latent_formats import FORMATS
+    from mflux_server.worker.engines.previews import latent_preview
+
+    height, width = 128, 256
+    for latent_format in FORMATS.values():
+        rows, columns, depth = height // latent_format.downscale, width // latent_format.downscale, latent_format.channels
+        # A random picture (so a cell out of place shows), encoded into this latent space by least squares.
+        target = np.random.default_rng(7).uniform(0.1, 0.9, (rows, columns, 3)).astype(np.float32)
+        factors, bias = np.array(latent_format.factors), np.array(latent_format.bias)
+        grid = (target * 2 - 1 - bias) @ np.linalg.pinv(factors)  # (rows, columns, depth)
+        first = grid.transpose(2, 0, 1)[None]  # (1, C, H, W)
+        tokens = grid.reshape(1, rows * columns, depth)
+        patched = first.reshape(1, depth, rows // 2, 2, columns // 2, 2).transpose(0, 1, 3, 5, 2, 4)
+        patched_first = patched.reshape(1, depth * 4, rows // 2, columns // 2)
+        layouts = {"channels first": first, "tokens": tokens, "video frame": first[:, :, None],
+                   "(C, 1, H, W)": first[0][:, None], "2×2 patches, channels first": patched_first,
+                   "2×2 patches as tokens": patched_first.reshape(1, depth * 4, -1).transpose(0, 2, 1)}
+        for layout, latents in layouts.items():
+            picture = latent_preview(mx.array(latents.astype(np.float32)), height, width, latent_format)
+            assert picture is not None, (latent_format.name, layout)
+            assert picture.size == (columns, rows), (latent_format.name, layout)
+            shown = np.asarray(picture, dtype=np.float32) / 255
+            assert np.abs(shown - target).max() < 0.02, (latent_format.name, layout)
 
 
 def test_synthetic_previews_reveal_the_final_image_step_by_step():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import os
 import shutil
@@ -132,3 +133,95 @@ def test_inpaint_models_paint_a_mask_over_the_image_and_the_layout_fits_a_phone(
     width = phone.evaluate("document.documentElement.scrollWidth")
     assert width <= 390, f"the page overflows a phone's width: {width}px"
     phone.screenshot(path=str(tmp_path / "phone.png"), full_page=True)  # kept in tmp_path for a look on failure
+
+
+def _gradient_data_url() -> str:
+    buffer = io.BytesIO()
+    Image.linear_gradient("L").resize((320, 192)).convert("RGB").save(buffer, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+# Builds a File from a data URL inside the page, and hands it over as a browser's paste or drop would.
+_HAND_OVER = """async ([kind, url]) => {
+  const blob = await (await fetch(url)).blob(), data = new DataTransfer();
+  data.items.add(new File([blob], "pasted.png", { type: "image/png" }));
+  if (kind === "paste") document.dispatchEvent(new ClipboardEvent("paste", { clipboardData: data, bubbles: true }));
+  else for (const type of ["dragover", "drop"])
+    document.querySelector("#drop").dispatchEvent(new DragEvent(type, { dataTransfer: data, bubbles: true, cancelable: true }));
+}"""
+
+
+@pytest.mark.parametrize("kind", ["paste", "drop"])
+def test_an_init_image_can_be_pasted_or_dropped_and_sets_the_size(ui, kind):
+    page, _ = ui
+    assert page.locator("#init-preview").is_hidden()
+    page.evaluate(_HAND_OVER, [kind, _gradient_data_url()])
+    page.wait_for_function("document.querySelector('#init-preview').naturalWidth === 320", timeout=5000)
+    assert page.locator("#init-preview").is_visible()
+    assert (page.locator("#width").input_value(), page.locator("#height").input_value()) == ("320", "192")
+    page.get_by_role("button", name="Remove image").click()
+    assert page.locator("#init-preview").is_hidden()
+
+
+def test_a_mask_stroke_can_be_undone(ui, tmp_path):
+    page, _ = ui
+    page.locator("#model").select_option("dev-fill")
+    source = tmp_path / "photo.png"
+    Image.new("RGB", (256, 256), (40, 90, 160)).save(source)
+    page.locator("#image-file").set_input_files(str(source))
+    canvas = page.locator("#mask-canvas")
+    canvas.wait_for(timeout=5000)
+    undo = page.get_by_role("button", name="Undo stroke")
+    assert undo.is_disabled(), "nothing to undo before the first stroke"
+    box = canvas.bounding_box()
+    painted = "([x, y]) => document.querySelector('#mask-canvas').getContext('2d').getImageData(x, y, 1, 1).data[3]"
+    for x in (0.2, 0.8):  # two strokes, one on each side
+        page.mouse.move(box["x"] + box["width"] * x, box["y"] + box["height"] / 2)
+        page.mouse.down()
+        page.mouse.up()
+    assert page.evaluate(painted, [51, 128]) > 0 and page.evaluate(painted, [204, 128]) > 0
+    undo.click()
+    assert page.evaluate(painted, [204, 128]) == 0, "the second stroke is gone"
+    assert page.evaluate(painted, [51, 128]) > 0, "the first stays"
+    undo.click()
+    assert page.evaluate(painted, [51, 128]) == 0 and undo.is_disabled()
+
+
+def test_without_event_streams_the_page_polls_and_still_shows_progress(processes, browser):
+    url = processes.server()
+    processes.worker("--synthetic-step", "0.3,0,0", "--synthetic-fixed", "0.1,0.1", speed=1)
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.add_init_script("delete window.EventSource")  # as in browsers or proxies where streams fail
+    page.goto(url + "/")
+    page.wait_for_function("document.querySelectorAll('#model option').length > 0")
+    fill_small(page, 6)
+    page.get_by_role("button", name="Generate").click()
+    page.locator("#queue li .meta", has_text="step").wait_for(timeout=10000)
+    page.wait_for_function("document.querySelectorAll('#gallery li').length === 1", timeout=20000)
+    assert page.evaluate("typeof EventSource") == "undefined"
+
+
+def test_gallery_items_open_full_size_reuse_their_seed_and_become_the_init_image(ui):
+    page, _ = ui
+    page.locator("#model").select_option("schnell")
+    fill_small(page, 2)
+    page.locator("#seed-random").uncheck()
+    page.locator("#seed").fill("4242")
+    page.get_by_role("button", name="Generate").click()
+    item = page.locator("#gallery li").first
+    item.wait_for(timeout=20000)
+    assert "seed 4242" in item.inner_text()
+    page.locator("#seed-random").check()
+    page.locator("#seed").fill("")
+    item.get_by_role("button", name="Reuse seed").click()
+    assert page.locator("#seed").input_value() == "4242" and not page.locator("#seed-random").is_checked()
+    item.locator("img").click()
+    assert page.locator("#viewer").is_visible()
+    page.wait_for_function("document.querySelector('#viewer-img').naturalWidth === 512", timeout=5000)
+    page.get_by_role("button", name="Close").click()
+    assert page.locator("#viewer").is_hidden()
+    item.get_by_role("button", name="Use as init").click()
+    page.wait_for_function("document.querySelector('#init-preview').naturalWidth === 512", timeout=5000)
+    item.get_by_role("button", name="Delete").click()
+    page.wait_for_function("document.querySelectorAll('#gallery li').length === 0", timeout=5000)
+    assert page.locator("#gallery-empty").is_visible()

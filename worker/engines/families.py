@@ -29,6 +29,7 @@ class Family:
     cli: str | None = None  # the mflux CLI module whose DEFAULT_MODEL and FAMILY_MODELS list the keys
     edit_class: str | None = None  # same weights, loaded for edit requests (FLUX.2 klein)
     guidance_default: str | None = None  # name of the mflux CLI default constant, when the CLI overrides the signature
+    latent_format: str = "flux"  # the VAE's latent space, a key of latent_formats.FORMATS: it colours the previews
 
     def load_class(self, edit: bool = False) -> Any:
         """Import the mflux class (mflux is imported only here and in the engine)."""
@@ -61,34 +62,39 @@ FAMILIES: tuple[Family, ...] = (
            keys=("dev-fill",), guidance_default="DEFAULT_DEV_FILL_GUIDANCE"),
     Family("flux2-klein", "FLUX.2 klein", "mflux.models.flux2.variants.txt2img.flux2_klein:Flux2Klein",
            cli="mflux.models.flux2.cli.flux2_generate",
-           edit_class="mflux.models.flux2.variants.edit.flux2_klein_edit:Flux2KleinEdit"),
+           edit_class="mflux.models.flux2.variants.edit.flux2_klein_edit:Flux2KleinEdit", latent_format="flux2"),
     Family("qwen-image", "Qwen-Image", "mflux.models.qwen.variants.txt2img.qwen_image:QwenImage",
-           cli="mflux.models.qwen.cli.qwen_image_generate"),
+           cli="mflux.models.qwen.cli.qwen_image_generate", latent_format="wan21"),
     Family("qwen-image-edit", "Qwen-Image-Edit", "mflux.models.qwen.variants.edit.qwen_image_edit:QwenImageEdit",
-           image_role="edit", keys=("qwen-image-edit", "qwen-image-edit-2511")),
+           image_role="edit", keys=("qwen-image-edit", "qwen-image-edit-2511"), latent_format="wan21"),
     Family("z-image", "Z-Image", "mflux.models.z_image.variants.z_image:ZImage",
            cli="mflux.models.z_image.cli.z_image_generate"),
-    Family("fibo", "FIBO", "mflux.models.fibo.variants.txt2img.fibo:FIBO", keys=("fibo", "fibo-lite")),
+    Family("fibo", "FIBO", "mflux.models.fibo.variants.txt2img.fibo:FIBO", keys=("fibo", "fibo-lite"),
+           latent_format="wan22"),
     Family("fibo-edit", "FIBO Edit", "mflux.models.fibo.variants.edit.fibo_edit:FIBOEdit", image_role="edit",
-           keys=("fibo-edit", "fibo-edit-rmbg")),
+           keys=("fibo-edit", "fibo-edit-rmbg"), latent_format="wan22"),
     # Families whose generate_image takes the common arguments, so the generic adapter drives them.
-    Family("krea-2", "Krea 2", "mflux.models.krea2.variants.txt2img.krea2:Krea2", keys=("krea-2", "krea-2-raw")),
+    Family("krea-2", "Krea 2", "mflux.models.krea2.variants.txt2img.krea2:Krea2", keys=("krea-2", "krea-2-raw"),
+           latent_format="wan21"),
     Family("ernie-image", "ERNIE-Image", "mflux.models.ernie_image.variants.txt2img.ernie_image:ErnieImage",
-           keys=("ernie-image", "ernie-image-turbo")),
+           keys=("ernie-image", "ernie-image-turbo"), latent_format="flux2"),
     Family("qwen-image-2.1", "Qwen-Image 2.1", "mflux.models.qwen21.variants.txt2img.qwen_image_21:QwenImage21",
-           cli="mflux.models.qwen21.cli.qwen21_generate"),
-    Family("iris", "Iris", "mflux.models.iris.variants.txt2img.iris:Iris", cli="mflux.models.iris.cli.iris_generate"),
+           cli="mflux.models.qwen21.cli.qwen21_generate", latent_format="qwen21"),
+    Family("iris", "Iris", "mflux.models.iris.variants.txt2img.iris:Iris", cli="mflux.models.iris.cli.iris_generate",
+           latent_format="pixels"),
     Family("anima", "Anima", "mflux.models.anima.variants.txt2img.anima:Anima",
-           cli="mflux.models.anima.cli.anima_generate"),
+           cli="mflux.models.anima.cli.anima_generate", latent_format="wan21"),
     Family("moss-image", "MOSS-Image", "mflux.models.moss_image.variants.txt2img.moss_image:MOSSImage",
-           cli="mflux.models.moss_image.cli.moss_image_generate"),
-    Family("lens", "Lens", "mflux.models.lens.variants.txt2img.lens_image:LensImage", keys=("lens-turbo",)),
+           cli="mflux.models.moss_image.cli.moss_image_generate", latent_format="flux2"),
+    Family("lens", "Lens", "mflux.models.lens.variants.txt2img.lens_image:LensImage", keys=("lens-turbo",),
+           latent_format="flux2"),
     Family("boogu-image", "Boogu-Image", "mflux.models.boogu.variants.txt2img.boogu_image:BooguImage",
            keys=("boogu-image-turbo",)),
     Family("flux3-klein", "FLUX 3 Image klein", "mflux.models.flux3.variants.txt2img.flux3_klein:Flux3Klein",
            cli="mflux.models.flux3.cli.flux3_generate",
-           edit_class="mflux.models.flux3.variants.edit.flux3_klein_edit:Flux3KleinEdit"),
-    Family("ming-image", "Ming-Image", "mflux.models.ming_image:MingImage", keys=("ming-image-design",)),
+           edit_class="mflux.models.flux3.variants.edit.flux3_klein_edit:Flux3KleinEdit", latent_format="flux2"),
+    Family("ming-image", "Ming-Image", "mflux.models.ming_image:MingImage", keys=("ming-image-design",),
+           latent_format="ming"),
 )
 
 # Registry keys no family serves, each with the reason; a contract test fails when mflux adds a key that is

@@ -18,6 +18,7 @@ from mflux_server.core import catalog
 from mflux_server.core.rows import REFERENCE_ROLES
 from mflux_server.worker.engines.base import EngineFault, Job, ModelLoadFailed, OutOfMemory, StepReporter
 from mflux_server.worker.engines.families import Family, family_named
+from mflux_server.worker.engines.latent_formats import FORMATS, LatentFormat
 from mflux_server.worker.engines.previews import latent_preview
 
 log = logging.getLogger("mflux_worker")
@@ -49,6 +50,7 @@ class StepBridge:
     def __init__(self, prompt_arrays: Callable[[str], list[Any]] = lambda prompt: []) -> None:
         self.reporter: StepReporter | None = None
         self.prompt_arrays = prompt_arrays
+        self.latent_format: LatentFormat | None = None  # the loaded family's, so previews use its VAE's colours
 
     def call_before_loop(self, seed: int, prompt: str, latents: Any, config: Any, canny_image: Any = None,
                          depth_image: Any = None, control_images: Any = None) -> None:
@@ -69,7 +71,7 @@ class StepBridge:
         if self.reporter is not None:
             start = getattr(config, "init_time_step", 0) or 0
             self.reporter.step(t - start + 1, config.num_inference_steps - start,
-                               lambda: latent_preview(latents, config.height, config.width))
+                               lambda: latent_preview(latents, config.height, config.width, self.latent_format))
 
 
 def gpu_available() -> bool:
@@ -184,6 +186,7 @@ class MfluxEngine:
             self._drop()
             raise ModelLoadFailed(f"could not load {model}: {type(exc).__name__}: {exc}") from exc
         self.adapter = Adapter(family, built, edit)
+        self.bridge.latent_format = FORMATS[family.latent_format]
         self.model = model
         self._tune(resolved.info.family)
         self.warm_up()

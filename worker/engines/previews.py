@@ -1,8 +1,7 @@
 """Previews of an image while it forms: a cheap linear projection of the latents to RGB, no VAE decode.
 
-The FLUX.1 VAE's 16 latent channels (also used by Z-Image, FIBO and the other FLUX-VAE families) map to
-RGB with the least-squares factors ComfyUI's latent previewer uses for Flux. Other latent layouts get the
-first three channels, normalised: a rough but honest picture of where the image is going.
+Each family's latents go through the factors of the VAE it loads (`latent_formats`), in whichever of
+mflux's layouts the loop holds them: packed tokens, 2×2 patches, channels first, or a video frame axis.
 """
 
 from __future__ import annotations
@@ -11,51 +10,47 @@ from typing import Any
 
 from PIL import Image
 
+from mflux_server.worker.engines.latent_formats import LatentFormat
+
 PREVIEW_SIDE = 256  # the preview's longer side, in pixels, at most
 
-# Rows: latent channel; columns: R, G, B (ComfyUI comfy/latent_formats.py, class Flux).
-FLUX_RGB_FACTORS = (
-    (-0.0346, 0.0244, 0.0681), (0.0034, 0.0210, 0.0687), (0.0275, -0.0668, -0.0433), (-0.0174, 0.0160, 0.0617),
-    (0.0859, 0.0721, 0.0329), (0.0004, 0.0383, 0.0115), (0.0405, 0.0861, 0.0915), (-0.0236, -0.0185, -0.0259),
-    (-0.0245, 0.0250, 0.1180), (0.1008, 0.0755, -0.0421), (-0.0515, 0.0201, 0.0011), (0.0428, -0.0012, -0.0036),
-    (0.0817, 0.0765, 0.0749), (-0.1264, -0.0522, -0.1103), (-0.0280, -0.0881, -0.0499), (-0.1262, -0.1082, -0.1045),
-)
-FLUX_RGB_BIAS = (-0.0329, -0.0718, -0.0851)
 
-
-def channels_last(latents: Any, height: int, width: int) -> Any | None:
-    """The latents as (rows, columns, channels) at 1/8 of the image size, or None for a layout we do not know."""
-    shape = tuple(latents.shape)
-    rows, columns = height // 16, width // 16
-    if len(shape) == 3 and shape[0] == 1 and shape[1] == rows * columns and shape[2] % 4 == 0:
-        # mflux packs FLUX latents (1, C, 2R, 2C) into 2×2 patches: (1, R·C, C·4) with index c·4 + dy·2 + dx.
-        channels = shape[2] // 4
-        grid = latents.reshape(rows, columns, channels, 2, 2).transpose(0, 3, 1, 4, 2)
-        return grid.reshape(rows * 2, columns * 2, channels)
-    if len(shape) == 4 and shape[0] == 1:  # unpacked (1, C, H, W)
-        return latents[0].transpose(1, 2, 0)
-    if len(shape) == 5 and shape[0] == 1:  # video-style (1, C, T, H, W) as Qwen-Image's VAE keeps them
-        return latents[0, :, 0].transpose(1, 2, 0)
+def channels_last(latents: Any, height: int, width: int, channels: int, downscale: int = 8) -> Any | None:
+    """The latents as (rows, columns, channels) on the VAE's grid, or None for a layout we do not know."""
+    if latents.ndim == 5 and latents.shape[0] == 1:  # video-style (1, C, T, H, W): the one frame
+        latents = latents[:, :, 0]
+    if latents.ndim == 4 and latents.shape[0] == channels and latents.shape[1] == 1:  # Z-Image keeps (C, 1, H, W)
+        latents = latents.transpose(1, 0, 2, 3)
+    if latents.shape[0] != 1 or latents.ndim not in (3, 4):
+        return None
+    for cell, patched in ((downscale, False), (downscale * 2, True)):
+        rows, columns = height // cell, width // cell
+        depth = channels * 4 if patched else channels
+        if latents.ndim == 3 and tuple(latents.shape[1:]) == (rows * columns, depth):
+            grid = latents.reshape(rows, columns, depth)  # tokens in raster order, channels last
+        elif latents.ndim == 4 and tuple(latents.shape[1:]) == (depth, rows, columns):
+            grid = latents[0].transpose(1, 2, 0)
+        else:
+            continue
+        if patched:  # mflux patches 2×2 cells into the channels with index c·4 + dy·2 + dx
+            grid = grid.reshape(rows, columns, channels, 2, 2).transpose(0, 3, 1, 4, 2)
+            grid = grid.reshape(rows * 2, columns * 2, channels)
+        return grid
     return None
 
 
-def latent_preview(latents: Any, height: int, width: int) -> Image.Image | None:
-    """A small RGB picture of the current latents, or None when their layout is unknown."""
+def latent_preview(latents: Any, height: int, width: int, latent_format: LatentFormat | None) -> Image.Image | None:
+    """A small RGB picture of the current latents, or None when the family's format or layout is unknown."""
     import mlx.core as mx
     import numpy as np
 
-    grid = channels_last(latents, height, width)
-    if grid is None or grid.shape[-1] < 3:
+    if latent_format is None:
         return None
-    grid = grid.astype(mx.float32)
-    if grid.shape[-1] == len(FLUX_RGB_FACTORS):
-        rgb = grid @ mx.array(FLUX_RGB_FACTORS) + mx.array(FLUX_RGB_BIAS)
-        rgb = (rgb + 1.0) / 2.0
-    else:
-        rgb = grid[..., :3]
-        low, high = rgb.min(), rgb.max()
-        rgb = (rgb - low) / mx.maximum(high - low, 1e-6)
-    pixels = np.array(mx.clip(rgb, 0.0, 1.0) * 255.0).astype(np.uint8)
+    grid = channels_last(latents, height, width, latent_format.channels, latent_format.downscale)
+    if grid is None:
+        return None
+    rgb = grid.astype(mx.float32) @ mx.array(latent_format.factors) + mx.array(latent_format.bias)
+    pixels = np.array(mx.clip((rgb + 1.0) / 2.0, 0.0, 1.0) * 255.0).astype(np.uint8)
     return shrink(Image.fromarray(pixels, "RGB"))
 
 
