@@ -136,7 +136,9 @@ function setupImageInput() {
     const ctx = canvas.getContext("2d"), at = [(e.clientX - rect.left) * scale, (e.clientY - rect.top) * scale];
     // A round-capped line from the last point: fast moves leave a stroke, not a trail of dots.
     ctx.strokeStyle = "#ffffff"; ctx.lineCap = ctx.lineJoin = "round"; ctx.lineWidth = Number($("#brush").value) * scale;
-    ctx.beginPath(); ctx.moveTo(...(last || at)); ctx.lineTo(...at); ctx.stroke();
+    ctx.beginPath();
+    if (last) { ctx.moveTo(...last); ctx.lineTo(...at); ctx.stroke(); }
+    else { ctx.fillStyle = "#ffffff"; ctx.arc(...at, ctx.lineWidth / 2, 0, Math.PI * 2); ctx.fill(); }  // a dab
     last = at; state.maskDirty = true;
   };
   canvas.addEventListener("pointerdown", (e) => {
