@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from flask import Flask, Response, send_from_directory
+from flask import Flask, Response, request, send_from_directory
 from flask_smorest import Api
 from werkzeug.exceptions import HTTPException, InternalServerError
 
@@ -14,6 +14,7 @@ import mflux_server.web
 from mflux_server import __version__
 from mflux_server.api import context, events, generation, info, models, tasks
 from mflux_server.api.errors import ErrorSchema, JsonError, error_payload
+from mflux_server.api.generation_schemas import openapi_rules
 from mflux_server.core.settings import Settings
 
 WEB = str(Path(mflux_server.web.__file__).parent)  # the web UI's files
@@ -60,6 +61,7 @@ def create_app(config: Settings | None = None, overrides: dict[str, Any] | None 
     context.init_app(app, config)
 
     api = JsonErrorApi(app)
+    api.ma_plugin.converter.add_attribute_function(openapi_rules(config))
     api.register_blueprint(generation.blp, url_prefix="/api")
     # The original mflux-server's paths, for its clients: the same views without the /api prefix.
     api.register_blueprint(generation.blp, url_prefix="", name="original-paths")
@@ -84,6 +86,15 @@ def create_app(config: Settings | None = None, overrides: dict[str, Any] | None 
         from swagger_ui_bundle import swagger_ui_path
 
         return send_from_directory(str(swagger_ui_path), filename, max_age=86400)
+
+    @app.after_request
+    def answer_options(response: Response) -> Response:
+        """OPTIONS answers 204 with the Allow header and no body (Flask's own answer is an empty text/html 200)."""
+        if request.method == "OPTIONS" and response.status_code == 200 and "Allow" in response.headers:
+            response.status_code = 204
+            response.set_data(b"")
+            del response.headers["Content-Type"]
+        return response
 
     @app.errorhandler(Exception)
     def unexpected(error: Exception) -> JsonError:

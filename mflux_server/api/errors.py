@@ -6,7 +6,7 @@ from typing import Any, NoReturn
 
 import flask_smorest
 import marshmallow as ma
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 # Stable, documented codes per HTTP status when the view did not name a more specific one.
 DEFAULT_CODES = {
@@ -17,8 +17,13 @@ DEFAULT_CODES = {
     413: "request_too_large",
     415: "unsupported_media_type",
     422: "invalid_input",
+    408: "request_timeout",
+    414: "url_too_long",
+    431: "headers_too_large",
     500: "internal_error",
+    501: "not_implemented",
     503: "unavailable",
+    507: "storage_full",
 }
 
 
@@ -62,7 +67,9 @@ def error_payload(error: HTTPException) -> JsonError:
     """Build the JSON body, status and headers for an HTTP error."""
     code = error.code or 500
     data = dict(getattr(error, "data", None) or {})
-    headers = data.pop("headers", {}) or {}
+    headers = dict(data.pop("headers", {}) or {})
+    if isinstance(error, MethodNotAllowed) and error.valid_methods:
+        headers["Allow"] = ", ".join(sorted(error.valid_methods))  # RFC 9110 requires it on every 405
     messages = data.pop("messages", None) or data.pop("errors", None)
     payload: dict[str, Any] = {"code": data.pop("code", None) or DEFAULT_CODES.get(code, "http_error"), "field": None}
     if messages:

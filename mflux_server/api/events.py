@@ -14,35 +14,37 @@ from marshmallow import fields, validate
 
 from mflux_server.api.context import conn, event_hub
 from mflux_server.api.errors import ErrorSchema, abort_json
+from mflux_server.api.generation_schemas import StrictInteger
+from mflux_server.api.request_body import StrictParser
 from mflux_server.api.task_view import NOT_FOUND, get_task_or_404, task_status
 from mflux_server.core import store
 from mflux_server.core.rows import Event, Status
 
 blp = Blueprint("events", __name__, description="Live events (text/event-stream) of one task or of the queue.")
+blp.ARGUMENTS_PARSER = StrictParser()
 
 KEEP_ALIVE = 15.0  # seconds between comment lines on a quiet stream, so proxies and dead clients are noticed
 RETRY_MS = 2000  # how soon EventSource reconnects after a dropped connection
 MAX_WATCHED = 100
 ENDED = {Status.DONE.value, Status.ERROR.value, Status.CANCELED.value, "deleted"}
+MAX_EVENT_ID = 2**63 - 1  # SQLite's largest rowid
 SSE_DOC = {"responses": {"200": {"description": "an event stream (see README: Live events)",
                                  "content": {"text/event-stream": {"schema": {"type": "string"}}}}}}
-
-
-class EventsQuery(ma.Schema):
-    """Which tasks, and where to resume."""
-
-    task_ids = fields.String(validate=validate.Length(1, MAX_WATCHED * 65), metadata={
-        "description": f"comma-separated task ids to watch (at most {MAX_WATCHED}): their position and forecast "
-                       "are sent as the queue moves. All tasks when absent"})
-    last_event_id = fields.Integer(validate=validate.Range(0), metadata={
-        "description": "resume after this event id (what the Last-Event-ID header carries; the header wins)"})
 
 
 class TaskEventsQuery(ma.Schema):
     """Where to resume."""
 
-    last_event_id = fields.Integer(validate=validate.Range(0), metadata={
+    last_event_id = StrictInteger(validate=validate.Range(0, MAX_EVENT_ID), metadata={
         "description": "resume after this event id (what the Last-Event-ID header carries; the header wins)"})
+
+
+class EventsQuery(TaskEventsQuery):
+    """Which tasks, and where to resume."""
+
+    task_ids = fields.String(validate=validate.Length(1, MAX_WATCHED * 65), metadata={
+        "description": f"comma-separated task ids to watch (at most {MAX_WATCHED}): their position and forecast "
+                       "are sent as the queue moves. All tasks when absent"})
 
 
 def resume_point(query: dict[str, Any]) -> int | None:
@@ -67,6 +69,7 @@ def payload(event: Event, task_view: dict[str, Any] | None) -> dict[str, Any]:
     if task_view is not None and event.kind in ("status", "progress"):
         body["position"] = task_view["pos"]
         body["wait_remaining"] = task_view["wait_remaining"]
+        body.update({key: task_view[key] for key in ("waiting_for_worker", "worker_lost", "note") if key in task_view})
         if event.kind == "status":
             body["progress"] = task_view["progress"]
     if event.kind == "done" and task_view is not None:
@@ -144,9 +147,12 @@ def moved_positions(watched: set[str], positions: dict[str, tuple[int, float]], 
 
 
 def event_stream(body: Iterator[str]) -> Response:
-    """A text/event-stream response that proxies do not buffer."""
-    return Response(stream_with_context(body), mimetype="text/event-stream",
-                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    """A text/event-stream response that proxies do not buffer; HEAD gets the headers alone."""
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    if request.method == "HEAD":  # the server sends no body for HEAD, so an endless stream would never end
+        body.close()  # type: ignore[attr-defined]
+        return Response(mimetype="text/event-stream", headers=headers)
+    return Response(stream_with_context(body), mimetype="text/event-stream", headers=headers)
 
 
 @blp.route("/tasks/<string:task_id>/events")

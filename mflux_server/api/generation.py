@@ -9,7 +9,6 @@ from typing import Any, NoReturn
 
 from flask import Response, request
 from flask_smorest import Blueprint
-from webargs.flaskparser import FlaskParser
 
 from mflux_server.api.context import conn, settings
 from mflux_server.api.errors import ErrorSchema, abort_json
@@ -23,6 +22,7 @@ from mflux_server.api.generation_schemas import (
     StatusQuery,
     TaskStatus,
 )
+from mflux_server.api.request_body import StrictParser
 from mflux_server.api.task_view import (
     NOT_FOUND,
     get_task_or_404,
@@ -35,21 +35,6 @@ from mflux_server.core.rows import REFERENCE_ROLES, InputImage, NewTask, Status,
 # mflux's default image-to-image strength (mflux.cli.defaults.IMAGE_STRENGTH).
 DEFAULT_IMAGE_STRENGTH = 0.4
 
-class JsonOrMultipartParser(FlaskParser):
-    """Reads the body as JSON, or a multipart/form-data upload (form fields and file parts) as the same fields."""
-
-    def load_json(self, req: Any, schema: Any) -> Any:
-        """The JSON body, or the multipart form and files flattened into one mapping."""
-        if req.mimetype == "multipart/form-data":
-            fields = {**req.form.to_dict(), **req.files.to_dict()}
-            # Several reference images come as repeated `images` parts (files or base64 text).
-            listed = req.files.getlist("images") + req.form.getlist("images")
-            if listed:
-                fields["images"] = listed
-            return fields
-        return super().load_json(req, schema)
-
-
 def body_limit() -> int:
     """The largest generate body: every input image at --max-input-bytes, base64-encoded, plus 1 MiB for the rest."""
     images = 1 + len(REFERENCE_ROLES) + 1  # the image, further references, the mask
@@ -57,7 +42,7 @@ def body_limit() -> int:
 
 
 blp = Blueprint("generation", __name__, description="Submit a prompt, follow it, fetch its images.")
-blp.ARGUMENTS_PARSER = JsonOrMultipartParser()
+blp.ARGUMENTS_PARSER = StrictParser()
 
 
 @blp.before_request
@@ -67,14 +52,20 @@ def require_json_body() -> None:
         abort_json(415, message="send the request body as JSON (Content-Type: application/json) or as "
                                 "multipart/form-data")
     if request.method == "POST":
+        limit = body_limit()
+        if request.content_length is None:
+            # A chunked body has no length to check up front, and werkzeug cuts one at the limit without a word
+            # (which then reads as broken JSON): read one byte past the limit and refuse what reaches it.
+            request.max_content_length = limit + 1
+            if len(request.get_data(cache=True)) > limit:
+                abort_json(413, message=f"the request body is over {limit} bytes (the chunked body was refused)")
         # Input images make generate bodies larger than the app-wide 1 MiB; the body is not read yet.
-        request.max_content_length = request.max_form_memory_size = body_limit()
+        request.max_content_length = request.max_form_memory_size = limit
 
 
 def served_models(live: list[Worker]) -> set[str]:
-    """Models some live worker may serve (loaded or switchable), plus the configured default."""
-    default = catalog.resolve_reference(settings().model)
-    return {name for w in live for name in w.servable} | ({default.served} if default else set())
+    """Models some live worker may serve (loaded or switchable)."""
+    return {name for w in live for name in w.servable}
 
 
 def _reject(field: str, rule: str) -> NoReturn:
@@ -159,6 +150,7 @@ def pixel_limit(live: list[Worker], served: str) -> int | None:
 @blp.arguments(GenerateRequest(), location="json")
 @blp.response(200, GenerateResponse)
 @blp.alt_response(422, schema=ErrorSchema, description="a field is invalid; the body names it and the rule")
+@blp.alt_response(409, schema=ErrorSchema, description="model_not_served: workers are running and none serves the model")
 def generate(body: dict[str, Any]) -> dict[str, Any]:
     """Queue a generation task: text-to-image, image-to-image, edit or inpaint, as the model allows.
 
@@ -169,8 +161,14 @@ def generate(body: dict[str, Any]) -> dict[str, Any]:
     resolved = catalog.resolve_reference(body["model"] or settings().model)
     live = live_workers(conn())  # read once: it decides the model check and the forecast's worker count
     served = served_models(live)
-    if resolved is None or resolved.served not in served:
-        _reject("model", f"no worker serves {body['model'] or settings().model!r}; served models: {', '.join(sorted(served))}")
+    if resolved is None:
+        _reject("model", f"the server's default model {settings().model!r} is not in the catalog; name a model")
+    if live and resolved.served not in served:
+        # With no worker alive the task queues (and says waiting_for_worker); with workers that cannot run it, it
+        # would wait forever, so say so now.
+        abort_json(409, code="model_not_served", field="model",
+                   message=f"no live worker serves {resolved.served}; the live workers serve {', '.join(sorted(served))}. "
+                           "The task was not queued")
     info = resolved.info
     inputs = check_inputs(body, info, resolved.served)
     width, height = output_size(body, inputs[0] if inputs else None)
@@ -210,13 +208,13 @@ def status(query: dict[str, Any]) -> dict[str, Any]:
 
 @blp.route("/image", methods=["GET"])
 @blp.arguments(ImageQuery(), location="query")
-@blp.response(
-    200,
-    description="the image bytes (image/jpeg, image/png or image/webp), or base64 text with base64=true",
-    content_type="image/jpeg",
-)
 @blp.alt_response(404, schema=ErrorSchema, description=NOT_FOUND)
 @blp.alt_response(409, schema=ErrorSchema, description="the task has no image yet; the body carries its status")
+@blp.doc(responses={"200": {"description": "the image bytes (image/jpeg, image/png or image/webp), or base64 text "
+                                           "with base64=true",
+                            "content": {**{mime: {"schema": {"type": "string", "format": "binary"}}
+                                           for mime in sorted(set(FORMATS.values()))},
+                                        "text/plain": {"schema": {"type": "string", "format": "byte"}}}}})
 def image(query: dict[str, Any]) -> Response:
     """Fetch a finished task's image; by default the task is removed once all its images were served."""
     task = get_task_or_404(query["task_id"])
@@ -233,7 +231,8 @@ def image(query: dict[str, Any]) -> Response:
     stored = store.fetch_image(conn(), task.id, query["index"])
     if stored is None:
         abort_json(404, code="image_not_found", field="index", message=f"image {query['index']} of task {task.id} was not kept")
-    store.mark_served(conn(), task.id, query["index"], query["delete"])
+    if request.method == "GET":  # HEAD (curl -I, a chat app's link preview) must not consume the image
+        store.mark_served(conn(), task.id, query["index"], query["delete"])
     extension = next(name for name, mime in FORMATS.items() if mime == stored.mime).lower()
     headers = {
         "Content-Disposition": f'inline; filename="{task.id}-{query["index"]}.{extension}"',

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -11,11 +12,15 @@ from marshmallow import fields, validate
 from mflux_server.api.context import settings
 from mflux_server.api.image_inputs import ImageField
 from mflux_server.core import catalog
+from mflux_server.core.settings import Settings
 
 FORMATS = {"JPEG": "image/jpeg", "JPG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
 SIZE_STEP = 16
 MIN_SIZE = 128
 MAX_SEED = 2**32 - 1
+TASK_ID_LENGTH = 64  # the longest task id any endpoint takes (ours are 32 hex digits)
+MAX_OFFSET = 2**31 - 1  # far past any queue, and within SQLite's 64-bit integers
+_DIGITS = re.compile(r"[0-9]+")
 
 
 def _limit(name: str) -> int:
@@ -26,19 +31,27 @@ def _limit(name: str) -> int:
 class SeedField(fields.Field[int]):
     """A seed given as an integer or as a string of digits, as the original server's examples send it."""
 
+    SPEC = {"oneOf": [{"type": "integer", "minimum": 0, "maximum": MAX_SEED},
+                      {"type": "string", "pattern": "^ *[0-9]{1,10} *$"}]}
+
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> int:
         if isinstance(value, bool):
             raise ma.ValidationError("must be an integer or a string of digits, not a boolean")
-        if isinstance(value, str) and value.strip().isdigit():
-            value = int(value.strip())
+        if isinstance(value, str):
+            text = value.strip()
+            # ASCII digits only: str.isdigit() also takes '²' (which int() refuses) and '٣' (which int() reads as 3).
+            if not _DIGITS.fullmatch(text):
+                raise ma.ValidationError(f"must be an integer or a string of the digits 0-9, got {value[:40]!r}")
+            if len(text) > len(str(MAX_SEED)) + 10:
+                raise ma.ValidationError(f"must be between 0 and {MAX_SEED}, got a number of {len(text)} digits")
+            value = int(text)
         if not isinstance(value, int):
-            raise ma.ValidationError(f"must be an integer or a string of digits, got {value!r}")
+            raise ma.ValidationError(f"must be an integer or a string of the digits 0-9, got {str(value)[:40]!r}")
         if not 0 <= value <= MAX_SEED:
             raise ma.ValidationError(f"must be between 0 and {MAX_SEED}, got {value}")
         return value
 
-    def _jsonschema_type_mapping(self) -> dict[str, Any]:
-        return {"oneOf": [{"type": "integer"}, {"type": "string", "pattern": "^[0-9]+$"}]}
+
 
 
 class FormatField(fields.String):
@@ -51,30 +64,61 @@ class FormatField(fields.String):
         return "JPEG" if text == "JPG" else text
 
 
-def _size(limit: str) -> Callable[[int], None]:
+# A rule the server checks against a setting, with what the OpenAPI spec says of it: (check, spec from settings).
+Rule = Callable[[Any], None]
+
+
+def _documented(check: Rule, spec: Callable[[Settings], dict[str, Any]]) -> Rule:
+    """Attach the rule's OpenAPI keywords, so the spec states every rule the server checks (openapi_rules reads it)."""
+    check.openapi = spec  # type: ignore[attr-defined]
+    return check
+
+
+def _size(limit: str) -> Rule:
     def check(value: int) -> None:
         top = _limit(limit)
         if value % SIZE_STEP or not MIN_SIZE <= value <= top:
             raise ma.ValidationError(f"must be a multiple of {SIZE_STEP} from {MIN_SIZE} to {top}, got {value}")
 
-    return check
+    return _documented(check, lambda config: {"minimum": MIN_SIZE, "maximum": getattr(config, limit),
+                                              "multipleOf": SIZE_STEP})
 
 
-def _at_most(limit: str, low: int = 1) -> Callable[[int], None]:
+def _at_most(limit: str, low: int = 1, below: bool = False) -> Rule:
     def check(value: int) -> None:
-        top = _limit(limit)
+        top = _limit(limit) - below
         if not low <= value <= top:
             raise ma.ValidationError(f"must be from {low} to {top}, got {value}")
 
-    return check
+    return _documented(check, lambda config: {"minimum": low, "maximum": getattr(config, limit) - below})
 
 
-def _prompt(value: str) -> None:
+def _check_prompt(value: str) -> None:
     top = _limit("max_prompt_length")
     if not value.strip():
         raise ma.ValidationError("must not be empty")
     if len(value) > top:
         raise ma.ValidationError(f"must be at most {top} characters, got {len(value)}")
+
+
+_prompt = _documented(_check_prompt, lambda config: {"minLength": 1, "maxLength": config.max_prompt_length,
+                                                     "pattern": r"\S"})
+
+
+def openapi_rules(config: Settings) -> Callable[..., dict[str, Any]]:
+    """An apispec attribute function: the OpenAPI keywords of each field's documented rules, at these settings."""
+
+    def rules(converter: Any, field: fields.Field[Any], **kwargs: Any) -> dict[str, Any]:
+        found: dict[str, Any] = {}
+        for check in field.validators:
+            spec = getattr(check, "openapi", None)
+            if spec is not None:
+                found.update(spec(config))
+        if isinstance(field, SeedField):
+            found.update(SeedField.SPEC)
+        return found
+
+    return rules
 
 
 def _model(value: str) -> None:
@@ -167,7 +211,12 @@ class TaskStatus(ma.Schema):
     task_id = fields.String(required=True)
     status = fields.String(required=True, metadata={"description": "waiting, processing, done, error or canceled"})
     pos = fields.Integer(metadata={"description": "waiting tasks that will start before this one; 0 when next or running"})
-    wait_remaining = fields.Float(metadata={"description": "seconds until this task's images are done (forecast)"})
+    wait_remaining = fields.Float(metadata={"description": "seconds until this task's images are done (forecast); while "
+                                                          "no live worker can run the task, counted from when one does"})
+    waiting_for_worker = fields.Boolean(metadata={"description": "true while no live worker serves the task's model"})
+    worker_lost = fields.Boolean(metadata={"description": "true when the worker running it stopped heartbeating; the "
+                                                          "task will be retried"})
+    note = fields.String(metadata={"description": "why the task cannot start now, for a person"})
     progress = fields.Nested(Progress)
     error = fields.String(allow_none=True, metadata={"description": "why the task failed, when status is error"})
     model = fields.String()
@@ -195,13 +244,15 @@ class GenerateResponse(TaskStatus):
 class StatusQuery(ma.Schema):
     """Which task."""
 
-    task_id = fields.String(required=True, validate=validate.Length(1, 64))
+    task_id = fields.String(required=True, validate=validate.Length(1, TASK_ID_LENGTH),
+                            metadata={"description": f"the id POST /api/generate returned (1 to {TASK_ID_LENGTH} characters)"})
 
 
 class ImageQuery(StatusQuery):
     """Which image, and how to return it."""
 
-    index = StrictInteger(load_default=0, validate=validate.Range(0), metadata={"description": "image index when count > 1"})
+    index = StrictInteger(load_default=0, validate=_at_most("max_count", low=0, below=True),
+                          metadata={"description": "image index when count > 1: 0 to count - 1"})
     base64 = fields.Boolean(load_default=False, metadata={"description": "return base64 text instead of bytes"})
     delete = fields.Boolean(
         load_default=True,

@@ -10,10 +10,12 @@ from marshmallow import fields
 
 from mflux_server import __version__
 from mflux_server.api.context import conn, forecaster, settings
+from mflux_server.api.request_body import StrictParser
 from mflux_server.api.task_view import live_workers
 from mflux_server.core import catalog, store
 
 blp = Blueprint("info", __name__, description="Server, workers and queue at a glance.")
+blp.ARGUMENTS_PARSER = StrictParser()
 
 
 class WorkerInfo(ma.Schema):

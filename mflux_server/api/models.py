@@ -10,11 +10,13 @@ from flask_smorest import Blueprint
 from marshmallow import fields
 
 from mflux_server.api.context import conn
+from mflux_server.api.request_body import StrictParser
 from mflux_server.api.task_view import live_workers
 from mflux_server.core import catalog, store
 from mflux_server.core.rows import LoadStat, Worker
 
 blp = Blueprint("models", __name__, description="The models the workers can serve, with what each accepts.")
+blp.ARGUMENTS_PARSER = StrictParser()
 
 
 class CapabilitiesSchema(ma.Schema):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import socket
 import sys
@@ -13,6 +14,7 @@ from flask import Flask
 
 from mflux_server import __version__
 from mflux_server.api.app import create_app
+from mflux_server.api.errors import DEFAULT_CODES
 from mflux_server.core import db
 from mflux_server.core.logs import configure_logging, shorten_gil_switch_interval
 from mflux_server.core.settings import Settings, load_settings
@@ -34,6 +36,23 @@ def check_port_free(host: str, port: int) -> None:
             probe.bind(address)
         except OSError as error:
             raise SystemExit(f"mflux-server: cannot listen on {host}:{port}: {error.strerror}") from None
+
+
+# The field at fault in each error gunicorn finds before the app sees the request.
+_SERVER_ERROR_FIELDS = {414: "url", 431: "headers"}
+
+
+def write_json_error(sock: Any, status_int: int, reason: str, mesg: str) -> None:
+    """gunicorn's error page, as our JSON error body: what it finds before the app runs (a bad request line or
+    header, a URL or headers too long) is answered like every other error, not as HTML."""
+    from gunicorn import util
+
+    body = json.dumps({"code": DEFAULT_CODES.get(status_int, "bad_request"),
+                       "message": f"{reason}: {mesg}" if mesg else reason,
+                       "field": _SERVER_ERROR_FIELDS.get(status_int)}).encode()
+    head = (f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n")
+    util.write_nonblock(sock, head.encode("latin-1") + body)
 
 
 KEEPALIVE_SECONDS = 75
@@ -99,6 +118,10 @@ def serve(settings: Settings) -> None:
             gc.freeze()
             return app
 
+    import gunicorn.util
+
+    # gunicorn's workers answer the requests they cannot parse through util.write_error, with an HTML page.
+    gunicorn.util.write_error = write_json_error
     check_port_free(settings.host, settings.port)
     Server().run()
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import sqlite3
+from dataclasses import replace
 from typing import Any
 
 from mflux_server.api.context import conn, forecaster, settings
 from mflux_server.api.errors import abort_json
+from mflux_server.api.generation_schemas import TASK_ID_LENGTH
 from mflux_server.core import store
 from mflux_server.core.rows import Status, Task, Worker
 
@@ -14,7 +16,9 @@ NOT_FOUND = "no task with this id (never existed, or deleted after its image was
 
 
 def get_task_or_404(task_id: str) -> Task:
-    """The task; aborts with a JSON 404 (code task_not_found, field task_id) when there is none."""
+    """The task; aborts with a JSON 422 for an id no endpoint takes, or a 404 (code task_not_found) when none."""
+    if not 1 <= len(task_id) <= TASK_ID_LENGTH:
+        abort_json(422, errors={"view_args": {"task_id": [f"Length must be between 1 and {TASK_ID_LENGTH}."]}})
     task = store.get(conn(), task_id)
     if task is None:
         abort_json(404, code="task_not_found", field="task_id", message=f"no task with id {task_id!r}")
@@ -56,13 +60,29 @@ def summary(task: Task) -> dict[str, Any]:
 
 
 def task_status(connection: sqlite3.Connection, task: Task, live: list[Worker] | None = None) -> dict[str, Any]:
-    """The status view of a task: position, forecast wait and progress (pass `live` if already read)."""
+    """The status view of a task: position, forecast wait and progress (pass `live` if already read).
+
+    Without a live worker that can run it, `waiting_for_worker` (or, for a running task whose worker stopped
+    heartbeating, `worker_lost`) says so, and the forecast is the time the task takes once a worker runs it;
+    wait_remaining stays a number, since the original server's clients compute with it.
+    """
     view = summary(task)
     workers = 0
+    forecast_as = task
     if task.status.unfinished:
         live = live_workers(connection) if live is None else live
         workers = sum(1 for w in live if w.model == task.model and not w.loading)
-    estimate = forecaster().estimate(connection, task, workers, live=live or ())
+        if task.status is Status.PROCESSING and not any(w.id == task.worker_id for w in live):
+            view["worker_lost"] = True
+            view["note"] = (f"its worker stopped heartbeating over {settings().stale_after:g} s ago: the task goes back to "
+                            f"the queue and is retried from the start when a worker runs (started {task.attempts} time(s) "
+                            "so far); the forecast counts from then")
+            forecast_as = replace(task, status=Status.WAITING)  # it keeps its place at the front of the queue
+        elif task.status is Status.WAITING and not any(task.model in w.servable for w in live):
+            view["waiting_for_worker"] = True
+            view["note"] = (f"no live worker serves {task.model}" if live else "no worker is running") + \
+                ": the task keeps its place and starts when one does; the forecast counts from then"
+    estimate = forecaster().estimate(connection, forecast_as, workers, live=live or ())
     view["pos"] = estimate.pos
     view["wait_remaining"] = round(estimate.seconds, 3)
     # The original server's task_length: unfinished tasks that will finish before this one.

@@ -11,12 +11,14 @@ from marshmallow import fields, validate
 
 from mflux_server.api.context import conn
 from mflux_server.api.errors import ErrorSchema
-from mflux_server.api.generation_schemas import Progress, TaskStatus
+from mflux_server.api.generation_schemas import MAX_OFFSET, Progress, StrictInteger, TaskStatus
+from mflux_server.api.request_body import StrictParser
 from mflux_server.api.task_view import NOT_FOUND, get_task_or_404, summary, task_status
 from mflux_server.core import store
 from mflux_server.core.rows import Status
 
 blp = Blueprint("tasks", __name__, description="List the queue and recent tasks; cancel or delete a task.")
+blp.ARGUMENTS_PARSER = StrictParser()
 
 
 class TaskListQuery(ma.Schema):
@@ -25,8 +27,9 @@ class TaskListQuery(ma.Schema):
     # No load_default: a None default would put null among the values the spec offers.
     status = fields.String(validate=validate.OneOf([s.value for s in Status]),
                            metadata={"description": "only tasks with this status; all tasks when absent"})
-    limit = fields.Integer(load_default=50, validate=validate.Range(1, 500), metadata={"description": "page size, 1 to 500"})
-    offset = fields.Integer(load_default=0, validate=validate.Range(0), metadata={"description": "tasks to skip"})
+    limit = StrictInteger(load_default=50, validate=validate.Range(1, 500), metadata={"description": "page size, 1 to 500"})
+    offset = StrictInteger(load_default=0, validate=validate.Range(0, MAX_OFFSET),
+                           metadata={"description": f"tasks to skip, 0 to {MAX_OFFSET}"})
 
 
 class TaskSummary(ma.Schema):

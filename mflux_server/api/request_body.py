@@ -1,0 +1,131 @@
+"""Reading request arguments strictly: JSON that Python parses but no field should hold, and repeated parameters.
+
+Python's json module accepts lone UTF-16 surrogates (which SQLite cannot store as UTF-8), numbers of any
+length (past 4,300 digits int() refuses them), and nesting down to its recursion limit. Each of these gets a
+422 that names the field and the rule here, before any schema or store sees the value.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, NoReturn
+
+from flask import Request
+from webargs import core
+from webargs.flaskparser import FlaskParser, is_json_request
+
+from mflux_server.api.errors import abort_json
+
+MAX_DEPTH = 8  # our deepest body is a list of images inside the object: 2 levels
+MAX_DIGITS = 40  # any of our numbers fits in 20 digits; this leaves room for spelled-out zeros
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+# A JSON string (one token, so brackets inside it do not count), marked as a key when a colon follows; or a bracket.
+_NESTING_TOKEN = re.compile(rb'"((?:[^"\\]|\\.)*)"(\s*:)?|[\[\]{}]')
+
+
+class TooManyDigits(str):
+    """A number literal longer than MAX_DIGITS, kept as its text so the check below can name its field."""
+
+
+def _number(text: str) -> Any:
+    return TooManyDigits(text) if len(text.lstrip("-")) > MAX_DIGITS else int(text)
+
+
+def _float(text: str) -> Any:
+    return TooManyDigits(text) if len(text) > MAX_DIGITS + 20 else float(text)
+
+
+def _constant(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _refuse(location: str, field: str, rule: str) -> NoReturn:
+    abort_json(422, errors={location: {field or "_body": [rule]}})
+
+
+def _too_deep_at(raw: bytes) -> str | None:
+    """The top-level field under which raw JSON nests past MAX_DEPTH, '' when outside any, None when it does not."""
+    depth, field = 0, ""
+    for token in _NESTING_TOKEN.finditer(raw):
+        text = token.group()
+        if text in (b"[", b"{"):
+            depth += 1
+            if depth > MAX_DEPTH:
+                return field
+        elif text in (b"]", b"}"):
+            depth -= 1
+        elif depth == 1 and token.group(2):
+            field = json.loads(b'"' + token.group(1) + b'"')
+    return None
+
+
+def _check(value: Any, path: str, surrogates_possible: bool) -> None:
+    """Refuse over-long numbers and lone surrogates anywhere in a parsed body, naming the dotted path."""
+    if isinstance(value, TooManyDigits):
+        _refuse("json", path, f"is a number of {len(value)} digits; numbers here have at most {MAX_DIGITS}")
+    if isinstance(value, str):
+        if surrogates_possible and _SURROGATE.search(value):
+            _refuse("json", path, "contains a lone UTF-16 surrogate (\\ud800 to \\udfff), which is not text")
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if surrogates_possible and _SURROGATE.search(key):
+                _refuse("json", path, "has a field name with a lone UTF-16 surrogate, which is not text")
+            _check(item, f"{path}.{key}" if path else key, surrogates_possible)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check(item, f"{path}.{index}" if path else str(index), surrogates_possible)
+
+
+def parse_json_body(raw: bytes) -> Any:
+    """Parse a JSON body, or stop the request with a 400 (not JSON) or 422 (JSON no field may hold)."""
+    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH:
+        field = _too_deep_at(raw)
+        if field is not None:
+            _refuse("json", field, f"nests deeper than {MAX_DEPTH} levels of arrays and objects")
+    try:
+        text = raw.decode("utf-8")
+        value = json.loads(text, parse_int=_number, parse_float=_float, parse_constant=_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:
+        abort_json(400, code="invalid_json", message=f"the request body is not valid JSON: {error}")
+    _check(value, "", bool(_SURROGATE_ESCAPE.search(raw)))
+    return value
+
+
+class StrictParser(FlaskParser):
+    """webargs' Flask parser, with strict JSON, a repeated parameter refused, and multipart forms read as fields."""
+
+    def _raw_load_json(self, req: Request) -> Any:
+        if not is_json_request(req):
+            return core.missing
+        return parse_json_body(req.get_data(cache=True))
+
+    def load_querystring(self, req: Request, schema: Any) -> Any:
+        """The query parameters, once each."""
+        self._refuse_repeats("query", req.args)
+        return super().load_querystring(req, schema)
+
+    def load_json(self, req: Request, schema: Any) -> Any:
+        """The JSON body, or a multipart/form-data upload (form fields and file parts) flattened into one mapping."""
+        if req.mimetype == "multipart/form-data":
+            self._refuse_repeats("form", req.form, lists=("images",))
+            self._refuse_repeats("form", req.files, lists=("images",))
+            fields = {**req.form.to_dict(), **req.files.to_dict()}
+            both = sorted(set(req.form) & set(req.files) - {"images"})
+            if both:
+                _refuse("form", both[0], "was sent both as a form field and as a file part; send it once")
+            # Several reference images come as repeated `images` parts (files or base64 text).
+            listed = req.files.getlist("images") + req.form.getlist("images")
+            if listed:
+                fields["images"] = listed
+            return fields
+        return super().load_json(req, schema)
+
+    @staticmethod
+    def _refuse_repeats(location: str, values: Any, lists: tuple[str, ...] = ()) -> None:
+        for name in values:
+            count = len(values.getlist(name))
+            if count > 1 and name not in lists:
+                _refuse(location, name, f"was given {count} times; give it once")

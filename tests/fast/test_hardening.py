@@ -1,0 +1,135 @@
+"""Bad input that Python parses but no field may hold, query rules, safe methods, and honest answers about workers."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from mflux_server.core import store
+from mflux_server.core.rows import Status
+from tests.conftest import images_for
+
+JSON = {"content_type": "application/json"}
+
+
+def waiting(client) -> int:
+    return store.status_counts(client.application.extensions["mflux_connections"].get())[Status.WAITING]
+
+
+@pytest.mark.parametrize("raw, field, rule", [
+    (b'{"prompt": "a\\ud800b"}', "prompt", "lone UTF-16 surrogate"),
+    (b'{"prompt": "x", "negative_prompt": "\\udfff"}', "negative_prompt", "lone UTF-16 surrogate"),
+    (b'{"prompt": "x", "\\ud800": 1}', "_body", "field name with a lone UTF-16 surrogate"),
+    (b'{"prompt": "x", "images": ["\\ud83d"]}', "images.0", "lone UTF-16 surrogate"),
+    (b'{"prompt": "x", "steps": ' + b"1" * 5000 + b"}", "steps", "5000 digits"),
+    (b'{"prompt": "x", "guidance": 1' + b"0" * 80 + b".5}", "guidance", "digits"),
+    (b'{"prompt": ' + b"[" * 1000 + b"]" * 1000 + b"}", "prompt", "deeper than 8 levels"),
+    (b'{"prompt": "x", "seed": "\xc2\xb2"}', "seed", "digits 0-9"),
+    (b'{"prompt": "x", "seed": "\xd9\xa3\xd9\xa3"}', "seed", "digits 0-9"),
+    (b'{"prompt": "x", "seed": "' + b"1" * 5000 + b'"}', "seed", "5000 digits"),
+])
+def test_json_python_reads_but_no_field_may_hold_is_a_422_naming_the_field(client, raw, field, rule):
+    response = client.post("/api/generate", data=raw, **JSON)
+    assert response.status_code == 422, response.json
+    assert response.json["field"] == field and rule in response.json["message"], response.json
+    assert waiting(client) == 0
+
+
+def test_a_valid_surrogate_pair_is_text_and_is_kept(client):
+    response = client.post("/api/generate", data=b'{"prompt": "a cat \\ud83d\\ude00"}', **JSON)
+    assert response.status_code == 200
+    assert response.json["task_id"]
+    task = store.get(client.application.extensions["mflux_connections"].get(), response.json["task_id"])
+    assert task.prompt == "a cat \U0001f600"
+
+
+@pytest.mark.parametrize("raw", [b'{"prompt": "x", "guidance": NaN}', b'{"prompt": "x", "guidance": Infinity}',
+                                 b'\xff{"prompt": "x"}', b'[' * 100_000])
+def test_what_is_not_json_is_a_400_invalid_json_or_a_422(client, raw):
+    response = client.post("/api/generate", data=raw, **JSON)
+    assert response.status_code in (400, 422) and response.is_json, response.data[:200]
+    assert response.json["code"] in ("invalid_json", "invalid_input")
+
+
+@pytest.mark.parametrize("path, field", [
+    ("/api/tasks?offset=9223372036854775808", "offset"),
+    ("/api/tasks?limit=" + "9" * 30, "limit"),
+    ("/api/tasks?limit=true", "limit"),
+    ("/api/image?task_id=abc&index=99999999999999999999", "index"),
+    ("/api/image?task_id=abc&index=8", "index"),
+    ("/api/events?last_event_id=9223372036854775808", "last_event_id"),
+    ("/api/status?task_id=" + "a" * 65, "task_id"),
+    ("/api/tasks/" + "a" * 65, "task_id"),
+    ("/api/status?task_id=nope&task_id=real", "task_id"),
+    ("/api/tasks?status=done&status=error", "status"),
+])
+def test_every_query_integer_is_bounded_and_each_parameter_comes_once(client, path, field):
+    response = client.get(path)
+    assert response.status_code == 422, response.json
+    assert response.json["field"] == field, response.json
+
+
+def test_a_repeated_multipart_field_is_refused(client):
+    response = client.post("/api/generate", data={"prompt": ["a", "b"]}, content_type="multipart/form-data")
+    assert response.status_code == 422 and response.json["field"] == "prompt"
+    assert "2 times" in response.json["message"]
+
+
+def test_options_answers_204_with_allow_and_405_names_the_allowed_methods(client):
+    options = client.options("/api/generate")
+    assert options.status_code == 204 and options.data == b""
+    assert set(options.headers["Allow"].split(", ")) >= {"POST", "OPTIONS"}
+    refused = client.put("/api/generate")
+    assert refused.status_code == 405 and refused.is_json
+    assert set(refused.headers["Allow"].split(", ")) == {"POST", "OPTIONS"}
+    assert client.patch("/api/tasks/abc").headers["Allow"] == "DELETE, GET, HEAD, OPTIONS"
+
+
+def test_head_on_an_image_never_consumes_it(client):
+    conn = client.application.extensions["mflux_connections"].get()
+    worker = store.register_worker(conn, "synthetic", "schnell", None)
+    task_id = client.post("/api/generate", json={"prompt": "x", "width": 256, "height": 256}).json["task_id"]
+    task = store.claim_next(conn, worker, "schnell", "synthetic")
+    assert store.complete(conn, task.id, worker, images_for(task, b"\x89PNG fake"))
+    assert store.get(conn, task_id).status is Status.DONE
+    for _ in range(3):
+        head = client.head(f"/api/image?task_id={task_id}")
+        assert head.status_code == 200 and head.headers["Content-Type"] == "image/png"
+    assert client.get(f"/api/image?task_id={task_id}").status_code == 200, "still there after three HEADs"
+    assert client.get(f"/api/image?task_id={task_id}").status_code == 404, "a GET consumes it, as before"
+
+
+def test_a_model_no_live_worker_serves_is_refused_with_409_and_nothing_is_queued(client):
+    conn = client.application.extensions["mflux_connections"].get()
+    store.register_worker(conn, "synthetic", "dev", None)
+    refused = client.post("/api/generate", json={"prompt": "x"})  # the server's default model is schnell
+    assert refused.status_code == 409 and refused.json["code"] == "model_not_served"
+    assert refused.json["field"] == "model" and "the live workers serve dev." in refused.json["message"]
+    assert "schnell" in refused.json["message"] and waiting(client) == 0
+    assert client.post("/api/generate", json={"prompt": "x", "model": "dev"}).status_code == 200
+
+
+def test_with_no_worker_alive_a_task_queues_and_says_it_waits_for_one(client):
+    response = client.post("/api/generate", json={"prompt": "x", "model": "dev"})
+    assert response.status_code == 200
+    body = response.json
+    assert body["waiting_for_worker"] is True and "no worker is running" in body["note"]
+    assert isinstance(body["wait_remaining"], float) and isinstance(body["expected_time_seconds"], float)
+    status = client.get(f"/api/status?task_id={body['task_id']}").json
+    assert status["waiting_for_worker"] is True and status["status"] == "waiting"
+    conn = client.application.extensions["mflux_connections"].get()
+    store.register_worker(conn, "synthetic", "dev", None)
+    assert "waiting_for_worker" not in client.get(f"/api/status?task_id={body['task_id']}").json, "a worker came"
+
+
+def test_a_task_whose_worker_stopped_heartbeating_says_the_worker_was_lost(client):
+    conn = client.application.extensions["mflux_connections"].get()
+    worker = store.register_worker(conn, "synthetic", "schnell", None)
+    task_id = client.post("/api/generate", json={"prompt": "x"}).json["task_id"]
+    store.claim_next(conn, worker, "schnell", "synthetic")
+    assert "worker_lost" not in client.get(f"/api/status?task_id={task_id}").json
+    store.heartbeat(conn, worker, now=time.time() - 10)  # the app's --stale-after is 2 s
+    status = client.get(f"/api/status?task_id={task_id}").json
+    assert status["status"] == "processing" and status["worker_lost"] is True
+    assert "retried" in status["note"] and status["wait_remaining"] > 0
