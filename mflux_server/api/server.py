@@ -88,11 +88,13 @@ def serve(settings: Settings) -> None:
     """
     from gunicorn.app.base import BaseApplication
 
+    from mflux_server.api.deadlines import DeadlineGeventWorker
+
     class Server(BaseApplication):
         def load_config(self) -> None:
             self.cfg.set("bind", f"{settings.host}:{settings.port}")
             self.cfg.set("workers", settings.http_workers)
-            self.cfg.set("worker_class", "gevent")
+            self.cfg.set("worker_class", DeadlineGeventWorker)
             self.cfg.set("worker_connections", settings.max_connections)
             # An idle keep-alive connection costs a greenlet, so keep it as long as common proxies do (gunicorn's
             # default of 2 s made clients that poll every few seconds reconnect each time).
@@ -122,6 +124,8 @@ def serve(settings: Settings) -> None:
 
     # gunicorn's workers answer the requests they cannot parse through util.write_error, with an HTML page.
     gunicorn.util.write_error = write_json_error
+    DeadlineGeventWorker.header_timeout = settings.header_timeout
+    DeadlineGeventWorker.request_timeout = settings.request_timeout
     check_port_free(settings.host, settings.port)
     Server().run()
 

@@ -121,6 +121,10 @@ class Settings:
     http_workers: int = setting(2, "API server processes (gunicorn workers)", "api", _positive(int))
     max_connections: int = setting(1000, "open connections each API server process holds at most (event streams and "
                                    "idle keep-alives included); more wait to be accepted", "api", _positive(int))
+    header_timeout: float = setting(10.0, "seconds from a request's first byte for its headers to arrive; then a 408",
+                                    "api", _positive(float))
+    request_timeout: float = setting(60.0, "seconds from a request's first byte for all of it, body included, to arrive; "
+                                     "then a 408", "api", _positive(float))
     max_width: int = setting(2048, "largest width a request may ask for", "api", _positive(int))
     max_height: int = setting(2048, "largest height a request may ask for", "api", _positive(int))
     max_steps: int = setting(100, "most denoising steps a request may ask for", "api", _positive(int))

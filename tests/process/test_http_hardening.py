@@ -1,0 +1,89 @@
+"""Over real HTTP to gunicorn: errors found before the app runs are JSON too, and bodies obey their limits."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import requests
+
+from tests.process.test_http_server import raw_request
+
+
+def parsed(response: bytes) -> tuple[int, dict[str, str], dict]:
+    head, _, body = response.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in lines[1:])}
+    return int(lines[0].split()[1]), headers, json.loads(body)
+
+
+@pytest.mark.parametrize("request_bytes, status, code", [
+    (b"GET /" + b"a" * 5000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414, "url_too_long"),
+    (b"GET /api/info HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n", 431, "headers_too_large"),
+    (b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n", 400, "bad_request"),
+    (b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+     400, "bad_request"),
+    (b"get /api/info HTTP/1.1\r\nHost: x\r\n\r\n", 400, "bad_request"),
+    (b"GET /api/info HTTP/9.9\r\nHost: x\r\n\r\n", 400, "bad_request"),
+])
+def test_requests_the_server_cannot_parse_get_our_json_error(processes, request_bytes, status, code):
+    url = processes.server()
+    got, headers, body = parsed(raw_request(url, request_bytes))
+    assert (got, body["code"]) == (status, code), body
+    assert headers["content-type"] == "application/json" and body["message"]
+    assert requests.get(url + "/api/info", timeout=5).status_code == 200, "the server carries on"
+
+
+def test_a_chunked_body_past_the_limit_is_a_413_and_one_within_it_is_read_whole(processes):
+    url = processes.server("--max-input-bytes", "1000")  # generate bodies: 1 MiB and five tiny images
+
+    def chunks(size: int):
+        yield b'{"prompt": "'
+        for _ in range(size // 65536):
+            yield b"a" * 65536
+        yield b'"}'
+
+    big = requests.post(url + "/api/generate", data=chunks(3 << 20), headers={"Content-Type": "application/json"},
+                        timeout=30)
+    assert big.status_code == 413 and big.json()["code"] == "request_too_large"
+    whole = requests.post(url + "/api/generate", data=chunks(65536), headers={"Content-Type": "application/json"},
+                          timeout=30)
+    assert whole.status_code == 422 and "got 65536" in whole.json()["message"], "read whole: the prompt rule saw it all"
+
+
+def test_head_on_an_event_stream_answers_at_once(processes):
+    url = processes.server()
+    response = requests.head(url + "/api/events", timeout=5)
+    assert response.status_code == 200 and response.headers["Content-Type"].startswith("text/event-stream")
+
+
+def test_two_hundred_stalled_or_trickling_clients_delay_no_one_and_are_cut_off_at_their_deadline(processes):
+    import socket
+    import time
+
+    url = processes.server("--header-timeout", "1", "--request-timeout", "2")
+    host, port = url.removeprefix("http://").split(":")
+    stalled = []
+    for i in range(200):
+        sock = socket.create_connection((host, int(port)))
+        sock.sendall(b"GET /api/info HTTP/1.1\r\nHost: x\r\nX-Slow: a" if i % 2 else
+                     b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 99\r\n\r\n{")
+        stalled.append(sock)
+    opened = time.monotonic()
+    latencies = []
+    for _ in range(20):
+        started = time.monotonic()
+        assert requests.post(url + "/api/generate", json={"prompt": "past the stalled"}, timeout=5).status_code == 200
+        assert requests.get(url + "/api/info", timeout=5).status_code == 200
+        latencies.append(time.monotonic() - started)
+    assert sorted(latencies)[-2] < 0.5, f"fresh clients were held up: {sorted(latencies)}"
+    answers = []
+    for sock in stalled:
+        sock.settimeout(10)
+        chunks = b""
+        while chunk := sock.recv(65536):
+            chunks += chunk
+        answers.append(chunks)
+        sock.close()
+    assert time.monotonic() - opened < 6, "every stalled connection was closed at its deadline"
+    assert all(b" 408 " in answer.split(b"\r\n")[0] and b'"request_timeout"' in answer for answer in answers)
