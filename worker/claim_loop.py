@@ -24,6 +24,7 @@ from mflux_server.worker.messages import (
 )
 from mflux_server.worker.publisher import Measurement, PreviewFrame, Progress, ProgressPublisher
 from mflux_server.worker.result_writer import ResultWriter
+from mflux_server.worker.storage_retry import Outage
 
 log = logging.getLogger("mflux_worker")
 
@@ -197,9 +198,15 @@ class ClaimLoop:
     def run(self) -> None:
         """Claim and run tasks until stopping is set; every generated image reaches the writer."""
         handoff: ImageGenerated | None = None
+        outage = Outage("claiming tasks")
         try:
             while not self.stopping.is_set():
-                task = self.claim()
+                try:
+                    task = self.claim()
+                except Exception as exc:  # a full disk or locked file: wait it out, nothing was claimed
+                    outage.failed(exc)
+                    continue
+                outage.passed()
                 if task is not None and task.model != self.engine.model:
                     if handoff is not None:
                         self.writer.send(handoff)

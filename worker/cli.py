@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from types import FrameType
 
 from mflux_server import __version__
+from mflux_server.core import db
 from mflux_server.core.logs import configure_logging, shorten_gil_switch_interval
 from mflux_server.core.settings import load_settings
 from mflux_server.worker.engines import make_engine, served_models
@@ -27,6 +28,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(settings.log_level, "mflux-worker")
     shorten_gil_switch_interval()  # the claim between two generations competes with the encoder thread
     log = logging.getLogger("mflux_worker")
+    db.open_or_exit(settings.db, "mflux-worker")  # before loading a model: a bad --db should fail in a second
     try:
         servable = served_models(settings)
         engine = make_engine(settings)
@@ -36,12 +38,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         log.error("could not start the %s engine: %s", settings.engine, exc)
         return 1
-    supervisor = Supervisor(settings, engine, servable, load_seconds)
+    supervisor: Supervisor | None = None
+    stop_requested = False
 
     def request_stop(signum: int, _frame: FrameType | None) -> None:
+        nonlocal stop_requested
         log.info("%s received: stopping at the next step boundary", signal.Signals(signum).name)
-        supervisor.stop()
+        stop_requested = True
+        if supervisor is not None:
+            supervisor.stop()
 
+    # Before registering: once the worker is in the workers table a SIGTERM must be a clean stop, not a kill.
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
+    supervisor = Supervisor(settings, engine, servable, load_seconds)
+    if stop_requested:
+        supervisor.stop()
     return supervisor.run()

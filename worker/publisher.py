@@ -15,6 +15,7 @@ from PIL import Image
 from mflux_server.core import store
 from mflux_server.core.rows import Timing
 from mflux_server.core.settings import Settings
+from mflux_server.worker.storage_retry import Outage
 
 log = logging.getLogger("mflux_worker")
 
@@ -69,6 +70,11 @@ class ProgressPublisher:
         self._measurements: deque[Measurement] = deque()
         self._task_started = threading.Event()
         self._stop = threading.Event()
+        # The publishing thread's own state: what it last wrote, when it last beat, the data version it last saw.
+        self._written: Progress | None = None
+        self._shown: PreviewFrame | None = None
+        self._beat_at = 0.0
+        self._version = 0
 
     # Called from the generation thread
 
@@ -108,35 +114,42 @@ class ProgressPublisher:
 
     def run(self, conn: sqlite3.Connection) -> None:
         """Publish, check, heartbeat and recover until stopped; idle, it sleeps until a task starts or a beat is due."""
-        written: Progress | None = None
-        shown: PreviewFrame | None = None
-        beat_at = 0.0
-        version = store.data_version(conn)
+        self._version = store.data_version(conn)
+        outage = Outage("progress and heartbeats")
         while not self._stop.is_set():
-            if self._current is None:
-                self._task_started.wait(max(self.settings.heartbeat_interval - (time.monotonic() - beat_at), 0.0))
-                self._task_started.clear()
+            try:
+                self._publish_once(conn)
+            except Exception as exc:  # a full disk or passing I/O error must not end the heartbeats for good
+                outage.failed(exc)
             else:
-                time.sleep(PROGRESS_INTERVAL)
-            current, latest = self._current, self._latest
-            if latest is not None and latest != written:
-                if not store.record_progress(conn, latest.task_id, self.worker_id, latest.image_index, latest.step, latest.at):
-                    self._taken.add(latest.task_id)
-                written = latest
-            frame = self._preview
-            if frame is not None and frame is not shown:
-                shown = frame
-                store.save_preview(conn, frame.task_id, self.worker_id, frame.image_index + 1, frame.step, "image/jpeg",
-                                   encode_preview(frame.picture))
-            now_version = store.data_version(conn)
-            if current and now_version != version and not store.still_mine(conn, current, self.worker_id):
-                self._taken.add(current)
-            version = now_version
-            self.flush_timings(conn)
-            if time.monotonic() - beat_at >= self.settings.heartbeat_interval:
-                store.heartbeat(conn, self.worker_id)
-                recover(conn, self.settings)
-                beat_at = time.monotonic()
+                outage.passed()
+
+    def _publish_once(self, conn: sqlite3.Connection) -> None:
+        """One pass: wait for work or a beat, then write progress, preview and timings, check ownership, heartbeat."""
+        if self._current is None:
+            self._task_started.wait(max(self.settings.heartbeat_interval - (time.monotonic() - self._beat_at), 0.0))
+            self._task_started.clear()
+        else:
+            time.sleep(PROGRESS_INTERVAL)
+        current, latest = self._current, self._latest
+        if latest is not None and latest != self._written:
+            if not store.record_progress(conn, latest.task_id, self.worker_id, latest.image_index, latest.step, latest.at):
+                self._taken.add(latest.task_id)
+            self._written = latest
+        frame = self._preview
+        if frame is not None and frame is not self._shown:
+            self._shown = frame
+            store.save_preview(conn, frame.task_id, self.worker_id, frame.image_index + 1, frame.step, "image/jpeg",
+                               encode_preview(frame.picture))
+        now_version = store.data_version(conn)
+        if current and now_version != self._version and not store.still_mine(conn, current, self.worker_id):
+            self._taken.add(current)
+        self._version = now_version
+        self.flush_timings(conn)
+        if time.monotonic() - self._beat_at >= self.settings.heartbeat_interval:
+            store.heartbeat(conn, self.worker_id)
+            recover(conn, self.settings)
+            self._beat_at = time.monotonic()
 
     def flush_timings(self, conn: sqlite3.Connection) -> None:
         """Write every queued measurement, grouped by model and size."""

@@ -5,9 +5,12 @@ from __future__ import annotations
 import logging
 import queue
 import sqlite3
+import threading
 import time
+from functools import partial
 
 from mflux_server.core import store
+from mflux_server.core.db import storage_problem
 from mflux_server.core.rows import StoredImage, Timing
 from mflux_server.worker.encoding import encode
 from mflux_server.worker.messages import (
@@ -17,6 +20,7 @@ from mflux_server.worker.messages import (
     TaskFailed,
     TaskReleased,
 )
+from mflux_server.worker.storage_retry import StorageRetry
 
 log = logging.getLogger("mflux_worker")
 
@@ -27,17 +31,35 @@ OUTBOX_IMAGES = 4
 class ResultWriter:
     """Takes messages in order from an outbox, so the GPU goes straight on to the next task."""
 
-    def __init__(self, worker_id: str) -> None:
+    def __init__(self, worker_id: str, stopping: threading.Event | None = None) -> None:
         self.worker_id = worker_id
         self.outbox: queue.Queue[Message] = queue.Queue(maxsize=OUTBOX_IMAGES)
         self._pending: dict[str, list[StoredImage]] = {}
+        self.stopped = False
+        # A full disk or a passing I/O error holds the results here and retries; the task stays this worker's.
+        self.retry = StorageRetry("storing results", stopping or threading.Event())
 
     def send(self, message: Message) -> None:
-        """Queue a message; blocks while OUTBOX_IMAGES images wait to be encoded."""
-        self.outbox.put(message)
+        """Queue a message; blocks while OUTBOX_IMAGES images wait to be encoded, unless the writer has died."""
+        while True:
+            try:
+                self.outbox.put(message, timeout=0.5)
+                return
+            except queue.Full:
+                if self.stopped:  # its thread died (the storage was lost): the task is recovered from its row
+                    log.error("task %s: the result writer has stopped; dropping its %s",
+                              getattr(getattr(message, "task", None), "id", "-"),
+                              type(message).__name__)
+                    return
 
     def run(self, conn: sqlite3.Connection) -> None:
-        """Write outcomes until SHUTDOWN; a failure to encode or store fails that task, not the worker."""
+        """Write outcomes until SHUTDOWN; a failure to encode fails that task, a storage fault is waited out."""
+        try:
+            self._run(conn)
+        finally:
+            self.stopped = True
+
+    def _run(self, conn: sqlite3.Connection) -> None:
         while not isinstance(message := self.outbox.get(), Shutdown):
             task = message.task
             try:
@@ -46,14 +68,21 @@ class ResultWriter:
                     continue
                 self._pending.pop(task.id, None)
                 if isinstance(message, TaskFailed):
-                    store.fail(conn, task.id, self.worker_id, message.message)
+                    self.retry.run(partial(store.fail, conn, task.id, self.worker_id, message.message))
                 elif isinstance(message, TaskReleased):
-                    store.release(conn, task.id, self.worker_id)
+                    self.retry.run(partial(store.release, conn, task.id, self.worker_id))
                 # TaskDropped: forgetting its pending images, above, is all there is to do
             except Exception as exc:
-                log.exception("task %s: could not store the result", task.id)
                 self._pending.pop(task.id, None)
-                store.fail(conn, task.id, self.worker_id, f"storing the image failed: {type(exc).__name__}: {exc}")
+                if storage_problem(exc) is not None:
+                    # Still failing after the retries (or a lost file): the task stays processing under this worker,
+                    # and once its heartbeat stops another worker requeues it. Nothing a user submitted is lost.
+                    log.error("task %s: could not store its result (%s); it will be retried after this worker stops",
+                              task.id, exc)
+                    raise
+                log.exception("task %s: could not encode the result", task.id)
+                self.retry.run(partial(store.fail, conn, task.id, self.worker_id,
+                                       f"encoding the image failed: {type(exc).__name__}: {exc}"))
 
     def _write_image(self, conn: sqlite3.Connection, done: ImageGenerated) -> None:
         task = done.task
@@ -62,11 +91,12 @@ class ResultWriter:
         seed = task.seed + done.index
         data, mime = encode(done.image, task.format, task.quality, done.software, seed)
         timings = [Timing("after", (done.after_seconds,)), Timing("encode", (time.perf_counter() - started,))]
-        store.record_timings(conn, task.model, task.width, task.height, timings)
         images.append(StoredImage(done.index, seed, mime, data, done.started, done.ended))
+        self.retry.run(lambda: store.record_timings(conn, task.model, task.width, task.height, timings))
         if len(images) == task.count:
+            stored = self.retry.run(lambda: store.complete(conn, task.id, self.worker_id, images))
             del self._pending[task.id]
-            if store.complete(conn, task.id, self.worker_id, images):
+            if stored:
                 log.info("task %s: done", task.id)
             else:
                 log.info("task %s: finished but no longer ours (canceled); images dropped", task.id)

@@ -38,8 +38,9 @@ class Supervisor:
         if load_seconds is not None and engine.model:
             store.record_load(self.conn, engine.model, load_seconds)
         self.stopping = threading.Event()
+        self.crashed: str | None = None  # the role whose thread died, which makes the exit status say so
         self.publisher = ProgressPublisher(settings, self.worker_id)
-        self.writer = ResultWriter(self.worker_id)
+        self.writer = ResultWriter(self.worker_id, self.stopping)
         self.claim_loop = ClaimLoop(settings, engine, self.worker_id, self.conn, self.publisher, self.writer, self.stopping,
                                     servable, limits)
 
@@ -58,13 +59,20 @@ class Supervisor:
             code = EXIT_BROKEN
         finally:
             # Finish encoding and storing what was generated before exiting: that work is not lost.
-            self.writer.send(SHUTDOWN)
+            if writing.is_alive():
+                self.writer.send(SHUTDOWN)
             writing.join()
             self.publisher.stop()
             publishing.join(timeout=5)
-            self.publisher.flush_timings(self.conn)
-            store.stop_worker(self.conn, self.worker_id)
+            try:
+                self.publisher.flush_timings(self.conn)
+                store.stop_worker(self.conn, self.worker_id)
+            except Exception as exc:  # the storage failed under us: the heartbeat stops, so recovery still happens
+                log.error("could not record this worker's stop (%s); its tasks are recovered once its heartbeat is "
+                          "stale", exc)
             self.conn.close()
+            if self.crashed and code == 0:
+                code = EXIT_BROKEN
             log.info("%s", self.claim_loop.preview_cost.summary())
             log.info("worker %s stopped", self.worker_id)
         return code
@@ -82,6 +90,7 @@ class Supervisor:
                 target(conn)
             except Exception:
                 log.exception("%s thread crashed; stopping the worker", name)
+                self.crashed = name
                 self.stopping.set()
             finally:
                 conn.close()

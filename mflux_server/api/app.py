@@ -15,6 +15,7 @@ from mflux_server import __version__
 from mflux_server.api import context, events, generation, info, models, tasks
 from mflux_server.api.errors import ErrorSchema, JsonError, error_payload
 from mflux_server.api.generation_schemas import openapi_rules
+from mflux_server.core.db import storage_problem
 from mflux_server.core.settings import Settings
 
 WEB = str(Path(mflux_server.web.__file__).parent)  # the web UI's files
@@ -39,6 +40,25 @@ class JsonErrorApi(Api):
     def handle_http_exception(self, error: HTTPException) -> JsonError:
         """Render any HTTP error as our JSON error body."""
         return error_payload(error)
+
+
+# What each storage problem answers: HTTP status, code, and what to tell the client.
+STORAGE_ANSWERS = {
+    "full": (507, "storage_full", "the queue's disk is full, so nothing can be stored; free space and retry"),
+    "read_only": (503, "storage_read_only", "the queue file cannot be written (read-only file or file system)"),
+    "lost": (503, "storage_lost", "the queue file or its WAL was removed or replaced under the running server"),
+    "busy": (503, "storage_busy", "the queue is locked by another process; retry in a moment"),
+    "io": (503, "storage_failed", "the queue file could not be read or written (an I/O error)"),
+    "corrupt": (503, "storage_failed", "the queue file is damaged or is not an SQLite database"),
+}
+
+
+def storage_error(problem: str, error: BaseException, path: str) -> JsonError:
+    """A storage fault as JSON: nothing was acknowledged that is not stored, and the log names the file."""
+    status, code, message = STORAGE_ANSWERS[problem]
+    log.error("queue %s: %s (%s: %s)", path, message, type(error).__name__, error)
+    return ({"code": code, "message": f"{message}; the request was not carried out", "field": None}, status,
+            {"Retry-After": "5"} if problem in ("busy", "full") else {})
 
 
 def create_app(config: Settings | None = None, overrides: dict[str, Any] | None = None) -> Flask:
@@ -98,9 +118,12 @@ def create_app(config: Settings | None = None, overrides: dict[str, Any] | None 
 
     @app.errorhandler(Exception)
     def unexpected(error: Exception) -> JsonError:
-        """Anything unhandled becomes a logged JSON 500, never an HTML page."""
+        """Anything unhandled becomes a logged JSON 500, never an HTML page; storage faults say what they are."""
         if isinstance(error, HTTPException):
             return error_payload(error)
+        problem = storage_problem(error)
+        if problem is not None:
+            return storage_error(problem, error, config.db)
         log.exception("unhandled error")
         return error_payload(InternalServerError())
 

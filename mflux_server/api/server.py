@@ -140,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     configure_logging(settings.log_level, "mflux-server")
     # Migrate once here, before gunicorn forks, so server processes never race on an empty file.
-    db.open_database(settings.db).close()
+    db.open_or_exit(settings.db, "mflux-server")
     logging.getLogger("mflux_server").info("queue %s; listening on http://%s:%d", settings.db, settings.host, settings.port)
     if settings.debug:
         create_app(settings).run(host=settings.host, port=settings.port, debug=True, use_reloader=False)

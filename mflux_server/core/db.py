@@ -2,28 +2,100 @@
 
 from __future__ import annotations
 
+import os
 import re
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
+from typing import Any, NoReturn
 
 BUSY_TIMEOUT_MS = 10_000
 _MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+
+
+# Statements that write: before each, a connection checks that its files are still the ones it opened.
+_WRITE = re.compile(r"\s*(?:INSERT|UPDATE|DELETE|REPLACE|BEGIN)\b", re.IGNORECASE)
+
+
+class StorageLost(sqlite3.DatabaseError):
+    """The database file or its WAL was removed or replaced under a running process: writes would not be durable."""
+
+
+class QueueConnection(sqlite3.Connection):
+    """A connection that notices its database file or WAL being removed or replaced while it is open.
+
+    SQLite keeps writing to the files it opened, so after a `rm queue.db-wal` every commit lands in an unlinked
+    file and is gone at the next restart. Each write first compares the files' identities (device, inode) with
+    those seen when the connection first wrote, and refuses with StorageLost once they differ.
+    """
+
+    path: str = ""
+    files: dict[str, tuple[int, int] | None]
+    lost: str | None = None
+
+    def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:
+        """Run a statement; a write first checks the files."""
+        if self.path and _WRITE.match(sql):
+            self.check_files()
+        return super().execute(sql, parameters)
+
+    def check_files(self) -> None:
+        """Raise StorageLost if the database file or its WAL is no longer the one this connection uses."""
+        if self.lost is None:
+            for name, seen in self.files.items():
+                now = _identity(name)
+                if seen is None:
+                    self.files[name] = now  # the WAL appears with the first read; remember it then
+                elif now != seen:
+                    self.lost = f"{name} was {'removed' if now is None else 'replaced'} while the process ran"
+        if self.lost is not None:
+            raise StorageLost(f"{self.lost}: writes stopped, since none would survive a restart; restart the server "
+                              "and workers (tasks acknowledged before this are in the file they had open)")
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    try:
+        found = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return found.st_dev, found.st_ino
+
+
+STORAGE_PROBLEMS = {sqlite3.SQLITE_FULL: "full", sqlite3.SQLITE_IOERR: "io", sqlite3.SQLITE_READONLY: "read_only",
+                    sqlite3.SQLITE_BUSY: "busy", sqlite3.SQLITE_LOCKED: "busy", sqlite3.SQLITE_CANTOPEN: "io",
+                    sqlite3.SQLITE_CORRUPT: "corrupt", sqlite3.SQLITE_NOTADB: "corrupt", sqlite3.SQLITE_PERM: "read_only"}
+
+
+def storage_problem(error: BaseException) -> str | None:
+    """What a database error says about the storage: full, io, read_only, busy, corrupt or lost; None for a bug."""
+    if isinstance(error, StorageLost):
+        return "lost"
+    if not isinstance(error, sqlite3.Error):
+        return None
+    code = getattr(error, "sqlite_errorcode", None)
+    if code is None:
+        text = str(error).lower()
+        return "full" if "disk is full" in text else "read_only" if "readonly" in text else None
+    return STORAGE_PROBLEMS.get(code & 0xFF)
 
 
 def connect(path: str | Path) -> sqlite3.Connection:
     """Open the database in autocommit mode (we issue BEGIN ourselves) with WAL and a busy timeout."""
     if str(path) != ":memory:":
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000)
+    conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000,
+                           factory=QueueConnection)
     conn.row_factory = sqlite3.Row
     conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
     # journal_mode is persistent in the file; setting it again is cheap and idempotent.
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("PRAGMA synchronous = NORMAL")
     conn.execute("PRAGMA foreign_keys = ON")
+    if str(path) != ":memory:":
+        conn.path = str(path)
+        conn.files = {str(path): _identity(str(path)), str(path) + "-wal": _identity(str(path) + "-wal")}
     return conn
 
 
@@ -33,10 +105,13 @@ def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     conn.execute("BEGIN IMMEDIATE")
     try:
         yield conn
+        conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        # SQLite has already rolled back after some errors (a full disk, an I/O error); a second ROLLBACK would
+        # raise "no transaction is active" and hide the error that matters.
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
         raise
-    conn.execute("COMMIT")
 
 
 def migration_files() -> list[tuple[int, str, str]]:
@@ -91,6 +166,43 @@ def migrate(conn: sqlite3.Connection) -> int:
                 conn.execute(statement)
             conn.execute(f"PRAGMA user_version = {version}")
     return len(migrations)
+
+
+def _why_unwritable(path: Path) -> str | None:
+    """The plain reason a queue file cannot be written here, when the file system or permissions give one."""
+    folder = path.parent
+    if os.statvfs(folder).f_flag & os.ST_RDONLY:
+        return "the file system is mounted read-only"
+    if not os.access(folder, os.W_OK):
+        return f"no permission to write in {folder} (SQLite's WAL keeps two files beside the queue)"
+    if path.exists() and not os.access(path, os.W_OK):
+        return "no permission to write the file"
+    return None
+
+
+def open_or_exit(path: str | Path, program: str) -> None:
+    """Check at start that the queue file can be opened, migrated and written; else exit 1 with one line naming it."""
+    queue = Path(path)
+
+    def fail(reason: str) -> NoReturn:
+        raise SystemExit(f"{program}: cannot use the queue file {queue}: {reason}")
+
+    if queue.is_dir():
+        fail("it is a directory (give --db a file path, e.g. ~/.local/share/mflux-server/queue.db)")
+    try:
+        queue.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        fail(f"cannot create the folder {queue.parent}: {error.strerror}")
+    try:
+        # Migrating runs a write transaction even when nothing is pending, so this also proves the file writable.
+        open_database(queue).close()
+    except sqlite3.DatabaseError as error:
+        problem = storage_problem(error)
+        if problem == "corrupt":
+            fail(f"it is not an SQLite database, or it is damaged ({error})")
+        fail(_why_unwritable(queue) or f"{error} ({problem or 'SQLite error'})")
+    except (OSError, RuntimeError) as error:
+        fail(str(error))
 
 
 def open_database(path: str | Path) -> sqlite3.Connection:

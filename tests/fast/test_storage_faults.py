@@ -1,0 +1,112 @@
+"""Storage faults on a real SQLite file: a full disk, a removed WAL, a bad --db; the answers and the worker's patience."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+from PIL import Image
+
+from mflux_server.core import db, store
+from mflux_server.core.rows import Status
+from mflux_server.worker.messages import SHUTDOWN, ImageGenerated
+from mflux_server.worker.result_writer import ResultWriter
+from mflux_server.worker.storage_retry import StorageRetry
+from tests.conftest import queue_task
+
+
+def app_conn(client):
+    return client.application.extensions["mflux_connections"].get()
+
+
+def fill_up(conn) -> None:
+    """Make the database as full as a full disk: no page beyond those it has."""
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    conn.execute(f"PRAGMA max_page_count = {pages}")
+
+
+def test_a_full_disk_is_a_507_storage_full_and_submits_resume_once_space_is_back(client):
+    conn = app_conn(client)
+    fill_up(conn)
+    big = {"prompt": "x" * 3900}
+    answers = [client.post("/api/generate", json=big) for _ in range(40)]  # pages fill up within a few of these
+    full = [a for a in answers if a.status_code != 200]
+    assert full and all(a.status_code == 507 for a in full), {a.status_code for a in answers}
+    assert full[0].json["code"] == "storage_full" and full[0].headers["Retry-After"] == "5"
+    assert "not carried out" in full[0].json["message"]
+    acknowledged = sum(a.status_code == 200 for a in answers)
+    assert store.status_counts(conn)[Status.WAITING] == acknowledged, "every 200 is stored, no 507 is"
+    conn.execute("PRAGMA max_page_count = 1073741823")
+    assert client.post("/api/generate", json=big).status_code == 200
+
+
+def test_a_removed_wal_stops_acknowledging_writes_and_says_why(client, db_path):
+    first = client.post("/api/generate", json={"prompt": "before"})
+    assert first.status_code == 200
+    os.remove(db_path + "-wal")
+    refused = client.post("/api/generate", json={"prompt": "after"})
+    assert refused.status_code == 503 and refused.json["code"] == "storage_lost"
+    assert "WAL was removed or replaced" in refused.json["message"] or "replaced" in refused.json["message"]
+    again = client.delete(f"/api/tasks/{first.json['task_id']}")
+    assert again.status_code == 503, "every later write is refused too, not only the first"
+    assert client.get("/api/info").status_code == 200, "reads still answer"
+
+
+def test_a_replaced_database_file_is_noticed_too(tmp_path):
+    path = str(tmp_path / "q.db")
+    conn = db.open_database(path)
+    conn.execute("BEGIN IMMEDIATE")
+    conn.execute("COMMIT")
+    os.replace(path, str(tmp_path / "moved.db"))
+    db.open_database(path).close()  # a fresh file at the same path, as a restore from backup would leave
+    with pytest.raises(db.StorageLost, match="replaced"):
+        conn.execute("BEGIN IMMEDIATE")
+    assert db.storage_problem(db.StorageLost("x")) == "lost"
+
+
+@pytest.mark.parametrize("make, reason", [
+    (lambda tmp: tmp, "it is a directory"),
+    (lambda tmp: (tmp / "text.db").write_text("not sqlite at all" * 100) and tmp / "text.db", "not an SQLite database"),
+    (lambda tmp: (tmp / "file").write_text("x") and tmp / "file" / "q.db", "cannot create the folder"),
+])
+def test_a_bad_db_path_exits_with_one_line_naming_it(tmp_path, make, reason):
+    path = make(tmp_path)
+    with pytest.raises(SystemExit) as stopped:
+        db.open_or_exit(path, "mflux-server")
+    message = str(stopped.value.code)
+    assert message.startswith(f"mflux-server: cannot use the queue file {path}: ") and reason in message
+    assert "\n" not in message
+
+
+def test_storage_retry_waits_out_a_full_disk_and_gives_other_errors_back_at_once(tmp_path):
+    conn = db.open_database(str(tmp_path / "q.db"))
+    conn.execute("CREATE TABLE blobs (data BLOB)")
+    fill_up(conn)
+    threading.Timer(0.8, lambda: conn.execute("PRAGMA max_page_count = 1073741823")).start()
+    started = time.monotonic()
+    StorageRetry("test", threading.Event()).run(lambda: conn.execute("INSERT INTO blobs VALUES (?)", (b"x" * 50_000,)))
+    assert time.monotonic() - started >= 0.7 and conn.execute("SELECT count(*) FROM blobs").fetchone()[0] == 1
+    with pytest.raises(ZeroDivisionError):
+        StorageRetry("test", threading.Event()).run(lambda: 1 / 0)
+
+
+def test_the_result_writer_keeps_a_finished_image_through_a_full_disk_and_stores_it_after(db_path):
+    conn = db.open_database(db_path)
+    worker = store.register_worker(conn, "synthetic", "schnell", None)
+    task_id = queue_task(conn, width=256, height=256).id
+    task = store.claim_next(conn, worker, "schnell", "synthetic")
+    writer_conn = db.connect(db_path)
+    fill_up(writer_conn)
+    writer = ResultWriter(worker)
+    thread = threading.Thread(target=writer.run, args=(writer_conn,), daemon=True)
+    thread.start()
+    noise = Image.effect_noise((256, 256), 90).convert("RGB")  # incompressible: its PNG needs new pages
+    writer.send(ImageGenerated(task, 0, noise, 1.0, 2.0, 0.1, "test"))
+    time.sleep(1.0)
+    assert store.get(conn, task_id).status is Status.PROCESSING, "held while the disk is full, not failed"
+    writer_conn.execute("PRAGMA max_page_count = 1073741823")
+    writer.send(SHUTDOWN)
+    thread.join(timeout=20)
+    assert store.get(conn, task_id).status is Status.DONE and store.fetch_image(conn, task_id, 0) is not None
