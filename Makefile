@@ -14,7 +14,7 @@ MFLUX_RUNTIME := "tqdm>=4.66.5,<5" "huggingface-hub>=1.1.6,<2" "platformdirs>=4,
 	"fsspec>=2026.6.0"
 ARGS ?=
 
-.PHONY: help install run test test-fast lint bench clean browser
+.PHONY: help install run test test-fast lint bench fuzz clean browser
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -69,6 +69,9 @@ bench: install ## run the benchmarks and write docs/benchmarks.md
 		{ apt-get install -y -q wrk >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q wrk >/dev/null; }; }; } || \
 		echo "wrk is not installed: benchmark 3 falls back to Python clients, which understate the server"
 	$(BIN)/python -m bench $(ARGS)
+
+fuzz: install ## a long schemathesis run over every operation of the spec (about 20,000 cases; ARGS='--examples N')
+	$(BIN)/python -m tests.fuzzing $(ARGS)
 
 clean: ## remove .venv and caches
 	rm -rf $(VENV) build *.egg-info .pytest_cache bench/out

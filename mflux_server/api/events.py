@@ -28,8 +28,15 @@ RETRY_MS = 2000  # how soon EventSource reconnects after a dropped connection
 MAX_WATCHED = 100
 ENDED = {Status.DONE.value, Status.ERROR.value, Status.CANCELED.value, "deleted"}
 MAX_EVENT_ID = 2**63 - 1  # SQLite's largest rowid
-SSE_DOC = {"responses": {"200": {"description": "an event stream (see README: Live events)",
-                                 "content": {"text/event-stream": {"schema": {"type": "string"}}}}}}
+EVENT_KINDS = ("status", "progress", "preview", "done", "error", "deleted")
+# Each message of the stream, as an SSE parser (EventSource, or a spec-driven client) reads it.
+SSE_DOC = {"responses": {"200": {
+    "description": "an event stream (see README: Live events); each message has an id, an event kind and JSON data",
+    "content": {"text/event-stream": {"schema": {
+        "type": "object",
+        "properties": {"id": {"type": "string", "pattern": "^[0-9]+$"}, "event": {"type": "string", "enum": list(EVENT_KINDS)},
+                       "data": {"type": "string", "description": "the event's JSON body"},
+                       "retry": {"type": "integer"}}}}}}}}
 
 
 class TaskEventsQuery(ma.Schema):
@@ -42,7 +49,8 @@ class TaskEventsQuery(ma.Schema):
 class EventsQuery(TaskEventsQuery):
     """Which tasks, and where to resume."""
 
-    task_ids = fields.String(validate=validate.Length(1, MAX_WATCHED * 65), metadata={
+    # 100 of our 32-character ids with their commas, which fits gunicorn's 4 KB request line.
+    task_ids = fields.String(validate=validate.Length(1, MAX_WATCHED * 33), metadata={
         "description": f"comma-separated task ids to watch (at most {MAX_WATCHED}): their position and forecast "
                        "are sent as the queue moves. All tasks when absent"})
 

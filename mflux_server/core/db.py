@@ -50,9 +50,22 @@ class QueueConnection(sqlite3.Connection):
                     self.files[name] = now  # the WAL appears with the first read; remember it then
                 elif now != seen:
                     self.lost = f"{name} was {'removed' if now is None else 'replaced'} while the process ran"
+            if self.lost is not None and _identity(self.path) == self.files[self.path]:
+                self.lost += self._save_wal()
         if self.lost is not None:
             raise StorageLost(f"{self.lost}: writes stopped, since none would survive a restart; restart the server "
                               "and workers (tasks acknowledged before this are in the file they had open)")
+
+
+    def _save_wal(self) -> str:
+        """Copy what the removed WAL holds into the database file, which is still ours, so acknowledged writes stay."""
+        try:
+            busy, _, _ = super().execute("PRAGMA wal_checkpoint(FULL)").fetchone()
+        except sqlite3.Error as error:
+            return f" (saving its contents into the database file failed: {error})"
+        if busy:
+            return " (another connection was busy, so some of its contents may not be in the database file)"
+        return " (its contents were first copied into the database file, so no acknowledged write is lost)"
 
 
 def _identity(path: str) -> tuple[int, int] | None:
