@@ -194,7 +194,8 @@ def phase(url: str, ids: list[str], ids_file: Path, seconds: float, connections:
 
 
 @contextmanager
-def full_queue(tasks: int, smoke: bool) -> Iterator[tuple[Processes, str, list[str], Path, subprocess.Popen[bytes]]]:
+def full_queue(tasks: int, smoke: bool, server_args: tuple[str, ...] = ()
+               ) -> Iterator[tuple[Processes, str, list[str], Path, subprocess.Popen[bytes]]]:
     """`tasks` waiting tasks, the API (2 processes) and a real-time worker: yields the processes, the URL, the task
     ids (also written to a file, one per line, for wrk) and the worker."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -204,7 +205,7 @@ def full_queue(tasks: int, smoke: bool) -> Iterator[tuple[Processes, str, list[s
         ids_file.write_text("\n".join(ids) + "\n")
         procs = Processes(Path(tmp), path)
         try:
-            url = procs.server(http_workers=2)
+            url = procs.server(*server_args, http_workers=2)
             worker = procs.worker(speed=1.0)  # real-time synthetic tasks: the queue stays ~10,000 deep
             time.sleep(0 if smoke else SETTLE_SECONDS)
             yield procs, url, ids, ids_file, worker

@@ -15,7 +15,7 @@ def test_every_benchmark_runs_and_writes_the_report(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     page = (tmp_path / "benchmarks.md").read_text()
     for heading in ("## GPU duty cycle", "## Dispatch latency", "## API under load", "## Memory", "## Event streams",
-                    "## Forecast accuracy"):
+                    "## Slow clients", "## Forecast accuracy"):
         assert heading in page
     assert "Machine: " in page and "cores" in page
     assert (tmp_path / "forecast-accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
