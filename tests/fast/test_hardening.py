@@ -133,3 +133,25 @@ def test_a_task_whose_worker_stopped_heartbeating_says_the_worker_was_lost(clien
     status = client.get(f"/api/status?task_id={task_id}").json
     assert status["status"] == "processing" and status["worker_lost"] is True
     assert "retried" in status["note"] and status["wait_remaining"] > 0
+
+
+def test_the_spec_states_the_rules_the_server_checks(client):
+    spec = client.get("/openapi.json").json
+    body = spec["components"]["schemas"]["GenerateRequest"]["properties"]
+    assert body["width"]["minimum"] == 128 and body["width"]["maximum"] == 2048 and body["width"]["multipleOf"] == 16
+    assert body["prompt"]["maxLength"] == 4000 and body["prompt"]["minLength"] == 1
+    assert [option.get("type") for option in body["seed"]["oneOf"]] == ["integer", "string"]
+    image = spec["paths"]["/api/image"]["get"]
+    assert {p["name"]: p["schema"].get("maximum") for p in image["parameters"]}["index"] == 7
+    assert set(image["responses"]["200"]["content"]) == {"image/jpeg", "image/png", "image/webp", "text/plain"}
+
+
+def test_what_the_fuzzer_found_stays_fixed(client):
+    spec = client.get("/openapi.json").json
+    # 1. task_ids allowed more than gunicorn's 4 KB request line holds, so a valid request got a 414.
+    events = spec["paths"]["/api/events"]["get"]
+    longest = next(p for p in events["parameters"] if p["name"] == "task_ids")["schema"]["maxLength"]
+    assert len("GET /api/events?task_ids=") + longest + len(" HTTP/1.1") < 4094
+    # 2. The stream's schema said "a string", while each message is an object of id, event and data.
+    stream = events["responses"]["200"]["content"]["text/event-stream"]["schema"]
+    assert stream["type"] == "object" and set(stream["properties"]) >= {"id", "event", "data"}
