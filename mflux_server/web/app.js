@@ -261,7 +261,7 @@ function renderQueue() {
     const done = view.status === "processing" ? ((p.image || 1) - 1) * (p.steps || 1) + (p.step || 0) : 0;
     const left = Math.max(0, (view.wait_remaining ?? 0) - (Date.now() - (view.seenAt || Date.now())) / 1000);
     let meta = view.failed ? `<span class="failed">${escapeHtml(view.failed)}</span>`
-      : view.note ? `<span class="failed">${escapeHtml(view.note)}</span>`
+      : view.note ? `<span class="waiting-note">${escapeHtml(view.note)}</span>`
       : view.status === "processing" ? `image ${p.image || 1}/${p.count || task.count} · step ${p.step || 0}/${p.steps || "?"} · ~<span class="countdown">${left.toFixed(0)}</span> s`
       : `waiting · ${view.position ?? "?"} ahead · ~<span class="countdown">${left.toFixed(0)}</span> s`;
     li.innerHTML = `${view.preview ? `<img class="thumb" alt="preview" src="${view.preview}">` : '<div class="thumb" aria-hidden="true"></div>'}

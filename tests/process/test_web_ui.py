@@ -225,3 +225,16 @@ def test_gallery_items_open_full_size_reuse_their_seed_and_become_the_init_image
     item.get_by_role("button", name="Delete").click()
     page.wait_for_function("document.querySelectorAll('#gallery li').length === 0", timeout=5000)
     assert page.locator("#gallery-empty").is_visible()
+
+
+def test_with_no_worker_running_a_queued_task_says_it_waits_for_one(processes, browser):
+    url = processes.server()
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(url + "/")
+    page.wait_for_function("document.querySelectorAll('#model option').length > 0")
+    fill_small(page, 4)
+    page.get_by_role("button", name="Generate").click()
+    note = page.locator("#queue li .waiting-note")
+    note.wait_for(timeout=5000)
+    assert "no worker is running" in note.inner_text()
+    assert "no live worker" in page.locator("#server-note").inner_text()
