@@ -12,8 +12,8 @@ from werkzeug.exceptions import HTTPException, InternalServerError
 
 import mflux_server.web
 from mflux_server import __version__
-from mflux_server.api import context, events, generation, info, models, tasks
-from mflux_server.api.errors import ErrorSchema, JsonError, error_payload
+from mflux_server.api import acedata, context, events, generation, info, models, nebula, openai_images, tasks
+from mflux_server.api.errors import ErrorSchema, JsonError, error_payload, in_envelope
 from mflux_server.api.generation_schemas import openapi_rules
 from mflux_server.core.db import storage_problem
 from mflux_server.core.settings import Settings
@@ -39,7 +39,7 @@ class JsonErrorApi(Api):
 
     def handle_http_exception(self, error: HTTPException) -> JsonError:
         """Render any HTTP error as our JSON error body."""
-        return error_payload(error)
+        return in_envelope(error_payload(error))
 
 
 # What each storage problem answers: HTTP status, code, and what to tell the client.
@@ -57,8 +57,8 @@ def storage_error(problem: str, error: BaseException, path: str) -> JsonError:
     """A storage fault as JSON: nothing was acknowledged that is not stored, and the log names the file."""
     status, code, message = STORAGE_ANSWERS[problem]
     log.error("queue %s: %s (%s: %s)", path, message, type(error).__name__, error)
-    return ({"code": code, "message": f"{message}; the request was not carried out", "field": None}, status,
-            {"Retry-After": "5"} if problem in ("busy", "full") else {})
+    return in_envelope(({"code": code, "message": f"{message}; the request was not carried out", "field": None},
+                        status, {"Retry-After": "5"} if problem in ("busy", "full") else {}))
 
 
 def create_app(config: Settings | None = None, overrides: dict[str, Any] | None = None) -> Flask:
@@ -89,6 +89,10 @@ def create_app(config: Settings | None = None, overrides: dict[str, Any] | None 
     api.register_blueprint(info.blp, url_prefix="/api")
     api.register_blueprint(models.blp, url_prefix="/api")
     api.register_blueprint(events.blp, url_prefix="/api")
+    # The compatible surfaces: thin translations onto the same queue.
+    api.register_blueprint(openai_images.blp, url_prefix="/v1")
+    api.register_blueprint(acedata.blp, url_prefix="/flux")
+    api.register_blueprint(nebula.blp, url_prefix="/api/v1/images")
 
     @app.route("/")
     def web_ui() -> Response:
@@ -120,11 +124,11 @@ def create_app(config: Settings | None = None, overrides: dict[str, Any] | None 
     def unexpected(error: Exception) -> JsonError:
         """Anything unhandled becomes a logged JSON 500, never an HTML page; storage faults say what they are."""
         if isinstance(error, HTTPException):
-            return error_payload(error)
+            return in_envelope(error_payload(error))
         problem = storage_problem(error)
         if problem is not None:
             return storage_error(problem, error, config.db)
         log.exception("unhandled error")
-        return error_payload(InternalServerError())
+        return in_envelope(error_payload(InternalServerError()))
 
     return app

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 import flask_smorest
 import marshmallow as ma
+from flask import has_request_context, request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 # Stable, documented codes per HTTP status when the view did not name a more specific one.
@@ -42,21 +44,21 @@ class ErrorSchema(ma.Schema):
     status = ma.fields.String(metadata={"description": "the task's status, on image_not_ready errors (409)"})
 
 
-def _flatten(messages: Any, path: str = "") -> list[tuple[str, str]]:
+def flatten_messages(messages: Any, path: str = "") -> list[tuple[str, str]]:
     """Turn webargs' nested {location: {field: [messages]}} into (field, message) pairs."""
     if isinstance(messages, dict):
         pairs = []
         for key, value in messages.items():
             name = str(key)
             if name in ("json", "query", "form", "view_args", "files", "headers") and not path:
-                pairs += _flatten(value, "")
+                pairs += flatten_messages(value, "")
             elif name == "_schema":
-                pairs += _flatten(value, path)
+                pairs += flatten_messages(value, path)
             else:
-                pairs += _flatten(value, f"{path}.{name}" if path else name)
+                pairs += flatten_messages(value, f"{path}.{name}" if path else name)
         return pairs
     if isinstance(messages, (list, tuple)):
-        return [pair for item in messages for pair in _flatten(item, path)]
+        return [pair for item in messages for pair in flatten_messages(item, path)]
     return [(path, str(messages))]
 
 
@@ -73,7 +75,7 @@ def error_payload(error: HTTPException) -> JsonError:
     messages = data.pop("messages", None) or data.pop("errors", None)
     payload: dict[str, Any] = {"code": data.pop("code", None) or DEFAULT_CODES.get(code, "http_error"), "field": None}
     if messages:
-        pairs = _flatten(messages)
+        pairs = flatten_messages(messages)
         named = [(f, m) for f, m in pairs if f]
         payload["field"] = named[0][0] if named else None
         payload["message"] = "; ".join(f"{f}: {m}" if f else m for f, m in pairs) or error.description
@@ -91,3 +93,34 @@ def abort_json(http_status: int, /, **details: Any) -> NoReturn:
     """Stop the request with our JSON error: flask-smorest's abort, typed as the raise it always is."""
     flask_smorest.abort(http_status, **details)
     raise AssertionError("flask_smorest.abort returned")  # it raises an HTTPException; this line never runs
+
+
+# The error bodies of the compatible surfaces, by path prefix: each turns our payload into its own envelope.
+Envelope = Callable[[dict[str, Any], int], tuple[dict[str, Any], int]]
+ENVELOPES: dict[str, Envelope] = {}
+
+
+def register_envelope(prefix: str, envelope: Envelope) -> None:
+    """Answer errors under this path prefix in a surface's own envelope (OpenAI's, AceDataCloud's, ...)."""
+    ENVELOPES[prefix] = envelope
+
+
+def in_envelope(error: JsonError) -> JsonError:
+    """An error in the envelope of the surface its request came through; ours everywhere else."""
+    payload, status, headers = error
+    path = request.path if has_request_context() else ""
+    for prefix, envelope in ENVELOPES.items():
+        if path.startswith(prefix):
+            body, status = envelope(payload, status)
+            return body, status, headers
+    return error
+
+
+def renamed(payload: dict[str, Any], names: dict[str, str]) -> tuple[str | None, str]:
+    """The field at fault and the message in a surface's own parameter names (width and height are its size)."""
+    field = payload.get("field")
+    message = str(payload.get("message", ""))
+    if field in names:
+        message = message.replace(f"{field}: ", f"{names[field]}: ", 1)
+        field = names[field]
+    return field, message

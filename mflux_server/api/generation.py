@@ -30,7 +30,7 @@ from mflux_server.api.task_view import (
     task_status,
 )
 from mflux_server.core import catalog, store
-from mflux_server.core.rows import REFERENCE_ROLES, InputImage, NewTask, Status, Worker
+from mflux_server.core.rows import REFERENCE_ROLES, InputImage, NewTask, Status, Task, Worker
 
 # mflux's default image-to-image strength (mflux.cli.defaults.IMAGE_STRENGTH).
 DEFAULT_IMAGE_STRENGTH = 0.4
@@ -48,19 +48,24 @@ blp.ARGUMENTS_PARSER = StrictParser()
 @blp.before_request
 def require_json_body() -> None:
     """A POST must carry JSON or a multipart upload; without this a form post would read as 'prompt missing'."""
-    if request.method == "POST" and not (request.is_json or request.mimetype == "multipart/form-data"):
+    if request.method == "POST":
+        check_body()
+
+
+def check_body() -> None:
+    """Refuse a body that is neither JSON nor multipart (415) or is over the limit (413), before it is read."""
+    if not (request.is_json or request.mimetype == "multipart/form-data"):
         abort_json(415, message="send the request body as JSON (Content-Type: application/json) or as "
                                 "multipart/form-data")
-    if request.method == "POST":
-        limit = body_limit()
-        if request.content_length is None:
-            # A chunked body has no length to check up front, and werkzeug cuts one at the limit without a word
-            # (which then reads as broken JSON): read one byte past the limit and refuse what reaches it.
-            request.max_content_length = limit + 1
-            if len(request.get_data(cache=True)) > limit:
-                abort_json(413, message=f"the request body is over {limit} bytes (the chunked body was refused)")
-        # Input images make generate bodies larger than the app-wide 1 MiB; the body is not read yet.
-        request.max_content_length = request.max_form_memory_size = limit
+    limit = body_limit()
+    if request.content_length is None:
+        # A chunked body has no length to check up front, and werkzeug cuts one at the limit without a word
+        # (which then reads as broken JSON): read one byte past the limit and refuse what reaches it.
+        request.max_content_length = limit + 1
+        if len(request.get_data(cache=True)) > limit:
+            abort_json(413, message=f"the request body is over {limit} bytes (the chunked body was refused)")
+    # Input images make generate bodies larger than the app-wide 1 MiB; the body is not read yet.
+    request.max_content_length = request.max_form_memory_size = limit
 
 
 def served_models(live: list[Worker]) -> set[str]:
@@ -146,18 +151,10 @@ def pixel_limit(live: list[Worker], served: str) -> int | None:
     return max(limits) if limits else None
 
 
-@blp.route("/generate", methods=["POST"])
-@blp.arguments(GenerateRequest(), location="json")
-@blp.response(200, GenerateResponse)
-@blp.alt_response(422, schema=ErrorSchema, description="a field is invalid; the body names it and the rule")
-@blp.alt_response(409, schema=ErrorSchema, description="model_not_served: workers are running and none serves the model")
-def generate(body: dict[str, Any]) -> dict[str, Any]:
-    """Queue a generation task: text-to-image, image-to-image, edit or inpaint, as the model allows.
-
-    The body is JSON, or multipart/form-data with the same fields (image and mask as file parts).
-    Answers at once with the task id, the unfinished tasks ahead of it (`task_length`) and the forecast
-    seconds until its images are done (`expected_time_seconds`).
-    """
+def queue_task(body: dict[str, Any], surface: str = "native", keep_for: float | None = None,
+               client_user: str | None = None) -> tuple[Task, list[Worker]]:
+    """Check a loaded generate body against the catalog and the live workers and queue it; every surface's
+    requests become tasks here. Returns the task and the live workers read for it."""
     resolved = catalog.resolve_reference(body["model"] or settings().model)
     live = live_workers(conn())  # read once: it decides the model check and the forecast's worker count
     served = served_models(live)
@@ -190,8 +187,25 @@ def generate(body: dict[str, Any]) -> dict[str, Any]:
                    steps=body["steps"] or info.default_steps, guidance=0.0 if guidance is None else guidance, seed=seed,
                    count=body["count"], format=body["format"], quality=body["quality"], priority=int(body["priority"]),
                    negative_prompt=body["negative_prompt"] or None, image_strength=image_strength,
-                   guidance_auto=guidance is None, inputs=inputs)
-    created = store.submit(conn(), task)
+                   guidance_auto=guidance is None, inputs=inputs, surface=surface,
+                   callback_url=body.get("callback_url"), link_base=request.host_url, keep_for=keep_for,
+                   client_user=client_user)
+    return store.submit(conn(), task), live
+
+
+@blp.route("/generate", methods=["POST"])
+@blp.arguments(GenerateRequest(), location="json")
+@blp.response(200, GenerateResponse)
+@blp.alt_response(422, schema=ErrorSchema, description="a field is invalid; the body names it and the rule")
+@blp.alt_response(409, schema=ErrorSchema, description="model_not_served: workers are running and none serves the model")
+def generate(body: dict[str, Any]) -> dict[str, Any]:
+    """Queue a generation task: text-to-image, image-to-image, edit or inpaint, as the model allows.
+
+    The body is JSON, or multipart/form-data with the same fields (image and mask as file parts).
+    Answers at once with the task id, the unfinished tasks ahead of it (`task_length`) and the forecast
+    seconds until its images are done (`expected_time_seconds`).
+    """
+    created, live = queue_task(body)
     view = task_status(conn(), created, live)
     view["expected_time_seconds"] = view["wait_remaining"]
     return view

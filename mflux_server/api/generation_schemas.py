@@ -11,7 +11,7 @@ from marshmallow import fields, validate
 
 from mflux_server.api.context import settings
 from mflux_server.api.image_inputs import ImageField
-from mflux_server.core import catalog
+from mflux_server.core import catalog, outbound
 from mflux_server.core.settings import Settings
 
 FORMATS = {"JPEG": "image/jpeg", "JPG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
@@ -141,6 +141,13 @@ class StrictInteger(fields.Integer):
         return super()._validated(value)
 
 
+def _callback_url(value: str) -> None:
+    try:
+        outbound.check_url(value, settings().webhook_allow_private)
+    except outbound.TargetRefused as refused:
+        raise ma.ValidationError(str(refused)) from None
+
+
 class GenerateRequest(ma.Schema):
     """A text-to-image request; the fields and types of the original mflux-server's examples."""
 
@@ -193,6 +200,21 @@ class GenerateRequest(ma.Schema):
                        "also edit, sending it picks image-to-image over edit"})
     mask = ImageField(load_default=None, metadata={
         "description": "inpaint mask, same encoding and size as image: white repaints, black keeps"})
+    callback_url = fields.String(load_default=None, validate=_callback_url, metadata={
+        "description": "an http(s) URL POSTed once the task ends (done, error or canceled), signed per Standard "
+                       "Webhooks; public addresses only unless the server runs with --webhook-allow-private"})
+
+
+class Webhook(ma.Schema):
+    """The webhook a task sends when it ends."""
+
+    url = fields.String(required=True)
+    state = fields.String(required=True, metadata={"description": "pending (due or retrying), delivered or failed"})
+    attempts = fields.Integer(metadata={"description": "attempts so far"})
+    last_status = fields.Integer(allow_none=True, metadata={"description": "the receiver's last HTTP status"})
+    last_error = fields.String(allow_none=True, metadata={"description": "why the last attempt failed"})
+    next_attempt_at = fields.Float(allow_none=True, metadata={"description": "Unix time of the next attempt, while pending"})
+    delivered_at = fields.Float(allow_none=True)
 
 
 class Progress(ma.Schema):
@@ -232,6 +254,8 @@ class TaskStatus(ma.Schema):
     created_at = fields.Float(metadata={"description": "Unix time"})
     started_at = fields.Float(allow_none=True)
     finished_at = fields.Float(allow_none=True)
+    webhook = fields.Nested(Webhook, metadata={"description": "the callback_url and how its delivery went (tasks "
+                                                              "submitted with one)"})
 
 
 class GenerateResponse(TaskStatus):

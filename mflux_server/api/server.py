@@ -15,7 +15,7 @@ from flask import Flask
 from mflux_server import __version__
 from mflux_server.api.app import create_app
 from mflux_server.api.errors import DEFAULT_CODES
-from mflux_server.core import db
+from mflux_server.core import db, webhooks
 from mflux_server.core.logs import configure_logging, shorten_gil_switch_interval
 from mflux_server.core.settings import Settings, load_settings
 
@@ -80,6 +80,11 @@ def take_turns(app: Flask) -> Callable[[dict[str, Any], Any], Any]:
     return wsgi
 
 
+def start_deliverer(settings: Settings) -> None:
+    """Run this process's webhook deliverer (core/webhooks.py) on its own connection."""
+    webhooks.start(lambda: db.connect(settings.db), settings.webhook_secret, settings.webhook_allow_private)
+
+
 def serve(settings: Settings) -> None:
     """Run the API under gunicorn until SIGTERM or Ctrl-C.
 
@@ -107,6 +112,8 @@ def serve(settings: Settings) -> None:
             self.cfg.set("graceful_timeout", 10)
             self.cfg.set("timeout", 60)
             self.cfg.set("proc_name", "mflux-server")
+            # Each server process sends webhooks beside its requests (after the fork: threads do not survive one).
+            self.cfg.set("post_worker_init", lambda _worker: start_deliverer(settings))
             if "control_socket_disable" in self.cfg.settings:
                 # gunicorn ≥ 24 opens a control socket in $HOME by default; we have no use for it.
                 self.cfg.set("control_socket_disable", True)
@@ -141,8 +148,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(settings.log_level, "mflux-server")
     # Migrate once here, before gunicorn forks, so server processes never race on an empty file.
     db.open_or_exit(settings.db, "mflux-server")
+    if settings.print_webhook_secret:
+        conn = db.connect(settings.db)
+        print(webhooks.signing_secret(conn, settings.webhook_secret))
+        conn.close()
+        return 0
     logging.getLogger("mflux_server").info("queue %s; listening on http://%s:%d", settings.db, settings.host, settings.port)
     if settings.debug:
+        start_deliverer(settings)
         create_app(settings).run(host=settings.host, port=settings.port, debug=True, use_reloader=False)
     else:
         serve(settings)

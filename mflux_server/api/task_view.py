@@ -56,7 +56,22 @@ def summary(task: Task) -> dict[str, Any]:
         "count": task.count, "format": task.format, "priority": bool(task.priority), "attempts": task.attempts,
         "created_at": task.created_at, "started_at": task.started_at, "finished_at": task.finished_at,
         "progress": progress(task),
-    }
+    } | webhook_view(task)
+
+
+def webhook_view(task: Task) -> dict[str, Any]:
+    """The task's webhook and its delivery ({} for a task without callback_url)."""
+    if task.callback_url is None:
+        return {}
+    sent = store.task_deliveries(conn(), task.id)
+    if not sent:
+        return {"webhook": {"url": task.callback_url, "state": "pending", "attempts": 0, "next_attempt_at": None,
+                            "last_status": None, "last_error": None, "delivered_at": None}}
+    delivery = sent[-1]
+    return {"webhook": {"url": delivery.url, "state": str(delivery.state), "attempts": delivery.attempts,
+                        "last_status": delivery.last_status, "last_error": delivery.last_error,
+                        "next_attempt_at": delivery.next_at if delivery.state == "pending" else None,
+                        "delivered_at": delivery.delivered_at}}
 
 
 def task_status(connection: sqlite3.Connection, task: Task, live: list[Worker] | None = None) -> dict[str, Any]:

@@ -4,9 +4,11 @@
 -- name: insert_task
 -- Queue a new waiting task; its seq (AUTOINCREMENT, never reused) orders it within its priority.
 INSERT INTO tasks (id, priority, model, prompt, width, height, steps, guidance, seed, count,
-                   format, quality, created_at, negative_prompt, image_strength, guidance_auto)
+                   format, quality, created_at, negative_prompt, image_strength, guidance_auto,
+                   surface, callback_url, link_base, keep_for, client_user)
 VALUES (:id, :priority, :model, :prompt, :width, :height, :steps, :guidance, :seed, :count,
-        :format, :quality, :created_at, :negative_prompt, :image_strength, :guidance_auto)
+        :format, :quality, :created_at, :negative_prompt, :image_strength, :guidance_auto,
+        :surface, :callback_url, :link_base, :keep_for, :client_user)
 RETURNING *;
 
 -- name: insert_input
@@ -268,3 +270,43 @@ ON CONFLICT (task_id) DO UPDATE SET image = excluded.image, step = excluded.step
 -- name: get_preview
 -- A task's latest preview.
 SELECT task_id, image, step, mime, data, at FROM previews WHERE task_id = ?;
+
+-- name: claim_delivery
+-- Take the oldest due webhook that no live deliverer holds, leasing it so other processes leave it alone.
+UPDATE deliveries SET lease_until = :lease_until, attempts = attempts + 1
+ WHERE id = (SELECT id FROM deliveries WHERE state = 'pending' AND next_at <= :now
+                AND (lease_until IS NULL OR lease_until < :now) ORDER BY next_at LIMIT 1)
+RETURNING *;
+
+-- name: delivery_sent
+-- A receiver acknowledged a webhook (2xx).
+UPDATE deliveries SET state = 'delivered', delivered_at = :now, lease_until = NULL, last_status = :status,
+       last_error = NULL
+ WHERE id = :id;
+
+-- name: delivery_retry
+-- A webhook attempt failed: try again at next_at, or give up (state 'failed') when next_at is NULL.
+UPDATE deliveries SET state = CASE WHEN :next_at IS NULL THEN 'failed' ELSE 'pending' END,
+       next_at = coalesce(:next_at, next_at), lease_until = NULL, last_status = :status, last_error = :error
+ WHERE id = :id;
+
+-- name: next_delivery_due
+-- When the soonest pending webhook is due (NULL when none is pending).
+SELECT min(max(next_at, coalesce(lease_until, 0))) FROM deliveries WHERE state = 'pending';
+
+-- name: task_deliveries
+-- A task's webhooks, for its status.
+SELECT * FROM deliveries WHERE task_id = ? ORDER BY created_at;
+
+-- name: remove_expired
+-- Remove finished tasks kept only for their image links, once the links have expired.
+DELETE FROM tasks WHERE keep_for IS NOT NULL AND status IN ('done', 'error', 'canceled')
+   AND finished_at + keep_for < :now;
+
+-- name: get_secret
+-- A secret the server generated and keeps.
+SELECT value FROM server_secrets WHERE name = ?;
+
+-- name: keep_secret
+-- Store a generated secret unless another process stored one first.
+INSERT INTO server_secrets (name, value) VALUES (:name, :value) ON CONFLICT (name) DO NOTHING;

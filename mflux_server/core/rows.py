@@ -60,6 +60,11 @@ class NewTask:
     image_strength: float | None = None
     guidance_auto: bool = False  # no guidance was given: the engine lets the model pick its own
     inputs: tuple[InputImage, ...] = ()
+    surface: str = "native"  # the API it came through: native, openai, acedata or nebula
+    callback_url: str | None = None  # POSTed (signed) when the task ends
+    link_base: str | None = None  # the server's URL as the client reached it, for image links
+    keep_for: float | None = None  # seconds a finished task is kept for its image links, then removed
+    client_user: str | None = None
 
 
 # The roles of an edit's further reference images, after 'image' (migration 0005 allows exactly these).
@@ -109,6 +114,11 @@ class Task(FromRow):
     negative_prompt: str | None
     image_strength: float | None
     guidance_auto: int
+    surface: str
+    callback_url: str | None
+    link_base: str | None
+    keep_for: float | None
+    client_user: str | None
 
     def __post_init__(self) -> None:
         # sqlite hands the status back as a plain string; the enum is what everyone compares with.
@@ -279,3 +289,33 @@ class Preview(FromRow):
     mime: str
     data: bytes
     at: float
+
+
+class DeliveryState(enum.StrEnum):
+    """Where a webhook is: pending (due or retrying), delivered (a 2xx), failed (retries used up)."""
+
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery(FromRow):
+    """One row of the webhook outbox: where to POST, a snapshot of the ended task, and how the attempts went."""
+
+    id: str  # the webhook-id header
+    task_id: str
+    url: str
+    surface: str
+    task: str  # JSON snapshot of the task as it ended
+    state: DeliveryState
+    attempts: int
+    next_at: float
+    lease_until: float | None
+    last_status: int | None
+    last_error: str | None
+    created_at: float
+    delivered_at: float | None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "state", DeliveryState(self.state))

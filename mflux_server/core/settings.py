@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 ENV_PREFIX = "MFLUX_SERVER_"
+WEBHOOK_SECRET = re.compile(r"whsec_[A-Za-z0-9+/]{32,}={0,2}")
 QUANTIZE_CHOICES = ("3", "4", "5", "6", "8", "none")
 ENGINES = ("auto", "mflux", "synthetic")
 VAE_DECODES = ("auto", "legacy", "full_precision", "low_memory")
@@ -161,6 +163,21 @@ class Settings:
     )
     poll_interval: float = setting(0.01, "seconds between the idle worker's checks for new tasks", "worker", _positive(float))
     log_level: str = setting("info", "debug, info, warning or error")
+    webhook_secret: str | None = setting(None, "signing secret of webhooks, whsec_ and base64 (Standard Webhooks); when "
+                                         "absent one is generated once and kept in the queue", "api", _optional(str))
+    webhook_allow_private: bool = setting(False, "let callback_url name loopback, private or link-local addresses "
+                                          "(local development)", "api", _bool)
+    fetch_image_urls: bool = setting(False, "let image_url (AceDataCloud) be an http(s) URL the server fetches; data: "
+                                     "URLs are always taken", "api", _bool)
+    fetch_allow_private: bool = setting(False, "let fetched image URLs name loopback, private or link-local addresses",
+                                        "api", _bool)
+    fetch_timeout: float = setting(10.0, "seconds a fetched image URL may take", "api", _positive(float))
+    link_ttl: float = setting(3600.0, "seconds the image links of OpenAI url and AceDataCloud answers stay valid; then "
+                              "the task is removed", "api", _positive(float))
+    sync_timeout: float = setting(600.0, "seconds a synchronous request (OpenAI Images, NebulaBlock, AceDataCloud "
+                                  "without callback_url) waits for its images", "api", _positive(float))
+    print_webhook_secret: bool = setting(False, "print the webhook signing secret (generating it if needed) and exit",
+                                         "api", _bool)
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
@@ -169,6 +186,9 @@ class Settings:
             raise ValueError("lora_scales needs one scale per LoRA path")
         if not 0 <= self.synthetic_noise < 1:
             raise ValueError("synthetic_noise must be a fraction in [0, 1)")
+        if self.webhook_secret is not None and not WEBHOOK_SECRET.fullmatch(self.webhook_secret):
+            raise ValueError("webhook_secret must be whsec_ followed by base64 (at least 24 bytes), as Standard "
+                             "Webhooks defines it")
         if self.vae_decode not in VAE_DECODES:
             raise ValueError(f"vae_decode must be one of {', '.join(VAE_DECODES)}, got {self.vae_decode!r}")
 

@@ -18,6 +18,7 @@ from mflux_server.core.db import transaction
 from mflux_server.core.rows import (
     Arrival,
     ClaimKey,
+    Delivery,
     Event,
     InputImage,
     LoadStat,
@@ -492,3 +493,56 @@ def preview(conn: sqlite3.Connection, task_id: str) -> Preview | None:
     """The task's latest preview, if its worker has published one."""
     row = conn.execute(sql("get_preview"), (task_id,)).fetchone()
     return None if row is None else Preview.from_row(row)
+
+
+# Webhooks (the outbox the deliveries_task_ended trigger fills)
+
+
+def claim_delivery(conn: sqlite3.Connection, lease: float, now: float | None = None) -> Delivery | None:
+    """Lease the oldest due webhook for `lease` seconds, counting the attempt; None when none is due."""
+    now = time.time() if now is None else now
+    with transaction(conn):
+        row = conn.execute(sql("claim_delivery"), {"now": now, "lease_until": now + lease}).fetchone()
+    return None if row is None else Delivery.from_row(row)
+
+
+def delivery_sent(conn: sqlite3.Connection, delivery_id: str, status: int, now: float | None = None) -> None:
+    """Record that the receiver acknowledged a webhook."""
+    with transaction(conn):
+        conn.execute(sql("delivery_sent"), {"id": delivery_id, "status": status,
+                                            "now": time.time() if now is None else now})
+
+
+def delivery_retry(conn: sqlite3.Connection, delivery_id: str, next_at: float | None, status: int | None,
+                   error: str) -> None:
+    """Record a failed attempt and when to try again; next_at None gives up (the delivery shows as failed)."""
+    with transaction(conn):
+        conn.execute(sql("delivery_retry"), {"id": delivery_id, "next_at": next_at, "status": status,
+                                             "error": error[:500]})
+
+
+def next_delivery_due(conn: sqlite3.Connection) -> float | None:
+    """When the soonest pending webhook is due, or None."""
+    value: float | None = conn.execute(sql("next_delivery_due")).fetchone()[0]
+    return value
+
+
+def task_deliveries(conn: sqlite3.Connection, task_id: str) -> list[Delivery]:
+    """A task's webhooks (at most one: the one sent when it ended)."""
+    return [Delivery.from_row(row) for row in conn.execute(sql("task_deliveries"), (task_id,))]
+
+
+def remove_expired(conn: sqlite3.Connection, now: float | None = None) -> int:
+    """Remove finished tasks kept for image links whose links expired; returns how many."""
+    with transaction(conn):
+        return conn.execute(sql("remove_expired"), {"now": time.time() if now is None else now}).rowcount
+
+
+def secret(conn: sqlite3.Connection, name: str, generate: Callable[[], str]) -> str:
+    """A secret kept in the queue, generated once by whichever process asks first."""
+    row = conn.execute(sql("get_secret"), (name,)).fetchone()
+    if row is not None:
+        return str(row[0])
+    with transaction(conn):
+        conn.execute(sql("keep_secret"), {"name": name, "value": generate()})
+        return str(conn.execute(sql("get_secret"), (name,)).fetchone()[0])

@@ -12,12 +12,16 @@ from mflux_server.core import db, store
 EXPECTED_COLUMNS = {
     "tasks": {"seq", "id", "status", "priority", "model", "prompt", "width", "height", "steps", "guidance", "seed",
               "count", "format", "quality", "created_at", "started_at", "finished_at", "worker_id", "attempts",
-              "image_index", "step", "step_at", "engine", "error", "negative_prompt", "image_strength", "guidance_auto"},
+              "image_index", "step", "step_at", "engine", "error", "negative_prompt", "image_strength", "guidance_auto",
+              "surface", "callback_url", "link_base", "keep_for", "client_user"},
     "task_inputs": {"task_id", "role", "mime", "width", "height", "data"},
     "load_stats": {"model", "n", "total", "last", "updated_at"},
     "images": {"task_id", "idx", "seed", "mime", "data", "served", "gen_started", "gen_ended"},
     "queue_state": {"id", "changes"},
     "timing_stats": {"model", "width", "height", "kind", "n", "total", "updated_at"},
+    "deliveries": {"id", "task_id", "url", "surface", "task", "state", "attempts", "next_at", "lease_until",
+                   "last_status", "last_error", "created_at", "delivered_at"},
+    "server_secrets": {"name", "value"},
     "events": {"id", "task_id", "kind", "data", "at"},
     "previews": {"task_id", "image", "step", "mime", "data", "at"},
     "workers": {"id", "hostname", "pid", "engine", "model", "quantize", "started_at", "heartbeat_at", "stopped_at",
@@ -90,11 +94,16 @@ def test_input_images_survive_the_rebuild_that_allows_several_references(tmp_pat
                 conn.execute(statement)
             conn.execute(f"PRAGMA user_version = {version}")
     picture, mask = InputImage("image", "image/png", 8, 8, b"png"), InputImage("mask", "image/png", 8, 8, b"m")
-    kept = store.submit(conn, new_task(inputs=(picture, mask)))
+    # The store speaks the newest schema, so the old rows are written the way version 4 took them.
+    conn.execute("INSERT INTO tasks (id, model, prompt, width, height, steps, guidance, seed, format, quality, "
+                 "created_at) VALUES ('old', 'dev', 'p', 64, 64, 1, 0, 1, 'PNG', 85, 0)")
+    for image in (picture, mask):
+        conn.execute("INSERT INTO task_inputs VALUES ('old', ?, ?, ?, ?, ?)",
+                     (image.role, image.mime, image.width, image.height, image.data))
     with pytest.raises(sqlite3.IntegrityError):
-        store.submit(conn, new_task(inputs=(picture, InputImage("image2", "image/png", 8, 8, b"x"))))
+        conn.execute("INSERT INTO task_inputs VALUES ('old', 'image2', 'image/png', 8, 8, x'00')")
     db.migrate(conn)
-    assert store.inputs(conn, kept.id) == {"image": picture, "mask": mask}
+    assert store.inputs(conn, "old") == {"image": picture, "mask": mask}
     several = store.submit(conn, new_task(inputs=(picture, InputImage("image2", "image/png", 8, 8, b"x"))))
     assert list(store.inputs(conn, several.id)) == ["image", "image2"]
     store.cancel_or_delete(conn, several.id)  # canceled first, then deleted

@@ -1,0 +1,32 @@
+"""Waiting for a task to end without holding a thread: the synchronous surfaces (OpenAI, NebulaBlock, AceDataCloud)
+sleep on the process's event hub, a greenlet wait under gevent, and read the task only when one of its events
+arrives."""
+
+from __future__ import annotations
+
+import time
+
+from mflux_server.api.context import conn, event_hub
+from mflux_server.core import store
+from mflux_server.core.rows import Task
+
+RECHECK = 5.0  # seconds between reads of the task even without an event (a missed wake-up costs at most this)
+
+
+def wait_for_end(task_id: str, timeout: float) -> Task | None:
+    """The task once it is done, failed or canceled; its last state when the timeout passes; None if deleted."""
+    hub = event_hub()
+    deadline = time.monotonic() + timeout
+    while True:
+        seen = hub.last_id  # read before the task, so an event written in between still wakes us
+        task = store.get(conn(), task_id)
+        remaining = deadline - time.monotonic()
+        if task is None or not task.status.unfinished or remaining <= 0:
+            return task
+        recheck_at = min(deadline, time.monotonic() + RECHECK)
+        while (left := recheck_at - time.monotonic()) > 0:
+            events = hub.wait(seen, left)
+            if any(event.task_id == task_id for event in events):
+                break
+            if events:
+                seen = events[-1].id
