@@ -125,3 +125,52 @@ def fresh_queue() -> Iterator[Processes]:
             yield procs
         finally:
             procs.stop_all()
+
+
+TEST_WEBHOOK_SECRET = "whsec_" + "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY="  # 32 known bytes, for receivers to verify
+
+
+class WebhookReceiver:
+    """A webhook receiver on loopback that verifies each delivery's Standard Webhooks signature and answers the
+    statuses it is told to (then 200); `received` holds (arrival time, headers, parsed body) of verified ones."""
+
+    def __init__(self, secret: str = TEST_WEBHOOK_SECRET, statuses: tuple[int, ...] = ()):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        from standardwebhooks import Webhook, WebhookVerificationError
+
+        self.received: list[tuple[float, dict[str, str], dict]] = []
+        self.rejected: list[str] = []
+        self.attempts: list[tuple[float, str]] = []  # (time, webhook-id) of every request, answered or not
+        self.statuses = list(statuses)
+        verifier = Webhook(secret)
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                headers = {k.lower(): v for k, v in self.headers.items()}
+                receiver.attempts.append((time.time(), headers.get("webhook-id", "")))
+                status = receiver.statuses.pop(0) if receiver.statuses else 200
+                if status == 200:
+                    try:
+                        receiver.received.append((time.time(), headers, verifier.verify(body, headers)))
+                    except WebhookVerificationError as error:
+                        receiver.rejected.append(str(error))
+                        status = 400
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        """Stop listening."""
+        self.server.shutdown()
+        self.server.server_close()

@@ -25,6 +25,7 @@ blp.before_request(require_json_body)
 MODELS = {"flux-dev": "dev", "flux-schnell": "schnell", "flux-kontext-pro": "dev-kontext",
           "flux-kontext-max": "dev-kontext"}
 DEFAULT_MODEL = "flux-dev"
+KONTEXT_TEXT_TO_IMAGE = "dev"  # FLUX.1 dev, the text-to-image model Kontext is built on
 ACTIONS = ("generate", "edit")
 IMAGE_PARAMS = {"action", "prompt", "model", "size", "count", "image_url", "callback_url"}
 TASK_PARAMS = {"action", "id", "ids"}
@@ -82,7 +83,7 @@ def input_image(value: Any) -> str:
     "size": {"type": "string"}, "count": {"type": "integer"}, "image_url": {"type": "string"},
     "callback_url": {"type": "string"}}}}}},
     responses={"200": {"description": "{success, task_id, trace_id, data: [{prompt, image_url, seed, timings}]}, or "
-                                      "{task_id} at once with callback_url"}})
+                                      "{task_id} at once with callback_url"}, **compat.error_docs(*compat.SYNC_ERRORS)})
 def images() -> dict[str, Any]:
     """Generate or edit images; without callback_url the answer waits for them."""
     body = compat.json_object()
@@ -92,6 +93,8 @@ def images() -> dict[str, Any]:
         abort_json(400, code="api_not_implemented", field="action",
                    message=f"action: {str(action)[:40]!r} is not implemented; use generate or edit")
     model = local_model(body.get("model"))
+    if action == "generate" and body.get("image_url") is None and model == MODELS["flux-kontext-pro"]:
+        model = KONTEXT_TEXT_TO_IMAGE  # their examples generate with a Kontext model; Kontext itself needs an image
     width, height = compat.size(body.get("size"), "size")
     native: dict[str, Any] = {"prompt": body.get("prompt"), "model": model, "width": width, "height": height,
                               "count": body.get("count", 1), "callback_url": body.get("callback_url"), "format": "PNG"}
@@ -140,7 +143,8 @@ def find(task_id: Any, field: str) -> Task | None:
 @blp.doc(requestBody={"content": {"application/json": {"schema": {"type": "object", "properties": {
     "action": {"type": "string", "enum": ["retrieve", "retrieve_batch"]}, "id": {"type": "string"},
     "ids": {"type": "array", "items": {"type": "string"}}}}}}},
-    responses={"200": {"description": "one task record, or {items, count} for retrieve_batch"}})
+    responses={"200": {"description": "one task record, or {items, count} for retrieve_batch"},
+               **compat.error_docs(400, 404, 413, 415, 503)})
 def tasks() -> dict[str, Any]:
     """Retrieve a task by id, or several by ids with action retrieve_batch."""
     body = compat.json_object()

@@ -23,9 +23,30 @@ _RATIO = re.compile(r"^\s*(\d{1,3})\s*:\s*(\d{1,3})\s*$")
 RATIO_PIXELS = 1024 * 1024  # an aspect ratio gets about a megapixel, as the hosted Flux APIs give
 
 
+def error_docs(*statuses: int) -> dict[str, Any]:
+    """OpenAPI responses for a surface's errors (each in that surface's own envelope)."""
+    return {str(status): {"description": ERROR_MEANINGS[status],
+                          "content": {"application/json": {"schema": {"type": "object"}}}} for status in statuses}
+
+
+ERROR_MEANINGS = {
+    400: "a parameter is missing or invalid; the body names it",
+    404: "no such task",
+    405: "method not allowed",
+    409: "no live worker serves the model, or the task was canceled",
+    413: "the body is too large",
+    415: "the body is not JSON (or multipart/form-data)",
+    500: "the generation failed",
+    503: "the queue cannot be written",
+    504: "the images were not ready within --sync-timeout; the task goes on",
+    507: "the queue's disk is full",
+}
+SYNC_ERRORS = (400, 409, 413, 415, 500, 503, 504, 507)
+
+
 def refuse(field: str, rule: str, status: int = 422) -> NoReturn:
     """Stop with an error naming a field in the surface's own name (the envelope keeps it as it is)."""
-    abort_json(status, field=field, message=f"{field}: {rule}", errors={"json": {field: [rule]}})
+    abort_json(status, field=field, message=f"{field}: {rule}", errors={"json": {field: [rule]}}, named=True)
 
 
 def json_object() -> dict[str, Any]:

@@ -29,7 +29,8 @@ DEFAULT_CODES = {
 }
 
 
-PASSTHROUGH = ("field", "status")
+# "named": the field is already in the surface's own parameter names (compat.refuse), so no envelope renames it.
+PASSTHROUGH = ("field", "status", "named")
 
 
 class ErrorSchema(ma.Schema):
@@ -120,7 +121,7 @@ def renamed(payload: dict[str, Any], names: dict[str, str]) -> tuple[str | None,
     """The field at fault and the message in a surface's own parameter names (width and height are its size)."""
     field = payload.get("field")
     message = str(payload.get("message", ""))
-    if field in names:
+    if field in names and not payload.get("named"):
         message = message.replace(f"{field}: ", f"{names[field]}: ", 1)
         field = names[field]
     return field, message

@@ -45,7 +45,8 @@ register_envelope("/api/v1/images/", envelope)
     "guidance_scale": {"type": "number"}, "width": {"type": "integer"}, "height": {"type": "integer"},
     "negative_prompt": {"type": "string", "nullable": True}, "image": {"type": "string", "format": "byte"},
     "mask": {"type": "string", "format": "byte"}}}}}},
-    responses={"200": {"description": "{model, object: list, data: [{timings, index, b64_json}], message, status}"}})
+    responses={"200": {"description": "{model, object: list, data: [{timings, index, b64_json}], message, status}"},
+               **compat.error_docs(*compat.SYNC_ERRORS)})
 def generation() -> dict[str, Any]:
     """Generate images and answer them as base64 (their examples send this as GET with a body, or POST)."""
     body = compat.json_object()

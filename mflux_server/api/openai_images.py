@@ -142,7 +142,8 @@ def client_user(body: dict[str, Any]) -> str | None:
     "prompt": {"type": "string"}, "model": {"type": "string"}, "n": {"type": "integer"}, "size": {"type": "string"},
     "response_format": {"type": "string", "enum": ["url", "b64_json"]}, "quality": {"type": "string"},
     "user": {"type": "string"}}}}}},
-    responses={"200": {"description": "OpenAI's ImagesResponse: created and data[] of b64_json or url"}})
+    responses={"200": {"description": "OpenAI's ImagesResponse: created and data[] of b64_json or url"},
+    **compat.error_docs(*compat.SYNC_ERRORS)})
 def generations() -> dict[str, Any]:
     """Create images from a prompt, waiting for them (OpenAI's POST /v1/images/generations)."""
     body = compat.json_object()
@@ -177,7 +178,8 @@ def openai_mask(upload: FileStorage) -> str:
     "properties": {"image": {"type": "string", "format": "binary"}, "mask": {"type": "string", "format": "binary"},
                    "prompt": {"type": "string"}, "model": {"type": "string"}, "n": {"type": "integer"},
                    "size": {"type": "string"}, "response_format": {"type": "string"}}}}}},
-    responses={"200": {"description": "OpenAI's ImagesResponse"}})
+    responses={"200": {"description": "OpenAI's ImagesResponse"},
+    **compat.error_docs(*compat.SYNC_ERRORS)})
 def edits() -> dict[str, Any]:
     """Edit an image (with a mask: repaint where it is transparent), waiting for the result (POST /v1/images/edits)."""
     if request.mimetype != "multipart/form-data":

@@ -1,0 +1,144 @@
+"""The webhook outbox: rows written with the task's end, leased, signed, retried with backoff, given up after a day."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+import sqlite3
+
+import pytest
+from standardwebhooks import Webhook
+
+from mflux_server.core import db, store, webhooks
+from mflux_server.core.results import acedata_result, native_event
+from mflux_server.core.rows import Delivery, DeliveryState
+from mflux_server.testing import TEST_WEBHOOK_SECRET, WebhookReceiver
+from tests.conftest import images_for, queue_task
+
+HOOK = "https://example.com/hook"
+
+
+def finish(conn: sqlite3.Connection, **overrides: object):
+    """Queue, claim and complete a task; returns its row as queued."""
+    task = queue_task(conn, **overrides)
+    assert store.claim_next(conn, "w", task.model, "synthetic").id == task.id  # type: ignore[union-attr]
+    assert store.complete(conn, task.id, "w", images_for(task))
+    return task
+
+
+def test_a_task_ending_records_its_delivery_in_the_same_transaction(conn):
+    task = finish(conn, callback_url=HOOK, link_base="http://server:4030/", count=2)
+    [delivery] = store.task_deliveries(conn, task.id)
+    assert (delivery.id, delivery.url, delivery.state, delivery.attempts) == (f"msg_{task.id}", HOOK, "pending", 0)
+    snapshot = json.loads(delivery.task)
+    assert snapshot["status"] == "done" and snapshot["count"] == 2 and snapshot["started_at"] is not None
+    # The snapshot outlives the task: fetching its images deletes it, the delivery keeps what it needs.
+    store.cancel_or_delete(conn, task.id)
+    assert store.get(conn, task.id) is None
+    body = native_event(json.loads(store.task_deliveries(conn, task.id)[0].task))
+    assert body["type"] == "task.done"
+    assert [i["url"] for i in body["data"]["images"]] == [
+        f"http://server:4030/api/image?task_id={task.id}&index={i}" for i in range(2)]
+
+
+def test_every_way_a_task_ends_records_one_delivery_and_tasks_without_callback_none(conn):
+    plain = finish(conn)
+    canceled = queue_task(conn, callback_url=HOOK)
+    store.cancel_or_delete(conn, canceled.id)
+    failed = queue_task(conn, callback_url=HOOK)
+    store.claim_next(conn, "w", failed.model, "synthetic")
+    store.fail(conn, failed.id, "w", "out of memory")
+    assert store.task_deliveries(conn, plain.id) == []
+    assert json.loads(store.task_deliveries(conn, canceled.id)[0].task)["status"] == "canceled"
+    [delivery] = store.task_deliveries(conn, failed.id)
+    assert acedata_result(json.loads(delivery.task))["error"]["message"] == "out of memory"
+
+
+def test_a_claimed_delivery_is_leased_until_it_expires(conn):
+    finish(conn, callback_url=HOOK)
+    first = store.claim_delivery(conn, lease=30, now=1e10)
+    assert first is not None and first.attempts == 1
+    assert store.claim_delivery(conn, lease=30, now=1e10 + 29) is None, "another deliverer must leave it alone"
+    again = store.claim_delivery(conn, lease=30, now=1e10 + 31)
+    assert again is not None and again.id == first.id and again.attempts == 2
+
+
+def fake(attempts: int, created_at: float = 0.0) -> Delivery:
+    return Delivery("msg_x", "x", HOOK, "native", "{}", DeliveryState.PENDING, attempts, 0.0, None, None, None,
+                    created_at, None)
+
+
+def test_retries_back_off_exponentially_with_jitter_and_stop_after_a_day():
+    rng = random.Random(7)
+    delays = [webhooks.retry_at(fake(n), 1000.0, rng) - 1000.0 for n in range(1, 8)]  # type: ignore[operator]
+    assert 0 < delays[0] <= 5, "the first retry comes within 5 s"
+    assert all(later > earlier for earlier, later in zip(delays, delays[1:]))
+    assert max(webhooks.retry_at(fake(40), 0.0, rng) or 0, 0) <= webhooks.MAX_RETRY_DELAY
+    assert webhooks.retry_at(fake(12), webhooks.GIVE_UP_AFTER + 1.0, rng) is None
+    spread = {round(webhooks.retry_at(fake(3), 0.0, rng), 3) for _ in range(20)}  # type: ignore[arg-type]
+    assert len(spread) > 10, "jitter spreads retries of deliveries that failed together"
+
+
+def test_the_signature_verifies_with_standard_webhooks(conn):
+    task = finish(conn, callback_url=HOOK, surface="acedata")
+    delivery = store.task_deliveries(conn, task.id)[0]
+    body, headers = webhooks.signed_request(delivery, TEST_WEBHOOK_SECRET, now=time.time())
+    assert headers["webhook-id"] == delivery.id
+    parsed = Webhook(TEST_WEBHOOK_SECRET).verify(body, headers)
+    assert parsed["success"] is True and parsed["task_id"].replace("-", "") == task.id
+    with pytest.raises(Exception, match="signature"):
+        Webhook(webhooks.generate_secret()).verify(body, headers)
+
+
+def test_the_generated_secret_is_made_once_and_kept(db_path):
+    first, second = db.connect(db_path), db.connect(db_path)
+    made = webhooks.signing_secret(first, None)
+    assert made.startswith("whsec_") and webhooks.signing_secret(second, None) == made
+    assert webhooks.signing_secret(second, TEST_WEBHOOK_SECRET) == TEST_WEBHOOK_SECRET
+
+
+def test_a_deliverer_retries_a_failing_receiver_and_records_each_attempt(db_path, conn):
+    receiver = WebhookReceiver(statuses=(500,))
+    try:
+        task = finish(conn, callback_url=receiver.url)
+        clock = [time.time()]
+        deliverer = webhooks.Deliverer(lambda: db.connect(db_path), TEST_WEBHOOK_SECRET, allow_private=True,
+                                       clock=lambda: clock[0])
+        delivery = store.claim_delivery(conn, webhooks.LEASE, clock[0])
+        assert delivery is not None and not deliverer.deliver(conn, delivery)
+        failed = store.task_deliveries(conn, task.id)[0]
+        assert (failed.state, failed.last_status, failed.attempts) == ("pending", 500, 1)
+        assert "HTTP 500" in (failed.last_error or "") and failed.next_at <= clock[0] + 5
+        assert store.claim_delivery(conn, webhooks.LEASE, clock[0]) is None, "not due before its retry time"
+        clock[0] = failed.next_at
+        retried = store.claim_delivery(conn, webhooks.LEASE, clock[0])
+        assert retried is not None and deliverer.deliver(conn, retried)
+        done = store.task_deliveries(conn, task.id)[0]
+        assert (done.state, done.last_status, done.attempts) == ("delivered", 200, 2)
+        assert [wid for _, wid in receiver.attempts] == [f"msg_{task.id}"] * 2, "one stable id for de-duplication"
+        assert len(receiver.received) == 1 and not receiver.rejected
+    finally:
+        receiver.close()
+
+
+def test_a_private_target_is_refused_at_send_time_without_the_opt_in(db_path, conn):
+    receiver = WebhookReceiver()
+    try:
+        task = finish(conn, callback_url=receiver.url)
+        deliverer = webhooks.Deliverer(lambda: db.connect(db_path), TEST_WEBHOOK_SECRET, allow_private=False)
+        delivery = store.claim_delivery(conn, webhooks.LEASE)
+        assert delivery is not None and not deliverer.deliver(conn, delivery)
+        assert "loopback" in (store.task_deliveries(conn, task.id)[0].last_error or "")
+        assert receiver.attempts == []
+    finally:
+        receiver.close()
+
+
+def test_a_delivery_still_failing_after_a_day_is_marked_failed(db_path, conn):
+    task = finish(conn, callback_url="http://127.0.0.1:9/closed")
+    deliverer = webhooks.Deliverer(lambda: db.connect(db_path), TEST_WEBHOOK_SECRET, allow_private=True,
+                                   clock=lambda: 1e12)  # long after the task ended
+    delivery = store.claim_delivery(conn, webhooks.LEASE, 1e12)
+    assert delivery is not None and not deliverer.deliver(conn, delivery)
+    assert store.task_deliveries(conn, task.id)[0].state == "failed"
