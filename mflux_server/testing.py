@@ -71,9 +71,9 @@ class Processes:
             assert proc.poll() is None, self.log(proc)
         return proc
 
-    def server(self, *args: str, http_workers: int = 1) -> str:
-        """Start the API under gunicorn on a free port; returns its base URL once it answers."""
-        port = free_port()
+    def server(self, *args: str, http_workers: int = 1, port: int | None = None) -> str:
+        """Start the API under gunicorn on a free port (or the one given); returns its base URL once it answers."""
+        port = port or free_port()
         proc = self.spawn("mflux_server", ["--port", str(port), "--http-workers", str(http_workers),
                                            "--stale-after", "2", *args], "server")
         url = f"http://127.0.0.1:{port}"

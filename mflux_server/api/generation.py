@@ -188,7 +188,7 @@ def queue_task(body: dict[str, Any], surface: str = "native", keep_for: float | 
                    count=body["count"], format=body["format"], quality=body["quality"], priority=int(body["priority"]),
                    negative_prompt=body["negative_prompt"] or None, image_strength=image_strength,
                    guidance_auto=guidance is None, inputs=inputs, surface=surface,
-                   callback_url=body.get("callback_url"), link_base=request.host_url, keep_for=keep_for,
+                   callback_url=body.get("callback_url"), link_base=settings().public_url or request.host_url, keep_for=keep_for,
                    client_user=client_user)
     return store.submit(conn(), task), live
 

@@ -172,6 +172,9 @@ class Settings:
     fetch_allow_private: bool = setting(False, "let fetched image URLs name loopback, private or link-local addresses",
                                         "api", _bool)
     fetch_timeout: float = setting(10.0, "seconds a fetched image URL may take", "api", _positive(float))
+    public_url: str | None = setting(None, "the server's URL as clients reach it (behind a proxy), for image links in "
+                                     "answers and webhooks; default: the URL each request came to", "api",
+                                     _optional(str))
     link_ttl: float = setting(3600.0, "seconds the image links of OpenAI url and AceDataCloud answers stay valid; then "
                               "the task is removed", "api", _positive(float))
     sync_timeout: float = setting(600.0, "seconds a synchronous request (OpenAI Images, NebulaBlock, AceDataCloud "
