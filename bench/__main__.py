@@ -6,11 +6,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from bench import api_load, dispatch, duty_cycle, event_streams, forecast_accuracy, model_switching, report, slow_clients
+from bench import api_load, compat_surfaces, dispatch, duty_cycle, event_streams, forecast_accuracy, model_switching, report, slow_clients
 from bench.report import machine
 from mflux_server.testing import ROOT
 
-NAMES = ("duty", "dispatch", "load", "streams", "slow", "forecast", "switching")
+NAMES = ("duty", "dispatch", "load", "streams", "slow", "surfaces", "forecast", "switching")
 EXPLANATIONS_FILE = ROOT / "bench" / "explanations.md"
 
 
@@ -52,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
             results.append(event_streams.run(args.smoke))
         elif name == "slow":
             results.append(slow_clients.run(args.smoke))
+        elif name == "surfaces":
+            results.append(compat_surfaces.run(args.smoke))
         elif name == "forecast":
             results.append(forecast_accuracy.run(args.smoke, plot_path=args.out / plot_name))
         elif name == "switching":
