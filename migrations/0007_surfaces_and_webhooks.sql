@@ -6,6 +6,8 @@ ALTER TABLE tasks ADD COLUMN callback_url TEXT;       -- POSTed when the task en
 ALTER TABLE tasks ADD COLUMN link_base TEXT;          -- the server's URL as the client reached it, for image links
 ALTER TABLE tasks ADD COLUMN keep_for REAL;           -- seconds a finished task is kept for its image links
 ALTER TABLE tasks ADD COLUMN client_user TEXT;        -- who the client says the request is for (OpenAI's user)
+-- The sweep of expired links reads only the tasks kept for links, never the whole queue.
+CREATE INDEX tasks_link_expiry ON tasks (finished_at) WHERE keep_for IS NOT NULL;
 
 -- The outbox: one row per webhook to send. A trigger writes it in the transaction that ends the task, so no
 -- writer (worker, API cancel, orphan recovery) can end a task without it. It keeps a snapshot of the task, since

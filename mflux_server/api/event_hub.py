@@ -34,6 +34,8 @@ class EventHub:
         self._recent: deque[Event] = deque(maxlen=RECENT)
         self._thread: threading.Thread | None = None
         self._rendered: dict[int, tuple[str, dict[str, Any] | None]] = {}
+        # Requests waiting for one task's next event (the synchronous surfaces): woken alone, not with every stream.
+        self._task_signals: dict[str, list[threading.Event]] = {}
         self.last_id = 0  # the newest event read
 
     def start(self) -> None:
@@ -63,6 +65,9 @@ class EventHub:
                 self._recent.extend(new)
                 self.last_id = new[-1].id
                 self._changed.notify_all()
+                for event in new:
+                    for signal in self._task_signals.get(event.task_id, ()):
+                        signal.set()
 
     def rendered(self, event: Event, render: Callable[[Event], tuple[str, dict[str, Any] | None]]
                  ) -> tuple[str, dict[str, Any] | None]:
@@ -90,3 +95,23 @@ class EventHub:
                 newer.append(event)
         newer.reverse()
         return newer
+
+    def wait_for_task(self, task_id: str, after: int, timeout: float) -> bool:
+        """Wait until an event of this task newer than `after` has been read (True), or the timeout passes (False)."""
+        signal = threading.Event()
+        with self._changed:
+            for event in reversed(self._recent):
+                if event.id <= after:
+                    break
+                if event.task_id == task_id:
+                    return True
+            self._task_signals.setdefault(task_id, []).append(signal)
+        try:
+            return signal.wait(timeout)
+        finally:
+            with self._changed:
+                waiting = self._task_signals.get(task_id, [])
+                if signal in waiting:
+                    waiting.remove(signal)
+                if not waiting:
+                    self._task_signals.pop(task_id, None)

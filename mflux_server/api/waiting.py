@@ -1,6 +1,5 @@
 """Waiting for a task to end without holding a thread: the synchronous surfaces (OpenAI, NebulaBlock, AceDataCloud)
-sleep on the process's event hub, a greenlet wait under gevent, and read the task only when one of its events
-arrives."""
+sleep on the process's event hub, a greenlet wait under gevent, woken only by an event of their own task."""
 
 from __future__ import annotations
 
@@ -23,10 +22,4 @@ def wait_for_end(task_id: str, timeout: float) -> Task | None:
         remaining = deadline - time.monotonic()
         if task is None or not task.status.unfinished or remaining <= 0:
             return task
-        recheck_at = min(deadline, time.monotonic() + RECHECK)
-        while (left := recheck_at - time.monotonic()) > 0:
-            events = hub.wait(seen, left)
-            if any(event.task_id == task_id for event in events):
-                break
-            if events:
-                seen = events[-1].id
+        hub.wait_for_task(task_id, seen, min(RECHECK, remaining))

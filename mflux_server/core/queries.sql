@@ -300,8 +300,8 @@ SELECT * FROM deliveries WHERE task_id = ? ORDER BY created_at;
 
 -- name: remove_expired
 -- Remove finished tasks kept only for their image links, once the links have expired.
-DELETE FROM tasks WHERE keep_for IS NOT NULL AND status IN ('done', 'error', 'canceled')
-   AND finished_at + keep_for < :now;
+DELETE FROM tasks INDEXED BY tasks_link_expiry WHERE keep_for IS NOT NULL AND finished_at < :now - keep_for
+   AND status IN ('done', 'error', 'canceled');
 
 -- name: get_secret
 -- A secret the server generated and keeps.

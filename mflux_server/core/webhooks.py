@@ -122,14 +122,17 @@ class Deliverer:
         """Send deliveries as they fall due and sweep expired image links, until stop is set."""
         conn = self._connect()
         version = -1
-        next_due: float | None = 0.0
+        next_due: float | None = None
         next_sweep = 0.0
         while not stop.is_set():
             try:
                 now = self._clock()
-                changed = (current := store.data_version(conn)) != version
-                version = current
-                if changed or (next_due is not None and next_due <= now):
+                if (current := store.data_version(conn)) != version:
+                    # Something committed: read when the soonest delivery is due (an indexed read of the pending
+                    # rows, usually none). Only a due one costs a write transaction: the claim.
+                    version = current
+                    next_due = store.next_delivery_due(conn)
+                if next_due is not None and next_due <= now:
                     self.send_due(conn)
                     next_due = store.next_delivery_due(conn)
                 if now >= next_sweep:

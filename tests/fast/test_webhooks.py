@@ -142,3 +142,14 @@ def test_a_delivery_still_failing_after_a_day_is_marked_failed(db_path, conn):
     delivery = store.claim_delivery(conn, webhooks.LEASE, 1e12)
     assert delivery is not None and not deliverer.deliver(conn, delivery)
     assert store.task_deliveries(conn, task.id)[0].state == "failed"
+
+
+def test_tasks_kept_for_their_links_are_removed_once_the_links_expire(conn):
+    linked = finish(conn, keep_for=10.0)
+    kept = finish(conn)
+    ended = store.get(conn, linked.id).finished_at  # type: ignore[union-attr]
+    waiting = queue_task(conn, keep_for=10.0)
+    assert store.remove_expired(conn, now=ended + 9) == 0
+    assert store.remove_expired(conn, now=ended + 11) == 1
+    assert store.get(conn, linked.id) is None
+    assert store.get(conn, kept.id) is not None and store.get(conn, waiting.id) is not None
