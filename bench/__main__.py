@@ -6,7 +6,17 @@ import argparse
 import sys
 from pathlib import Path
 
-from bench import api_load, compat_surfaces, dispatch, duty_cycle, event_streams, forecast_accuracy, model_switching, report, slow_clients
+from bench import (
+    api_load,
+    compat_surfaces,
+    dispatch,
+    duty_cycle,
+    event_streams,
+    forecast_accuracy,
+    model_switching,
+    report,
+    slow_clients,
+)
 from bench.report import machine
 from mflux_server.testing import ROOT
 

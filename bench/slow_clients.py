@@ -77,10 +77,11 @@ def run(smoke: bool = False) -> Result:
     use_wrk = shutil.which("wrk") is not None and not smoke
     result = Result("Slow clients", f"make bench ARGS='--only slow'  ({tasks:,} queued; {slow} slow clients: a quarter "
                                     f"stalled mid-header, a quarter mid-body, half trickling 1 byte/s; --header-timeout "
-                                    f"{HEADER_TIMEOUT:g} --request-timeout {REQUEST_TIMEOUT:g}; then benchmark 3's paced "
-                                    f"load for {seconds:.0f} s)")
+                                    f"{HEADER_TIMEOUT:g} --request-timeout {REQUEST_TIMEOUT:g}; benchmark 3's paced load for "
+                                    f"{seconds:.0f} s alone, then beside them)")
     with full_queue(tasks, smoke, ("--header-timeout", str(HEADER_TIMEOUT), "--request-timeout",
                                    str(REQUEST_TIMEOUT))) as (procs, url, ids, ids_file, _):
+        alone = phase(url, ids, ids_file, seconds, connections, PACED_PAUSE_MS, use_wrk)  # this machine's own tail
         clients = SlowClients(url, slow)
         paced = phase(url, ids, ids_file, seconds, connections, PACED_PAUSE_MS, use_wrk)
         deadline = time.monotonic() + REQUEST_TIMEOUT + 5
@@ -88,7 +89,10 @@ def run(smoke: bool = False) -> Result:
             time.sleep(0.5)
         clients.close()
     result.add("paced status requests per second beside them", paced["rate"], "/s", "≥ 1,000/s", paced["rate"] >= 1000)
+    result.add("status latency p99 of the same load without them", alone["p99"], "ms")
     result.add("status latency p99 beside them", paced["p99"], "ms", "≤ 50 ms", paced["p99"] <= 50)
+    result.add("p99 beside them ÷ p99 without them", paced["p99"] / alone["p99"], "×", "≤ 1.25",
+               paced["p99"] <= 1.25 * alone["p99"])
     result.add("submit latency p50 beside them", paced["submit_p50"], "ms", "≤ 10 ms", paced["submit_p50"] <= 10)
     result.add("errors of the other clients", paced["errors"], "", "0", paced["errors"] == 0)
     closed = sum(map(len, clients.closed_after.values()))

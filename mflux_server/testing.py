@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import requests
 
@@ -140,7 +140,7 @@ class WebhookReceiver:
 
         from standardwebhooks import Webhook, WebhookVerificationError
 
-        self.received: list[tuple[float, dict[str, str], dict]] = []
+        self.received: list[tuple[float, dict[str, str], dict[str, Any]]] = []
         self.rejected: list[str] = []
         self.attempts: list[tuple[float, str]] = []  # (time, webhook-id) of every request, answered or not
         self.statuses = list(statuses)

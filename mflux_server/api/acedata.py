@@ -14,7 +14,7 @@ from mflux_server.api.errors import abort_json, register_envelope, renamed
 from mflux_server.api.generation import queue_task, require_json_body
 from mflux_server.api.task_view import task_status
 from mflux_server.core import catalog, outbound, store
-from mflux_server.core.results import acedata_result, ace_task_id, snapshot, trace_id
+from mflux_server.core.results import ace_task_id, acedata_result, snapshot, trace_id
 from mflux_server.core.rows import Task
 
 blp = Blueprint("acedata", __name__, description="AceDataCloud's Flux API: generate or edit, waiting or with "

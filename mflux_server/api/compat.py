@@ -11,7 +11,7 @@ import marshmallow as ma
 from flask import request
 
 from mflux_server.api.context import conn, settings
-from mflux_server.api.errors import flatten_messages, abort_json
+from mflux_server.api.errors import abort_json, flatten_messages
 from mflux_server.api.generation_schemas import GenerateRequest
 from mflux_server.api.request_body import parse_json_body
 from mflux_server.api.waiting import wait_for_end

@@ -33,7 +33,8 @@ def inference_seconds(task: dict[str, Any]) -> float | None:
     """Seconds the worker spent on the task (claim to finish), or None if it never ran."""
     if task["started_at"] is None or task["finished_at"] is None:
         return None
-    return round(max(0.0, task["finished_at"] - task["started_at"]), 3)
+    seconds: float = task["finished_at"] - task["started_at"]
+    return round(max(0.0, seconds), 3)
 
 
 def trace_id(task_id: str) -> str:
