@@ -81,7 +81,7 @@ class Processes:
         def up() -> bool:
             assert proc.poll() is None, self.log(proc)
             try:
-                return requests.get(url + "/api/info", timeout=1).status_code == 200
+                return requests.get(url + "/healthz", timeout=1).status_code == 200
             except requests.ConnectionError:
                 return False
 

@@ -9,6 +9,7 @@ from typing import Any
 from flask_smorest import Blueprint
 
 from mflux_server.api import compat
+from mflux_server.api.auth import link_secret, may_see
 from mflux_server.api.context import conn, settings
 from mflux_server.api.errors import abort_json, register_envelope, renamed
 from mflux_server.api.generation import queue_task, require_json_body
@@ -109,7 +110,7 @@ def images() -> dict[str, Any]:
     if task.callback_url:
         return {"task_id": ace_task_id(task.id)}
     ended = compat.wait_or_fail(task)
-    return acedata_result(snapshot(ended))
+    return acedata_result(snapshot(ended), link_secret())
 
 
 def task_record(task: Task) -> dict[str, Any]:
@@ -126,7 +127,7 @@ def task_record(task: Task) -> dict[str, Any]:
         view = task_status(conn(), task)
         record.update(position=view["pos"], wait_remaining=view["wait_remaining"])
     else:
-        record["response"] = acedata_result(snapshot(task))
+        record["response"] = acedata_result(snapshot(task), link_secret())
         if task.started_at is not None and task.finished_at is not None:
             record["duration"] = round(task.finished_at - task.started_at, 3)
     return record
@@ -136,7 +137,8 @@ def find(task_id: Any, field: str) -> Task | None:
     """A task by our id or its UUID form."""
     if not isinstance(task_id, str) or not 1 <= len(task_id) <= 64:
         compat.refuse(field, "must be a task id string")
-    return store.get(conn(), task_id.replace("-", "")) or store.get(conn(), task_id)
+    task = store.get(conn(), task_id.replace("-", "")) or store.get(conn(), task_id)
+    return task if task is not None and may_see(task.key_id) else None
 
 
 @blp.route("/tasks", methods=["POST"])

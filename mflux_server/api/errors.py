@@ -13,12 +13,15 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 # Stable, documented codes per HTTP status when the view did not name a more specific one.
 DEFAULT_CODES = {
     400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
     409: "conflict",
     413: "request_too_large",
     415: "unsupported_media_type",
     422: "invalid_input",
+    429: "too_many_requests",
     408: "request_timeout",
     414: "url_too_long",
     431: "headers_too_large",

@@ -12,6 +12,7 @@ from flask.views import MethodView
 from flask_smorest import Blueprint
 from marshmallow import fields, validate
 
+from mflux_server.api.auth import owner_filter
 from mflux_server.api.context import conn, event_hub
 from mflux_server.api.errors import ErrorSchema, abort_json
 from mflux_server.api.generation_schemas import StrictInteger
@@ -100,15 +101,19 @@ def render(event: Event) -> tuple[str, dict[str, Any] | None]:
     return frame(event.id, event.kind, payload(event, view)), view
 
 
-def follow(watched: set[str] | None, after: int | None, single: bool) -> Iterator[str]:
-    """The stream: the current state (unless resuming), then every event as it happens, and keep-alives."""
+def follow(watched: set[str] | None, after: int | None, single: bool, owner: int | None = None) -> Iterator[str]:
+    """The stream: the current state (unless resuming), then every event as it happens, and keep-alives; with an
+    owner, only that key's tasks."""
     hub = event_hub()
+    owned: set[str] = set()  # this key's tasks seen on the stream, so their 'deleted' events still pass
     yield f"retry: {RETRY_MS}\n\n"
     positions: dict[str, tuple[int, float]] = {}
     if after is None:
         after = hub.last_id
         for task_id in sorted(watched or ()):
             view = view_of(task_id)
+            if view is not None and owner is not None and view["owner_key"] != owner:
+                continue
             if view is not None:
                 positions[task_id] = (view["pos"], view["wait_remaining"])
                 kind = {"done": "done", "error": "error"}.get(view["status"], "status")
@@ -130,6 +135,10 @@ def follow(watched: set[str] | None, after: int | None, single: bool) -> Iterato
             if watched is not None and event.task_id not in watched:
                 continue
             message, view = hub.rendered(event, render)
+            if owner is not None:
+                if view is None and event.task_id not in owned or view is not None and view["owner_key"] != owner:
+                    continue
+                owned.add(event.task_id)
             if view is not None:
                 positions[event.task_id] = (view["pos"], view["wait_remaining"])
             yield message
@@ -194,7 +203,7 @@ class QueueEvents(MethodView):
             watched = {part.strip() for part in query["task_ids"].split(",") if part.strip()}
             if not watched or len(watched) > MAX_WATCHED:
                 abort_json(422, field="task_ids", message=f"give 1 to {MAX_WATCHED} comma-separated task ids")
-        return event_stream(follow(watched, resume_point(query), single=False))
+        return event_stream(follow(watched, resume_point(query), single=False, owner=owner_filter()))
 
 
 @blp.route("/tasks/<string:task_id>/preview")
@@ -206,9 +215,9 @@ class TaskPreview(MethodView):
     @blp.alt_response(404, schema=ErrorSchema, description="no such task, or no preview yet (not running)")
     def get(self, task_id: str) -> Response:
         """The newest preview of the task's current image; a 404 until its worker publishes one."""
+        get_task_or_404(task_id)  # another key's preview is not this key's to see
         found = store.preview(conn(), task_id)
         if found is None:
-            get_task_or_404(task_id)
             abort_json(404, code="preview_not_found", field="task_id",
                        message="no preview yet: previews exist while the task is processing")
         return Response(found.data, mimetype=found.mime, headers={

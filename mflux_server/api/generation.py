@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import secrets
 from dataclasses import replace
 from typing import Any, NoReturn
@@ -10,6 +11,7 @@ from typing import Any, NoReturn
 from flask import Response, request
 from flask_smorest import Blueprint
 
+from mflux_server.api.auth import current_key
 from mflux_server.api.context import conn, settings
 from mflux_server.api.errors import ErrorSchema, abort_json
 from mflux_server.api.generation_schemas import (
@@ -155,6 +157,10 @@ def queue_task(body: dict[str, Any], surface: str = "native", keep_for: float | 
                client_user: str | None = None) -> tuple[Task, list[Worker]]:
     """Check a loaded generate body against the catalog and the live workers and queue it; every surface's
     requests become tasks here. Returns the task and the live workers read for it."""
+    key = current_key()
+    if body["priority"] and key is not None and not (key.admin or key.priority):
+        abort_json(403, code="priority_not_allowed", field="priority",
+                   message=f"priority: the key {key.name!r} may not submit priority tasks (keys create --priority)")
     resolved = catalog.resolve_reference(body["model"] or settings().model)
     live = live_workers(conn())  # read once: it decides the model check and the forecast's worker count
     served = served_models(live)
@@ -189,8 +195,46 @@ def queue_task(body: dict[str, Any], surface: str = "native", keep_for: float | 
                    negative_prompt=body["negative_prompt"] or None, image_strength=image_strength,
                    guidance_auto=guidance is None, inputs=inputs, surface=surface,
                    callback_url=body.get("callback_url"), link_base=settings().public_url or request.host_url, keep_for=keep_for,
-                   client_user=client_user)
-    return store.submit(conn(), task), live
+                   client_user=client_user, key_id=key.id if key else None)
+    return submit_once(task, key.id if key else 0), live
+
+
+IDEMPOTENCY_WINDOW = 24 * 3600.0  # seconds an Idempotency-Key keeps answering its task
+MAX_IDEMPOTENCY_KEY = 255
+
+
+def request_fingerprint() -> str:
+    """What makes two submits the same: method, path, and the body (for multipart, its fields and file contents,
+    since every client picks a new boundary per request)."""
+    digest = hashlib.sha256(f"{request.method} {request.path}\n".encode())
+    if request.mimetype == "multipart/form-data":
+        for name, value in sorted(request.form.items(multi=True)):
+            digest.update(f"{name}={value}\n".encode("utf-8", "surrogatepass"))
+        for name, upload in sorted(request.files.items(multi=True), key=lambda item: item[0]):
+            digest.update(f"{name}:".encode() + hashlib.sha256(upload.stream.read()).digest())
+            upload.stream.seek(0)
+    else:
+        digest.update(request.get_data(cache=True))
+    return digest.hexdigest()
+
+
+def submit_once(task: NewTask, key_id: int) -> Task:
+    """Queue the task; with an Idempotency-Key header, a retry of the same request answers the task it created."""
+    idem_key = request.headers.get("Idempotency-Key")
+    if idem_key is None:
+        return store.submit(conn(), task)
+    if not 1 <= len(idem_key) <= MAX_IDEMPOTENCY_KEY or not idem_key.isprintable() or not idem_key.isascii():
+        abort_json(422, field="Idempotency-Key", message=f"Idempotency-Key: must be 1 to {MAX_IDEMPOTENCY_KEY} "
+                                                         "printable ASCII characters")
+    created, other = store.submit_idempotent(conn(), task, key_id, idem_key, request_fingerprint(), IDEMPOTENCY_WINDOW)
+    if other is not None:
+        abort_json(422, code="idempotency_key_reused", field="Idempotency-Key",
+                   message=f"Idempotency-Key: {idem_key!r} was used within 24 h for another request (task {other}); "
+                           "use a new key for a new request")
+    if created is None:
+        abort_json(404, code="task_not_found", field="Idempotency-Key",
+                   message=f"Idempotency-Key: {idem_key!r} created a task that was deleted since")
+    return created
 
 
 @blp.route("/generate", methods=["POST"])

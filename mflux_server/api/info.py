@@ -69,3 +69,29 @@ def info() -> dict[str, Any]:
         "queue": store.status_counts(conn()),
         "forecast": {"measured": forecaster().cost_model(conn()).measured},
     }
+
+
+health = Blueprint("health", __name__, description="Health checks for supervisors and load balancers (no key needed).")
+
+
+@health.route("/healthz")
+@health.doc(responses={"200": {"description": "the process is alive"}})
+def healthz() -> dict[str, Any]:
+    """The server process is alive and answering."""
+    return {"status": "ok"}
+
+
+@health.route("/readyz")
+@health.doc(responses={"200": {"description": "ready"}, "503": {"description": "not ready; the body says why"}})
+def readyz() -> tuple[dict[str, Any], int]:
+    """Ready only when the queue file takes writes and at least one worker is alive."""
+    problems = []
+    try:
+        store.check_writable(conn())
+    except Exception as error:  # whatever the storage fault, the answer is "not ready" and why
+        problems.append(f"the queue file cannot be written: {error}")
+    live = live_workers(conn())
+    if not live:
+        problems.append(f"no worker has heartbeated within {settings().stale_after:g} s")
+    body = {"status": "ready" if not problems else "not_ready", "workers": len(live), "problems": problems}
+    return body, 200 if not problems else 503

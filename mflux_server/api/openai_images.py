@@ -17,6 +17,7 @@ from PIL import Image
 from werkzeug.datastructures import FileStorage
 
 from mflux_server.api import compat
+from mflux_server.api.auth import link_secret
 from mflux_server.api.context import conn, settings
 from mflux_server.api.errors import register_envelope, renamed
 from mflux_server.api.generation import queue_task, require_json_body, served_models
@@ -125,7 +126,8 @@ def images_response(task: Task, kind: str) -> dict[str, Any]:
     created = int(ended.created_at)
     if kind == "url":
         shown = snapshot(ended)
-        return {"created": created, "data": [{"url": image_url(shown, i, keep=True)} for i in range(ended.count)]}
+        return {"created": created, "data": [{"url": image_url(shown, i, keep=True, secret=link_secret())}
+                                             for i in range(ended.count)]}
     return {"created": created, "data": [{"b64_json": compat.b64(data)} for data, _ in compat.take_images(ended)]}
 
 

@@ -13,9 +13,10 @@ from typing import Any
 from flask import Flask
 
 from mflux_server import __version__
+from mflux_server.api import admin_commands
 from mflux_server.api.app import create_app
 from mflux_server.api.errors import DEFAULT_CODES
-from mflux_server.core import db, webhooks
+from mflux_server.core import db, housekeeping, store, webhooks
 from mflux_server.core.logs import configure_logging, shorten_gil_switch_interval
 from mflux_server.core.settings import Settings, load_settings
 
@@ -80,9 +81,11 @@ def take_turns(app: Flask) -> Callable[[dict[str, Any], Any], Any]:
     return wsgi
 
 
-def start_deliverer(settings: Settings) -> None:
-    """Run this process's webhook deliverer (core/webhooks.py) on its own connection."""
+def start_background(settings: Settings) -> None:
+    """Run this process's webhook deliverer and housekeeper (core/webhooks.py, core/housekeeping.py)."""
     webhooks.start(lambda: db.connect(settings.db), settings.webhook_secret, settings.webhook_allow_private)
+    housekeeping.start(lambda: db.connect(settings.db), settings.keep_finished, settings.max_store_bytes,
+                       settings.housekeeping_interval)
 
 
 def serve(settings: Settings) -> None:
@@ -113,7 +116,7 @@ def serve(settings: Settings) -> None:
             self.cfg.set("timeout", 60)
             self.cfg.set("proc_name", "mflux-server")
             # Each server process sends webhooks beside its requests (after the fork: threads do not survive one).
-            self.cfg.set("post_worker_init", lambda _worker: start_deliverer(settings))
+            self.cfg.set("post_worker_init", lambda _worker: start_background(settings))
             if "control_socket_disable" in self.cfg.settings:
                 # gunicorn ≥ 24 opens a control socket in $HOME by default; we have no use for it.
                 self.cfg.set("control_socket_disable", True)
@@ -137,11 +140,40 @@ def serve(settings: Settings) -> None:
     Server().run()
 
 
+def warn_if_open(settings: Settings) -> None:
+    """A loud warning when the server listens beyond loopback and anyone who reaches it may use it."""
+    conn = db.connect(settings.db)
+    try:
+        keys = store.keys_exist(conn)
+    finally:
+        conn.close()
+    if settings.auth != "required" and not keys and not ipaddress_is_loopback(settings.host):
+        logging.getLogger("mflux_server").warning(
+            "\n%s\nlistening on %s with NO API KEYS: anyone who can reach this port can submit, jump the queue and "
+            "read or delete every task. Create a key: mflux-server keys create NAME --admin\n%s",
+            "!" * 78, settings.host, "!" * 78)
+
+
+def ipaddress_is_loopback(host: str) -> bool:
+    """Whether a listen address only accepts local connections."""
+    import ipaddress
+
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse settings, migrate the queue, and serve."""
+    """Parse settings, migrate the queue, and serve (or run `keys` or `backup`)."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments and arguments[0] in admin_commands.COMMANDS:
+        return admin_commands.main(arguments)
     settings = load_settings(
         "api",
-        argv,
+        arguments,
         prog="mflux-server",
         description=f"mflux-server {__version__}: the HTTP API in front of the mflux worker queue.",
     )
@@ -154,8 +186,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         conn.close()
         return 0
     logging.getLogger("mflux_server").info("queue %s; listening on http://%s:%d", settings.db, settings.host, settings.port)
+    warn_if_open(settings)
     if settings.debug:
-        start_deliverer(settings)
+        start_background(settings)
         create_app(settings).run(host=settings.host, port=settings.port, debug=True, use_reloader=False)
     else:
         serve(settings)

@@ -6,6 +6,7 @@ import sqlite3
 from dataclasses import replace
 from typing import Any
 
+from mflux_server.api.auth import may_see
 from mflux_server.api.context import conn, forecaster, settings
 from mflux_server.api.errors import abort_json
 from mflux_server.api.generation_schemas import TASK_ID_LENGTH
@@ -16,11 +17,15 @@ NOT_FOUND = "no task with this id (never existed, or deleted after its image was
 
 
 def get_task_or_404(task_id: str) -> Task:
-    """The task; aborts with a JSON 422 for an id no endpoint takes, or a 404 (code task_not_found) when none."""
+    """The task; aborts with a JSON 422 for an id no endpoint takes, or a 404 when none or another key's
+    (task_not_found), or when retention removed it (task_expired)."""
     if not 1 <= len(task_id) <= TASK_ID_LENGTH:
         abort_json(422, errors={"view_args": {"task_id": [f"Length must be between 1 and {TASK_ID_LENGTH}."]}})
     task = store.get(conn(), task_id)
-    if task is None:
+    if task is None or not may_see(task.key_id):  # another key's task is as absent as a missing one
+        if task is None and store.is_expired(conn(), task_id):
+            abort_json(404, code="task_expired", field="task_id",
+                       message=f"task {task_id!r} finished over --keep-finished ago and was removed with its images")
         abort_json(404, code="task_not_found", field="task_id", message=f"no task with id {task_id!r}")
     return task
 
@@ -55,7 +60,7 @@ def summary(task: Task) -> dict[str, Any]:
         "engine": task.engine, "seed": task.seed, "width": task.width, "height": task.height, "steps": task.steps,
         "count": task.count, "format": task.format, "priority": bool(task.priority), "attempts": task.attempts,
         "created_at": task.created_at, "started_at": task.started_at, "finished_at": task.finished_at,
-        "progress": progress(task),
+        "progress": progress(task), "owner_key": task.key_id,  # owner_key: for filtering; no schema shows it
     } | webhook_view(task)
 
 

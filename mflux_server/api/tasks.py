@@ -9,6 +9,7 @@ from flask.views import MethodView
 from flask_smorest import Blueprint
 from marshmallow import fields, validate
 
+from mflux_server.api.auth import owner_filter
 from mflux_server.api.context import conn
 from mflux_server.api.errors import ErrorSchema
 from mflux_server.api.generation_schemas import MAX_OFFSET, Progress, StrictInteger, TaskStatus
@@ -77,7 +78,7 @@ class TaskCollection(MethodView):
     def get(self, query: dict[str, Any]) -> dict[str, Any]:
         """List tasks, filtered by status and paginated."""
         status = Status(query["status"]) if "status" in query else None
-        tasks, total = store.list_tasks(conn(), status, query["limit"], query["offset"])
+        tasks, total = store.list_tasks(conn(), status, query["limit"], query["offset"], owner_filter())
         return {"tasks": [summary(task) for task in tasks], "total": total, "limit": query["limit"],
                 "offset": query["offset"], "counts": store.status_counts(conn())}
 
@@ -96,6 +97,7 @@ class TaskItem(MethodView):
     @blp.alt_response(404, schema=ErrorSchema, description=NOT_FOUND)
     def delete(self, task_id: str) -> dict[str, Any]:
         """Cancel a waiting or running task (a running one stops at its next step), or delete a finished one."""
+        get_task_or_404(task_id)  # first: another key's task must not be touched
         result = store.cancel_or_delete(conn(), task_id)
         if result is None:
             get_task_or_404(task_id)

@@ -221,5 +221,20 @@ def open_or_exit(path: str | Path, program: str) -> None:
 def open_database(path: str | Path) -> sqlite3.Connection:
     """Connect and migrate: what both processes do at start."""
     conn = connect(path)
+    conn.execute("PRAGMA auto_vacuum = INCREMENTAL")  # takes effect at once on a new, empty file
     migrate(conn)
+    if conn.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:
+        # Incremental: retention frees pages and hands them back to the file system a few at a time. Switching
+        # an existing file over needs one VACUUM (a copy of the file, once).
+        conn.execute("VACUUM")
     return conn
+
+
+def backup(conn: sqlite3.Connection, target: Path) -> None:
+    """Copy a live queue into a new file with SQLite's online backup API: consistent while others write."""
+    copy = sqlite3.connect(target)
+    try:
+        conn.backup(copy, pages=1024)
+        copy.execute("PRAGMA journal_mode = DELETE")  # one self-contained file, no -wal beside it
+    finally:
+        copy.close()

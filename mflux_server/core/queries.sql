@@ -5,10 +5,10 @@
 -- Queue a new waiting task; its seq (AUTOINCREMENT, never reused) orders it within its priority.
 INSERT INTO tasks (id, priority, model, prompt, width, height, steps, guidance, seed, count,
                    format, quality, created_at, negative_prompt, image_strength, guidance_auto,
-                   surface, callback_url, link_base, keep_for, client_user)
+                   surface, callback_url, link_base, keep_for, client_user, key_id)
 VALUES (:id, :priority, :model, :prompt, :width, :height, :steps, :guidance, :seed, :count,
         :format, :quality, :created_at, :negative_prompt, :image_strength, :guidance_auto,
-        :surface, :callback_url, :link_base, :keep_for, :client_user)
+        :surface, :callback_url, :link_base, :keep_for, :client_user, :key_id)
 RETURNING *;
 
 -- name: insert_input
@@ -124,7 +124,7 @@ SELECT gen_started, gen_ended FROM images ORDER BY gen_started;
 -- name: list_tasks
 -- A page of tasks: running, then waiting in claim order, then the newest finished.
 SELECT * FROM tasks
- WHERE (:status IS NULL OR status = :status)
+ WHERE (:status IS NULL OR status = :status) AND (:owner IS NULL OR key_id = :owner)
  ORDER BY CASE status WHEN 'processing' THEN 0 WHEN 'waiting' THEN 1 ELSE 2 END,
           CASE WHEN status IN ('waiting', 'processing') THEN -priority ELSE 0 END,
           CASE WHEN status IN ('waiting', 'processing') THEN seq ELSE -seq END
@@ -132,7 +132,7 @@ SELECT * FROM tasks
 
 -- name: count_tasks
 -- How many tasks match a listing's status filter.
-SELECT COUNT(*) FROM tasks WHERE (:status IS NULL OR status = :status);
+SELECT COUNT(*) FROM tasks WHERE (:status IS NULL OR status = :status) AND (:owner IS NULL OR key_id = :owner);
 
 -- name: status_counts
 -- Tasks per status.
@@ -310,3 +310,80 @@ SELECT value FROM server_secrets WHERE name = ?;
 -- name: keep_secret
 -- Store a generated secret unless another process stored one first.
 INSERT INTO server_secrets (name, value) VALUES (:name, :value) ON CONFLICT (name) DO NOTHING;
+
+-- name: insert_key
+-- Record a new API key by its hash.
+INSERT INTO api_keys (name, hash, admin, priority, created_at) VALUES (:name, :hash, :admin, :priority, :now)
+RETURNING *;
+
+-- name: list_keys
+-- Every key, oldest first (hashes stay inside the store).
+SELECT * FROM api_keys ORDER BY id;
+
+-- name: revoke_key
+-- Revoke a key by name; every server process sees it on its next request.
+UPDATE api_keys SET revoked_at = :now WHERE name = :name AND revoked_at IS NULL;
+
+-- name: key_by_hash
+-- The live key with this hash, if any.
+SELECT * FROM api_keys WHERE hash = ? AND revoked_at IS NULL;
+
+-- name: keys_exist
+-- Whether any key was ever created (then every request needs a live one; revoking the last locks the server).
+SELECT EXISTS (SELECT 1 FROM api_keys);
+
+-- name: touch_key
+-- Note when a key was last used.
+UPDATE api_keys SET last_used_at = :now WHERE id = :id;
+
+-- name: find_idempotent
+-- The task an Idempotency-Key created within the window, with the hash of the body that created it.
+SELECT body_hash, task_id FROM idempotency WHERE key_id = :key_id AND idem_key = :idem_key AND created_at >= :since;
+
+-- name: record_idempotent
+-- Remember which task an Idempotency-Key created (in the task's own transaction).
+INSERT INTO idempotency (key_id, idem_key, body_hash, task_id, created_at)
+VALUES (:key_id, :idem_key, :body_hash, :task_id, :now)
+ON CONFLICT (key_id, idem_key) DO UPDATE SET body_hash = excluded.body_hash, task_id = excluded.task_id,
+       created_at = excluded.created_at;
+
+-- name: forget_idempotent
+-- Forget Idempotency-Keys older than the window.
+DELETE FROM idempotency WHERE created_at < :before;
+
+-- name: expire_finished
+-- Remember the ids of finished tasks past the retention, before they are removed.
+INSERT OR IGNORE INTO expired_tasks (id, expired_at)
+SELECT id, :now FROM tasks INDEXED BY tasks_finished
+ WHERE finished_at < :before AND status IN ('done', 'error', 'canceled');
+
+-- name: remove_finished
+-- Remove finished tasks past the retention (their images and inputs go with them).
+DELETE FROM tasks INDEXED BY tasks_finished WHERE finished_at < :before AND status IN ('done', 'error', 'canceled');
+
+-- name: store_bytes
+-- Bytes of image data kept: generated images and input images.
+SELECT (SELECT coalesce(sum(length(data)), 0) FROM images) + (SELECT coalesce(sum(length(data)), 0) FROM task_inputs);
+
+-- name: oldest_finished
+-- The oldest finished tasks with the bytes each holds, for the store bound.
+SELECT t.id, (SELECT coalesce(sum(length(data)), 0) FROM images WHERE task_id = t.id)
+           + (SELECT coalesce(sum(length(data)), 0) FROM task_inputs WHERE task_id = t.id) AS bytes
+  FROM tasks t INDEXED BY tasks_finished WHERE finished_at IS NOT NULL AND status IN ('done', 'error', 'canceled')
+ ORDER BY finished_at LIMIT :limit;
+
+-- name: expire_task
+-- Remember one removed task's id as expired.
+INSERT OR IGNORE INTO expired_tasks (id, expired_at) VALUES (:id, :now);
+
+-- name: forget_expired
+-- Forget expired ids older than the memory window.
+DELETE FROM expired_tasks WHERE expired_at < :before;
+
+-- name: is_expired
+-- Whether an id belonged to a task removed by retention.
+SELECT 1 FROM expired_tasks WHERE id = ?;
+
+-- name: touch_queue_state
+-- A write that changes nothing, to prove the file takes writes (readiness).
+UPDATE queue_state SET changes = changes WHERE id = 1;

@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlencode
 
+from mflux_server.core.api_keys import link_signature
 from mflux_server.core.rows import Task
 
 # Snapshot keys: what migration 0007's trigger copies out of the task row.
@@ -23,9 +24,12 @@ def snapshot(task: Task) -> dict[str, Any]:
     return {key: str(task.status) if key == "status" else getattr(task, key) for key in SNAPSHOT_KEYS}
 
 
-def image_url(task: dict[str, Any], index: int, keep: bool) -> str:
-    """A link to one image on this server; keep=True links do not consume the image (they live until expiry)."""
-    query = {"task_id": task["id"], "index": index} | ({"delete": "false"} if keep else {})
+def image_url(task: dict[str, Any], index: int, keep: bool, secret: str | None = None) -> str:
+    """A link to one image on this server; keep=True links do not consume the image (they live until expiry).
+    Signed with the links secret, it opens without an API key (for webhook receivers and OpenAI url clients)."""
+    query: dict[str, Any] = {"task_id": task["id"], "index": index} | ({"delete": "false"} if keep else {})
+    if secret is not None:
+        query["sig"] = link_signature(secret, task["id"], index)
     return f"{(task['link_base'] or '/').rstrip('/')}/api/image?{urlencode(query)}"
 
 
@@ -50,7 +54,7 @@ def ace_task_id(task_id: str) -> str:
         return task_id
 
 
-def native_event(task: dict[str, Any]) -> dict[str, Any]:
+def native_event(task: dict[str, Any], secret: str | None = None) -> dict[str, Any]:
     """The native webhook body, in Standard Webhooks' recommended shape (type, timestamp, data)."""
     done = task["status"] == "done"
     return {
@@ -59,14 +63,14 @@ def native_event(task: dict[str, Any]) -> dict[str, Any]:
         "data": {
             "task_id": task["id"], "status": task["status"], "error": task["error"], "model": task["model"],
             "prompt": task["prompt"], "width": task["width"], "height": task["height"],
-            "images": [{"index": i, "seed": task["seed"] + i, "url": image_url(task, i, keep=False)}
+            "images": [{"index": i, "seed": task["seed"] + i, "url": image_url(task, i, keep=False, secret=secret)}
                        for i in range(task["count"])] if done else [],
             "timings": {"inference": inference_seconds(task)},
         },
     }
 
 
-def acedata_result(task: dict[str, Any]) -> dict[str, Any]:
+def acedata_result(task: dict[str, Any], secret: str | None = None) -> dict[str, Any]:
     """AceDataCloud's result body: the synchronous answer, and what its callback_url receives."""
     ids = {"task_id": ace_task_id(task["id"]), "trace_id": trace_id(task["id"])}
     if task["status"] != "done":
@@ -76,10 +80,10 @@ def acedata_result(task: dict[str, Any]) -> dict[str, Any]:
     if per_image is not None:
         per_image = round(per_image / task["count"], 3)
     return {"success": True, **ids, "data": [
-        {"prompt": task["prompt"], "image_url": image_url(task, i, keep=True), "seed": task["seed"] + i,
+        {"prompt": task["prompt"], "image_url": image_url(task, i, keep=True, secret=secret), "seed": task["seed"] + i,
          "timings": {"inference": per_image}} for i in range(task["count"])]}
 
 
-def webhook_body(surface: str, task: dict[str, Any]) -> dict[str, Any]:
+def webhook_body(surface: str, task: dict[str, Any], secret: str | None = None) -> dict[str, Any]:
     """The body a task's callback_url receives, in the shape of the surface it was submitted through."""
-    return acedata_result(task) if surface == "acedata" else native_event(task)
+    return acedata_result(task, secret) if surface == "acedata" else native_event(task, secret)

@@ -65,6 +65,7 @@ class NewTask:
     link_base: str | None = None  # the server's URL as the client reached it, for image links
     keep_for: float | None = None  # seconds a finished task is kept for its image links, then removed
     client_user: str | None = None
+    key_id: int | None = None  # the API key that submitted it
 
 
 # The roles of an edit's further reference images, after 'image' (migration 0005 allows exactly these).
@@ -119,6 +120,7 @@ class Task(FromRow):
     link_base: str | None
     keep_for: float | None
     client_user: str | None
+    key_id: int | None
 
     def __post_init__(self) -> None:
         # sqlite hands the status back as a plain string; the enum is what everyone compares with.
@@ -319,3 +321,17 @@ class Delivery(FromRow):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "state", DeliveryState(self.state))
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey(FromRow):
+    """One row of api_keys: a named key (its hash only), what it may do, and when it was used."""
+
+    id: int
+    name: str
+    hash: str
+    admin: int
+    priority: int
+    created_at: float
+    last_used_at: float | None
+    revoked_at: float | None

@@ -179,6 +179,13 @@ class Settings:
                               "the task is removed", "api", _positive(float))
     sync_timeout: float = setting(600.0, "seconds a synchronous request (OpenAI Images, NebulaBlock, AceDataCloud "
                                   "without callback_url) waits for its images", "api", _positive(float))
+    auth: str = setting("auto", "auto (an API key is needed once one exists) or required (needed even before)", "api")
+    keep_finished: float = setting(24 * 3600.0, "seconds finished, failed and canceled tasks are kept, with their images",
+                                   "api", _positive(float))
+    max_store_bytes: int | None = setting(None, "bytes of images (and input images) kept at most; past it the oldest "
+                                          "finished tasks go first", "api", _optional(_positive(int)))
+    housekeeping_interval: float = setting(30.0, "seconds between retention sweeps (each server process runs them)",
+                                           "api", _positive(float))
     print_webhook_secret: bool = setting(False, "print the webhook signing secret (generating it if needed) and exit",
                                          "api", _bool)
 
@@ -192,6 +199,8 @@ class Settings:
         if self.webhook_secret is not None and not WEBHOOK_SECRET.fullmatch(self.webhook_secret):
             raise ValueError("webhook_secret must be whsec_ followed by base64 (at least 24 bytes), as Standard "
                              "Webhooks defines it")
+        if self.auth not in ("auto", "required"):
+            raise ValueError(f"auth must be auto or required, got {self.auth!r}")
         if self.vae_decode not in VAE_DECODES:
             raise ValueError(f"vae_decode must be one of {', '.join(VAE_DECODES)}, got {self.vae_decode!r}")
 

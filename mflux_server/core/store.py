@@ -16,6 +16,7 @@ from importlib import resources
 
 from mflux_server.core.db import transaction
 from mflux_server.core.rows import (
+    ApiKey,
     Arrival,
     ClaimKey,
     Delivery,
@@ -209,11 +210,13 @@ def generation_spans(conn: sqlite3.Connection) -> list[tuple[float, float]]:
     return [(row[0], row[1]) for row in conn.execute(sql("generation_spans"))]
 
 
-def list_tasks(conn: sqlite3.Connection, status: Status | None, limit: int, offset: int) -> tuple[list[Task], int]:
-    """A page of tasks (running, then waiting in claim order, then newest finished) and the total."""
-    params = {"status": status, "limit": limit, "offset": offset}
+def list_tasks(conn: sqlite3.Connection, status: Status | None, limit: int, offset: int, owner: int | None = None
+               ) -> tuple[list[Task], int]:
+    """A page of tasks (running, then waiting in claim order, then newest finished) and the total; only the
+    owner key's when given."""
+    params = {"status": status, "limit": limit, "offset": offset, "owner": owner}
     rows = conn.execute(sql("list_tasks"), params).fetchall()
-    total = conn.execute(sql("count_tasks"), {"status": status}).fetchone()[0]
+    total = conn.execute(sql("count_tasks"), {"status": status, "owner": owner}).fetchone()[0]
     return [Task.from_row(r) for r in rows], total
 
 
@@ -546,3 +549,131 @@ def secret(conn: sqlite3.Connection, name: str, generate: Callable[[], str]) -> 
     with transaction(conn):
         conn.execute(sql("keep_secret"), {"name": name, "value": generate()})
         return str(conn.execute(sql("get_secret"), (name,)).fetchone()[0])
+
+
+# API keys
+
+
+def create_key(conn: sqlite3.Connection, name: str, key_hash: str, admin: bool, priority: bool,
+               now: float | None = None) -> ApiKey:
+    """Record a key by its hash; sqlite3.IntegrityError when the name is taken."""
+    with transaction(conn):
+        row = conn.execute(sql("insert_key"), {"name": name, "hash": key_hash, "admin": int(admin),
+                                               "priority": int(priority),
+                                               "now": time.time() if now is None else now}).fetchone()
+    return ApiKey.from_row(row)
+
+
+def list_keys(conn: sqlite3.Connection) -> list[ApiKey]:
+    """Every key, revoked ones included."""
+    return [ApiKey.from_row(row) for row in conn.execute(sql("list_keys"))]
+
+
+def revoke_key(conn: sqlite3.Connection, name: str, now: float | None = None) -> bool:
+    """Revoke a live key by name; False when no live key has it."""
+    with transaction(conn):
+        return conn.execute(sql("revoke_key"), {"name": name, "now": time.time() if now is None else now}).rowcount == 1
+
+
+def key_by_hash(conn: sqlite3.Connection, key_hash: str) -> ApiKey | None:
+    """The live key with this hash."""
+    row = conn.execute(sql("key_by_hash"), (key_hash,)).fetchone()
+    return None if row is None else ApiKey.from_row(row)
+
+
+def keys_exist(conn: sqlite3.Connection) -> bool:
+    """Whether any key was ever created: from then on every request needs a live one."""
+    return bool(conn.execute(sql("keys_exist")).fetchone()[0])
+
+
+def touch_key(conn: sqlite3.Connection, key_id: int, now: float | None = None) -> None:
+    """Record a key's last use."""
+    with transaction(conn):
+        conn.execute(sql("touch_key"), {"id": key_id, "now": time.time() if now is None else now})
+
+
+# Idempotency
+
+
+def submit_idempotent(conn: sqlite3.Connection, task: NewTask, key_id: int, idem_key: str, body_hash: str,
+                      window: float, now: float | None = None) -> tuple[Task | None, str | None]:
+    """Queue a task and remember its Idempotency-Key in one transaction, so neither exists without the other.
+
+    A key already used within `window` seconds answers (its task, None) for the same body hash (the task is None
+    when it was deleted since), and (None, its task id) for another body; a new key answers (the new task, None).
+    """
+    params = _task_params(task, new_task_id(), time.time() if now is None else now)
+    with transaction(conn):
+        found = conn.execute(sql("find_idempotent"), {"key_id": key_id, "idem_key": idem_key,
+                                                      "since": params["created_at"] - window}).fetchone()
+        if found is not None:
+            if found[0] != body_hash:
+                return None, str(found[1])
+            return get(conn, str(found[1])), None
+        created = Task.from_row(conn.execute(sql("insert_task"), params).fetchone())
+        for image in task.inputs:
+            conn.execute(sql("insert_input"), asdict(image) | {"task_id": created.id})
+        conn.execute(sql("record_idempotent"), {"key_id": key_id, "idem_key": idem_key, "body_hash": body_hash,
+                                                "task_id": created.id, "now": params["created_at"]})
+        return created, None
+
+
+# Retention
+
+
+def expire_finished(conn: sqlite3.Connection, before: float, now: float | None = None) -> int:
+    """Remove tasks that finished before `before`, remembering their ids as expired; returns how many."""
+    with transaction(conn):
+        conn.execute(sql("expire_finished"), {"before": before, "now": time.time() if now is None else now})
+        return conn.execute(sql("remove_finished"), {"before": before}).rowcount
+
+
+def store_bytes(conn: sqlite3.Connection) -> int:
+    """Bytes of images and input images kept."""
+    return int(conn.execute(sql("store_bytes")).fetchone()[0])
+
+
+def trim_store(conn: sqlite3.Connection, max_bytes: int, now: float | None = None, batch: int = 200) -> int:
+    """Remove the oldest finished tasks until the kept image bytes are at most max_bytes; returns how many."""
+    removed = 0
+    excess = store_bytes(conn) - max_bytes
+    while excess > 0:
+        oldest = conn.execute(sql("oldest_finished"), {"limit": batch}).fetchall()
+        if not oldest:
+            break
+        with transaction(conn):
+            for task_id, size in oldest:
+                conn.execute(sql("expire_task"), {"id": task_id, "now": time.time() if now is None else now})
+                conn.execute(sql("delete_task"), (task_id,))
+                removed += 1
+                excess -= size
+                if excess <= 0:
+                    break
+    return removed
+
+
+def forget_old_records(conn: sqlite3.Connection, idempotency_before: float, expired_before: float) -> None:
+    """Forget Idempotency-Keys and expired ids past their windows."""
+    with transaction(conn):
+        conn.execute(sql("forget_idempotent"), {"before": idempotency_before})
+        conn.execute(sql("forget_expired"), {"before": expired_before})
+
+
+def is_expired(conn: sqlite3.Connection, task_id: str) -> bool:
+    """Whether the id belonged to a task that retention removed (remembered for a while)."""
+    return conn.execute(sql("is_expired"), (task_id,)).fetchone() is not None
+
+
+def give_back_space(conn: sqlite3.Connection, pages: int) -> int:
+    """Hand up to `pages` free pages back to the file system (incremental vacuum); returns how many were free."""
+    free = int(conn.execute("PRAGMA freelist_count").fetchone()[0])
+    if free:
+        # executescript steps the pragma to its end; execute() stops after the first page it frees.
+        conn.executescript(f"PRAGMA incremental_vacuum({int(pages)});")
+    return min(free, pages)
+
+
+def check_writable(conn: sqlite3.Connection) -> None:
+    """Prove the queue takes writes (a write transaction that changes nothing); raises the storage error if not."""
+    with transaction(conn):
+        conn.execute(sql("touch_queue_state"))

@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 
 from standardwebhooks import Webhook
 
-from mflux_server.core import outbound, store
+from mflux_server.core import api_keys, outbound, store
 from mflux_server.core.results import webhook_body
 from mflux_server.core.rows import Delivery
 
@@ -33,7 +33,6 @@ GIVE_UP_AFTER = 24 * 3600.0  # a delivery still failing a day after the task end
 SEND_TIMEOUT = 10.0  # seconds a receiver has to answer
 LEASE = 3 * SEND_TIMEOUT  # a send holds its delivery this long at most; then another deliverer may take it
 TICK = 0.02  # seconds between checks for new deliveries: what a delivery waits at most once due
-SWEEP_EVERY = 30.0  # seconds between removals of tasks whose image links expired
 MAX_SENDING = 16  # deliveries one process sends at once
 SECRET_NAME = "webhook"
 
@@ -55,9 +54,10 @@ def retry_at(delivery: Delivery, now: float, rng: random.Random) -> float | None
     return None if at > delivery.created_at + GIVE_UP_AFTER else at
 
 
-def signed_request(delivery: Delivery, secret: str, now: float) -> tuple[bytes, dict[str, str]]:
+def signed_request(delivery: Delivery, secret: str, now: float, link_secret: str | None = None
+                   ) -> tuple[bytes, dict[str, str]]:
     """The body and headers of one attempt: webhook-id, webhook-timestamp and webhook-signature."""
-    body = json.dumps(webhook_body(delivery.surface, json.loads(delivery.task)), separators=(",", ":"))
+    body = json.dumps(webhook_body(delivery.surface, json.loads(delivery.task), link_secret), separators=(",", ":"))
     timestamp = datetime.fromtimestamp(int(now), UTC)
     headers = {"Content-Type": "application/json", "webhook-id": delivery.id, "webhook-timestamp": str(int(now)),
                "webhook-signature": Webhook(secret).sign(delivery.id, timestamp, body)}
@@ -75,6 +75,11 @@ class Deliverer:
         self._clock = clock
         self._rng = rng or random.Random()
         self._sending = threading.BoundedSemaphore(MAX_SENDING)
+        conn = connect()
+        try:
+            self._link_secret = store.secret(conn, api_keys.LINKS_SECRET, api_keys.new_link_secret)
+        finally:
+            conn.close()
 
     def deliver(self, conn: sqlite3.Connection, delivery: Delivery) -> bool:
         """Make one attempt and record how it went; True when the receiver took it."""
@@ -82,7 +87,7 @@ class Deliverer:
         status: int | None = None
         try:
             target = outbound.check_url(delivery.url, self._allow_private)
-            body, headers = signed_request(delivery, self._secret, now)
+            body, headers = signed_request(delivery, self._secret, now, self._link_secret)
             status, answer = outbound.send(target, "POST", body, headers, SEND_TIMEOUT, max_bytes=4096)
             if 200 <= status < 300:
                 store.delivery_sent(conn, delivery.id, status, self._clock())
@@ -119,11 +124,10 @@ class Deliverer:
             self._sending.release()
 
     def run(self, stop: threading.Event) -> None:
-        """Send deliveries as they fall due and sweep expired image links, until stop is set."""
+        """Send deliveries as they fall due, until stop is set."""
         conn = self._connect()
         version = -1
         next_due: float | None = None
-        next_sweep = 0.0
         while not stop.is_set():
             try:
                 now = self._clock()
@@ -135,9 +139,6 @@ class Deliverer:
                 if next_due is not None and next_due <= now:
                     self.send_due(conn)
                     next_due = store.next_delivery_due(conn)
-                if now >= next_sweep:
-                    store.remove_expired(conn, now)
-                    next_sweep = now + SWEEP_EVERY
             except sqlite3.Error as error:  # a storage fault must not end deliveries for good: retry shortly
                 log.error("webhook deliverer: %s: %s", type(error).__name__, error)
                 stop.wait(1.0)

@@ -9,10 +9,31 @@ const state = { models: [], tasks: store.get("tasks", []), gallery: store.get("g
                 image: null, maskDirty: false, polling: null, strokes: [] };
 
 async function api(path, options = {}) {
-  const response = await fetch(path, options);
+  const key = store.get("key", "");
+  const headers = { ...(options.headers || {}), ...(key ? { Authorization: "Bearer " + key } : {}) };
+  const response = await fetch(path, { ...options, headers });
   const body = response.headers.get("Content-Type")?.includes("json") ? await response.json() : null;
+  if (response.status === 401) askForKey(key ? "The key was refused (unknown or revoked). Enter another." : null);
   if (!response.ok) throw Object.assign(new Error(body?.message || response.statusText), { status: response.status, body });
   return body;
+}
+
+// ---- the API key: sent as a header, and as a cookie for what cannot send one (EventSource, <img>) ------------
+function setKey(key) {
+  store.set("key", key);
+  document.cookie = "mflux_key=" + (key ? encodeURIComponent(key) : "") + "; path=/; SameSite=Strict" + (key ? "" : "; max-age=0");
+}
+function askForKey(why) {
+  const dialog = $("#key-dialog");
+  $("#key-error").textContent = why || "";
+  if (!dialog.open) dialog.showModal();
+  $("#key-input").focus();
+}
+function setupKey() {
+  if (store.get("key", "")) setKey(store.get("key", ""));  // the cookie may have expired with the session
+  $("#key-open").addEventListener("click", () => askForKey(null));
+  $("#key-form").addEventListener("submit", () => { setKey($("#key-input").value.trim()); $("#key-input").value = ""; location.reload(); });
+  $("#key-forget").addEventListener("click", () => { setKey(""); location.reload(); });
 }
 
 // ---- settings that persist -------------------------------------------------------------------------------------
@@ -327,6 +348,7 @@ function escapeHtml(text) {
 }
 
 // ---- start -----------------------------------------------------------------------------------------------------
+setupKey();
 persist();
 if (!$("#width").value) applyPreset();
 $("#preset").addEventListener("change", applyPreset); $("#aspect").addEventListener("change", applyPreset);

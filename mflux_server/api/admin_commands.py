@@ -1,0 +1,93 @@
+"""mflux-server keys … and mflux-server backup: what an operator runs beside the server, on the same queue file."""
+
+from __future__ import annotations
+
+import argparse
+import sqlite3
+import sys
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+from mflux_server.core import api_keys, db, store
+from mflux_server.core.settings import default_db_path, env_name
+
+COMMANDS = ("keys", "backup")
+
+
+def _when(at: float | None) -> str:
+    return "never" if at is None else datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def parser() -> argparse.ArgumentParser:
+    """The commands, each with --db (the queue file, as for the server)."""
+    import os
+
+    top = argparse.ArgumentParser(prog="mflux-server", description="Manage API keys, or back up the queue file.")
+    default = os.environ.get(env_name("db")) or default_db_path()
+    commands = top.add_subparsers(dest="command", required=True)
+    keys = commands.add_parser("keys", help="create, list or revoke API keys")
+    actions = keys.add_subparsers(dest="action", required=True)
+    create = actions.add_parser("create", help="make a key; it is printed once, alone on the last line")
+    create.add_argument("name")
+    create.add_argument("--admin", action="store_true", help="sees and manages every task")
+    create.add_argument("--priority", action="store_true", help="may submit priority tasks")
+    actions.add_parser("list", help="names, rights, creation and last use (never the keys)")
+    revoke = actions.add_parser("revoke", help="revoke a key at once, in every server process")
+    revoke.add_argument("name")
+    backup = commands.add_parser("backup", help="copy the queue file while it runs (SQLite's backup API)")
+    backup.add_argument("path", type=Path)
+    for sub in (create, actions.choices["list"], revoke, backup):
+        sub.add_argument("--db", default=default, help=f"the queue file (env {env_name('db')}; default {default})")
+    return top
+
+
+def run_keys(args: argparse.Namespace, conn: sqlite3.Connection) -> int:
+    """keys create | list | revoke."""
+    if args.action == "create":
+        key = api_keys.new_key()
+        try:
+            made = store.create_key(conn, args.name, api_keys.key_hash(key), args.admin, args.priority)
+        except sqlite3.IntegrityError:
+            print(f"mflux-server: a key named {args.name!r} exists already (revoke it, or pick another name)",
+                  file=sys.stderr)
+            return 1
+        rights = ", ".join(r for r, on in (("admin", made.admin), ("priority", made.priority)) if on) or "plain"
+        print(f"created key {made.name!r} ({rights}); it is shown this once:")
+        print(key)
+        return 0
+    if args.action == "list":
+        print(f"{'name':24} {'rights':16} {'created':24} {'last used':24} state")
+        for key in store.list_keys(conn):
+            rights = ",".join(r for r, on in (("admin", key.admin), ("priority", key.priority)) if on) or "-"
+            state = f"revoked {_when(key.revoked_at)}" if key.revoked_at else "live"
+            print(f"{key.name:24} {rights:16} {_when(key.created_at):24} {_when(key.last_used_at):24} {state}")
+        return 0
+    if not store.revoke_key(conn, args.name):
+        print(f"mflux-server: no live key named {args.name!r}", file=sys.stderr)
+        return 1
+    print(f"revoked {args.name!r}")
+    return 0
+
+
+def run_backup(target: Path, conn: sqlite3.Connection) -> int:
+    """Copy the live queue into `target` with SQLite's online backup (consistent while both processes write)."""
+    if target.exists():
+        print(f"mflux-server: {target} exists; give a new path", file=sys.stderr)
+        return 1
+    started = time.monotonic()
+    db.backup(conn, target)
+    print(f"backed up to {target} ({target.stat().st_size:,} bytes in {time.monotonic() - started:.1f} s)")
+    return 0
+
+
+def main(argv: Sequence[str]) -> int:
+    """Run one command; exit 1 with one line when it cannot."""
+    args = parser().parse_args(argv)
+    db.open_or_exit(args.db, "mflux-server")
+    conn = db.connect(args.db)
+    try:
+        return run_keys(args, conn) if args.command == "keys" else run_backup(args.path, conn)
+    finally:
+        conn.close()

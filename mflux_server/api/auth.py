@@ -1,0 +1,108 @@
+"""Who is asking: the API key of a request (Authorization: Bearer), checked before every view but the open ones.
+
+With no key in the database the server is open, as on a laptop; once one exists (or with --auth required)
+every request needs a live key. Keys are looked up by hash on every request, so a revocation holds at once in
+every server process.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+
+from flask import Flask, g, request
+
+from mflux_server.api.context import conn, settings
+from mflux_server.api.errors import abort_json
+from mflux_server.core import api_keys, store
+from mflux_server.core.rows import ApiKey
+
+# Endpoints anyone may reach: the docs, the web UI's files, and the health checks.
+OPEN_ENDPOINTS = {"web_ui", "web_assets", "swagger_assets", "api-docs.openapi_json", "api-docs.openapi_swagger_ui",
+                  "health.healthz", "health.readyz", "static"}
+COOKIE = "mflux_key"  # the web UI's copy of its key, for EventSource and <img>, which cannot send headers
+TOUCH_EVERY = 60.0  # seconds between writes of a key's last use, per process
+_touched: dict[int, float] = {}
+
+
+def current_key() -> ApiKey | None:
+    """The request's key; None when the server runs without keys."""
+    key: ApiKey | None = g.get("api_key")
+    return key
+
+
+def owner_filter() -> int | None:
+    """The key whose tasks a request may see, or None when it may see all (an admin key, or no keys)."""
+    key = current_key()
+    return None if key is None or key.admin else key.id
+
+
+def may_see(task_key_id: int | None) -> bool:
+    """Whether the request's key may see a task owned by this key id."""
+    owner = owner_filter()
+    return owner is None or task_key_id == owner
+
+
+def presented_token() -> str | None:
+    """The key a request carries: the Authorization header, or for reads the web UI's cookie."""
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    if request.method in ("GET", "HEAD") and request.cookies.get(COOKIE):
+        # Reads only: a cookie rides along on cross-site requests, so it never authorizes a change (CSRF).
+        return request.cookies[COOKIE]
+    return None
+
+
+def signed_image_link() -> bool:
+    """Whether this is an image fetch carrying a valid link signature (links in answers and webhooks)."""
+    if request.endpoint not in ("generation.image", "original-paths.image"):
+        return False
+    sig, task_id = request.args.get("sig", ""), request.args.get("task_id", "")
+    index = request.args.get("index", "0")
+    if not sig or not index.isdigit():
+        return False
+    expected = api_keys.link_signature(link_secret(), task_id, int(index))
+    return hmac.compare_digest(sig, expected)
+
+
+def link_secret() -> str:
+    """The secret image links are signed with, kept in the queue (one for every server process)."""
+    from flask import current_app
+
+    found: str | None = current_app.extensions.get("mflux_link_secret")
+    if found is None:
+        found = store.secret(conn(), api_keys.LINKS_SECRET, api_keys.new_link_secret)
+        current_app.extensions["mflux_link_secret"] = found
+    return found
+
+
+def authenticate() -> None:
+    """Find the request's key, or refuse with a 401 (in the surface's own envelope) when one is needed."""
+    g.api_key = None
+    if request.endpoint in OPEN_ENDPOINTS or request.method == "OPTIONS":
+        return
+    token = presented_token()
+    required = settings().auth == "required" or store.keys_exist(conn())
+    if token is None:
+        if required and not signed_image_link():
+            abort_json(401, code="unauthorized", field="Authorization", headers={"WWW-Authenticate": "Bearer"},
+                       message="this server needs an API key: send Authorization: Bearer <key>")
+        return
+    key = store.key_by_hash(conn(), api_keys.key_hash(token))
+    if key is None:
+        if not required:
+            return  # a server without keys ignores whatever a client sends (OpenAI clients always send one)
+        abort_json(401, code="invalid_key", field="Authorization", headers={"WWW-Authenticate": "Bearer"},
+                   message="the API key is not valid (unknown or revoked)")
+    g.api_key = key
+    now = time.time()
+    if now - _touched.get(key.id, 0.0) > TOUCH_EVERY:
+        _touched[key.id] = now
+        store.touch_key(conn(), key.id, now)
+
+
+def init_app(app: Flask) -> None:
+    """Check every request's key before its view."""
+    app.before_request(authenticate)

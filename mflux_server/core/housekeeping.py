@@ -1,0 +1,67 @@
+"""Retention: what the queue forgets, and when. Each API server process runs a housekeeper on its own thread.
+
+Finished, failed and canceled tasks go after --keep-finished with their images and inputs (their ids are
+remembered for a week, so they answer task_expired); tasks kept only for image links go when the links expire;
+past --max-store-bytes the oldest finished tasks go first. Freed pages go back to the file system
+(incremental vacuum), so the file shrinks rather than only stopping to grow.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from mflux_server.core import store
+
+log = logging.getLogger("mflux_server.housekeeping")
+
+EVERY = 30.0  # seconds between sweeps
+IDEMPOTENCY_WINDOW = 24 * 3600.0  # an Idempotency-Key answers its task for this long
+EXPIRED_MEMORY = 7 * 24 * 3600.0  # how long a removed task's id answers task_expired
+VACUUM_PAGES = 2000  # pages handed back per sweep at most (8 MB at 4 KiB pages), so a sweep stays short
+
+
+@dataclass(frozen=True, slots=True)
+class Sweep:
+    """What one sweep removed and gave back."""
+
+    expired: int
+    links: int
+    trimmed: int
+    pages_freed: int
+
+
+def sweep(conn: sqlite3.Connection, keep_finished: float, max_store_bytes: int | None, now: float | None = None) -> Sweep:
+    """Remove what retention says must go, then give free pages back; returns what it did."""
+    now = time.time() if now is None else now
+    expired = store.expire_finished(conn, now - keep_finished, now)
+    links = store.remove_expired(conn, now)
+    trimmed = store.trim_store(conn, max_store_bytes, now) if max_store_bytes is not None else 0
+    store.forget_old_records(conn, now - IDEMPOTENCY_WINDOW, now - EXPIRED_MEMORY)
+    pages = store.give_back_space(conn, VACUUM_PAGES)
+    return Sweep(expired, links, trimmed, pages)
+
+
+def start(connect: Callable[[], sqlite3.Connection], keep_finished: float, max_store_bytes: int | None,
+          every: float = EVERY) -> threading.Event:
+    """Sweep every `every` seconds on a daemon thread (a greenlet under gevent); returns the event that stops it."""
+    stop = threading.Event()
+
+    def run() -> None:
+        conn = connect()
+        while not stop.is_set():
+            try:
+                done = sweep(conn, keep_finished, max_store_bytes)
+                if done.expired or done.trimmed or done.links:
+                    log.info("retention removed %d finished, %d expired-link and %d over-the-store-bound tasks; "
+                             "%d pages given back", done.expired, done.links, done.trimmed, done.pages_freed)
+            except sqlite3.Error as error:  # a storage fault must not end retention for good
+                log.error("housekeeping: %s: %s", type(error).__name__, error)
+            stop.wait(every)
+
+    threading.Thread(target=run, name="housekeeping", daemon=True).start()
+    return stop

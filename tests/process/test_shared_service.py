@@ -1,0 +1,189 @@
+"""The server shared by people who don't all trust each other: keys, ownership, priority rights, idempotent
+submits, retention, health checks and backups, between real processes."""
+
+from __future__ import annotations
+
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import openai
+import psutil
+import pytest
+import requests
+
+from mflux_server.testing import wait_for
+
+SMALL = {"prompt": "shared", "width": 256, "height": 256, "steps": 2}
+
+
+def keys(db_path: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run `mflux-server keys …` on the queue."""
+    return subprocess.run([sys.executable, "-m", "mflux_server", "keys", *args, "--db", db_path],
+                          capture_output=True, text=True, timeout=60)
+
+
+def new_key(db_path: str, name: str, *flags: str) -> str:
+    made = keys(db_path, "create", name, *flags)
+    assert made.returncode == 0, made.stderr
+    return made.stdout.strip().splitlines()[-1]
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def test_keys_are_printed_once_listed_without_the_key_and_revoked(processes):
+    key = new_key(processes.db_path, "alice", "--priority")
+    assert key.startswith("mfx_") and len(key) > 40
+    listed = keys(processes.db_path, "list")
+    assert "alice" in listed.stdout and "priority" in listed.stdout and key not in listed.stdout
+    assert keys(processes.db_path, "create", "alice").returncode == 1, "names are unique"
+    with sqlite3.connect(processes.db_path) as conn:
+        assert key not in str(conn.execute("SELECT * FROM api_keys").fetchall()), "only the hash is stored"
+    assert keys(processes.db_path, "revoke", "alice").returncode == 0
+    assert "revoked" in keys(processes.db_path, "list").stdout
+    assert keys(processes.db_path, "revoke", "alice").returncode == 1
+
+
+def test_every_route_class_needs_a_live_key_in_its_own_envelope(processes):
+    key = new_key(processes.db_path, "bob")
+    url = processes.server(http_workers=2)
+    routes = [("POST", "/api/generate", SMALL), ("GET", "/api/status?task_id=x", None), ("GET", "/api/tasks", None),
+              ("GET", "/api/info", None), ("GET", "/api/models", None), ("HEAD", "/api/events", None),
+              ("GET", "/metrics", None)]
+    for method, path, body in routes:
+        for headers in ({}, auth("mfx_wrong"), {"Authorization": "Basic Ym9iOmJvYg=="}):
+            answer = requests.request(method, url + path, json=body, headers=headers, timeout=10)
+            assert answer.status_code == 401, (method, path, headers)
+            if method != "HEAD":
+                assert answer.json()["code"] in ("unauthorized", "invalid_key")
+            assert answer.headers["WWW-Authenticate"] == "Bearer"
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="mfx_wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as raised:
+        client.models.list()
+    assert raised.value.body["type"] == "authentication_error"  # type: ignore[index]
+    ace = requests.post(f"{url}/flux/tasks", json={"id": "x"}, timeout=10)
+    assert ace.status_code == 401 and ace.json()["error"]["code"] == "invalid_token"
+    nebula = requests.post(f"{url}/api/v1/images/generation", json={"prompt": "x"}, timeout=10)
+    assert nebula.status_code == 401 and nebula.json()["status"] == "error"
+    for open_path in ("/healthz", "/openapi.json", "/", "/ui/app.js", "/swagger"):
+        assert requests.get(url + open_path, timeout=10).status_code == 200, open_path
+    assert requests.get(f"{url}/api/tasks", headers=auth(key), timeout=10).status_code == 200
+    keys(processes.db_path, "revoke", "bob")
+    # New connections land on both server processes: the revocation holds in each at once.
+    assert {requests.get(f"{url}/api/tasks", headers=auth(key), timeout=10).status_code for _ in range(10)} == {401}
+
+
+def test_another_keys_tasks_are_absent_and_only_admins_see_all(processes):
+    alice, bob = new_key(processes.db_path, "alice"), new_key(processes.db_path, "bob")
+    admin = new_key(processes.db_path, "root", "--admin")
+    url = processes.server()
+    mine = requests.post(f"{url}/api/generate", json=SMALL, headers=auth(alice), timeout=10).json()["task_id"]
+    requests.post(f"{url}/api/generate", json=SMALL, headers=auth(bob), timeout=10)
+    for method, path in (("GET", f"/api/status?task_id={mine}"), ("GET", f"/api/tasks/{mine}"),
+                         ("DELETE", f"/api/tasks/{mine}"), ("GET", f"/api/image?task_id={mine}"),
+                         ("GET", f"/api/tasks/{mine}/preview"), ("GET", f"/api/tasks/{mine}/events")):
+        answer = requests.request(method, url + path, headers=auth(bob), timeout=10)
+        assert answer.status_code == 404 and answer.json()["code"] == "task_not_found", (method, path)
+    assert requests.get(f"{url}/api/tasks/{mine}", headers=auth(alice), timeout=10).status_code == 200
+    seen = {t["task_id"] for t in requests.get(f"{url}/api/tasks", headers=auth(bob), timeout=10).json()["tasks"]}
+    assert mine not in seen and len(seen) == 1
+    assert requests.get(f"{url}/api/tasks", headers=auth(admin), timeout=10).json()["total"] == 2
+    assert requests.delete(f"{url}/api/tasks/{mine}", headers=auth(admin), timeout=10).json()["result"] == "canceled"
+    ace = requests.post(f"{url}/flux/tasks", json={"id": mine}, headers=auth(bob), timeout=10)
+    assert ace.status_code == 404
+
+
+def test_priority_needs_a_key_allowed_to_use_it(processes):
+    plain, allowed = new_key(processes.db_path, "plain"), new_key(processes.db_path, "vip", "--priority")
+    url = processes.server()
+    refused = requests.post(f"{url}/api/generate", json={**SMALL, "priority": True}, headers=auth(plain), timeout=10)
+    assert refused.status_code == 403 and refused.json()["field"] == "priority"
+    assert requests.post(f"{url}/api/generate", json={**SMALL, "priority": False}, headers=auth(plain),
+                         timeout=10).status_code == 200
+    assert requests.post(f"{url}/api/generate", json={**SMALL, "priority": True}, headers=auth(allowed),
+                         timeout=10).status_code == 200
+
+
+def kill_api(proc) -> None:
+    family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    for member in family:
+        member.send_signal(signal.SIGKILL)
+    psutil.wait_procs(family, timeout=10)
+
+
+def test_an_idempotent_retry_after_a_killed_api_answers_the_same_task(processes):
+    url = processes.server()
+    headers = {"Idempotency-Key": "order-42"}
+    first = requests.post(f"{url}/api/generate", json=SMALL, headers=headers, timeout=10).json()
+    kill_api(processes.server_proc)  # as if the answer never reached the client
+    url = processes.server()
+    again = requests.post(f"{url}/api/generate", json=SMALL, headers=headers, timeout=10).json()
+    assert again["task_id"] == first["task_id"]
+    assert requests.get(f"{url}/api/tasks", timeout=10).json()["total"] == 1
+    reused = requests.post(f"{url}/api/generate", json={**SMALL, "prompt": "other"}, headers=headers, timeout=10)
+    assert reused.status_code == 422 and reused.json()["code"] == "idempotency_key_reused"
+    files = {"image": ("a.png", b"\x89PNG not really")}
+    form = [requests.post(f"{url}/api/generate", data={"prompt": "form"}, files=files, timeout=10,
+                          headers={"Idempotency-Key": "form-1"}) for _ in range(2)]
+    assert form[0].status_code == form[1].status_code == 422, "the same bad form is refused the same way"
+
+
+def test_finished_tasks_expire_and_answer_task_expired(processes):
+    url = processes.server("--keep-finished", "1", "--housekeeping-interval", "0.5")
+    processes.worker(speed=50)
+    task = requests.post(f"{url}/api/generate", json=SMALL, timeout=10).json()["task_id"]
+    gone = wait_for(lambda: (r := requests.get(f"{url}/api/status", params={"task_id": task}, timeout=5)).status_code
+                    == 404 and r.json(), timeout=20, what="the task to expire")  # (a 404 Response is falsy)
+    assert gone["code"] == "task_expired"
+    assert requests.get(f"{url}/api/status", params={"task_id": "f" * 32}, timeout=5).json()["code"] == "task_not_found"
+
+
+def test_the_store_bound_keeps_the_newest(processes):
+    url = processes.server("--max-store-bytes", "30000", "--housekeeping-interval", "0.3")
+    processes.worker(speed=50)
+    ids = []
+    for n in range(6):
+        ids.append(requests.post(f"{url}/api/generate", json={**SMALL, "format": "PNG", "seed": n}, timeout=10).json()["task_id"])
+        wait_for(lambda: requests.get(f"{url}/api/status", params={"task_id": ids[-1]}, timeout=5).json()["status"] == "done")
+    time.sleep(1.0)
+    kept = [requests.get(f"{url}/api/status", params={"task_id": i}, timeout=5).status_code == 200 for i in ids]
+    assert kept[-1] and not kept[0], kept
+    assert kept == sorted(kept), "the oldest go first"
+
+
+def test_signed_image_links_open_without_a_key(processes):
+    key = new_key(processes.db_path, "carol")
+    url = processes.server()
+    processes.worker(speed=50)
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=key)
+    link = client.images.generate(prompt="a link", size="256x256", response_format="url").data[0].url
+    assert link and "sig=" in link
+    assert requests.get(link, timeout=10).status_code == 200, "a webhook receiver or OpenAI client fetches it bare"
+    assert requests.get(link.replace("sig=", "sig=0"), timeout=10).status_code == 401
+
+
+def test_readiness_needs_a_writable_queue_and_a_live_worker(processes):
+    url = processes.server()
+    not_ready = requests.get(f"{url}/readyz", timeout=10)
+    assert not_ready.status_code == 503 and "no worker" in not_ready.json()["problems"][0]
+    processes.worker()
+    assert requests.get(f"{url}/readyz", timeout=10).status_code == 200
+    assert requests.get(f"{url}/healthz", timeout=10).json() == {"status": "ok"}
+
+
+def test_backup_copies_the_running_queue(processes, tmp_path):
+    url = processes.server()
+    task = requests.post(f"{url}/api/generate", json=SMALL, timeout=10).json()["task_id"]
+    target = tmp_path / "backup.db"
+    done = subprocess.run([sys.executable, "-m", "mflux_server", "backup", str(target), "--db", processes.db_path],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    with sqlite3.connect(target) as copy:
+        assert copy.execute("SELECT id FROM tasks").fetchall() == [(task,)]
+    again = subprocess.run([sys.executable, "-m", "mflux_server", "backup", str(target), "--db", processes.db_path],
+                           capture_output=True, text=True, timeout=60)
+    assert again.returncode == 1 and "exists" in again.stderr
