@@ -238,3 +238,33 @@ def test_with_no_worker_running_a_queued_task_says_it_waits_for_one(processes, b
     note.wait_for(timeout=5000)
     assert "no worker is running" in note.inner_text()
     assert "no live worker" in page.locator("#server-note").inner_text()
+
+
+def test_on_a_server_with_keys_the_page_asks_for_one_and_then_works(processes, browser, tmp_path):
+    import subprocess
+    import sys
+
+    made = subprocess.run([sys.executable, "-m", "mflux_server", "keys", "create", "browser", "--db", processes.db_path],
+                          capture_output=True, text=True, timeout=60)
+    key = made.stdout.strip().splitlines()[-1]
+    url = processes.server()
+    processes.worker(speed=20)
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(url + "/")
+    dialog = page.locator("#key-dialog")
+    dialog.wait_for(state="visible", timeout=10000)
+    page.screenshot(path=str(tmp_path / "key-dialog.png"))
+    page.locator("#key-input").fill("mfx_not-a-key")
+    page.get_by_role("button", name="Use this key").click()
+    page.wait_for_function("document.querySelector('#key-dialog').open && "
+                           "document.querySelector('#key-error').textContent.includes('refused')", timeout=10000)
+    page.locator("#key-input").fill(key)
+    page.get_by_role("button", name="Use this key").click()
+    page.wait_for_function("document.querySelectorAll('#model option').length > 0", timeout=10000)
+    assert not dialog.is_visible()
+    fill_small(page, 2)
+    page.get_by_role("button", name="Generate").click()
+    page.wait_for_selector("#gallery img", timeout=20000)  # events (cookie) and the image (<img>, cookie) both worked
+    page.screenshot(path=str(tmp_path / "with-key.png"))
+    listed = requests.get(f"{url}/api/tasks", headers={"Authorization": f"Bearer {key}"}, timeout=10).json()
+    assert listed["total"] == 1, "the task belongs to the page's key"
