@@ -186,6 +186,10 @@ def edits() -> dict[str, Any]:
     """Edit an image (with a mask: repaint where it is transparent), waiting for the result (POST /v1/images/edits)."""
     if request.mimetype != "multipart/form-data":
         compat.refuse("image", "send the edit as multipart/form-data with the image as a file part", status=400)
+    for name in list(request.form) + list(request.files):
+        count = len(request.form.getlist(name)) + len(request.files.getlist(name))
+        if count > 1 and name not in ("image", "image[]"):
+            compat.refuse(name, f"was given {count} times; give it once")
     form = {name: request.form.get(name) for name in request.form}
     compat.refuse_unknown({**form, **{name: None for name in request.files}}, EDIT_PARAMS)
     images = request.files.getlist("image") + request.files.getlist("image[]")
