@@ -33,7 +33,7 @@ TASK_PARAMS = {"action", "id", "ids"}
 NAMES = {"width": "size", "height": "size", "image": "image_url", "model": "model"}
 MAX_BATCH = 100
 # Their error codes by HTTP status; a bad parameter is a 400 there.
-CODES = {400: "bad_request", 401: "invalid_token", 404: "not_found", 429: "too_many_requests"}
+CODES = {400: "bad_request", 401: "invalid_token", 403: "forbidden", 404: "not_found", 429: "too_many_requests"}
 
 
 def envelope(payload: dict[str, Any], status: int) -> tuple[dict[str, Any], int]:

@@ -161,6 +161,11 @@ def queue_task(body: dict[str, Any], surface: str = "native", keep_for: float | 
     if body["priority"] and key is not None and not (key.admin or key.priority):
         abort_json(403, code="priority_not_allowed", field="priority",
                    message=f"priority: the key {key.name!r} may not submit priority tasks (keys create --priority)")
+    limit = settings().max_queued_per_key
+    if key is not None and limit is not None and store.unfinished_of_key(conn(), key.id) >= limit:
+        abort_json(429, code="too_many_requests", field=None, headers={"Retry-After": "10"},
+                   message=f"the key {key.name!r} has {limit} unfinished tasks, the most it may have "
+                           "(--max-queued-per-key); submit again when one has finished")
     resolved = catalog.resolve_reference(body["model"] or settings().model)
     live = live_workers(conn())  # read once: it decides the model check and the forecast's worker count
     served = served_models(live)

@@ -387,3 +387,17 @@ SELECT 1 FROM expired_tasks WHERE id = ?;
 -- name: touch_queue_state
 -- A write that changes nothing, to prove the file takes writes (readiness).
 UPDATE queue_state SET changes = changes WHERE id = 1;
+
+-- name: count_request
+-- Count one request of a key in its minute, and return the minute's count so far.
+INSERT INTO rate_windows (key_id, window, count) VALUES (:key_id, :window, 1)
+ON CONFLICT (key_id, window) DO UPDATE SET count = count + 1
+RETURNING count;
+
+-- name: forget_rate_windows
+-- Drop request counts of past minutes.
+DELETE FROM rate_windows WHERE window < :before;
+
+-- name: unfinished_of_key
+-- How many of a key's tasks are waiting or processing.
+SELECT count(*) FROM tasks WHERE key_id = :key_id AND status IN ('waiting', 'processing');

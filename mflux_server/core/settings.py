@@ -180,6 +180,10 @@ class Settings:
     sync_timeout: float = setting(600.0, "seconds a synchronous request (OpenAI Images, NebulaBlock, AceDataCloud "
                                   "without callback_url) waits for its images", "api", _positive(float))
     auth: str = setting("auto", "auto (an API key is needed once one exists) or required (needed even before)", "api")
+    rate_limit: int | None = setting(600, "requests a minute each API key may make (every server process counts "
+                                     "together); none for no limit", "api", _optional(_positive(int)))
+    max_queued_per_key: int | None = setting(50, "unfinished tasks (waiting or running) each API key may have; none "
+                                             "for no limit", "api", _optional(_positive(int)))
     keep_finished: float = setting(24 * 3600.0, "seconds finished, failed and canceled tasks are kept, with their images",
                                    "api", _positive(float))
     max_store_bytes: int | None = setting(None, "bytes of images (and input images) kept at most; past it the oldest "

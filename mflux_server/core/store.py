@@ -653,10 +653,11 @@ def trim_store(conn: sqlite3.Connection, max_bytes: int, now: float | None = Non
 
 
 def forget_old_records(conn: sqlite3.Connection, idempotency_before: float, expired_before: float) -> None:
-    """Forget Idempotency-Keys and expired ids past their windows."""
+    """Forget Idempotency-Keys, expired ids and request counts past their windows."""
     with transaction(conn):
         conn.execute(sql("forget_idempotent"), {"before": idempotency_before})
         conn.execute(sql("forget_expired"), {"before": expired_before})
+        conn.execute(sql("forget_rate_windows"), {"before": int(time.time() // 60) - 1})
 
 
 def is_expired(conn: sqlite3.Connection, task_id: str) -> bool:
@@ -677,3 +678,20 @@ def check_writable(conn: sqlite3.Connection) -> None:
     """Prove the queue takes writes (a write transaction that changes nothing); raises the storage error if not."""
     with transaction(conn):
         conn.execute(sql("touch_queue_state"))
+
+
+# Quotas
+
+
+def count_request(conn: sqlite3.Connection, key_id: int, now: float | None = None) -> tuple[int, float]:
+    """Count a request of a key in the current minute; returns the minute's count and the seconds left in it."""
+    now = time.time() if now is None else now
+    window = int(now // 60)
+    with transaction(conn):
+        count = int(conn.execute(sql("count_request"), {"key_id": key_id, "window": window}).fetchone()[0])
+    return count, (window + 1) * 60 - now
+
+
+def unfinished_of_key(conn: sqlite3.Connection, key_id: int) -> int:
+    """A key's waiting and processing tasks."""
+    return int(conn.execute(sql("unfinished_of_key"), {"key_id": key_id}).fetchone()[0])

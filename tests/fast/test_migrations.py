@@ -25,6 +25,7 @@ EXPECTED_COLUMNS = {
     "api_keys": {"id", "name", "hash", "admin", "priority", "created_at", "last_used_at", "revoked_at"},
     "idempotency": {"key_id", "idem_key", "body_hash", "task_id", "created_at"},
     "expired_tasks": {"id", "expired_at"},
+    "rate_windows": {"key_id", "window", "count"},
     "events": {"id", "task_id", "kind", "data", "at"},
     "previews": {"task_id", "image", "step", "mime", "data", "at"},
     "workers": {"id", "hostname", "pid", "engine", "model", "quantize", "started_at", "heartbeat_at", "stopped_at",

@@ -187,3 +187,21 @@ def test_backup_copies_the_running_queue(processes, tmp_path):
     again = subprocess.run([sys.executable, "-m", "mflux_server", "backup", str(target), "--db", processes.db_path],
                            capture_output=True, text=True, timeout=60)
     assert again.returncode == 1 and "exists" in again.stderr
+
+
+def test_quotas_hold_across_two_server_processes_with_retry_after(processes):
+    key = new_key(processes.db_path, "busy")
+    url = processes.server("--rate-limit", "20", "--max-queued-per-key", "3", http_workers=2)
+    answers = [requests.get(f"{url}/api/tasks", headers=auth(key), timeout=10) for _ in range(30)]  # new connections
+    codes = [a.status_code for a in answers]
+    assert codes.count(200) == 20 and codes.count(429) == 10, codes
+    refused = answers[-1]
+    assert refused.json()["code"] == "too_many_requests" and 1 <= int(refused.headers["Retry-After"]) <= 60
+    other = new_key(processes.db_path, "calm")
+    assert requests.get(f"{url}/api/tasks", headers=auth(other), timeout=10).status_code == 200, "per key"
+    for _ in range(3):  # no worker: they stay unfinished
+        assert requests.post(f"{url}/api/generate", json=SMALL, headers=auth(other), timeout=10).status_code == 200
+    full = requests.post(f"{url}/api/generate", json=SMALL, headers=auth(other), timeout=10)
+    assert full.status_code == 429 and full.headers["Retry-After"] == "10" and "max-queued-per-key" in full.json()["message"]
+    openai_full = requests.post(f"{url}/v1/images/generations", json={"prompt": "x"}, headers=auth(other), timeout=10)
+    assert openai_full.status_code == 429 and openai_full.json()["error"]["type"] == "rate_limit_error"
