@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from mflux_server.core import store
+from mflux_server.core import service_notify, store
 from mflux_server.core.rows import Timing
 from mflux_server.core.settings import Settings
 from mflux_server.worker.storage_retry import Outage
@@ -116,7 +116,9 @@ class ProgressPublisher:
         """Publish, check, heartbeat and recover until stopped; idle, it sleeps until a task starts or a beat is due."""
         self._version = store.data_version(conn)
         outage = Outage("progress and heartbeats")
+        watchdog = service_notify.Watchdog()
         while not self._stop.is_set():
+            watchdog.ping()  # the loop runs: a storage outage is waited out here, not a reason to be restarted
             try:
                 self._publish_once(conn)
             except Exception as exc:  # a full disk or passing I/O error must not end the heartbeats for good

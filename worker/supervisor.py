@@ -7,7 +7,7 @@ import sqlite3
 import threading
 from collections.abc import Callable, Sequence
 
-from mflux_server.core import db, store
+from mflux_server.core import db, service_notify, store
 from mflux_server.core.settings import Settings
 from mflux_server.worker.claim_loop import ClaimLoop, WorkerBroken
 from mflux_server.worker.engines.base import Engine
@@ -49,6 +49,7 @@ class Supervisor:
         recover(self.conn, self.settings)
         log.info("worker %s ready: engine=%s model=%s (serves %s) quantize=%s db=%s", self.worker_id, self.engine.name,
                  self.engine.model, ",".join(self.claim_loop.servable), self.engine.quantize, self.settings.db)
+        service_notify.notify("READY=1\nSTATUS=worker " + self.worker_id + " serving")
         publishing = self._start(self.publisher.run, "progress")
         writing = self._start(self.writer.run, "store")
         code = 0

@@ -12,7 +12,7 @@ from werkzeug.exceptions import HTTPException, InternalServerError
 
 import mflux_server.web
 from mflux_server import __version__
-from mflux_server.api import acedata, auth, context, events, generation, info, models, nebula, openai_images, tasks
+from mflux_server.api import acedata, auth, context, events, generation, info, metrics, models, nebula, openai_images, tasks
 from mflux_server.api.errors import ErrorSchema, JsonError, error_payload, in_envelope
 from mflux_server.api.generation_schemas import openapi_rules
 from mflux_server.core.db import storage_problem
@@ -89,6 +89,7 @@ def create_app(config: Settings | None = None, overrides: dict[str, Any] | None 
     api.register_blueprint(tasks.blp, url_prefix="/api")
     api.register_blueprint(info.blp, url_prefix="/api")
     api.register_blueprint(info.health, url_prefix="")
+    api.register_blueprint(metrics.blp, url_prefix="")
     api.register_blueprint(models.blp, url_prefix="/api")
     api.register_blueprint(events.blp, url_prefix="/api")
     # The compatible surfaces: thin translations onto the same queue.

@@ -257,6 +257,8 @@ def generate(body: dict[str, Any]) -> dict[str, Any]:
     created, live = queue_task(body)
     view = task_status(conn(), created, live)
     view["expected_time_seconds"] = view["wait_remaining"]
+    if not view.get("waiting_for_worker") and view["wait_remaining"] > 0:
+        store.set_forecast(conn(), created.id, view["wait_remaining"])  # for the forecast-error metric
     return view
 
 

@@ -401,3 +401,46 @@ DELETE FROM rate_windows WHERE window < :before;
 -- name: unfinished_of_key
 -- How many of a key's tasks are waiting or processing.
 SELECT count(*) FROM tasks WHERE key_id = :key_id AND status IN ('waiting', 'processing');
+
+-- name: histogram_buckets
+-- Make a histogram's buckets for a model, once.
+INSERT OR IGNORE INTO metric_buckets (name, model, le, count)
+SELECT :name, :model, le, 0 FROM metric_bounds WHERE name = :name;
+
+-- name: histogram_observe
+-- Count an observation in every bucket whose bound is at least it (buckets are cumulative).
+UPDATE metric_buckets SET count = count + 1 WHERE name = :name AND model = :model AND le >= :value;
+
+-- name: histogram_sum
+-- Add an observation to a histogram's sum and count.
+INSERT INTO metric_sums (name, model, sum, count) VALUES (:name, :model, :value, 1)
+ON CONFLICT (name, model) DO UPDATE SET sum = sum + excluded.sum, count = count + 1;
+
+-- name: set_forecast
+-- Keep the forecast a task was given at submit, for the forecast-error metric.
+UPDATE tasks SET forecast_seconds = :seconds WHERE id = :id
+RETURNING status, model, created_at, finished_at;
+
+-- name: metric_buckets
+-- Every histogram bucket, for /metrics.
+SELECT name, model, le, count FROM metric_buckets ORDER BY name, model, le;
+
+-- name: metric_sums
+-- Every histogram's sum and count, for /metrics.
+SELECT name, model, sum, count FROM metric_sums;
+
+-- name: metric_counters
+-- Every counter, for /metrics.
+SELECT name, label, value FROM metric_counters;
+
+-- name: tasks_by_status_and_model
+-- Tasks now, by status and model.
+SELECT status, model, count(*) FROM tasks GROUP BY status, model;
+
+-- name: pending_deliveries
+-- Webhooks not yet delivered nor given up.
+SELECT count(*) FROM deliveries WHERE state = 'pending';
+
+-- name: database_pages
+-- The database file's size in pages, and the page size.
+SELECT page_count, page_size FROM pragma_page_count(), pragma_page_size();

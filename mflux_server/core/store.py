@@ -292,6 +292,17 @@ def record_timings(conn: sqlite3.Connection, model: str, width: int, height: int
             stored = conn.execute(sql("timing_stat"), key).fetchone()
             seconds = clip_outliers(timing.seconds, (stored[0], stored[1]) if stored else (0, 0.0))
             conn.execute(sql("record_timing"), key | {"n": len(seconds), "total": sum(seconds), "now": at})
+            if timing.kind == "step":  # the measured seconds, unclipped: the metric shows what happened
+                for value in timing.seconds:
+                    observe(conn, "step_seconds", model, value)
+
+
+def observe(conn: sqlite3.Connection, name: str, model: str, value: float) -> None:
+    """Count one observation in a histogram of the metrics tables (inside the caller's transaction)."""
+    params = {"name": name, "model": model, "value": value}
+    conn.execute(sql("histogram_buckets"), params)
+    conn.execute(sql("histogram_observe"), params)
+    conn.execute(sql("histogram_sum"), params)
 
 
 # A sample over this many times the typical one is a stall (kernel compilation, swapping, a GC pause), not the
@@ -695,3 +706,27 @@ def count_request(conn: sqlite3.Connection, key_id: int, now: float | None = Non
 def unfinished_of_key(conn: sqlite3.Connection, key_id: int) -> int:
     """A key's waiting and processing tasks."""
     return int(conn.execute(sql("unfinished_of_key"), {"key_id": key_id}).fetchone()[0])
+
+
+# Metrics
+
+
+def set_forecast(conn: sqlite3.Connection, task_id: str, seconds: float) -> None:
+    """Keep the forecast a task got at submit (the metrics compare it with what it took)."""
+    with transaction(conn):
+        row = conn.execute(sql("set_forecast"), {"id": task_id, "seconds": seconds}).fetchone()
+        if row is not None and row["status"] == "done" and row["finished_at"] is not None and seconds > 0:
+            # A fast worker finished it before the forecast was written: the trigger saw no forecast to compare.
+            observe(conn, "forecast_ratio", row["model"], (row["finished_at"] - row["created_at"]) / seconds)
+
+
+def metric_rows(conn: sqlite3.Connection) -> dict[str, list[tuple[object, ...]]]:
+    """What /metrics shows, read in one go: histogram buckets and sums, counters, tasks, pending webhooks, size."""
+    return {
+        "buckets": [tuple(row) for row in conn.execute(sql("metric_buckets"))],
+        "sums": [tuple(row) for row in conn.execute(sql("metric_sums"))],
+        "counters": [tuple(row) for row in conn.execute(sql("metric_counters"))],
+        "tasks": [tuple(row) for row in conn.execute(sql("tasks_by_status_and_model"))],
+        "pending_deliveries": [tuple(conn.execute(sql("pending_deliveries")).fetchone())],
+        "pages": [tuple(conn.execute(sql("database_pages")).fetchone())],
+    }

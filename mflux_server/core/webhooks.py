@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 
 from standardwebhooks import Webhook
 
-from mflux_server.core import api_keys, outbound, store
+from mflux_server.core import api_keys, outbound, service_notify, store
 from mflux_server.core.results import webhook_body
 from mflux_server.core.rows import Delivery
 
@@ -128,7 +128,9 @@ class Deliverer:
         conn = self._connect()
         version = -1
         next_due: float | None = None
+        watchdog = service_notify.Watchdog()  # this loop running is this server process being alive
         while not stop.is_set():
+            watchdog.ping()
             try:
                 now = self._clock()
                 if (current := store.data_version(conn)) != version:

@@ -112,3 +112,37 @@ def test_systemd_analyze_verify_passes_with_the_install_paths_in_a_scratch_root(
     assert checked.returncode == 0 and not checked.stderr.strip(), checked.stderr
     broken = verify({"broken.service": units["mflux-server.service"].replace("ExecStart=/", "ExecStart=")})
     assert broken.returncode != 0, "verify catches a broken unit, so the check above means something"
+
+
+def test_both_processes_tell_systemd_they_are_ready_and_ping_its_watchdog(tmp_path):
+    import socket
+    import tempfile
+
+    units = {role: dict(unit_service(path)) for role, path in UNITS.items()}
+    assert all(u["Type"] == "notify" and u["NotifyAccess"] == "all" and int(u["WatchdogSec"]) >= 30 for u in units.values())
+    address = tempfile.mktemp(prefix="notify-", dir="/tmp")  # short: a socket path has at most 107 bytes
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(address)
+    listener.settimeout(0.5)
+    queue, port = tmp_path / "queue.db", free_port()
+    env = {**os.environ, "NOTIFY_SOCKET": address, "MFLUX_SERVER_DB": str(queue), "MFLUX_SERVER_PORT": str(port),
+           "MFLUX_SERVER_ENGINE": "synthetic", "MFLUX_SERVER_HTTP_WORKERS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-m", module], env=env, cwd=str(ROOT), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL) for module in ("mflux_server", "mflux_server.worker")]
+    messages: list[str] = []
+    try:
+        def heard() -> bool:
+            try:
+                messages.append(listener.recv(4096).decode())
+            except TimeoutError:
+                pass
+            text = "\n".join(messages)
+            return text.count("READY=1") >= 2 and text.count("WATCHDOG=1") >= 2
+        wait_for(heard, timeout=30, what="READY=1 from both and a watchdog ping from each")
+        assert any("STATUS=worker" in m for m in messages) and any("Gunicorn" in m for m in messages)
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(timeout=15)
+        listener.close()
+        os.unlink(address)

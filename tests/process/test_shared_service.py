@@ -205,3 +205,32 @@ def test_quotas_hold_across_two_server_processes_with_retry_after(processes):
     assert full.status_code == 429 and full.headers["Retry-After"] == "10" and "max-queued-per-key" in full.json()["message"]
     openai_full = requests.post(f"{url}/v1/images/generations", json={"prompt": "x"}, headers=auth(other), timeout=10)
     assert openai_full.status_code == 429 and openai_full.json()["error"]["type"] == "rate_limit_error"
+
+
+def test_metrics_parse_and_every_server_process_gives_the_same_figures(processes):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    key = new_key(processes.db_path, "ops", "--admin")
+    url = processes.server(http_workers=2)
+    processes.worker(speed=50)
+    ids = [requests.post(f"{url}/api/generate", json=SMALL, headers=auth(key), timeout=10).json()["task_id"] for _ in range(3)]
+    doomed = requests.post(f"{url}/api/generate", json={**SMALL, "steps": 50}, headers=auth(key), timeout=10).json()
+    requests.delete(f"{url}/api/tasks/{doomed['task_id']}", headers=auth(key), timeout=10)
+    wait_for(lambda: all(requests.get(f"{url}/api/status", params={"task_id": i}, headers=auth(key),
+                                      timeout=5).json()["status"] == "done" for i in ids), what="the tasks")
+    assert requests.get(f"{url}/metrics", timeout=10).status_code == 401
+    texts = {requests.get(f"{url}/metrics", headers=auth(key), timeout=10).text for _ in range(6)}
+    samples = {}
+    for family in text_string_to_metric_families(texts.pop()):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    assert samples[("mflux_tasks_finished_total", (("outcome", "done"),))] == 3
+    assert samples[("mflux_tasks_finished_total", (("outcome", "canceled"),))] == 1
+    assert samples[("mflux_generation_seconds_count", (("model", "schnell"),))] == 3
+    assert samples[("mflux_step_seconds_count", (("model", "schnell"),))] >= 6, "2 steps each"
+    assert samples[("mflux_queue_wait_seconds_count", (("model", "schnell"),))] >= 3
+    assert samples[("mflux_forecast_ratio_count", (("model", "schnell"),))] == 3
+    assert samples[("mflux_generation_seconds_bucket", (("le", "+Inf"), ("model", "schnell")))] == 3
+    assert samples[("mflux_workers_alive", ())] == 1 and samples[("mflux_database_bytes", ())] > 0
+    assert samples[("mflux_tasks", (("model", "schnell"), ("status", "done")))] == 3
+    assert not texts or all("mflux_tasks_finished_total" in t for t in texts)
