@@ -12,7 +12,7 @@ from flask import Response, request
 from flask_smorest import Blueprint
 
 from mflux_server.api.auth import current_key
-from mflux_server.api.context import conn, settings
+from mflux_server.api.context import conn, forecaster, settings
 from mflux_server.api.errors import ErrorSchema, abort_json
 from mflux_server.api.generation_schemas import (
     FORMATS,
@@ -201,7 +201,15 @@ def queue_task(body: dict[str, Any], surface: str = "native", keep_for: float | 
                    guidance_auto=guidance is None, inputs=inputs, surface=surface,
                    callback_url=body.get("callback_url"), link_base=settings().public_url or request.host_url, keep_for=keep_for,
                    client_user=client_user, key_id=key.id if key else None)
+    if fair_scheduling():
+        task = replace(task, fair_cost=forecaster().cost_model(conn()).gpu_seconds(task))
     return submit_once(task, key.id if key else 0), live
+
+
+def fair_scheduling() -> bool:
+    """Whether keys take turns (--scheduling fair, or auto once a key exists) rather than first in, first out."""
+    mode = settings().scheduling
+    return mode == "fair" or (mode == "auto" and store.keys_exist(conn()))
 
 
 IDEMPOTENCY_WINDOW = 24 * 3600.0  # seconds an Idempotency-Key keeps answering its task

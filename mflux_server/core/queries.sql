@@ -5,10 +5,10 @@
 -- Queue a new waiting task; its seq (AUTOINCREMENT, never reused) orders it within its priority.
 INSERT INTO tasks (id, priority, model, prompt, width, height, steps, guidance, seed, count,
                    format, quality, created_at, negative_prompt, image_strength, guidance_auto,
-                   surface, callback_url, link_base, keep_for, client_user, key_id)
+                   surface, callback_url, link_base, keep_for, client_user, key_id, fair_tag, fair_start)
 VALUES (:id, :priority, :model, :prompt, :width, :height, :steps, :guidance, :seed, :count,
         :format, :quality, :created_at, :negative_prompt, :image_strength, :guidance_auto,
-        :surface, :callback_url, :link_base, :keep_for, :client_user, :key_id)
+        :surface, :callback_url, :link_base, :keep_for, :client_user, :key_id, :fair_tag, :fair_start)
 RETURNING *;
 
 -- name: insert_input
@@ -37,13 +37,15 @@ UPDATE tasks SET status = 'error', finished_at = :now, error = :error
 SELECT * FROM tasks WHERE id = ?;
 
 -- name: claim_next
--- Take the highest-priority, oldest waiting task of a model for a worker, counting the attempt.
+-- Take a model's next waiting task for a worker, counting the attempt: the highest priority, then the smallest
+-- fair tag (first in, when one key submits everything), and among equal tags the key whose backlog began later.
+-- One lookup in tasks_fair_queue, so a deep queue costs nothing.
 UPDATE tasks
    SET status = 'processing', worker_id = :worker_id, started_at = :now, attempts = attempts + 1,
        image_index = 0, step = 0, step_at = :now, engine = :engine, error = NULL
  WHERE seq = (SELECT seq FROM tasks
                WHERE status = 'waiting' AND model = :model
-               ORDER BY priority DESC, seq
+               ORDER BY priority DESC, fair_tag, fair_start DESC, seq
                LIMIT 1)
 RETURNING *;
 
@@ -144,16 +146,17 @@ SELECT * FROM tasks WHERE status = 'processing' ORDER BY started_at;
 
 -- name: waiting_queue
 -- Every waiting task in claim order, read from the tasks_queue index alone.
-SELECT model, priority, seq, width, height, steps, count, created_at FROM tasks
- WHERE status = 'waiting'
- ORDER BY priority DESC, seq;
+SELECT t.model, t.priority, t.seq, t.width, t.height, t.steps, t.count, t.created_at, t.fair_tag, t.fair_start
+  FROM tasks t
+ WHERE t.status = 'waiting'
+ ORDER BY t.priority DESC, t.fair_tag, t.fair_start DESC, t.seq;
 
 -- name: waiting_front
 -- The first task in claim order that is still waiting, among those up to seq: everything of a queue
 -- snapshot ahead of it has been claimed (or canceled) since the snapshot was read.
-SELECT priority, seq FROM tasks
- WHERE status = 'waiting' AND model = :model AND seq <= :seq
- ORDER BY priority DESC, seq
+SELECT t.priority, t.seq, t.fair_tag, t.fair_start FROM tasks t
+ WHERE t.status = 'waiting' AND t.model = :model AND t.seq <= :seq
+ ORDER BY t.priority DESC, t.fair_tag, t.fair_start DESC, t.seq
  LIMIT 1;
 
 -- name: max_seq
@@ -173,8 +176,9 @@ SELECT changes FROM queue_state WHERE id = 1;
 -- name: waiting_since
 -- Waiting tasks newer than a snapshot: a range read on the rowid. The unary + keeps SQLite from
 -- preferring the status index, which would scan every waiting task.
-SELECT model, priority, seq, width, height, steps, count, created_at FROM tasks
- WHERE seq > :seq AND +status = 'waiting' AND +model = :model;
+SELECT t.model, t.priority, t.seq, t.width, t.height, t.steps, t.count, t.created_at, t.fair_tag, t.fair_start
+  FROM tasks t
+ WHERE t.seq > :seq AND +t.status = 'waiting' AND +t.model = :model;
 
 -- name: register_worker
 -- Record a worker process under a fresh id, alive as of now.
@@ -444,3 +448,23 @@ SELECT count(*) FROM deliveries WHERE state = 'pending';
 -- name: database_pages
 -- The database file's size in pages, and the page size.
 SELECT page_count, page_size FROM pragma_page_count(), pragma_page_size();
+
+-- name: fair_tag
+-- A new task's fair tag for its key (the later of the virtual time and the key's last end) and the start of the
+-- key's backlog; the key's end moves on by the task's forecast seconds.
+INSERT INTO fair_keys (key_id, last_finish, backlog_start)
+VALUES (:key_id, (SELECT virtual FROM fair_clock WHERE id = 1) + :cost, (SELECT virtual FROM fair_clock WHERE id = 1))
+ON CONFLICT (key_id) DO UPDATE SET
+    -- SET reads the row as it was: a key whose queued work had all started begins a new backlog now.
+    backlog_start = CASE WHEN last_finish <= (SELECT virtual FROM fair_clock WHERE id = 1)
+                         THEN (SELECT virtual FROM fair_clock WHERE id = 1) ELSE backlog_start END,
+    last_finish = max(last_finish, (SELECT virtual FROM fair_clock WHERE id = 1)) + :cost
+RETURNING last_finish - :cost, backlog_start;
+
+-- name: fifo_tag
+-- A new task's tag under first-in first-out scheduling: the largest tag yet, so it queues behind every task.
+SELECT last_tag FROM fair_clock WHERE id = 1;
+
+-- name: note_tag
+-- Remember the largest tag given.
+UPDATE fair_clock SET last_tag = max(last_tag, :tag) WHERE id = 1;

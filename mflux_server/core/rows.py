@@ -66,6 +66,7 @@ class NewTask:
     keep_for: float | None = None  # seconds a finished task is kept for its image links, then removed
     client_user: str | None = None
     key_id: int | None = None  # the API key that submitted it
+    fair_cost: float | None = None  # forecast engine seconds, for its fair tag; None: first-in first-out
 
 
 # The roles of an edit's further reference images, after 'image' (migration 0005 allows exactly these).
@@ -121,6 +122,8 @@ class Task(FromRow):
     keep_for: float | None
     client_user: str | None
     key_id: int | None
+    fair_tag: float
+    fair_start: float
 
     def __post_init__(self) -> None:
         # sqlite hands the status back as a plain string; the enum is what everyone compares with.
@@ -216,6 +219,8 @@ class QueueEntry:
     steps: int
     count: int
     created_at: float
+    fair_tag: float = 0.0
+    fair_start: float = 0.0  # where its key's backlog began: among equal tags, the later goes first
 
 
 @dataclass(slots=True)
@@ -244,15 +249,17 @@ class WaitingHead(NamedTuple):
 
 
 class ClaimKey(NamedTuple):
-    """Claim order: higher priority first, then first in; smaller keys are claimed first."""
+    """Claim order: higher priority first, the smaller fair tag, the newer backlog, first in; smaller goes first."""
 
     neg_priority: int
+    tag: float
+    neg_start: float  # minus where the key's backlog began: among equal tags, the newer backlog goes first
     seq: int
 
     @classmethod
-    def of(cls, priority: int, seq: int) -> ClaimKey:
-        """The key of a task with this priority and sequence number."""
-        return cls(-priority, seq)
+    def of(cls, priority: int, seq: int, tag: float = 0.0, start: float = 0.0) -> ClaimKey:
+        """The key of a task with this priority, sequence number, fair tag and backlog start."""
+        return cls(-priority, tag, -start, seq)
 
 
 class QueueRead(NamedTuple):

@@ -184,6 +184,8 @@ class Settings:
                                      "together); none for no limit", "api", _optional(_positive(int)))
     max_queued_per_key: int | None = setting(50, "unfinished tasks (waiting or running) each API key may have; none "
                                              "for no limit", "api", _optional(_positive(int)))
+    scheduling: str = setting("auto", "fair (API keys take turns by GPU-seconds), fifo, or auto (fair once a key "
+                              "exists)", "api")
     keep_finished: float = setting(24 * 3600.0, "seconds finished, failed and canceled tasks are kept, with their images",
                                    "api", _positive(float))
     max_store_bytes: int | None = setting(None, "bytes of images (and input images) kept at most; past it the oldest "
@@ -203,6 +205,8 @@ class Settings:
         if self.webhook_secret is not None and not WEBHOOK_SECRET.fullmatch(self.webhook_secret):
             raise ValueError("webhook_secret must be whsec_ followed by base64 (at least 24 bytes), as Standard "
                              "Webhooks defines it")
+        if self.scheduling not in ("auto", "fair", "fifo"):
+            raise ValueError(f"scheduling must be auto, fair or fifo, got {self.scheduling!r}")
         if self.auth not in ("auto", "required"):
             raise ValueError(f"auth must be auto or required, got {self.auth!r}")
         if self.vae_decode not in VAE_DECODES:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import secrets
@@ -92,14 +93,28 @@ def new_task_id() -> str:
 
 
 def _task_params(task: NewTask, task_id: str, created_at: float) -> dict[str, object]:
-    params = {f.name: getattr(task, f.name) for f in fields(task) if f.name != "inputs"}
-    return params | {"id": task_id, "created_at": created_at, "guidance_auto": int(task.guidance_auto)}
+    params = {f.name: getattr(task, f.name) for f in fields(task) if f.name not in ("inputs", "fair_cost")}
+    return params | {"id": task_id, "created_at": created_at, "guidance_auto": int(task.guidance_auto), "fair_tag": 0.0,
+                     "fair_start": 0.0}
+
+
+def _fair_tag(conn: sqlite3.Connection, task: NewTask) -> tuple[float, float]:
+    """The new task's place in fair claim order (inside the submit transaction): its key's next start time and
+    where the key's backlog began, or with first-in first-out scheduling just past every tag given so far."""
+    if task.fair_cost is None:
+        tag = start = math.nextafter(float(conn.execute(sql("fifo_tag")).fetchone()[0]), math.inf)
+    else:
+        cost = max(task.fair_cost, 1e-6)  # a key's own tasks keep their order: every one moves its end on
+        tag, start = conn.execute(sql("fair_tag"), {"key_id": task.key_id or 0, "cost": cost}).fetchone()
+    conn.execute(sql("note_tag"), {"tag": tag})
+    return float(tag), float(start)
 
 
 def submit(conn: sqlite3.Connection, task: NewTask, now: float | None = None) -> Task:
     """Queue a waiting task, with its input images, and return its row."""
     params = _task_params(task, new_task_id(), time.time() if now is None else now)
     with transaction(conn):
+        params["fair_tag"], params["fair_start"] = _fair_tag(conn, task)
         created = Task.from_row(conn.execute(sql("insert_task"), params).fetchone())
         for image in task.inputs:
             conn.execute(sql("insert_input"), asdict(image) | {"task_id": created.id})
@@ -118,7 +133,9 @@ def submit_many(conn: sqlite3.Connection, tasks: Iterable[NewTask], now: float |
     with transaction(conn):
         for task in tasks:
             ids.append(new_task_id())
-            conn.execute(sql("insert_task"), _task_params(task, ids[-1], created_at)).fetchone()
+            params = _task_params(task, ids[-1], created_at)
+            params["fair_tag"], params["fair_start"] = _fair_tag(conn, task)
+            conn.execute(sql("insert_task"), params).fetchone()
     return ids
 
 
@@ -257,7 +274,7 @@ def waiting_since(conn: sqlite3.Connection, model: str, seq: int) -> list[QueueE
 def waiting_front(conn: sqlite3.Connection, model: str, seq: int) -> ClaimKey | None:
     """The claim key of the first waiting task in claim order among those with seq up to seq, or None."""
     row = conn.execute(sql("waiting_front"), {"model": model, "seq": seq}).fetchone()
-    return ClaimKey.of(row["priority"], row["seq"]) if row else None
+    return ClaimKey.of(row["priority"], row["seq"], row["fair_tag"], row["fair_start"]) if row else None
 
 
 def arrivals_since(conn: sqlite3.Connection, seq: int, since: float) -> list[Arrival]:
@@ -621,6 +638,7 @@ def submit_idempotent(conn: sqlite3.Connection, task: NewTask, key_id: int, idem
             if found[0] != body_hash:
                 return None, str(found[1])
             return get(conn, str(found[1])), None
+        params["fair_tag"], params["fair_start"] = _fair_tag(conn, task)
         created = Task.from_row(conn.execute(sql("insert_task"), params).fetchone())
         for image in task.inputs:
             conn.execute(sql("insert_input"), asdict(image) | {"task_id": created.id})

@@ -60,7 +60,7 @@ def start_time(queues: Mapping[str, ModelQueue], model: str, key: ClaimKey, work
         head_priority = queue.keys[start].neg_priority
         # The stretch ends at the target, at the end of the head's priority tier, or when another model's head of
         # that tier falls due (its affinity bound less its load); each task claimed by then runs to its end.
-        end = bisect.bisect_right(queue.keys, ClaimKey(head_priority, math.inf))  # type: ignore[arg-type]
+        end = bisect.bisect_right(queue.keys, ClaimKey(head_priority, math.inf, math.inf, math.inf))  # type: ignore[arg-type]
         if choice == model:
             end = min(end, target)
         deadlines = [head.created_at + worker.affinity_wait - switch_lead(head.model, loaded, worker.loads)

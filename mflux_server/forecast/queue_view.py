@@ -61,7 +61,7 @@ class QueueSnapshot:
                 model_keys, prefix[entry.model] = keys.setdefault(entry.model, []), [0.0]
                 created[entry.model] = []
             model_prefix = prefix[entry.model]
-            model_keys.append(ClaimKey(-entry.priority, entry.seq))
+            model_keys.append(ClaimKey.of(entry.priority, entry.seq, entry.fair_tag, entry.fair_start))
             created[entry.model].append(entry.created_at)
             model_prefix.append(model_prefix[-1] + seconds)
         return cls(read.max_seq, read.changes, keys, created, prefix, cost, now)
@@ -74,7 +74,8 @@ class QueueSnapshot:
         if not newer:  # the common case, and no copy: the replay starts at `first`
             return ModelQueue(keys, created, prefix, first)
         entries = [(keys[i], created[i], prefix[i + 1] - prefix[i]) for i in range(first, len(keys))]
-        entries = sorted(entries + [(ClaimKey.of(e.priority, e.seq), e.created_at, cost.gpu_seconds(e)) for e in newer])
+        entries = sorted(entries + [(ClaimKey.of(e.priority, e.seq, e.fair_tag, e.fair_start), e.created_at,
+                                     cost.gpu_seconds(e)) for e in newer])
         sums = [0.0]
         for _, _, seconds in entries:
             sums.append(sums[-1] + seconds)
@@ -209,7 +210,7 @@ class Forecaster:
             return Estimate(0, 0, cost.remaining_seconds(task, now))
         if task.status is not Status.WAITING:
             return Estimate(0, 0, 0.0)
-        key = ClaimKey.of(task.priority, task.seq)
+        key = ClaimKey.of(task.priority, task.seq, task.fair_tag, task.fair_start)
         snap = self.snapshot(conn, cost, now)
         serving = [w for w in live if task.model in w.servable]
         if len(serving) == 1 and len(serving[0].servable) > 1:
@@ -230,7 +231,7 @@ class Forecaster:
             self._rebuild_soon(cost)
         prices: dict[tuple[int, int, int, int], float] = {}
         for entry in newer:
-            if ClaimKey.of(entry.priority, entry.seq) < key:
+            if ClaimKey.of(entry.priority, entry.seq, entry.fair_tag, entry.fair_start) < key:
                 shape = (entry.width, entry.height, entry.steps, entry.count)
                 if shape not in prices:
                     prices[shape] = cost.gpu_seconds(entry)
@@ -258,7 +259,7 @@ class Forecaster:
                 self._rebuild_soon(cost)
             queues[model] = snap.model_queue(model, store.waiting_front(conn, model, snap.max_seq), newer, cost)
         own = queues[task.model]
-        key = ClaimKey.of(task.priority, task.seq)
+        key = ClaimKey.of(task.priority, task.seq, task.fair_tag, task.fair_start)
         running = store.running_tasks(conn)
         loads = store.mean_load_seconds(conn)
         free_at = now + sum(cost.remaining_gpu_seconds(t, now) for t in running if t.worker_id == worker.id)

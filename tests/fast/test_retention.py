@@ -63,3 +63,32 @@ def test_an_idempotency_key_answers_its_task_and_refuses_another_body(conn):
 def test_new_queue_files_vacuum_incrementally(db_path):
     conn = db.connect(db_path)
     assert conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2
+
+
+def test_fair_tags_let_a_newcomer_through_and_the_forecast_sees_the_same_order(conn):
+    from dataclasses import replace as with_
+
+    from mflux_server.forecast.queue_view import Forecaster
+    from tests.conftest import new_task
+
+    heavy = [store.submit(conn, with_(new_task(), key_id=1, fair_cost=2.0)) for _ in range(5)]
+    for _ in range(2):  # heavy's first two run (the second is running when light arrives)
+        store.claim_next(conn, "w", heavy[0].model, "synthetic")
+    light = [store.submit(conn, with_(new_task(), key_id=2, fair_cost=2.0)) for _ in range(2)]
+    forecaster = Forecaster(connect=lambda: conn)
+    positions = {t.id: forecaster.estimate(conn, store.get(conn, t.id), workers=1).pos for t in heavy[2:] + light}
+    order = []
+    while (claimed := store.claim_next(conn, "w", heavy[0].model, "synthetic")) is not None:
+        order.append(claimed.id)
+    assert order[:3] == [light[0].id, light[1].id, heavy[2].id], "equal tags: the newer backlog first"
+    assert [positions[i] for i in order] == list(range(len(order))), "the forecast predicted the claim order"
+
+
+def test_first_in_first_out_tags_keep_submission_order(conn):
+    from tests.conftest import new_task
+
+    tasks = [store.submit(conn, new_task(key_id=k)) for k in (1, 1, 2, 1, 2)]
+    order = []
+    while (claimed := store.claim_next(conn, "w", tasks[0].model, "synthetic")) is not None:
+        order.append(claimed.id)
+    assert order == [t.id for t in tasks]

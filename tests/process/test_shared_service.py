@@ -234,3 +234,34 @@ def test_metrics_parse_and_every_server_process_gives_the_same_figures(processes
     assert samples[("mflux_workers_alive", ())] == 1 and samples[("mflux_database_bytes", ())] > 0
     assert samples[("mflux_tasks", (("model", "schnell"), ("status", "done")))] == 3
     assert not texts or all("mflux_tasks_finished_total" in t for t in texts)
+
+
+def finish_order(db_path: str, ids: list[str]) -> list[str]:
+    with sqlite3.connect(db_path) as conn:
+        rows = conn.execute(f"SELECT id FROM tasks WHERE id IN ({','.join('?' * len(ids))}) AND finished_at IS NOT NULL "
+                            "ORDER BY finished_at", ids).fetchall()
+    return [row[0] for row in rows]
+
+
+@pytest.mark.parametrize("scheduling", ["auto", "fifo"])
+def test_fair_share_lets_a_second_key_through_within_a_task(processes, scheduling):
+    heavy, light = new_key(processes.db_path, "heavy"), new_key(processes.db_path, "light")
+    url = processes.server("--scheduling", scheduling, "--max-queued-per-key", "100")
+    processes.worker(speed=4)  # 2 steps of 256²: about 0.1 s a task
+    body = {**SMALL, "steps": 2}
+    a_ids = [requests.post(f"{url}/api/generate", json=body, headers=auth(heavy), timeout=10).json()["task_id"]
+             for _ in range(50)]
+    wait_for(lambda: finish_order(processes.db_path, a_ids), what="key A's first task to finish")
+    b = [requests.post(f"{url}/api/generate", json=body, headers=auth(light), timeout=10).json() for _ in range(2)]
+    b_ids = [t["task_id"] for t in b]
+    done_a_before = len(finish_order(processes.db_path, a_ids))
+    wait_for(lambda: len(finish_order(processes.db_path, b_ids)) == 2, timeout=60, what="key B's tasks")
+    order = finish_order(processes.db_path, a_ids + b_ids)
+    after = order[order.index(a_ids[done_a_before - 1]) + 1:] if done_a_before else order
+    if scheduling == "auto":  # fair once keys exist
+        assert set(b_ids) <= set(after[:3]), f"B's tasks should finish within the next 3 completions: {after[:6]}"
+        assert b[0]["pos"] == 0 and b[1]["pos"] <= 1, "the forecast sees B's turn"
+        assert b[1]["expected_time_seconds"] < 1.5, b[1]
+    else:
+        assert after.index(b_ids[0]) > 10, "first in, first out: B waits behind A's queue"
+        assert b[0]["pos"] > 10
