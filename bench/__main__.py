@@ -15,12 +15,13 @@ from bench import (
     forecast_accuracy,
     model_switching,
     report,
+    shared_service,
     slow_clients,
 )
 from bench.report import machine
 from mflux_server.testing import ROOT
 
-NAMES = ("duty", "dispatch", "load", "streams", "slow", "surfaces", "forecast", "switching")
+NAMES = ("duty", "dispatch", "load", "streams", "slow", "surfaces", "shared", "forecast", "switching")
 EXPLANATIONS_FILE = ROOT / "bench" / "explanations.md"
 
 
@@ -64,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
             results.append(slow_clients.run(args.smoke))
         elif name == "surfaces":
             results.append(compat_surfaces.run(args.smoke))
+        elif name == "shared":
+            results.append(shared_service.run(args.smoke))
         elif name == "forecast":
             results.append(forecast_accuracy.run(args.smoke, plot_path=args.out / plot_name))
         elif name == "switching":

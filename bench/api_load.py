@@ -22,6 +22,7 @@ from mflux_server.core.rows import NewTask
 from mflux_server.testing import Processes
 
 WRK_SCRIPT = """
+%s
 local ids = {}
 for line in io.lines("%s") do ids[#ids + 1] = line end
 math.randomseed(os.time())
@@ -67,10 +68,12 @@ def wrk_command(url: str, script: Path, seconds: float, connections: int, thread
     return ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds:.0f}s", "--latency", "-s", str(script), url]
 
 
-def wrk(url: str, ids_file: Path, seconds: float, connections: int, pause_ms: float = 0) -> dict:
-    """Drive GET /api/status for random tasks with wrk (flat out, or paced); returns rate, latencies, errors."""
+def wrk(url: str, ids_file: Path, seconds: float, connections: int, pause_ms: float = 0, key: str | None = None) -> dict:
+    """Drive GET /api/status for random tasks with wrk (flat out, or paced; with an API key if given); returns
+    rate, latencies, errors."""
     script = ids_file.with_suffix(".lua")
-    script.write_text(WRK_SCRIPT % (ids_file, pause_ms))
+    header = f'wrk.headers["Authorization"] = "Bearer {key}"' if key else ""
+    script.write_text(WRK_SCRIPT % (header, ids_file, pause_ms))
     out = subprocess.run(wrk_command(url, script, seconds, connections), capture_output=True, text=True,
                          check=True).stdout
     return parse_wrk(out)
@@ -92,8 +95,10 @@ def parse_wrk(out: str) -> dict:
             "raw": out}
 
 
-def python_clients(url: str, ids: list[str], seconds: float, connections: int, pause_ms: float = 0) -> dict:
+def python_clients(url: str, ids: list[str], seconds: float, connections: int, pause_ms: float = 0,
+                   key: str | None = None) -> dict:
     """The same load from Python threads (the smoke run, or where wrk is not installed); slower than wrk."""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
     latencies: list[float] = []
     errors = [0]
     stop = time.monotonic() + seconds
@@ -103,7 +108,8 @@ def python_clients(url: str, ids: list[str], seconds: float, connections: int, p
         while time.monotonic() < stop:
             started = time.perf_counter()
             try:
-                ok = session.get(url + "/api/status", params={"task_id": random.choice(ids)}, timeout=5).status_code == 200
+                ok = session.get(url + "/api/status", params={"task_id": random.choice(ids)}, headers=headers,
+                                 timeout=5).status_code == 200
             except requests.RequestException:
                 ok = False
             latencies.append((time.perf_counter() - started) * 1000)

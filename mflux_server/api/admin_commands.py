@@ -59,10 +59,10 @@ def run_keys(args: argparse.Namespace, conn: sqlite3.Connection) -> int:
         return 0
     if args.action == "list":
         print(f"{'name':24} {'rights':16} {'created':24} {'last used':24} state")
-        for key in store.list_keys(conn):
-            rights = ",".join(r for r, on in (("admin", key.admin), ("priority", key.priority)) if on) or "-"
-            state = f"revoked {_when(key.revoked_at)}" if key.revoked_at else "live"
-            print(f"{key.name:24} {rights:16} {_when(key.created_at):24} {_when(key.last_used_at):24} {state}")
+        for listed in store.list_keys(conn):
+            rights = ",".join(r for r, on in (("admin", listed.admin), ("priority", listed.priority)) if on) or "-"
+            state = f"revoked {_when(listed.revoked_at)}" if listed.revoked_at else "live"
+            print(f"{listed.name:24} {rights:16} {_when(listed.created_at):24} {_when(listed.last_used_at):24} {state}")
         return 0
     if not store.revoke_key(conn, args.name):
         print(f"mflux-server: no live key named {args.name!r}", file=sys.stderr)

@@ -98,11 +98,12 @@ def authenticate() -> None:
         abort_json(401, code="invalid_key", field="Authorization", headers={"WWW-Authenticate": "Bearer"},
                    message="the API key is not valid (unknown or revoked)")
     g.api_key = key
-    if settings().rate_limit is not None:
+    limit = settings().rate_limit
+    if limit is not None:
         count, left = store.count_request(conn(), key.id)
-        if count > settings().rate_limit:
+        if count > limit:
             abort_json(429, code="too_many_requests", field=None, headers={"Retry-After": str(max(1, math.ceil(left)))},
-                       message=f"the key {key.name!r} made over {settings().rate_limit} requests this minute "
+                       message=f"the key {key.name!r} made over {limit} requests this minute "
                                f"(--rate-limit); retry in {math.ceil(left)} s")
     now = time.time()
     if now - _touched.get(key.id, 0.0) > TOUCH_EVERY:

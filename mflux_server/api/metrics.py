@@ -37,7 +37,6 @@ class QueueCollector:
         for status, model, count in rows["tasks"]:
             tasks.add_metric([str(status), str(model)], float(count))  # type: ignore[arg-type]
         yield tasks
-        counters = {name: label for name, label, _ in rows["counters"]}
         finished = CounterMetricFamily("mflux_tasks_finished", "tasks that ended, by outcome", labels=["outcome"])
         deliveries = CounterMetricFamily("mflux_webhook_deliveries", "webhooks that ended, by state (delivered, failed)",
                                          labels=["state"])
@@ -49,7 +48,6 @@ class QueueCollector:
                 deliveries.add_metric([str(label)], float(value))  # type: ignore[arg-type]
             elif name == "webhook_attempts":
                 attempts.add_metric([], float(value))  # type: ignore[arg-type]
-        del counters
         yield from (finished, deliveries, attempts)
         yield GaugeMetricFamily("mflux_webhook_pending", "webhooks not yet delivered or given up",
                                 value=float(rows["pending_deliveries"][0][0]))  # type: ignore[arg-type]
@@ -88,7 +86,7 @@ def registry() -> CollectorRegistry:
     found: CollectorRegistry | None = current_app.extensions.get("mflux_metrics")
     if found is None:
         found = CollectorRegistry(auto_describe=False)
-        found.register(QueueCollector())  # type: ignore[arg-type]
+        found.register(QueueCollector())
         current_app.extensions["mflux_metrics"] = found
     return found
 

@@ -630,10 +630,11 @@ def submit_idempotent(conn: sqlite3.Connection, task: NewTask, key_id: int, idem
     A key already used within `window` seconds answers (its task, None) for the same body hash (the task is None
     when it was deleted since), and (None, its task id) for another body; a new key answers (the new task, None).
     """
-    params = _task_params(task, new_task_id(), time.time() if now is None else now)
+    created_at = time.time() if now is None else now
+    params = _task_params(task, new_task_id(), created_at)
     with transaction(conn):
         found = conn.execute(sql("find_idempotent"), {"key_id": key_id, "idem_key": idem_key,
-                                                      "since": params["created_at"] - window}).fetchone()
+                                                      "since": created_at - window}).fetchone()
         if found is not None:
             if found[0] != body_hash:
                 return None, str(found[1])

@@ -1,0 +1,126 @@
+"""Benchmark 10: what API keys and quotas cost status polling, and a 20,000-task soak under a store bound."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+import requests
+
+from bench.api_load import full_queue, python_clients, wrk
+from bench.results import Result, median, percentile
+from mflux_server.testing import fresh_queue
+
+SOAK_TASKS = 20_000
+STORE_BOUND = 16 << 20  # --max-store-bytes for the soak
+FILE_BOUND = STORE_BOUND * 3 // 2  # the file may hold rows, indexes and the WAL besides the image bytes
+
+
+def create_key(db_path: str, name: str) -> str:
+    """An admin key made with the real command (admin: the benchmark's tasks were queued without a key)."""
+    made = subprocess.run([sys.executable, "-m", "mflux_server", "keys", "create", name, "--admin", "--db", db_path],
+                          capture_output=True, text=True, check=True)
+    return made.stdout.strip().splitlines()[-1]
+
+
+def auth_overhead(smoke: bool) -> tuple[dict, dict]:
+    """Flat-out status polling at 10,000 queued, first with no keys (open), then with a key and its quota."""
+    tasks, seconds, connections = (300, 1.0, 8) if smoke else (10_000, 15.0, 32)
+    use_wrk = shutil.which("wrk") is not None and not smoke
+    with full_queue(tasks, smoke, ("--rate-limit", "1000000000")) as (procs, url, ids, ids_file, _):
+        def load(key: str | None) -> dict:
+            if use_wrk:
+                return wrk(url, ids_file, seconds, connections, 0, key)
+            return python_clients(url, ids, seconds, connections, 0, key)
+
+        load(None)  # warm-up, not counted: the first seconds run slow (see benchmark 3)
+        open_run = load(None)
+        key = create_key(procs.db_path, "bench")
+        keyed = load(key)
+    return open_run, keyed
+
+
+def soak(tasks: int, clients: int = 4) -> dict:
+    """`tasks` small tasks, each fetched with delete=false, under --max-store-bytes; file size and status latency."""
+    sizes: list[int] = []
+    latencies: list[float] = []
+    errors = [0]
+    with fresh_queue() as procs:
+        url = procs.server("--max-store-bytes", str(STORE_BOUND), "--housekeeping-interval", "1",
+                           "--keep-finished", "86400", http_workers=2)
+        procs.worker(speed=2000)
+        stop = threading.Event()
+        latest: list[str] = []
+
+        def watch_size() -> None:
+            while not stop.is_set():
+                sizes.append(sum(os.path.getsize(p) for p in (procs.db_path, procs.db_path + "-wal") if os.path.exists(p)))
+                stop.wait(0.5)
+
+        def poll_status() -> None:
+            session = requests.Session()
+            while not stop.is_set():
+                if latest:
+                    started = time.perf_counter()
+                    session.get(f"{url}/api/status", params={"task_id": latest[-1]}, timeout=10)
+                    latencies.append((time.perf_counter() - started) * 1000)
+                stop.wait(0.02)
+
+        def client(count: int) -> None:
+            session = requests.Session()
+            body = {"prompt": "soak", "width": 256, "height": 256, "steps": 1, "format": "JPEG"}
+            for _ in range(count):
+                task = session.post(f"{url}/api/generate", json=body, timeout=30).json()["task_id"]
+                latest.append(task)
+                for _ in range(2000):
+                    state = session.get(f"{url}/api/status", params={"task_id": task}, timeout=30).json()["status"]
+                    if state == "done":
+                        break
+                    time.sleep(0.002)
+                image = session.get(f"{url}/api/image", params={"task_id": task, "delete": "false"}, timeout=30)
+                errors[0] += image.status_code != 200
+
+        watchers = [threading.Thread(target=watch_size, daemon=True), threading.Thread(target=poll_status, daemon=True)]
+        for thread in watchers:
+            thread.start()
+        started = time.monotonic()
+        workers = [threading.Thread(target=client, args=(tasks // clients,)) for _ in range(clients)]
+        for thread in workers:
+            thread.start()
+        for thread in workers:
+            thread.join()
+        elapsed = time.monotonic() - started
+        time.sleep(2.5)  # one more sweep
+        stop.set()
+        final = sizes[-1]
+    return {"peak": max(sizes), "final": final, "p50": median(latencies), "p99": percentile(latencies, 99),
+            "errors": errors[0], "seconds": elapsed, "tasks": tasks}
+
+
+def run(smoke: bool = False) -> Result:
+    """Auth overhead at 10,000 queued, then the soak."""
+    tasks = 400 if smoke else SOAK_TASKS
+    result = Result("Shared service", f"make bench ARGS='--only shared'  (flat-out status polling at 10,000 queued "
+                    f"for 15 s without keys, then with an admin key and its quota counted; then {tasks:,} tasks of "
+                    f"256², each fetched with delete=false, from 4 clients, under --max-store-bytes {STORE_BOUND >> 20} "
+                    "MiB, with a status poller beside them)")
+    open_run, keyed = auth_overhead(smoke)
+    result.add("status requests per second, no keys", open_run["rate"], "/s")
+    result.add("status requests per second, with a key and its quota", keyed["rate"], "/s")
+    overhead = 100 * (1 - keyed["rate"] / open_run["rate"])
+    result.add("auth and quota overhead on status throughput", overhead, "%", "≤ 10%", overhead <= 10)
+    result.add("errors with the key", keyed["errors"], "", "0", keyed["errors"] == 0)
+    soaked = soak(tasks)
+    result.add("soak: tasks", soaked["tasks"], "")
+    result.add("soak: tasks per second", soaked["tasks"] / soaked["seconds"], "/s")
+    result.add("soak: image fetch errors", soaked["errors"], "", "0", soaked["errors"] == 0)
+    result.add("soak: peak database file (with WAL)", soaked["peak"] / 2**20, "MB",
+               f"≤ {FILE_BOUND / 2**20:.0f} MB", soaked["peak"] <= FILE_BOUND)
+    result.add("soak: database file at the end", soaked["final"] / 2**20, "MB")
+    result.add("soak: status latency p50", soaked["p50"], "ms")
+    result.add("soak: status latency p99", soaked["p99"], "ms", "≤ 50 ms", soaked["p99"] <= 50)
+    return result
