@@ -8,7 +8,7 @@ import threading
 
 import requests
 
-from bench.api_load import PACED_PAUSE_MS, full_queue, phase
+from bench.api_load import PACED_PAUSE_MS, add_beside, full_queue, phase
 from bench.results import Result, median, percentile
 from mflux_server.core import db
 from mflux_server.testing import TEST_WEBHOOK_SECRET, WebhookReceiver, fresh_queue, wait_for
@@ -82,13 +82,7 @@ def run(smoke: bool = False) -> Result:
     result.add("OpenAI requests waiting, as queued tasks", queued, "", f"{waiters}", queued == waiters)
     result.add("of them still waiting after the load (none dropped)", still_waiting, "", f"{waiters}",
                still_waiting == waiters)
-    result.add("paced status requests per second beside them", paced["rate"], "/s", "≥ 1,000/s", paced["rate"] >= 1000)
-    result.add("status latency p99 of the same load without them", alone["p99"], "ms")
-    result.add("status latency p99 beside them", paced["p99"], "ms", "≤ 50 ms", paced["p99"] <= 50)
-    result.add("p99 beside them ÷ p99 without them", paced["p99"] / alone["p99"], "×", "≤ 1.25",
-               paced["p99"] <= 1.25 * alone["p99"])
-    result.add("submit latency p50 beside them", paced["submit_p50"], "ms", "≤ 10 ms", paced["submit_p50"] <= 10)
-    result.add("errors of the other clients", paced["errors"], "", "0", paced["errors"] == 0)
+    add_beside(result, alone, paced)
     latencies, rejected = delivery_latencies(hooks)
     result.add("webhooks received with a valid signature", len(latencies), "", f"{hooks}", len(latencies) == hooks)
     result.add("signatures refused by the receiver", rejected, "", "0", rejected == 0)

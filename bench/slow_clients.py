@@ -7,7 +7,7 @@ import socket
 import threading
 import time
 
-from bench.api_load import PACED_PAUSE_MS, full_queue, phase
+from bench.api_load import PACED_PAUSE_MS, add_beside, full_queue, phase
 from bench.results import Result
 
 SLOW = 200
@@ -88,13 +88,7 @@ def run(smoke: bool = False) -> Result:
         while sum(map(len, clients.closed_after.values())) < slow and time.monotonic() < deadline:
             time.sleep(0.5)
         clients.close()
-    result.add("paced status requests per second beside them", paced["rate"], "/s", "≥ 1,000/s", paced["rate"] >= 1000)
-    result.add("status latency p99 of the same load without them", alone["p99"], "ms")
-    result.add("status latency p99 beside them", paced["p99"], "ms", "≤ 50 ms", paced["p99"] <= 50)
-    result.add("p99 beside them ÷ p99 without them", paced["p99"] / alone["p99"], "×", "≤ 1.25",
-               paced["p99"] <= 1.25 * alone["p99"])
-    result.add("submit latency p50 beside them", paced["submit_p50"], "ms", "≤ 10 ms", paced["submit_p50"] <= 10)
-    result.add("errors of the other clients", paced["errors"], "", "0", paced["errors"] == 0)
+    add_beside(result, alone, paced)
     closed = sum(map(len, clients.closed_after.values()))
     result.add("slow clients closed by their deadline", closed, "", f"{slow}", closed == slow)
     result.add("of them answered with a JSON 408", clients.answered_408, "", f"{slow}", clients.answered_408 == slow)

@@ -89,6 +89,16 @@ class Processes:
         self.server_proc = proc
         return url
 
+    def kill_server(self) -> None:
+        """SIGKILL the API's gunicorn master and its server processes at once, as a crash or the OOM killer would."""
+        import psutil
+
+        assert self.server_proc is not None
+        family = [psutil.Process(self.server_proc.pid), *psutil.Process(self.server_proc.pid).children(recursive=True)]
+        for member in family:
+            member.send_signal(signal.SIGKILL)
+        psutil.wait_procs(family, timeout=10)
+
     def worker_count(self) -> int:
         """Workers ever registered in the queue."""
         conn = db.connect(self.db_path)

@@ -80,9 +80,9 @@ def input_image(value: Any) -> str:
 
 @blp.route("/images", methods=["POST"])
 @blp.doc(requestBody={"content": {"application/json": {"schema": {"type": "object", "required": ["prompt"], "properties": {
-    "action": {"type": "string", "enum": list(ACTIONS)}, "prompt": {"type": "string"}, "model": {"type": "string"},
-    "size": {"type": "string"}, "count": {"type": "integer"}, "image_url": {"type": "string"},
-    "callback_url": {"type": "string"}}}}}},
+    "action": {"type": "string", "enum": list(ACTIONS)}, "prompt": {"type": "string"},
+    **compat.nullable({"model": "string", "size": "string", "count": "integer", "image_url": "string",
+                       "callback_url": "string"})}}}}},
     responses={"200": {"description": "{success, task_id, trace_id, data: [{prompt, image_url, seed, timings}]}, or "
                                       "{task_id} at once with callback_url"}, **compat.error_docs(*compat.SYNC_ERRORS)})
 def images() -> dict[str, Any]:

@@ -23,6 +23,11 @@ _RATIO = re.compile(r"^\s*(\d{1,3})\s*:\s*(\d{1,3})\s*$")
 RATIO_PIXELS = 1024 * 1024  # an aspect ratio gets about a megapixel, as the hosted Flux APIs give
 
 
+def nullable(types: dict[str, str]) -> dict[str, dict[str, object]]:
+    """OpenAPI properties of optional parameters that may be null: these APIs take null as left out."""
+    return {name: {"type": kind, "nullable": True} for name, kind in types.items()}
+
+
 def error_docs(*statuses: int) -> dict[str, Any]:
     """OpenAPI responses for a surface's errors (each in that surface's own envelope)."""
     return {str(status): {"description": ERROR_MEANINGS[status],

@@ -41,10 +41,11 @@ register_envelope("/api/v1/images/", envelope)
 
 @blp.route("/generation", methods=["POST", "GET"])
 @blp.doc(requestBody={"content": {"application/json": {"schema": {"type": "object", "required": ["prompt"], "properties": {
-    "model": {"type": "string"}, "prompt": {"type": "string"}, "num_steps": {"type": "integer"},
-    "guidance_scale": {"type": "number"}, "width": {"type": "integer"}, "height": {"type": "integer"},
-    "negative_prompt": {"type": "string", "nullable": True}, "image": {"type": "string", "format": "byte"},
-    "mask": {"type": "string", "format": "byte"}}}}}},
+    "prompt": {"type": "string"}, **compat.nullable({"model": "string", "num_steps": "integer", "guidance_scale": "number",
+                                              "width": "integer", "height": "integer", "negative_prompt": "string",
+                                              "seed": "integer", "num_images": "integer"}),
+    "image": {"type": "string", "format": "byte", "nullable": True},
+    "mask": {"type": "string", "format": "byte", "nullable": True}}}}}},
     responses={"200": {"description": "{model, object: list, data: [{timings, index, b64_json}], message, status}"},
                **compat.error_docs(*compat.SYNC_ERRORS)})
 def generation() -> dict[str, Any]:

@@ -141,9 +141,8 @@ def client_user(body: dict[str, Any]) -> str | None:
 
 @blp.route("/images/generations", methods=["POST"])
 @blp.doc(requestBody={"content": {"application/json": {"schema": {"type": "object", "required": ["prompt"], "properties": {
-    "prompt": {"type": "string"}, "model": {"type": "string"}, "n": {"type": "integer"}, "size": {"type": "string"},
-    "response_format": {"type": "string", "enum": ["url", "b64_json"]}, "quality": {"type": "string"},
-    "user": {"type": "string"}}}}}},
+    "prompt": {"type": "string"}, "response_format": {"type": "string", "enum": ["url", "b64_json"], "nullable": True},
+    **compat.nullable({"model": "string", "n": "integer", "size": "string", "quality": "string", "user": "string"})}}}}},
     responses={"200": {"description": "OpenAI's ImagesResponse: created and data[] of b64_json or url"},
     **compat.error_docs(*compat.SYNC_ERRORS)})
 def generations() -> dict[str, Any]:

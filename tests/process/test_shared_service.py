@@ -3,14 +3,12 @@ submits, retention, health checks and backups, between real processes."""
 
 from __future__ import annotations
 
-import signal
 import sqlite3
 import subprocess
 import sys
 import time
 
 import openai
-import psutil
 import pytest
 import requests
 
@@ -108,18 +106,13 @@ def test_priority_needs_a_key_allowed_to_use_it(processes):
                          timeout=10).status_code == 200
 
 
-def kill_api(proc) -> None:
-    family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-    for member in family:
-        member.send_signal(signal.SIGKILL)
-    psutil.wait_procs(family, timeout=10)
 
 
 def test_an_idempotent_retry_after_a_killed_api_answers_the_same_task(processes):
     url = processes.server()
     headers = {"Idempotency-Key": "order-42"}
     first = requests.post(f"{url}/api/generate", json=SMALL, headers=headers, timeout=10).json()
-    kill_api(processes.server_proc)  # as if the answer never reached the client
+    processes.kill_server()  # as if the answer never reached the client
     url = processes.server()
     again = requests.post(f"{url}/api/generate", json=SMALL, headers=headers, timeout=10).json()
     assert again["task_id"] == first["task_id"]

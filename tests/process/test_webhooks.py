@@ -3,9 +3,6 @@ delivery, a receiver that fails before it answers, and targets the server must r
 
 from __future__ import annotations
 
-import signal
-
-import psutil
 import requests
 
 from mflux_server.core import db, store
@@ -14,12 +11,6 @@ from mflux_server.testing import TEST_WEBHOOK_SECRET, WebhookReceiver, wait_for
 SERVER = ("--webhook-secret", TEST_WEBHOOK_SECRET, "--webhook-allow-private")
 
 
-def kill_api(proc) -> None:
-    """SIGKILL the gunicorn master and its server processes at once, as a crash or the OOM killer would."""
-    family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-    for member in family:
-        member.send_signal(signal.SIGKILL)
-    psutil.wait_procs(family, timeout=10)
 
 
 def test_a_task_finished_while_the_api_was_killed_is_delivered_when_it_returns(processes):
@@ -28,7 +19,7 @@ def test_a_task_finished_while_the_api_was_killed_is_delivered_when_it_returns(p
         url = processes.server(*SERVER)
         task = requests.post(f"{url}/api/generate", timeout=10, json={
             "prompt": "delivered later", "width": 256, "height": 256, "callback_url": receiver.url}).json()
-        kill_api(processes.server_proc)  # no worker yet: the task ends only after the API is gone
+        processes.kill_server()  # no worker yet: the task ends only after the API is gone
         processes.worker(speed=50)
         conn = db.connect(processes.db_path)
         wait_for(lambda: store.task_deliveries(conn, task["task_id"]), what="the delivery to be recorded with the task's end")
