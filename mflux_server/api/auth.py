@@ -15,7 +15,8 @@ from flask import Flask, g, request
 
 from mflux_server.api.context import conn, settings
 from mflux_server.api.errors import abort_json
-from mflux_server.core import api_keys, store
+from mflux_server.api.rate_counts import RateCounts
+from mflux_server.core import api_keys, db, native, store
 from mflux_server.core.rows import ApiKey
 
 # Endpoints anyone may reach: the docs, the web UI's files, and the health checks.
@@ -79,13 +80,41 @@ def link_secret() -> str:
     return found
 
 
+def rate_counts() -> RateCounts:
+    """This process's batched per-key request counts (rate_counts.py), written to the queue file."""
+    from flask import current_app
+
+    found: RateCounts | None = current_app.extensions.get("mflux_rate_counts")
+    if found is None:
+        path = settings().db
+        local = native.thread_local()
+
+        def add(key_id: int, minute: int, n: int) -> int:
+            # Its own connection per thread: the count may be written from any request's thread.
+            if getattr(local, "conn", None) is None:
+                local.conn = db.connect(path)
+            return store.count_requests(local.conn, key_id, minute, n)
+
+        found = current_app.extensions["mflux_rate_counts"] = RateCounts(add)
+    return found
+
+
+def keys_exist() -> bool:
+    """Whether a key was ever created; once true it stays true (revoked keys count), so it is read until then."""
+    from flask import current_app
+
+    if not current_app.extensions.get("mflux_keys_exist"):
+        current_app.extensions["mflux_keys_exist"] = store.keys_exist(conn())
+    return bool(current_app.extensions["mflux_keys_exist"])
+
+
 def authenticate() -> None:
     """Find the request's key, or refuse with a 401 (in the surface's own envelope) when one is needed."""
     g.api_key = None
     if request.endpoint in OPEN_ENDPOINTS or request.method == "OPTIONS":
         return
     token = presented_token()
-    required = settings().auth == "required" or store.keys_exist(conn())
+    required = settings().auth == "required" or keys_exist()
     if token is None:
         if required and not signed_image_link():
             abort_json(401, code="unauthorized", field="Authorization", headers={"WWW-Authenticate": "Bearer"},
@@ -100,8 +129,8 @@ def authenticate() -> None:
     g.api_key = key
     limit = settings().rate_limit
     if limit is not None:
-        count, left = store.count_request(conn(), key.id)
-        if count > limit:
+        within, left = rate_counts().count(key.id, limit)
+        if not within:
             abort_json(429, code="too_many_requests", field=None, headers={"Retry-After": str(max(1, math.ceil(left)))},
                        message=f"the key {key.name!r} made over {limit} requests this minute "
                                f"(--rate-limit); retry in {math.ceil(left)} s")

@@ -393,9 +393,9 @@ SELECT 1 FROM expired_tasks WHERE id = ?;
 UPDATE queue_state SET changes = changes WHERE id = 1;
 
 -- name: count_request
--- Count one request of a key in its minute, and return the minute's count so far.
-INSERT INTO rate_windows (key_id, window, count) VALUES (:key_id, :window, 1)
-ON CONFLICT (key_id, window) DO UPDATE SET count = count + 1
+-- Add a process's requests of a key to its minute, and return the minute's count of every process so far.
+INSERT INTO rate_windows (key_id, window, count) VALUES (:key_id, :window, :n)
+ON CONFLICT (key_id, window) DO UPDATE SET count = count + excluded.count
 RETURNING count;
 
 -- name: forget_rate_windows

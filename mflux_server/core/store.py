@@ -713,13 +713,10 @@ def check_writable(conn: sqlite3.Connection) -> None:
 # Quotas
 
 
-def count_request(conn: sqlite3.Connection, key_id: int, now: float | None = None) -> tuple[int, float]:
-    """Count a request of a key in the current minute; returns the minute's count and the seconds left in it."""
-    now = time.time() if now is None else now
-    window = int(now // 60)
+def count_requests(conn: sqlite3.Connection, key_id: int, minute: int, n: int) -> int:
+    """Add n requests of a key to its count for a (Unix) minute; returns the minute's count of every process."""
     with transaction(conn):
-        count = int(conn.execute(sql("count_request"), {"key_id": key_id, "window": window}).fetchone()[0])
-    return count, (window + 1) * 60 - now
+        return int(conn.execute(sql("count_request"), {"key_id": key_id, "window": minute, "n": n}).fetchone()[0])
 
 
 def unfinished_of_key(conn: sqlite3.Connection, key_id: int) -> int:
