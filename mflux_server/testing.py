@@ -91,7 +91,7 @@ class Processes:
 
     def kill_server(self) -> None:
         """SIGKILL the API's gunicorn master and its server processes at once, as a crash or the OOM killer would."""
-        import psutil
+        import psutil  # type: ignore[import-untyped]  # a test dependency, without stubs
 
         assert self.server_proc is not None
         family = [psutil.Process(self.server_proc.pid), *psutil.Process(self.server_proc.pid).children(recursive=True)]
