@@ -94,6 +94,9 @@ def storage_problem(error: BaseException) -> str | None:
     return STORAGE_PROBLEMS.get(code & 0xFF)
 
 
+WAL_SIZE_LIMIT = 4 << 20  # bytes the -wal file is cut back to after a checkpoint
+
+
 def connect(path: str | Path) -> sqlite3.Connection:
     """Open the database in autocommit mode (we issue BEGIN ourselves) with WAL and a busy timeout."""
     if str(path) != ":memory:":
@@ -106,6 +109,9 @@ def connect(path: str | Path) -> sqlite3.Connection:
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("PRAGMA synchronous = NORMAL")
     conn.execute("PRAGMA foreign_keys = ON")
+    # Under steady load the WAL file keeps its largest size after each checkpoint; this lets the next reset
+    # truncate it, so the queue's files stay near what they hold (retention's bound covers the WAL too).
+    conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
     if str(path) != ":memory:":
         conn.path = str(path)
         conn.files = {str(path): _identity(str(path)), str(path) + "-wal": _identity(str(path) + "-wal")}

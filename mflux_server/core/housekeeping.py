@@ -3,7 +3,8 @@
 Finished, failed and canceled tasks go after --keep-finished with their images and inputs (their ids are
 remembered for a week, so they answer task_expired); tasks kept only for image links go when the links expire;
 past --max-store-bytes the oldest finished tasks go first. Freed pages go back to the file system
-(incremental vacuum), so the file shrinks rather than only stopping to grow.
+(incremental vacuum) and the WAL is checkpointed (and cut back to 4 MB); a removed task's events go a minute
+after it. So the files shrink rather than only stopping to grow.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ log = logging.getLogger("mflux_server.housekeeping")
 EVERY = 30.0  # seconds between sweeps
 IDEMPOTENCY_WINDOW = 24 * 3600.0  # an Idempotency-Key answers its task for this long
 EXPIRED_MEMORY = 7 * 24 * 3600.0  # how long a removed task's id answers task_expired
+REMOVED_EVENTS_KEPT = 60.0  # seconds a removed task's events stay, for a stream that reconnects just then
 VACUUM_PAGES = 2000  # pages handed back per sweep at most (8 MB at 4 KiB pages), so a sweep stays short
 
 
@@ -42,7 +44,9 @@ def sweep(conn: sqlite3.Connection, keep_finished: float, max_store_bytes: int |
     links = store.remove_expired(conn, now)
     trimmed = store.trim_store(conn, max_store_bytes, now) if max_store_bytes is not None else 0
     store.forget_old_records(conn, now - IDEMPOTENCY_WINDOW, now - EXPIRED_MEMORY)
+    store.prune_removed_events(conn, now - REMOVED_EVENTS_KEPT)
     pages = store.give_back_space(conn, VACUUM_PAGES)
+    store.checkpoint(conn)
     return Sweep(expired, links, trimmed, pages)
 
 

@@ -468,3 +468,11 @@ SELECT last_tag FROM fair_clock WHERE id = 1;
 -- name: note_tag
 -- Remember the largest tag given.
 UPDATE fair_clock SET last_tag = max(last_tag, :tag) WHERE id = 1;
+
+-- name: prune_removed_events
+-- Forget the events of tasks that no longer exist, once they are older than a reconnecting stream needs.
+DELETE FROM events WHERE at < :before AND NOT EXISTS (SELECT 1 FROM tasks WHERE tasks.id = events.task_id);
+
+-- name: checkpoint
+-- Copy the WAL into the database file as far as readers allow, so the WAL can restart (and be cut back).
+PRAGMA wal_checkpoint(PASSIVE);

@@ -695,6 +695,17 @@ def is_expired(conn: sqlite3.Connection, task_id: str) -> bool:
     return conn.execute(sql("is_expired"), (task_id,)).fetchone() is not None
 
 
+def prune_removed_events(conn: sqlite3.Connection, before: float) -> int:
+    """Forget events of removed tasks older than `before`; returns how many."""
+    with transaction(conn):
+        return conn.execute(sql("prune_removed_events"), {"before": before}).rowcount
+
+
+def checkpoint(conn: sqlite3.Connection) -> None:
+    """Move the WAL's pages into the database file as far as current readers allow."""
+    conn.execute(sql("checkpoint")).fetchall()
+
+
 def give_back_space(conn: sqlite3.Connection, pages: int) -> int:
     """Hand up to `pages` free pages back to the file system (incremental vacuum); returns how many were free."""
     free = int(conn.execute("PRAGMA freelist_count").fetchone()[0])

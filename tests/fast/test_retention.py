@@ -92,3 +92,14 @@ def test_first_in_first_out_tags_keep_submission_order(conn):
     while (claimed := store.claim_next(conn, "w", tasks[0].model, "synthetic")) is not None:
         order.append(claimed.id)
     assert order == [t.id for t in tasks]
+
+
+def test_a_removed_tasks_events_go_a_minute_later_and_a_live_tasks_stay(conn):
+    gone, kept = finish(conn), finish(conn)
+    store.cancel_or_delete(conn, gone.id)
+    count = lambda task_id: conn.execute("SELECT count(*) FROM events WHERE task_id = ?", (task_id,)).fetchone()[0]  # noqa: E731
+    assert count(gone.id) > 0
+    assert store.prune_removed_events(conn, before=0) == 0, "recent events stay for reconnecting streams"
+    held = count(gone.id)
+    assert store.prune_removed_events(conn, before=10 ** 10) == held and count(gone.id) == 0
+    assert count(kept.id) > 0
