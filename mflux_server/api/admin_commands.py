@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sqlite3
 import sys
 import time
@@ -14,6 +15,15 @@ from mflux_server.core import api_keys, db, store
 from mflux_server.core.settings import default_db_path, env_name
 
 COMMANDS = ("keys", "backup")
+KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
+
+
+def key_name(text: str) -> str:
+    """A key's name: 1 to 64 letters, digits, dots, dashes, underscores or @, starting with a letter or digit."""
+    if not KEY_NAME.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"{text!r}: a name is 1 to 64 letters, digits, '.', '_', '-' or '@', "
+                                         "starting with a letter or digit")
+    return text
 
 
 def _when(at: float | None) -> str:
@@ -30,7 +40,7 @@ def parser() -> argparse.ArgumentParser:
     keys = commands.add_parser("keys", help="create, list or revoke API keys")
     actions = keys.add_subparsers(dest="action", required=True)
     create = actions.add_parser("create", help="make a key; it is printed once, alone on the last line")
-    create.add_argument("name")
+    create.add_argument("name", type=key_name)
     create.add_argument("--admin", action="store_true", help="sees and manages every task")
     create.add_argument("--priority", action="store_true", help="may submit priority tasks")
     actions.add_parser("list", help="names, rights, creation and last use (never the keys)")

@@ -39,6 +39,8 @@ def test_keys_are_printed_once_listed_without_the_key_and_revoked(processes):
     listed = keys(processes.db_path, "list")
     assert "alice" in listed.stdout and "priority" in listed.stdout and key not in listed.stdout
     assert keys(processes.db_path, "create", "alice").returncode == 1, "names are unique"
+    bad = keys(processes.db_path, "create", "no spaces here")
+    assert bad.returncode == 2 and "a name is 1 to 64" in bad.stderr
     with sqlite3.connect(processes.db_path) as conn:
         assert key not in str(conn.execute("SELECT * FROM api_keys").fetchall()), "only the hash is stored"
     assert keys(processes.db_path, "revoke", "alice").returncode == 0
