@@ -658,17 +658,22 @@ def expire_finished(conn: sqlite3.Connection, before: float, now: float | None =
         return conn.execute(sql("remove_finished"), {"before": before}).rowcount
 
 
+def _page_size(conn: sqlite3.Connection) -> int:
+    """The database's page size, which sets how much disk a blob takes."""
+    return int(conn.execute("PRAGMA page_size").fetchone()[0])
+
+
 def store_bytes(conn: sqlite3.Connection) -> int:
-    """Bytes of images and input images kept."""
-    return int(conn.execute(sql("store_bytes")).fetchone()[0])
+    """Disk bytes that images and input images take (page-rounded)."""
+    return int(conn.execute(sql("store_bytes"), {"page": _page_size(conn)}).fetchone()[0])
 
 
 def trim_store(conn: sqlite3.Connection, max_bytes: int, now: float | None = None, batch: int = 200) -> int:
-    """Remove the oldest finished tasks until the kept image bytes are at most max_bytes; returns how many."""
+    """Remove the oldest finished tasks until the images take at most max_bytes of disk; returns how many."""
     removed = 0
     excess = store_bytes(conn) - max_bytes
     while excess > 0:
-        oldest = conn.execute(sql("oldest_finished"), {"limit": batch}).fetchall()
+        oldest = conn.execute(sql("oldest_finished"), {"limit": batch, "page": _page_size(conn)}).fetchall()
         if not oldest:
             break
         with transaction(conn):
