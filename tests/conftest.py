@@ -6,6 +6,7 @@ is marked `process` here, by folder.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import Iterator
 from dataclasses import replace
@@ -22,6 +23,7 @@ from mflux_server.core import db, store
 from mflux_server.core.rows import NewTask, StoredImage, Task
 from mflux_server.core.settings import Settings
 from mflux_server.testing import Processes, wait_for
+from mflux_server.testing_postgres import PostgresServer, why_unavailable
 
 PROCESS_TESTS = Path(__file__).parent / "process"
 
@@ -96,11 +98,42 @@ class Recorder:
 
 
 @pytest.fixture
-def db_path(tmp_path: Path) -> str:
-    """A fresh, migrated queue file."""
+def db_path(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, migrated queue file (a PostgreSQL database instead with MFLUX_TEST_STORE=postgresql, which runs
+    every test on that store; tests about SQLite's files then fail, as they should)."""
+    if os.environ.get("MFLUX_TEST_STORE") == "postgresql":
+        url = request.getfixturevalue("postgres_server").create_database()
+        db.open_database(url).close()
+        return url
     path = str(tmp_path / "queue.db")
     db.open_database(path).close()
     return path
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One PostgreSQL server for the run, started from Debian's binaries; a loud skip where there are none
+    (on CI, where they must be, a failure)."""
+    reason = why_unavailable()
+    if reason is not None:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the PostgreSQL store tests, but {reason}")
+        pytest.skip(f"PostgreSQL STORE TESTS SKIPPED: {reason}")
+    server = PostgresServer().start()  # in /tmp: pytest's own folders are closed to the postgres user
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_db(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, migrated queue on each store in turn: an SQLite file, then a PostgreSQL database."""
+    if request.param == "sqlite":
+        target = str(tmp_path / "queue.db")
+    else:
+        server: PostgresServer = request.getfixturevalue("postgres_server")
+        target = server.create_database()
+    db.open_database(target).close()
+    return target
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Opening the SQLite queue with the right pragmas and bringing its schema up to date."""
+"""Opening the queue with the right pragmas and bringing its schema up to date: an SQLite file, or PostgreSQL (pg.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 from typing import Any, NoReturn
+
+from mflux_server.core import pg
 
 BUSY_TIMEOUT_MS = 10_000
 _MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
@@ -85,6 +87,9 @@ def storage_problem(error: BaseException) -> str | None:
     """What a database error says about the storage: full, io, read_only, busy, corrupt or lost; None for a bug."""
     if isinstance(error, StorageLost):
         return "lost"
+    if hasattr(error, "problem"):  # a PostgreSQL error, already classified (pg.PgStorageError)
+        problem: str | None = error.problem
+        return problem
     if not isinstance(error, sqlite3.Error):
         return None
     code = getattr(error, "sqlite_errorcode", None)
@@ -99,6 +104,8 @@ WAL_SIZE_LIMIT = 4 << 20  # bytes the -wal file is cut back to after a checkpoin
 
 def connect(path: str | Path) -> sqlite3.Connection:
     """Open the database in autocommit mode (we issue BEGIN ourselves) with WAL and a busy timeout."""
+    if pg.is_postgres_url(path):
+        return pg.connect(str(path))  # type: ignore[return-value]  # the same surface (pg.PgConnection)
     if str(path) != ":memory:":
         Path(path).parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000,
@@ -133,15 +140,17 @@ def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         raise
 
 
-def migration_files() -> list[tuple[int, str, str]]:
-    """Return (version, name, sql) for every migration, from the installed package or the checkout."""
+def migration_files(dialect: str = "") -> list[tuple[int, str, str]]:
+    """Return (version, name, sql) for every migration of a store ("" for SQLite, "postgresql"), from the installed
+    package or the checkout."""
+    package = "mflux_server.migrations" + (f".{dialect}" if dialect else "")
     try:
-        folder = resources.files("mflux_server.migrations")
+        folder = resources.files(package)
         entries = [(entry.name, entry) for entry in folder.iterdir()]
     except (ModuleNotFoundError, FileNotFoundError):
         entries = []
     if not any(_MIGRATION_NAME.match(name) for name, _ in entries):
-        checkout = Path(__file__).resolve().parents[2] / "migrations"
+        checkout = Path(__file__).resolve().parents[2] / "migrations" / dialect
         entries = [(entry.name, entry) for entry in checkout.iterdir()]
     found = []
     for name, entry in entries:
@@ -201,6 +210,12 @@ def _why_unwritable(path: Path) -> str | None:
 
 def open_or_exit(path: str | Path, program: str) -> None:
     """Check at start that the queue file can be opened, migrated and written; else exit 1 with one line naming it."""
+    if pg.is_postgres_url(path):
+        try:
+            open_database(path).close()
+        except (sqlite3.Error, RuntimeError) as error:
+            raise SystemExit(f"{program}: cannot use the PostgreSQL queue {pg.redact(str(path))}: {error}") from None
+        return
     queue = Path(path)
 
     def fail(reason: str) -> NoReturn:
@@ -226,6 +241,10 @@ def open_or_exit(path: str | Path, program: str) -> None:
 
 def open_database(path: str | Path) -> sqlite3.Connection:
     """Connect and migrate: what both processes do at start."""
+    if pg.is_postgres_url(path):
+        pg_conn = pg.connect(str(path))
+        pg.migrate(pg_conn, migration_files("postgresql"))
+        return pg_conn  # type: ignore[return-value]
     conn = connect(path)
     conn.execute("PRAGMA auto_vacuum = INCREMENTAL")  # takes effect at once on a new, empty file
     migrate(conn)

@@ -476,6 +476,10 @@ UPDATE fair_clock SET last_tag = max(last_tag, :tag) WHERE id = 1;
 -- Forget the events of tasks that no longer exist, once they are older than a reconnecting stream needs.
 DELETE FROM events WHERE at < :before AND NOT EXISTS (SELECT 1 FROM tasks WHERE tasks.id = events.task_id);
 
+-- name: page_size
+-- The database's page size, which sets how much disk a blob takes.
+SELECT page_size FROM pragma_page_size();
+
 -- name: checkpoint
 -- Copy the WAL into the database file as far as readers allow, so the WAL can restart (and be cut back).
 PRAGMA wal_checkpoint(PASSIVE);

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, fields
 from functools import lru_cache
 from importlib import resources
 
+from mflux_server.core import pg
 from mflux_server.core.db import transaction
 from mflux_server.core.rows import (
     ApiKey,
@@ -289,9 +290,29 @@ def queue_changes(conn: sqlite3.Connection) -> int:
 
 
 def data_version(conn: sqlite3.Connection) -> int:
-    """A number that changes whenever another connection commits to the database."""
+    """A number that changes whenever another connection commits to the database (on PostgreSQL: a NOTIFY)."""
+    if is_postgres(conn):
+        return pg.notifications(conn.url).version  # type: ignore[attr-defined]
     version: int = conn.execute(sql("data_version")).fetchone()[0]
     return version
+
+
+def wait_for_change(conn: sqlite3.Connection, version: int, timeout: float, tick: float) -> int:
+    """Wait until data_version moves from `version` or timeout seconds pass; returns it. PostgreSQL wakes on
+    LISTEN/NOTIFY at once; SQLite has no notification, so the cheap pragma is read every tick seconds."""
+    if is_postgres(conn):
+        return pg.notifications(conn.url).wait(version, timeout)  # type: ignore[attr-defined]
+    deadline = time.monotonic() + timeout
+    while True:
+        time.sleep(max(0.0, min(tick, deadline - time.monotonic())))
+        current = data_version(conn)
+        if current != version or time.monotonic() >= deadline:
+            return current
+
+
+def is_postgres(conn: object) -> bool:
+    """Whether a connection is to the PostgreSQL store (pg.PgConnection) rather than an SQLite file."""
+    return getattr(conn, "dialect", "sqlite") == "postgresql"
 
 
 # Timings
@@ -660,7 +681,7 @@ def expire_finished(conn: sqlite3.Connection, before: float, now: float | None =
 
 def _page_size(conn: sqlite3.Connection) -> int:
     """The database's page size, which sets how much disk a blob takes."""
-    return int(conn.execute("PRAGMA page_size").fetchone()[0])
+    return int(conn.execute(sql("page_size")).fetchone()[0])
 
 
 def store_bytes(conn: sqlite3.Connection) -> int:
@@ -713,6 +734,8 @@ def checkpoint(conn: sqlite3.Connection) -> None:
 
 def give_back_space(conn: sqlite3.Connection, pages: int) -> int:
     """Hand up to `pages` free pages back to the file system (incremental vacuum); returns how many were free."""
+    if is_postgres(conn):
+        return 0  # autovacuum reuses freed space; nothing to hand back by hand
     free = int(conn.execute("PRAGMA freelist_count").fetchone()[0])
     if free:
         # executescript steps the pragma to its end; execute() stops after the first page it frees.

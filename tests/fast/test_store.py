@@ -14,6 +14,12 @@ from mflux_server.core.rows import Recovery, Removal, Status, Task, Timing
 from tests.conftest import images_for, queue_task
 
 
+@pytest.fixture
+def db_path(store_db: str) -> str:
+    """Every store test runs on SQLite and on PostgreSQL: one contract for both."""
+    return store_db
+
+
 def claim(conn, worker: str = "w", model: str = "schnell") -> Task | None:
     return store.claim_next(conn, worker, model, "synthetic")
 

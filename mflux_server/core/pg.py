@@ -1,0 +1,488 @@
+"""The PostgreSQL store: a connection that speaks the SQLite dialect of queries.sql, and LISTEN/NOTIFY wake-ups.
+
+store.py runs the same named statements on both stores. A PgConnection translates each once (placeholders,
+`INSERT OR IGNORE`, scalar max/min, SQLite-only hints) or takes its PostgreSQL version from queries_pg.sql, and
+raises sqlite3 error classes carrying a storage problem, so the code above the store cannot tell them apart.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from functools import lru_cache
+from importlib import resources
+from typing import Any
+
+import psycopg
+import psycopg.errors
+from psycopg_pool import ConnectionPool
+
+from mflux_server.core import native
+
+# Every write transaction holds this advisory lock until it ends, as SQLite's BEGIN IMMEDIATE holds the file's
+# write lock: writers queue up in arrival order, events get ids in commit order (a stream never skips one), and
+# no two transactions can deadlock on the rows they share (fair_clock, queue_state). Reads never wait for it.
+WRITE_LOCK = 0x6D666C7578  # "mflux"
+MIGRATION_LOCK = WRITE_LOCK + 1
+CHANNEL = "mflux"  # what the triggers NOTIFY on every commit that changes a task, an event or a webhook
+CONNECT_TIMEOUT = 10
+
+
+def is_postgres_url(target: object) -> bool:
+    """Whether a --db value names a PostgreSQL server rather than an SQLite file."""
+    return isinstance(target, str) and target.startswith(("postgresql://", "postgres://"))
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
+
+
+# Errors
+
+
+class PgStorageError(sqlite3.OperationalError):
+    """A PostgreSQL failure shaped like SQLite's: `problem` says what it means for the store (io, full, busy...)."""
+
+    def __init__(self, message: str, problem: str | None):
+        super().__init__(message)
+        self.problem = problem
+
+
+class PgIntegrityError(sqlite3.IntegrityError):
+    """A unique or check constraint refused a write (a key name taken), as sqlite3.IntegrityError."""
+
+
+def _translate_error(error: psycopg.Error) -> sqlite3.Error:
+    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if isinstance(error, psycopg.errors.IntegrityError):
+        return PgIntegrityError(message)
+    if isinstance(error, psycopg.errors.DiskFull):
+        return PgStorageError(message, "full")
+    if isinstance(error, psycopg.errors.ReadOnlySqlTransaction | psycopg.errors.InsufficientPrivilege):
+        return PgStorageError(message, "read_only")
+    if isinstance(error, psycopg.errors.DeadlockDetected | psycopg.errors.SerializationFailure
+                  | psycopg.errors.LockNotAvailable | psycopg.errors.QueryCanceled):
+        return PgStorageError(message, "busy")
+    if isinstance(error, psycopg.errors.DataCorrupted | psycopg.errors.IndexCorrupted):
+        return PgStorageError(message, "corrupt")
+    if isinstance(error, psycopg.OperationalError | psycopg.errors.AdminShutdown | psycopg.InterfaceError):
+        return PgStorageError(message, "io")  # the server went away or restarts: the next use reconnects
+    return PgStorageError(message, None)
+
+
+# SQL translation
+
+
+_OVERRIDES_NAME = re.compile(r"^-- name: (\S+)", re.MULTILINE)
+
+
+@lru_cache(maxsize=1)
+def overrides() -> dict[str, str]:
+    """PostgreSQL versions of the statements whose SQLite text cannot be translated mechanically, by name."""
+    from mflux_server.core import store
+
+    text = resources.files("mflux_server.core").joinpath("queries_pg.sql").read_text(encoding="utf-8")
+    return {name: query.sql for name, query in store.parse_queries(text).items()}
+
+
+@lru_cache(maxsize=1)
+def _override_by_sqlite_text() -> dict[str, str]:
+    from mflux_server.core import store
+
+    sqlite_queries = store.queries()
+    unknown = set(overrides()) - set(sqlite_queries)
+    if unknown:
+        raise RuntimeError(f"queries_pg.sql overrides statements queries.sql does not have: {sorted(unknown)}")
+    return {sqlite_queries[name].sql: text for name, text in overrides().items()}
+
+
+_PARAM = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")
+_SCALAR = re.compile(r"\b(max|min)\(", re.IGNORECASE)
+
+
+def _outside_strings(sql: str, change: Any) -> str:
+    parts = re.split(r"('(?:[^']|'')*')", sql)
+    return "".join(part if index % 2 else change(part) for index, part in enumerate(parts))
+
+
+def _arguments(text: str, open_at: int) -> tuple[int, int]:
+    """The end of a call's parentheses opened at open_at, and how many top-level arguments it has."""
+    depth, commas = 0, 0
+    for index in range(open_at, len(text)):
+        char = text[index]
+        if char == "(":
+            depth += 1
+        elif char == ")":
+            depth -= 1
+            if depth == 0:
+                return index, commas + 1
+        elif char == "," and depth == 1:
+            commas += 1
+    raise ValueError(f"unbalanced parentheses in {text[:80]!r}")
+
+
+def _scalar_max_min(text: str) -> str:
+    """SQLite's two-argument max()/min() are PostgreSQL's GREATEST/LEAST (one argument stays the aggregate)."""
+    out, position = [], 0
+    for match in _SCALAR.finditer(text):
+        if match.start() < position:
+            continue
+        _, count = _arguments(text, match.end() - 1)
+        if count >= 2:
+            out.append(text[position:match.start()])
+            out.append("GREATEST(" if match.group(1).lower() == "max" else "LEAST(")
+            position = match.end()
+    out.append(text[position:])
+    return "".join(out)
+
+
+def _rewrite(part: str) -> str:
+    part = part.replace("%", "%%")
+    part = _PARAM.sub(r"%(\1)s", part)
+    part = part.replace("?", "%s")
+    part = re.sub(r"\s+INDEXED BY \w+", "", part)
+    part = re.sub(r"\+(t\.)", r"\1", part)
+    part = re.sub(r"\bwindow\b", '"window"', part)
+    return part
+
+
+@lru_cache(maxsize=512)
+def translate(sql: str) -> str:
+    """The PostgreSQL form of one statement of queries.sql (or of a store-side literal statement)."""
+    if sql.startswith("EXPLAIN "):
+        return "EXPLAIN " + translate(sql.removeprefix("EXPLAIN "))
+    override = _override_by_sqlite_text().get(sql.strip().rstrip(";"))
+    if override is not None:
+        return _outside_strings(override, lambda part: _PARAM.sub(r"%(\1)s", part.replace("%", "%%")))
+    text = _scalar_max_min(_outside_strings(sql, _rewrite))
+    if re.match(r"\s*INSERT OR IGNORE\b", text, re.IGNORECASE):
+        text = re.sub(r"INSERT OR IGNORE", "INSERT", text, count=1, flags=re.IGNORECASE) + " ON CONFLICT DO NOTHING"
+    return text
+
+
+# Rows and cursors
+
+
+class PgRow(tuple):  # type: ignore[type-arg]
+    """A result row readable by position and by column name, like sqlite3.Row."""
+
+    __slots__ = ()
+    names: dict[str, int]
+
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, str):
+            return tuple.__getitem__(self, self.names[key])
+        return tuple.__getitem__(self, key)
+
+    def keys(self) -> list[str]:
+        """The column names, in order."""
+        return list(self.names)
+
+
+def _row_class(description: Sequence[Any] | None) -> type[PgRow] | None:
+    if not description:
+        return None
+    names = {column.name: index for index, column in reversed(list(enumerate(description)))}
+    return type("PgRow", (PgRow,), {"names": names, "__slots__": ()})
+
+
+class PgCursor:
+    """The part of sqlite3.Cursor the store uses, over a psycopg cursor."""
+
+    def __init__(self, owner: PgConnection):
+        self._owner = owner
+        self._rows: list[Any] = []
+        self._at = 0
+        self.rowcount = -1
+        self.row_factory: Any = PgRow
+
+    def execute(self, sql: str, parameters: Any = ()) -> PgCursor:
+        """Run one statement and keep its rows."""
+        result = self._owner.run(sql, parameters)
+        self.rowcount, description, rows = result
+        if self.row_factory is None or rows is None:
+            self._rows = rows or []
+        else:
+            shape = _row_class(description)
+            self._rows = [shape(row) for row in rows] if shape else rows
+        self._at = 0
+        return self
+
+    def fetchone(self) -> Any:
+        """The next row, or None."""
+        if self._at >= len(self._rows):
+            return None
+        self._at += 1
+        return self._rows[self._at - 1]
+
+    def fetchall(self) -> list[Any]:
+        """Every remaining row."""
+        rows, self._at = self._rows[self._at:], len(self._rows)
+        return rows
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.fetchall())
+
+
+def _adapt(parameters: Any) -> Any:
+    # psycopg sends bytes as bytea and a memoryview the same way; sqlite3 accepts both, so callers pass either.
+    if isinstance(parameters, Mapping):
+        return {key: bytes(value) if isinstance(value, memoryview) else value for key, value in parameters.items()}
+    return tuple(bytes(value) if isinstance(value, memoryview) else value for value in parameters)
+
+
+class PgConnection:
+    """One PostgreSQL session behaving like the store's sqlite3 connection: autocommit, explicit BEGIN IMMEDIATE.
+
+    A broken session (the server restarted, the network dropped) raises an `io` storage error once; the next
+    statement outside a transaction opens a new session, so API and workers reconnect by themselves.
+    """
+
+    dialect = "postgresql"
+
+    def __init__(self, url: str, pool: ConnectionPool | None = None):
+        self.url = url
+        self._pool = pool
+        self._conn: psycopg.Connection[Any] | None = None
+        self._in_transaction = False
+        self.row_factory: Any = PgRow
+
+    # sqlite3.Connection's surface
+
+    @property
+    def in_transaction(self) -> bool:
+        """Whether a BEGIN is open."""
+        return self._in_transaction
+
+    def execute(self, sql: str, parameters: Any = ()) -> PgCursor:
+        """Run one statement (SQLite dialect) and return a cursor over its rows."""
+        cursor = PgCursor(self)
+        cursor.row_factory = self.row_factory
+        return cursor.execute(sql, parameters)
+
+    def cursor(self) -> PgCursor:
+        """A cursor whose row_factory may be set to None for plain tuples."""
+        return PgCursor(self)
+
+    def close(self) -> None:
+        """End the session (back to the pool when it came from one)."""
+        conn, self._conn = self._conn, None
+        self._in_transaction = False
+        if conn is None:
+            return
+        if self._pool is not None:
+            self._pool.putconn(conn)
+        else:
+            conn.close()
+
+    # PostgreSQL
+
+    def session(self) -> psycopg.Connection[Any]:
+        """The live psycopg connection, opened (or reopened after a failure) on demand."""
+        if self._conn is not None and self._conn.closed:
+            self.close()
+        if self._conn is None:
+            try:
+                if self._pool is not None:
+                    self._conn = self._pool.getconn(timeout=CONNECT_TIMEOUT)
+                else:
+                    self._conn = psycopg.connect(self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT,
+                                                 cursor_factory=psycopg.ClientCursor)
+            except Exception as error:
+                raise PgStorageError(f"cannot reach PostgreSQL at {redact(self.url)}: {error}", "io") from error
+            self._conn.autocommit = True
+        return self._conn
+
+    def run(self, sql: str, parameters: Any) -> tuple[int, Any, list[Any] | None]:
+        """Execute one statement: (rowcount, description, rows or None)."""
+        verb = sql.lstrip()[:16].upper()
+        if verb.startswith("BEGIN"):
+            return self._begin(write="IMMEDIATE" in verb)
+        if verb.startswith(("COMMIT", "ROLLBACK", "END")):
+            return self._end(commit=not verb.startswith("ROLLBACK"))
+        if not self._in_transaction and verb.startswith(("INSERT", "UPDATE", "DELETE")):
+            # A lone write takes the write lock too, so its events keep commit order.
+            self._begin(write=True)
+            try:
+                result = self._statement(sql, parameters)
+            except BaseException:
+                self._end(commit=False)
+                raise
+            self._end(commit=True)
+            return result
+        return self._statement(sql, parameters)
+
+    def _statement(self, sql: str, parameters: Any) -> tuple[int, Any, list[Any] | None]:
+        session = self.session()
+        try:
+            cursor = session.execute(translate(sql), _adapt(parameters) or None)
+            rows = cursor.fetchall() if cursor.description is not None else None
+            return cursor.rowcount, cursor.description, rows
+        except psycopg.Error as error:
+            self._after_error()
+            raise _translate_error(error) from error
+
+    def _begin(self, write: bool) -> tuple[int, Any, None]:
+        session = self.session()
+        try:
+            # A read transaction (the forecast's queue read) sees one snapshot, as SQLite's does.
+            session.execute("BEGIN" if write else "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            self._in_transaction = True
+            if write:
+                session.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
+        except psycopg.Error as error:
+            self._after_error()
+            raise _translate_error(error) from error
+        return -1, None, None
+
+    def _end(self, commit: bool) -> tuple[int, Any, None]:
+        if not self._in_transaction:
+            return -1, None, None
+        self._in_transaction = False
+        try:
+            self.session().execute("COMMIT" if commit else "ROLLBACK")
+        except psycopg.Error as error:
+            self._after_error()
+            raise _translate_error(error) from error
+        return -1, None, None
+
+    def _after_error(self) -> None:
+        conn = self._conn
+        if conn is None:
+            return
+        if conn.closed or conn.broken:
+            self._in_transaction = False
+            self._conn = None
+            if self._pool is not None:
+                self._pool.putconn(conn)  # the pool discards a broken connection
+        elif self._in_transaction:
+            # PostgreSQL refuses every statement after an error until ROLLBACK; the caller's transaction()
+            # rolls back, so leave the transaction open for it.
+            pass
+
+
+# Migrations
+
+
+def migrate(conn: PgConnection, migrations: list[tuple[int, str, str]]) -> int:
+    """Apply pending migrations, each in its own transaction, under an advisory lock that several processes starting
+    at once take in turn (the second finds nothing left to do)."""
+    try:
+        session = conn.session()
+        session.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,))
+        try:
+            session.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version integer PRIMARY KEY, "
+                            "name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())")
+            current = session.execute("SELECT coalesce(max(version), 0) FROM schema_migrations").fetchone()[0]
+            if current > len(migrations):
+                raise RuntimeError(f"database schema version {current} is newer than this code knows "
+                                   f"({len(migrations)}); upgrade mflux-server")
+            for version, name, text in migrations[current:]:
+                with session.transaction():
+                    session.execute(text.encode())  # bytes: no placeholders to interpolate in a script
+                    session.execute("INSERT INTO schema_migrations (version, name) VALUES (%s, %s)", (version, name))
+        finally:
+            if not session.closed:
+                session.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK,))
+    except psycopg.Error as error:
+        conn._after_error()
+        raise _translate_error(error) from error
+    return len(migrations)
+
+
+# Pools, one per URL and process
+
+
+_pools: dict[tuple[str, int], ConnectionPool] = {}
+_pools_lock = threading.Lock()
+
+
+def pool(url: str) -> ConnectionPool:
+    """This process's connection pool for a URL (made on first use; a fork gets its own)."""
+    key = (url, os.getpid())
+    with _pools_lock:
+        found = _pools.get(key)
+        if found is None:
+            found = _pools[key] = ConnectionPool(
+                url, min_size=1, max_size=int(os.environ.get("MFLUX_SERVER_PG_POOL", "20")), open=True,
+                kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT, "cursor_factory": psycopg.ClientCursor},
+                check=ConnectionPool.check_connection, name="mflux-server")
+    return found
+
+
+def connect(url: str, pooled: bool = False) -> PgConnection:
+    """A store connection to the server at url: its own session, or one borrowed from the process's pool."""
+    return PgConnection(url, pool(url) if pooled else None)
+
+
+# Wake-ups
+
+
+class Notifications:
+    """One LISTEN session per process and URL; a counter that moves on every NOTIFY, and a wait for it to move.
+
+    The counter also moves whenever the session had to reconnect, since notifications sent meanwhile are lost:
+    a waiter then rereads the store rather than sleep through a change.
+    """
+
+    def __init__(self, url: str):
+        self.url = url
+        self.version = 0
+        # Under gevent the listener is an OS thread and waiters are greenlets, which watch the counter instead.
+        self._changed = None if native.gevent_active() else threading.Condition()
+        native.start(self._listen, "pg-listen")
+
+    def _bump(self) -> None:
+        if self._changed is None:
+            self.version += 1
+            return
+        with self._changed:
+            self.version += 1
+            self._changed.notify_all()
+
+    def _listen(self) -> None:
+        while True:
+            try:
+                with psycopg.connect(self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT) as conn:
+                    conn.execute(f"LISTEN {CHANNEL}")
+                    self._bump()
+                    while True:
+                        received = False
+                        for _ in conn.notifies(timeout=1.0, stop_after=64):
+                            received = True
+                        if received:
+                            self._bump()
+                        conn.execute("SELECT 1")  # notices a dead server within a second
+            except psycopg.Error:
+                time.sleep(0.5)
+
+    def wait(self, version: int, timeout: float) -> int:
+        """The counter once it differs from version, or after timeout seconds."""
+        if self._changed is None:
+            import gevent
+
+            deadline = time.monotonic() + timeout
+            while self.version == version and time.monotonic() < deadline:
+                gevent.sleep(0.002)
+            return self.version
+        with self._changed:
+            self._changed.wait_for(lambda: self.version != version, timeout)
+            return self.version
+
+
+_listeners: dict[tuple[str, int], Notifications] = {}
+
+
+def notifications(url: str) -> Notifications:
+    """This process's listener for a URL, started on first use."""
+    key = (url, os.getpid())
+    with _pools_lock:
+        found = _listeners.get(key)
+        if found is None:
+            found = _listeners[key] = Notifications(url)
+    return found

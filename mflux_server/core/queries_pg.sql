@@ -1,0 +1,101 @@
+-- PostgreSQL versions of the statements of queries.sql that cannot be translated mechanically, by the same names.
+-- pg.translate() takes these in place of the SQLite text; every other statement is translated (placeholders,
+-- INSERT OR IGNORE, scalar max/min, SQLite's index hints).
+
+-- name: waiting_heads
+-- Per model and priority: the first waiting task in claim order, its submit time, and how much waits.
+SELECT model, priority, MIN(seq) AS seq, (array_agg(created_at ORDER BY seq))[1] AS created_at, COUNT(*) AS tasks,
+       SUM(count) AS images
+  FROM tasks
+ WHERE status = 'waiting'
+ GROUP BY model, priority;
+
+-- name: claim_next
+-- Take a model's next waiting task in claim order in one statement; SKIP LOCKED passes over a row another
+-- claim holds, and the outer status check refuses a row that stopped waiting meanwhile.
+UPDATE tasks
+   SET status = 'processing', worker_id = :worker_id, started_at = :now, attempts = attempts + 1,
+       image_index = 0, step = 0, step_at = :now, engine = :engine, error = NULL
+ WHERE seq = (SELECT seq FROM tasks
+               WHERE status = 'waiting' AND model = :model
+               ORDER BY priority DESC, fair_tag, fair_start DESC, seq
+               LIMIT 1
+               FOR UPDATE SKIP LOCKED)
+   AND status = 'waiting'
+RETURNING *;
+
+-- name: record_timing
+-- Add measured seconds of one kind of cost to the running totals of a model and size.
+INSERT INTO timing_stats (model, width, height, kind, n, total, updated_at)
+VALUES (:model, :width, :height, :kind, :n, :total, :now)
+ON CONFLICT (model, width, height, kind) DO UPDATE
+   SET n = timing_stats.n + excluded.n, total = timing_stats.total + excluded.total, updated_at = excluded.updated_at;
+
+-- name: record_load
+-- Add one measured load (and warm-up) of a model to its running totals.
+INSERT INTO load_stats (model, n, total, last, updated_at) VALUES (:model, 1, :seconds, :seconds, :now)
+ON CONFLICT (model) DO UPDATE
+   SET n = load_stats.n + 1, total = load_stats.total + excluded.total, last = excluded.last,
+       updated_at = excluded.updated_at;
+
+-- name: data_version
+-- Not used on PostgreSQL: the change signal is the LISTEN counter (pg.Notifications).
+SELECT 0;
+
+-- name: claim_delivery
+-- Take the oldest due webhook that no live deliverer holds, leasing it so other processes leave it alone.
+UPDATE deliveries SET lease_until = :lease_until, attempts = attempts + 1
+ WHERE id = (SELECT id FROM deliveries WHERE state = 'pending' AND next_at <= :now
+                AND (lease_until IS NULL OR lease_until < :now) ORDER BY next_at LIMIT 1 FOR UPDATE SKIP LOCKED)
+RETURNING *;
+
+-- name: next_delivery_due
+-- When the soonest pending webhook is due (NULL when none is pending).
+SELECT min(GREATEST(next_at, coalesce(lease_until, 0))) FROM deliveries WHERE state = 'pending';
+
+-- name: store_bytes
+-- Bytes that image data takes (PostgreSQL compresses and TOASTs blobs itself; these are the stored sizes).
+SELECT (SELECT coalesce(sum(pg_column_size(data)), 0) FROM images)
+     + (SELECT coalesce(sum(pg_column_size(data)), 0) FROM task_inputs) + 0 * :page;
+
+-- name: oldest_finished
+-- The oldest finished tasks with the bytes each holds, for the store bound.
+SELECT t.id, (SELECT coalesce(sum(pg_column_size(data)), 0) FROM images WHERE task_id = t.id)
+           + (SELECT coalesce(sum(pg_column_size(data)), 0) FROM task_inputs WHERE task_id = t.id) + 0 * :page AS bytes
+  FROM tasks t WHERE finished_at IS NOT NULL AND status IN ('done', 'error', 'canceled')
+ ORDER BY finished_at LIMIT :limit;
+
+-- name: count_request
+-- Add a process's requests of a key to its minute, and return the minute's count of every process so far.
+INSERT INTO rate_windows (key_id, "window", count) VALUES (:key_id, :window, :n)
+ON CONFLICT (key_id, "window") DO UPDATE SET count = rate_windows.count + excluded.count
+RETURNING count;
+
+-- name: histogram_sum
+-- Add an observation to a histogram's sum and count.
+INSERT INTO metric_sums (name, model, sum, count) VALUES (:name, :model, :value, 1)
+ON CONFLICT (name, model) DO UPDATE SET sum = metric_sums.sum + excluded.sum, count = metric_sums.count + 1;
+
+-- name: database_pages
+-- The database's size in blocks, and the block size.
+SELECT pg_database_size(current_database()) / current_setting('block_size')::bigint,
+       current_setting('block_size')::bigint;
+
+-- name: fair_tag
+-- A new task's fair tag for its key (the later of the virtual time and the key's last end) and the start of the
+-- key's backlog; the key's end moves on by the task's forecast seconds.
+INSERT INTO fair_keys (key_id, last_finish, backlog_start)
+VALUES (:key_id, (SELECT virtual FROM fair_clock WHERE id = 1) + :cost, (SELECT virtual FROM fair_clock WHERE id = 1))
+ON CONFLICT (key_id) DO UPDATE SET
+    backlog_start = CASE WHEN fair_keys.last_finish <= (SELECT virtual FROM fair_clock WHERE id = 1)
+                         THEN (SELECT virtual FROM fair_clock WHERE id = 1) ELSE fair_keys.backlog_start END,
+    last_finish = GREATEST(fair_keys.last_finish, (SELECT virtual FROM fair_clock WHERE id = 1)) + :cost
+RETURNING last_finish - :cost, backlog_start;
+
+-- name: page_size
+-- The block size (unused by store_bytes here, which counts stored sizes).
+SELECT current_setting('block_size')::bigint;
+
+-- name: checkpoint
+-- Nothing to do: PostgreSQL checkpoints its WAL itself.
+SELECT 1;

@@ -1,0 +1,102 @@
+"""A throwaway PostgreSQL server for tests and benchmarks: Debian's server binaries driven by pytest-postgresql.
+
+The suite starts one server per run (on a free port, its data in a temporary folder) and gives each test a
+database of its own. As root, initdb and postgres refuse to run, so pg_ctl is run as the `postgres` user.
+"""
+
+from __future__ import annotations
+
+import glob
+import itertools
+import os
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+
+SERVER_USER = "postgres"
+
+
+def find_pg_ctl() -> str | None:
+    """pg_ctl from $PG_CTL, the PATH, or Debian's /usr/lib/postgresql/N/bin (newest first); None when absent."""
+    candidates = [os.environ.get("PG_CTL", ""), shutil.which("pg_ctl") or ""]
+    candidates += sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"), reverse=True)
+    return next((found for found in candidates if found and os.access(found, os.X_OK)), None)
+
+
+def why_unavailable() -> str | None:
+    """Why no PostgreSQL server can be started here, or None when one can."""
+    if find_pg_ctl() is None:
+        return ("PostgreSQL's server binaries are not installed (apt-get install postgresql, or set PG_CTL); "
+                "`make test` installs them where it can")
+    try:
+        from pytest_postgresql.executors.proc import PostgreSQLExecutor  # noqa: F401
+    except ImportError:
+        return "pytest-postgresql is not installed (pip install -e '.[test]')"
+    if os.geteuid() == 0 and shutil.which("runuser") is None:
+        return "running as root without runuser, so initdb cannot run as an unprivileged user"
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class PostgresServer:
+    """One PostgreSQL server on 127.0.0.1 with trust authentication, and fresh databases on it."""
+
+    def __init__(self, base: Path | None = None):
+        from pytest_postgresql.executors.proc import PostgreSQLExecutor
+
+        pg_ctl = find_pg_ctl()
+        if pg_ctl is None:
+            raise RuntimeError(why_unavailable())
+        self.base = Path(base or tempfile.mkdtemp(prefix="mflux-pg-"))
+        self.base.mkdir(parents=True, exist_ok=True)
+        executable = pg_ctl
+        if os.geteuid() == 0:
+            # pg_ctl through runuser: the server's files belong to the postgres user, as on a Debian host.
+            wrapper = self.base / "pg_ctl"
+            wrapper.write_text(f'#!/bin/sh\nexec runuser -u {SERVER_USER} -- "{pg_ctl}" "$@"\n')
+            wrapper.chmod(0o755)
+            executable = str(wrapper)
+            shutil.chown(self.base, SERVER_USER)
+            os.chmod(self.base, 0o755)
+        self.port = _free_port()
+        self._names = itertools.count(1)
+        self.executor = PostgreSQLExecutor(
+            executable=executable, host="127.0.0.1", port=self.port, datadir=str(self.base / "data"),
+            unixsocketdir=str(self.base), logfile=str(self.base / "server.log"), startparams="-w", dbname="postgres",
+            user="postgres", postgres_options="-c fsync=off -c max_connections=300", timeout=120)
+
+    def start(self) -> PostgresServer:
+        """Initialise the data folder and start the server (a few seconds)."""
+        self.executor.start()
+        return self
+
+    def url(self, dbname: str = "postgres") -> str:
+        """The URL of one database on this server."""
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{dbname}"
+
+    def create_database(self, prefix: str = "queue") -> str:
+        """A new, empty database; returns its URL."""
+        import psycopg
+
+        name = f"{prefix}_{os.getpid()}_{next(self._names)}"
+        with psycopg.connect(self.url(), autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return self.url(name)
+
+    def restart(self) -> None:
+        """Stop the server (fast: connections are cut) and start it again on the same port and data."""
+        self.executor.stop()
+        self.executor.start()
+
+    def stop(self) -> None:
+        """Stop the server and remove its files."""
+        try:
+            self.executor.stop()
+        finally:
+            shutil.rmtree(self.base, ignore_errors=True)
