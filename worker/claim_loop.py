@@ -301,11 +301,12 @@ class ClaimLoop:
         log.info("engine recovered in %.2f s", time.perf_counter() - started)
 
     def _wait_for_work(self) -> None:
-        # data_version changes when another connection commits, so a new task wakes us within one
-        # poll_interval without a query against the tasks table each time.
+        # A commit by another connection wakes us: on PostgreSQL a NOTIFY at once, on SQLite a change of
+        # data_version within one poll_interval, without a query against the tasks table each time.
         version = store.data_version(self.conn)
         give_up = time.monotonic() + IDLE_RECHECK_SECONDS
         while not self.stopping.is_set() and time.monotonic() < give_up:
-            time.sleep(self.settings.poll_interval)
-            if store.data_version(self.conn) != version:
+            # Short waits, so a stop request is seen within a second.
+            wait = min(1.0, give_up - time.monotonic())
+            if store.wait_for_change(self.conn, version, wait, self.settings.poll_interval) != version:
                 return

@@ -16,7 +16,7 @@ from flask import Flask, g, request
 from mflux_server.api.context import conn, settings
 from mflux_server.api.errors import abort_json
 from mflux_server.api.rate_counts import RateCounts
-from mflux_server.core import api_keys, db, native, store
+from mflux_server.core import api_keys, db, native, pg, store
 from mflux_server.core.rows import ApiKey
 
 # Endpoints anyone may reach: the docs, the web UI's files, and the health checks.
@@ -90,6 +90,12 @@ def rate_counts() -> RateCounts:
         local = native.thread_local()
 
         def add(key_id: int, minute: int, n: int) -> int:
+            if pg.is_postgres_url(path):  # a pooled session: greenlets sharing one would interleave transactions
+                borrowed = pg.connect(path, pooled=True)
+                try:
+                    return store.count_requests(borrowed, key_id, minute, n)  # type: ignore[arg-type]
+                finally:
+                    borrowed.close()
             # Its own connection per thread: the count may be written from any request's thread.
             if getattr(local, "conn", None) is None:
                 local.conn = db.connect(path)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import sqlite3
 
-from flask import Flask, current_app
+from flask import Flask, current_app, g, has_app_context
 
 from mflux_server.api.event_hub import EventHub
-from mflux_server.core import db, native
+from mflux_server.core import db, native, pg
 from mflux_server.core.settings import Settings
 from mflux_server.forecast.queue_view import Forecaster
 
@@ -17,14 +17,22 @@ class Connections:
 
     Under gevent every request greenlet of a process shares the loop thread's connection. That is safe because
     no store function yields to the loop in the middle (sqlite calls do not), so transactions never interleave.
+    psycopg does yield to gevent while it waits for the server, so on PostgreSQL each request borrows a session
+    from the process's pool instead, and gives it back when the request ends.
     """
 
     def __init__(self, path: str):
         self.path = path
         self._local = native.thread_local()
+        self._per_request = pg.is_postgres_url(path) and native.gevent_active()
 
     def get(self) -> sqlite3.Connection:
-        """This thread's connection."""
+        """This thread's connection (on PostgreSQL under gevent: this request's)."""
+        if self._per_request and has_app_context():
+            found = g.get("mflux_conn")
+            if found is None:
+                found = g.mflux_conn = pg.connect(self.path, pooled=True)
+            return found  # type: ignore[no-any-return]
         conn = getattr(self._local, "conn", None)
         if conn is None:
             conn = db.connect(self.path)
@@ -37,8 +45,15 @@ def init_app(app: Flask, config: Settings) -> None:
     db.open_database(config.db).close()
     app.extensions["mflux_settings"] = config
     app.extensions["mflux_connections"] = Connections(config.db)
+    app.teardown_appcontext(_give_back_connection)
     app.extensions["mflux_forecaster"] = Forecaster(connect=lambda: db.connect(config.db))
     app.extensions["mflux_event_hub"] = EventHub(connect=lambda: db.connect(config.db))
+
+
+def _give_back_connection(_error: BaseException | None) -> None:
+    borrowed = g.pop("mflux_conn", None)
+    if borrowed is not None:
+        borrowed.close()  # back to the pool
 
 
 def conn() -> sqlite3.Connection:

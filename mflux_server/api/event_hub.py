@@ -1,16 +1,16 @@
 """One watcher per server process turns database commits into wake-ups for every open event stream.
 
 The worker is another process, so events come from the database. Each stream does not poll it: one
-watcher per process checks `PRAGMA data_version` (a number SQLite changes when another connection
-commits) every tick, reads the new rows of the events table once, and wakes every stream waiting on a
-condition. Under gevent the watcher is a greenlet and its reads take microseconds.
+watcher per process waits for a commit (on SQLite it checks `PRAGMA data_version`, a number that changes
+when another connection commits, every tick; on PostgreSQL it wakes on LISTEN/NOTIFY), reads the new rows
+of the events table once, and wakes every stream waiting on a condition. Under gevent the watcher is a
+greenlet and its reads take microseconds.
 """
 
 from __future__ import annotations
 
 import sqlite3
 import threading
-import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -51,8 +51,7 @@ class EventHub:
     def _watch(self, conn: sqlite3.Connection) -> None:
         version = store.data_version(conn)
         while True:
-            time.sleep(self._tick)
-            now_version = store.data_version(conn)
+            now_version = store.wait_for_change(conn, version, 1.0, self._tick)
             if now_version == version:
                 continue
             version = now_version

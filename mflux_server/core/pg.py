@@ -294,7 +294,8 @@ class PgConnection:
                     self._conn = psycopg.connect(self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT,
                                                  cursor_factory=psycopg.ClientCursor)
             except Exception as error:
-                raise PgStorageError(f"cannot reach PostgreSQL at {redact(self.url)}: {error}", "io") from error
+                detail = " ".join(str(error).split())  # psycopg's message spans lines; one line for logs
+                raise PgStorageError(f"cannot reach PostgreSQL at {redact(self.url)}: {detail}", "io") from error
             self._conn.autocommit = True
         return self._conn
 

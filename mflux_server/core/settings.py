@@ -10,6 +10,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from mflux_server.core import pg
+
 ENV_PREFIX = "MFLUX_SERVER_"
 WEBHOOK_SECRET = re.compile(r"whsec_[A-Za-z0-9+/]{32,}={0,2}")
 QUANTIZE_CHOICES = ("3", "4", "5", "6", "8", "none")
@@ -107,7 +109,7 @@ class Settings:
 
     host: str = setting("127.0.0.1", "address the API listens on", "api")
     port: int = setting(4030, "port the API listens on", "api", _positive(int))
-    db: str = setting(default_db_path(), "SQLite queue file shared by the API and the workers")
+    db: str = setting(default_db_path(), "the queue shared by the API and the workers: an SQLite file, or a postgresql:// URL")
     model: str = setting("schnell", "model the worker loads first; also the API's default for requests without one")
     models: list[str] = setting(None, "every model this worker may switch to, comma separated (--model is loaded first)",
                                 "worker", _list(str))
@@ -258,5 +260,6 @@ def load_settings(role: str, argv: Sequence[str] | None, prog: str, description:
         settings = Settings(**values)
     except ValueError as exc:
         parser.error(str(exc))
-    settings.db = str(Path(settings.db).expanduser())
+    if not pg.is_postgres_url(settings.db):
+        settings.db = str(Path(settings.db).expanduser())
     return settings

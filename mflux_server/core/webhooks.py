@@ -144,7 +144,13 @@ class Deliverer:
             except sqlite3.Error as error:  # a storage fault must not end deliveries for good: retry shortly
                 log.error("webhook deliverer: %s: %s", type(error).__name__, error)
                 stop.wait(1.0)
-            stop.wait(TICK)
+            if store.is_postgres(conn):
+                # A NOTIFY (a task ended, a delivery changed) wakes the loop; otherwise it looks again when the
+                # soonest delivery falls due, and at least every quarter second for a stop request.
+                due_in = 0.25 if next_due is None else min(0.25, max(0.0, next_due - self._clock()))
+                store.wait_for_change(conn, version, due_in, TICK)
+            else:
+                stop.wait(TICK)
 
 
 def start(connect: Callable[[], sqlite3.Connection], configured_secret: str | None, allow_private: bool

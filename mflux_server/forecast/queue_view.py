@@ -138,6 +138,7 @@ class Forecaster:
         self._snapshot: QueueSnapshot | None = None
         self._rebuild: Callable[[float], Any] | None = None  # waits for the rebuild in flight
         self.arrivals = ArrivalLog()
+        self._signal_seen = -1  # the PostgreSQL change signal as of the last check that found the queue unmoved
 
     def cost_model(self, conn: sqlite3.Connection, now: float | None = None) -> CostModel:
         """The current cost model."""
@@ -157,11 +158,24 @@ class Forecaster:
                         self._build_first(conn, cost, now)
                 assert self._snapshot is not None
                 return self._snapshot
-        moved = current.changes != store.queue_changes(conn)
+        moved = self._queue_moved(conn, current)
         stale_prices = current.cost is not cost and now - current.built_at >= self._reprice_after
         if moved or stale_prices:
             self._rebuild_soon(cost)
         return current
+
+    def _queue_moved(self, conn: sqlite3.Connection, current: QueueSnapshot) -> bool:
+        if store.is_postgres(conn):
+            # The LISTEN counter moves with every commit that touches a task: until it does, nothing can have
+            # left the queue, and the status request skips even the one-row read.
+            signal = store.data_version(conn)
+            if signal == self._signal_seen:
+                return False
+            moved = current.changes != store.queue_changes(conn)
+            if not moved:
+                self._signal_seen = signal  # read before the counter row, so a change after it is not missed
+            return moved
+        return current.changes != store.queue_changes(conn)
 
     def settle(self, timeout: float = 10.0) -> None:
         """Wait for a background rebuild in flight, if any (tests use it to read its outcome)."""

@@ -111,9 +111,11 @@ def test_a_running_worker_takes_over_from_a_killed_one(conn, db_path, processes)
 
 def test_attempt_limit_ends_a_task_that_keeps_killing_workers(conn, db_path, processes):
     t = queue_task(conn, width=256, height=256, steps=40)
-    for _ in range(2):
+    for attempt in (1, 2):
         proc = processes.worker("--max-attempts", "2", speed=1.0)
-        wait_for(lambda: (row(db_path, t.id).step or 0) >= 1, what="the task to be running")
+        # This attempt's own step: the dead worker's last step stays on the row until the new one recovers it.
+        wait_for(lambda attempt=attempt: (row(db_path, t.id).attempts, (row(db_path, t.id).step or 0) >= 1)
+                 == (attempt, True), what=f"attempt {attempt} to be running")
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     processes.worker("--max-attempts", "2")
