@@ -14,7 +14,7 @@ MFLUX_RUNTIME := "tqdm>=4.66.5,<5" "huggingface-hub>=1.1.6,<2" "platformdirs>=4,
 	"fsspec>=2026.6.0"
 ARGS ?=
 
-.PHONY: help install run test test-fast lint bench fuzz clean browser
+.PHONY: help install run test test-fast lint bench fuzz clean browser postgres
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -45,7 +45,7 @@ run: install ## start the API and one worker; Ctrl-C stops both
 	$(BIN)/mflux-server & api=$$!; \
 	wait
 
-test: install browser ## run every test: tests/fast (in-process) and tests/process (real processes)
+test: install browser postgres ## run every test: tests/fast (in-process) and tests/process (real processes)
 	$(BIN)/python -m pytest -q $(ARGS)
 
 browser: ## Debian's chromium for the web UI tests (Playwright cannot download its own browser here)
@@ -53,6 +53,12 @@ browser: ## Debian's chromium for the web UI tests (Playwright cannot download i
 	{ [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
 	echo "WARNING: chromium could not be installed: the web UI tests will skip (they fail under CI=true)"
+
+postgres: ## Debian's PostgreSQL server binaries, which the PostgreSQL store tests start a throwaway server from
+	@command -v pg_ctl >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || \
+	{ [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; } || \
+	echo "WARNING: PostgreSQL could not be installed: the PostgreSQL store tests will skip (they fail under CI=true)"
 
 test-fast: install ## run the in-process tests only (tests/fast, a few seconds)
 	$(BIN)/python -m pytest -q tests/fast $(ARGS)

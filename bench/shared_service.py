@@ -113,7 +113,8 @@ def soak(tasks: int, clients: int = 4) -> dict:
         stop.set()
         final = sizes[-1]
         image_bytes, other_bytes = composition(procs.db_path)
-    return {"peak": max(sizes), "final": final, "image_pages": image_bytes, "other_pages": other_bytes, "p50": median(latencies), "p99": percentile(latencies, 99),
+    return {"peak": max(sizes), "final": final, "image_pages": image_bytes, "other_pages": other_bytes,
+            "p50": median(latencies), "p99": percentile(latencies, 99),
             "errors": errors[0], "seconds": elapsed, "tasks": tasks}
 
 

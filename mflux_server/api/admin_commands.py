@@ -1,4 +1,4 @@
-"""mflux-server keys … and mflux-server backup: what an operator runs beside the server, on the same queue file."""
+"""mflux-server keys …, backup and migrate-to: what an operator runs beside the server, on the same queue."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-from mflux_server.core import api_keys, db, store
+from mflux_server.core import api_keys, db, pg, store
 from mflux_server.core.settings import default_db_path, env_name
 
-COMMANDS = ("keys", "backup")
+COMMANDS = ("keys", "backup", "migrate-to")
 KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 
 
@@ -34,7 +34,8 @@ def parser() -> argparse.ArgumentParser:
     """The commands, each with --db (the queue file, as for the server)."""
     import os
 
-    top = argparse.ArgumentParser(prog="mflux-server", description="Manage API keys, or back up the queue file.")
+    top = argparse.ArgumentParser(prog="mflux-server", description="Manage API keys, back up the queue file, or "
+                                  "move it to PostgreSQL.")
     default = os.environ.get(env_name("db")) or default_db_path()
     commands = top.add_subparsers(dest="command", required=True)
     keys = commands.add_parser("keys", help="create, list or revoke API keys")
@@ -48,9 +49,38 @@ def parser() -> argparse.ArgumentParser:
     revoke.add_argument("name")
     backup = commands.add_parser("backup", help="copy the queue file while it runs (SQLite's backup API)")
     backup.add_argument("path", type=Path)
-    for sub in (create, actions.choices["list"], revoke, backup):
+    move = commands.add_parser("migrate-to", help="copy an SQLite queue (tasks, images, timing stats, keys, events, "
+                               "webhooks, metrics) into an empty PostgreSQL database")
+    move.add_argument("url", type=postgres_url, help="postgresql://user@host/dbname (migrated first if new)")
+    for sub in (create, actions.choices["list"], revoke, backup, move):
         sub.add_argument("--db", default=default, help=f"the queue file (env {env_name('db')}; default {default})")
     return top
+
+
+def postgres_url(text: str) -> str:
+    """A postgresql:// (or postgres://) URL."""
+    if not pg.is_postgres_url(text):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a postgresql://user@host/dbname URL")
+    return text
+
+
+def run_migrate_to(url: str, source: sqlite3.Connection) -> int:
+    """Copy the SQLite queue into PostgreSQL; stop the server and workers first, so nothing changes meanwhile."""
+    db.open_or_exit(url, "mflux-server")
+    target = pg.connect(url)
+    started = time.monotonic()
+    try:
+        copied = pg.copy_from_sqlite(source, target)
+    except (RuntimeError, sqlite3.Error) as error:
+        print(f"mflux-server: cannot migrate to {pg.redact(url)}: {error}", file=sys.stderr)
+        return 1
+    finally:
+        target.close()
+    for table, rows in copied.items():
+        print(f"{table:16} {rows:>9,} rows")
+    print(f"copied the queue to {pg.redact(url)} in {time.monotonic() - started:.1f} s; "
+          f"point MFLUX_SERVER_DB (or --db) of the server and every worker at it")
+    return 0
 
 
 def run_keys(args: argparse.Namespace, conn: sqlite3.Connection) -> int:
@@ -95,9 +125,15 @@ def run_backup(target: Path, conn: sqlite3.Connection) -> int:
 def main(argv: Sequence[str]) -> int:
     """Run one command; exit 1 with one line when it cannot."""
     args = parser().parse_args(argv)
+    if args.command in ("backup", "migrate-to") and pg.is_postgres_url(args.db):
+        print(f"mflux-server: {args.command} reads an SQLite queue file, and --db names a PostgreSQL one "
+              "(back that up with pg_dump)", file=sys.stderr)
+        return 1
     db.open_or_exit(args.db, "mflux-server")
     conn = db.connect(args.db)
     try:
+        if args.command == "migrate-to":
+            return run_migrate_to(args.url, conn)
         return run_keys(args, conn) if args.command == "keys" else run_backup(args.path, conn)
     finally:
         conn.close()

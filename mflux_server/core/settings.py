@@ -191,7 +191,8 @@ class Settings:
     keep_finished: float = setting(24 * 3600.0, "seconds finished, failed and canceled tasks are kept, with their images",
                                    "api", _positive(float))
     max_store_bytes: int | None = setting(None, "disk bytes that images (and input images) take at most, counted in "
-                                          "whole database pages; past it the oldest finished tasks go first", "api", _optional(_positive(int)))
+                                          "whole database pages; past it the oldest finished tasks go first", "api",
+                                          _optional(_positive(int)))
     housekeeping_interval: float = setting(30.0, "seconds between retention sweeps (each server process runs them)",
                                            "api", _positive(float))
     print_webhook_secret: bool = setting(False, "print the webhook signing secret (generating it if needed) and exit",

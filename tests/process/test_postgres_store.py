@@ -9,6 +9,7 @@ fresh database on the suite's PostgreSQL server.
 from __future__ import annotations
 
 import multiprocessing
+import re
 import signal
 import time
 
@@ -166,3 +167,47 @@ def test_a_cut_connection_mid_task_is_recovered_and_the_worker_goes_on(conn, db_
     wait_for(lambda: status_of(db_path, task.id) == "done", timeout=60, what="the task to be done after the cut")
     later = queue_task(db.connect(db_path), width=256, height=256, steps=2)  # the test's own session was cut too
     wait_for(lambda: status_of(db_path, later.id) == "done", timeout=30, what="the worker to go on")
+
+
+def test_migrate_to_copies_a_sqlite_queue_with_its_images_timings_and_keys(tmp_path, postgres_server):
+    import subprocess
+    import sys
+
+    from mflux_server.core import api_keys
+    from mflux_server.core.rows import Status, Timing
+    from tests.conftest import images_for
+
+    path = str(tmp_path / "queue.db")
+    source = db.open_database(path)
+    done = queue_task(source, prompt="finished")
+    claimed = store.claim_next(source, "w", "schnell", "synthetic")
+    assert claimed is not None and store.complete(source, claimed.id, "w", images_for(claimed, b"\x89PNG-bytes"))
+    store.record_timings(source, "schnell", 512, 512, [Timing("step", (0.5, 0.6, 0.7))])
+    waiting = queue_task(source, prompt="still waiting", priority=1)
+    key = api_keys.new_key()
+    store.create_key(source, "alice", api_keys.key_hash(key), admin=False, priority=True)
+    events_before = len(store.events_after(source, 0))
+    source.close()
+
+    url = postgres_server.create_database()
+    result = subprocess.run([sys.executable, "-m", "mflux_server", "migrate-to", url, "--db", path],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"^tasks\s+2 rows$", result.stdout, re.MULTILINE) and "copied the queue to" in result.stdout
+
+    target = db.connect(url)
+    copied = store.get(target, done.id)
+    assert copied is not None and copied.status is Status.DONE and copied.prompt == "finished"
+    image = store.fetch_image(target, done.id, 0)
+    assert image is not None and image.data == b"\x89PNG-bytes0"
+    assert [(s.kind, s.n, round(s.total, 6)) for s in store.timing_stats(target)] == [("step", 3, 1.8)]
+    found = store.key_by_hash(target, api_keys.key_hash(key))
+    assert found is not None and found.name == "alice" and found.priority
+    assert len(store.events_after(target, 0)) == events_before  # the history, without events made by the copy
+    # The copy is a working queue: the waiting task is claimed next, and new rows number on after the copied ones.
+    assert store.claim_next(target, "w2", "schnell", "synthetic").id == waiting.id  # type: ignore[union-attr]
+    assert queue_task(target).seq == waiting.seq + 1
+
+    again = subprocess.run([sys.executable, "-m", "mflux_server", "migrate-to", url, "--db", path],
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 1 and "already holds tasks" in again.stderr
