@@ -17,11 +17,12 @@ from bench import (
     report,
     shared_service,
     slow_clients,
+    two_stores,
 )
 from bench.report import machine
 from mflux_server.testing import ROOT
 
-NAMES = ("duty", "dispatch", "load", "streams", "slow", "surfaces", "shared", "forecast", "switching")
+NAMES = ("duty", "dispatch", "load", "streams", "slow", "surfaces", "shared", "forecast", "switching", "stores")
 EXPLANATIONS_FILE = ROOT / "bench" / "explanations.md"
 
 
@@ -71,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
             results.append(forecast_accuracy.run(args.smoke, plot_path=args.out / plot_name))
         elif name == "switching":
             results.append(model_switching.run(args.smoke))
+        elif name == "stores":
+            results.append(two_stores.run(args.smoke))
         for figure in results[-1].figures:
             print(f"  {figure.label}: {figure.shown()} {('(target ' + figure.target + ')') if figure.target else ''}",
                   file=sys.stderr)

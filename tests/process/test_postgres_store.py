@@ -3,7 +3,8 @@ recovery, several workers, no double claim), plus migrations racing under the ad
 and faults across hosts (a server restart, a frozen worker, a cut connection).
 
 The shared tests are imported from their SQLite modules; collected here, they take this module's `db_path`, a
-fresh database on the suite's PostgreSQL server.
+fresh database on the suite's PostgreSQL server. Event streams, webhooks, keys, quotas, fair share and metrics
+are among them: everything above the store is the same code on both.
 """
 
 from __future__ import annotations
@@ -21,8 +22,25 @@ from mflux_server.testing import wait_for
 from mflux_server.testing_postgres import PostgresServer
 from tests.conftest import queue_task, status_of
 from tests.fast.test_migrations import EXPECTED_COLUMNS
+from tests.process.test_events import (  # noqa: F401  (collected here, on PostgreSQL)
+    test_a_task_stream_follows_it_from_waiting_to_done_with_progress_and_previews,
+    test_the_queue_stream_shows_positions_moving_and_a_cancel,
+)
+from tests.process.test_shared_service import (  # noqa: F401  (collected here, on PostgreSQL)
+    test_an_idempotent_retry_after_a_killed_api_answers_the_same_task,
+    test_another_keys_tasks_are_absent_and_only_admins_see_all,
+    test_every_route_class_needs_a_live_key_in_its_own_envelope,
+    test_fair_share_lets_a_second_key_through_within_a_task,
+    test_metrics_parse_and_every_server_process_gives_the_same_figures,
+    test_quotas_hold_across_two_server_processes_with_retry_after,
+    test_readiness_needs_a_writable_queue_and_a_live_worker,
+)
 from tests.process.test_store_processes import (  # noqa: F401  (collected here, on PostgreSQL)
     test_concurrent_claims_from_several_processes_never_share_a_task,
+)
+from tests.process.test_webhook_delivery import (  # noqa: F401  (collected here, on PostgreSQL)
+    test_a_failing_receiver_gets_retries_with_one_id_until_it_answers,
+    test_a_task_finished_while_the_api_was_killed_is_delivered_when_it_returns,
 )
 from tests.process.test_worker import (  # noqa: F401  (collected here, on PostgreSQL)
     row,

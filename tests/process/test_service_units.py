@@ -56,8 +56,10 @@ def test_units_pass_no_flags_so_the_env_file_always_wins(role):
         assert len(arguments) == 1, f"{plist.name} passes flags: {arguments}"
 
 
-def test_a_setting_in_the_env_file_reaches_both_processes(tmp_path):
-    queue = tmp_path / "queue.db"
+@pytest.mark.parametrize("store_kind", ["sqlite", "postgresql"])
+def test_a_setting_in_the_env_file_reaches_both_processes(tmp_path, request, store_kind):
+    # The env file is where a several-host install puts its PostgreSQL URL (and password): it must reach both.
+    queue = tmp_path / "queue.db" if store_kind == "sqlite" else request.getfixturevalue("postgres_server").create_database()
     port = free_port()
     env_file = tmp_path / "env"
     env_file.write_text(f"MFLUX_SERVER_DB={queue}\nMFLUX_SERVER_PORT={port}\nMFLUX_SERVER_MODEL=dev\n"

@@ -12,6 +12,7 @@ import openai
 import pytest
 import requests
 
+from mflux_server.core import db, store
 from mflux_server.testing import wait_for
 
 SMALL = {"prompt": "shared", "width": 256, "height": 256, "steps": 2}
@@ -232,10 +233,13 @@ def test_metrics_parse_and_every_server_process_gives_the_same_figures(processes
 
 
 def finish_order(db_path: str, ids: list[str]) -> list[str]:
-    with sqlite3.connect(db_path) as conn:
-        rows = conn.execute(f"SELECT id FROM tasks WHERE id IN ({','.join('?' * len(ids))}) AND finished_at IS NOT NULL "
-                            "ORDER BY finished_at", ids).fetchall()
-    return [row[0] for row in rows]
+    """The finished ones among the tasks, in the order they finished (through the store: either store)."""
+    conn = db.connect(db_path)
+    try:
+        found = [task for task in (store.get(conn, task_id) for task_id in ids) if task and task.finished_at]
+    finally:
+        conn.close()
+    return [task.id for task in sorted(found, key=lambda task: task.finished_at or 0)]
 
 
 @pytest.mark.parametrize("scheduling", ["auto", "fifo"])

@@ -1,0 +1,187 @@
+"""Benchmark 11: SQLite and PostgreSQL side by side: claims by 8 processes, dispatch, status at 10,000 queued,
+and the duty cycle of 2 workers as 2 "hosts" (separate processes talking TCP to the database)."""
+
+from __future__ import annotations
+
+import multiprocessing
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import requests
+
+from bench import api_load
+from bench.results import Result, median, percentile
+from mflux_server.core import db, store
+from mflux_server.core.rows import NewTask, Status, StoredImage
+from mflux_server.testing import Processes, wait_for
+from mflux_server.testing_postgres import PostgresServer, why_unavailable
+
+STORES = ("sqlite", "postgresql")
+CLAIMERS = 8
+PER_IMAGE = 0.25  # seconds per synthetic image in the duty-cycle run, as benchmark 1
+
+
+def tiny(i: int) -> NewTask:
+    """A small task: the claim and its writes are what is measured, not generation."""
+    return NewTask(prompt=f"tiny {i}", model="schnell", width=64, height=64, steps=1, guidance=3.5, seed=i, count=1,
+                   format="PNG", quality=85)
+
+
+@contextmanager
+def queue_on(kind: str, server: PostgresServer | None) -> Iterator[tuple[str, Path]]:
+    """A fresh, migrated queue on one store, and a scratch folder for its processes."""
+    with tempfile.TemporaryDirectory() as tmp:
+        target = str(Path(tmp) / "queue.db") if kind == "sqlite" else server.create_database()  # type: ignore[union-attr]
+        db.open_database(target).close()
+        yield target, Path(tmp)
+
+
+def _claimer(target: str, worker: str, ready, go, out) -> None:  # type: ignore[no-untyped-def]
+    conn = db.connect(target)
+    ready.put(worker)
+    go.wait()
+    claimed = []
+    while (task := store.claim_next(conn, worker, "schnell", "synthetic")) is not None:
+        now = time.time()
+        store.complete(conn, task.id, worker, [StoredImage(0, task.seed, "image/png", b"x", now, now)])
+        claimed.append(task.id)
+    out.put((claimed, time.time()))
+    conn.close()
+
+
+def claims(target: str, tasks: int) -> dict:
+    """8 processes claim and complete `tasks` tiny tasks as fast as they can; claims per second, double claims."""
+    conn = db.connect(target)
+    store.submit_many(conn, [tiny(i) for i in range(tasks)])
+    conn.close()
+    ctx = multiprocessing.get_context("spawn")
+    ready, out, go = ctx.Queue(), ctx.Queue(), ctx.Event()
+    procs = [ctx.Process(target=_claimer, args=(target, f"c{i}", ready, go, out)) for i in range(CLAIMERS)]
+    for proc in procs:
+        proc.start()
+    for _ in procs:
+        ready.get(timeout=120)
+    started = time.time()
+    go.set()
+    results = [out.get(timeout=600) for _ in procs]
+    for proc in procs:
+        proc.join()
+    ids = [task_id for claimed, _ in results for task_id in claimed]
+    ended = max(at for _, at in results)
+    return {"rate": len(ids) / (ended - started), "double": len(ids) - len(set(ids)), "claimed": len(ids),
+            "busy": sum(1 for claimed, _ in results if claimed)}
+
+
+def dispatch(target: str, tmp: Path, samples: int) -> dict:
+    """Submit → processing over HTTP with an idle worker (production heartbeat), one task at a time."""
+    procs = Processes(tmp, target)
+    conn = db.connect(target)
+    try:
+        url = procs.server()
+        procs.worker("--heartbeat-interval", "2", "--stale-after", "15", speed=1000.0)
+        session = requests.Session()
+        latencies = []
+        for i in range(samples):
+            time.sleep(0.05)  # the worker settles back into its idle wait
+            submitted = time.time()
+            task_id = session.post(url + "/api/generate", json={"prompt": f"d{i}", "width": 128, "height": 128,
+                                                                  "steps": 1}).json()["task_id"]
+            started = wait_for(lambda: getattr(store.get(conn, task_id), "started_at", None),  # noqa: B023
+                               timeout=10, interval=0.001)
+            latencies.append((started - submitted) * 1000)
+            wait_for(lambda: store.get(conn, task_id).status == Status.DONE, timeout=10, interval=0.002)  # noqa: B023
+    finally:
+        conn.close()
+        procs.stop_all()
+    return {"p50": median(latencies), "p99": percentile(latencies, 99)}
+
+
+def status_load(target: str, tmp: Path, tasks: int, seconds: float, connections: int) -> dict:
+    """GET /api/status for random tasks among `tasks` queued, 2 API processes, a real-time worker running."""
+    ids = api_load.fill_queue(target, tasks)
+    ids_file = tmp / "ids.txt"
+    ids_file.write_text("\n".join(ids) + "\n")
+    procs = Processes(tmp, target)
+    try:
+        url = procs.server(http_workers=2)
+        procs.worker(speed=1.0)
+        time.sleep(2.0)
+        if shutil.which("wrk"):
+            return api_load.wrk(url, ids_file, seconds, connections)
+        return api_load.python_clients(url, ids, seconds, connections)
+    finally:
+        procs.stop_all()
+
+
+def duty(target: str, tmp: Path, tasks: int) -> dict:
+    """Two workers, each its own process and database session (two "hosts"), on `tasks` tasks of PER_IMAGE s."""
+    conn = db.connect(target)
+    store.submit_many(conn, [NewTask(prompt=f"duty {i}", model="schnell", width=256, height=256, steps=4,
+                                     guidance=3.5, seed=i, count=1, format="JPEG", quality=85) for i in range(tasks)])
+    procs = Processes(tmp, target)
+    try:
+        for _ in range(2):
+            procs.worker("--synthetic-step", f"{PER_IMAGE / 4},0,0", "--synthetic-fixed", "0,0", speed=1.0)
+        wait_for(lambda: store.status_counts(conn)[Status.DONE] == tasks, timeout=tasks * PER_IMAGE * 3 + 60,
+                 interval=0.2, what="every duty-cycle task")
+    finally:
+        procs.stop_all()
+    finished = store.list_tasks(conn, Status.DONE, tasks, 0)[0]
+    spans = store.generation_spans(conn)
+    conn.close()
+    workers = {task.worker_id for task in finished}
+    wall = max(t.finished_at for t in finished if t.finished_at) - min(t.started_at for t in finished if t.started_at)
+    generating = sum(end - start for start, end in spans)
+    return {"duty": 100 * generating / (len(workers) * wall), "workers": len(workers)}
+
+
+def run(smoke: bool = False) -> Result:
+    """Every measurement on SQLite, then on PostgreSQL (a throwaway server started here)."""
+    claim_tasks, samples, queued, seconds, duty_tasks = (200, 5, 300, 1.0, 6) if smoke else (4000, 100, 10_000, 15.0, 80)
+    result = Result("Two stores: SQLite and PostgreSQL",
+                    f"make bench ARGS='--only stores'  ({CLAIMERS} claiming processes on {claim_tasks:,} tiny tasks; "
+                    f"{samples} dispatches; status at {queued:,} queued, 32 clients for {seconds:.0f} s; "
+                    f"2 workers on {duty_tasks} tasks of {PER_IMAGE * 1000:.0f} ms)")
+    reason = why_unavailable()
+    if reason is not None:
+        result.notes.append(f"PostgreSQL not measured: {reason}")
+    server = PostgresServer().start() if reason is None else None
+    found: dict[str, dict[str, dict]] = {}
+    try:
+        for kind in STORES if server else ("sqlite",):
+            found[kind] = {}
+            with queue_on(kind, server) as (target, _tmp):
+                found[kind]["claims"] = claims(target, claim_tasks)
+            with queue_on(kind, server) as (target, tmp):
+                found[kind]["dispatch"] = dispatch(target, tmp, samples)
+            with queue_on(kind, server) as (target, tmp):
+                found[kind]["status"] = status_load(target, tmp, queued, seconds, 32)
+            with queue_on(kind, server) as (target, tmp):
+                found[kind]["duty"] = duty(target, tmp, duty_tasks)
+    finally:
+        if server:
+            server.stop()
+    for kind, figures in found.items():
+        on_pg = kind == "postgresql"
+        name = "PostgreSQL" if on_pg else "SQLite"
+        claimed = figures["claims"]
+        result.add(f"{name}: claims per second, {CLAIMERS} processes (claim + complete)", claimed["rate"], "/s",
+                   "≥ 500/s" if on_pg else "", claimed["rate"] >= 500 if on_pg else None)
+        result.add(f"{name}: tasks claimed twice", claimed["double"], "", "0", claimed["double"] == 0)
+        result.add(f"{name}: submit → processing, p50", figures["dispatch"]["p50"], "ms",
+                   "≤ 10 ms" if on_pg else "", figures["dispatch"]["p50"] <= 10 if on_pg else None)
+        result.add(f"{name}: submit → processing, p99", figures["dispatch"]["p99"], "ms")
+        result.add(f"{name}: status requests per second at {queued:,} queued", figures["status"]["rate"], "/s")
+        result.add(f"{name}: status latency p99", figures["status"]["p99"], "ms", "≤ 50 ms",
+                   figures["status"]["p99"] <= 50)
+        result.add(f"{name}: duty cycle, 2 workers (generating ÷ 2 × wall)", figures["duty"]["duty"], "%",
+                   "≥ 99%" if on_pg else "", figures["duty"]["duty"] >= 99 if on_pg else None)
+    if "postgresql" in found:
+        ratio = found["postgresql"]["status"]["rate"] / found["sqlite"]["status"]["rate"]
+        result.add("status throughput, PostgreSQL ÷ SQLite", ratio, "×", "≥ 0.70×", ratio >= 0.7)
+    result.extra = found
+    return result
