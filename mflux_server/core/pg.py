@@ -414,7 +414,8 @@ def copy_from_sqlite(source: sqlite3.Connection, target: PgConnection, batch: in
     session = target.session()
     try:
         with session.transaction():
-            if session.execute("SELECT EXISTS (SELECT 1 FROM tasks) OR EXISTS (SELECT 1 FROM api_keys)").fetchone()[0]:
+            held = session.execute("SELECT EXISTS (SELECT 1 FROM tasks) OR EXISTS (SELECT 1 FROM api_keys)").fetchone()
+            if held and held[0]:
                 raise RuntimeError("the PostgreSQL queue already holds tasks or keys; migrate into an empty database")
             session.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
             for table in ("tasks", "previews", "deliveries"):
