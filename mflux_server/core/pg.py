@@ -7,6 +7,7 @@ raises sqlite3 error classes carrying a storage problem, so the code above the s
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sqlite3
@@ -28,6 +29,7 @@ from mflux_server.core import native
 # no two transactions can deadlock on the rows they share (fair_clock, queue_state). Reads never wait for it.
 WRITE_LOCK = 0x6D666C7578  # "mflux"
 MIGRATION_LOCK = WRITE_LOCK + 1
+_BEGIN_WRITE = f"BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK})".encode()
 CHANNEL = "mflux"  # what the triggers NOTIFY on every commit that changes a task, an event or a webhook
 CONNECT_TIMEOUT = 10
 
@@ -331,13 +333,15 @@ class PgConnection:
     def _begin(self, write: bool) -> tuple[int, Any, None]:
         session = self.session()
         try:
-            # A read transaction (the forecast's queue read) sees one snapshot, as SQLite's does.
-            session.execute("BEGIN" if write else "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            # One round trip: BEGIN and the lock as one simple query. A read transaction (the forecast's queue
+            # read) sees one snapshot instead, as SQLite's does.
+            session.execute(_BEGIN_WRITE if write else b"BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
             self._in_transaction = True
-            if write:
-                session.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
         except psycopg.Error as error:
             self._after_error()
+            if self._conn is not None and self._conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                with contextlib.suppress(psycopg.Error):
+                    self._conn.execute("ROLLBACK")  # BEGIN went through and the lock did not: end it here
             raise _translate_error(error) from error
         return -1, None, None
 
@@ -506,12 +510,11 @@ class Notifications:
                     conn.execute(f"LISTEN {CHANNEL}")
                     self._bump()
                     while True:
-                        received = False
-                        for _ in conn.notifies(timeout=1.0, stop_after=64):
-                            received = True
-                        if received:
+                        # Each notification wakes the waiters as it arrives; the generator ends after a quiet
+                        # second, and the query then notices a dead server.
+                        for _ in conn.notifies(timeout=1.0):
                             self._bump()
-                        conn.execute("SELECT 1")  # notices a dead server within a second
+                        conn.execute("SELECT 1")
             except psycopg.Error:
                 time.sleep(0.5)
 
