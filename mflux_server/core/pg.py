@@ -13,7 +13,7 @@ import re
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from functools import lru_cache
 from importlib import resources
 from typing import Any
@@ -29,7 +29,7 @@ from mflux_server.core import native
 # no two transactions can deadlock on the rows they share (fair_clock, queue_state). Reads never wait for it.
 WRITE_LOCK = 0x6D666C7578  # "mflux"
 MIGRATION_LOCK = WRITE_LOCK + 1
-_BEGIN_WRITE = f"BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK})".encode()
+_BEGIN_WRITE = f"BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK})"
 CHANNEL = "mflux"  # what the triggers NOTIFY on every commit that changes a task, an event or a webhook
 CONNECT_TIMEOUT = 10
 
@@ -186,11 +186,19 @@ class PgRow(tuple):  # type: ignore[type-arg]
         return list(self.names)
 
 
-def _row_class(description: Sequence[Any] | None) -> type[PgRow] | None:
-    if not description:
-        return None
-    names = {column.name: index for index, column in reversed(list(enumerate(description)))}
-    return type("PgRow", (PgRow,), {"names": names, "__slots__": ()})
+_shapes: dict[tuple[str, ...], type[PgRow]] = {}
+
+
+def _row_class(result: psycopg.pq.abc.PGresult) -> type[PgRow]:
+    """The row class for a result's column names, made once per distinct set of names."""
+    # The names straight from libpq: cursor.description builds a Column object per column, which cost more
+    # than the query itself for SELECT * FROM tasks.
+    columns = tuple((result.fname(index) or b"").decode() for index in range(result.nfields))
+    found = _shapes.get(columns)
+    if found is None:
+        names = {name: index for index, name in reversed(list(enumerate(columns)))}
+        found = _shapes[columns] = type("PgRow", (PgRow,), {"names": names, "__slots__": ()})
+    return found
 
 
 class PgCursor:
@@ -206,12 +214,11 @@ class PgCursor:
     def execute(self, sql: str, parameters: Any = ()) -> PgCursor:
         """Run one statement and keep its rows."""
         result = self._owner.run(sql, parameters)
-        self.rowcount, description, rows = result
-        if self.row_factory is None or rows is None:
+        self.rowcount, shape, rows = result
+        if self.row_factory is None or rows is None or shape is None:
             self._rows = rows or []
         else:
-            shape = _row_class(description)
-            self._rows = [shape(row) for row in rows] if shape else rows
+            self._rows = [shape(row) for row in rows]
         self._at = 0
         return self
 
@@ -252,6 +259,7 @@ class PgConnection:
         self._pool = pool
         self._conn: psycopg.Connection[Any] | None = None
         self._in_transaction = False
+        self._pending: str | None = None  # the BEGIN that goes out with the transaction's first statement
         self.row_factory: Any = PgRow
 
     # sqlite3.Connection's surface
@@ -274,7 +282,7 @@ class PgConnection:
     def close(self) -> None:
         """End the session (back to the pool when it came from one)."""
         conn, self._conn = self._conn, None
-        self._in_transaction = False
+        self._in_transaction, self._pending = False, None
         if conn is None:
             return
         if self._pool is not None:
@@ -302,53 +310,63 @@ class PgConnection:
         return self._conn
 
     def run(self, sql: str, parameters: Any) -> tuple[int, Any, list[Any] | None]:
-        """Execute one statement: (rowcount, description, rows or None)."""
+        """Execute one statement: (rowcount, row class, rows or None)."""
         verb = sql.lstrip()[:16].upper()
         if verb.startswith("BEGIN"):
             return self._begin(write="IMMEDIATE" in verb)
         if verb.startswith(("COMMIT", "ROLLBACK", "END")):
             return self._end(commit=not verb.startswith("ROLLBACK"))
         if not self._in_transaction and verb.startswith(("INSERT", "UPDATE", "DELETE")):
-            # A lone write takes the write lock too, so its events keep commit order.
+            # A lone write takes the write lock too, so its events keep commit order: BEGIN, the lock, the
+            # write and COMMIT travel as one query (progress and heartbeats are most of a worker's writes).
             self._begin(write=True)
-            try:
-                result = self._statement(sql, parameters)
-            except BaseException:
-                self._end(commit=False)
-                raise
-            self._end(commit=True)
-            return result
+            self._in_transaction = False
+            return self._statement(sql, parameters, commit=True)
         return self._statement(sql, parameters)
 
-    def _statement(self, sql: str, parameters: Any) -> tuple[int, Any, list[Any] | None]:
+    def _statement(self, sql: str, parameters: Any, commit: bool = False) -> tuple[int, Any, list[Any] | None]:
         session = self.session()
+        prefix, self._pending = self._pending, None
+        text = translate(sql)
+        if prefix is not None:
+            text = prefix + "; " + text
+        if commit:
+            text += "; COMMIT"
         try:
-            cursor = session.execute(translate(sql), _adapt(parameters) or None)
-            rows = cursor.fetchall() if cursor.description is not None else None
-            return cursor.rowcount, cursor.description, rows
+            # Parameters always go along, empty or not, so the %% that translate() escaped reads as one %.
+            cursor = session.execute(text, _adapt(parameters))
+            for _ in range(prefix.count(";") + 1 if prefix is not None else 0):
+                cursor.nextset()  # past BEGIN (and the lock) to this statement's own result
+            result = cursor.pgresult
+            if result is None or result.status != psycopg.pq.ExecStatus.TUPLES_OK:
+                return cursor.rowcount, None, None
+            return cursor.rowcount, _row_class(result), cursor.fetchall()
         except psycopg.Error as error:
             self._after_error()
+            if commit:
+                self._rollback_quietly()  # the failed write left its one-statement transaction open
             raise _translate_error(error) from error
 
     def _begin(self, write: bool) -> tuple[int, Any, None]:
-        session = self.session()
-        try:
-            # One round trip: BEGIN and the lock as one simple query. A read transaction (the forecast's queue
-            # read) sees one snapshot instead, as SQLite's does.
-            session.execute(_BEGIN_WRITE if write else b"BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            self._in_transaction = True
-        except psycopg.Error as error:
-            self._after_error()
-            if self._conn is not None and self._conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-                with contextlib.suppress(psycopg.Error):
-                    self._conn.execute("ROLLBACK")  # BEGIN went through and the lock did not: end it here
-            raise _translate_error(error) from error
+        # Sent with the transaction's first statement, saving a round trip: BEGIN and the write lock, or for a
+        # read transaction (the forecast's queue read) one snapshot, as SQLite's read transactions see.
+        self._pending = _BEGIN_WRITE if write else "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
+        self._in_transaction = True
         return -1, None, None
+
+    def _rollback_quietly(self) -> None:
+        if self._conn is not None and not self._conn.broken and \
+                self._conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            with contextlib.suppress(psycopg.Error):
+                self._conn.execute("ROLLBACK")
 
     def _end(self, commit: bool) -> tuple[int, Any, None]:
         if not self._in_transaction:
             return -1, None, None
         self._in_transaction = False
+        if self._pending is not None:  # nothing ran in it: nothing was sent
+            self._pending = None
+            return -1, None, None
         try:
             self.session().execute("COMMIT" if commit else "ROLLBACK")
         except psycopg.Error as error:
@@ -360,15 +378,13 @@ class PgConnection:
         conn = self._conn
         if conn is None:
             return
+        # Otherwise PostgreSQL refuses every statement after an error until ROLLBACK, which the caller's
+        # transaction() sends: the session stays.
         if conn.closed or conn.broken:
-            self._in_transaction = False
+            self._in_transaction, self._pending = False, None
             self._conn = None
             if self._pool is not None:
                 self._pool.putconn(conn)  # the pool discards a broken connection
-        elif self._in_transaction:
-            # PostgreSQL refuses every statement after an error until ROLLBACK; the caller's transaction()
-            # rolls back, so leave the transaction open for it.
-            pass
 
 
 # Migrations

@@ -293,9 +293,12 @@ END $$;
 CREATE FUNCTION mflux_observe(metric text, of_model text, observed double precision) RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
-    INSERT INTO metric_buckets (name, model, le, count)
-        SELECT metric, of_model, le, 0 FROM metric_bounds WHERE name = metric
-        ON CONFLICT DO NOTHING;
+    -- A model's buckets are made once; checking first is cheaper than a dozen refused inserts every time.
+    IF NOT EXISTS (SELECT 1 FROM metric_sums WHERE name = metric AND model = of_model) THEN
+        INSERT INTO metric_buckets (name, model, le, count)
+            SELECT metric, of_model, le, 0 FROM metric_bounds WHERE name = metric
+            ON CONFLICT DO NOTHING;
+    END IF;
     UPDATE metric_buckets SET count = count + 1 WHERE name = metric AND model = of_model AND le >= observed;
     INSERT INTO metric_sums (name, model, sum, count) VALUES (metric, of_model, observed, 1)
         ON CONFLICT (name, model) DO UPDATE SET sum = metric_sums.sum + excluded.sum, count = metric_sums.count + 1;

@@ -55,3 +55,12 @@ def test_bad_environment_value_names_the_variable(monkeypatch, capsys):
 def test_settings_reject_bad_combinations():
     with pytest.raises(ValueError):
         Settings(engine="cuda")
+
+
+def test_a_postgresql_url_is_kept_as_given_and_a_path_is_expanded(monkeypatch):
+    url = "postgresql://mflux@db.internal/mflux?sslmode=verify-full"
+    assert load_settings("worker", ["--db", url], "mflux-worker", "").db == url
+    monkeypatch.setenv("MFLUX_SERVER_DB", url)
+    assert load_settings("api", [], "mflux-server", "").db == url
+    assert load_settings("api", ["--db", "~/q.db"], "mflux-server", "").db.endswith("/q.db")
+    assert "~" not in load_settings("api", ["--db", "~/q.db"], "mflux-server", "").db
