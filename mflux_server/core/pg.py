@@ -7,6 +7,7 @@ raises sqlite3 error classes carrying a storage problem, so the code above the s
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import re
@@ -472,21 +473,31 @@ def copy_from_sqlite(source: sqlite3.Connection, target: PgConnection, batch: in
 # Pools, one per URL and process
 
 
+# No lock guards these: one imported before gevent patches threading would block the whole loop while a greenlet
+# holding it waits for the server. dict.setdefault is atomic, and a pool or listener that loses the race to be
+# first is dropped before it opens anything.
 _pools: dict[tuple[str, int], ConnectionPool] = {}
-_pools_lock = threading.Lock()
 
 
 def pool(url: str) -> ConnectionPool:
     """This process's connection pool for a URL (made on first use; a fork gets its own)."""
     key = (url, os.getpid())
-    with _pools_lock:
-        found = _pools.get(key)
-        if found is None:
-            found = _pools[key] = ConnectionPool(
-                url, min_size=1, max_size=int(os.environ.get("MFLUX_SERVER_PG_POOL", "20")), open=True,
-                kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT, "cursor_factory": psycopg.ClientCursor},
-                check=ConnectionPool.check_connection, name="mflux-server")
+    found = _pools.get(key)
+    if found is None:
+        made = ConnectionPool(
+            url, min_size=1, max_size=int(os.environ.get("MFLUX_SERVER_PG_POOL", "20")), open=False,
+            kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT, "cursor_factory": psycopg.ClientCursor},
+            check=ConnectionPool.check_connection, name="mflux-server")
+        found = _pools.setdefault(key, made)
+        if found is made:
+            made.open()
+            atexit.register(_close_quietly, made)  # before gevent's teardown, which breaks the pool's own __del__
     return found
+
+
+def _close_quietly(opened: ConnectionPool) -> None:
+    with contextlib.suppress(Exception):
+        opened.close(timeout=2.0)
 
 
 def connect(url: str, pooled: bool = False) -> PgConnection:
@@ -509,6 +520,9 @@ class Notifications:
         self.version = 0
         # Under gevent the listener is an OS thread and waiters are greenlets, which watch the counter instead.
         self._changed = None if native.gevent_active() else threading.Condition()
+
+    def start(self) -> None:
+        """Start listening (an OS thread, under gevent too)."""
         native.start(self._listen, "pg-listen")
 
     def _bump(self) -> None:
@@ -554,8 +568,10 @@ _listeners: dict[tuple[str, int], Notifications] = {}
 def notifications(url: str) -> Notifications:
     """This process's listener for a URL, started on first use."""
     key = (url, os.getpid())
-    with _pools_lock:
-        found = _listeners.get(key)
-        if found is None:
-            found = _listeners[key] = Notifications(url)
+    found = _listeners.get(key)
+    if found is None:
+        made = Notifications(url)
+        found = _listeners.setdefault(key, made)
+        if found is made:
+            made.start()
     return found

@@ -229,3 +229,18 @@ def test_migrate_to_copies_a_sqlite_queue_with_its_images_timings_and_keys(tmp_p
     again = subprocess.run([sys.executable, "-m", "mflux_server", "migrate-to", url, "--db", path],
                            capture_output=True, text=True, timeout=120)
     assert again.returncode == 1 and "already holds tasks" in again.stderr
+
+
+def test_many_first_requests_at_once_under_gevent_all_get_answers(conn, db_path, processes):
+    # The first requests of a server process all open the pool and the listener at the same moment: a lock
+    # taken across those (as it once was) froze the whole event loop.
+    import concurrent.futures
+
+    import requests
+
+    task = queue_task(conn)
+    api = processes.server(http_workers=1)
+    with concurrent.futures.ThreadPoolExecutor(32) as clients:
+        codes = list(clients.map(lambda _: requests.get(api + "/api/status", params={"task_id": task.id},
+                                                        timeout=20).status_code, range(64)))
+    assert codes == [200] * 64
