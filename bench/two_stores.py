@@ -110,9 +110,10 @@ def status_load(target: str, tmp: Path, tasks: int, seconds: float, connections:
         url = procs.server(http_workers=2)
         procs.worker(speed=1.0)
         time.sleep(2.0)
-        if shutil.which("wrk"):
-            return api_load.wrk(url, ids_file, seconds, connections)
-        return api_load.python_clients(url, ids, seconds, connections)
+        drive = api_load.wrk if shutil.which("wrk") else api_load.python_clients
+        load = ids_file if drive is api_load.wrk else ids
+        drive(url, load, min(seconds, 5.0), connections)  # warm-up: both processes build their first snapshot
+        return drive(url, load, seconds, connections)
     finally:
         procs.stop_all()
 
@@ -131,12 +132,20 @@ def duty(target: str, tmp: Path, tasks: int) -> dict:
     finally:
         procs.stop_all()
     finished = store.list_tasks(conn, Status.DONE, tasks, 0)[0]
-    spans = store.generation_spans(conn)
+    # Per worker: its generating time over its own span, first claim to last completion (the second worker
+    # starts a moment after the first, and one ends a task after the other: neither is the store's doing).
+    by_worker: dict[str, list[tuple[float, float, float, float]]] = {}
+    for task in finished:
+        image = store.fetch_image(conn, task.id, 0)
+        if image is not None and task.worker_id and task.started_at and task.finished_at:
+            by_worker.setdefault(task.worker_id, []).append((task.started_at, task.finished_at, image.gen_started,
+                                                             image.gen_ended))
     conn.close()
-    workers = {task.worker_id for task in finished}
-    wall = max(t.finished_at for t in finished if t.finished_at) - min(t.started_at for t in finished if t.started_at)
-    generating = sum(end - start for start, end in spans)
-    return {"duty": 100 * generating / (len(workers) * wall), "workers": len(workers)}
+    duties = []
+    for spans in by_worker.values():
+        wall = max(end for _, end, _, _ in spans) - min(start for start, _, _, _ in spans)
+        duties.append(100 * sum(gen_end - gen_start for _, _, gen_start, gen_end in spans) / wall)
+    return {"duty": min(duties), "mean": sum(duties) / len(duties), "workers": len(duties)}
 
 
 def run(smoke: bool = False) -> Result:
@@ -178,7 +187,7 @@ def run(smoke: bool = False) -> Result:
         result.add(f"{name}: status requests per second at {queued:,} queued", figures["status"]["rate"], "/s")
         result.add(f"{name}: status latency p99", figures["status"]["p99"], "ms", "≤ 50 ms",
                    figures["status"]["p99"] <= 50)
-        result.add(f"{name}: duty cycle, 2 workers (generating ÷ 2 × wall)", figures["duty"]["duty"], "%",
+        result.add(f"{name}: duty cycle of the lower of 2 workers (its generating ÷ its wall)", figures["duty"]["duty"], "%",
                    "≥ 99%" if on_pg else "", figures["duty"]["duty"] >= 99 if on_pg else None)
     if "postgresql" in found:
         ratio = found["postgresql"]["status"]["rate"] / found["sqlite"]["status"]["rate"]

@@ -99,3 +99,38 @@ SELECT current_setting('block_size')::bigint;
 -- name: checkpoint
 -- Nothing to do: PostgreSQL checkpoints its WAL itself.
 SELECT 1;
+
+-- name: list_tasks
+-- A page of tasks: running, then waiting in claim order, then the newest finished (typed NULL tests: prepared).
+SELECT * FROM tasks
+ WHERE (:status::text IS NULL OR status = :status) AND (:owner::bigint IS NULL OR key_id = :owner)
+ ORDER BY CASE status WHEN 'processing' THEN 0 WHEN 'waiting' THEN 1 ELSE 2 END,
+          CASE WHEN status IN ('waiting', 'processing') THEN -priority ELSE 0 END,
+          CASE WHEN status IN ('waiting', 'processing') THEN seq ELSE -seq END
+ LIMIT :limit OFFSET :offset;
+
+-- name: count_tasks
+-- How many tasks match a listing's status filter.
+SELECT COUNT(*) FROM tasks
+ WHERE (:status::text IS NULL OR status = :status) AND (:owner::bigint IS NULL OR key_id = :owner);
+
+-- name: delivery_retry
+-- A webhook attempt failed: try again at next_at, or give up (state 'failed') when next_at is NULL.
+UPDATE deliveries SET state = CASE WHEN :next_at::double precision IS NULL THEN 'failed' ELSE 'pending' END,
+       next_at = coalesce(:next_at, next_at), lease_until = NULL, last_status = :status, last_error = :error
+ WHERE id = :id;
+
+-- name: save_preview
+-- Replace a running task's preview, only while the task is still this worker's (typed: an INSERT … SELECT).
+INSERT INTO previews (task_id, image, step, mime, data, at)
+SELECT :id::text, :image::integer, :step::integer, :mime::text, :data::bytea, :at::double precision FROM tasks
+ WHERE id = :id AND worker_id = :worker_id AND status = 'processing'
+ON CONFLICT (task_id) DO UPDATE SET image = excluded.image, step = excluded.step, mime = excluded.mime,
+       data = excluded.data, at = excluded.at;
+
+-- name: expire_finished
+-- Remember the ids of finished tasks past the retention, before they are removed.
+INSERT INTO expired_tasks (id, expired_at)
+SELECT id, :now::double precision FROM tasks
+ WHERE finished_at < :before AND status IN ('done', 'error', 'canceled')
+ON CONFLICT DO NOTHING;
