@@ -74,7 +74,24 @@ class PostgresServer:
     def start(self) -> PostgresServer:
         """Initialise the data folder and start the server (a few seconds)."""
         self.executor.start()
+        self._wait_until_ready()
         return self
+
+    def _wait_until_ready(self, timeout: float = 60.0) -> None:
+        """Wait for connections to be accepted: the port opens while the server still says it is starting up."""
+        import time
+
+        import psycopg
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                psycopg.connect(self.url(), connect_timeout=5).close()
+                return
+            except psycopg.OperationalError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
 
     def url(self, dbname: str = "postgres") -> str:
         """The URL of one database on this server."""
@@ -93,6 +110,7 @@ class PostgresServer:
         """Stop the server (fast: connections are cut) and start it again on the same port and data."""
         self.executor.stop()
         self.executor.start()
+        self._wait_until_ready()
 
     def stop(self) -> None:
         """Stop the server and remove its files."""
