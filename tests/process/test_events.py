@@ -39,7 +39,8 @@ def test_a_task_stream_follows_it_from_waiting_to_done_with_progress_and_preview
     kinds = [e["event"] for e in events]
     assert kinds[-1] == "done" and kinds.count("done") == 1
     steps = [(e["data"]["image"], e["data"]["step"]) for e in events if e["event"] == "progress" and "step" in e["data"]]
-    assert steps == sorted(steps) and (2, 4) in steps and (1, 1) in steps, steps
+    # The publisher writes only the newest step, so a busy machine may skip one; both images must show.
+    assert steps == sorted(steps) and {image for image, _ in steps} == {1, 2}, steps
     assert "preview" in kinds, "the synthetic worker publishes previews"
     assert all(int(e["id"]) <= int(f["id"]) for e, f in zip(events, events[1:], strict=False)), "ids only grow"
     done = events[-1]["data"]

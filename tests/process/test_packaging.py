@@ -56,8 +56,9 @@ def test_the_wheel_installs_one_namespace_with_its_sql(tmp_path: Path):
     wheel = next(tmp_path.glob("mflux_server-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert {n.split("/")[0] for n in names} == {"mflux_server", wheel.name.split("-py")[0] + ".dist-info"}
-    shipped = sorted(n.rsplit("/", 1)[-1] for n in names if n.startswith("mflux_server/migrations/") and n.endswith(".sql"))
-    assert shipped == [name for _, name, _ in db.migration_files()]
+    for folder, dialect in (("mflux_server/migrations/", ""), ("mflux_server/migrations/postgresql/", "postgresql")):
+        shipped = sorted(n[len(folder):] for n in names if n.startswith(folder) and n.endswith(".sql") and "/" not in n[len(folder):])
+        assert shipped == [name for _, name, _ in db.migration_files(dialect)]
     for module in ("mflux_server/core/queries.sql", "mflux_server/worker/cli.py", "mflux_server/worker/engines/mflux.py",
                    "mflux_server/api/app.py", "mflux_server/forecast/cost_model.py", "mflux_server/web/index.html",
                    "mflux_server/web/app.js", "mflux_server/web/style.css", "mflux_server/client/cli.py"):
