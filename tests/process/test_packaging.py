@@ -57,7 +57,8 @@ def test_the_wheel_installs_one_namespace_with_its_sql(tmp_path: Path):
     names = zipfile.ZipFile(wheel).namelist()
     assert {n.split("/")[0] for n in names} == {"mflux_server", wheel.name.split("-py")[0] + ".dist-info"}
     for folder, dialect in (("mflux_server/migrations/", ""), ("mflux_server/migrations/postgresql/", "postgresql")):
-        shipped = sorted(n[len(folder):] for n in names if n.startswith(folder) and n.endswith(".sql") and "/" not in n[len(folder):])
+        inside = [n[len(folder):] for n in names if n.startswith(folder)]
+        shipped = sorted(n for n in inside if n.endswith(".sql") and "/" not in n)
         assert shipped == [name for _, name, _ in db.migration_files(dialect)]
     for module in ("mflux_server/core/queries.sql", "mflux_server/worker/cli.py", "mflux_server/worker/engines/mflux.py",
                    "mflux_server/api/app.py", "mflux_server/forecast/cost_model.py", "mflux_server/web/index.html",
