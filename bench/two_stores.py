@@ -15,7 +15,7 @@ import requests
 
 from bench import api_load
 from bench.results import Result, median, percentile
-from mflux_server.core import db, store
+from mflux_server.core import db, pg, store
 from mflux_server.core.rows import NewTask, Status, StoredImage
 from mflux_server.testing import Processes, wait_for
 from mflux_server.testing_postgres import PostgresServer, why_unavailable
@@ -23,6 +23,9 @@ from mflux_server.testing_postgres import PostgresServer, why_unavailable
 STORES = ("sqlite", "postgresql")
 CLAIMERS = 8
 PER_IMAGE = 0.25  # seconds per synthetic image in the duty-cycle run, as benchmark 1
+# Pollers asking every ~100 ms each (32 of them offer ~300 requests/s): the load a latency is quoted at. Flat
+# out, a closed loop of 32 clients waits connections ÷ throughput per request, whatever the store does.
+POLL_PAUSE_MS = 100
 
 
 def tiny(i: int) -> NewTask:
@@ -101,8 +104,14 @@ def dispatch(target: str, tmp: Path, samples: int) -> dict:
 
 
 def status_load(target: str, tmp: Path, tasks: int, seconds: float, connections: int) -> dict:
-    """GET /api/status for random tasks among `tasks` queued, 2 API processes, a real-time worker running."""
+    """GET /api/status for random tasks among `tasks` queued, 2 API processes, a real-time worker running: flat
+    out for throughput, then paced pollers for latency."""
     ids = api_load.fill_queue(target, tasks)
+    if pg.is_postgres_url(target):
+        # Planner statistics for the 10,000 rows just written, which autovacuum gathers within its first minute.
+        conn = db.connect(target)
+        conn.execute("ANALYZE")
+        conn.close()
     ids_file = tmp / "ids.txt"
     ids_file.write_text("\n".join(ids) + "\n")
     procs = Processes(tmp, target)
@@ -113,7 +122,10 @@ def status_load(target: str, tmp: Path, tasks: int, seconds: float, connections:
         drive = api_load.wrk if shutil.which("wrk") else api_load.python_clients
         load = ids_file if drive is api_load.wrk else ids
         drive(url, load, min(seconds, 5.0), connections)  # warm-up: both processes build their first snapshot
-        return drive(url, load, seconds, connections)
+        flat = drive(url, load, seconds, connections)
+        paced = drive(url, load, seconds, connections, POLL_PAUSE_MS)
+        return {"rate": flat["rate"], "p99_flat": flat["p99"], "p50": paced["p50"], "p99": paced["p99"],
+                "paced_rate": paced["rate"], "errors": flat["errors"] + paced["errors"]}
     finally:
         procs.stop_all()
 
@@ -153,7 +165,8 @@ def run(smoke: bool = False) -> Result:
     claim_tasks, samples, queued, seconds, duty_tasks = (200, 5, 300, 1.0, 6) if smoke else (4000, 100, 10_000, 15.0, 80)
     result = Result("Two stores: SQLite and PostgreSQL",
                     f"make bench ARGS='--only stores'  ({CLAIMERS} claiming processes on {claim_tasks:,} tiny tasks; "
-                    f"{samples} dispatches; status at {queued:,} queued, 32 clients for {seconds:.0f} s; "
+                    f"{samples} dispatches; status at {queued:,} queued, 32 clients flat out, then polling every "
+                    f"~{POLL_PAUSE_MS} ms, {seconds:.0f} s each; "
                     f"2 workers on {duty_tasks} tasks of {PER_IMAGE * 1000:.0f} ms)")
     reason = why_unavailable()
     if reason is not None:
@@ -184,9 +197,12 @@ def run(smoke: bool = False) -> Result:
         result.add(f"{name}: submit → processing, p50", figures["dispatch"]["p50"], "ms",
                    "≤ 10 ms" if on_pg else "", figures["dispatch"]["p50"] <= 10 if on_pg else None)
         result.add(f"{name}: submit → processing, p99", figures["dispatch"]["p99"], "ms")
-        result.add(f"{name}: status requests per second at {queued:,} queued", figures["status"]["rate"], "/s")
-        result.add(f"{name}: status latency p99", figures["status"]["p99"], "ms", "≤ 50 ms",
-                   figures["status"]["p99"] <= 50)
+        status = figures["status"]
+        result.add(f"{name}: status requests per second at {queued:,} queued (flat out)", status["rate"], "/s")
+        result.add(f"{name}: status latency p99, flat out", status["p99_flat"], "ms")
+        result.add(f"{name}: status latency p99, pollers every {POLL_PAUSE_MS} ms ({status['paced_rate']:.0f}/s)",
+                   status["p99"], "ms", "≤ 50 ms", status["p99"] <= 50)
+        result.add(f"{name}: status errors", status["errors"], "", "0", status["errors"] == 0)
         result.add(f"{name}: duty cycle of the lower of 2 workers (its generating ÷ its wall)", figures["duty"]["duty"], "%",
                    "≥ 99%" if on_pg else "", figures["duty"]["duty"] >= 99 if on_pg else None)
     if "postgresql" in found:

@@ -53,6 +53,11 @@ def live_workers(connection: sqlite3.Connection) -> list[Worker]:
     return store.live_workers(connection, settings().stale_after)
 
 
+def recent_live_workers(connection: sqlite3.Connection) -> list[Worker]:
+    """The live workers for a status view: on PostgreSQL as of the last change, or at most a second ago."""
+    return forecaster().reads.get(connection, ("live", settings().stale_after), lambda: live_workers(connection))
+
+
 def summary(task: Task) -> dict[str, Any]:
     """The fields every view of a task shows, without the forecast."""
     return {
@@ -90,7 +95,7 @@ def task_status(connection: sqlite3.Connection, task: Task, live: list[Worker] |
     workers = 0
     forecast_as = task
     if task.status.unfinished:
-        live = live_workers(connection) if live is None else live
+        live = recent_live_workers(connection) if live is None else live
         workers = sum(1 for w in live if w.model == task.model and not w.loading)
         if task.status is Status.PROCESSING and not any(w.id == task.worker_id for w in live):
             view["worker_lost"] = True

@@ -140,6 +140,15 @@ def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         raise
 
 
+def execute_later(conn: sqlite3.Connection, sql: str, parameters: Any = ()) -> None:
+    """Run a write of an open transaction whose outcome is not read; PostgreSQL sends it with what comes next."""
+    defer = getattr(conn, "defer", None)
+    if defer is None:
+        conn.execute(sql, parameters)
+    else:
+        defer(sql, parameters)
+
+
 def migration_files(dialect: str = "") -> list[tuple[int, str, str]]:
     """Return (version, name, sql) for every migration of a store ("" for SQLite, "postgresql"), from the installed
     package or the checkout."""

@@ -266,6 +266,7 @@ class PgConnection:
         self._conn: psycopg.Connection[Any] | None = None
         self._in_transaction = False
         self._pending: tuple[str, ...] | None = None  # the BEGIN that goes out with the transaction's first statement
+        self._deferred: list[tuple[str, Any]] = []  # writes whose outcome nobody reads, sent with what comes next
         self.row_factory: Any = PgRow
 
     # sqlite3.Connection's surface
@@ -285,10 +286,18 @@ class PgConnection:
         """A cursor whose row_factory may be set to None for plain tuples."""
         return PgCursor(self)
 
+    def defer(self, sql: str, parameters: Any = ()) -> None:
+        """Run a write of the open transaction whose outcome is not read: it goes out with the transaction's next
+        statement or its COMMIT, a round trip fewer while the write lock is held (its error, if any, comes then)."""
+        if not self._in_transaction:
+            self.execute(sql, parameters)
+            return
+        self._deferred.append((translate(sql), _adapt(parameters)))
+
     def close(self) -> None:
         """End the session (back to the pool when it came from one)."""
         conn, self._conn = self._conn, None
-        self._in_transaction, self._pending = False, None
+        self._in_transaction, self._pending, self._deferred = False, None, []
         if conn is None:
             return
         if self._pool is not None:
@@ -333,16 +342,19 @@ class PgConnection:
     def _statement(self, sql: str, parameters: Any, commit: bool = False) -> tuple[int, Any, list[Any] | None]:
         session = self.session()
         prefix, self._pending = self._pending, None
+        deferred, self._deferred = self._deferred, []
         text = translate(sql)
         try:
             # Parameters always go along, empty or not, so the %% that translate() escaped reads as one %.
-            if prefix is None and not commit:
+            if prefix is None and not deferred and not commit:
                 cursor = session.execute(text, _adapt(parameters))
             else:
-                # BEGIN (and the lock), the statement and COMMIT in one round trip.
+                # BEGIN (and the lock), deferred writes, the statement and COMMIT in one round trip.
                 with session.pipeline():
                     for opening in prefix or ():
                         session.execute(opening)
+                    for earlier, arguments in deferred:
+                        session.execute(earlier, arguments)
                     cursor = session.execute(text, _adapt(parameters))
                     if commit:
                         session.execute("COMMIT")
@@ -373,13 +385,27 @@ class PgConnection:
         if not self._in_transaction:
             return -1, None, None
         self._in_transaction = False
-        if self._pending is not None:  # nothing ran in it: nothing was sent
+        deferred, self._deferred = self._deferred, []
+        if not commit:
+            deferred = []  # never sent: nothing to undo for them
+        if self._pending is not None and not deferred:  # nothing ran in it: nothing was sent
             self._pending = None
             return -1, None, None
         try:
-            self.session().execute("COMMIT" if commit else "ROLLBACK")
+            session = self.session()
+            if not deferred:
+                session.execute("COMMIT" if commit else "ROLLBACK")
+            else:
+                opening, self._pending = self._pending or (), None
+                with session.pipeline():
+                    for statement in opening:
+                        session.execute(statement)
+                    for earlier, arguments in deferred:
+                        session.execute(earlier, arguments)
+                    session.execute("COMMIT")
         except psycopg.Error as error:
             self._after_error()
+            self._rollback_quietly()  # a deferred write failed: its transaction is aborted, not ended
             raise _translate_error(error) from error
         return -1, None, None
 
@@ -390,7 +416,7 @@ class PgConnection:
         # Otherwise PostgreSQL refuses every statement after an error until ROLLBACK, which the caller's
         # transaction() sends: the session stays.
         if conn.closed or conn.broken:
-            self._in_transaction, self._pending = False, None
+            self._in_transaction, self._pending, self._deferred = False, None, []
             self._conn = None
             if self._pool is not None:
                 self._pool.putconn(conn)  # the pool discards a broken connection

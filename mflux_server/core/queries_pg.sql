@@ -134,3 +134,10 @@ INSERT INTO expired_tasks (id, expired_at)
 SELECT id, :now::double precision FROM tasks
  WHERE finished_at < :before AND status IN ('done', 'error', 'canceled')
 ON CONFLICT DO NOTHING;
+
+-- name: waiting_since
+-- Waiting tasks newer than a snapshot: a range read on the primary key. Status and model are wrapped so that the
+-- planner cannot pick tasks_fair_queue, which scans every waiting task of the model (1.2 ms at 10,000 queued).
+SELECT t.model, t.priority, t.seq, t.width, t.height, t.steps, t.count, t.created_at, t.fair_tag, t.fair_start
+  FROM tasks t
+ WHERE t.seq > :seq AND (t.status || '') = 'waiting' AND (t.model || '') = :model;

@@ -16,7 +16,7 @@ from functools import lru_cache
 from importlib import resources
 
 from mflux_server.core import pg
-from mflux_server.core.db import transaction
+from mflux_server.core.db import execute_later, transaction
 from mflux_server.core.rows import (
     ApiKey,
     Arrival,
@@ -149,6 +149,11 @@ def get(conn: sqlite3.Connection, task_id: str) -> Task | None:
 def claim_next(conn: sqlite3.Connection, worker_id: str, model: str, engine: str, now: float | None = None) -> Task | None:
     """Atomically take the highest-priority, oldest waiting task for this model."""
     params = {"worker_id": worker_id, "model": model, "engine": engine, "now": time.time() if now is None else now}
+    if is_postgres(conn):
+        # One statement is a transaction of its own there: BEGIN, the write lock, the claim and COMMIT go out
+        # together, so the lock is held for no round trip at all.
+        row = conn.execute(sql("claim_next"), params).fetchone()
+        return Task.from_row(row) if row else None
     with transaction(conn):
         row = conn.execute(sql("claim_next"), params).fetchone()
     return Task.from_row(row) if row else None
@@ -174,9 +179,10 @@ def complete(conn: sqlite3.Connection, task_id: str, worker_id: str, images: Ite
     with transaction(conn):
         if not still_mine(conn, task_id, worker_id):
             return False  # canceled or recovered while we worked: drop the images
+        # Guarded by still_mine under the write lock: these go out with the COMMIT on PostgreSQL.
         for image in images:
-            conn.execute(sql("insert_image"), asdict(image) | {"task_id": task_id})
-        conn.execute(sql("mark_done"), {"id": task_id, "worker_id": worker_id, "now": time.time()})
+            execute_later(conn, sql("insert_image"), asdict(image) | {"task_id": task_id})
+        execute_later(conn, sql("mark_done"), {"id": task_id, "worker_id": worker_id, "now": time.time()})
     return True
 
 

@@ -17,6 +17,7 @@ from mflux_server.forecast.arrivals import ARRIVAL_WINDOW, ArrivalLog
 from mflux_server.forecast.cost_model import CostModel
 from mflux_server.forecast.policy_replay import ModelQueue, start_time
 from mflux_server.forecast.policy_replay import Worker as ReplayWorker
+from mflux_server.forecast.signal_cache import SignalCache
 
 # Seconds to load a model never loaded here yet (about FLUX.1 from a local SSD, warm-up included).
 DEFAULT_LOAD_SECONDS = 15.0
@@ -139,6 +140,7 @@ class Forecaster:
         self._rebuild: Callable[[float], Any] | None = None  # waits for the rebuild in flight
         self.arrivals = ArrivalLog()
         self._signal_seen = -1  # the PostgreSQL change signal as of the last check that found the queue unmoved
+        self.reads = SignalCache()
 
     def cost_model(self, conn: sqlite3.Connection, now: float | None = None) -> CostModel:
         """The current cost model."""
@@ -232,7 +234,8 @@ class Forecaster:
             return self.replayed_estimate(conn, task, serving[0], snap, cost, now)
         # The worker claims in claim order, so every task of the snapshot ahead of the first one still waiting
         # has left the queue since: skipping them keeps a snapshot exact between rebuilds.
-        front = store.waiting_front(conn, task.model, snap.max_seq)
+        front = self.reads.get(conn, ("front", task.model, snap.max_seq),
+                               lambda: store.waiting_front(conn, task.model, snap.max_seq))
         if front is None:
             pos, ahead = 0, 0.0
         else:
@@ -240,7 +243,7 @@ class Forecaster:
             gone, gone_seconds = snap.ahead(task.model, front)
             pos, ahead = max(pos - gone, 0), max(ahead - gone_seconds, 0.0)
         # Tasks submitted since the snapshot: a rowid range read, so a new task's position is always exact.
-        newer = store.waiting_since(conn, task.model, snap.max_seq)
+        newer = self._waiting_since(conn, task, snap.max_seq)
         if len(newer) > MAX_UNSNAPSHOTTED:
             self._rebuild_soon(cost)
         prices: dict[tuple[int, int, int, int], float] = {}
@@ -252,7 +255,7 @@ class Forecaster:
                 pos += 1
                 ahead += prices[shape]
         running_ahead = 0
-        running_now = store.running_tasks(conn)
+        running_now = self.reads.get(conn, ("running",), lambda: store.running_tasks(conn))
         for running in running_now:
             if running.model != task.model or running.id == task.id:
                 continue  # the worker may have claimed this very task since its row was read
@@ -262,6 +265,14 @@ class Forecaster:
         until_start = self.arrivals.until_start(task.model, task.priority, workers, max(ahead, 0.0) / max(workers, 1))
         switch = self.switch_seconds(conn, task, live, running_now, snap, cost, now) if live and not workers else 0.0
         return Estimate(max(pos, 0), running_ahead, until_start + switch + cost.task_seconds(task))
+
+    def _waiting_since(self, conn: sqlite3.Connection, task: Task, seq: int) -> list[QueueEntry]:
+        newer = self.reads.get(conn, ("since", task.model, seq), lambda: store.waiting_since(conn, task.model, seq))
+        # Sequence numbers follow commit order (writers take the write lock), so a read that holds no task as new
+        # as this one was made before it was submitted, and may lack tasks submitted just before it: read again.
+        if task.seq > max((entry.seq for entry in newer), default=seq):
+            newer = store.waiting_since(conn, task.model, seq)
+        return newer
 
     def replayed_estimate(self, conn: sqlite3.Connection, task: Task, worker: Worker, snap: QueueSnapshot,
                           cost: CostModel, now: float) -> Estimate:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import sqlite3
 import time
 from pathlib import Path
 
 import pytest
 
-from mflux_server.core import store
+from mflux_server.core import db, store
 from mflux_server.core.rows import Recovery, Removal, Status, Task, Timing
 from tests.conftest import images_for, queue_task
 
@@ -88,6 +89,30 @@ def test_complete_stores_images_and_done_together(conn):
     image = store.fetch_image(conn, t.id, 1)
     assert image is not None and (image.idx, image.seed, image.data) == (1, 8, b"img1")
     assert store.generation_spans(conn) == [(1.0, 2.0), (1.0, 2.0)]
+
+
+def test_a_failing_image_write_leaves_the_task_running_and_the_connection_usable(conn):
+    # On PostgreSQL the image rows go out with the COMMIT: their error surfaces there, and must undo the lot.
+    t = queue_task(conn, count=2)
+    claimed = claim(conn)
+    twice = [images_for(t)[0], images_for(t)[0]]  # the same image index twice breaks the primary key
+    with pytest.raises(sqlite3.IntegrityError):
+        store.complete(conn, claimed.id, "w", twice)  # type: ignore[union-attr]
+    assert not conn.in_transaction
+    assert store.get(conn, t.id).status is Status.PROCESSING and store.fetch_image(conn, t.id, 0) is None
+    assert store.complete(conn, claimed.id, "w", images_for(t))  # type: ignore[union-attr]
+    assert store.get(conn, t.id).status is Status.DONE
+
+
+def test_writes_left_for_the_commit_vanish_with_a_rollback(conn):
+    t = queue_task(conn)
+    with pytest.raises(RuntimeError), db.transaction(conn):
+        db.execute_later(conn, "UPDATE tasks SET prompt = 'changed' WHERE id = ?", (t.id,))
+        raise RuntimeError("the block fails after its write")
+    assert store.get(conn, t.id).prompt == t.prompt
+    with db.transaction(conn):
+        db.execute_later(conn, "UPDATE tasks SET prompt = 'changed' WHERE id = ?", (t.id,))
+    assert store.get(conn, t.id).prompt == "changed"
 
 
 def test_timings_accumulate_per_model_size_and_kind(conn):
