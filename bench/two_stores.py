@@ -108,9 +108,10 @@ def status_load(target: str, tmp: Path, tasks: int, seconds: float, connections:
     out for throughput, then paced pollers for latency."""
     ids = api_load.fill_queue(target, tasks)
     if pg.is_postgres_url(target):
-        # Planner statistics for the 10,000 rows just written, which autovacuum gathers within its first minute.
+        # Planner statistics and the visibility map for the 10,000 rows just written, as autovacuum leaves them
+        # within its first minute.
         conn = db.connect(target)
-        conn.execute("ANALYZE")
+        conn.execute("VACUUM ANALYZE")
         conn.close()
     ids_file = tmp / "ids.txt"
     ids_file.write_text("\n".join(ids) + "\n")
