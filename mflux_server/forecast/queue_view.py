@@ -141,6 +141,7 @@ class Forecaster:
         self.arrivals = ArrivalLog()
         self._signal_seen = -1  # the PostgreSQL change signal as of the last check that found the queue unmoved
         self.reads = SignalCache()
+        self._rebuild_conn: sqlite3.Connection | None = None  # the rebuilds' connection, kept between them
 
     def cost_model(self, conn: sqlite3.Connection, now: float | None = None) -> CostModel:
         """The current cost model."""
@@ -201,7 +202,9 @@ class Forecaster:
             self._rebuild = native.start(lambda: self._rebuild_now(cost), "queue-snapshot")
 
     def _rebuild_now(self, cost: CostModel) -> None:
-        conn = self._connect()
+        # One rebuild at a time, so they share one connection: a fresh PostgreSQL session per rebuild cost a
+        # backend's start and every statement's preparation again.
+        conn, self._rebuild_conn = self._rebuild_conn or self._connect(), None
         try:
             now = self._clock()
             snapshot = QueueSnapshot.build(store.read_queue(conn), cost, now)
@@ -209,8 +212,12 @@ class Forecaster:
             # while it is re-priced: request threads never wait for it.
             self.arrivals.observe(store.arrivals_since(conn, self.arrivals.last_seq, now - ARRIVAL_WINDOW), now, cost)
             self._snapshot = snapshot
-        finally:
+        except BaseException:
             conn.close()
+            raise
+        else:
+            self._rebuild_conn = conn
+        finally:
             # No lock: only _rebuild_soon sets it, and only while it is None (a plain store is atomic).
             self._rebuild = None
 

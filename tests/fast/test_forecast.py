@@ -241,6 +241,24 @@ def test_tasks_that_left_the_queue_since_the_snapshot_are_not_counted(conn, db_p
         gate.set()
 
 
+def test_background_rebuilds_share_one_connection(conn, db_path):
+    opened = []
+
+    def counting_connect():
+        opened.append(db.connect(db_path))
+        return opened[-1]
+
+    forecaster = Forecaster(connect=counting_connect, clock=lambda: NOW, refit_interval=60)
+    tasks = [queue_task(conn) for _ in range(4)]
+    for done in range(3):
+        forecaster.estimate(conn, current(conn, tasks[-1].id), workers=1)
+        forecaster.settle()
+        claimed = store.claim_next(conn, "w", "schnell", "synthetic")
+        assert claimed is not None and store.complete(conn, claimed.id, "w", [])
+        assert settled(forecaster, conn, tasks[-1].id).pos == 2 - done  # each claim moved the queue: rebuilt
+    assert len(opened) == 1, "each rebuild opened a connection of its own"
+
+
 def test_tasks_submitted_since_the_snapshot_are_seen(conn, db_path):
     forecaster = forecaster_for(db_path, refit_interval=60)
     normal = queue_task(conn)
