@@ -140,13 +140,11 @@ def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         raise
 
 
-def execute_later(conn: sqlite3.Connection, sql: str, parameters: Any = ()) -> None:
-    """Run a write of an open transaction whose outcome is not read; PostgreSQL sends it with what comes next."""
+def execute_later(conn: sqlite3.Connection, sql: str, parameters: Any = ()) -> Any:
+    """Run a write of an open transaction; PostgreSQL sends it with what comes next. The result's rowcount is
+    known at once on SQLite, and once it was sent (after COMMIT at the latest) on PostgreSQL."""
     defer = getattr(conn, "defer", None)
-    if defer is None:
-        conn.execute(sql, parameters)
-    else:
-        defer(sql, parameters)
+    return conn.execute(sql, parameters) if defer is None else defer(sql, parameters)
 
 
 def migration_files(dialect: str = "") -> list[tuple[int, str, str]]:

@@ -176,6 +176,30 @@ def translate(sql: str) -> str:
 # Rows and cursors
 
 
+class Later:
+    """A deferred write (PgConnection.defer) and, once it was sent, its cursor."""
+
+    __slots__ = ("sql", "parameters", "cursor", "_rowcount")
+
+    def __init__(self, sql: str, parameters: Any):
+        self.sql, self.parameters = sql, parameters
+        self.cursor: psycopg.Cursor[Any] | None = None
+        self._rowcount: int | None = None
+
+    @property
+    def rowcount(self) -> int:
+        """Rows the write changed; known once it was sent (after the transaction's COMMIT at the latest)."""
+        if self._rowcount is not None:
+            return self._rowcount
+        if self.cursor is None:
+            raise RuntimeError("a deferred write's rowcount is known only once it was sent")
+        return self.cursor.rowcount
+
+    @rowcount.setter
+    def rowcount(self, value: int) -> None:
+        self._rowcount = value
+
+
 class PgRow(tuple):  # type: ignore[type-arg]
     """A result row readable by position and by column name, like sqlite3.Row."""
 
@@ -266,7 +290,7 @@ class PgConnection:
         self._conn: psycopg.Connection[Any] | None = None
         self._in_transaction = False
         self._pending: tuple[str, ...] | None = None  # the BEGIN that goes out with the transaction's first statement
-        self._deferred: list[tuple[str, Any]] = []  # writes whose outcome nobody reads, sent with what comes next
+        self._deferred: list[Later] = []  # writes of the open transaction, sent with what comes next
         self.row_factory: Any = PgRow
 
     # sqlite3.Connection's surface
@@ -286,13 +310,15 @@ class PgConnection:
         """A cursor whose row_factory may be set to None for plain tuples."""
         return PgCursor(self)
 
-    def defer(self, sql: str, parameters: Any = ()) -> None:
-        """Run a write of the open transaction whose outcome is not read: it goes out with the transaction's next
-        statement or its COMMIT, a round trip fewer while the write lock is held (its error, if any, comes then)."""
+    def defer(self, sql: str, parameters: Any = ()) -> Later:
+        """Queue a write of the open transaction: it goes out with the transaction's next statement or its COMMIT,
+        a round trip fewer while the write lock is held. Its rowcount (and its error, if any) come then."""
+        later = Later(translate(sql), _adapt(parameters))
         if not self._in_transaction:
-            self.execute(sql, parameters)
-            return
-        self._deferred.append((translate(sql), _adapt(parameters)))
+            later.rowcount = self.execute(sql, parameters).rowcount
+            return later
+        self._deferred.append(later)
+        return later
 
     def close(self) -> None:
         """End the session (back to the pool when it came from one)."""
@@ -340,7 +366,14 @@ class PgConnection:
         return self._statement(sql, parameters)
 
     def _statement(self, sql: str, parameters: Any, commit: bool = False) -> tuple[int, Any, list[Any] | None]:
-        session = self.session()
+        try:
+            session = self.session()
+        except PgStorageError:
+            if not self._in_transaction:
+                # A lone write that never went out: its BEGIN must not ride with the next statement, which
+                # would then hold the write lock in a transaction nobody ends.
+                self._pending, self._deferred = None, []
+            raise
         prefix, self._pending = self._pending, None
         deferred, self._deferred = self._deferred, []
         text = translate(sql)
@@ -353,8 +386,8 @@ class PgConnection:
                 with session.pipeline():
                     for opening in prefix or ():
                         session.execute(opening)
-                    for earlier, arguments in deferred:
-                        session.execute(earlier, arguments)
+                    for later in deferred:
+                        later.cursor = session.execute(later.sql, later.parameters)
                     cursor = session.execute(text, _adapt(parameters))
                     if commit:
                         session.execute("COMMIT")
@@ -388,20 +421,19 @@ class PgConnection:
         deferred, self._deferred = self._deferred, []
         if not commit:
             deferred = []  # never sent: nothing to undo for them
-        if self._pending is not None and not deferred:  # nothing ran in it: nothing was sent
-            self._pending = None
+        opening, self._pending = self._pending, None  # taken before anything can fail, so none is left over
+        if opening is not None and not deferred:  # nothing ran in it: nothing was sent
             return -1, None, None
         try:
             session = self.session()
             if not deferred:
                 session.execute("COMMIT" if commit else "ROLLBACK")
             else:
-                opening, self._pending = self._pending or (), None
                 with session.pipeline():
-                    for statement in opening:
+                    for statement in opening or ():
                         session.execute(statement)
-                    for earlier, arguments in deferred:
-                        session.execute(earlier, arguments)
+                    for later in deferred:
+                        later.cursor = session.execute(later.sql, later.parameters)
                     session.execute("COMMIT")
         except psycopg.Error as error:
             self._after_error()

@@ -58,10 +58,11 @@ UPDATE tasks SET image_index = :image_index, step = :step, step_at = :step_at
 -- Whether a task is still processing under this worker (not canceled, not recovered by another).
 SELECT 1 FROM tasks WHERE id = :id AND worker_id = :worker_id AND status = 'processing';
 
--- name: insert_image
--- Store one encoded image of a task.
+-- name: insert_image_if_mine
+-- Store one encoded image of a task, if the task is still processing under this worker.
 INSERT INTO images (task_id, idx, seed, mime, data, gen_started, gen_ended)
-VALUES (:task_id, :idx, :seed, :mime, :data, :gen_started, :gen_ended);
+SELECT :task_id, :idx, :seed, :mime, :data, :gen_started, :gen_ended
+ WHERE EXISTS (SELECT 1 FROM tasks WHERE id = :task_id AND worker_id = :worker_id AND status = 'processing');
 
 -- name: mark_done
 -- Finish a task this worker holds, with its progress at the end.

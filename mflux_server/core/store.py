@@ -176,14 +176,13 @@ def still_mine(conn: sqlite3.Connection, task_id: str, worker_id: str) -> bool:
 
 def complete(conn: sqlite3.Connection, task_id: str, worker_id: str, images: Iterable[StoredImage]) -> bool:
     """Store the images and mark the task done, in one transaction; False if it was not ours."""
+    # Every statement is guarded by the task still being this worker's (canceled or recovered meanwhile: the
+    # images are dropped), under the write lock; on PostgreSQL they all go out with the COMMIT, one round trip.
     with transaction(conn):
-        if not still_mine(conn, task_id, worker_id):
-            return False  # canceled or recovered while we worked: drop the images
-        # Guarded by still_mine under the write lock: these go out with the COMMIT on PostgreSQL.
         for image in images:
-            execute_later(conn, sql("insert_image"), asdict(image) | {"task_id": task_id})
-        execute_later(conn, sql("mark_done"), {"id": task_id, "worker_id": worker_id, "now": time.time()})
-    return True
+            execute_later(conn, sql("insert_image_if_mine"), asdict(image) | {"task_id": task_id, "worker_id": worker_id})
+        done = execute_later(conn, sql("mark_done"), {"id": task_id, "worker_id": worker_id, "now": time.time()})
+    return bool(done.rowcount == 1)
 
 
 def fail(conn: sqlite3.Connection, task_id: str, worker_id: str, message: str) -> bool:

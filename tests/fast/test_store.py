@@ -104,6 +104,34 @@ def test_a_failing_image_write_leaves_the_task_running_and_the_connection_usable
     assert store.get(conn, t.id).status is Status.DONE
 
 
+@pytest.mark.parametrize("write", ["lone", "completion"])
+def test_a_write_that_could_not_reach_the_server_leaves_no_transaction_behind(conn, monkeypatch, write):
+    # Otherwise its BEGIN and the write lock would ride with the next statement, in a transaction nobody ends,
+    # and every other writer would wait for that lock forever.
+    if not store.is_postgres(conn):
+        pytest.skip("PostgreSQL sessions only")
+    from mflux_server.core import pg
+
+    t = queue_task(conn)
+    claimed = claim(conn)
+    real, failures = conn.session, [1]
+
+    def down():
+        if failures:
+            failures.pop()
+            raise pg.PgStorageError("cannot reach PostgreSQL", "io")
+        return real()
+
+    monkeypatch.setattr(conn, "session", down)
+    with pytest.raises(sqlite3.OperationalError):
+        if write == "lone":
+            store.record_progress(conn, t.id, "w", 0, 1, 1.0)
+        else:
+            store.complete(conn, claimed.id, "w", images_for(t))  # type: ignore[union-attr]
+    assert store.get(conn, t.id).status is Status.PROCESSING  # the next statement, on a session that works
+    assert real().info.transaction_status.name == "IDLE", "a transaction was left open"
+
+
 def test_writes_left_for_the_commit_vanish_with_a_rollback(conn):
     t = queue_task(conn)
     with pytest.raises(RuntimeError), db.transaction(conn):

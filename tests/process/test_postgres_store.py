@@ -82,7 +82,8 @@ def test_concurrent_processes_migrate_once_under_the_advisory_lock(postgres_serv
     assert set(versions) == {len(db.migration_files("postgresql"))}
     assert describe(url) == EXPECTED_COLUMNS | {"schema_migrations": {"version", "name", "applied_at"}}
     with psycopg.connect(url) as conn:
-        assert conn.execute("SELECT count(*) FROM schema_migrations").fetchone()[0] == 1
+        applied = [row[0] for row in conn.execute("SELECT version FROM schema_migrations ORDER BY version")]
+    assert applied == [version for version, _, _ in db.migration_files("postgresql")], "each applied exactly once"
 
 
 def test_a_url_that_cannot_be_reached_exits_with_one_line_naming_it(processes):
