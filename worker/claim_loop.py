@@ -8,6 +8,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from typing import TypeVar
 
 from PIL import Image
 
@@ -24,7 +25,9 @@ from mflux_server.worker.messages import (
 )
 from mflux_server.worker.publisher import Measurement, PreviewFrame, Progress, ProgressPublisher
 from mflux_server.worker.result_writer import ResultWriter
-from mflux_server.worker.storage_retry import Outage
+from mflux_server.worker.storage_retry import Outage, StorageRetry
+
+T = TypeVar("T")
 
 log = logging.getLogger("mflux_worker")
 
@@ -168,11 +171,16 @@ class ClaimLoop:
             return None
         return store.claim_next(self.conn, self.worker_id, model, self.engine.name)
 
+    def stored(self, what: str, action: Callable[[], T]) -> T:
+        """A store call made with a task in hand: a storage fault (a restarted PostgreSQL) is waited out, not fatal."""
+        return StorageRetry(what, self.stopping).run(action)
+
     def switch_to(self, task: Task) -> bool:
         """Load the task's model (it is claimed, so clients see it starting); on failure fail its tasks."""
         previous = self.engine.model
         log.info("switching model: %s -> %s for task %s", previous, task.model, task.id)
-        store.worker_loading(self.conn, self.worker_id, previous or "", task.model, self.servable)
+        self.stored("publishing the model switch",
+                    lambda: store.worker_loading(self.conn, self.worker_id, previous or "", task.model, self.servable))
         started = time.perf_counter()
         try:
             self.engine.load(task.model)
@@ -182,16 +190,17 @@ class ClaimLoop:
             self.servable.remove(task.model)  # and from the workers table below, so the API stops accepting it
             message = f"model {task.model} failed to load on worker {self.worker_id}: {reason}"
             self.writer.send(TaskFailed(task, message))
-            others = [w for w in store.live_workers(self.conn, self.settings.stale_after)
-                      if w.id != self.worker_id and task.model in w.servable]
-            if not others:
-                failed = store.fail_waiting(self.conn, task.model, message)
+            live = self.stored("reading the workers", lambda: store.live_workers(self.conn, self.settings.stale_after))
+            if not [w for w in live if w.id != self.worker_id and task.model in w.servable]:
+                failed = self.stored("failing its waiting tasks", lambda: store.fail_waiting(self.conn, task.model, message))
                 log.error("failed %d more waiting task(s) of %s: no other worker serves it", failed, task.model)
-            store.worker_loading(self.conn, self.worker_id, "", None, self.servable)
+            self.stored("publishing the failed load",
+                        lambda: store.worker_loading(self.conn, self.worker_id, "", None, self.servable))
             return False
         seconds = time.perf_counter() - started
-        store.record_load(self.conn, task.model, seconds)
-        store.worker_loading(self.conn, self.worker_id, task.model, None, self.servable)
+        self.stored("recording the load", lambda: store.record_load(self.conn, task.model, seconds))
+        self.stored("publishing the loaded model",
+                    lambda: store.worker_loading(self.conn, self.worker_id, task.model, None, self.servable))
         log.info("loaded %s in %.2f s (warm-up included)", task.model, seconds)
         return True
 
@@ -240,7 +249,8 @@ class ClaimLoop:
         if task.width * task.height > self.limit_for(task.model):
             self.writer.send(TaskFailed(task, too_large(task, self.limit_for(task.model), "")))
             return previous
-        inputs = {role: Image.open(io.BytesIO(stored.data)) for role, stored in store.inputs(self.conn, task.id).items()}
+        stored_inputs = self.stored("reading input images", lambda: store.inputs(self.conn, task.id))
+        inputs = {role: Image.open(io.BytesIO(stored.data)) for role, stored in stored_inputs.items()}
         references = tuple(inputs[role] for role in REFERENCE_ROLES if role in inputs)
         self.publisher.task_started(task.id)
         try:
@@ -269,7 +279,8 @@ class ClaimLoop:
                     self.limits[task.model] = min(self.limit_for(task.model), exc.pixels - 1)
                     log.error("task %s: out of memory at %d pixels; this worker's limit for %s is now %d", task.id,
                               exc.pixels, task.model, self.limits[task.model])
-                    store.set_pixel_limits(self.conn, self.worker_id, self.limits)
+                    self.stored("publishing pixel limits",
+                                lambda: store.set_pixel_limits(self.conn, self.worker_id, self.limits))
                     self.writer.send(TaskFailed(task, too_large(task, self.limits[task.model], str(exc))))
                     self.recover_engine()
                     return None
