@@ -13,7 +13,7 @@ import time
 
 from flask import Flask, g, request
 
-from mflux_server.api.context import conn, settings
+from mflux_server.api.context import conn, forecaster, settings
 from mflux_server.api.errors import abort_json
 from mflux_server.api.rate_counts import RateCounts
 from mflux_server.core import api_keys, db, native, pg, store
@@ -106,11 +106,14 @@ def rate_counts() -> RateCounts:
 
 
 def keys_exist() -> bool:
-    """Whether a key was ever created; once true it stays true (revoked keys count), so it is read until then."""
+    """Whether a key was ever created; once true it stays true (revoked keys count), so it is read until then
+    (on PostgreSQL, again after each NOTIFY, which a new key sends)."""
     from flask import current_app
 
     if not current_app.extensions.get("mflux_keys_exist"):
-        current_app.extensions["mflux_keys_exist"] = store.keys_exist(conn())
+        connection = conn()
+        current_app.extensions["mflux_keys_exist"] = forecaster().reads.get(
+            connection, ("keys_exist",), lambda: store.keys_exist(connection))
     return bool(current_app.extensions["mflux_keys_exist"])
 
 

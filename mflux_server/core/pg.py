@@ -14,6 +14,7 @@ import re
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Iterator, Mapping
 from functools import lru_cache
 from importlib import resources
@@ -327,6 +328,7 @@ class PgConnection:
         if conn is None:
             return
         if self._pool is not None:
+            _returned_at[conn] = time.monotonic()
             self._pool.putconn(conn)
         else:
             conn.close()
@@ -552,7 +554,7 @@ def pool(url: str) -> ConnectionPool:
     if found is None:
         made = ConnectionPool(
             url, min_size=1, max_size=int(os.environ.get("MFLUX_SERVER_PG_POOL", "20")), open=False,
-            kwargs=SESSION_OPTIONS, configure=_configure, check=ConnectionPool.check_connection, name="mflux-server")
+            kwargs=SESSION_OPTIONS, configure=_configure, check=_check_if_idle, name="mflux-server")
         found = _pools.setdefault(key, made)
         if found is made:
             made.open()
@@ -562,6 +564,19 @@ def pool(url: str) -> ConnectionPool:
 
 def _configure(conn: psycopg.Connection[Any]) -> None:
     conn.prepared_max = PREPARED_MAX
+
+
+def _check_if_idle(conn: psycopg.Connection[Any]) -> None:
+    # A round trip before every request's first statement was a seventh of a status request's time under load.
+    # A session given back moments ago is almost surely alive (and if the server restarted just then, that one
+    # statement fails as a storage error and the session is replaced); one idle longer is checked.
+    returned = _returned_at.get(conn)
+    if conn.broken or returned is None or time.monotonic() - returned > TRUST_IDLE_SECONDS:
+        ConnectionPool.check_connection(conn)
+
+
+TRUST_IDLE_SECONDS = 2.0
+_returned_at: weakref.WeakKeyDictionary[psycopg.Connection[Any], float] = weakref.WeakKeyDictionary()  # last given back
 
 
 def _close_quietly(opened: ConnectionPool) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 
 import openai
@@ -47,6 +48,28 @@ def test_keys_are_printed_once_listed_without_the_key_and_revoked(processes):
     assert keys(processes.db_path, "revoke", "alice").returncode == 0
     assert "revoked" in keys(processes.db_path, "list").stdout
     assert keys(processes.db_path, "revoke", "alice").returncode == 1
+
+
+def test_the_first_key_ends_open_access_in_every_running_server_process(processes):
+    url = processes.server(http_workers=2)
+    for _ in range(8):  # both processes have answered an open request, and keep that no key exists
+        assert requests.get(url + "/api/tasks", timeout=10).status_code == 200
+    polling = threading.Event()
+
+    def poll() -> None:  # keeps each process's "no key" fresh, so only a NOTIFY can end it soon after the key
+        while not polling.wait(0.02):
+            requests.get(url + "/api/tasks", timeout=10)
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    try:
+        key = new_key(processes.db_path, "first")
+        # On PostgreSQL the key's NOTIFY must reach each process's listener: a moment, not the kept read's second.
+        wait_for(lambda: all(requests.get(url + "/api/tasks", timeout=10).status_code == 401 for _ in range(8)),
+                 timeout=0.5, interval=0.02, what="open access to end in both processes")
+    finally:
+        polling.set()
+    assert requests.get(url + "/api/tasks", headers=auth(key), timeout=10).status_code == 200
 
 
 def test_every_route_class_needs_a_live_key_in_its_own_envelope(processes):
