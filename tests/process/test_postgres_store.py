@@ -31,10 +31,10 @@ from tests.process.test_shared_service import (  # noqa: F401  (collected here, 
     test_another_keys_tasks_are_absent_and_only_admins_see_all,
     test_every_route_class_needs_a_live_key_in_its_own_envelope,
     test_fair_share_lets_a_second_key_through_within_a_task,
-    test_the_first_key_ends_open_access_in_every_running_server_process,
     test_metrics_parse_and_every_server_process_gives_the_same_figures,
     test_quotas_hold_across_two_server_processes_with_retry_after,
     test_readiness_needs_a_writable_queue_and_a_live_worker,
+    test_the_first_key_ends_open_access_in_every_running_server_process,
 )
 from tests.process.test_store_processes import (  # noqa: F401  (collected here, on PostgreSQL)
     test_concurrent_claims_from_several_processes_never_share_a_task,
