@@ -384,15 +384,7 @@ class PgConnection:
             if prefix is None and not deferred and not commit:
                 cursor = session.execute(text, _adapt(parameters))
             else:
-                # BEGIN (and the lock), deferred writes, the statement and COMMIT in one round trip.
-                with session.pipeline():
-                    for opening in prefix or ():
-                        session.execute(opening)
-                    for later in deferred:
-                        later.cursor = session.execute(later.sql, later.parameters)
-                    cursor = session.execute(text, _adapt(parameters))
-                    if commit:
-                        session.execute("COMMIT")
+                cursor = _pipelined(session, prefix, deferred, (text, _adapt(parameters)), commit)
             result = cursor.pgresult
             if result is None or result.status != psycopg.pq.ExecStatus.TUPLES_OK:
                 return cursor.rowcount, None, None
@@ -431,12 +423,7 @@ class PgConnection:
             if not deferred:
                 session.execute("COMMIT" if commit else "ROLLBACK")
             else:
-                with session.pipeline():
-                    for statement in opening or ():
-                        session.execute(statement)
-                    for later in deferred:
-                        later.cursor = session.execute(later.sql, later.parameters)
-                    session.execute("COMMIT")
+                _pipelined(session, opening, deferred, None, commit=True)
         except psycopg.Error as error:
             self._after_error()
             self._rollback_quietly()  # a deferred write failed: its transaction is aborted, not ended
@@ -454,6 +441,22 @@ class PgConnection:
             self._conn = None
             if self._pool is not None:
                 self._pool.putconn(conn)  # the pool discards a broken connection
+
+
+def _pipelined(session: psycopg.Connection[Any], opening: tuple[str, ...] | None, deferred: list[Later],
+               statement: tuple[str, Any] | None, commit: bool) -> Any:
+    """BEGIN (and the lock), deferred writes, a statement and COMMIT in one round trip; the statement's cursor."""
+    cursor = None
+    with session.pipeline():
+        for text in opening or ():
+            session.execute(text)
+        for later in deferred:
+            later.cursor = session.execute(later.sql, later.parameters)
+        if statement is not None:
+            cursor = session.execute(*statement)
+        if commit:
+            session.execute("COMMIT")
+    return cursor
 
 
 # Migrations
