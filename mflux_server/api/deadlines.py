@@ -12,12 +12,17 @@ from __future__ import annotations
 import logging
 import socket
 import time
+import weakref
 from typing import Any
 
 from gunicorn.workers.ggevent import GeventWorker
 from werkzeug.exceptions import RequestTimeout
 
+from mflux_server.api import draining
+
 log = logging.getLogger("mflux_server")
+
+DRAIN_CHECK = 0.1  # seconds between checks of whether the process was told to stop (gunicorn sets a flag)
 
 
 class RequestArrivedTooSlowly(RequestTimeout):
@@ -34,11 +39,17 @@ class DeadlineSocket:
         self.started: float | None = None  # monotonic time of the current request's first byte
         self.deadline: float | None = None
         self.timed_out = False  # a read hit the deadline: the rest of the request can never be told apart
+        self.closing = False  # the process is stopping and closed this connection between requests
 
     def recv(self, size: int) -> bytes:
         """Read, waiting no later than the deadline; between requests the keep-alive timeout governs."""
         if self.deadline is None:
-            data = self._sock.recv(size)
+            try:
+                data = self._sock.recv(size)
+            except OSError:
+                if self.closing:  # gevent cancels the read that close_if_idle's shutdown interrupts
+                    return b""
+                raise
             if data:
                 self.started = time.monotonic()
                 self.deadline = self.started + self.header_timeout
@@ -63,6 +74,15 @@ class DeadlineSocket:
         """The response is sent: the next request's clock starts at its first byte."""
         self.started = self.deadline = None
 
+    def close_if_idle(self) -> None:
+        """Between requests, end the connection (the process is stopping); a request in progress finishes first."""
+        if self.started is None:
+            self.closing = True
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)  # the keep-alive read returns at once, and the greenlet ends
+            except OSError:
+                pass
+
     def _late(self) -> str:
         self.timed_out = True
         return (f"the request did not arrive whole within {self.header_timeout:g} s (headers) or "
@@ -79,9 +99,27 @@ class DeadlineGeventWorker(GeventWorker):
     header_timeout = 10.0
     request_timeout = 60.0
 
+    def run(self) -> None:
+        """Serve until told to stop, then let go of idle connections and event streams at once (api/draining.py)."""
+        import gevent
+
+        self._connections: weakref.WeakSet[DeadlineSocket] = weakref.WeakSet()
+
+        def drain_when_stopping() -> None:
+            while self.alive:
+                gevent.sleep(DRAIN_CHECK)
+            draining.drain()
+            for connection in list(self._connections):
+                connection.close_if_idle()
+
+        gevent.spawn(drain_when_stopping)
+        super().run()
+
     def handle(self, listener: Any, client: socket.socket, addr: Any) -> None:
         """Serve a connection through a DeadlineSocket."""
-        super().handle(listener, DeadlineSocket(client, self.header_timeout, self.request_timeout), addr)
+        connection = DeadlineSocket(client, self.header_timeout, self.request_timeout)
+        self._connections.add(connection)
+        super().handle(listener, connection, addr)
 
     def handle_request(self, listener_name: Any, req: Any, sock: DeadlineSocket, addr: Any) -> None:
         """Run one request with the body's deadline; reset the clock after it."""
@@ -92,6 +130,8 @@ class DeadlineGeventWorker(GeventWorker):
             sock.request_done()
         if sock.timed_out:  # the app answered 408 mid-body: close, since what follows is the unread rest of it
             raise StopIteration("the request arrived too slowly")
+        if not self.alive:  # answered while stopping (an event stream that ended, a slow request): close now
+            raise StopIteration("the server process is stopping")
 
     def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
         """A request that arrived too slowly gets a 408 (our JSON error) and the connection is closed."""

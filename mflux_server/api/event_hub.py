@@ -15,6 +15,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from mflux_server.api import draining
 from mflux_server.core import store
 from mflux_server.core.rows import Event
 
@@ -37,6 +38,7 @@ class EventHub:
         # Requests waiting for one task's next event (the synchronous surfaces): woken alone, not with every stream.
         self._task_signals: dict[str, list[threading.Event]] = {}
         self.last_id = 0  # the newest event read
+        self.closed = False  # the process is stopping: streams end instead of waiting
 
     def start(self) -> None:
         """Start watching, once (the first stream does it)."""
@@ -47,6 +49,13 @@ class EventHub:
             self.last_id = store.last_event_id(conn)
             self._thread = threading.Thread(target=self._watch, args=(conn,), name="event-hub", daemon=True)
             self._thread.start()
+        draining.on_drain(self.close)
+
+    def close(self) -> None:
+        """Wake every waiting stream and let none wait again: the process is stopping."""
+        with self._changed:
+            self.closed = True
+            self._changed.notify_all()
 
     def _watch(self, conn: sqlite3.Connection) -> None:
         version = store.data_version(conn)
@@ -86,7 +95,7 @@ class EventHub:
     def wait(self, after: int, timeout: float) -> list[Event]:
         """The events newer than `after` in memory, waiting up to `timeout` seconds for one."""
         with self._changed:
-            self._changed.wait_for(lambda: self.last_id > after, timeout)
+            self._changed.wait_for(lambda: self.last_id > after or self.closed, timeout)
             newer: list[Event] = []
             for event in reversed(self._recent):
                 if event.id <= after:

@@ -121,7 +121,7 @@ def follow(watched: set[str] | None, after: int | None, single: bool, owner: int
                 yield frame(after, kind, {**payload(state, view), "at": None})
                 if single and view["status"] in ENDED:
                     return
-    while True:
+    while not hub.closed:  # the process is stopping: end here, the client reconnects from its Last-Event-ID
         if hub.covers(after):
             events = hub.wait(after, KEEP_ALIVE)
         else:  # resuming from before what the hub holds: read the database

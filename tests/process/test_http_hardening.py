@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import signal
+import socket
+import time
 
 import pytest
 import requests
 
+from mflux_server.core import db, store
 from tests.process.test_http_server import raw_request
 
 
@@ -87,3 +91,36 @@ def test_two_hundred_stalled_or_trickling_clients_delay_no_one_and_are_cut_off_a
         sock.close()
     assert time.monotonic() - opened < 6, "every stalled connection was closed at its deadline"
     assert all(b" 408 " in answer.split(b"\r\n")[0] and b'"request_timeout"' in answer for answer in answers)
+
+
+def test_a_stopping_server_lets_idle_connections_and_streams_go_at_once_and_finishes_a_request_in_flight(processes):
+    url = processes.server()
+    kept = requests.Session()
+    assert kept.get(url + "/api/info", timeout=5).status_code == 200  # a kept-alive connection, idle from now on
+    stream = requests.get(url + "/api/events", stream=True, timeout=30)
+    assert stream.status_code == 200
+    host, port = url.removeprefix("http://").split(":")
+    body = json.dumps({"prompt": "sent while the server stops"}).encode()
+    uploading = socket.create_connection((host, int(port)), timeout=10)
+    uploading.sendall(b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: %d\r\n\r\n" % len(body) + body[:10])
+    time.sleep(0.3)  # the request has begun: it is in flight, not idle
+    stopping = time.monotonic()
+    processes.server_proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    uploading.sendall(body[10:])
+    answer = b""
+    while chunk := uploading.recv(65536):  # the answer, then the server closes the connection (else a timeout)
+        answer += chunk
+    uploading.close()
+    status, _, created = parsed(answer)
+    assert status == 200 and created["task_id"], answer
+    assert list(stream.iter_lines()) is not None  # the stream ends (it used to wait for its next event)
+    processes.server_proc.wait(timeout=30)
+    took = time.monotonic() - stopping
+    log = processes.log(processes.server_proc)
+    assert "graceful timeout" not in log, log[-2000:]
+    assert took < 5, f"the server took {took:.1f} s to stop, as if it had waited out its 10 s graceful timeout"
+    conn = db.connect(processes.db_path)
+    assert store.get(conn, created["task_id"]) is not None  # acknowledged, so kept
+    conn.close()
