@@ -289,7 +289,7 @@ def arrivals_since(conn: sqlite3.Connection, seq: int, since: float) -> list[Arr
 
 
 def queue_changes(conn: sqlite3.Connection) -> int:
-    """A counter that moves whenever a task leaves or re-enters the waiting set (not on fresh submits)."""
+    """A counter that moves whenever a task leaves the waiting set other than by a claim, or re-enters it."""
     changes: int = conn.execute(sql("queue_changes")).fetchone()[0]
     return changes
 

@@ -82,10 +82,12 @@ class QueueSnapshot:
             sums.append(sums[-1] + seconds)
         return ModelQueue([key for key, _, _ in entries], [at for _, at, _ in entries], sums)
 
-    def queued_seconds(self, model: str) -> float:
-        """Predicted engine seconds of every waiting task of a model."""
+    def queued_seconds(self, model: str, front: ClaimKey | None) -> float:
+        """Predicted engine seconds of a model's tasks here that still wait: from `front` on (none when None)."""
         prefix = self.prefix.get(model)
-        return prefix[-1] if prefix else 0.0
+        if not prefix or front is None:
+            return 0.0
+        return prefix[-1] - prefix[bisect.bisect_left(self.keys[model], front)]
 
     def ahead(self, model: str, key: ClaimKey) -> tuple[int, float]:
         """Waiting tasks ahead of a claim key, and their summed engine seconds."""
@@ -148,7 +150,8 @@ class Forecaster:
         return self._costs.get(conn, self._clock() if now is None else now)
 
     def snapshot(self, conn: sqlite3.Connection, cost: CostModel, now: float) -> QueueSnapshot:
-        """The waiting queue in claim order: rebuilt when tasks left or re-entered it, re-priced now and then."""
+        """The waiting queue in claim order: rebuilt when tasks left it other than by a claim or re-entered it, and
+        re-priced now and then."""
         current = self._snapshot
         if current is None:
             with self._lock:
@@ -239,10 +242,7 @@ class Forecaster:
         if len(serving) == 1 and len(serving[0].servable) > 1:
             # One worker switching between models: replay its claim policy over every queue it serves.
             return self.replayed_estimate(conn, task, serving[0], snap, cost, now)
-        # The worker claims in claim order, so every task of the snapshot ahead of the first one still waiting
-        # has left the queue since: skipping them keeps a snapshot exact between rebuilds.
-        front = self.reads.get(conn, ("front", task.model, snap.max_seq),
-                               lambda: store.waiting_front(conn, task.model, snap.max_seq))
+        front = self.front(conn, task.model, snap)
         if front is None:
             pos, ahead = 0, 0.0
         else:
@@ -273,6 +273,13 @@ class Forecaster:
         switch = self.switch_seconds(conn, task, live, running_now, snap, cost, now) if live and not workers else 0.0
         return Estimate(max(pos, 0), running_ahead, until_start + switch + cost.task_seconds(task))
 
+    def front(self, conn: sqlite3.Connection, model: str, snap: QueueSnapshot) -> ClaimKey | None:
+        """The claim key of the snapshot's first task of a model that still waits (None when none does)."""
+        # A claim takes the front of its model's queue in claim order, so every task of the snapshot ahead of the
+        # first one still waiting has left the queue since: skipping them keeps a snapshot exact between rebuilds,
+        # and claims need none (migration 0012).
+        return self.reads.get(conn, ("front", model, snap.max_seq), lambda: store.waiting_front(conn, model, snap.max_seq))
+
     def _waiting_since(self, conn: sqlite3.Connection, task: Task, seq: int) -> list[QueueEntry]:
         newer = self.reads.get(conn, ("since", task.model, seq), lambda: store.waiting_since(conn, task.model, seq))
         # Sequence numbers follow commit order (writers take the write lock), so a read that holds no task as new
@@ -289,7 +296,7 @@ class Forecaster:
             newer = store.waiting_since(conn, model, snap.max_seq)
             if len(newer) > MAX_UNSNAPSHOTTED:
                 self._rebuild_soon(cost)
-            queues[model] = snap.model_queue(model, store.waiting_front(conn, model, snap.max_seq), newer, cost)
+            queues[model] = snap.model_queue(model, self.front(conn, model, snap), newer, cost)
         own = queues[task.model]
         key = ClaimKey.of(task.priority, task.seq, task.fair_tag, task.fair_start)
         running = store.running_tasks(conn)
@@ -323,7 +330,8 @@ class Forecaster:
         waited = now - task.created_at
 
         def queued(model: str) -> float:  # the snapshot, plus what was submitted since (as for the task's own model)
-            return snap.queued_seconds(model) + sum(map(cost.gpu_seconds, store.waiting_since(conn, model, snap.max_seq)))
+            newer = store.waiting_since(conn, model, snap.max_seq)
+            return snap.queued_seconds(model, self.front(conn, model, snap)) + sum(map(cost.gpu_seconds, newer))
 
         return min(
             sum(cost.remaining_gpu_seconds(t, now) for t in running if t.worker_id == worker.id)

@@ -253,10 +253,34 @@ def test_background_rebuilds_share_one_connection(conn, db_path):
     for done in range(3):
         forecaster.estimate(conn, current(conn, tasks[-1].id), workers=1)
         forecaster.settle()
-        claimed = store.claim_next(conn, "w", "schnell", "synthetic")
-        assert claimed is not None and store.complete(conn, claimed.id, "w", [])
-        assert settled(forecaster, conn, tasks[-1].id).pos == 2 - done  # each claim moved the queue: rebuilt
+        built = forecaster._snapshot
+        assert store.cancel_or_delete(conn, tasks[done].id) is not None
+        assert settled(forecaster, conn, tasks[-1].id).pos == 2 - done
+        assert forecaster._snapshot is not built  # each cancel moved the queue: rebuilt
     assert len(opened) == 1, "each rebuild opened a connection of its own"
+
+
+def test_claims_keep_the_snapshot_and_it_stays_exact(conn, db_path):
+    forecaster = forecaster_for(db_path, refit_interval=60)
+    tasks = [queue_task(conn, steps=s) for s in (10, 20, 30, 40)]
+    changes = store.queue_changes(conn)
+    forecaster.estimate(conn, current(conn, tasks[-1].id), workers=1)
+    built = forecaster._snapshot
+    cost = CostModel.fit([])
+    for claimed in range(3):
+        assert store.claim_next(conn, "w", "schnell", "synthetic").id == tasks[claimed].id
+        after = forecaster.estimate(conn, current(conn, tasks[-1].id), workers=1)
+        forecaster.settle()
+        assert forecaster._snapshot is built  # no rebuild for a claim
+        assert (after.pos, after.running) == (2 - claimed, claimed + 1)
+        front = forecaster.front(conn, "schnell", built)
+        assert built.queued_seconds("schnell", front) == pytest.approx(
+            sum(cost.gpu_seconds(t) for t in tasks[claimed + 1:]), rel=1e-12)
+    assert store.queue_changes(conn) == changes
+    assert store.release(conn, tasks[0].id, "w")  # back in the queue: a change the snapshot cannot see
+    assert store.queue_changes(conn) == changes + 1
+    assert settled(forecaster, conn, tasks[-1].id).pos == 1
+    assert forecaster._snapshot is not built
 
 
 def test_tasks_submitted_since_the_snapshot_are_seen(conn, db_path):

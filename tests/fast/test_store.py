@@ -170,6 +170,21 @@ def test_release_puts_the_task_back_without_counting_the_attempt(conn):
     assert (row.status, row.attempts, row.worker_id) == (Status.WAITING, 0, None)  # type: ignore[union-attr]
 
 
+def test_the_change_counter_moves_when_a_task_leaves_other_than_by_a_claim_or_comes_back(conn):
+    first, second, third = queue_task(conn), queue_task(conn), queue_task(conn)
+    before = store.queue_changes(conn)
+    queue_task(conn)  # a fresh submit: the forecast reads it past its snapshot
+    assert claim(conn).id == first.id  # type: ignore[union-attr]
+    assert store.queue_changes(conn) == before  # a claim takes the front, which the snapshot corrects for
+    assert store.release(conn, first.id, "w")
+    assert store.queue_changes(conn) == before + 1  # back in the queue
+    assert store.cancel_or_delete(conn, third.id) is Removal.CANCELED
+    assert store.queue_changes(conn) == before + 2  # gone from the middle
+    assert store.cancel_or_delete(conn, second.id) is Removal.CANCELED
+    assert store.cancel_or_delete(conn, second.id) is Removal.DELETED
+    assert store.queue_changes(conn) == before + 3  # a canceled task's delete leaves no waiting set behind
+
+
 def test_cancel_then_delete(conn):
     t = queue_task(conn)
     assert store.cancel_or_delete(conn, t.id) is Removal.CANCELED
