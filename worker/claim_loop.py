@@ -249,7 +249,9 @@ class ClaimLoop:
         if task.width * task.height > self.limit_for(task.model):
             self.writer.send(TaskFailed(task, too_large(task, self.limit_for(task.model), "")))
             return previous
-        stored_inputs = self.stored("reading input images", lambda: store.inputs(self.conn, task.id))
+        # Most tasks have no input images: no read for them (a round trip fewer between generations on PostgreSQL).
+        stored_inputs = self.stored("reading input images",
+                                    lambda: store.inputs(self.conn, task.id)) if task.input_count else {}
         inputs = {role: Image.open(io.BytesIO(stored.data)) for role, stored in stored_inputs.items()}
         references = tuple(inputs[role] for role in REFERENCE_ROLES if role in inputs)
         self.publisher.task_started(task.id)

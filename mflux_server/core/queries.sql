@@ -5,10 +5,12 @@
 -- Queue a new waiting task; its seq (AUTOINCREMENT, never reused) orders it within its priority.
 INSERT INTO tasks (id, priority, model, prompt, width, height, steps, guidance, seed, count,
                    format, quality, created_at, negative_prompt, image_strength, guidance_auto,
-                   surface, callback_url, link_base, keep_for, client_user, key_id, fair_tag, fair_start)
+                   surface, callback_url, link_base, keep_for, client_user, key_id, fair_tag, fair_start,
+                   input_count)
 VALUES (:id, :priority, :model, :prompt, :width, :height, :steps, :guidance, :seed, :count,
         :format, :quality, :created_at, :negative_prompt, :image_strength, :guidance_auto,
-        :surface, :callback_url, :link_base, :keep_for, :client_user, :key_id, :fair_tag, :fair_start)
+        :surface, :callback_url, :link_base, :keep_for, :client_user, :key_id, :fair_tag, :fair_start,
+        :input_count)
 RETURNING *;
 
 -- name: insert_input

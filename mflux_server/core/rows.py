@@ -124,6 +124,7 @@ class Task(FromRow):
     key_id: int | None
     fair_tag: float
     fair_start: float
+    input_count: int = 0  # input images it was submitted with (the worker reads them only when there are some)
 
     def __post_init__(self) -> None:
         # sqlite hands the status back as a plain string; the enum is what everyone compares with.

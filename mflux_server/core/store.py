@@ -96,7 +96,7 @@ def new_task_id() -> str:
 def _task_params(task: NewTask, task_id: str, created_at: float) -> dict[str, object]:
     params = {f.name: getattr(task, f.name) for f in fields(task) if f.name not in ("inputs", "fair_cost")}
     return params | {"id": task_id, "created_at": created_at, "guidance_auto": int(task.guidance_auto), "fair_tag": 0.0,
-                     "fair_start": 0.0}
+                     "fair_start": 0.0, "input_count": len(task.inputs)}
 
 
 def _fair_tag(conn: sqlite3.Connection, task: NewTask) -> tuple[float, float]:

@@ -14,7 +14,7 @@ EXPECTED_COLUMNS = {
               "count", "format", "quality", "created_at", "started_at", "finished_at", "worker_id", "attempts",
               "image_index", "step", "step_at", "engine", "error", "negative_prompt", "image_strength", "guidance_auto",
               "surface", "callback_url", "link_base", "keep_for", "client_user", "key_id", "forecast_seconds",
-              "fair_tag", "fair_start"},
+              "fair_tag", "fair_start", "input_count"},
     "task_inputs": {"task_id", "role", "mime", "width", "height", "data"},
     "load_stats": {"model", "n", "total", "last", "updated_at"},
     "images": {"task_id", "idx", "seed", "mime", "data", "served", "gen_started", "gen_ended"},
@@ -115,6 +115,7 @@ def test_input_images_survive_the_rebuild_that_allows_several_references(tmp_pat
         conn.execute("INSERT INTO task_inputs VALUES ('old', 'image2', 'image/png', 8, 8, x'00')")
     db.migrate(conn)
     assert store.inputs(conn, "old") == {"image": picture, "mask": mask}
+    assert store.get(conn, "old").input_count == 2  # counted by migration 0013
     several = store.submit(conn, new_task(inputs=(picture, InputImage("image2", "image/png", 8, 8, b"x"))))
     assert list(store.inputs(conn, several.id)) == ["image", "image2"]
     store.cancel_or_delete(conn, several.id)  # canceled first, then deleted

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from mflux_server.core import db, store
-from mflux_server.core.rows import Recovery, Removal, Status, Task, Timing
-from tests.conftest import images_for, queue_task
+from mflux_server.core.rows import InputImage, Recovery, Removal, Status, Task, Timing
+from tests.conftest import images_for, new_task, queue_task
 
 
 @pytest.fixture
@@ -183,6 +183,15 @@ def test_the_change_counter_moves_when_a_task_leaves_other_than_by_a_claim_or_co
     assert store.cancel_or_delete(conn, second.id) is Removal.CANCELED
     assert store.cancel_or_delete(conn, second.id) is Removal.DELETED
     assert store.queue_changes(conn) == before + 3  # a canceled task's delete leaves no waiting set behind
+
+
+def test_a_task_counts_its_input_images_so_a_claim_says_whether_to_read_them(conn):
+    images = (InputImage("image", "image/png", 8, 8, b"png"), InputImage("mask", "image/png", 8, 8, b"mask"))
+    with_inputs = store.submit(conn, new_task(inputs=images))
+    plain = queue_task(conn)
+    assert (with_inputs.input_count, plain.input_count) == (2, 0)
+    assert claim(conn).input_count == 2 and set(store.inputs(conn, with_inputs.id)) == {"image", "mask"}
+    assert claim(conn).input_count == 0 and store.inputs(conn, plain.id) == {}
 
 
 def test_cancel_then_delete(conn):
