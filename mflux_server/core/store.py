@@ -159,6 +159,14 @@ def claim_next(conn: sqlite3.Connection, worker_id: str, model: str, engine: str
     return Task.from_row(row) if row else None
 
 
+def prepare_claims(conn: sqlite3.Connection, worker_id: str, engine: str) -> None:
+    """Run the claim and the input read once against nothing, so that a PostgreSQL session has them prepared before
+    its first task (parse and plan were 6 of the first claim's 9 ms on a 2-core VM); nothing to do on SQLite."""
+    if is_postgres(conn):
+        claim_next(conn, worker_id, "", engine)  # no task has the empty model: no row, no trigger, nothing written
+        inputs(conn, "")
+
+
 def record_progress(conn: sqlite3.Connection, task_id: str, worker_id: str, image_index: int, step: int,
                     step_at: float) -> bool:
     """Store progress; False when the task is no longer this worker's to run (canceled, recovered)."""

@@ -194,6 +194,15 @@ def test_a_task_counts_its_input_images_so_a_claim_says_whether_to_read_them(con
     assert claim(conn).input_count == 0 and store.inputs(conn, plain.id) == {}
 
 
+def test_preparing_the_claims_changes_nothing_and_leaves_them_prepared_on_postgresql(conn):
+    waiting = queue_task(conn)
+    store.prepare_claims(conn, "w", "synthetic")
+    assert store.get(conn, waiting.id) == waiting
+    if store.is_postgres(conn):
+        prepared = [row[0] for row in conn.session().execute("SELECT statement FROM pg_prepared_statements")]
+        assert any("SKIP LOCKED" in text for text in prepared) and any("task_inputs" in text for text in prepared)
+
+
 def test_cancel_then_delete(conn):
     t = queue_task(conn)
     assert store.cancel_or_delete(conn, t.id) is Removal.CANCELED
