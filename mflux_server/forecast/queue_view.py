@@ -139,7 +139,8 @@ class Forecaster:
         self._reprice_after = reprice_after
         self._lock = threading.Lock()
         self._snapshot: QueueSnapshot | None = None
-        self._rebuild: Callable[[float], Any] | None = None  # waits for the rebuild in flight
+        self._rebuild: Callable[[float], Any] | None = None  # waits for the latest rebuild (settle)
+        self._rebuilding = False  # a rebuild is in flight
         self.arrivals = ArrivalLog()
         self._signal_seen = -1  # the PostgreSQL change signal as of the last check that found the queue unmoved
         self.reads = SignalCache()
@@ -199,8 +200,11 @@ class Forecaster:
 
     def _rebuild_soon(self, cost: CostModel) -> None:
         with self._lock:
-            if self._rebuild is not None:
+            if self._rebuilding:
                 return
+            # Set before the thread starts: a rebuild can end before start() returns, and the flag it clears
+            # must not be set again after that (which stopped every later rebuild).
+            self._rebuilding = True
             # An OS thread even under gevent: the rebuild is tens of milliseconds of Python.
             self._rebuild = native.start(lambda: self._rebuild_now(cost), "queue-snapshot")
 
@@ -221,8 +225,8 @@ class Forecaster:
         else:
             self._rebuild_conn = conn
         finally:
-            # No lock: only _rebuild_soon sets it, and only while it is None (a plain store is atomic).
-            self._rebuild = None
+            # No lock: only _rebuild_soon sets it, and only while it is False (a plain store is atomic).
+            self._rebuilding = False
 
     def estimate(self, conn: sqlite3.Connection, task: Task, workers: int, now: float | None = None,
                  live: Sequence[Worker] = ()) -> Estimate:

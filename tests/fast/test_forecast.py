@@ -260,6 +260,24 @@ def test_background_rebuilds_share_one_connection(conn, db_path):
     assert len(opened) == 1, "each rebuild opened a connection of its own"
 
 
+def test_a_rebuild_that_ends_before_its_start_returns_does_not_stop_later_ones(conn, db_path, monkeypatch):
+    from mflux_server.core import native
+
+    def at_once(target, name):  # the thread runs to its end before start() returns, as it can
+        target()
+        return lambda timeout: None
+
+    monkeypatch.setattr(native, "start", at_once)
+    forecaster = forecaster_for(db_path, refit_interval=60)
+    tasks = [queue_task(conn) for _ in range(4)]
+    forecaster.estimate(conn, current(conn, tasks[-1].id), workers=1)
+    for done in range(3):
+        built = forecaster._snapshot
+        assert store.cancel_or_delete(conn, tasks[done].id) is not None
+        assert settled(forecaster, conn, tasks[-1].id).pos == 2 - done
+        assert forecaster._snapshot is not built, f"no rebuild after cancel {done + 1}"
+
+
 def test_claims_keep_the_snapshot_and_it_stays_exact(conn, db_path):
     forecaster = forecaster_for(db_path, refit_interval=60)
     tasks = [queue_task(conn, steps=s) for s in (10, 20, 30, 40)]
