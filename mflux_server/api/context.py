@@ -35,7 +35,7 @@ class Connections:
             return found  # type: ignore[no-any-return]
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = db.connect(self.path)
+            conn = db.connect(self.path, on_event_loop=native.gevent_active())
             self._local.conn = conn
         return conn
 

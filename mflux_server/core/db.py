@@ -99,11 +99,39 @@ def storage_problem(error: BaseException) -> str | None:
     return STORAGE_PROBLEMS.get(code & 0xFF)
 
 
-WAL_SIZE_LIMIT = 4 << 20  # bytes the -wal file is cut back to after a checkpoint
+WAL_SIZE_LIMIT = 1 << 20  # bytes the -wal file is cut back to after a checkpoint; the housekeeper checkpoints past it
+BACKSTOP_PAGES = 4000  # an event-loop connection's automatic checkpoint, only should no housekeeper keep up (16 MB)
 
 
-def connect(path: str | Path) -> sqlite3.Connection:
-    """Open the database in autocommit mode (we issue BEGIN ourselves) with WAL and a busy timeout."""
+ROW_OVERHEAD = 80  # bytes an image row holds besides its blob (record header, task id, mime, numbers), a little over
+
+
+def blob_disk_bytes(length: int, page: int) -> int:
+    """Disk bytes a row with a blob of `length` bytes takes in a WITHOUT ROWID table, from SQLite's file format.
+
+    The row's first part stays in a leaf page (between about 1/8 and 1/4 of a page when the row overflows) and
+    the rest fills whole overflow pages of page-4 bytes. Leaf pages are counted two thirds full: rows go in
+    by random task id, which leaves a b-tree's pages about 69% full (the soak's ran 71%).
+    """
+    payload = length + ROW_OVERHEAD
+    usable = page - 4  # an overflow page's bytes after its link to the next
+    most = (page - 12) * 64 // 255 - 23  # the largest payload an index leaf cell keeps in the page
+    least = (page - 12) * 32 // 255 - 23  # what it keeps of one that overflows, at the least
+    if payload <= most:
+        local = payload
+    else:
+        fitted = least + (payload - least) % usable
+        local = fitted if fitted <= most else least
+    overflow_pages = -(-(payload - local) // usable)
+    return overflow_pages * page + (local + 8) * 3 // 2  # a cell's pointer and sizes: about 8 bytes
+
+
+def connect(path: str | Path, on_event_loop: bool = False) -> sqlite3.Connection:
+    """Open the database in autocommit mode (we issue BEGIN ourselves) with WAL and a busy timeout.
+
+    A connection on an API process's event loop leaves checkpoints to the housekeeper's OS thread: the commit
+    that crosses SQLite's automatic threshold runs the checkpoint and its fsync, which stalls every request.
+    """
     if pg.is_postgres_url(path):
         return pg.connect(str(path))  # type: ignore[return-value]  # the same surface (pg.PgConnection)
     if str(path) != ":memory:":
@@ -111,6 +139,7 @@ def connect(path: str | Path) -> sqlite3.Connection:
     conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000,
                            factory=QueueConnection)
     conn.row_factory = sqlite3.Row
+    conn.create_function("disk_bytes", 2, blob_disk_bytes, deterministic=True)
     conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
     # journal_mode is persistent in the file; setting it again is cheap and idempotent.
     conn.execute("PRAGMA journal_mode = WAL")
@@ -119,10 +148,21 @@ def connect(path: str | Path) -> sqlite3.Connection:
     # Under steady load the WAL file keeps its largest size after each checkpoint; this lets the next reset
     # truncate it, so the queue's files stay near what they hold (retention's bound covers the WAL too).
     conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
+    if on_event_loop:
+        conn.execute(f"PRAGMA wal_autocheckpoint = {BACKSTOP_PAGES}")
     if str(path) != ":memory:":
         conn.path = str(path)
         conn.files = {str(path): _identity(str(path)), str(path) + "-wal": _identity(str(path) + "-wal")}
     return conn
+
+
+def wal_bytes(conn: sqlite3.Connection) -> int:
+    """How large the connection's -wal file is now (0 for PostgreSQL, an in-memory queue or no WAL yet)."""
+    path = getattr(conn, "path", None)
+    try:
+        return os.path.getsize(path + "-wal") if path else 0
+    except OSError:
+        return 0
 
 
 @contextmanager

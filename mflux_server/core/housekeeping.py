@@ -3,20 +3,21 @@
 Finished, failed and canceled tasks go after --keep-finished with their images and inputs (their ids are
 remembered for a week, so they answer task_expired); tasks kept only for image links go when the links expire;
 past --max-store-bytes the oldest finished tasks go first. Freed pages go back to the file system
-(incremental vacuum) and the WAL is checkpointed (and cut back to 4 MB); a removed task's events go a minute
-after it. So the files shrink rather than only stopping to grow.
+(incremental vacuum) and the WAL is checkpointed (and cut back to 1 MB) at each sweep and whenever it grows
+past 1 MB in between; a removed task's events go a minute after it. So the files shrink rather than only
+stopping to grow.
 """
 
 from __future__ import annotations
 
 import logging
 import sqlite3
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
-from mflux_server.core import store
+from mflux_server.core import db, native, store
 
 log = logging.getLogger("mflux_server.housekeeping")
 
@@ -24,6 +25,7 @@ EVERY = 30.0  # seconds between sweeps
 IDEMPOTENCY_WINDOW = 24 * 3600.0  # an Idempotency-Key answers its task for this long
 EXPIRED_MEMORY = 7 * 24 * 3600.0  # how long a removed task's id answers task_expired
 REMOVED_EVENTS_KEPT = 60.0  # seconds a removed task's events stay, for a stream that reconnects just then
+WAL_CHECK = 0.02  # seconds between looks at the WAL's size (one stat call) between sweeps
 VACUUM_PAGES = 2000  # pages handed back per sweep at most (8 MB at 4 KiB pages), so a sweep stays short
 
 
@@ -51,21 +53,29 @@ def sweep(conn: sqlite3.Connection, keep_finished: float, max_store_bytes: int |
 
 
 def start(connect: Callable[[], sqlite3.Connection], keep_finished: float, max_store_bytes: int | None,
-          every: float = EVERY) -> threading.Event:
-    """Sweep every `every` seconds on a daemon thread (a greenlet under gevent); returns the event that stops it."""
-    stop = threading.Event()
+          every: float = EVERY) -> Any:
+    """Sweep every `every` seconds on an OS thread of its own; returns the signal that stops it (its set()).
 
-    def run() -> None:
+    Not a greenlet: a sweep's trims, incremental vacuum and checkpoint (with its fsync) block in SQLite for
+    tens of milliseconds, which on the event loop stalled every request of the process (the soak's status p99).
+    """
+
+    def run(stop: Any) -> None:
         conn = connect()
-        while not stop.is_set():
+        next_sweep = time.monotonic()
+        while True:
             try:
-                done = sweep(conn, keep_finished, max_store_bytes)
-                if done.expired or done.trimmed or done.links:
-                    log.info("retention removed %d finished, %d expired-link and %d over-the-store-bound tasks; "
-                             "%d pages given back", done.expired, done.links, done.trimmed, done.pages_freed)
+                if time.monotonic() >= next_sweep:
+                    next_sweep = time.monotonic() + every
+                    done = sweep(conn, keep_finished, max_store_bytes)
+                    if done.expired or done.trimmed or done.links:
+                        log.info("retention removed %d finished, %d expired-link and %d over-the-store-bound tasks; "
+                                 "%d pages given back", done.expired, done.links, done.trimmed, done.pages_freed)
+                elif db.wal_bytes(conn) > db.WAL_SIZE_LIMIT:
+                    store.checkpoint(conn)  # the event loops' connections leave this to us (db.connect)
             except sqlite3.Error as error:  # a storage fault must not end retention for good
                 log.error("housekeeping: %s: %s", type(error).__name__, error)
-            stop.wait(every)
+            if stop.wait(min(WAL_CHECK, every)):
+                return
 
-    threading.Thread(target=run, name="housekeeping", daemon=True).start()
-    return stop
+    return native.daemon(run, "housekeeping")

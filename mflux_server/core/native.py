@@ -44,6 +44,55 @@ def start(target: Callable[[], None], name: str) -> Callable[[float], Any]:
     return thread.join
 
 
+class Stop:
+    """A stop signal that an OS thread can wait on while gevent's loop sets it (threading.Event is a greenlet one)."""
+
+    def __init__(self) -> None:
+        from gevent import monkey
+
+        self._set = False
+        self._lock = monkey.get_original("_thread", "allocate_lock")()  # a real lock, held until set()
+        self._lock.acquire()
+
+    def set(self) -> None:
+        """Tell the loop to stop."""
+        if not self._set:
+            self._set = True
+            self._lock.release()
+
+    def is_set(self) -> bool:
+        """Whether set() was called."""
+        return self._set
+
+    def wait(self, timeout: float) -> bool:
+        """Sleep the OS thread until set() or the timeout; returns is_set()."""
+        if self._lock.acquire(timeout=timeout):
+            self._lock.release()
+        return self._set
+
+
+_pools: list[Any] = []  # the daemons' own thread pools, kept so they live as long as the process
+
+
+def daemon(target: Callable[[Any], None], name: str) -> Any:
+    """Run a long-lived loop, target(stop), on an OS thread of its own; returns the stop signal (set() ends it).
+
+    Under gevent the hub's threadpool suits short jobs (a loop would hold one of its slots for good), so each
+    daemon gets a pool of one real thread; its blocking SQLite calls then never stall the event loop.
+    """
+    if gevent_active():
+        from gevent.threadpool import ThreadPool
+
+        stop: Any = Stop()
+        pool = ThreadPool(1)
+        _pools.append(pool)
+        pool.spawn(target, stop)
+        return stop
+    stop = threading.Event()
+    threading.Thread(target=target, args=(stop,), name=name, daemon=True).start()
+    return stop
+
+
 def call(function: Callable[[], T]) -> T:
     """Run function on an OS thread and return its result; under gevent only the calling greenlet waits."""
     if gevent_active():

@@ -369,16 +369,15 @@ SELECT id, :now FROM tasks INDEXED BY tasks_finished
 DELETE FROM tasks INDEXED BY tasks_finished WHERE finished_at < :before AND status IN ('done', 'error', 'canceled');
 
 -- name: store_bytes
--- Disk bytes that image data takes: each blob rounded up to the overflow pages that hold it (a page keeps 4 bytes for
--- its link), so the bound counts what the file holds, not just the payload.
-SELECT (SELECT coalesce(sum((length(data) + :page - 5) / (:page - 4) * :page), 0) FROM images)
-     + (SELECT coalesce(sum((length(data) + :page - 5) / (:page - 4) * :page), 0) FROM task_inputs);
+-- Disk bytes that image data takes: each row's overflow pages and its share of a leaf page (db.blob_disk_bytes),
+-- so the bound counts what the file holds, not just the payload.
+SELECT (SELECT coalesce(sum(disk_bytes(length(data), :page)), 0) FROM images)
+     + (SELECT coalesce(sum(disk_bytes(length(data), :page)), 0) FROM task_inputs);
 
 -- name: oldest_finished
 -- The oldest finished tasks with the bytes each holds, for the store bound.
-SELECT t.id, (SELECT coalesce(sum((length(data) + :page - 5) / (:page - 4) * :page), 0) FROM images WHERE task_id = t.id)
-           + (SELECT coalesce(sum((length(data) + :page - 5) / (:page - 4) * :page), 0) FROM task_inputs
-               WHERE task_id = t.id) AS bytes
+SELECT t.id, (SELECT coalesce(sum(disk_bytes(length(data), :page)), 0) FROM images WHERE task_id = t.id)
+           + (SELECT coalesce(sum(disk_bytes(length(data), :page)), 0) FROM task_inputs WHERE task_id = t.id) AS bytes
   FROM tasks t INDEXED BY tasks_finished WHERE finished_at IS NOT NULL AND status IN ('done', 'error', 'canceled')
  ORDER BY finished_at LIMIT :limit;
 

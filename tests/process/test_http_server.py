@@ -80,6 +80,14 @@ loop_thread, seen = real_ident(), []
 native.call(lambda: seen.append(real_ident()))
 native.start(lambda: seen.append(real_ident()), "rebuild")(5)
 assert len(seen) == 2 and loop_thread not in seen, "native work ran on the event loop's thread"
+looped = []
+stop = native.daemon(lambda stop: looped.append(real_ident()) or stop.wait(30), "housekeeping")
+for _ in range(100):
+    if looped:
+        break
+    gevent.sleep(0.01)  # a daemon on a greenlet would hold the loop in stop.wait and never let this run
+assert looped and looped[0] != loop_thread, "a daemon loop ran on the event loop's thread"
+stop.set()
 local = native.thread_local(); local.x = 1
 got = []
 gevent.spawn(lambda: got.append(getattr(local, "x", None))).join()
