@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sqlite3
@@ -9,13 +10,14 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import psutil
 import requests
 
 from bench.api_load import full_queue, python_clients, wrk
 from bench.results import Result, median, percentile
-from mflux_server.testing import fresh_queue
+from mflux_server.testing import Processes, fresh_queue
 
 SOAK_TASKS = 20_000
 SOAK_POLL = 0.01  # seconds a soak client waits between status polls of its task
@@ -48,27 +50,56 @@ def create_key(db_path: str, name: str) -> str:
     return made.stdout.strip().splitlines()[-1]
 
 
-def auth_overhead(smoke: bool, rounds: int = 3) -> tuple[dict, dict]:
-    """Flat-out status polling at 10,000 queued, first with no keys (open), then with a key and its quota.
+def server_cpu_seconds(procs: Processes) -> float:
+    """CPU seconds (user and system) the API's processes have used so far."""
+    assert procs.server_proc is not None
+    master = psutil.Process(procs.server_proc.pid)
+    total = 0.0
+    for process in (master, *master.children(recursive=True)):
+        with contextlib.suppress(psutil.Error):
+            times = process.cpu_times()
+            total += times.user + times.system
+    return total
 
-    Each side is the median of `rounds` runs: single 15 s runs on this VM varied by more than the overhead
-    (3-15% between runs of the same code).
+
+def auth_overhead(smoke: bool, rounds: int = 4) -> tuple[dict, dict]:
+    """Flat-out status polling at 10,000 queued on two like queues, one open and one with a key, taking turns.
+
+    A/B in turns: on this VM flat-out runs of the same code varied by more than the overhead (3-58% between
+    runs), and the drift spoils any before/after comparison; in turns both sides see the same drift. Each side's
+    figures are medians of its `rounds` runs: the rate, and the API processes' CPU time per request, which is
+    what a check costs (the rate also moves with what else the VM runs).
     """
     tasks, seconds, connections = (300, 1.0, 8) if smoke else (10_000, 5.0, 32)
     use_wrk = shutil.which("wrk") is not None and not smoke
-    with full_queue(tasks, smoke, ("--rate-limit", "1000000000")) as (procs, url, ids, ids_file, _):
-        def load(key: str | None) -> dict:
-            runs = [wrk(url, ids_file, seconds, connections, 0, key) if use_wrk
-                    else python_clients(url, ids, seconds, connections, 0, key) for _ in range(rounds)]
-            middle = sorted(runs, key=lambda run: run["rate"])[len(runs) // 2]
-            return {**middle, "rates": [run["rate"] for run in runs], "errors": sum(run["errors"] for run in runs)}
+    args = ("--rate-limit", "1000000000")
+    with full_queue(tasks, smoke, args) as (open_procs, open_url, ids, ids_file, _w), \
+            full_queue(tasks, smoke, args) as (keyed_procs, keyed_url, keyed_ids, keyed_file, _v):
+        key = create_key(keyed_procs.db_path, "bench")
 
-        load(None)  # warm-up, not counted: the first seconds run slow (see benchmark 3)
-        open_run = load(None)
-        key = create_key(procs.db_path, "bench")
-        load(key)  # warm-up again: each process learns that keys exist and caches the key on first use
-        keyed = load(key)
-    return open_run, keyed
+        def load(procs: Processes, url: str, ids: list[str], ids_file: Path, key: str | None) -> dict:
+            used = server_cpu_seconds(procs)
+            if use_wrk:
+                found = wrk(url, ids_file, seconds, connections, 0, key)
+            else:
+                found = python_clients(url, ids, seconds, connections, 0, key)
+            return {**found, "cpu_ms": 1000 * (server_cpu_seconds(procs) - used) / max(1, found["total"])}
+
+        # Warm-ups, not counted: the first seconds run slow (see benchmark 3), and each process learns that
+        # keys exist and caches the key on first use.
+        load(open_procs, open_url, ids, ids_file, None)
+        load(keyed_procs, keyed_url, keyed_ids, keyed_file, key)
+        sides: dict[str, list[dict]] = {"open": [], "keyed": []}
+        for _ in range(rounds):
+            sides["open"].append(load(open_procs, open_url, ids, ids_file, None))
+            sides["keyed"].append(load(keyed_procs, keyed_url, keyed_ids, keyed_file, key))
+
+    def summary(runs: list[dict]) -> dict:
+        rates = [run["rate"] for run in runs]
+        return {"rate": median(rates), "rates": rates, "cpu_ms": median([run["cpu_ms"] for run in runs]),
+                "errors": sum(run["errors"] for run in runs)}
+
+    return summary(sides["open"]), summary(sides["keyed"])
 
 
 def soak(tasks: int, clients: int = 4) -> dict:
@@ -137,18 +168,21 @@ def run(smoke: bool = False) -> Result:
     """Auth overhead at 10,000 queued, then the soak."""
     tasks = 400 if smoke else SOAK_TASKS
     result = Result("Shared service", f"make bench ARGS='--only shared'  (flat-out status polling at 10,000 queued, "
-                    f"3 runs of 5 s without keys, then 3 with an admin key and its quota counted; then {tasks:,} tasks of "
-                    f"256², each fetched with delete=false, from 4 clients that poll every {SOAK_POLL * 1000:.0f} ms and pause "
-                    f"{SOAK_THINK * 1000:.0f} ms between tasks, under --max-store-bytes {STORE_BOUND >> 20} "
-                    "MiB, with a status poller beside them)")
+                    "4 runs of 5 s on a queue without keys in turns with 4 on a like queue with an admin key, its quota "
+                    f"counted; then {tasks:,} tasks of 256², each fetched with delete=false, from 4 clients that poll "
+                    f"every {SOAK_POLL * 1000:.0f} ms and pause {SOAK_THINK * 1000:.0f} ms between tasks, under "
+                    f"--max-store-bytes {STORE_BOUND >> 20} MiB, with a status poller beside them)")
     open_run, keyed = auth_overhead(smoke)
-    result.add("status requests per second, no keys (median of 3 runs)", open_run["rate"], "/s")
-    result.add("status requests per second, with a key and its quota (median of 3)", keyed["rate"], "/s")
+    result.add("status requests per second, no keys (median of 4 runs)", open_run["rate"], "/s")
+    result.add("status requests per second, with a key and its quota (median of 4)", keyed["rate"], "/s")
     for side, run_set in (("no keys", open_run), ("with a key", keyed)):
         result.add(f"run-to-run spread, {side} (slowest to fastest)",
                    100 * (max(run_set["rates"]) - min(run_set["rates"])) / run_set["rate"], "%")
-    overhead = 100 * (1 - keyed["rate"] / open_run["rate"])
-    result.add("auth and quota overhead on status throughput", overhead, "%", "≤ 10%", overhead <= 10)
+    result.add("throughput with a key against without", 100 * (1 - keyed["rate"] / open_run["rate"]), "% fewer")
+    result.add("API CPU per status request, no keys (median)", open_run["cpu_ms"], "ms")
+    result.add("API CPU per status request, with a key and its quota (median)", keyed["cpu_ms"], "ms")
+    overhead = 100 * (keyed["cpu_ms"] / open_run["cpu_ms"] - 1)
+    result.add("auth and quota overhead: API CPU per status request", overhead, "%", "≤ 10%", overhead <= 10)
     result.add("errors with the key", keyed["errors"], "", "0", keyed["errors"] == 0)
     soaked = soak(tasks)
     result.add("soak: tasks", soaked["tasks"], "")

@@ -47,7 +47,7 @@ class Supervisor:
     def run(self) -> int:
         """Recover orphans, then claim and run tasks until asked to stop; returns the exit code."""
         recover(self.conn, self.settings)
-        store.prepare_claims(self.conn, self.worker_id, self.engine.name)
+        store.prepare_claims(self.conn, self.worker_id, self.engine.name, self.engine.model or "")
         log.info("worker %s ready: engine=%s model=%s (serves %s) quantize=%s db=%s", self.worker_id, self.engine.name,
                  self.engine.model, ",".join(self.claim_loop.servable), self.engine.quantize, self.settings.db)
         service_notify.notify("READY=1\nSTATUS=worker " + self.worker_id + " serving")

@@ -24,7 +24,7 @@ import psycopg
 import psycopg.errors
 from psycopg_pool import ConnectionPool
 
-from mflux_server.core import native
+from mflux_server.core import native, pg_one_message
 
 # Every write transaction holds this advisory lock until it ends, as SQLite's BEGIN IMMEDIATE holds the file's
 # write lock: writers queue up in arrival order, events get ids in commit order (a stream never skips one), and
@@ -393,6 +393,30 @@ class PgConnection:
             self._after_error()
             if commit:
                 self._rollback_quietly()  # the failed write left its one-statement transaction open
+            raise _translate_error(error) from error
+
+    def write_alone(self, sql: str, parameters: Mapping[str, Any]) -> PgCursor:
+        """A lone write (SQLite dialect) under the write lock, sent as one message (pg_one_message); its cursor."""
+        if self._in_transaction or self._pending is not None or self._deferred:
+            return self.execute(sql, parameters)  # inside a transaction: the usual way, with what it holds
+        session = self.session()
+        try:
+            rowcount, result, rows = pg_one_message.write_alone(session, _BEGIN_WRITE[1], translate(sql), parameters)
+        except psycopg.Error as error:
+            self._after_error()
+            raise _translate_error(error) from error
+        cursor = PgCursor(self)
+        shape = _row_class(result) if result.nfields else None
+        cursor.rowcount, cursor._rows = rowcount, [shape(row) for row in rows] if shape else []
+        return cursor
+
+    def rehearse(self, sql: str, parameters: Mapping[str, Any]) -> None:
+        """Run a lone write (SQLite dialect) under the write lock and roll it back: the session is ready for it."""
+        session = self.session()
+        try:
+            pg_one_message.rehearse(session, _BEGIN_WRITE[1], translate(sql), parameters)
+        except psycopg.Error as error:
+            self._after_error()
             raise _translate_error(error) from error
 
     def _begin(self, write: bool) -> tuple[int, Any, None]:

@@ -196,8 +196,11 @@ def test_a_task_counts_its_input_images_so_a_claim_says_whether_to_read_them(con
 
 def test_preparing_the_claims_changes_nothing_and_leaves_them_prepared_on_postgresql(conn):
     waiting = queue_task(conn)
-    store.prepare_claims(conn, "w", "synthetic")
+    changes, events = store.queue_changes(conn), store.last_event_id(conn)
+    store.prepare_claims(conn, "w", "synthetic", waiting.model)  # claims it for real, and rolls that back
     assert store.get(conn, waiting.id) == waiting
+    assert (store.queue_changes(conn), store.last_event_id(conn)) == (changes, events)
+    assert store.claim_next(conn, "w", waiting.model, "synthetic").id == waiting.id
     if store.is_postgres(conn):
         prepared = [row[0] for row in conn.session().execute("SELECT statement FROM pg_prepared_statements")]
         assert any("SKIP LOCKED" in text for text in prepared) and any("task_inputs" in text for text in prepared)
