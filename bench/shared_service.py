@@ -178,7 +178,8 @@ def run(smoke: bool = False) -> Result:
     for side, run_set in (("no keys", open_run), ("with a key", keyed)):
         result.add(f"run-to-run spread, {side} (slowest to fastest)",
                    100 * (max(run_set["rates"]) - min(run_set["rates"])) / run_set["rate"], "%")
-    result.add("throughput with a key against without", 100 * (1 - keyed["rate"] / open_run["rate"]), "% fewer")
+    result.add("throughput: fewer requests per second with a key than without",
+               100 * (1 - keyed["rate"] / open_run["rate"]), "%")
     result.add("API CPU per status request, no keys (median)", open_run["cpu_ms"], "ms")
     result.add("API CPU per status request, with a key and its quota (median)", keyed["cpu_ms"], "ms")
     overhead = 100 * (keyed["cpu_ms"] / open_run["cpu_ms"] - 1)

@@ -28,7 +28,10 @@ class Supervisor:
     def __init__(self, settings: Settings, engine: Engine, servable: Sequence[str] = (), load_seconds: float | None = None):
         self.settings = settings
         self.engine = engine
-        self.conn = db.open_database(settings.db)
+        db.open_database(settings.db).close()  # migrated
+        # The claim loop's commits leave checkpoints to the publisher and writer threads (db.EAGER_PAGES): one
+        # there would delay the next generation.
+        self.conn = db.connect(settings.db, db.BACKSTOP_PAGES)
         servable = list(servable or [engine.model or settings.model])
         memory_gib = settings.gpu_memory if settings.gpu_memory is not None or engine.name != "mflux" else device_gib()
         limits = pixel_limits(servable, memory_gib, engine.quantize, settings.max_pixels)
@@ -87,7 +90,7 @@ class Supervisor:
         """Run a role on a thread with its own connection; if it crashes, the whole worker stops."""
 
         def run() -> None:
-            conn = db.connect(self.settings.db)
+            conn = db.connect(self.settings.db, db.EAGER_PAGES)
             try:
                 target(conn)
             except Exception:

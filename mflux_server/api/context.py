@@ -35,7 +35,8 @@ class Connections:
             return found  # type: ignore[no-any-return]
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = db.connect(self.path, on_event_loop=native.gevent_active())
+            # On the event loop (the production server), checkpoints are left to others (db.BACKSTOP_PAGES).
+            conn = db.connect(self.path, db.BACKSTOP_PAGES if native.gevent_active() else None)
             self._local.conn = conn
         return conn
 

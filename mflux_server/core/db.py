@@ -99,8 +99,13 @@ def storage_problem(error: BaseException) -> str | None:
     return STORAGE_PROBLEMS.get(code & 0xFF)
 
 
-WAL_SIZE_LIMIT = 1 << 20  # bytes the -wal file is cut back to after a checkpoint; the housekeeper checkpoints past it
-BACKSTOP_PAGES = 4000  # an event-loop connection's automatic checkpoint, only should no housekeeper keep up (16 MB)
+WAL_SIZE_LIMIT = 1 << 20  # bytes the -wal file is cut back to after a checkpoint
+# Who checkpoints the WAL (SQLite runs a checkpoint in the commit that takes the WAL past a connection's page
+# count): a worker's publisher and writer threads, at 1 MB; connections on an API event loop or the worker's
+# claim loop only should nobody else keep up (16 MB), since there a checkpoint's 2-12 ms stalls every request
+# or delays the next generation. The API's housekeeper checkpoints too, for a queue with no worker running.
+EAGER_PAGES = WAL_SIZE_LIMIT // 4096
+BACKSTOP_PAGES = 4000
 
 
 ROW_OVERHEAD = 80  # bytes an image row holds besides its blob (record header, task id, mime, numbers), a little over
@@ -126,11 +131,11 @@ def blob_disk_bytes(length: int, page: int) -> int:
     return overflow_pages * page + (local + 8) * 3 // 2  # a cell's pointer and sizes: about 8 bytes
 
 
-def connect(path: str | Path, on_event_loop: bool = False) -> sqlite3.Connection:
+def connect(path: str | Path, checkpoint_pages: int | None = None) -> sqlite3.Connection:
     """Open the database in autocommit mode (we issue BEGIN ourselves) with WAL and a busy timeout.
 
-    A connection on an API process's event loop leaves checkpoints to the housekeeper's OS thread: the commit
-    that crosses SQLite's automatic threshold runs the checkpoint and its fsync, which stalls every request.
+    checkpoint_pages: the WAL's size in pages at which this connection's commits checkpoint (EAGER_PAGES or
+    BACKSTOP_PAGES above); SQLite's default (1,000) otherwise.
     """
     if pg.is_postgres_url(path):
         return pg.connect(str(path))  # type: ignore[return-value]  # the same surface (pg.PgConnection)
@@ -148,8 +153,8 @@ def connect(path: str | Path, on_event_loop: bool = False) -> sqlite3.Connection
     # Under steady load the WAL file keeps its largest size after each checkpoint; this lets the next reset
     # truncate it, so the queue's files stay near what they hold (retention's bound covers the WAL too).
     conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
-    if on_event_loop:
-        conn.execute(f"PRAGMA wal_autocheckpoint = {BACKSTOP_PAGES}")
+    if checkpoint_pages is not None:
+        conn.execute(f"PRAGMA wal_autocheckpoint = {int(checkpoint_pages)}")
     if str(path) != ":memory:":
         conn.path = str(path)
         conn.files = {str(path): _identity(str(path)), str(path) + "-wal": _identity(str(path) + "-wal")}

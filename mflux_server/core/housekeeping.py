@@ -3,8 +3,8 @@
 Finished, failed and canceled tasks go after --keep-finished with their images and inputs (their ids are
 remembered for a week, so they answer task_expired); tasks kept only for image links go when the links expire;
 past --max-store-bytes the oldest finished tasks go first. Freed pages go back to the file system
-(incremental vacuum) and the WAL is checkpointed (and cut back to 1 MB) at each sweep and whenever it grows
-past 1 MB in between; a removed task's events go a minute after it. So the files shrink rather than only
+(incremental vacuum) and the WAL is checkpointed (and cut back to 1 MB) at each sweep and whenever it is
+found past 1 MB in between; a removed task's events go a minute after it. So the files shrink rather than only
 stopping to grow.
 """
 
@@ -25,7 +25,10 @@ EVERY = 30.0  # seconds between sweeps
 IDEMPOTENCY_WINDOW = 24 * 3600.0  # an Idempotency-Key answers its task for this long
 EXPIRED_MEMORY = 7 * 24 * 3600.0  # how long a removed task's id answers task_expired
 REMOVED_EVENTS_KEPT = 60.0  # seconds a removed task's events stay, for a stream that reconnects just then
-WAL_CHECK = 0.02  # seconds between looks at the WAL's size (one stat call) between sweeps
+# Seconds between looks at the WAL's size between sweeps. Not much oftener: each look takes the GIL from the
+# busy event loop, which then waits for this thread to be scheduled. A running worker checkpoints at 1 MB
+# itself (db.EAGER_PAGES); this covers a queue written without one.
+WAL_CHECK = 0.25
 VACUUM_PAGES = 2000  # pages handed back per sweep at most (8 MB at 4 KiB pages), so a sweep stays short
 
 

@@ -133,7 +133,7 @@ def test_the_housekeeper_checkpoints_a_growing_wal_between_sweeps(db_path):
     stop = housekeeping.start(lambda: db.connect(db_path), keep_finished=86400.0, max_store_bytes=None, every=3600.0)
     try:
         # Like a server's event-loop connection: it leaves checkpoints to the housekeeper (up to the backstop).
-        writer = db.connect(db_path, on_event_loop=True)
+        writer = db.connect(db_path, db.BACKSTOP_PAGES)
         assert writer.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == db.BACKSTOP_PAGES
         for _ in range(12):
             finish(writer, data=os.urandom(200_000))  # 2.4 MB of WAL, under the backstop's 16 MB
