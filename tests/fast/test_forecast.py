@@ -263,7 +263,11 @@ def test_background_rebuilds_share_one_connection(conn, db_path):
 def test_a_rebuild_that_ends_before_its_start_returns_does_not_stop_later_ones(conn, db_path, monkeypatch):
     from mflux_server.core import native
 
+    started = native.start
+
     def at_once(target, name):  # the thread runs to its end before start() returns, as it can
+        if name != "queue-snapshot":  # PostgreSQL's listener thread never ends: started as usual
+            return started(target, name)
         target()
         return lambda timeout: None
 
@@ -327,6 +331,33 @@ def test_the_snapshot_is_rebuilt_only_when_tasks_leave_or_reenter_the_queue(conn
     forecaster.settle()
     assert forecaster._snapshot is not built
     assert forecaster.estimate(conn, current(conn, second.id), workers=1).pos == 0
+
+
+def test_a_cost_model_that_learned_reprices_the_snapshot_without_reading_the_queue(conn, db_path, monkeypatch):
+    forecaster = forecaster_for(db_path, refit_interval=0, reprice_after=0)
+    tasks = [queue_task(conn, steps=s, width=w, height=w) for s, w in ((4, 512), (8, 512), (4, 1024), (4, 512))]
+    queue_task(conn, model="dev")
+    store.claim_next(conn, "w", "schnell", "synthetic")  # taken since the snapshot: still skipped after re-pricing
+    forecaster.estimate(conn, current(conn, tasks[-1].id), workers=1)
+    forecaster.settle()
+    built = forecaster._snapshot
+    reads = []
+    monkeypatch.setattr(store, "read_queue", lambda c: reads.append(c) or pytest.fail("the queue was read again"))
+    for kind, seconds in (("step", 0.02), ("before", 0.1), ("after", 0.05), ("encode", 0.01)):
+        record(conn, "schnell", 512, 512, kind, [seconds] * 5)
+    learned = settled(forecaster, conn, tasks[-1].id)
+    repriced = forecaster._snapshot
+    assert repriced is not built and repriced.cost is not built.cost and not reads
+    assert repriced.keys is built.keys  # the same queue, priced again
+    monkeypatch.undo()
+    # Exactly what a snapshot built afresh with the learned model holds, and the estimate that follows from it.
+    fresh = forecaster_for(db_path, refit_interval=0)
+    assert fresh.estimate(conn, current(conn, tasks[-1].id), workers=1) == learned
+    assert fresh._snapshot.prefix == repriced.prefix
+    cost = CostModel.fit(store.timing_stats(conn))
+    assert learned.pos == 2 and learned.seconds == pytest.approx(
+        sum(cost.gpu_seconds(t) for t in tasks[1:3]) + cost.remaining_gpu_seconds(current(conn, tasks[0].id), NOW)
+        + cost.task_seconds(tasks[-1]), rel=1e-12)
 
 
 def test_a_constant_cost_measured_at_three_close_sizes_does_not_extrapolate_wildly():
