@@ -185,7 +185,7 @@ class Forecaster:
             self._rebuild_soon(cost)
         elif current.cost is not cost and now - current.built_at >= self._reprice_after:
             # Only the prices are stale: re-priced without reading the queue, a millisecond at 10,000 queued
-            # where a rebuild was 30-60 ms of Python beside the request loop (the status latency's tail).
+            # where a rebuild was ~30 ms of Python beside the request loop on a fast VM (the status latency's tail).
             self._rebuild_soon(cost, reprice=True)
         return current
 
