@@ -13,7 +13,27 @@ from mflux_server.core import db
 from mflux_server.core.logs import configure_logging, shorten_gil_switch_interval
 from mflux_server.core.settings import load_settings
 from mflux_server.worker.engines import make_engine, served_models
+from mflux_server.worker.engines.memory import memory_budget, refusal
 from mflux_server.worker.supervisor import Supervisor
+
+
+class NothingFits(Exception):
+    """No model this worker was given fits its memory, so it must not register and claim tasks it would fail."""
+
+
+def fitting(models: list[str], memory_gib: float | None, quantize: int | None) -> list[str]:
+    """The models whose smallest image fits this worker's memory; each one refused is logged with the fix."""
+    log = logging.getLogger("mflux_worker")
+    kept = []
+    for model in models:
+        why = refusal(model, memory_gib, quantize)
+        if why is None:
+            kept.append(model)
+        else:
+            log.error("not serving %s: %s", model, why)
+    if not kept:
+        raise NothingFits("no model given to this worker fits its memory, so it does not start (see above)")
+    return kept
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -32,9 +52,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         servable = served_models(settings)
         engine = make_engine(settings)
+        servable = fitting(servable, memory_budget(settings.gpu_memory, engine.name), settings.quantize)
         started = time.perf_counter()
         engine.load(servable[0])
         load_seconds = time.perf_counter() - started
+    except NothingFits as exc:
+        log.error("%s", exc)
+        return 1
     except Exception as exc:
         log.error("could not start the %s engine: %s", settings.engine, exc)
         return 1

@@ -11,7 +11,7 @@ from mflux_server.core import db, service_notify, store
 from mflux_server.core.settings import Settings
 from mflux_server.worker.claim_loop import ClaimLoop, WorkerBroken
 from mflux_server.worker.engines.base import Engine
-from mflux_server.worker.engines.memory import device_gib, pixel_limits
+from mflux_server.worker.engines.memory import memory_budget, pixel_limits
 from mflux_server.worker.messages import SHUTDOWN
 from mflux_server.worker.publisher import ProgressPublisher, recover
 from mflux_server.worker.result_writer import ResultWriter
@@ -33,8 +33,8 @@ class Supervisor:
         # there would delay the next generation.
         self.conn = db.connect(settings.db, db.BACKSTOP_PAGES)
         servable = list(servable or [engine.model or settings.model])
-        memory_gib = settings.gpu_memory if settings.gpu_memory is not None or engine.name != "mflux" else device_gib()
-        limits = pixel_limits(servable, memory_gib, engine.quantize, settings.max_pixels)
+        limits = pixel_limits(servable, memory_budget(settings.gpu_memory, engine.name), engine.quantize,
+                              settings.max_pixels)
         self.worker_id = store.register_worker(self.conn, engine.name, engine.model or "", engine.quantize,
                                                models=servable, max_pixels=settings.max_pixels,
                                                affinity_wait=settings.max_affinity_wait, pixel_limits=limits)

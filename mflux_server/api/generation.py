@@ -31,7 +31,7 @@ from mflux_server.api.task_view import (
     live_workers,
     task_status,
 )
-from mflux_server.core import catalog, store
+from mflux_server.core import catalog, store, structured_prompts
 from mflux_server.core.rows import REFERENCE_ROLES, InputImage, NewTask, Status, Task, Worker
 
 # mflux's default image-to-image strength (mflux.cli.defaults.IMAGE_STRENGTH).
@@ -113,6 +113,9 @@ def check_inputs(body: dict[str, Any], info: catalog.ModelInfo, served: str) -> 
         _reject("mask", f"must be the image's size, {image.width}×{image.height}; got {mask.width}×{mask.height}")
     if body["negative_prompt"] and not can.negative_prompt:
         _reject("negative_prompt", f"model {served} ignores negative prompts")
+    prompt_problem = structured_prompts.problem(info.family, body["prompt"])
+    if prompt_problem:
+        _reject("prompt", f"model {served}: {prompt_problem}")
     inputs = []
     if image is not None:
         inputs.append(replace(image, role="image"))

@@ -117,7 +117,8 @@ def test_the_registry_drives_the_bridge_through_a_real_generation_context():
 def stand_in(cls):
     """A class with cls's exact constructor and generate_image signatures and mflux's real callback machinery.
 
-    It stands in at the weight-loading level: constructing it loads nothing, and generating runs no network.
+    It checks what our adapter passes (argument names, input files, reference order) without mflux's code; that
+    every model runs through mflux's own classes and generate_image is tests/engine/test_mflux_families.py.
     """
 
     class StandIn:
@@ -169,43 +170,6 @@ def engine_with_stand_ins(model, **options):
         return built[-1]
 
     return MfluxEngine(model, build=build, **options), built
-
-
-@pytest.mark.parametrize("info", catalog.models(), ids=lambda i: i.name)
-def test_the_adapter_drives_every_model_with_every_input_it_accepts(info):
-    from PIL import Image
-
-    engine, built = engine_with_stand_ins(info.name, quantize=4)
-    assert engine.model == info.name and built[0].init["quantize"] == 4
-    assert built[0].calls, "loading warms the model up with one tiny generation"
-    can = info.capabilities
-    picture, mask = Image.new("RGB", (256, 256), "red"), Image.new("L", (256, 256), 255)
-    jobs = []
-    if can.text_to_image:
-        jobs.append(Job("fox", 5, 256, 128, 3, 3.5 if can.guidance else None,
-                        "blurry" if can.negative_prompt else None))
-    if can.image_to_image:
-        jobs.append(Job("fox", 5, 256, 256, 3, None, image=picture, image_strength=0.3))
-    if can.edit:
-        jobs.append(Job("make it blue", 5, 256, 256, 3, None, image=picture))
-    if can.inpaint:
-        jobs.append(Job("a hat", 5, 256, 256, 3, None, image=picture, mask=mask))
-    assert jobs
-    for job in jobs:
-        recorder = Recorder()
-        image = engine.generate(job, recorder)
-        assert image.size == (job.width, job.height)
-        assert recorder.events == ["loop", (1, 3), (2, 3), (3, 3)]
-        call = next(instance for instance in built if instance.calls and instance.calls[-1]["prompt"] == job.prompt).calls[-1]
-        assert (call["seed"], call["num_inference_steps"], call["width"], call["height"]) == (5, 3, job.width, job.height)
-        assert call.get("negative_prompt") == job.negative_prompt
-        assert call.get("guidance") == job.guidance
-        if job.image is not None:
-            assert "image_path" in call or "image_paths" in call
-        if job.mask is not None:
-            assert "masked_image_path" in call or "mask_path" in call
-        if job.image_strength is not None:
-            assert call["image_strength"] == job.image_strength
 
 
 @pytest.mark.parametrize("info", [i for i in catalog.models() if i.max_reference_images > 1], ids=lambda i: i.name)

@@ -319,3 +319,21 @@ def test_synthetic_previews_reveal_the_final_image_step_by_step():
     assert halfway.crop((0, 0, 256, 60)).tobytes() == final.crop((0, 0, 256, 60)).tobytes()
     assert halfway.crop((0, 70, 256, 128)).getcolors() == [(256 * 58, (24, 24, 24))], "the rest is not drawn yet"
     assert nearly.crop((0, 0, 256, 90)).tobytes() == final.crop((0, 0, 256, 90)).tobytes()
+
+
+def test_a_model_whose_weights_cannot_fit_is_refused_with_the_numbers_and_the_fix():
+    from mflux_server.worker.cli import NothingFits, fitting
+    from mflux_server.worker.engines.memory import refusal
+
+    why = refusal("schnell", 20, None)
+    assert why is not None
+    assert "needs about 33.2 GiB at bf16" in why and "this worker has 20.0 GiB" in why
+    assert "--quantize 8" in why and "--quantize 4" in why
+    assert "--quantize 8" not in refusal("schnell", 12, None)  # 8-bit (16.7 GiB) does not fit 12 either
+    assert "more memory" in refusal("qwen-image", 8, 4)
+    assert refusal("schnell", 40, None) is None and refusal("schnell", 20, 8) is None
+    assert refusal("fibo", 1, None) is None  # no measured need: --max-pixels and out-of-memory teach the rest
+    assert refusal("schnell", None, None) is None  # the CPU backend reports no memory
+    assert fitting(["schnell", "z-image-turbo"], 20, None) == ["z-image-turbo"]
+    with pytest.raises(NothingFits):
+        fitting(["schnell"], 20, None)

@@ -275,3 +275,31 @@ def test_a_switch_forecast_waits_out_the_loaded_models_queue_up_to_the_affinity_
     # third claimed at 56 s), runs them to their end (84 s), then loads dev.
     schnell_task = CostModel.fit([]).gpu_seconds(new_task(model="schnell", steps=50, width=1024, height=1024))
     assert behind - alone == pytest.approx(3 * schnell_task, abs=1.0), (alone, behind)
+
+
+def test_fibo_edit_takes_plain_text_or_a_json_object_with_its_edit_instruction(client):
+    import json
+
+    serve(client, "fibo-edit")
+    picture = b64(png())
+    assert post(client, model="fibo-edit", prompt="make it blue", image=picture).status_code == 200
+    structured = json.dumps({"edit_instruction": "make it blue", "style_medium": "photograph"})
+    assert post(client, model="fibo-edit", prompt=structured, image=picture).status_code == 200
+    refused = post(client, model="fibo-edit", prompt=json.dumps({"style_medium": "photograph"}), image=picture)
+    assert refused.status_code == 422 and refused.json["field"] == "prompt"
+    assert 'must have a non-empty "edit_instruction"' in refused.json["message"]
+
+
+def test_structured_prompts_wrap_plain_text_and_pass_json_objects():
+    import json
+
+    from mflux_server.core.structured_prompts import for_family, problem
+
+    assert json.loads(for_family("fibo", "a fox")) == {"prompt": "a fox"}
+    assert json.loads(for_family("fibo", "42")) == {"prompt": "42"}  # JSON, but not an object: plain text
+    assert json.loads(for_family("fibo-edit", "{cat} on a mat")) == {"edit_instruction": "{cat} on a mat"}
+    given = '{"prompt": "a fox", "lighting": {"conditions": "dusk"}}'
+    assert for_family("fibo", given) == given
+    assert for_family("flux1", "a fox") == "a fox"
+    assert problem("fibo-edit", '{"edit_instruction": "  "}') and problem("fibo-edit", "plain") is None
+    assert problem("fibo", '{"style": "x"}') is None

@@ -134,3 +134,26 @@ def test_an_edit_from_several_references_over_real_http_shows_each_one(processes
     # The synthetic engine pastes each reference it was given, in order, across the middle.
     seen = [result.convert("RGB").getpixel((gap + number * (cell + gap) + cell // 2, 64)) for number in range(3)]
     assert seen == colours
+
+
+def test_a_worker_refuses_a_model_that_cannot_fit_its_memory_and_another_worker_runs_it(conn, db_path, processes):
+    import requests
+
+    url = processes.server()
+    # FLUX.1 in bf16 needs ~33 GiB before any image: a 20 GiB worker must say so and not serve it at all.
+    alone = processes.worker("--model", "schnell", "--gpu-memory", "20", wait=False)
+    assert alone.wait(timeout=30) == 1
+    log = processes.log(alone)
+    assert "model schnell needs about 33.2 GiB at bf16" in log and "this worker has 20.0 GiB" in log
+    assert "--quantize 8" in log and "--quantize 4" in log
+    assert store.live_workers(conn, 15) == []
+    mixed = processes.worker("--models", "schnell,z-image-turbo", "--gpu-memory", "20")
+    worker = wait_for(lambda: next(iter(store.live_workers(conn, 15)), None), what="worker registered")
+    assert worker.servable == ("z-image-turbo",) and "not serving schnell" in processes.log(mixed)
+    refused = requests.post(f"{url}/api/generate", json={"prompt": "x", "model": "schnell"}, timeout=5)
+    assert refused.status_code in (409, 422, 503), refused.text
+    processes.worker("--model", "schnell")  # a worker with room for it
+    task_id = requests.post(f"{url}/api/generate", json={"prompt": "x", "model": "schnell", "width": 256,
+                                                          "height": 256, "steps": 2}, timeout=5).json()["task_id"]
+    wait_for(lambda: status_of(db_path, task_id) == "done", what="schnell task done by the worker that fits it")
+    assert reread(db_path, task_id).worker_id != worker.id

@@ -80,6 +80,33 @@ def need_of(model: str) -> MemoryNeed | None:
     return NEEDS.get(resolved.info.name) if resolved else None
 
 
+# The smallest image the API accepts (128×128): a model that cannot run it here cannot run anything.
+SMALLEST_PIXELS = 128 * 128
+QUANTIZE_LEVELS = (8, 6, 4, 3)  # mflux's levels, from the most faithful down
+
+
+def refusal(model: str, memory_gib: float | None, quantize: int | None) -> str | None:
+    """Why a worker with this much memory cannot run even the smallest image of the model, with the fix; else None."""
+    need = need_of(model)
+    if need is None or memory_gib is None or need.largest_pixels(memory_gib, quantize) >= SMALLEST_PIXELS:
+        return None
+    precision = f"{quantize}-bit" if quantize else "bf16"
+    smallest = need.gib(SMALLEST_PIXELS, quantize)
+    fits = [level for level in QUANTIZE_LEVELS if level < (quantize or 16)
+            and need.largest_pixels(memory_gib, level) >= SMALLEST_PIXELS]
+    if fits:
+        best = fits[0]
+        fix = " or ".join(f"--quantize {level} (about {need.gib(SMALLEST_PIXELS, level):.1f} GiB, images up to "
+                          f"{need.largest_pixels(memory_gib, level) / 2**20:.2f} MP here)"
+                          for level in dict.fromkeys((best, 4)) if level in fits)
+        fix = "pass " + fix
+    else:
+        fix = "run it on a device with more memory"
+    return (f"model {model} needs about {smallest:.1f} GiB at {precision} even for a 128×128 image "
+            f"({need.weights_gib * (quantize / 16 if quantize else 1):.1f} GiB of weights), and this worker has "
+            f"{memory_gib:.1f} GiB (--gpu-memory or the device): {fix}")
+
+
 def pixel_limits(models: Sequence[str], memory_gib: float | None, quantize: int | None,
                  cap: int) -> dict[str, int]:
     """Per model, the largest image this worker can run: --max-pixels, lowered by the model's memory need."""
@@ -89,6 +116,11 @@ def pixel_limits(models: Sequence[str], memory_gib: float | None, quantize: int 
         derived = need.largest_pixels(memory_gib, quantize) if need is not None and memory_gib is not None else cap
         limits[model] = max(min(cap, derived), 0)
     return limits
+
+
+def memory_budget(configured: float | None, engine: str) -> float | None:
+    """GiB a model may plan on: --gpu-memory, else what the device reports for the mflux engine (none for synthetic)."""
+    return configured if configured is not None or engine != "mflux" else device_gib()
 
 
 def device_gib() -> float | None:

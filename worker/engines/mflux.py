@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import inspect
 import logging
@@ -14,7 +15,7 @@ from typing import Any
 
 from PIL import Image
 
-from mflux_server.core import catalog
+from mflux_server.core import catalog, structured_prompts
 from mflux_server.core.rows import REFERENCE_ROLES
 from mflux_server.worker.engines.base import EngineFault, Job, ModelLoadFailed, OutOfMemory, StepReporter
 from mflux_server.worker.engines.families import Family, family_named
@@ -86,8 +87,23 @@ def gpu_available() -> bool:
 
 
 def silence_progress_bars() -> None:
-    """mflux's tqdm bars would print to the worker's log on every task."""
-    os.environ.setdefault("TQDM_DISABLE", "1")
+    """Turn off mflux's tqdm bars, which would print to the worker's log on every generation."""
+    # tqdm reads TQDM_DISABLE when it is imported, and transformers or huggingface_hub import it before us:
+    # the variable covers child processes, the default below every bar made in this one.
+    os.environ["TQDM_DISABLE"] = "1"
+    import tqdm.std
+
+    init = tqdm.std.tqdm.__init__
+    if getattr(init, "silenced", False):
+        return
+
+    @functools.wraps(init)
+    def quiet(self: Any, *args: Any, **kwargs: Any) -> None:
+        kwargs["disable"] = True
+        init(self, *args, **kwargs)
+
+    quiet.silenced = True  # type: ignore[attr-defined]
+    tqdm.std.tqdm.__init__ = quiet  # type: ignore[method-assign]
 
 
 class Adapter:
@@ -104,7 +120,8 @@ class Adapter:
                                                     and self.family.edit_class is not None)
         model = self.edit_model if edit and self.edit_model is not None else self.model
         accepted = self.family.generate_parameters(edit=model is self.edit_model)
-        wanted: dict[str, Any] = {"seed": job.seed, "prompt": job.prompt, "num_inference_steps": job.steps,
+        prompt = structured_prompts.for_family(self.family.name, job.prompt)  # FIBO reads a JSON object
+        wanted: dict[str, Any] = {"seed": job.seed, "prompt": prompt, "num_inference_steps": job.steps,
                                   "height": job.height, "width": job.width}
         if job.guidance is not None:
             wanted["guidance"] = job.guidance

@@ -1,0 +1,166 @@
+"""Every served model through MfluxEngine and mflux's own classes and generate_image, networks stood in for.
+
+tests/mflux_networks.py replaces only the neural networks, at mflux's weight-loading level. So what runs here is
+mflux's real initializer for each family, its prompt handling and tokenizer shapes, latent creation, schedulers,
+callbacks and image pre- and post-processing, driven by our adapter, step bridge, previews, cancel, decode-path
+choice and tiling. A family whose mflux code our adapter drives wrongly fails here; none of this runs a network.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+mx = pytest.importorskip("mlx.core", reason="the engine tests need MLX (make install provides the CPU build)")
+
+from PIL import Image  # noqa: E402
+
+from mflux_server.core import catalog  # noqa: E402
+from mflux_server.worker.engines.base import Job  # noqa: E402
+from mflux_server.worker.engines.families import family_named  # noqa: E402
+from mflux_server.worker.engines.mflux import TILE_DECODE_ABOVE_PIXELS, TILED_DECODE, MfluxEngine  # noqa: E402
+from tests import mflux_networks  # noqa: E402
+from tests.conftest import Recorder, StopHere  # noqa: E402
+
+pytestmark = pytest.mark.engine
+
+# The stand-ins hold no weights: a peak above this means a real network ran somewhere (a full-size one needs GiBs).
+PEAK_BOUND = 512 * 2**20
+
+
+@pytest.fixture(scope="module", autouse=True)
+def networks_stood_in():
+    with mflux_networks.installed():
+        yield
+
+
+class PromptSpy:
+    """A callback in mflux's own registry: records the prompt each generation encoded."""
+
+    def __init__(self) -> None:
+        self.prompts: list[str] = []
+
+    def call_before_loop(self, seed, prompt, latents, config, canny_image=None, depth_image=None,
+                         control_images=None) -> None:
+        self.prompts.append(prompt)
+
+
+def jobs_for(info: catalog.ModelInfo) -> list[tuple[str, Job]]:
+    """One job per input kind the model accepts, each at a size no other job uses."""
+    can = info.capabilities
+    picture, mask = Image.new("RGB", (256, 192), "red"), Image.new("L", (256, 192), 0)
+    mask.paste(255, (64, 48, 192, 144))
+    jobs = []
+    if can.text_to_image:
+        jobs.append(("text", Job("a red fox", 5, 128, 256, 3, None)))
+        if can.guidance:
+            jobs.append(("guidance", Job("a red fox", 5, 256, 128, 3, 2.5)))
+        if can.negative_prompt:
+            jobs.append(("negative prompt", Job("a red fox", 5, 192, 128, 3, None, negative_prompt="blurry")))
+    if can.image_to_image:
+        jobs.append(("image-to-image", Job("a red fox", 5, 256, 192, 4, None, image=picture, image_strength=0.5)))
+    if can.edit:
+        jobs.append(("edit", Job("make it blue", 5, 256, 192, 3, None, image=picture)))
+        if info.max_reference_images > 1:
+            others = tuple(Image.new("RGB", (128, 128), colour) for colour in ("green", "blue", "white"))
+            jobs.append(("edit, several references",
+                         Job("put them together", 5, 256, 192, 3, None, image=picture,
+                             references=others[:info.max_reference_images - 1])))
+    if can.inpaint:
+        jobs.append(("inpaint", Job("a hat", 5, 256, 192, 3, None, image=picture, mask=mask)))
+    return jobs
+
+
+def encoded(calls: list[str]) -> bool:
+    """Whether an image went into a network's encoder (the VAE's, or a vision encoder's) during these calls."""
+    return any(".encode" in call or "Vision" in call or "Image" in call.split(".")[0] for call in calls)
+
+
+@pytest.mark.parametrize("info", catalog.models(), ids=lambda info: info.name)
+def test_mflux_generates_every_input_kind_the_model_accepts(info, capfd):
+    mx.reset_peak_memory()
+    engine = MfluxEngine(info.name)
+    family = family_named(info.family)
+    models = [engine.adapter.model] + ([engine.adapter.edit_model] if engine.adapter.edit_model else [])
+    assert type(models[0]) is family.load_class(), "the engine built mflux's own class"
+    spy = PromptSpy()
+    for model in models:
+        model.callbacks.register(spy)
+    for kind, job in jobs_for(info):
+        recorder = Recorder(previews=True)
+        mflux_networks.CALLS.clear()
+        image = engine.generate(job, recorder)
+        calls = list(mflux_networks.CALLS)
+        assert image.size == (job.width, job.height), kind
+        assert recorder.events[0] == "loop", kind
+        steps = recorder.events[1:]
+        total = steps[-1][1]
+        assert steps == [(done, total) for done in range(1, total + 1)], f"{kind}: the bridge saw every step"
+        assert any(preview is not None for preview in recorder.previews), f"{kind}: a preview was drawn"
+        assert any("__call__" in call or "forward" in call for call in calls), f"{kind}: the denoiser ran: {calls}"
+        assert any(".decode" in call or "Decoder" in call for call in calls) or family.latent_format == "pixels", \
+            f"{kind}: mflux decoded the latents: {calls}"
+        if job.image is not None:
+            assert encoded(calls), f"{kind}: mflux read the input image: {calls}"
+        if job.image_strength is not None:
+            assert total < job.steps, "image-to-image starts part-way through the schedule"
+    assert mx.get_peak_memory() < PEAK_BOUND, "no real network was evaluated"
+    assert "it/s" not in capfd.readouterr().err, "mflux's progress bars are silenced"
+    assert spy.prompts
+
+
+@pytest.mark.parametrize("name", [info.name for info in catalog.models() if info.capabilities.text_to_image][::4])
+def test_cancel_at_a_step_stops_mflux_there_and_the_model_runs_on(name):
+    engine = MfluxEngine(name)
+    recorder = Recorder(stop_at=2)
+    with pytest.raises(StopHere):
+        engine.generate(Job("a red fox", 1, 128, 128, 4, None), recorder)
+    assert recorder.events == ["loop", (1, 4), (2, 4)]
+    assert engine.generate(Job("a red fox", 1, 128, 128, 2, None), Recorder()).size == (128, 128)
+
+
+@pytest.mark.parametrize("name", sorted({info.name for info in catalog.models() if info.family in TILED_DECODE
+                                         and info.capabilities.text_to_image}))
+def test_large_images_of_tiled_families_decode_in_tiles(name):
+    engine = MfluxEngine(name)
+    side = 1296  # just above TILE_DECODE_ABOVE_PIXELS
+    assert side * side > TILE_DECODE_ABOVE_PIXELS
+    mflux_networks.CALLS.clear()
+    assert engine.generate(Job("a red fox", 1, side, side, 1, None), Recorder()).size == (side, side)
+    decodes = [call for call in mflux_networks.CALLS if call.endswith(".decode")]
+    assert len(decodes) > 1, "mflux decoded tile by tile"
+    assert engine.adapter.model.tiling_config is None, "tiling is set for the large image only"
+    mflux_networks.CALLS.clear()
+    engine.generate(Job("a red fox", 1, 256, 256, 1, None), Recorder())
+    assert len([call for call in mflux_networks.CALLS if call.endswith(".decode")]) == 1
+
+
+def test_the_vae_decode_path_is_chosen_for_the_families_that_offer_one():
+    engine = MfluxEngine("z-image-turbo")
+    assert engine.adapter.model.vae.decode_mode == "legacy"  # MLX reports no memory limit on CPU: plenty
+    engine = MfluxEngine("z-image-turbo", vae_decode="low_memory")
+    assert engine.adapter.model.vae.decode_mode == "low_memory"
+    assert engine.generate(Job("a red fox", 1, 128, 128, 1, None), Recorder()).size == (128, 128)
+
+
+@pytest.mark.parametrize("name,key", [("fibo", "prompt"), ("fibo-edit", "edit_instruction")])
+def test_fibo_gets_plain_text_wrapped_in_its_json_prompt_and_json_as_it_is(name, key):
+    engine = MfluxEngine(name)  # loading warms up with a plain prompt: mflux json.loads every FIBO prompt
+    spy = PromptSpy()
+    engine.adapter.model.callbacks.register(spy)
+    image = Image.new("RGB", (128, 128), "red") if name == "fibo-edit" else None
+    engine.generate(Job("a red fox", 1, 128, 128, 2, None, image=image), Recorder())
+    assert json.loads(spy.prompts[-1])[key] == "a red fox"
+    structured = {key: "a fox", "style_medium": "photograph", "lighting": {"conditions": "golden hour"}}
+    engine.generate(Job(json.dumps(structured), 1, 128, 128, 2, None, image=image), Recorder())
+    assert json.loads(spy.prompts[-1]) == structured
+
+
+def test_quantized_loading_runs_mflux_quantization_on_the_stand_ins():
+    engine = MfluxEngine("schnell", quantize=4)
+    assert engine.adapter.model.bits == 4
+    import mlx.nn as nn
+
+    assert any(isinstance(module, nn.QuantizedLinear) for _, module in engine.adapter.model.transformer.named_modules())
+    assert engine.generate(Job("a red fox", 1, 128, 128, 2, None), Recorder()).size == (128, 128)

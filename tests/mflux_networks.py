@@ -1,0 +1,249 @@
+"""Stand-ins for mflux's neural networks, installed at its weight-loading level, so mflux's own code runs in tests.
+
+mflux builds every family through its initializer: WeightLoader reads safetensors, TokenizerLoader reads
+tokenizer files, WeightApplier puts the weights into the modules it built from ModelConfig. No weights can be
+downloaded here, and MLX's CPU backend multiplies matrices at about 5 GFLOP/s, so the real networks cannot run
+in a test. `install()` patches only those three loaders (nothing in mflux's models or in this project):
+
+- WeightLoader.load / load_single / load_single_local return no weights (the modules keep their lazy initial
+  parameters, which are never evaluated);
+- TokenizerLoader.load builds a real transformers tokenizer in memory (a word-level vocabulary with the special
+  tokens the families use) and hands it to mflux's own _create_tokenizer, so mflux's LanguageTokenizer,
+  templates, chat templates and padding run for real;
+- WeightApplier.apply_and_quantize(_single) turns each network it is handed (text encoders, transformer, VAE)
+  into a stand-in: the module keeps its class, attributes and methods, but each public method traces the real
+  network lazily (MLX builds the graph and knows every output shape without computing anything), throws that
+  graph away and answers a cheap array of the same shape and dtype, derived from the inputs. Then mflux's own
+  apply_and_quantize runs (quantization included).
+
+Everything mflux does around the networks therefore runs for real in generate_image: prompt handling, tokenizer
+shapes, latent creation, schedulers, callbacks, image pre- and post-processing, and the shapes each network
+would return are the real networks' own.
+"""
+
+from __future__ import annotations
+
+import functools
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_map
+
+# The characters the in-memory tokenizer knows; any other is its unknown token (only the shapes matter here).
+_CHARACTERS = tuple(chr(code) for code in range(33, 127))
+# Special tokens mflux's families put in templates or look up by name (Qwen chat and vision markers, T5, CLIP).
+_SPECIAL = ("<pad>", "<unk>", "</s>", "<s>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
+            "<|vision_end|>", "<|image_pad|>", "<|startoftext|>", "<think>", "</think>")
+_CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+_tracing = threading.local()
+CALLS: list[str] = []  # "Class.method" of each network call stood in for, in order, so a test can see what ran
+
+
+def _cheap(value: Any, inputs: list[mx.array]) -> Any:
+    """An array shaped like `value` (the real network's lazy output) that depends on the inputs, not the network."""
+    if not isinstance(value, mx.array):
+        return value
+    if not mx.issubdtype(value.dtype, mx.floating):  # masks and ids: pass a like input through, else all ones
+        like = next((x for x in inputs if x.shape == value.shape and x.dtype == value.dtype), None)
+        return like if like is not None else mx.ones(value.shape, value.dtype)
+    out = 0.25 * mx.random.normal(value.shape, key=mx.random.key(sum(value.shape))).astype(value.dtype)
+    same = next((x for x in inputs if x.shape == value.shape and mx.issubdtype(x.dtype, mx.floating)), None)
+    if same is not None:  # a denoiser or an autoencoder answers close to its input, as the real ones do
+        out = out + 0.75 * same.astype(value.dtype)
+    return out
+
+
+def _no_evaluation(*arrays: Any) -> None:
+    """mx.eval inside a traced network: the graph is only for its shapes, so nothing is computed."""
+
+
+def _stand_in(method: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(method)
+    def traced(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if getattr(_tracing, "depth", 0):  # a call inside the real network: trace it as part of the outer call
+            return method(self, *args, **kwargs)
+        _tracing.depth = 1
+        evaluate, evaluate_async = mx.eval, mx.async_eval
+        # Some networks evaluate inside their forward (Qwen-Image 2.1 caches its text stream): not here.
+        mx.eval = mx.async_eval = _no_evaluation
+        try:
+            real = method(self, *args, **kwargs)  # lazy: nothing is computed, only shapes are known
+        finally:
+            _tracing.depth = 0
+            mx.eval, mx.async_eval = evaluate, evaluate_async
+        CALLS.append(f"{type(self).__mro__[1].__name__}.{method.__name__}")
+        inputs = [x for x in (*args, *kwargs.values()) if isinstance(x, mx.array)]
+        if isinstance(real, (list, tuple, dict)):
+            return tree_map(lambda leaf: _cheap(leaf, inputs), real)
+        if isinstance(real, mx.array):
+            return _cheap(real, inputs)
+        if hasattr(real, "__dict__") and not isinstance(real, nn.Module):  # output dataclasses (embeddings, ...)
+            for name, field in vars(real).items():
+                if isinstance(field, mx.array):
+                    setattr(real, name, _cheap(field, inputs))
+        return real
+
+    return traced
+
+
+_classes: dict[type, type] = {}
+
+
+def stand_in_class(cls: type) -> type:
+    """A subclass of a network class whose public methods and __call__ answer cheap arrays of the real shapes."""
+    if cls in _classes or cls in _classes.values():
+        return _classes.get(cls, cls)
+    methods: dict[str, Any] = {}
+    for klass in cls.__mro__:
+        if klass in (nn.Module, dict, object):
+            break
+        for name, value in vars(klass).items():
+            if name in methods or not callable(value) or isinstance(value, (staticmethod, classmethod, type)):
+                continue
+            if name == "__call__" or not name.startswith("_"):
+                methods[name] = _stand_in(value)
+    _classes[cls] = type(f"StandIn{cls.__name__}", (cls,), methods)
+    return _classes[cls]
+
+
+def _stand_in_all(model: nn.Module) -> None:
+    """Make a network a stand-in whose parameters keep their shapes and dtypes but occupy no memory."""
+    model.__class__ = stand_in_class(type(model))
+    # A broadcast scalar is a view with zero strides: families that mx.eval(model) after loading (Krea 2,
+    # ERNIE-Image) then materialise a few bytes per parameter instead of gigabytes of random weights.
+    model.update(tree_map(lambda p: mx.broadcast_to(mx.zeros((), p.dtype), p.shape), model.parameters()))
+    if getattr(model, "use_packed_projections", False):
+        model.use_packed_projections = False  # Qwen-Image 2.1 would concatenate (materialise) the weights to pack them
+
+
+def _tokenizer(definition: Any) -> Any:
+    """A real transformers tokenizer built in memory, with the vocabulary above and the definition's chat template."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: index for index, token in enumerate((*_SPECIAL, *_CHARACTERS))}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    # One token per character: at least as many tokens as a real BPE tokenizer makes of the same text, so code
+    # that drops a template's leading tokens (Qwen-Image drops 34) still finds the prompt after them.
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"\S"), behavior="isolated")
+    raw = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", eos_token="</s>",
+                                  bos_token="<s>", additional_special_tokens=list(_SPECIAL[4:]))
+    raw.chat_template = getattr(definition, "chat_template", None) or _CHAT_TEMPLATE
+    # What the real tokenizers add around the text: T5 a closing </s> (Anima relies on it for an empty prompt),
+    # CLIP its start and end markers; the Qwen families add nothing.
+    around = {"T5Tokenizer": "$A </s>", "CLIPTokenizer": "<|startoftext|> $A <|endoftext|>"}
+    template = around.get(getattr(definition, "tokenizer_class", ""))
+    if template is not None:
+        raw.backend_tokenizer.post_processor = processors.TemplateProcessing(  # after transformers set its own
+            single=template, special_tokens=[(token, vocab[token]) for token in ("</s>", "<|startoftext|>",
+                                                                                 "<|endoftext|>")])
+    return raw
+
+
+# GPT-OSS 20B's published config.json, which Lens's text encoder reads from its checkpoint folder.
+GPT_OSS_20B = {"num_hidden_layers": 24, "num_local_experts": 32, "num_experts_per_tok": 4, "vocab_size": 201088,
+               "rms_norm_eps": 1e-05, "hidden_size": 2880, "intermediate_size": 2880, "head_dim": 64,
+               "num_attention_heads": 64, "num_key_value_heads": 8, "sliding_window": 128, "rope_theta": 150000,
+               "rope_scaling": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                                "truncate": False, "original_max_position_embeddings": 4096},
+               "layer_types": ["sliding_attention", "full_attention"] * 12}
+
+
+def _lens_encoder_without_weights(self: Any, model_path: str) -> None:
+    """Lens's text encoder loads its own files (not through WeightLoader): build it from the config, no weights."""
+    from mflux.models.common_models.gpt_oss.gpt_oss import Model, ModelArgs
+
+    self.model = Model(ModelArgs.from_dict(GPT_OSS_20B))
+    self.model.lm_head = nn.Identity()  # as the real loader does: features never reach the head
+    _stand_in_all(self.model)
+    self.__class__ = stand_in_class(type(self))  # encode() is the network call mflux makes
+    self.tokenizer = _tokenizer(None).backend_tokenizer
+
+
+@contextmanager
+def installed() -> Iterator[None]:
+    """Patch mflux's three loaders for the duration (see the module docstring); restores them after."""
+    from mflux.models.common.tokenizer.tokenizer_loader import TokenizerLoader
+    from mflux.models.common.weights.loading.loaded_weights import LoadedWeights, MetaData
+    from mflux.models.common.weights.loading.weight_applier import WeightApplier
+    from mflux.models.common.weights.loading.weight_loader import WeightLoader
+
+    class NoWeights(LoadedWeights):
+        """No tensors; FLUX.1 reads its block counts from the weights, so it is told the real ones (19 + 38)."""
+
+        def num_transformer_blocks(self, component_name: str = "transformer") -> int:
+            return 19
+
+        def num_single_transformer_blocks(self, component_name: str = "transformer") -> int:
+            return 38
+
+    def no_weights(*args: Any, **kwargs: Any) -> LoadedWeights:
+        # load(weight_definition, …) names a whole definition; load_single(_local)(component, …) one component.
+        given = kwargs.get("weight_definition") or kwargs.get("component") or (args[0] if args else None)
+        weight_definition = given if hasattr(given, "get_components") else None
+        names = [c.name for c in given.get_components()] if weight_definition is not None else \
+            [given.name] if given is not None else []
+        components: dict[str, dict[str, Any]] = {name: {} for name in names}
+        if getattr(weight_definition, "__name__", "") == "Flux3KleinWeightDefinition":
+            # FLUX 3 klein tells its distilled checkpoint from Base by this module's presence.
+            components["transformer"]["target_timestep_embedder"] = {}
+        return NoWeights(components=components, meta_data=MetaData())
+
+    def no_folder(path: str | None, *args: Any, **kwargs: Any) -> Path:
+        return Path(tempfile.mkdtemp(prefix="mflux-no-weights-"))
+
+    def load_tokenizer(definition: Any, model_path: str) -> Any:
+        return TokenizerLoader._create_tokenizer(raw_tokenizer=_tokenizer(definition), definition=definition)
+
+    apply_many, apply_one = WeightApplier.apply_and_quantize, WeightApplier.apply_and_quantize_single
+
+    def apply_and_quantize(weights: Any, models: dict[str, nn.Module], quantize_arg: Any, weight_definition: Any) -> Any:
+        for model in models.values():
+            _stand_in_all(model)
+        return apply_many(weights=weights, models=models, quantize_arg=quantize_arg, weight_definition=weight_definition)
+
+    def apply_and_quantize_single(weights: Any, model: nn.Module, component: Any, quantize_arg: Any,
+                                  quantization_predicate: Any = None) -> Any:
+        _stand_in_all(model)
+        weights.components.setdefault(component.name, {})
+        return apply_one(weights=weights, model=model, component=component, quantize_arg=quantize_arg,
+                         quantization_predicate=quantization_predicate)
+
+    saved = {(WeightLoader, "load"): WeightLoader.__dict__["load"],
+             (WeightLoader, "load_single"): WeightLoader.__dict__["load_single"],
+             (WeightLoader, "load_single_local"): WeightLoader.__dict__["load_single_local"],
+             (TokenizerLoader, "load"): TokenizerLoader.__dict__["load"],
+             (WeightApplier, "apply_and_quantize"): WeightApplier.__dict__["apply_and_quantize"],
+             (WeightApplier, "apply_and_quantize_single"): WeightApplier.__dict__["apply_and_quantize_single"]}
+    from mflux.models.common.resolution.path_resolution import PathResolution
+    from mflux.models.qwen21.qwen21_initializer import Qwen21Initializer
+
+    from mflux.models.lens.model.text_encoder.lens_gpt_oss_encoder import LensGptOssEncoder
+
+    saved[(LensGptOssEncoder, "__init__")] = LensGptOssEncoder.__dict__["__init__"]
+    LensGptOssEncoder.__init__ = _lens_encoder_without_weights  # type: ignore[method-assign]
+    saved[(PathResolution, "resolve")] = PathResolution.__dict__["resolve"]
+    # Qwen-Image 2.1 checks each loaded component's keys against its module: there are none to check.
+    saved[(Qwen21Initializer, "_validate_weights")] = Qwen21Initializer.__dict__["_validate_weights"]
+    PathResolution.resolve = staticmethod(no_folder)
+    Qwen21Initializer._validate_weights = staticmethod(lambda *args, **kwargs: None)
+    replacements = {"load": no_weights, "load_single": no_weights, "load_single_local": no_weights}
+    for cls, name in saved:
+        if cls is WeightLoader:
+            setattr(cls, name, staticmethod(replacements[name]))
+    TokenizerLoader.load = staticmethod(load_tokenizer)
+    WeightApplier.apply_and_quantize = staticmethod(apply_and_quantize)
+    WeightApplier.apply_and_quantize_single = staticmethod(apply_and_quantize_single)
+    try:
+        yield
+    finally:
+        for (cls, name), original in saved.items():
+            setattr(cls, name, original)
