@@ -14,7 +14,7 @@ MFLUX_RUNTIME := "tqdm>=4.66.5,<5" "huggingface-hub>=1.1.6,<2" "platformdirs>=4,
 	"fsspec>=2026.6.0"
 ARGS ?=
 
-.PHONY: help install run test test-fast lint bench fuzz clean browser postgres
+.PHONY: help install run test test-fast test-engine engine-check lint bench fuzz clean browser postgres openblas
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -45,7 +45,7 @@ run: install ## start the API and one worker; Ctrl-C stops both
 	$(BIN)/mflux-server & api=$$!; \
 	wait
 
-test: install browser postgres ## run every test: tests/fast (in-process) and tests/process (real processes)
+test: install browser postgres openblas ## run every test: tests/fast, tests/engine (mflux's own code) and tests/process (real processes)
 	$(BIN)/python -m pytest -q $(ARGS)
 
 browser: ## Debian's chromium for the web UI tests (Playwright cannot download its own browser here)
@@ -62,6 +62,15 @@ postgres: ## Debian's PostgreSQL server binaries, which the PostgreSQL store tes
 
 test-fast: install ## run the in-process tests only (tests/fast, a few seconds)
 	$(BIN)/python -m pytest -q tests/fast $(ARGS)
+
+test-engine: install ## every served model through mflux's own classes, networks stood in for (tests/engine, < 1 minute)
+	$(BIN)/python -m pytest -q tests/engine $(ARGS)
+
+openblas: ## Debian's OpenBLAS, which the real-network tests preload under MLX's CPU backend (its bundled BLAS is ~50x slower)
+	@ls /usr/lib/*-linux-gnu/openblas-pthread/libblas.so.3 >/dev/null 2>&1 || [ "$$(uname -s)" != Linux ] || \
+	{ [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libopenblas0-pthread >/dev/null; } || \
+	echo "WARNING: OpenBLAS could not be installed: the real-network tests run on MLX's reference BLAS (they fail under CI=true)"
 
 lint: install ## check style with ruff and types with mypy (product code)
 	$(BIN)/pip install --quiet "ruff>=0.6" "mypy>=1.11"

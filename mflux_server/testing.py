@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -28,6 +29,21 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def read_events(response: requests.Response) -> Iterator[dict[str, Any]]:
+    """Parse a text/event-stream into {'id', 'event', 'data'} messages (comments skipped)."""
+    message: dict[str, Any] = {}
+    for line in response.iter_lines(decode_unicode=True):
+        if line == "":
+            if "event" in message:
+                yield message
+            message = {}
+        elif line.startswith(":"):
+            continue
+        else:
+            field, _, value = line.partition(": ")
+            message[field] = json.loads(value) if field == "data" else value
 
 
 def wait_for(predicate: Callable[[], T], timeout: float = 20.0, interval: float = 0.02, what: str = "condition") -> T:

@@ -7,9 +7,9 @@ in a test. `install()` patches only those three loaders (nothing in mflux's mode
 
 - WeightLoader.load / load_single / load_single_local return no weights (the modules keep their lazy initial
   parameters, which are never evaluated);
-- TokenizerLoader.load builds a real transformers tokenizer in memory (a word-level vocabulary with the special
-  tokens the families use) and hands it to mflux's own _create_tokenizer, so mflux's LanguageTokenizer,
-  templates, chat templates and padding run for real;
+- TokenizerLoader.load builds a real transformers tokenizer in memory (bench/random_weights.py: one token per
+  character, the special tokens the families use) and hands it to mflux's own _create_tokenizer, so mflux's
+  LanguageTokenizer, templates, chat templates and padding run for real;
 - WeightApplier.apply_and_quantize(_single) turns each network it is handed (text encoders, transformer, VAE)
   into a stand-in: the module keeps its class, attributes and methods, but each public method traces the real
   network lazily (MLX builds the graph and knows every output shape without computing anything), throws that
@@ -35,13 +35,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map
 
-# The characters the in-memory tokenizer knows; any other is its unknown token (only the shapes matter here).
-_CHARACTERS = tuple(chr(code) for code in range(33, 127))
-# Special tokens mflux's families put in templates or look up by name (Qwen chat and vision markers, T5, CLIP).
-_SPECIAL = ("<pad>", "<unk>", "</s>", "<s>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
-            "<|vision_end|>", "<|image_pad|>", "<|startoftext|>", "<think>", "</think>")
-_CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+from bench import random_weights
 
 _tracing = threading.local()
 CALLS: list[str] = []  # "Class.method" of each network call stood in for, in order, so a test can see what ran
@@ -124,30 +118,6 @@ def _stand_in_all(model: nn.Module) -> None:
         model.use_packed_projections = False  # Qwen-Image 2.1 would concatenate (materialise) the weights to pack them
 
 
-def _tokenizer(definition: Any) -> Any:
-    """A real transformers tokenizer built in memory, with the vocabulary above and the definition's chat template."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {token: index for index, token in enumerate((*_SPECIAL, *_CHARACTERS))}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    # One token per character: at least as many tokens as a real BPE tokenizer makes of the same text, so code
-    # that drops a template's leading tokens (Qwen-Image drops 34) still finds the prompt after them.
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"\S"), behavior="isolated")
-    raw = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", eos_token="</s>",
-                                  bos_token="<s>", additional_special_tokens=list(_SPECIAL[4:]))
-    raw.chat_template = getattr(definition, "chat_template", None) or _CHAT_TEMPLATE
-    # What the real tokenizers add around the text: T5 a closing </s> (Anima relies on it for an empty prompt),
-    # CLIP its start and end markers; the Qwen families add nothing.
-    around = {"T5Tokenizer": "$A </s>", "CLIPTokenizer": "<|startoftext|> $A <|endoftext|>"}
-    template = around.get(getattr(definition, "tokenizer_class", ""))
-    if template is not None:
-        raw.backend_tokenizer.post_processor = processors.TemplateProcessing(  # after transformers set its own
-            single=template, special_tokens=[(token, vocab[token]) for token in ("</s>", "<|startoftext|>",
-                                                                                 "<|endoftext|>")])
-    return raw
-
-
 # GPT-OSS 20B's published config.json, which Lens's text encoder reads from its checkpoint folder.
 GPT_OSS_20B = {"num_hidden_layers": 24, "num_local_experts": 32, "num_experts_per_tok": 4, "vocab_size": 201088,
                "rms_norm_eps": 1e-05, "hidden_size": 2880, "intermediate_size": 2880, "head_dim": 64,
@@ -165,43 +135,24 @@ def _lens_encoder_without_weights(self: Any, model_path: str) -> None:
     self.model.lm_head = nn.Identity()  # as the real loader does: features never reach the head
     _stand_in_all(self.model)
     self.__class__ = stand_in_class(type(self))  # encode() is the network call mflux makes
-    self.tokenizer = _tokenizer(None).backend_tokenizer
+    self.tokenizer = random_weights.tokenizer(None).backend_tokenizer
 
 
 @contextmanager
 def installed() -> Iterator[None]:
     """Patch mflux's three loaders for the duration (see the module docstring); restores them after."""
     from mflux.models.common.tokenizer.tokenizer_loader import TokenizerLoader
-    from mflux.models.common.weights.loading.loaded_weights import LoadedWeights, MetaData
     from mflux.models.common.weights.loading.weight_applier import WeightApplier
     from mflux.models.common.weights.loading.weight_loader import WeightLoader
 
-    class NoWeights(LoadedWeights):
-        """No tensors; FLUX.1 reads its block counts from the weights, so it is told the real ones (19 + 38)."""
-
-        def num_transformer_blocks(self, component_name: str = "transformer") -> int:
-            return 19
-
-        def num_single_transformer_blocks(self, component_name: str = "transformer") -> int:
-            return 38
-
-    def no_weights(*args: Any, **kwargs: Any) -> LoadedWeights:
-        # load(weight_definition, …) names a whole definition; load_single(_local)(component, …) one component.
-        given = kwargs.get("weight_definition") or kwargs.get("component") or (args[0] if args else None)
-        weight_definition = given if hasattr(given, "get_components") else None
-        names = [c.name for c in given.get_components()] if weight_definition is not None else \
-            [given.name] if given is not None else []
-        components: dict[str, dict[str, Any]] = {name: {} for name in names}
-        if getattr(weight_definition, "__name__", "") == "Flux3KleinWeightDefinition":
-            # FLUX 3 klein tells its distilled checkpoint from Base by this module's presence.
-            components["transformer"]["target_timestep_embedder"] = {}
-        return NoWeights(components=components, meta_data=MetaData())
+    no_weights = random_weights.no_tensors(random_weights.block_counts(None))
 
     def no_folder(path: str | None, *args: Any, **kwargs: Any) -> Path:
         return Path(tempfile.mkdtemp(prefix="mflux-no-weights-"))
 
     def load_tokenizer(definition: Any, model_path: str) -> Any:
-        return TokenizerLoader._create_tokenizer(raw_tokenizer=_tokenizer(definition), definition=definition)
+        return TokenizerLoader._create_tokenizer(raw_tokenizer=random_weights.tokenizer(definition),
+                                                 definition=definition)
 
     apply_many, apply_one = WeightApplier.apply_and_quantize, WeightApplier.apply_and_quantize_single
 

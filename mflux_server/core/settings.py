@@ -147,6 +147,10 @@ class Settings:
         _optional(_non_negative(float)))
     vae_decode: str = setting("auto", "VAE decode path: auto (by free memory), legacy, full_precision or low_memory",
                               "worker")
+    warm_up_size: int = setting(256, "side of the square image the mflux engine generates once at each load, so kernel "
+                                "compilation counts as load time (a multiple of 16)", "worker", _positive(int))
+    warm_up_steps: int = setting(2, "denoising steps of that warm-up generation; 0 skips it", "worker",
+                                 _non_negative(int))
     synthetic_step: tuple[float, float, float] = setting(
         H100_STEP_COST, "synthetic engine: seconds per step as a,b,c in a + b·mp + c·mp²", "worker", _floats(3)
     )
@@ -212,6 +216,8 @@ class Settings:
             raise ValueError(f"scheduling must be auto, fair or fifo, got {self.scheduling!r}")
         if self.auth not in ("auto", "required"):
             raise ValueError(f"auth must be auto or required, got {self.auth!r}")
+        if self.warm_up_size % 16:
+            raise ValueError(f"warm_up_size must be a multiple of 16, got {self.warm_up_size}")
         if self.vae_decode not in VAE_DECODES:
             raise ValueError(f"vae_decode must be one of {', '.join(VAE_DECODES)}, got {self.vae_decode!r}")
 

@@ -2,29 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections.abc import Iterator
 
 import requests
 
-from mflux_server.testing import wait_for
-
-
-def read_events(response: requests.Response) -> Iterator[dict]:
-    """Parse a text/event-stream into {'id', 'event', 'data'} messages (comments skipped)."""
-    message: dict = {}
-    for line in response.iter_lines(decode_unicode=True):
-        if line == "":
-            if "event" in message:
-                yield message
-            message = {}
-        elif line.startswith(":"):
-            continue
-        else:
-            field, _, value = line.partition(": ")
-            message[field] = json.loads(value) if field == "data" else value
+from mflux_server.testing import read_events, wait_for
 
 
 def test_a_task_stream_follows_it_from_waiting_to_done_with_progress_and_previews(processes):

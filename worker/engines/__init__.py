@@ -63,4 +63,6 @@ def make_engine(settings: Settings) -> Engine:
         lora_scales=settings.lora_scales,
         gpu_cache_limit_gib=settings.gpu_cache_limit,
         vae_decode=settings.vae_decode,
+        warm_up_size=settings.warm_up_size,
+        warm_up_steps=settings.warm_up_steps,
     )

@@ -158,6 +158,8 @@ class MfluxEngine:
         lora_scales: list[float] | None = None,
         gpu_cache_limit_gib: float | None = None,
         vae_decode: str = "auto",
+        warm_up_size: int = 256,
+        warm_up_steps: int = 2,
         build: Callable[[type, dict[str, Any]], Any] | None = None,
     ):
         silence_progress_bars()
@@ -167,6 +169,7 @@ class MfluxEngine:
         self.lora_paths = lora_paths or None
         self.lora_scales = lora_scales or None
         self.vae_decode = vae_decode
+        self.warm_up_size, self.warm_up_steps = warm_up_size, warm_up_steps
         self.adapter: Adapter | None = None
         self.bridge = StepBridge(self._prompt_arrays)
         self._build = build or (lambda cls, kwargs: cls(**kwargs))  # tests build stand-ins here
@@ -233,10 +236,12 @@ class MfluxEngine:
     def warm_up(self) -> None:
         """One tiny generation, so kernel compilation (43 s on a fresh H100) counts as load time, not as step 1."""
         assert self.adapter is not None
-        role = self.adapter.family.image_role
-        grey = Image.new("RGB", (256, 256), (128, 128, 128)) if role != "init" else None
-        mask = Image.new("L", (256, 256), 255) if role == "fill" else None
-        self._run(Job("warm-up", 0, 256, 256, 2, None, image=grey, mask=mask), None)
+        if not self.warm_up_steps:
+            return
+        role, side = self.adapter.family.image_role, self.warm_up_size
+        grey = Image.new("RGB", (side, side), (128, 128, 128)) if role != "init" else None
+        mask = Image.new("L", (side, side), 255) if role == "fill" else None
+        self._run(Job("warm-up", 0, side, side, self.warm_up_steps, None, image=grey, mask=mask), None)
         self._clear_cache()
 
     def generate(self, job: Job, reporter: StepReporter) -> Image.Image:
