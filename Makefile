@@ -85,6 +85,9 @@ bench: install ## run the benchmarks and write docs/benchmarks.md
 		echo "wrk is not installed: benchmark 3 falls back to Python clients, which understate the server"
 	$(BIN)/python -m bench $(ARGS)
 
+engine-check: install openblas ## every served family through the real worker, random weights; writes docs/engine-check.md
+	$(BIN)/python -m bench.engine_check $(ARGS)
+
 fuzz: install ## a long schemathesis run over every operation of the spec (about 20,000 cases; ARGS='--examples N')
 	$(BIN)/python -m tests.fuzzing $(ARGS)
 

@@ -34,7 +34,8 @@ def free_port() -> int:
 def read_events(response: requests.Response) -> Iterator[dict[str, Any]]:
     """Parse a text/event-stream into {'id', 'event', 'data'} messages (comments skipped)."""
     message: dict[str, Any] = {}
-    for line in response.iter_lines(decode_unicode=True):
+    for raw in response.iter_lines(decode_unicode=True):
+        line = raw.decode() if isinstance(raw, bytes) else raw
         if line == "":
             if "event" in message:
                 yield message

@@ -175,9 +175,8 @@ def installed() -> Iterator[None]:
              (WeightApplier, "apply_and_quantize"): WeightApplier.__dict__["apply_and_quantize"],
              (WeightApplier, "apply_and_quantize_single"): WeightApplier.__dict__["apply_and_quantize_single"]}
     from mflux.models.common.resolution.path_resolution import PathResolution
-    from mflux.models.qwen21.qwen21_initializer import Qwen21Initializer
-
     from mflux.models.lens.model.text_encoder.lens_gpt_oss_encoder import LensGptOssEncoder
+    from mflux.models.qwen21.qwen21_initializer import Qwen21Initializer
 
     saved[(LensGptOssEncoder, "__init__")] = LensGptOssEncoder.__dict__["__init__"]
     LensGptOssEncoder.__init__ = _lens_encoder_without_weights  # type: ignore[method-assign]

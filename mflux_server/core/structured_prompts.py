@@ -21,7 +21,7 @@ def problem(family: str, prompt: str) -> str | None:
     """Why this prompt cannot run on the family (a JSON object missing the key it needs); None when it can."""
     key = JSON_PROMPT_KEYS.get(family)
     value = _as_object(prompt) if key == "edit_instruction" else None
-    if value is not None and not str(value.get(key) or "").strip():
+    if key is not None and value is not None and not str(value.get(key) or "").strip():
         return f"a JSON prompt for this model must have a non-empty \"{key}\" (or send plain text, which becomes it)"
     return None
 

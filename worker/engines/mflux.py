@@ -91,7 +91,7 @@ def silence_progress_bars() -> None:
     # tqdm reads TQDM_DISABLE when it is imported, and transformers or huggingface_hub import it before us:
     # the variable covers child processes, the default below every bar made in this one.
     os.environ["TQDM_DISABLE"] = "1"
-    import tqdm.std
+    import tqdm.std  # type: ignore[import-untyped]  # no stubs installed
 
     init = tqdm.std.tqdm.__init__
     if getattr(init, "silenced", False):
@@ -103,7 +103,7 @@ def silence_progress_bars() -> None:
         init(self, *args, **kwargs)
 
     quiet.silenced = True  # type: ignore[attr-defined]
-    tqdm.std.tqdm.__init__ = quiet  # type: ignore[method-assign]
+    tqdm.std.tqdm.__init__ = quiet
 
 
 class Adapter:
@@ -265,6 +265,7 @@ class MfluxEngine:
         finally:
             self.bridge.reporter = None
             self._bound_prompt_cache()
+        log.info("%s %d×%d: peak memory %.2f GiB", self.model, job.width, job.height, take_peak_gib())
         image: Image.Image = result.image
         return image
 
@@ -325,6 +326,15 @@ class MfluxEngine:
             mx.clear_cache()
         except (ImportError, AttributeError):
             pass
+
+
+def take_peak_gib() -> float:
+    """MLX's peak memory since the last call, in GiB (then reset), so each generation reports its own."""
+    import mlx.core as mx
+
+    peak = mx.get_peak_memory() / 2**30
+    mx.reset_peak_memory()
+    return float(peak)
 
 
 def free_gib() -> float:
