@@ -16,6 +16,7 @@ compute cost CI can pay. With a GPU, run full depth (depth=None) for real timing
 from __future__ import annotations
 
 import glob
+import inspect
 import logging
 import os
 from collections.abc import Callable
@@ -111,7 +112,9 @@ def cut(model: Any, depth: int) -> None:
             blocks = getattr(part, attr, None)
             if isinstance(blocks, list) and len(blocks) > depth:
                 setattr(part, attr, blocks[:depth])
-    if hasattr(model, "get_prompt_embeds"):  # FLUX.2's Qwen3 taps hidden states (9, 18, 27): read the last kept
+    taps = getattr(model, "get_prompt_embeds", None)
+    if taps is not None and "hidden_state_layers" in inspect.signature(taps).parameters:
+        # FLUX.2's Qwen3 taps hidden states (9, 18, 27): read the last kept layer instead
         original = model.get_prompt_embeds
 
         def get_prompt_embeds(*args: Any, hidden_state_layers: Any = (9, 18, 27), **kwargs: Any) -> Any:

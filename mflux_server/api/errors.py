@@ -76,6 +76,7 @@ def error_payload(error: HTTPException) -> JsonError:
     headers = dict(data.pop("headers", {}) or {})
     if isinstance(error, MethodNotAllowed) and error.valid_methods:
         headers["Allow"] = ", ".join(sorted(error.valid_methods))  # RFC 9110 requires it on every 405
+    explicit = data.get("message")  # a view that aborted with a 5xx said what happened: keep it
     messages = data.pop("messages", None) or data.pop("errors", None)
     payload: dict[str, Any] = {"code": data.pop("code", None) or DEFAULT_CODES.get(code, "http_error"), "field": None}
     if messages:
@@ -86,7 +87,7 @@ def error_payload(error: HTTPException) -> JsonError:
         payload["errors"] = messages
     else:
         payload["message"] = data.pop("message", None) or error.description or error.name
-    if code >= 500 and "message" not in data:
+    if code >= 500 and not explicit and not messages:
         payload["message"] = "the server hit an unexpected error; it has been logged"
     # Views may add these through abort(); webargs also leaves its schema object here, which must not leak.
     payload.update({k: data[k] for k in PASSTHROUGH if data.get(k) is not None})

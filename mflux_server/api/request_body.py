@@ -1,8 +1,10 @@
 """Reading request arguments strictly: JSON that Python parses but no field should hold, and repeated parameters.
 
 Python's json module accepts lone UTF-16 surrogates (which SQLite cannot store as UTF-8), numbers of any
-length (past 4,300 digits int() refuses them), and nesting down to its recursion limit. Each of these gets a
-422 that names the field and the rule here, before any schema or store sees the value.
+length (past 4,300 digits int() refuses them), nesting down to its recursion limit, the NUL character (which
+PostgreSQL cannot store in text, so one rule refuses it on both stores) and a key given twice (the last one
+would silently win, where a repeated query or form field is refused). Each of these gets a 422 that names the
+field and the rule here, before any schema or store sees the value.
 """
 
 from __future__ import annotations
@@ -61,22 +63,48 @@ def _too_deep_at(raw: bytes) -> str | None:
     return None
 
 
-def _check(value: Any, path: str, surrogates_possible: bool) -> None:
-    """Refuse over-long numbers and lone surrogates anywhere in a parsed body, naming the dotted path."""
+NUL_RULE = "contains the NUL character (U+0000), which no text here may hold"
+
+
+class Repeated(dict):  # type: ignore[type-arg]
+    """A JSON object that had a key more than once: the key is kept to be named in the 422."""
+
+    repeated: str = ""
+
+
+def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json's object hook: a dict, or a Repeated one when a key came twice."""
+    value: dict[str, Any] = dict(pairs)
+    if len(value) < len(pairs):
+        seen: set[str] = set()
+        value = Repeated(pairs)
+        value.repeated = next(key for key, _ in pairs if key in seen or seen.add(key))  # type: ignore[func-returns-value]
+    return value
+
+
+def _check(value: Any, path: str, surrogates_possible: bool, nul_possible: bool = False) -> None:
+    """Refuse over-long numbers, lone surrogates, NUL and repeated keys anywhere in a parsed body, by dotted path."""
     if isinstance(value, TooManyDigits):
         _refuse("json", path, f"is a number of {len(value)} digits; numbers here have at most {MAX_DIGITS}")
     if isinstance(value, str):
         if surrogates_possible and _SURROGATE.search(value):
             _refuse("json", path, "contains a lone UTF-16 surrogate (\\ud800 to \\udfff), which is not text")
+        if nul_possible and "\x00" in value:
+            _refuse("json", path, NUL_RULE)
         return
+    if isinstance(value, Repeated):
+        key = f"{path}.{value.repeated}" if path else value.repeated
+        _refuse("json", key, "was given more than once in the same object; give it once")
     if isinstance(value, dict):
         for key, item in value.items():
             if surrogates_possible and _SURROGATE.search(key):
                 _refuse("json", path, "has a field name with a lone UTF-16 surrogate, which is not text")
-            _check(item, f"{path}.{key}" if path else key, surrogates_possible)
+            if nul_possible and "\x00" in key:
+                _refuse("json", path, f"has a field name that {NUL_RULE}")
+            _check(item, f"{path}.{key}" if path else key, surrogates_possible, nul_possible)
     elif isinstance(value, list):
         for index, item in enumerate(value):
-            _check(item, f"{path}.{index}" if path else str(index), surrogates_possible)
+            _check(item, f"{path}.{index}" if path else str(index), surrogates_possible, nul_possible)
 
 
 def parse_json_body(raw: bytes) -> Any:
@@ -87,11 +115,22 @@ def parse_json_body(raw: bytes) -> Any:
             _refuse("json", field, f"nests deeper than {MAX_DEPTH} levels of arrays and objects")
     try:
         text = raw.decode("utf-8")
-        value = json.loads(text, parse_int=_number, parse_float=_float, parse_constant=_constant)
+        value = json.loads(text, parse_int=_number, parse_float=_float, parse_constant=_constant,
+                           object_pairs_hook=_pairs)
     except (UnicodeDecodeError, ValueError, RecursionError) as error:
         abort_json(400, code="invalid_json", message=f"the request body is not valid JSON: {error}")
-    _check(value, "", bool(_SURROGATE_ESCAPE.search(raw)))
+    # JSON can carry NUL only as an escape: raw control characters inside strings are invalid JSON.
+    _check(value, "", bool(_SURROGATE_ESCAPE.search(raw)), b"\\u0000" in raw)
     return value
+
+
+def refuse_nul_in_url(req: Request) -> None:
+    """A NUL in the path is a 404 (nothing is named so), in a query parameter a 422 naming it: on both stores."""
+    if "\x00" in req.path:
+        abort_json(404, message="no such path: it contains the NUL character (U+0000)")
+    for name, value in req.args.items(multi=True):
+        if "\x00" in name or "\x00" in value:
+            _refuse("query", name.replace("\x00", "\\u0000"), NUL_RULE)
 
 
 class StrictParser(FlaskParser):
@@ -112,6 +151,9 @@ class StrictParser(FlaskParser):
         if req.mimetype == "multipart/form-data":
             self._refuse_repeats("form", req.form, lists=("images",))
             self._refuse_repeats("form", req.files, lists=("images",))
+            for name, value in req.form.items(multi=True):
+                if "\x00" in name or "\x00" in value:
+                    _refuse("form", name.replace("\x00", "\\u0000"), NUL_RULE)
             fields = {**req.form.to_dict(), **req.files.to_dict()}
             both = sorted(set(req.form) & set(req.files) - {"images"})
             if both:

@@ -39,11 +39,35 @@ class Target:
     address: str
 
 
+# IPv6 prefixes whose last 32 bits are an IPv4 address a gateway forwards to: NAT64's well-known prefix
+# (RFC 6052), IPv4-compatible addresses (deprecated ::a.b.c.d); NAT64's local-use prefix is never public.
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+_NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")
+_ISATAP = (b"\x00\x00\x5e\xfe", b"\x02\x00\x5e\xfe")  # interface ids ::0:5efe:a.b.c.d and ::200:5efe:a.b.c.d
+
+
+def embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 address leads to: mapped, 6to4, Teredo, NAT64, IPv4-compatible, ISATAP."""
+    found = [v4 for v4 in (ip.ipv4_mapped, ip.sixtofour) if v4 is not None]
+    found += list(ip.teredo or ())  # the Teredo server and the client behind it
+    tail = ipaddress.IPv4Address(ip.packed[12:])
+    if ip in _NAT64 or (ip.packed[:12] == bytes(12) and int(tail) > 1) or ip.packed[8:12] in _ISATAP:
+        found.append(tail)
+    return found
+
+
 def private_reason(address: str) -> str | None:
     """Why an IP address is not public (loopback, private, link-local, ...), or None for a public one."""
     ip = ipaddress.ip_address(address)
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip in _NAT64_LOCAL:
+            return "private"
+        for v4 in embedded_ipv4(ip):  # a public-looking IPv6 form of a loopback or private IPv4 address
+            reason = private_reason(str(v4))
+            if reason is not None:
+                return reason
+        if ip.ipv4_mapped is not None or ip in _NAT64:  # these are the IPv4 address, which passed
+            return None
     for kind in ("loopback", "link_local", "unspecified", "multicast", "private", "reserved"):  # specific first
         if getattr(ip, f"is_{kind}"):
             return kind.replace("_", "-")

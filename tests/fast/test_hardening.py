@@ -155,3 +155,60 @@ def test_what_the_fuzzer_found_stays_fixed(client):
     # 2. The stream's schema said "a string", while each message is an object of id, event and data.
     stream = events["responses"]["200"]["content"]["text/event-stream"]["schema"]
     assert stream["type"] == "object" and set(stream["properties"]) >= {"id", "event", "data"}
+
+
+@pytest.mark.parametrize("method, path, body, field", [
+    ("post", "/api/generate", {"prompt": "a\u0000b"}, "prompt"),
+    ("post", "/api/generate", {"prompt": "x", "callback_url": "https://example.com/\u0000"}, "callback_url"),
+    ("post", "/api/generate", {"prompt": "x", "negative_prompt": "\u0000"}, "negative_prompt"),
+    ("post", "/v1/images/generations", {"prompt": "a\u0000b"}, "prompt"),
+    ("post", "/v1/images/generations", {"prompt": "x", "user": "\u0000"}, "user"),
+    ("post", "/flux/images", {"prompt": "a\u0000b", "action": "generate"}, "prompt"),
+    ("post", "/api/v1/images/generation", {"prompt": "a\u0000b"}, "prompt"),
+    ("post", "/flux/tasks", {"id": "a\u0000b", "action": "retrieve"}, "id"),
+])
+def test_nul_in_any_json_text_is_a_422_on_every_store(client, method, path, body, field):
+    response = getattr(client, method)(path, json=body)
+    # The compatible surfaces answer their own status for invalid input (OpenAI's 400), in their envelopes.
+    assert response.status_code == (422 if path.startswith("/api/generate") else 400), response.json
+    assert "NUL character" in str(response.json) and field in str(response.json), response.json
+    assert waiting(client) == 0
+
+
+@pytest.mark.parametrize("path, status", [
+    ("/api/status?task_id=a%00b", 422), ("/api/image?task_id=a%00b", 422), ("/api/events?task_ids=a%00b", 422),
+    ("/api/tasks/a%00b", 404), ("/api/tasks?status=wait%00ing", 422), ("/api/status?task%00id=x", 422),
+])
+def test_nul_in_a_path_or_query_is_refused_before_any_store_sees_it(client, path, status):
+    response = client.get(path)
+    assert response.status_code == status, response.json
+    assert "NUL character" in response.json["message"]
+
+
+def test_nul_in_a_multipart_field_is_a_422(client):
+    response = client.post("/api/generate", data={"prompt": "a\u0000b"}, content_type="multipart/form-data")
+    assert response.status_code == 422 and response.json["field"] == "prompt", response.json
+
+
+@pytest.mark.parametrize("raw, field", [
+    (b'{"prompt": "x", "prompt": "y"}', "prompt"),
+    (b'{"prompt": "x", "steps": 2, "steps": 3}', "steps"),
+])
+def test_a_json_key_given_twice_is_refused_like_a_repeated_query_or_form_field(client, raw, field):
+    response = client.post("/api/generate", data=raw, **JSON)
+    assert response.status_code == 422 and response.json["field"] == field, response.json
+    assert "more than once" in response.json["message"]
+    assert waiting(client) == 0
+
+
+def test_a_5xx_a_view_explains_keeps_its_message(app):
+    from werkzeug.exceptions import GatewayTimeout, InternalServerError
+
+    from mflux_server.api.errors import error_payload
+
+    timeout = GatewayTimeout()
+    timeout.data = {"code": "timeout", "message": "not ready within 1 s; the task goes on as abc"}
+    payload, status, _ = error_payload(timeout)
+    assert (status, payload["code"]) == (504, "timeout") and "the task goes on as abc" in payload["message"]
+    payload, status, _ = error_payload(InternalServerError())
+    assert payload["message"] == "the server hit an unexpected error; it has been logged"

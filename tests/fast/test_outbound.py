@@ -15,6 +15,12 @@ from mflux_server.core import outbound
     ("127.0.0.1", "loopback"), ("::1", "loopback"), ("10.1.2.3", "private"), ("192.168.0.9", "private"),
     ("169.254.169.254", "link-local"), ("0.0.0.0", "unspecified"), ("::ffff:127.0.0.1", "loopback"),
     ("224.0.0.1", "multicast"), ("100.64.0.1", "not globally routable"), ("8.8.8.8", None),
+    # IPv6 forms that embed an IPv4 address: 6to4, Teredo, NAT64, IPv4-compatible, ISATAP, mapped
+    ("2002:7f00:1::", "loopback"), ("2002:a00:1::1", "private"), ("2002:808:808::1", None),
+    ("2001:0:4136:e378:8000:63bf:80ff:fffe", "loopback"), ("64:ff9b::127.0.0.1", "loopback"),
+    ("64:ff9b::10.0.0.1", "private"), ("64:ff9b::8.8.8.8", None), ("64:ff9b:1::8.8.8.8", "private"),
+    ("::127.0.0.1", "loopback"), ("::169.254.169.254", "link-local"), ("fe80::5efe:a9fe:a9fe", "link-local"),
+    ("2001:db8::5efe:a00:1", "private"), ("2606:4700::5efe:7f00:1", "loopback"), ("::ffff:8.8.8.8", None),
 ])
 def test_addresses_that_are_not_public_are_named(address, reason):
     assert outbound.private_reason(address) == reason
