@@ -8,6 +8,7 @@ import secrets
 from dataclasses import replace
 from typing import Any, NoReturn
 
+import marshmallow as ma
 from flask import Response, request
 from flask_smorest import Blueprint
 
@@ -24,6 +25,7 @@ from mflux_server.api.generation_schemas import (
     StatusQuery,
     TaskStatus,
 )
+from mflux_server.api.image_inputs import RawImage, verified
 from mflux_server.api.request_body import StrictParser
 from mflux_server.api.task_view import (
     NOT_FOUND,
@@ -81,14 +83,15 @@ def _reject(field: str, rule: str) -> NoReturn:
 
 
 def check_inputs(body: dict[str, Any], info: catalog.ModelInfo, served: str) -> tuple[InputImage, ...]:
-    """Refuse what the model cannot use, naming the field and the model; return the inputs with their roles."""
+    """Refuse what the model cannot use, naming the field and the model; then decode and verify the images (off
+    the event loop, after every cheap rule) and return them with their roles."""
     can = info.capabilities
     given = [name for name in ("image", "init_image", "images") if body[name] is not None]
     if len(given) > 1:
         _reject(given[1], f"send one of image, init_image (the original server's name for it) or images, not both "
                           f"{given[0]} and {given[1]}")
     image_field = given[0] if given else "image"
-    references: list[InputImage] = list(body["images"] or [])
+    references: list[RawImage] = list(body["images"] or [])
     image = body[image_field] if image_field != "images" else references.pop(0)
     mask = body["mask"]
     if references:
@@ -109,8 +112,6 @@ def check_inputs(body: dict[str, Any], info: catalog.ModelInfo, served: str) -> 
         _reject("mask", "needs the image it masks (image)")
     if mask is None and can.inpaint and not can.edit and not can.text_to_image:
         _reject("mask", f"model {served} inpaints: send the mask (white = repaint) with the image")
-    if mask is not None and image is not None and (mask.width, mask.height) != (image.width, image.height):
-        _reject("mask", f"must be the image's size, {image.width}×{image.height}; got {mask.width}×{mask.height}")
     if body["negative_prompt"] and not can.negative_prompt:
         _reject("negative_prompt", f"model {served} ignores negative prompts")
     prompt_problem = structured_prompts.problem(info.family, body["prompt"])
@@ -118,12 +119,25 @@ def check_inputs(body: dict[str, Any], info: catalog.ModelInfo, served: str) -> 
         _reject("prompt", f"model {served}: {prompt_problem}")
     inputs = []
     if image is not None:
-        inputs.append(replace(image, role="image"))
+        inputs.append(replace(_verified(image, image_field if image_field != "images" else "images.0"), role="image"))
     # _check_references capped the list, so every reference gets a role (the roles may outnumber them).
-    inputs.extend(replace(reference, role=role) for role, reference in zip(REFERENCE_ROLES, references, strict=False))
+    for number, (role, reference) in enumerate(zip(REFERENCE_ROLES, references, strict=False), start=1):
+        inputs.append(replace(_verified(reference, f"images.{number}"), role=role))
     if mask is not None:
-        inputs.append(replace(mask, role="mask"))
+        checked = _verified(mask, "mask", role="mask")
+        if (checked.width, checked.height) != (inputs[0].width, inputs[0].height):
+            _reject("mask", f"must be the image's size, {inputs[0].width}×{inputs[0].height}; got "
+                            f"{checked.width}×{checked.height}")
+        inputs.append(replace(checked, role="mask"))
     return tuple(inputs)
+
+
+def _verified(raw: RawImage, field: str, role: str = "image") -> InputImage:
+    """Decode and verify one input image on the decode pool; a bad one is a 422 naming its field."""
+    try:
+        return verified(raw, role)
+    except ma.ValidationError as error:
+        _reject(field, str(error.messages[0] if isinstance(error.messages, list) else error.messages))
 
 
 def _check_references(body: dict[str, Any], info: catalog.ModelInfo, served: str, count: int) -> None:

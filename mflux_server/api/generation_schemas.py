@@ -10,7 +10,7 @@ import marshmallow as ma
 from marshmallow import fields, validate
 
 from mflux_server.api.context import settings
-from mflux_server.api.image_inputs import ImageField
+from mflux_server.api.image_inputs import ImageField, ImageList
 from mflux_server.core import catalog, outbound
 from mflux_server.core.settings import Settings
 
@@ -190,7 +190,8 @@ class GenerateRequest(ma.Schema):
     image = ImageField(load_default=None, metadata={
         "description": "input image as base64 or a data: URL (or a file part in multipart/form-data): the start of "
                        "image-to-image, the reference of an edit, or the picture an inpaint repaints"})
-    images = fields.List(ImageField(), validate=validate.Length(min=1), load_default=None, metadata={
+    images = ImageList(max(info.max_reference_images for info in catalog.models()), validate=validate.Length(min=1),
+                       load_default=None, metadata={
         "description": "several reference images for one edit (Qwen-Image-Edit, FLUX.2 klein edit), in order; "
                        "GET /api/models gives each model's max_reference_images. In multipart/form-data, repeated "
                        "`images` file parts. Instead of image, not with it"})

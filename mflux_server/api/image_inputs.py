@@ -1,4 +1,10 @@
-"""Image inputs of a request (start image, reference, mask): decoded and verified with Pillow at submit."""
+"""Image inputs of a request (start image, reference, mask): read cheaply, then verified and normalised at submit.
+
+The schema only reads bytes (base64 and a byte limit) and bounds how many images a list holds. Pillow's work
+(full decode, EXIF orientation, mode conversion) runs after the cheap checks of the request, on a small pool of
+OS threads of its own (`DECODE_THREADS`), so a request full of large images neither stalls the server's event
+loop nor takes every core.
+"""
 
 from __future__ import annotations
 
@@ -11,19 +17,28 @@ from typing import Any
 
 import marshmallow as ma
 from marshmallow import fields
-from PIL import Image
+from PIL import Image, ImageOps
 from werkzeug.datastructures import FileStorage
 
 from mflux_server.api.context import settings
+from mflux_server.core import native
 from mflux_server.core.rows import InputImage
+
+DECODE_THREADS = 2  # images verified at once per server process; the rest wait their turn off the event loop
+# Modes the engine's input writer saves as PNG as they are; any other (CMYK, LAB, YCbCr, I, F, …) is converted.
+KEPT_MODES = {"image": ("RGB", "RGBA", "L", "LA", "1", "P"), "mask": ("L", "1")}
 
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w/+.-]+)?(?:;[\w=.-]+)*;base64,", re.IGNORECASE)
 MIMES = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "GIF": "image/gif", "BMP": "image/bmp",
          "TIFF": "image/tiff"}
 
 
-def decode(value: Any) -> InputImage:
-    """Verify one image given as base64 text, a data: URL or an uploaded file; ValidationError says what is wrong."""
+class RawImage(bytes):
+    """An input image's bytes, read but not yet decoded (verify() does that, off the event loop)."""
+
+
+def decode(value: Any) -> RawImage:
+    """Read one image given as base64 text, a data: URL or an uploaded file; ValidationError says what is wrong."""
     if isinstance(value, FileStorage):
         data = value.read(settings().max_input_bytes + 1)
     elif isinstance(value, str):
@@ -40,12 +55,18 @@ def decode(value: Any) -> InputImage:
         raise ma.ValidationError("is empty")
     if len(data) > settings().max_input_bytes:
         raise ma.ValidationError(f"must be at most {settings().max_input_bytes} bytes of image data")
-    return verify(data)
+    return RawImage(data)
 
 
-def verify(data: bytes) -> InputImage:
-    """Open, size-check and fully decode the bytes, so a truncated or corrupt file never reaches a worker."""
+def verified(data: bytes, role: str = "image") -> InputImage:
+    """verify() on the decode pool: only the calling request waits for it."""
     limit = settings().max_input_pixels
+    return native.call_bounded(lambda: verify(data, limit, role), "image-decode", DECODE_THREADS)
+
+
+def verify(data: bytes, limit: int, role: str = "image") -> InputImage:
+    """Open, size-check and fully decode the bytes, so a truncated or corrupt file never reaches a worker; then
+    turn it upright (EXIF orientation) and into a mode the engine can save as PNG, re-encoding when either moved."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -54,22 +75,57 @@ def verify(data: bytes) -> InputImage:
                 if width * height > limit:
                     raise ma.ValidationError(f"is {width}×{height} = {width * height} pixels; at most {limit} are accepted")
                 probe.verify()
+            if fmt not in MIMES:
+                raise ma.ValidationError(f"is a {fmt} image; send PNG, JPEG, WEBP, GIF, BMP or TIFF")
             with Image.open(io.BytesIO(data)) as image:
                 image.load()  # verify() does not decode pixel data: a truncated file fails only here
+                upright = normalised(image, role)
     except ma.ValidationError:
         raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ma.ValidationError(f"is not a readable image: {exc}") from None
-    if fmt not in MIMES:
-        raise ma.ValidationError(f"is a {fmt} image; send PNG, JPEG, WEBP, GIF, BMP or TIFF")
-    return InputImage(role="", mime=MIMES[fmt], width=width, height=height, data=data)
+    if upright is None:
+        return InputImage(role="", mime=MIMES[fmt], width=width, height=height, data=data)
+    out = io.BytesIO()
+    upright.save(out, format="PNG")
+    return InputImage(role="", mime=MIMES["PNG"], width=upright.width, height=upright.height, data=out.getvalue())
 
 
-class ImageField(fields.Field[InputImage]):
-    """An image as base64, a data: URL, or (multipart/form-data) an uploaded file."""
+def normalised(image: Image.Image, role: str) -> Image.Image | None:
+    """The image turned as its EXIF orientation says and in a mode the engine saves as PNG; None when already so."""
+    oriented = ImageOps.exif_transpose(image)  # a portrait photo is stored sideways with an orientation tag
+    turned = oriented is not None and oriented is not image
+    current = oriented if turned else image
+    if current.mode in KEPT_MODES["mask" if role == "mask" else "image"]:
+        return current if turned else None
+    try:
+        if role == "mask":
+            return current.convert("L")
+        has_alpha = "A" in current.getbands() or "transparency" in current.info
+        return current.convert("RGBA" if has_alpha else "RGB")
+    except (ValueError, OSError):  # Pillow converts LAB and some others only through RGB
+        return current.convert("RGB").convert("L" if role == "mask" else "RGB")
 
-    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> InputImage:
+
+class ImageField(fields.Field[RawImage]):
+    """An image as base64, a data: URL, or (multipart/form-data) an uploaded file; read, not yet decoded."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> RawImage:
         return decode(value)
+
+
+class ImageList(fields.List[RawImage]):
+    """A list of images whose length is checked before any item is read (a long list is refused at once)."""
+
+    def __init__(self, most: int, **kwargs: Any) -> None:
+        super().__init__(ImageField(), **kwargs)
+        self.most = most
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> list[Any]:
+        if isinstance(value, (list, tuple)) and len(value) > self.most:
+            raise ma.ValidationError(f"holds {len(value)} images; an edit takes at most {self.most} (the most any "
+                                     "model takes: GET /api/models gives each model's max_reference_images)")
+        return super()._deserialize(value, attr, data, **kwargs)
 
     def _jsonschema_type_mapping(self) -> dict[str, Any]:
         return {"type": "string", "format": "byte"}

@@ -21,8 +21,9 @@ from mflux_server.api.auth import link_secret
 from mflux_server.api.context import conn, settings
 from mflux_server.api.errors import register_envelope, renamed
 from mflux_server.api.generation import queue_task, require_json_body, served_models
+from mflux_server.api.image_inputs import DECODE_THREADS
 from mflux_server.api.task_view import live_workers
-from mflux_server.core import catalog
+from mflux_server.core import catalog, native
 from mflux_server.core.results import image_url, snapshot
 from mflux_server.core.rows import Task
 
@@ -160,18 +161,32 @@ def generations() -> dict[str, Any]:
 
 def openai_mask(upload: FileStorage) -> str:
     """OpenAI's mask (transparent = edit) as ours (white = repaint), base64 PNG; a mask without alpha is taken as
-    ours already."""
+    ours already. Decoded on the decode pool, within --max-input-bytes and --max-input-pixels like every input."""
     data = upload.read(settings().max_input_bytes + 1)
+    if len(data) > settings().max_input_bytes:
+        compat.refuse("mask", f"must be at most {settings().max_input_bytes} bytes of image data")
+    limit = settings().max_input_pixels
+    converted = native.call_bounded(lambda: mask_from_alpha(data, limit), "image-decode", DECODE_THREADS)
+    if isinstance(converted, str):
+        compat.refuse("mask", converted)
+    return compat.b64(converted)
+
+
+def mask_from_alpha(data: bytes, limit: int) -> bytes | str:
+    """The PNG of ours for an OpenAI mask (its own bytes when it has no alpha), or what is wrong with it."""
     try:
         with Image.open(io.BytesIO(data)) as opened:
+            if opened.width * opened.height > limit:
+                return f"is {opened.width}×{opened.height} = {opened.width * opened.height} pixels; at most {limit} " \
+                       "are accepted"
             if "A" not in opened.getbands() and opened.mode != "P":
-                return compat.b64(data)
+                return data
             alpha = opened.convert("RGBA").getchannel("A")
     except (OSError, ValueError, Image.DecompressionBombError):
-        compat.refuse("mask", "is not a readable image")
+        return "is not a readable image"
     out = io.BytesIO()
     alpha.point(lambda a: 255 if a < 128 else 0).save(out, "PNG")
-    return compat.b64(out.getvalue())
+    return out.getvalue()
 
 
 @blp.route("/images/edits", methods=["POST"])

@@ -101,3 +101,18 @@ def call(function: Callable[[], T]) -> T:
         result: T = get_hub().threadpool.apply(function)
         return result
     return function()
+
+
+_bounded: dict[str, Any] = {}
+
+
+def call_bounded(function: Callable[[], T], name: str, size: int) -> T:
+    """Like call(), on a pool of `size` OS threads of its own: at most `size` such jobs run at once, the rest wait
+    (their greenlets only), so CPU-heavy work neither stalls the loop nor takes every core."""
+    if gevent_active():
+        from gevent.threadpool import ThreadPool
+
+        pool = _bounded.get(name) or _bounded.setdefault(name, ThreadPool(size))
+        result: T = pool.apply(function)
+        return result
+    return function()

@@ -116,7 +116,7 @@ def test_multipart_takes_references_as_repeated_images_parts(client):
 
 @pytest.mark.parametrize("model, body, field, rule", [
     ("dev-kontext", {"images": ["I", "I"]}, "images", "model dev-kontext edits from at most 1 reference image(s); got 2"),
-    ("qwen-image-edit", {"images": ["I"] * 5}, "images", "at most 4 reference image(s); got 5"),
+    ("qwen-image-edit", {"images": ["I"] * 5}, "images", "holds 5 images; an edit takes at most 4"),
     ("dev", {"images": ["I", "I"]}, "images", "model dev does no edit"),
     ("flux2-klein-4b", {"images": ["I", "I"], "image_strength": 0.5}, "image_strength", "not to several edit references"),
     ("qwen-image-edit", {"image": "I", "images": ["I", "I"]}, "images", "not both image and images"),
@@ -190,8 +190,13 @@ def test_multipart_upload_takes_the_same_fields(client):
     assert (task.steps, task.seed, task.width, task.height) == (3, 7, 256, 192)
     assert set(store.inputs(conn, task.id)) == {"image", "mask"}
     bad = client.post("/api/generate", content_type="multipart/form-data",
-                      data={"prompt": "x", "model": "dev-fill", "image": (io.BytesIO(b"nope"), "x.png")})
+                      data={"prompt": "x", "model": "dev-fill", "image": (io.BytesIO(b"nope"), "x.png"),
+                            "mask": (io.BytesIO(png(colour="white", mode="L")), "mask.png")})
     assert bad.status_code == 422 and bad.json["field"] == "image"
+    # The cheap rules come before any decoding: without its mask the request is refused for that first.
+    unmasked = client.post("/api/generate", content_type="multipart/form-data",
+                           data={"prompt": "x", "model": "dev-fill", "image": (io.BytesIO(b"nope"), "x.png")})
+    assert unmasked.status_code == 422 and unmasked.json["field"] == "mask"
 
 
 def test_a_size_above_every_serving_workers_limit_is_refused(client):
@@ -303,3 +308,79 @@ def test_structured_prompts_wrap_plain_text_and_pass_json_objects():
     assert for_family("flux1", "a fox") == "a fox"
     assert problem("fibo-edit", '{"edit_instruction": "  "}') and problem("fibo-edit", "plain") is None
     assert problem("fibo", '{"style": "x"}') is None
+
+
+@pytest.mark.parametrize("mode", ["CMYK", "LAB", "YCbCr", "I", "F", "I;16", "LA"])
+def test_every_input_mode_becomes_one_the_engine_can_save(client, mode):
+    from PIL import Image as PILImage
+
+    serve(client, "dev-fill")
+    out = io.BytesIO()
+    picture = PILImage.new("RGB", (256, 192), "red").convert(mode) if mode != "LAB" else PILImage.new(mode, (256, 192))
+    picture.save(out, format="TIFF" if mode != "LA" else "PNG")
+    response = post(client, model="dev-fill", image=b64(out.getvalue()), mask=b64(out.getvalue()))
+    assert response.status_code == 200, response.json
+    conn = client.application.extensions["mflux_connections"].get()
+    stored = store.inputs(conn, response.json["task_id"])
+    image = PILImage.open(io.BytesIO(stored["image"].data))
+    mask = PILImage.open(io.BytesIO(stored["mask"].data))
+    assert image.mode in ("RGB", "RGBA", "L", "LA", "1", "P") and mask.mode in ("L", "1"), (image.mode, mask.mode)
+    for each in (image, mask):  # what the worker's input writer does with them
+        each.save(io.BytesIO(), format="PNG")
+
+
+def test_exif_orientation_turns_a_portrait_photo_upright(client):
+    from PIL import Image as PILImage
+
+    serve(client, "dev")
+    out = io.BytesIO()
+    exif = PILImage.Exif()
+    exif[0x0112] = 6  # stored landscape, shown rotated 90° clockwise: a portrait
+    PILImage.new("RGB", (320, 240), "red").save(out, format="JPEG", exif=exif.tobytes())
+    response = post(client, model="dev", image=b64(out.getvalue()))
+    assert response.status_code == 200, response.json
+    conn = client.application.extensions["mflux_connections"].get()
+    task = store.get(conn, response.json["task_id"])
+    assert (task.width, task.height) == (240, 320), "the task takes the size the photo is shown at"
+    stored = store.inputs(conn, task.id)["image"]
+    assert (stored.width, stored.height) == (240, 320)
+    serve(client, "dev-fill")
+    mask = PILImage.new("L", (240, 320), 255)
+    drawn = io.BytesIO()
+    mask.save(drawn, format="PNG")
+    painted = post(client, model="dev-fill", image=b64(out.getvalue()), mask=b64(drawn.getvalue()))
+    assert painted.status_code == 200, "a mask drawn at the displayed size fits"
+
+
+def test_a_long_image_list_is_refused_before_any_image_is_read(client, monkeypatch):
+    from mflux_server.api import image_inputs
+
+    serve(client, "qwen-image-edit")
+    read = []
+    real = image_inputs.decode
+    monkeypatch.setattr(image_inputs, "decode", lambda value: read.append(1) or real(value))
+    response = post(client, model="qwen-image-edit", images=[b64(png())] * 400)
+    assert response.status_code == 422 and response.json["field"] == "images"
+    assert read == [], "no image was read"
+
+
+def test_a_model_no_worker_serves_is_refused_before_its_images_are_decoded(client, monkeypatch):
+    from mflux_server.api import image_inputs
+
+    serve(client, "schnell")
+    decoded = []
+    monkeypatch.setattr(image_inputs, "verify", lambda *args, **kwargs: decoded.append(1))
+    response = post(client, model="qwen-image-edit", images=[b64(png())] * 4)
+    assert response.status_code == 409 and decoded == []
+
+
+def test_an_openai_edit_mask_is_held_to_the_input_pixel_limit_before_it_is_decoded(client):
+    from PIL import Image as PILImage
+
+    serve(client, "dev-fill")
+    huge = io.BytesIO()
+    PILImage.new("RGBA", (5000, 4000)).save(huge, format="PNG")  # 20 MP of zeros: a few KB, 80 MB decoded
+    response = client.post("/v1/images/edits", content_type="multipart/form-data", data={
+        "prompt": "a hat", "image": (io.BytesIO(png()), "photo.png"), "mask": (io.BytesIO(huge.getvalue()), "m.png")})
+    assert response.status_code == 400, response.json
+    assert "mask" in str(response.json) and "5000×4000 = 20000000 pixels" in str(response.json)
