@@ -11,7 +11,9 @@ import hmac
 import math
 import time
 
+import marshmallow as ma
 from flask import Flask, g, request
+from marshmallow import fields
 
 from mflux_server.api.context import conn, forecaster, settings
 from mflux_server.api.errors import abort_json
@@ -53,20 +55,37 @@ def presented_token() -> str | None:
         return token.strip()
     if request.method in ("GET", "HEAD") and request.cookies.get(COOKIE):
         # Reads only: a cookie rides along on cross-site requests, so it never authorizes a change (CSRF).
+        g.by_cookie = True
         return request.cookies[COOKIE]
     return None
 
 
+def by_cookie() -> bool:
+    """Whether the request's key came from the web UI's cookie, which may read but never change anything."""
+    return bool(g.get("by_cookie"))
+
+
+def deletes() -> bool:
+    """Whether this image fetch asks to consume the image (delete, by default true), read as the view reads it."""
+    try:
+        return bool(fields.Boolean().deserialize(request.args.get("delete", "true")))
+    except ma.ValidationError:
+        return True  # the view refuses it; until then assume the harmful reading
+
+
 def signed_image_link() -> bool:
-    """Whether this is an image fetch carrying a valid link signature (links in answers and webhooks)."""
+    """Whether this is an image fetch carrying a valid link signature (links in answers and webhooks); the
+    signature covers the delete choice, and a link signed before it did only opens without deleting."""
     if request.endpoint not in ("generation.image", "original-paths.image"):
         return False
     sig, task_id = request.args.get("sig", ""), request.args.get("task_id", "")
     index = request.args.get("index", "0")
     if not sig or not index.isdigit():
         return False
-    expected = api_keys.link_signature(link_secret(), task_id, int(index))
-    return hmac.compare_digest(sig, expected)
+    delete = deletes()
+    if hmac.compare_digest(sig, api_keys.link_signature(link_secret(), task_id, int(index), delete)):
+        return True
+    return not delete and hmac.compare_digest(sig, api_keys.link_signature(link_secret(), task_id, int(index)))
 
 
 def link_secret() -> str:

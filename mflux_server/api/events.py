@@ -146,14 +146,16 @@ def follow(watched: set[str] | None, after: int | None, single: bool, owner: int
                 return
         after = events[-1].id
         if queue_moved and watched:
-            yield from moved_positions(watched, positions, after)
+            yield from moved_positions(watched, positions, after, owner)
 
 
-def moved_positions(watched: set[str], positions: dict[str, tuple[int, float]], event_id: int) -> Iterator[str]:
-    """A progress event for each watched waiting task whose position changed as the queue moved."""
+def moved_positions(watched: set[str], positions: dict[str, tuple[int, float]], event_id: int,
+                    owner: int | None = None) -> Iterator[str]:
+    """A progress event for each watched waiting task whose position changed as the queue moved; with an owner,
+    only that key's tasks (another key's task id, guessed or leaked, shows nothing)."""
     for task_id in sorted(watched):
         task = store.get(conn(), task_id)
-        if task is None or task.status is not Status.WAITING:
+        if task is None or task.status is not Status.WAITING or (owner is not None and task.key_id != owner):
             continue
         view = task_status(conn(), task)
         now = (view["pos"], view["wait_remaining"])

@@ -12,7 +12,7 @@ import marshmallow as ma
 from flask import Response, request
 from flask_smorest import Blueprint
 
-from mflux_server.api.auth import current_key
+from mflux_server.api.auth import by_cookie, current_key
 from mflux_server.api.context import conn, forecaster, settings
 from mflux_server.api.errors import ErrorSchema, abort_json
 from mflux_server.api.generation_schemas import (
@@ -174,6 +174,9 @@ def queue_task(body: dict[str, Any], surface: str = "native", keep_for: float | 
                client_user: str | None = None) -> tuple[Task, list[Worker]]:
     """Check a loaded generate body against the catalog and the live workers and queue it; every surface's
     requests become tasks here. Returns the task and the live workers read for it."""
+    if by_cookie():  # NebulaBlock's GET generation: the cookie a cross-site page can send must not submit
+        abort_json(403, code="cookie_cannot_submit", field="Authorization",
+                   message="the web UI's cookie only reads; send Authorization: Bearer <key> to submit a task")
     key = current_key()
     if body["priority"] and key is not None and not (key.admin or key.priority):
         abort_json(403, code="priority_not_allowed", field="priority",
@@ -322,7 +325,8 @@ def image(query: dict[str, Any]) -> Response:
     if stored is None:
         abort_json(404, code="image_not_found", field="index", message=f"image {query['index']} of task {task.id} was not kept")
     if request.method == "GET":  # HEAD (curl -I, a chat app's link preview) must not consume the image
-        store.mark_served(conn(), task.id, query["index"], query["delete"])
+        # The web UI's cookie rides along on any page's <img>: it reads, it never removes a task.
+        store.mark_served(conn(), task.id, query["index"], query["delete"] and not by_cookie())
     extension = next(name for name, mime in FORMATS.items() if mime == stored.mime).lower()
     headers = {
         "Content-Disposition": f'inline; filename="{task.id}-{query["index"]}.{extension}"',

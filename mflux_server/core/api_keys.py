@@ -27,6 +27,10 @@ def new_link_secret() -> str:
     return secrets.token_hex(32)
 
 
-def link_signature(secret: str, task_id: str, index: int) -> str:
-    """The signature that lets an image link be fetched without a key (webhook receivers, OpenAI url clients)."""
-    return hmac.new(secret.encode(), f"{task_id}:{index}".encode(), hashlib.sha256).hexdigest()[:32]
+def link_signature(secret: str, task_id: str, index: int, delete: bool | None = None) -> str:
+    """The signature that lets an image link be fetched without a key (webhook receivers, OpenAI url clients).
+
+    It covers whether the fetch consumes the image, so a keep link (delete=false) cannot be turned into one that
+    removes the task. delete=None is the form links had before, which still opens them without deleting."""
+    signed = f"{task_id}:{index}" + ("" if delete is None else f":{'consume' if delete else 'keep'}")
+    return hmac.new(secret.encode(), signed.encode(), hashlib.sha256).hexdigest()[:32]

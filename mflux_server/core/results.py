@@ -29,7 +29,7 @@ def image_url(task: dict[str, Any], index: int, keep: bool, secret: str | None =
     Signed with the links secret, it opens without an API key (for webhook receivers and OpenAI url clients)."""
     query: dict[str, Any] = {"task_id": task["id"], "index": index} | ({"delete": "false"} if keep else {})
     if secret is not None:
-        query["sig"] = link_signature(secret, task["id"], index)
+        query["sig"] = link_signature(secret, task["id"], index, delete=not keep)
     return f"{(task['link_base'] or '/').rstrip('/')}/api/image?{urlencode(query)}"
 
 

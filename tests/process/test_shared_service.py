@@ -287,3 +287,57 @@ def test_fair_share_lets_a_second_key_through_within_a_task(processes, schedulin
     else:
         assert after.index(b_ids[0]) > 10, "first in, first out: B waits behind A's queue"
         assert b[0]["pos"] > 10
+
+
+def test_a_signed_keep_link_cannot_be_turned_into_one_that_deletes(processes):
+    key = new_key(processes.db_path, "dave")
+    url = processes.server()
+    processes.worker(speed=50)
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=key)
+    link = client.images.generate(prompt="a link", size="256x256", response_format="url").data[0].url
+    assert "delete=false" in link
+    tampered = requests.get(link.replace("delete=false", "delete=true"), timeout=10)
+    assert tampered.status_code == 401, "the signature covers the delete choice"
+    assert requests.get(link, timeout=10).status_code == 200, "the task is still there"
+
+
+def test_the_web_ui_cookie_reads_but_never_submits_or_deletes(processes):
+    key = new_key(processes.db_path, "erin")
+    url = processes.server()
+    processes.worker(speed=50)
+    cookie = {"mflux_key": key}
+    made = requests.get(f"{url}/api/v1/images/generation", json={"prompt": "by cookie"}, cookies=cookie, timeout=30)
+    assert made.status_code == 403 and "cookie only reads" in made.text
+    assert requests.get(f"{url}/api/tasks", headers=auth(key), timeout=10).json()["total"] == 0
+    task_id = requests.post(f"{url}/api/generate", json=SMALL, headers=auth(key), timeout=10).json()["task_id"]
+    wait_for(lambda: requests.get(f"{url}/api/status", params={"task_id": task_id}, headers=auth(key),
+                                  timeout=5).json()["status"] == "done", what="done")
+    assert requests.get(f"{url}/api/image", params={"task_id": task_id}, cookies=cookie, timeout=10).status_code == 200
+    still = requests.get(f"{url}/api/status", params={"task_id": task_id}, headers=auth(key), timeout=10)
+    assert still.status_code == 200, "an image read by cookie (any page's <img>) does not remove the task"
+
+
+def test_the_queue_stream_shows_nothing_of_another_keys_task_as_the_queue_moves(processes):
+    from mflux_server.testing import read_events
+
+    alice, bob = new_key(processes.db_path, "alice"), new_key(processes.db_path, "bob")
+    url = processes.server()
+    first, second = (requests.post(f"{url}/api/generate", json=SMALL, headers=auth(alice), timeout=10).json()["task_id"]
+                     for _ in range(2))
+    seen: list[dict] = []
+
+    def listen() -> None:
+        try:
+            with requests.get(f"{url}/api/events", params={"task_ids": second}, headers=auth(bob), stream=True,
+                              timeout=3) as response:
+                for event in read_events(response):
+                    seen.append(event)
+        except requests.exceptions.ConnectionError:  # the read timeout ends the listening
+            pass
+
+    listener = threading.Thread(target=listen)
+    listener.start()
+    time.sleep(0.5)
+    assert requests.delete(f"{url}/api/tasks/{first}", headers=auth(alice), timeout=10).status_code == 200
+    listener.join(timeout=10)
+    assert [e for e in seen if second in str(e.get("data"))] == [], "no position or wait of alice's task for bob"
