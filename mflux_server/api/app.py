@@ -15,7 +15,7 @@ from mflux_server import __version__
 from mflux_server.api import acedata, auth, context, events, generation, info, metrics, models, nebula, openai_images, tasks
 from mflux_server.api.errors import ErrorSchema, JsonError, error_payload, in_envelope
 from mflux_server.api.generation_schemas import openapi_rules
-from mflux_server.api.request_body import refuse_nul_in_url
+from mflux_server.api.request_body import refuse_odd_paths
 from mflux_server.core.db import storage_problem
 from mflux_server.core.settings import Settings
 
@@ -80,7 +80,8 @@ def create_app(config: Settings | None = None, overrides: dict[str, Any] | None 
     )
     app.config.update(overrides or {})
     context.init_app(app, config)
-    app.before_request(lambda: refuse_nul_in_url(request))  # before auth reads a key or a store sees a task id
+    app.url_map.merge_slashes = False  # "/api//status" is no path of ours, not a redirect to one
+    app.before_request(lambda: refuse_odd_paths(request))  # before auth reads a key or a store sees a task id
     auth.init_app(app)
 
     api = JsonErrorApi(app)

@@ -14,6 +14,7 @@ import re
 from typing import Any, NoReturn
 
 from flask import Request
+from werkzeug.routing import RequestRedirect
 from webargs import core
 from webargs.flaskparser import FlaskParser, is_json_request
 
@@ -124,8 +125,12 @@ def parse_json_body(raw: bytes) -> Any:
     return value
 
 
-def refuse_nul_in_url(req: Request) -> None:
-    """A NUL in the path is a 404 (nothing is named so), in a query parameter a 422 naming it: on both stores."""
+def refuse_odd_paths(req: Request) -> None:
+    """A NUL in the path is a 404 (nothing is named so), in a query parameter a 422 naming it: on both stores. A
+    path Werkzeug would redirect (a doubled slash) is a JSON 404 too: its 308 page built Location from the
+    client's Host header, for POSTs as well."""
+    if isinstance(req.routing_exception, RequestRedirect):
+        abort_json(404, message="no such path (paths here have no empty segments, such as a doubled slash)")
     if "\x00" in req.path:
         abort_json(404, message="no such path: it contains the NUL character (U+0000)")
     for name, value in req.args.items(multi=True):

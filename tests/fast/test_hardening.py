@@ -212,3 +212,12 @@ def test_a_5xx_a_view_explains_keeps_its_message(app):
     assert (status, payload["code"]) == (504, "timeout") and "the task goes on as abc" in payload["message"]
     payload, status, _ = error_payload(InternalServerError())
     assert payload["message"] == "the server hit an unexpected error; it has been logged"
+
+
+@pytest.mark.parametrize("method", ["get", "post", "delete"])
+@pytest.mark.parametrize("path", ["/api//status?task_id=x", "//api/status", "/api/tasks/a%2Fb", "/api/tasks/a%2F",
+                                  "/api/tasks//events", "/api/tasks/abc/"])
+def test_odd_paths_are_json_answers_never_a_redirect_built_from_the_host_header(client, method, path):
+    response = getattr(client, method)(path, headers={"Host": "evil.example"})
+    assert 400 <= response.status_code < 500, response.status_code
+    assert "Location" not in response.headers and response.is_json

@@ -124,3 +124,16 @@ def test_a_stopping_server_lets_idle_connections_and_streams_go_at_once_and_fini
     conn = db.connect(processes.db_path)
     assert store.get(conn, created["task_id"]) is not None  # acknowledged, so kept
     conn.close()
+
+
+@pytest.mark.parametrize("request_line", [b"GET /api//status?task_id=x", b"POST /api//generate",
+                                          b"GET /api/tasks/a%2Fb", b"DELETE /api/tasks/a%2F", b"GET //api/info",
+                                          b"POST /api/tasks/abc%2Fevents"])
+def test_odd_paths_over_real_http_never_redirect_to_the_host_header(processes, request_line):
+    url = processes.server()
+    answer = raw_request(url, request_line + b" HTTP/1.1\r\nHost: evil.example\r\nContent-Length: 0\r\n"
+                                   b"Connection: close\r\n\r\n")
+    got, headers, body = parsed(answer)
+    # gunicorn reads a leading "//" as "/" (GET //api/info is /api/info): an answer, not a redirect.
+    assert not 300 <= got < 400 and got < 500 and "location" not in headers, (got, headers)
+    assert headers["content-type"] == "application/json" and body
