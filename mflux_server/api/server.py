@@ -16,7 +16,7 @@ from mflux_server import __version__
 from mflux_server.api import admin_commands
 from mflux_server.api.app import create_app
 from mflux_server.api.errors import DEFAULT_CODES
-from mflux_server.core import db, housekeeping, store, webhooks
+from mflux_server.core import db, disk_reserve, housekeeping, store, webhooks
 from mflux_server.core.logs import configure_logging, shorten_gil_switch_interval
 from mflux_server.core.settings import Settings, load_settings
 
@@ -84,8 +84,9 @@ def take_turns(app: Flask) -> Callable[[dict[str, Any], Any], Any]:
 def start_background(settings: Settings) -> None:
     """Run this process's webhook deliverer and housekeeper (core/webhooks.py, core/housekeeping.py)."""
     webhooks.start(lambda: db.connect(settings.db), settings.webhook_secret, settings.webhook_allow_private)
+    disk_reserve.ensure(settings.db)
     housekeeping.start(lambda: db.connect(settings.db), settings.keep_finished, settings.max_store_bytes,
-                       settings.housekeeping_interval)
+                       settings.housekeeping_interval, settings.db)
 
 
 def serve(settings: Settings) -> None:

@@ -10,12 +10,13 @@ from flask_smorest import Blueprint
 from marshmallow import fields, validate
 
 from mflux_server.api.auth import owner_filter
-from mflux_server.api.context import conn
+from mflux_server.api.context import conn, settings
 from mflux_server.api.errors import ErrorSchema
 from mflux_server.api.generation_schemas import MAX_OFFSET, Progress, StrictInteger, TaskStatus
 from mflux_server.api.request_body import StrictParser
 from mflux_server.api.task_view import NOT_FOUND, get_task_or_404, summary, task_status
-from mflux_server.core import store
+from mflux_server.core import disk_reserve, store
+from mflux_server.core.db import storage_problem
 from mflux_server.core.rows import Status
 
 blp = Blueprint("tasks", __name__, description="List the queue and recent tasks; cancel or delete a task.")
@@ -98,7 +99,12 @@ class TaskItem(MethodView):
     def delete(self, task_id: str) -> dict[str, Any]:
         """Cancel a waiting or running task (a running one stops at its next step), or delete a finished one."""
         get_task_or_404(task_id)  # first: another key's task must not be touched
-        result = store.cancel_or_delete(conn(), task_id)
+        try:
+            result = store.cancel_or_delete(conn(), task_id)
+        except Exception as error:  # a full disk: the reserve's bytes let this delete's WAL frames land
+            if storage_problem(error) != "full" or not disk_reserve.release(settings().db):
+                raise
+            result = store.cancel_or_delete(conn(), task_id)
         if result is None:
             get_task_or_404(task_id)
         return {"task_id": task_id, "result": result}

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from mflux_server.core import db, native, store
+from mflux_server.core import db, disk_reserve, native, store
 
 log = logging.getLogger("mflux_server.housekeeping")
 
@@ -56,7 +56,7 @@ def sweep(conn: sqlite3.Connection, keep_finished: float, max_store_bytes: int |
 
 
 def start(connect: Callable[[], sqlite3.Connection], keep_finished: float, max_store_bytes: int | None,
-          every: float = EVERY) -> Any:
+          every: float = EVERY, db_path: str | None = None) -> Any:
     """Sweep every `every` seconds on an OS thread of its own; returns the signal that stops it (its set()).
 
     Not a greenlet: a sweep's trims, incremental vacuum and checkpoint (with its fsync) block in SQLite for
@@ -71,6 +71,8 @@ def start(connect: Callable[[], sqlite3.Connection], keep_finished: float, max_s
                 if time.monotonic() >= next_sweep:
                     next_sweep = time.monotonic() + every
                     done = sweep(conn, keep_finished, max_store_bytes)
+                    if db_path is not None:
+                        disk_reserve.ensure(db_path)  # again, once a full disk has room
                     if done.expired or done.trimmed or done.links:
                         log.info("retention removed %d finished, %d expired-link and %d over-the-store-bound tasks; "
                                  "%d pages given back", done.expired, done.links, done.trimmed, done.pages_freed)

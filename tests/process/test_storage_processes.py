@@ -108,3 +108,28 @@ def test_a_wal_removed_under_the_running_server_stops_acknowledging_and_loses_no
     reopened = db.connect(db_path)  # a restart: a fresh WAL over the database file
     kept = {t.prompt for t in store.list_tasks(reopened, None, 50, 0)[0]}
     assert kept == {f"kept {i}" for i in range(5)}, "every acknowledged task survived, the refused one is nowhere"
+
+
+def test_on_a_full_disk_deleting_finished_tasks_still_works_and_frees_space(small_disk):
+    queue = str(small_disk / "queue.db")
+    db.open_database(queue).close()
+    procs = Processes(small_disk.parent, queue)
+    try:
+        url = procs.server()
+        assert (small_disk / "queue.db-reserve").exists(), "the server keeps a reserve beside the queue"
+        procs.worker(speed=50)
+        done = [requests.post(url + "/api/generate", json={"prompt": f"kept {n}", "width": 512, "height": 512,
+                                                           "steps": 2, "format": "PNG"}, timeout=10).json()["task_id"]
+                for n in range(3)]
+        wait_for(lambda: all(requests.get(url + f"/api/status?task_id={t}", timeout=5).json()["status"] == "done"
+                             for t in done), what="the tasks done")
+        filler = fill(small_disk)
+        assert requests.post(url + "/api/generate", json={"prompt": "x" * 3000}, timeout=10).status_code == 507
+        deleted = requests.delete(url + f"/api/tasks/{done[0]}", timeout=10)
+        assert deleted.status_code == 200 and deleted.json()["result"] == "deleted", deleted.text
+        assert requests.get(url + f"/api/status?task_id={done[0]}", timeout=5).status_code == 404
+        assert "released its 4 MiB reserve" in procs.log(procs.server_proc)
+        filler.unlink()
+        assert requests.post(url + "/api/generate", json={"prompt": "after"}, timeout=10).status_code == 200
+    finally:
+        procs.stop_all()
