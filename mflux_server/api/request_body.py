@@ -14,9 +14,9 @@ import re
 from typing import Any, NoReturn
 
 from flask import Request
-from werkzeug.routing import RequestRedirect
 from webargs import core
 from webargs.flaskparser import FlaskParser, is_json_request
+from werkzeug.routing import RequestRedirect
 
 from mflux_server.api.errors import abort_json
 
