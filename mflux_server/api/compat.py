@@ -11,6 +11,7 @@ import marshmallow as ma
 from flask import request
 
 from mflux_server.api.context import conn, settings
+from mflux_server.api.draining import draining
 from mflux_server.api.errors import abort_json, flatten_messages
 from mflux_server.api.generation_schemas import GenerateRequest
 from mflux_server.api.request_body import parse_json_body
@@ -42,7 +43,7 @@ ERROR_MEANINGS = {
     413: "the body is too large",
     415: "the body is not JSON (or multipart/form-data)",
     500: "the generation failed",
-    503: "the queue cannot be written",
+    503: "the queue cannot be written, or this server process is stopping (the task goes on; its id is in the message)",
     504: "the images were not ready within --sync-timeout; the task goes on",
     507: "the queue's disk is full",
 }
@@ -103,6 +104,10 @@ def wait_or_fail(task: Task) -> Task:
         abort_json(404, code="task_not_found", field=None, message=f"task {task.id} was deleted before it ended")
     if ended.status is Status.DONE:
         return ended
+    if ended.status.unfinished and draining():
+        abort_json(503, code="server_stopping", field=None, headers={"Retry-After": "5"},
+                   message=f"this server process is stopping, so it stops waiting; the task goes on as {task.id} "
+                           f"(GET /api/status?task_id={task.id})")
     if ended.status.unfinished:
         abort_json(504, code="timeout", field=None, message=f"the images were not ready within "
                    f"{settings().sync_timeout:g} s; the task goes on as {task.id} (GET /api/status?task_id={task.id})")

@@ -56,6 +56,9 @@ class EventHub:
         with self._changed:
             self.closed = True
             self._changed.notify_all()
+            for signals in self._task_signals.values():  # the synchronous waits answer now, with their task ids
+                for signal in signals:
+                    signal.set()
 
     def _watch(self, conn: sqlite3.Connection) -> None:
         version = store.data_version(conn)
@@ -108,6 +111,8 @@ class EventHub:
         """Wait until an event of this task newer than `after` has been read (True), or the timeout passes (False)."""
         signal = threading.Event()
         with self._changed:
+            if self.closed:
+                return False
             for event in reversed(self._recent):
                 if event.id <= after:
                     break

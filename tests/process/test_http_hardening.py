@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import signal
 import socket
+import threading
 import time
 
 import pytest
 import requests
 
 from mflux_server.core import db, store
+from mflux_server.testing import wait_for
 from tests.process.test_http_server import raw_request
 
 
@@ -137,3 +139,40 @@ def test_odd_paths_over_real_http_never_redirect_to_the_host_header(processes, r
     # gunicorn reads a leading "//" as "/" (GET //api/info is /api/info): an answer, not a redirect.
     assert not 300 <= got < 400 and got < 500 and "location" not in headers, (got, headers)
     assert headers["content-type"] == "application/json" and body
+
+
+def test_a_stopping_server_answers_every_open_synchronous_wait_with_its_task_id(processes):
+    from concurrent.futures import ThreadPoolExecutor
+
+    url = processes.server()  # no worker: every wait stays open until the server stops
+    sent = threading.Barrier(51)
+
+    def wait_for_image(number: int) -> requests.Response:
+        sent.wait()
+        return requests.post(f"{url}/v1/images/generations", json={"prompt": f"waiting {number}",
+                                                                   "size": "256x256"}, timeout=60)
+
+    with ThreadPoolExecutor(50) as pool:
+        answers = [pool.submit(wait_for_image, number) for number in range(50)]
+        sent.wait()
+        wait_for(lambda: store_count(processes.db_path) == 50, what="every task queued")
+        stopping = time.monotonic()
+        processes.server_proc.send_signal(signal.SIGTERM)
+        results = [answer.result(timeout=30) for answer in answers]
+    processes.server_proc.wait(timeout=30)
+    assert time.monotonic() - stopping < 5, "no wait held the stop"
+    assert {r.status_code for r in results} == {503}, {r.status_code for r in results}
+    conn = db.connect(processes.db_path)
+    for result in results:
+        message = result.json()["error"]["message"]
+        task_id = message.split("the task goes on as ")[1].split()[0]
+        assert store.get(conn, task_id) is not None, "the answer names a task that is kept, to be fetched later"
+    conn.close()
+
+
+def store_count(db_path: str) -> int:
+    conn = db.connect(db_path)
+    try:
+        return sum(store.status_counts(conn).values())
+    finally:
+        conn.close()
