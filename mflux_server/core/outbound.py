@@ -11,6 +11,7 @@ import http.client
 import ipaddress
 import socket
 import ssl
+import threading
 import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -109,48 +110,76 @@ def check_url(url: str, allow_private: bool, resolve: bool = True) -> Target:
 class _PinnedHTTPS(http.client.HTTPSConnection):
     """HTTPS to a checked address, with the certificate verified for the URL's host name."""
 
+    raw_sock: socket.socket | None = None
+
     def __init__(self, host: str, address: str, port: int, timeout: float):
         super().__init__(host, port, timeout=timeout, context=ssl.create_default_context())
         self._address = address
 
     def connect(self) -> None:
         sock = socket.create_connection((self._address, self.port), self.timeout)
+        self.raw_sock = sock
         self.sock = self._context.wrap_socket(sock, server_hostname=self.host)  # type: ignore[attr-defined]
 
 
 class _PinnedHTTP(http.client.HTTPConnection):
     """HTTP to a checked address, with the URL's host name in the Host header."""
 
+    raw_sock: socket.socket | None = None
+
     def __init__(self, host: str, address: str, port: int, timeout: float):
         super().__init__(host, port, timeout=timeout)
         self._address = address
 
     def connect(self) -> None:
-        self.sock = socket.create_connection((self._address, self.port), self.timeout)
+        self.sock = self.raw_sock = socket.create_connection((self._address, self.port), self.timeout)
 
 
 def send(target: Target, method: str, body: bytes | None, headers: dict[str, str], timeout: float,
          max_bytes: int) -> tuple[int, bytes]:
-    """One request to a checked target; returns the status and at most max_bytes + 1 bytes of the body."""
+    """One request to a checked target; returns the status and at most max_bytes + 1 bytes of the body.
+
+    `timeout` bounds the whole call, not each read: a peer that trickles a byte at a time (each read well within
+    any per-read timeout) has its connection cut at the deadline, so it cannot hold a sender for minutes."""
     kind = _PinnedHTTPS if target.scheme == "https" else _PinnedHTTP
     connection = kind(target.host, target.address, target.port, timeout)
     deadline = time.monotonic() + timeout
+    watchdog = threading.Timer(timeout, _cut, args=(connection,))
+    watchdog.daemon = True
+    watchdog.start()
     try:
         connection.request(method, target.path, body=body, headers={"User-Agent": "mflux-server", **headers})
         response = connection.getresponse()
         chunks: list[bytes] = []
         size = 0
         while size <= max_bytes:
-            if time.monotonic() > deadline:
-                raise FetchFailed(f"took longer than {timeout:g} s")
-            chunk = response.read(min(65536, max_bytes + 1 - size))
+            chunk = response.read1(min(65536, max_bytes + 1 - size))
             if not chunk:
                 break
             chunks.append(chunk)
             size += len(chunk)
+        if time.monotonic() >= deadline:
+            raise FetchFailed(f"took longer than {timeout:g} s")
         return response.status, b"".join(chunks)
+    except (OSError, http.client.HTTPException) as error:
+        if time.monotonic() >= deadline and not isinstance(error, FetchFailed):
+            raise FetchFailed(f"took longer than {timeout:g} s") from None
+        raise
     finally:
+        watchdog.cancel()
         connection.close()
+
+
+def _cut(connection: _PinnedHTTP | _PinnedHTTPS) -> None:
+    """The whole-call deadline passed: shut the socket, which ends whatever read or write is blocked on it."""
+    # Not connection.sock: http.client drops it once the response says the connection will close, while the
+    # response goes on reading from the same socket.
+    sock = getattr(connection, "raw_sock", None)
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
 
 def fetch(url: str, allow_private: bool, max_bytes: int, timeout: float) -> bytes:

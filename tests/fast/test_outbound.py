@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -48,6 +49,17 @@ class Scripted(BaseHTTPRequestHandler):
     """Answers GET /big with 3 MB, /redirect with a 302, anything else with a small body."""
 
     def do_GET(self) -> None:
+        if self.path.startswith("/trickle"):  # headers at once, then a byte every 0.3 s for a minute
+            self.send_response(200)
+            self.send_header("Content-Length", "200")
+            self.end_headers()
+            if self.path == "/trickle-headers":
+                self.wfile.flush()
+            for _ in range(200):
+                self.wfile.write(b"x")
+                self.wfile.flush()
+                time.sleep(0.3)
+            return
         if self.path == "/redirect":
             self.send_response(302)
             self.send_header("Location", "http://127.0.0.1:1/")
@@ -80,3 +92,12 @@ def test_fetch_keeps_to_its_size_limit_and_follows_no_redirect(origin):
         outbound.fetch(origin + "/redirect", allow_private=True, max_bytes=1000, timeout=5)
     with pytest.raises(outbound.TargetRefused, match="loopback"):
         outbound.fetch(origin + "/small", allow_private=False, max_bytes=1000, timeout=5)
+
+
+@pytest.mark.parametrize("path", ["/trickle", "/trickle-headers"])
+def test_a_peer_that_trickles_is_cut_off_at_the_whole_call_deadline(origin, path):
+    target = outbound.check_url(origin + path, allow_private=True)
+    started = time.monotonic()
+    with pytest.raises(outbound.FetchFailed, match="took longer than 1.5 s"):
+        outbound.send(target, "GET", None, {}, timeout=1.5, max_bytes=4096)
+    assert time.monotonic() - started < 3, "each read came within the timeout; the whole call may not"
