@@ -12,7 +12,20 @@ from werkzeug.exceptions import HTTPException, InternalServerError
 
 import mflux_server.web
 from mflux_server import __version__
-from mflux_server.api import acedata, auth, context, events, generation, info, metrics, models, nebula, openai_images, tasks
+from mflux_server.api import (
+    acedata,
+    auth,
+    context,
+    events,
+    generation,
+    info,
+    metrics,
+    models,
+    nebula,
+    openai_images,
+    origins,
+    tasks,
+)
 from mflux_server.api.errors import ErrorSchema, JsonError, error_payload, in_envelope
 from mflux_server.api.generation_schemas import openapi_rules
 from mflux_server.api.request_body import refuse_odd_paths
@@ -80,6 +93,7 @@ def create_app(config: Settings | None = None, overrides: dict[str, Any] | None 
     )
     app.config.update(overrides or {})
     context.init_app(app, config)
+    origins.init_app(app)  # first: a request for another Host or from a refused page goes no further
     app.url_map.merge_slashes = False  # "/api//status" is no path of ours, not a redirect to one
     app.before_request(lambda: refuse_odd_paths(request))  # before auth reads a key or a store sees a task id
     auth.init_app(app)

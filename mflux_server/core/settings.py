@@ -181,6 +181,13 @@ class Settings:
     public_url: str | None = setting(None, "the server's URL as clients reach it (behind a proxy), for image links in "
                                      "answers and webhooks; default: the URL each request came to", "api",
                                      _optional(str))
+    allowed_hosts: list[str] = setting(
+        None, "host names the API answers to besides localhost, any IP address and --public-url's host (the Host "
+        "header; others get 421, which stops DNS rebinding); * for any", "api", _list(str))
+    cors_origins: list[str] = setting(
+        None, "web page origins that may call the API from a browser (CORS) and post to it cross-site; default: "
+        "pages on this machine (http://localhost, 127.0.0.1 and [::1] on any port, and null: a page opened from a "
+        "file); * for any", "api", _list(str))
     link_ttl: float = setting(3600.0, "seconds the image links of OpenAI url and AceDataCloud answers stay valid; then "
                               "the task is removed", "api", _positive(float))
     sync_timeout: float = setting(600.0, "seconds a synchronous request (OpenAI Images, NebulaBlock, AceDataCloud "
