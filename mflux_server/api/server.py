@@ -86,7 +86,7 @@ def start_background(settings: Settings) -> None:
     webhooks.start(lambda: db.connect(settings.db), settings.webhook_secret, settings.webhook_allow_private)
     disk_reserve.ensure(settings.db)
     housekeeping.start(lambda: db.connect(settings.db), settings.keep_finished, settings.max_store_bytes,
-                       settings.housekeeping_interval, settings.db)
+                       settings.housekeeping_interval, settings.db, settings.stale_after, settings.unserved_timeout)
 
 
 def serve(settings: Settings) -> None:

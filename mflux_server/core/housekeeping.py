@@ -55,8 +55,29 @@ def sweep(conn: sqlite3.Connection, keep_finished: float, max_store_bytes: int |
     return Sweep(expired, links, trimmed, pages)
 
 
+def fail_unserved(conn: sqlite3.Connection, stale_after: float, unserved_timeout: float,
+                  now: float | None = None) -> int:
+    """Fail waiting tasks of models no live worker serves, queued over unserved_timeout ago, while workers run.
+
+    A task queued while no worker was alive is accepted (a worker is expected); if the workers that then run serve
+    other models, it would otherwise wait forever. With no worker alive at all, tasks keep waiting."""
+    now = time.time() if now is None else now
+    live = store.live_workers(conn, stale_after)
+    if not live:
+        return 0
+    served = {model for worker in live for model in worker.servable}
+    failed = 0
+    for model in sorted({head.model for head in store.waiting_heads(conn)} - served):
+        failed += store.fail_unserved(conn, model, now - unserved_timeout,
+                                      f"no live worker serves {model} (the running workers serve "
+                                      f"{', '.join(sorted(served))}); the task waited {unserved_timeout:g} s "
+                                      "(--unserved-timeout) for one", now)
+    return failed
+
+
 def start(connect: Callable[[], sqlite3.Connection], keep_finished: float, max_store_bytes: int | None,
-          every: float = EVERY, db_path: str | None = None) -> Any:
+          every: float = EVERY, db_path: str | None = None, stale_after: float | None = None,
+          unserved_timeout: float | None = None) -> Any:
     """Sweep every `every` seconds on an OS thread of its own; returns the signal that stops it (its set()).
 
     Not a greenlet: a sweep's trims, incremental vacuum and checkpoint (with its fsync) block in SQLite for
@@ -73,6 +94,10 @@ def start(connect: Callable[[], sqlite3.Connection], keep_finished: float, max_s
                     done = sweep(conn, keep_finished, max_store_bytes)
                     if db_path is not None:
                         disk_reserve.ensure(db_path)  # again, once a full disk has room
+                    if stale_after is not None and unserved_timeout is not None:
+                        unserved = fail_unserved(conn, stale_after, unserved_timeout)
+                        if unserved:
+                            log.warning("failed %d waiting task(s) whose model no live worker serves", unserved)
                     if done.expired or done.trimmed or done.links:
                         log.info("retention removed %d finished, %d expired-link and %d over-the-store-bound tasks; "
                                  "%d pages given back", done.expired, done.links, done.trimmed, done.pages_freed)

@@ -34,6 +34,11 @@ SELECT model, priority, MIN(seq) AS seq, created_at, COUNT(*) AS tasks, SUM(coun
 UPDATE tasks SET status = 'error', finished_at = :now, error = :error
  WHERE status = 'waiting' AND model = :model;
 
+-- name: fail_unserved
+-- Fail a model's waiting tasks queued before :before, while workers run and none serves that model.
+UPDATE tasks SET status = 'error', finished_at = :now, error = :error
+ WHERE status = 'waiting' AND model = :model AND created_at <= :before;
+
 -- name: get_task
 -- One task by its public id.
 SELECT * FROM tasks WHERE id = ?;

@@ -201,6 +201,9 @@ class Settings:
                               "exists)", "api")
     keep_finished: float = setting(24 * 3600.0, "seconds finished, failed and canceled tasks are kept, with their images",
                                    "api", _positive(float))
+    unserved_timeout: float | None = setting(
+        600.0, "seconds a waiting task may wait while workers run and none serves its model; then it fails saying so "
+        "(none: it waits for such a worker forever)", "api", _optional(_positive(float)))
     max_store_bytes: int | None = setting(None, "disk bytes that images (and input images) take at most, counted in "
                                           "whole database pages; past it the oldest finished tasks go first", "api",
                                           _optional(_positive(int)))

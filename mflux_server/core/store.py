@@ -469,6 +469,14 @@ def fail_waiting(conn: sqlite3.Connection, model: str, error: str, now: float | 
         return cur.rowcount
 
 
+def fail_unserved(conn: sqlite3.Connection, model: str, before: float, error: str, now: float | None = None) -> int:
+    """Fail a model's waiting tasks queued before `before` (no live worker serves the model); returns how many."""
+    with transaction(conn):
+        cur = conn.execute(sql("fail_unserved"), {"model": model, "before": before, "error": error,
+                                                  "now": time.time() if now is None else now})
+        return cur.rowcount
+
+
 def heartbeat(conn: sqlite3.Connection, worker_id: str, now: float | None = None) -> None:
     """Tell everyone this worker is alive (as of now)."""
     conn.execute(sql("heartbeat"), {"id": worker_id, "now": time.time() if now is None else now})

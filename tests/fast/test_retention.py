@@ -145,3 +145,21 @@ def test_the_housekeeper_checkpoints_a_growing_wal_between_sweeps(db_path):
         writer.close()
     finally:
         stop.set()
+
+
+def test_a_task_for_a_model_no_running_worker_serves_fails_after_the_unserved_timeout(conn):
+    from mflux_server.core.rows import Status
+    from tests.conftest import queue_task
+
+    now = time.time()
+    old = queue_task(conn, model="dev", now=now - 700)
+    recent = queue_task(conn, model="dev", now=now - 10)
+    served = queue_task(conn, model="schnell", now=now - 700)
+    assert housekeeping.fail_unserved(conn, stale_after=15, unserved_timeout=600, now=now) == 0, \
+        "with no worker alive, every task keeps waiting for one"
+    store.register_worker(conn, "synthetic", "schnell", None, now=now)
+    assert housekeeping.fail_unserved(conn, stale_after=15, unserved_timeout=600, now=now) == 1
+    assert store.get(conn, old.id).status is Status.ERROR
+    assert "no live worker serves dev" in store.get(conn, old.id).error
+    assert store.get(conn, recent.id).status is Status.WAITING, "within the timeout it keeps its place"
+    assert store.get(conn, served.id).status is Status.WAITING
