@@ -19,7 +19,10 @@ import glob
 import inspect
 import logging
 import os
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("mflux_worker")
@@ -33,8 +36,7 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['cont
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 # What the real tokenizers add around the text: T5 a closing </s>, CLIP its start and end markers.
 AROUND = {"T5Tokenizer": "$A </s>", "CLIPTokenizer": "<|startoftext|> $A <|endoftext|>"}
-BLOCK_LISTS = ("layers", "transformer_blocks", "single_transformer_blocks", "t5_blocks", "blocks", "noise_refiner",
-               "context_refiner")
+BLOCK_SUFFIXES = ("layers", "blocks", "refiner")  # transformer_blocks, single_stream_layers, noise_refiner, ...
 DTYPE = os.environ.get("MFLUX_RANDOM_DTYPE", "")  # default: bfloat16 on a GPU, float32 on the CPU backend
 
 
@@ -106,11 +108,16 @@ def no_tensors(weights_class: type) -> Callable[..., Any]:
 
 
 def cut(model: Any, depth: int) -> None:
-    """Keep the first `depth` blocks of every block list of a network (and of its encoder)."""
-    for part in (model, getattr(model, "encoder", None), getattr(model, "text_model", None)):
-        for attr in BLOCK_LISTS:
-            blocks = getattr(part, attr, None)
-            if isinstance(blocks, list) and len(blocks) > depth:
+    """Keep the first `depth` blocks of every block list of a network (layers, blocks, refiners), at its top level
+    and in its encoder or language model; never called on a VAE, whose lists are its resolution stages."""
+    import mlx.nn as nn
+
+    for part in (model, *(getattr(model, name, None) for name in ("encoder", "text_model", "language_model", "model"))):
+        if not isinstance(part, nn.Module):
+            continue
+        for attr, blocks in list(part.items()):
+            if isinstance(blocks, list) and len(blocks) > depth and attr.endswith(BLOCK_SUFFIXES) and \
+                    all(isinstance(block, nn.Module) for block in blocks):
                 setattr(part, attr, blocks[:depth])
     taps = getattr(model, "get_prompt_embeds", None)
     if taps is not None and "hidden_state_layers" in inspect.signature(taps).parameters:
@@ -123,34 +130,106 @@ def cut(model: Any, depth: int) -> None:
         model.get_prompt_embeds = get_prompt_embeds
 
 
+# GPT-OSS 20B's published config.json, which Lens's text encoder reads from its checkpoint folder.
+GPT_OSS_20B = {"num_hidden_layers": 24, "num_local_experts": 32, "num_experts_per_tok": 4, "vocab_size": 201088,
+               "rms_norm_eps": 1e-05, "hidden_size": 2880, "intermediate_size": 2880, "head_dim": 64,
+               "num_attention_heads": 64, "num_key_value_heads": 8, "sliding_window": 128, "rope_theta": 150000,
+               "rope_scaling": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                                "truncate": False, "original_max_position_embeddings": 4096},
+               "layer_types": ["sliding_attention", "full_attention"] * 12}
+
+
+def lens_encoder_init(prepare: Callable[[Any], None]) -> Callable[[Any, str], None]:
+    """An __init__ for Lens's text encoder, which reads its own files (not through WeightLoader): the model from
+    GPT-OSS 20B's config, no weights, the in-memory tokenizer; `prepare(encoder)` then readies its network."""
+
+    def init(self: Any, model_path: str) -> None:
+        import mlx.nn as nn
+        from mflux.models.common_models.gpt_oss.gpt_oss import Model, ModelArgs
+
+        self.model = Model(ModelArgs.from_dict(GPT_OSS_20B))
+        self.model.lm_head = nn.Identity()  # as the real loader does: features never reach the head
+        self.tokenizer = tokenizer(None).backend_tokenizer
+        prepare(self)
+
+    return init
+
+
+@contextmanager
+def loaders_patched(apply_many: Callable[..., Any], apply_one: Callable[..., Any] | None,
+                    lens_prepare: Callable[[Any], None], depth: int | None = None) -> Iterator[None]:
+    """mflux's loaders patched for weights that are not there: no tensors, in-memory tokenizers, no folders to
+    resolve (Qwen-Image 2.1, Lens), no loaded keys to validate; networks go through apply_many / apply_one."""
+    from mflux.models.common.resolution.path_resolution import PathResolution
+    from mflux.models.common.tokenizer.tokenizer_loader import TokenizerLoader
+    from mflux.models.common.weights.loading.weight_applier import WeightApplier
+    from mflux.models.common.weights.loading.weight_loader import WeightLoader
+    from mflux.models.lens.model.text_encoder.lens_gpt_oss_encoder import LensGptOssEncoder
+    from mflux.models.qwen21.qwen21_initializer import Qwen21Initializer
+
+    load = no_tensors(block_counts(depth))
+    replacements: dict[tuple[type, str], Any] = {
+        (WeightLoader, "load"): staticmethod(load),
+        (WeightLoader, "load_single"): staticmethod(load),
+        (WeightLoader, "load_single_local"): staticmethod(load),
+        (TokenizerLoader, "load"): staticmethod(
+            lambda definition, model_path: TokenizerLoader._create_tokenizer(raw_tokenizer=tokenizer(definition),
+                                                                             definition=definition)),
+        (WeightApplier, "apply_and_quantize"): staticmethod(apply_many),
+        (PathResolution, "resolve"): staticmethod(lambda *args, **kwargs: Path(tempfile.mkdtemp(prefix="mflux-"))),
+        # Qwen-Image 2.1 checks each loaded component's keys against its module: there are none to check.
+        (Qwen21Initializer, "_validate_weights"): staticmethod(lambda *args, **kwargs: None),
+        (LensGptOssEncoder, "__init__"): lens_encoder_init(lens_prepare),
+    }
+    if apply_one is not None:
+        replacements[(WeightApplier, "apply_and_quantize_single")] = staticmethod(apply_one)
+    saved = {where: where[0].__dict__[where[1]] for where in replacements}
+    for (cls, name), value in replacements.items():
+        setattr(cls, name, value)
+    try:
+        yield
+    finally:
+        for (cls, name), value in saved.items():
+            setattr(cls, name, value)
+
+
+_installed: list[Any] = []
+
+
 def install(depth: int | None = None, text_tokens: int | None = None) -> None:
     """Patch mflux's loaders for random weights, cutting every network to `depth` blocks and every tokenizer's
     padded length to `text_tokens` when given (FLUX.1 pads T5 to 256 tokens, which dominates a CPU step)."""
     import mlx.core as mx
     from mflux.models.common.tokenizer.tokenizer_loader import TokenizerLoader
     from mflux.models.common.weights.loading.weight_applier import WeightApplier
-    from mflux.models.common.weights.loading.weight_loader import WeightLoader
 
     dtype = getattr(mx, DTYPE or ("float32" if mx.default_device() == mx.cpu else "bfloat16"))
-    load = no_tensors(block_counts(depth))
     original = WeightApplier.apply_and_quantize
 
+    def materialise(model: Any, name: str = "") -> None:
+        if depth and name != "vae":
+            cut(model, depth)
+        model.set_dtype(dtype)
+        mx.eval(model.parameters())
+
     def apply_and_quantize(weights: Any, models: dict[str, Any], quantize_arg: Any, weight_definition: Any) -> Any:
-        for model in models.values():
-            if depth:
-                cut(model, depth)
-            model.set_dtype(dtype)
-            mx.eval(model.parameters())
+        for name, model in models.items():
+            materialise(model, name)
         log.info("random weights (%s%s) in %s", dtype, f", depth {depth}" if depth else "", ", ".join(models))
         return original(weights=weights, models=models, quantize_arg=quantize_arg, weight_definition=weight_definition)
 
-    WeightLoader.load = staticmethod(load)
-    WeightLoader.load_single = staticmethod(load)
-    WeightLoader.load_single_local = staticmethod(load)
-    TokenizerLoader.load = staticmethod(
-        lambda definition, model_path: TokenizerLoader._create_tokenizer(raw_tokenizer=tokenizer(definition),
-                                                                         definition=definition))
-    WeightApplier.apply_and_quantize = staticmethod(apply_and_quantize)
+    original_one = WeightApplier.apply_and_quantize_single
+
+    def apply_and_quantize_single(weights: Any, model: Any, component: Any, quantize_arg: Any,
+                                  quantization_predicate: Any = None) -> Any:
+        materialise(model, component.name)
+        return original_one(weights=weights, model=model, component=component, quantize_arg=quantize_arg,
+                            quantization_predicate=quantization_predicate)
+
+    patched = loaders_patched(apply_and_quantize, apply_and_quantize_single,
+                              lambda encoder: materialise(encoder.model), depth)
+    patched.__enter__()
+    _installed.append(patched)  # held for the life of the process: collecting it would run its restore
     if text_tokens:
         load_all = TokenizerLoader.load_all
 

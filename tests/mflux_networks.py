@@ -24,11 +24,9 @@ would return are the real networks' own.
 from __future__ import annotations
 
 import functools
-import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
@@ -118,41 +116,16 @@ def _stand_in_all(model: nn.Module) -> None:
         model.use_packed_projections = False  # Qwen-Image 2.1 would concatenate (materialise) the weights to pack them
 
 
-# GPT-OSS 20B's published config.json, which Lens's text encoder reads from its checkpoint folder.
-GPT_OSS_20B = {"num_hidden_layers": 24, "num_local_experts": 32, "num_experts_per_tok": 4, "vocab_size": 201088,
-               "rms_norm_eps": 1e-05, "hidden_size": 2880, "intermediate_size": 2880, "head_dim": 64,
-               "num_attention_heads": 64, "num_key_value_heads": 8, "sliding_window": 128, "rope_theta": 150000,
-               "rope_scaling": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
-                                "truncate": False, "original_max_position_embeddings": 4096},
-               "layer_types": ["sliding_attention", "full_attention"] * 12}
-
-
-def _lens_encoder_without_weights(self: Any, model_path: str) -> None:
-    """Lens's text encoder loads its own files (not through WeightLoader): build it from the config, no weights."""
-    from mflux.models.common_models.gpt_oss.gpt_oss import Model, ModelArgs
-
-    self.model = Model(ModelArgs.from_dict(GPT_OSS_20B))
-    self.model.lm_head = nn.Identity()  # as the real loader does: features never reach the head
-    _stand_in_all(self.model)
-    self.__class__ = stand_in_class(type(self))  # encode() is the network call mflux makes
-    self.tokenizer = random_weights.tokenizer(None).backend_tokenizer
+def _lens_encoder_stood_in(encoder: Any) -> None:
+    """Lens's text encoder: its GPT-OSS network a stand-in, and encode() (the call mflux makes) traced."""
+    _stand_in_all(encoder.model)
+    encoder.__class__ = stand_in_class(type(encoder))
 
 
 @contextmanager
 def installed() -> Iterator[None]:
-    """Patch mflux's three loaders for the duration (see the module docstring); restores them after."""
-    from mflux.models.common.tokenizer.tokenizer_loader import TokenizerLoader
+    """Patch mflux's loaders for the duration (see the module docstring); restores them after."""
     from mflux.models.common.weights.loading.weight_applier import WeightApplier
-    from mflux.models.common.weights.loading.weight_loader import WeightLoader
-
-    no_weights = random_weights.no_tensors(random_weights.block_counts(None))
-
-    def no_folder(path: str | None, *args: Any, **kwargs: Any) -> Path:
-        return Path(tempfile.mkdtemp(prefix="mflux-no-weights-"))
-
-    def load_tokenizer(definition: Any, model_path: str) -> Any:
-        return TokenizerLoader._create_tokenizer(raw_tokenizer=random_weights.tokenizer(definition),
-                                                 definition=definition)
 
     apply_many, apply_one = WeightApplier.apply_and_quantize, WeightApplier.apply_and_quantize_single
 
@@ -168,32 +141,5 @@ def installed() -> Iterator[None]:
         return apply_one(weights=weights, model=model, component=component, quantize_arg=quantize_arg,
                          quantization_predicate=quantization_predicate)
 
-    saved = {(WeightLoader, "load"): WeightLoader.__dict__["load"],
-             (WeightLoader, "load_single"): WeightLoader.__dict__["load_single"],
-             (WeightLoader, "load_single_local"): WeightLoader.__dict__["load_single_local"],
-             (TokenizerLoader, "load"): TokenizerLoader.__dict__["load"],
-             (WeightApplier, "apply_and_quantize"): WeightApplier.__dict__["apply_and_quantize"],
-             (WeightApplier, "apply_and_quantize_single"): WeightApplier.__dict__["apply_and_quantize_single"]}
-    from mflux.models.common.resolution.path_resolution import PathResolution
-    from mflux.models.lens.model.text_encoder.lens_gpt_oss_encoder import LensGptOssEncoder
-    from mflux.models.qwen21.qwen21_initializer import Qwen21Initializer
-
-    saved[(LensGptOssEncoder, "__init__")] = LensGptOssEncoder.__dict__["__init__"]
-    LensGptOssEncoder.__init__ = _lens_encoder_without_weights  # type: ignore[method-assign]
-    saved[(PathResolution, "resolve")] = PathResolution.__dict__["resolve"]
-    # Qwen-Image 2.1 checks each loaded component's keys against its module: there are none to check.
-    saved[(Qwen21Initializer, "_validate_weights")] = Qwen21Initializer.__dict__["_validate_weights"]
-    PathResolution.resolve = staticmethod(no_folder)
-    Qwen21Initializer._validate_weights = staticmethod(lambda *args, **kwargs: None)
-    replacements = {"load": no_weights, "load_single": no_weights, "load_single_local": no_weights}
-    for cls, name in saved:
-        if cls is WeightLoader:
-            setattr(cls, name, staticmethod(replacements[name]))
-    TokenizerLoader.load = staticmethod(load_tokenizer)
-    WeightApplier.apply_and_quantize = staticmethod(apply_and_quantize)
-    WeightApplier.apply_and_quantize_single = staticmethod(apply_and_quantize_single)
-    try:
+    with random_weights.loaders_patched(apply_and_quantize, apply_and_quantize_single, _lens_encoder_stood_in):
         yield
-    finally:
-        for (cls, name), original in saved.items():
-            setattr(cls, name, original)
