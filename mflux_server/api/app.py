@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from flask import Flask, Response, request, send_from_directory
+from flask import Flask, Response, g, has_request_context, request, send_from_directory
 from flask_smorest import Api
 from werkzeug.exceptions import HTTPException, InternalServerError
 
@@ -29,6 +29,7 @@ from mflux_server.api import (
 from mflux_server.api.errors import ErrorSchema, JsonError, error_payload, in_envelope
 from mflux_server.api.generation_schemas import openapi_rules
 from mflux_server.api.request_body import refuse_odd_paths
+from mflux_server.core import pg
 from mflux_server.core.db import storage_problem
 from mflux_server.core.settings import Settings
 
@@ -68,11 +69,26 @@ STORAGE_ANSWERS = {
 
 
 def storage_error(problem: str, error: BaseException, path: str) -> JsonError:
-    """A storage fault as JSON: nothing was acknowledged that is not stored, and the log names the file."""
+    """A storage fault as JSON: nothing was acknowledged that is not stored, and the log names the file.
+
+    The answer says what became of the request: a task already committed is named (with how to follow it); a
+    write cut off with the connection (PostgreSQL) may or may not have committed, and the answer says so and how
+    to find out; otherwise the request was not carried out."""
     status, code, message = STORAGE_ANSWERS[problem]
     log.error("queue %s: %s (%s: %s)", path, message, type(error).__name__, error)
-    return in_envelope(({"code": code, "message": f"{message}; the request was not carried out", "field": None},
-                        status, {"Retry-After": "5"} if problem in ("busy", "full") else {}))
+    payload: dict[str, Any] = {"code": code, "field": None}
+    committed = g.get("committed_task_id") if has_request_context() else None
+    if committed is not None:
+        payload["task_id"] = committed
+        payload["message"] = (f"the task was queued as {committed} (GET /api/status?task_id={committed}), but the "
+                              f"answer could not be completed: {message}")
+    elif problem in ("io", "lost") and pg.is_postgres_url(path) and request.method == "POST":
+        payload["message"] = (f"{message}; the connection was cut mid-write, so the request may or may not have been "
+                              "carried out: send it again with the same Idempotency-Key header to get the task it "
+                              "created, if it did")
+    else:
+        payload["message"] = f"{message}; the request was not carried out"
+    return in_envelope((payload, status, {"Retry-After": "5"} if problem in ("busy", "full") else {}))
 
 
 def create_app(config: Settings | None = None, overrides: dict[str, Any] | None = None) -> Flask:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import logging
 import secrets
 from dataclasses import replace
 from typing import Any, NoReturn
 
 import marshmallow as ma
-from flask import Response, request
+from flask import Response, g, request
 from flask_smorest import Blueprint
 
 from mflux_server.api.auth import by_cookie, current_key
@@ -34,6 +35,7 @@ from mflux_server.api.task_view import (
     task_status,
 )
 from mflux_server.core import catalog, store, structured_prompts
+from mflux_server.core.db import storage_problem
 from mflux_server.core.rows import REFERENCE_ROLES, InputImage, NewTask, Status, Task, Worker
 
 # mflux's default image-to-image strength (mflux.cli.defaults.IMAGE_STRENGTH).
@@ -45,6 +47,7 @@ def body_limit() -> int:
     return (1 << 20) + images * (settings().max_input_bytes * 4 // 3 + 4)
 
 
+log = logging.getLogger("mflux_server")
 blp = Blueprint("generation", __name__, description="Submit a prompt, follow it, fetch its images.")
 blp.ARGUMENTS_PARSER = StrictParser()
 
@@ -223,7 +226,9 @@ def queue_task(body: dict[str, Any], surface: str = "native", keep_for: float | 
                    client_user=client_user, key_id=key.id if key else None)
     if fair_scheduling():
         task = replace(task, fair_cost=forecaster().cost_model(conn()).gpu_seconds(task))
-    return submit_once(task, key.id if key else 0), live
+    created = submit_once(task, key.id if key else 0)
+    g.committed_task_id = created.id  # from here a storage fault must not say the request was not carried out
+    return created, live
 
 
 def fair_scheduling() -> bool:
@@ -286,7 +291,12 @@ def generate(body: dict[str, Any]) -> dict[str, Any]:
     view = task_status(conn(), created, live)
     view["expected_time_seconds"] = view["wait_remaining"]
     if not view.get("waiting_for_worker") and view["wait_remaining"] > 0:
-        store.set_forecast(conn(), created.id, view["wait_remaining"])  # for the forecast-error metric
+        try:
+            store.set_forecast(conn(), created.id, view["wait_remaining"])  # for the forecast-error metric
+        except Exception as error:  # the task is queued: a metric must not turn that into an error answer
+            if storage_problem(error) is None:
+                raise
+            log.warning("task %s queued; its forecast was not recorded (%s)", created.id, error)
     return view
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import threading
 import time
 
@@ -110,3 +111,38 @@ def test_the_result_writer_keeps_a_finished_image_through_a_full_disk_and_stores
     writer.send(SHUTDOWN)
     thread.join(timeout=20)
     assert store.get(conn, task_id).status is Status.DONE and store.fetch_image(conn, task_id, 0) is not None
+
+
+def real_busy_error(tmp_path) -> sqlite3.OperationalError:
+    """SQLite's own SQLITE_BUSY, from a write to a file another connection holds the write lock of."""
+    path = str(tmp_path / "locked.db")
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("CREATE TABLE t (x)")
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        sqlite3.connect(path, timeout=0, isolation_level=None).execute("BEGIN IMMEDIATE")
+    except sqlite3.OperationalError as error:
+        return error
+    finally:
+        holder.rollback()
+    raise AssertionError("the second writer was not refused")
+
+
+def test_a_fault_after_the_submit_committed_never_says_the_request_was_not_carried_out(client, monkeypatch, tmp_path):
+    from mflux_server.api import generation
+
+    busy = real_busy_error(tmp_path)
+
+    def locked(*args, **kwargs):
+        raise busy  # an external lock taken right after the task's commit
+
+    monkeypatch.setattr(generation.store, "set_forecast", locked)
+    client.post("/api/generate", json={"prompt": "warm the cost model"})
+    queued = client.post("/api/generate", json={"prompt": "forecast not recorded"})
+    assert queued.status_code == 200 and queued.json["task_id"], "the forecast metric is not worth an error"
+    monkeypatch.setattr(generation, "task_status", locked)
+    answer = client.post("/api/generate", json={"prompt": "answer cut short"})
+    assert answer.status_code == 503 and "not carried out" not in answer.json["message"]
+    task_id = answer.json["task_id"]
+    assert f"the task was queued as {task_id}" in answer.json["message"]
+    assert store.get(app_conn(client), task_id) is not None
