@@ -157,7 +157,7 @@ def check(info: catalog.ModelInfo, sides: list[int], steps: int, depth: int | No
           largest: bool = False) -> FamilyResult:
     """Run one family's model through a fresh API and worker."""
     result = FamilyResult(info.family, info.name)
-    env = {"MFLUX_RANDOM_DEPTH": str(depth or "")} | fast_blas_preload()
+    env = {"MFLUX_RANDOM_DEPTH": str(depth or ""), "MFLUX_RANDOM_SHARE": "1"} | fast_blas_preload()
     saved = {name: os.environ.get(name) for name in env}
     os.environ.update(env)
     try:
@@ -209,7 +209,7 @@ def render(results: list[FamilyResult], depth: int | None, steps: int, command: 
     lines = [
         "# Engine check: every served family through the real worker, mflux's networks on random weights", "",
         f"Written by `{command}` on {time.strftime('%Y-%m-%d %H:%M')} ({where}; BLAS: {blas}).",
-        f"Networks: {'one block of each kind (CPU)' if depth else 'full depth'}, random weights; {steps} steps per "
+        f"Networks: {'one block of each kind (CPU), text encoders at full depth on one block of weights' if depth else 'full depth'}, random weights; {steps} steps per "
         "image. Load includes the warm-up. Step time is the worker's own measurement (mean); wall time is submit "
         "to the done event. Peak memory is MLX's, as the engine logs it per generation.", "",
         "| family | model | load s | decode path | size | outcome | wall s | s/step | previews | peak GiB |",

@@ -107,9 +107,12 @@ def no_tensors(weights_class: type) -> Callable[..., Any]:
     return load
 
 
-def cut(model: Any, depth: int) -> None:
+def cut(model: Any, depth: int, share: bool = False) -> None:
     """Keep the first `depth` blocks of every block list of a network (layers, blocks, refiners), at its top level
-    and in its encoder or language model; never called on a VAE, whose lists are its resolution stages."""
+    and in its encoder or language model; never called on a VAE, whose lists are its resolution stages.
+
+    share=True keeps every position, each one the kept block of its index modulo `depth`: the weights (memory) of
+    `depth` blocks and the compute of all of them, for text encoders whose callers read particular layers."""
     import mlx.nn as nn
 
     for part in (model, *(getattr(model, name, None) for name in ("encoder", "text_model", "language_model", "model"))):
@@ -118,7 +121,10 @@ def cut(model: Any, depth: int) -> None:
         for attr, blocks in list(part.items()):
             if isinstance(blocks, list) and len(blocks) > depth and attr.endswith(BLOCK_SUFFIXES) and \
                     all(isinstance(block, nn.Module) for block in blocks):
-                setattr(part, attr, blocks[:depth])
+                kept = blocks[:depth]
+                setattr(part, attr, [kept[index % depth] for index in range(len(blocks))] if share else kept)
+    if share:
+        return
     taps = getattr(model, "get_prompt_embeds", None)
     if taps is not None and "hidden_state_layers" in inspect.signature(taps).parameters:
         # FLUX.2's Qwen3 taps hidden states (9, 18, 27): read the last kept layer instead
@@ -196,9 +202,10 @@ def loaders_patched(apply_many: Callable[..., Any], apply_one: Callable[..., Any
 _installed: list[Any] = []
 
 
-def install(depth: int | None = None, text_tokens: int | None = None) -> None:
+def install(depth: int | None = None, text_tokens: int | None = None, share_text_encoders: bool = False) -> None:
     """Patch mflux's loaders for random weights, cutting every network to `depth` blocks and every tokenizer's
-    padded length to `text_tokens` when given (FLUX.1 pads T5 to 256 tokens, which dominates a CPU step)."""
+    padded length to `text_tokens` when given (FLUX.1 pads T5 to 256 tokens, which dominates a CPU step).
+    share_text_encoders keeps text encoders' depth on shared weights (see cut) for families that read a layer."""
     import mlx.core as mx
     from mflux.models.common.tokenizer.tokenizer_loader import TokenizerLoader
     from mflux.models.common.weights.loading.weight_applier import WeightApplier
@@ -208,7 +215,9 @@ def install(depth: int | None = None, text_tokens: int | None = None) -> None:
 
     def materialise(model: Any, name: str = "") -> None:
         if depth and name != "vae":
-            cut(model, depth)
+            # Denoisers lose their depth (they run every step); text encoders, whose callers read particular
+            # layers, keep every position on shared weights (they run once per prompt).
+            cut(model, depth, share=share_text_encoders and "transformer" not in name)
         model.set_dtype(dtype)
         mx.eval(model.parameters())
 
@@ -227,7 +236,7 @@ def install(depth: int | None = None, text_tokens: int | None = None) -> None:
                             quantization_predicate=quantization_predicate)
 
     patched = loaders_patched(apply_and_quantize, apply_and_quantize_single,
-                              lambda encoder: materialise(encoder.model), depth)
+                              lambda encoder: materialise(encoder.model, "text_encoder"), depth)
     patched.__enter__()
     _installed.append(patched)  # held for the life of the process: collecting it would run its restore
     if text_tokens:

@@ -53,8 +53,13 @@ class JsonErrorApi(Api):
     ERROR_SCHEMA = ErrorSchema
 
     def handle_http_exception(self, error: HTTPException) -> JsonError:
-        """Render any HTTP error as our JSON error body."""
-        return in_envelope(error_payload(error))
+        """Render any HTTP error as our JSON error body; a 5xx a view chose (504 timeout, 500 generation_failed,
+        503 server_stopping) is logged with its message."""
+        answer = error_payload(error)
+        if answer[1] >= 500:
+            log.warning("%s %s answered %d %s: %s", request.method, request.path, answer[1], answer[0]["code"],
+                        answer[0]["message"])
+        return in_envelope(answer)
 
 
 # What each storage problem answers: HTTP status, code, and what to tell the client.

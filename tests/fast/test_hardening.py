@@ -201,6 +201,24 @@ def test_a_json_key_given_twice_is_refused_like_a_repeated_query_or_form_field(c
     assert waiting(client) == 0
 
 
+def test_a_5xx_a_view_explains_keeps_its_message_and_is_logged(client, caplog):
+    import logging
+
+    from werkzeug.exceptions import GatewayTimeout
+
+    from mflux_server.api.errors import abort_json
+
+    @client.application.route("/test-timeout")
+    def timeout_view():
+        abort_json(504, code="timeout", message="not ready within 1 s; the task goes on as abc")
+
+    with caplog.at_level(logging.WARNING, logger="mflux_server"):
+        answer = client.get("/test-timeout")
+    assert answer.status_code == 504 and answer.json["message"].endswith("the task goes on as abc")
+    assert any("504 timeout: not ready within 1 s" in record.getMessage() for record in caplog.records)
+    assert GatewayTimeout.code == 504
+
+
 def test_a_5xx_a_view_explains_keeps_its_message(app):
     from werkzeug.exceptions import GatewayTimeout, InternalServerError
 
