@@ -29,6 +29,7 @@ from mflux_server.core import catalog, db, store
 from mflux_server.testing import ROOT, Processes, fresh_queue, read_events, wait_for
 
 OUT = ROOT / "docs" / "engine-check.md"
+CUT = "one block of each kind (CPU); text encoders keep their depth on one block's weights"
 
 
 @dataclass
@@ -209,7 +210,7 @@ def render(results: list[FamilyResult], depth: int | None, steps: int, command: 
     lines = [
         "# Engine check: every served family through the real worker, mflux's networks on random weights", "",
         f"Written by `{command}` on {time.strftime('%Y-%m-%d %H:%M')} ({where}; BLAS: {blas}).",
-        f"Networks: {'one block of each kind (CPU), text encoders at full depth on one block of weights' if depth else 'full depth'}, random weights; {steps} steps per "
+        f"Networks: {CUT if depth else 'full depth'}, random weights; {steps} steps per "
         "image. Load includes the warm-up. Step time is the worker's own measurement (mean); wall time is submit "
         "to the done event. Peak memory is MLX's, as the engine logs it per generation.", "",
         "| family | model | load s | decode path | size | outcome | wall s | s/step | previews | peak GiB |",
