@@ -107,12 +107,23 @@ def no_tensors(weights_class: type) -> Callable[..., Any]:
     return load
 
 
+def _shared(blocks: list[Any]) -> list[Any]:
+    """Each position given the first block with its structure (the classes of all its modules, in order)."""
+    first: dict[tuple[str, ...], Any] = {}
+    kept = []
+    for block in blocks:
+        structure = tuple(type(module).__name__ for _, module in block.named_modules())
+        kept.append(first.setdefault(structure, block))
+    return kept
+
+
 def cut(model: Any, depth: int, share: bool = False) -> None:
     """Keep the first `depth` blocks of every block list of a network (layers, blocks, refiners), at its top level
     and in its encoder or language model; never called on a VAE, whose lists are its resolution stages.
 
-    share=True keeps every position, each one the kept block of its index modulo `depth`: the weights (memory) of
-    `depth` blocks and the compute of all of them, for text encoders whose callers read particular layers."""
+    share=True keeps every position, each one the first block of its structure (a dense layer stays dense, an
+    MoE one MoE): the weights of one block per structure and the compute of all of them, for text encoders
+    whose callers read particular layers."""
     import mlx.nn as nn
 
     for part in (model, *(getattr(model, name, None) for name in ("encoder", "text_model", "language_model", "model"))):
@@ -121,8 +132,7 @@ def cut(model: Any, depth: int, share: bool = False) -> None:
         for attr, blocks in list(part.items()):
             if isinstance(blocks, list) and len(blocks) > depth and attr.endswith(BLOCK_SUFFIXES) and \
                     all(isinstance(block, nn.Module) for block in blocks):
-                kept = blocks[:depth]
-                setattr(part, attr, [kept[index % depth] for index in range(len(blocks))] if share else kept)
+                setattr(part, attr, _shared(blocks) if share else blocks[:depth])
     if share:
         return
     taps = getattr(model, "get_prompt_embeds", None)
