@@ -57,6 +57,8 @@ def write_json_error(sock: Any, status_int: int, reason: str, mesg: str) -> None
 
 
 KEEPALIVE_SECONDS = 75
+# Seconds a read waits at most for the event loop to be idle (take_turns), so a flood of writes cannot starve it.
+IDLE_WAIT = 0.05
 # Methods that change the queue: served as soon as they are read.
 WRITE_METHODS = ("POST", "PUT", "PATCH", "DELETE")
 
@@ -69,13 +71,15 @@ def take_turns(app: Flask) -> Callable[[dict[str, Any], Any], Any]:
     190-360 ms at a 4-9 ms median). gevent.idle() puts each read behind every pending event, in arrival order,
     so reads are served first come first served and newly arrived requests are read before queued reads run.
     Requests that change the queue skip the wait: a submit never queues behind a crowd of status polls
-    (bench/explanations.md has the measurements).
+    (bench/explanations.md has the measurements). The wait is bounded (IDLE_WAIT): with clients submitting flat
+    out the loop is never idle, and a new connection's status read waited for the whole flood (6-30 s).
     """
     import gevent
 
     def wsgi(environ: dict[str, Any], start_response: Any) -> Any:
         if environ.get("REQUEST_METHOD") not in WRITE_METHODS:
-            gevent.idle()
+            with gevent.Timeout(IDLE_WAIT, False):
+                gevent.idle()
         return app(environ, start_response)
 
     return wsgi

@@ -176,3 +176,31 @@ def store_count(db_path: str) -> int:
         return sum(store.status_counts(conn).values())
     finally:
         conn.close()
+
+
+def test_new_connections_are_answered_while_keep_alive_clients_submit_flat_out(processes):
+    url = processes.server()
+    flooding_until = time.monotonic() + 6
+    submitted = []
+
+    def flood() -> None:
+        session = requests.Session()  # keep-alive: its next request is read without yielding
+        while time.monotonic() < flooding_until:
+            session.post(f"{url}/api/generate", json={"prompt": "flood", "width": 256, "height": 256}, timeout=30)
+            submitted.append(1)
+
+    flooders = [threading.Thread(target=flood) for _ in range(10)]
+    for flooder in flooders:
+        flooder.start()
+    time.sleep(1)
+    waits = []
+    while time.monotonic() < flooding_until - 1:
+        started = time.monotonic()
+        assert requests.get(f"{url}/healthz", timeout=30).status_code == 200  # a new connection each time
+        waits.append(time.monotonic() - started)
+        time.sleep(0.2)
+    for flooder in flooders:
+        flooder.join()
+    assert len(submitted) > 100, "the flood ran"
+    # Before the bounded wait, a new connection's read waited for the whole flood (6 s here, 30 s in the attack).
+    assert len(waits) >= 5 and max(waits) < 3, [round(wait, 2) for wait in waits]
