@@ -30,13 +30,13 @@ class Subscribers:
         self._stop = threading.Event()
         for _ in range(streams):
             sock = socket.create_connection(self.address)
-            sock.sendall(b"GET /api/events HTTP/1.1\r\nHost: bench\r\nAccept: text/event-stream\r\n\r\n")
+            sock.sendall(b"GET /api/events HTTP/1.1\r\nHost: localhost\r\nAccept: text/event-stream\r\n\r\n")
             sock.setblocking(False)
             self.buffers[sock] = b""
             self.selector.register(sock, selectors.EVENT_READ)
         for _ in range(idle):
             sock = socket.create_connection(self.address)
-            sock.sendall(b"GET /api/info HTTP/1.1\r\nHost: bench\r\n\r\n")
+            sock.sendall(b"GET /api/info HTTP/1.1\r\nHost: localhost\r\n\r\n")
             sock.recv(65536)  # answered; the connection then stays open and idle (keep-alive)
             self.idle.append(sock)
         self._thread = threading.Thread(target=self._run, daemon=True)

@@ -25,12 +25,12 @@ class SlowClients:
             sock = socket.create_connection((host, int(port)))
             kind = ("header", "body", "trickle", "trickle")[i % 4]
             if kind == "header":
-                sock.sendall(b"GET /api/info HTTP/1.1\r\nHost: bench\r\nX-Slow: a")
+                sock.sendall(b"GET /api/info HTTP/1.1\r\nHost: localhost\r\nX-Slow: a")
             elif kind == "body":
-                sock.sendall(b"POST /api/generate HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+                sock.sendall(b"POST /api/generate HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                              b"Content-Length: 400\r\n\r\n{")
             else:
-                sock.sendall(b"POST /api/generate HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+                sock.sendall(b"POST /api/generate HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                              b"Content-Length: 4000\r\n\r\n")
             self.sockets.append((kind, sock))
         self.closed_after: dict[str, list[float]] = {"header": [], "body": [], "trickle": []}

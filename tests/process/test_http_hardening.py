@@ -24,13 +24,13 @@ def parsed(response: bytes) -> tuple[int, dict[str, str], dict]:
 
 
 @pytest.mark.parametrize("request_bytes, status, code", [
-    (b"GET /" + b"a" * 5000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414, "url_too_long"),
-    (b"GET /api/info HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n", 431, "headers_too_large"),
-    (b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n", 400, "bad_request"),
-    (b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    (b"GET /" + b"a" * 5000 + b" HTTP/1.1\r\nHost: localhost\r\n\r\n", 414, "url_too_long"),
+    (b"GET /api/info HTTP/1.1\r\nHost: localhost\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n", 431, "headers_too_large"),
+    (b"POST /api/generate HTTP/1.1\r\nHost: localhost\r\nContent-Length: -1\r\n\r\n", 400, "bad_request"),
+    (b"POST /api/generate HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
      400, "bad_request"),
-    (b"get /api/info HTTP/1.1\r\nHost: x\r\n\r\n", 400, "bad_request"),
-    (b"GET /api/info HTTP/9.9\r\nHost: x\r\n\r\n", 400, "bad_request"),
+    (b"get /api/info HTTP/1.1\r\nHost: localhost\r\n\r\n", 400, "bad_request"),
+    (b"GET /api/info HTTP/9.9\r\nHost: localhost\r\n\r\n", 400, "bad_request"),
 ])
 def test_requests_the_server_cannot_parse_get_our_json_error(processes, request_bytes, status, code):
     url = processes.server()
@@ -72,8 +72,8 @@ def test_two_hundred_stalled_or_trickling_clients_delay_no_one_and_are_cut_off_a
     stalled = []
     for i in range(200):
         sock = socket.create_connection((host, int(port)))
-        sock.sendall(b"GET /api/info HTTP/1.1\r\nHost: x\r\nX-Slow: a" if i % 2 else
-                     b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 99\r\n\r\n{")
+        sock.sendall(b"GET /api/info HTTP/1.1\r\nHost: localhost\r\nX-Slow: a" if i % 2 else
+                     b"POST /api/generate HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 99\r\n\r\n{")
         stalled.append(sock)
     opened = time.monotonic()
     latencies = []
@@ -104,7 +104,7 @@ def test_a_stopping_server_lets_idle_connections_and_streams_go_at_once_and_fini
     host, port = url.removeprefix("http://").split(":")
     body = json.dumps({"prompt": "sent while the server stops"}).encode()
     uploading = socket.create_connection((host, int(port)), timeout=10)
-    uploading.sendall(b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    uploading.sendall(b"POST /api/generate HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                       b"Content-Length: %d\r\n\r\n" % len(body) + body[:10])
     time.sleep(0.3)  # the request has begun: it is in flight, not idle
     stopping = time.monotonic()

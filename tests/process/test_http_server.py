@@ -35,7 +35,7 @@ def connections_held(url: str, count: int) -> Iterator[None]:
     held = [socket.create_connection((host, int(port))) for _ in range(count)]
     try:
         for sock in held[::2]:
-            sock.sendall(b"GET /api/info HTTP/1.1\r\nHost: x\r\n")
+            sock.sendall(b"GET /api/info HTTP/1.1\r\nHost: localhost\r\n")
         yield
     finally:
         for sock in held:
@@ -58,13 +58,13 @@ def test_requests_are_answered_while_hundreds_of_connections_are_held_open(proce
 def test_a_client_that_connects_and_waits_before_sending_is_served(processes):
     url = processes.server(http_workers=1)
     body = b'{"prompt": "slow typist"}'
-    request = (b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nConnection: close\r\n"
+    request = (b"POST /api/generate HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nConnection: close\r\n"
                b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
     with connections_held(url, 50):
         response = raw_request(url, request, pause=0.5)
     assert response.startswith(b"HTTP/1.1 200"), response[:200]
     assert b'"task_id"' in response
-    assert raw_request(url, b"GET /api/info HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", pause=0.5).startswith(
+    assert raw_request(url, b"GET /api/info HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n", pause=0.5).startswith(
         b"HTTP/1.1 200")
 
 
