@@ -3,6 +3,7 @@ submits, retention, health checks and backups, between real processes."""
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import subprocess
 import sys
@@ -242,6 +243,13 @@ def test_metrics_parse_and_every_server_process_gives_the_same_figures(processes
     wait_for(lambda: all(requests.get(f"{url}/api/status", params={"task_id": i}, headers=auth(key),
                                       timeout=5).json()["status"] == "done" for i in ids), what="the tasks")
     assert requests.get(f"{url}/metrics", timeout=10).status_code == 401
+    # The worker's publisher writes step timings in batches, after the task's done: wait for the last batch.
+    def steps_counted() -> float:
+        text = requests.get(f"{url}/metrics", headers=auth(key), timeout=10).text
+        found = re.search(r'^mflux_step_seconds_count\{model="schnell"\} ([0-9.]+)$', text, re.MULTILINE)
+        return float(found.group(1)) if found else 0.0
+
+    wait_for(lambda: steps_counted() >= 6, what="every step's timing")
     texts = {requests.get(f"{url}/metrics", headers=auth(key), timeout=10).text for _ in range(6)}
     samples = {}
     for family in text_string_to_metric_families(texts.pop()):
