@@ -73,7 +73,8 @@ def test_two_hundred_stalled_or_trickling_clients_delay_no_one_and_are_cut_off_a
     for i in range(200):
         sock = socket.create_connection((host, int(port)))
         sock.sendall(b"GET /api/info HTTP/1.1\r\nHost: localhost\r\nX-Slow: a" if i % 2 else
-                     b"POST /api/generate HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 99\r\n\r\n{")
+                     b"POST /api/generate HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 99\r\n\r\n{")
         stalled.append(sock)
     opened = time.monotonic()
     latencies = []
