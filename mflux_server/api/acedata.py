@@ -152,6 +152,11 @@ def tasks() -> dict[str, Any]:
     body = compat.json_object()
     compat.refuse_unknown(body, TASK_PARAMS)
     action = body.get("action", "retrieve_batch" if "ids" in body else "retrieve")
+    # Every field sent is checked, whichever the action reads: a wrong type is a 400, never silently ignored.
+    if body.get("id") is not None and not isinstance(body["id"], str):
+        compat.refuse("id", "must be a task id string")
+    if body.get("ids") is not None and not (isinstance(body["ids"], list) and all(isinstance(i, str) for i in body["ids"])):
+        compat.refuse("ids", f"must be a list of 1 to {MAX_BATCH} task ids")
     if action == "retrieve":
         task = find(body.get("id"), "id")
         if task is None:

@@ -155,6 +155,12 @@ def test_what_the_fuzzer_found_stays_fixed(client):
     # 2. The stream's schema said "a string", while each message is an object of id, event and data.
     stream = events["responses"]["200"]["content"]["text/event-stream"]["schema"]
     assert stream["type"] == "object" and set(stream["properties"]) >= {"id", "event", "data"}
+    # 3. (round 2's long run) AceDataCloud's retrieve_batch ignored an `id` of the wrong type; every field sent
+    # is checked, whichever the action reads.
+    for body, field in (({"action": "retrieve_batch", "ids": ["x"], "id": {"a": 1}}, "id"),
+                        ({"action": "retrieve", "id": "x", "ids": [1]}, "ids"), ({"ids": "x"}, "ids")):
+        answer = client.post("/flux/tasks", json=body)
+        assert answer.status_code == 400 and answer.json["error"]["field"] == field, answer.json
 
 
 @pytest.mark.parametrize("method, path, body, field", [
