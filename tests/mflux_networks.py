@@ -2,8 +2,8 @@
 
 mflux builds every family through its initializer: WeightLoader reads safetensors, TokenizerLoader reads
 tokenizer files, WeightApplier puts the weights into the modules it built from ModelConfig. No weights can be
-downloaded here, and MLX's CPU backend multiplies matrices at about 5 GFLOP/s, so the real networks cannot run
-in a test. `install()` patches only those three loaders (nothing in mflux's models or in this project):
+downloaded here, and the full networks are far too large for a test on a CPU. `installed()` patches only the
+loading (bench/random_weights.loaders_patched; nothing in mflux's models or in this project):
 
 - WeightLoader.load / load_single / load_single_local return no weights (the modules keep their lazy initial
   parameters, which are never evaluated);
@@ -14,7 +14,9 @@ in a test. `install()` patches only those three loaders (nothing in mflux's mode
   into a stand-in: the module keeps its class, attributes and methods, but each public method traces the real
   network lazily (MLX builds the graph and knows every output shape without computing anything), throws that
   graph away and answers a cheap array of the same shape and dtype, derived from the inputs. Then mflux's own
-  apply_and_quantize runs (quantization included).
+  apply_and_quantize runs (quantization included);
+- the few loaders outside those three: PathResolution (Qwen-Image 2.1 and Lens resolve folders themselves),
+  Qwen-Image 2.1's check of loaded keys, and Lens's text encoder, which reads its own files.
 
 Everything mflux does around the networks therefore runs for real in generate_image: prompt handling, tokenizer
 shapes, latent creation, schedulers, callbacks, image pre- and post-processing, and the shapes each network

@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from flask import Flask, Response, g, has_request_context, request, send_from_directory
+from flask import Flask, Response, g, request, send_from_directory
 from flask_smorest import Api
 from werkzeug.exceptions import HTTPException, InternalServerError
 
@@ -82,7 +82,7 @@ def storage_error(problem: str, error: BaseException, path: str) -> JsonError:
     status, code, message = STORAGE_ANSWERS[problem]
     log.error("queue %s: %s (%s: %s)", path, message, type(error).__name__, error)
     payload: dict[str, Any] = {"code": code, "field": None}
-    committed = g.get("committed_task_id") if has_request_context() else None
+    committed = g.get("committed_task_id")  # called from the error handler, inside the failed request
     if committed is not None:
         payload["task_id"] = committed
         payload["message"] = (f"the task was queued as {committed} (GET /api/status?task_id={committed}), but the "

@@ -21,7 +21,7 @@ from mflux_server.api.context import settings
 from mflux_server.api.errors import abort_json
 
 LOCAL_NAMES = ("localhost",)
-LOCAL_ORIGIN_HOSTS = ("localhost", "127.0.0.1", "[::1]")
+LOCAL_ORIGIN_HOSTS = ("localhost", "127.0.0.1", "::1")
 UNSAFE_METHODS = ("POST", "PUT", "PATCH", "DELETE")
 ALLOWED_HEADERS = "Authorization, Content-Type, Idempotency-Key, Last-Event-ID"
 EXPOSED_HEADERS = "Content-Disposition, Retry-After, X-Seed, WWW-Authenticate"
@@ -59,8 +59,7 @@ def origin_allowed(origin: str) -> bool:
         if origin == "null":
             return True
         parts = urlsplit(origin)
-        return parts.scheme in ("http", "https") and (parts.netloc.rsplit(":", 1)[0] if not parts.netloc.endswith("]")
-                                                      else parts.netloc) in LOCAL_ORIGIN_HOSTS
+        return parts.scheme in ("http", "https") and _host_name(parts.netloc) in LOCAL_ORIGIN_HOSTS
     return "*" in configured or origin.rstrip("/") in [entry.rstrip("/") for entry in configured]
 
 

@@ -75,11 +75,13 @@ class Repeated(dict):  # type: ignore[type-arg]
 
 def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     """json's object hook: a dict, or a Repeated one when a key came twice."""
-    value: dict[str, Any] = dict(pairs)
-    if len(value) < len(pairs):
-        seen: set[str] = set()
-        value = Repeated(pairs)
-        value.repeated = next(key for key, _ in pairs if key in seen or seen.add(key))  # type: ignore[func-returns-value]
+    value: dict[str, Any] = {}
+    for key, item in pairs:
+        if key in value:
+            repeated = Repeated(pairs)
+            repeated.repeated = key
+            return repeated
+        value[key] = item
     return value
 
 

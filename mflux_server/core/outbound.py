@@ -174,7 +174,7 @@ def _cut(connection: _PinnedHTTP | _PinnedHTTPS) -> None:
     """The whole-call deadline passed: shut the socket, which ends whatever read or write is blocked on it."""
     # Not connection.sock: http.client drops it once the response says the connection will close, while the
     # response goes on reading from the same socket.
-    sock = getattr(connection, "raw_sock", None)
+    sock = connection.raw_sock
     if sock is not None:
         try:
             sock.shutdown(socket.SHUT_RDWR)

@@ -33,8 +33,9 @@ GIVE_UP_AFTER = 24 * 3600.0  # a delivery still failing a day after the task end
 SEND_TIMEOUT = 10.0  # seconds a receiver has to answer
 LEASE = 3 * SEND_TIMEOUT  # a send holds its delivery this long at most; then another deliverer may take it
 TICK = 0.02  # seconds between checks for new deliveries: what a delivery waits at most once due
-MAX_SENDING = 64  # deliveries one process sends at once (greenlets under gevent: a trickling receiver holds one
-# for SEND_TIMEOUT at most, so 40 of them cannot hold every slot)
+# Deliveries one process sends at once (greenlets under gevent): a trickling receiver holds one for SEND_TIMEOUT at
+# most, so 40 of them cannot hold every slot.
+MAX_SENDING = 64
 SECRET_NAME = "webhook"
 
 
