@@ -16,7 +16,7 @@ from mflux_server import __version__
 from mflux_server.api import admin_commands
 from mflux_server.api.app import create_app
 from mflux_server.api.errors import DEFAULT_CODES
-from mflux_server.core import db, disk_reserve, housekeeping, store, webhooks
+from mflux_server.core import db, disk_reserve, housekeeping, pg, store, webhooks, write_lock
 from mflux_server.core.logs import configure_logging, shorten_gil_switch_interval
 from mflux_server.core.settings import Settings, load_settings
 
@@ -91,6 +91,7 @@ def start_background(settings: Settings) -> None:
     disk_reserve.ensure(settings.db)
     housekeeping.start(lambda: db.connect(settings.db), settings.keep_finished, settings.max_store_bytes,
                        settings.housekeeping_interval, settings.db, settings.stale_after, settings.unserved_timeout)
+    write_lock.start(settings.db, settings.write_lock_limit, lambda: db.connect(settings.db))
 
 
 def serve(settings: Settings) -> None:
@@ -183,6 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         description=f"mflux-server {__version__}: the HTTP API in front of the mflux worker queue.",
     )
     configure_logging(settings.log_level, "mflux-server")
+    pg.limit_idle_transactions(settings.write_lock_limit)
     # Migrate once here, before gunicorn forks, so server processes never race on an empty file.
     db.open_or_exit(settings.db, "mflux-server")
     if settings.print_webhook_secret:

@@ -38,6 +38,16 @@ _BEGIN_READ = ("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",)
 # a statement's cost (0.8 ms → 0.26 ms for a task read), and the store runs the same ~150 statements again and again.
 SESSION_OPTIONS: dict[str, Any] = {"autocommit": True, "connect_timeout": CONNECT_TIMEOUT, "prepare_threshold": 0}
 PREPARED_MAX = 512
+
+
+def limit_idle_transactions(seconds: float | None) -> None:
+    """Have the server end a session that idles inside a transaction this long (a frozen process holding the write
+    lock, core/write_lock.py); applies to the connections this process opens from now on."""
+    if seconds:
+        SESSION_OPTIONS["options"] = f"-c idle_in_transaction_session_timeout={round(seconds * 1000)}"
+    else:
+        SESSION_OPTIONS.pop("options", None)
+
 CHANNEL = "mflux"  # what the triggers NOTIFY on every commit that changes a task, an event or a webhook
 
 

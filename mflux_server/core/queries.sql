@@ -225,6 +225,10 @@ UPDATE workers SET stopped_at = :now WHERE id = :id;
 -- Workers that heartbeated since a time and have not stopped, oldest first.
 SELECT * FROM workers WHERE stopped_at IS NULL AND heartbeat_at >= :since ORDER BY started_at;
 
+-- name: worker_pids
+-- Process ids of the workers on one machine that have not stopped.
+SELECT pid FROM workers WHERE hostname = :hostname AND stopped_at IS NULL;
+
 -- name: worker_count
 -- Workers ever registered (and not yet forgotten).
 SELECT COUNT(*) FROM workers;

@@ -137,6 +137,10 @@ class Settings:
     max_input_bytes: int = setting(20 * 2**20, "largest input image or mask, in bytes", "api", _positive(int))
     max_input_pixels: int = setting(4096 * 4096, "largest input image or mask, in pixels", "api", _positive(int))
     stale_after: float = setting(15.0, "seconds without a heartbeat before a worker counts as dead", parse=_positive(float))
+    write_lock_limit: float | None = setting(
+        5.0, "seconds one process may hold the queue's write lock inside a transaction; past it a frozen worker is "
+        "stopped (SQLite: SIGKILL by the API; PostgreSQL: the server ends the session) so that submits go on; none "
+        "for no limit", parse=_optional(_positive(float)))
     engine: str = setting("auto", "mflux, synthetic, or auto (mflux where MLX has a GPU, else synthetic)", "worker")
     quantize: int | None = setting(None, "quantize the model to 3, 4, 5, 6 or 8 bits, or none", "worker", _quantize)
     model_path: str | None = setting(None, "load weights from this local folder instead of the Hugging Face cache", "worker")

@@ -492,6 +492,11 @@ def live_workers(conn: sqlite3.Connection, stale_after: float) -> list[Worker]:
     return [Worker.from_row(r) for r in conn.execute(sql("live_workers"), {"since": time.time() - stale_after})]
 
 
+def worker_pids(conn: sqlite3.Connection, hostname: str) -> set[int]:
+    """Process ids of the workers on one machine that have not stopped."""
+    return {row[0] for row in conn.execute(sql("worker_pids"), {"hostname": hostname}) if row[0] is not None}
+
+
 def worker_count(conn: sqlite3.Connection) -> int:
     """Workers ever registered and not yet forgotten."""
     count: int = conn.execute(sql("worker_count")).fetchone()[0]

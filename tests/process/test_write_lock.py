@@ -1,0 +1,128 @@
+"""A process frozen inside a write transaction: the write-lock watchdog (SQLite) and the session limit (PostgreSQL)
+keep submits answering, and only a registered worker is ever stopped."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from mflux_server.core import db, store, write_lock
+from mflux_server.testing import Processes
+
+# A stand-in for a worker frozen mid-write: a real process that registers as a worker when asked, opens a write
+# transaction, says so, and stops itself with SIGSTOP, as a debugger or a swapping machine would stop a worker.
+FROZEN = textwrap.dedent("""
+    import os, signal, sys
+    from mflux_server.core import db, pg, store
+    target, register, limit = sys.argv[1], sys.argv[2] == "worker", float(sys.argv[3])
+    if pg.is_postgres_url(target):
+        import psycopg
+        pg.limit_idle_transactions(limit)  # as the worker's main() does
+        session = psycopg.connect(target, **{**pg.SESSION_OPTIONS, "autocommit": False})
+        session.execute(pg._BEGIN_WRITE[1])  # the store's write lock, held inside an open transaction
+    else:
+        conn = db.connect(target)
+        if register:
+            store.register_worker(conn, "synthetic", "schnell", None)
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("UPDATE workers SET heartbeat_at = heartbeat_at")
+    print("holding", flush=True)
+    os.kill(os.getpid(), signal.SIGSTOP)
+""")
+
+
+def frozen_writer(target: str, as_worker: bool, limit: float = 2.0) -> subprocess.Popen[str]:
+    """Start the stand-in and return once it holds the write lock (it is stopped by then, or about to be)."""
+    proc = subprocess.Popen([sys.executable, "-c", FROZEN, target, "worker" if as_worker else "other", str(limit)],
+                            stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[2])
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "holding"
+    return proc
+
+
+def timed_submit(url: str) -> tuple[requests.Response, float]:
+    started = time.monotonic()
+    answer = requests.post(url + "/api/generate", json={"prompt": "past a frozen writer", "steps": 2}, timeout=60)
+    return answer, time.monotonic() - started
+
+
+def test_a_worker_frozen_in_a_write_is_stopped_and_submits_answer_within_the_limit(processes: Processes, db_path):
+    url = processes.server("--write-lock-limit", "2")
+    frozen = frozen_writer(db_path, as_worker=True)
+    try:
+        answer, took = timed_submit(url)
+        assert answer.status_code == 200, answer.text  # was 503 storage_busy after the 10 s busy wait
+        assert took < 6, f"the submit waited {took:.1f} s behind a lock the limit bounds at 2 s"
+        assert frozen.wait(timeout=5) == -signal.SIGKILL, "the frozen worker was ended with SIGKILL"
+    finally:
+        frozen.kill()
+    assert f"worker process {frozen.pid} held the queue's write lock" in processes.log(processes.server_proc)
+    conn = db.connect(db_path)
+    try:
+        assert store.get(conn, answer.json()["task_id"]) is not None, "the acknowledged task is stored"
+    finally:
+        conn.close()
+
+
+def test_the_watchdog_names_a_process_that_is_not_a_worker_and_leaves_it_alone(db_path, caplog):
+    holder = frozen_writer(db_path, as_worker=False)
+    try:
+        assert write_lock.holder(db_path) == holder.pid
+        watchdog = write_lock.Watchdog(db_path, 1.0, lambda: db.connect(db_path))
+        with caplog.at_level(logging.ERROR, "mflux_server"):
+            assert watchdog.look(now=0.0) is None
+            assert watchdog.look(now=5.0) is None and watchdog.look(now=6.0) is None
+        assert holder.poll() is None, "a process that is not a worker is never stopped"
+        named = [r.getMessage() for r in caplog.records if str(holder.pid) in r.getMessage()]
+        assert len(named) == 1 and "not a worker" in named[0], named  # named once, not at every look
+    finally:
+        holder.send_signal(signal.SIGCONT)
+        holder.kill()
+        holder.wait()
+    assert write_lock.holder(db_path) is None, "a dead holder's lock is gone"
+
+
+def test_a_worker_that_commits_often_is_not_mistaken_for_a_frozen_one(db_path):
+    watchdog = write_lock.Watchdog(db_path, 1.0, lambda: db.connect(db_path))
+    conn = db.connect(db_path)
+    busy = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        from mflux_server.core import db, store
+        conn = db.connect({db_path!r})
+        worker = store.register_worker(conn, "synthetic", "schnell", None)
+        while True:
+            store.heartbeat(conn, worker)
+    """)], cwd=Path(__file__).parents[2])
+    try:
+        time.sleep(1.0)
+        killed = [watchdog.look(now=t * 0.5) for t in range(12)]  # 6 s of looks at a writer that never stops writing
+        assert busy.poll() is None and not any(killed), killed
+    finally:
+        busy.kill()
+        busy.wait()
+        conn.close()
+
+
+@pytest.mark.parametrize("limit", [2.0])
+def test_on_postgresql_the_server_ends_a_session_frozen_in_a_write(processes: Processes, postgres_server, limit):
+    url_db = postgres_server.create_database()
+    db.open_database(url_db).close()
+    pg_processes = Processes(processes.workdir, url_db)
+    try:
+        url = pg_processes.server("--write-lock-limit", str(limit))
+        frozen = frozen_writer(url_db, as_worker=True, limit=limit)
+        try:
+            answer, took = timed_submit(url)
+            assert answer.status_code == 200, answer.text  # waited for the lock without end before
+            assert took < limit + 4, f"the submit waited {took:.1f} s behind a session the server ends at {limit} s"
+        finally:
+            frozen.kill()
+            frozen.wait()
+    finally:
+        pg_processes.stop_all()
