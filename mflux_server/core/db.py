@@ -25,6 +25,12 @@ class StorageLost(sqlite3.DatabaseError):
     """The database file or its WAL was removed or replaced under a running process: writes would not be durable."""
 
 
+class FileNotWritable(sqlite3.OperationalError):
+    """The queue file stopped being writable while the process ran."""
+
+    problem = "read_only"
+
+
 class QueueConnection(sqlite3.Connection):
     """A connection that notices its database file or WAL being removed or replaced while it is open.
 
@@ -41,7 +47,16 @@ class QueueConnection(sqlite3.Connection):
         """Run a statement; a write first checks the files."""
         if self.path and _WRITE.match(sql):
             self.check_files()
-        return super().execute(sql, parameters)
+        try:
+            return super().execute(sql, parameters)
+        except sqlite3.OperationalError as error:
+            # A file made read-only under a running process (chattr +i, chmod) fails its writes with a plain
+            # I/O error; say what it is, so that it reads storage_read_only and not storage_failed.
+            if self.path and (getattr(error, "sqlite_errorcode", 0) & 0xFF) == sqlite3.SQLITE_IOERR \
+                    and not os.access(self.path, os.W_OK):
+                raise FileNotWritable(f"{self.path} is not writable any more (read-only or immutable, as after "
+                                      f"chattr +i): {error}") from error
+            raise
 
     def check_files(self) -> None:
         """Raise StorageLost if the database file or its WAL is no longer the one this connection uses."""

@@ -16,7 +16,7 @@ from functools import lru_cache
 from importlib import resources
 
 from mflux_server.core import pg
-from mflux_server.core.db import execute_later, transaction
+from mflux_server.core.db import FileNotWritable, execute_later, transaction
 from mflux_server.core.rows import (
     ApiKey,
     Arrival,
@@ -780,6 +780,10 @@ def give_back_space(conn: sqlite3.Connection, pages: int) -> int:
 
 def check_writable(conn: sqlite3.Connection) -> None:
     """Prove the queue takes writes (a write transaction that changes nothing); raises the storage error if not."""
+    path = getattr(conn, "path", "")
+    if path and not os.access(path, os.W_OK):  # writes would still land in the WAL, which then only grows
+        raise FileNotWritable(f"{path} is not writable (read-only or immutable, as after chattr +i); writes go to "
+                                 "its WAL, which cannot be checkpointed and grows until it is")
     with transaction(conn):
         conn.execute(sql("touch_queue_state"))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 import sys
 import time
@@ -134,3 +135,33 @@ def test_on_a_full_disk_deleting_finished_tasks_still_works_and_frees_space(smal
     assert "released its 4 MiB reserve" in procs.log(procs.server_proc)
     filler.unlink()
     assert requests.post(url + "/api/generate", json={"prompt": "after"}, timeout=10).status_code == 200
+
+
+def test_a_queue_file_made_immutable_under_the_server_is_named_read_only_and_loses_nothing(processes, db_path):
+    if subprocess.run(["chattr", "+i", db_path], capture_output=True).returncode != 0:
+        pytest.skip("LOUD SKIP: chattr +i needs CAP_LINUX_IMMUTABLE, which this user lacks")
+    subprocess.run(["chattr", "-i", db_path], check=True)
+    url = processes.server("--housekeeping-interval", "0.5")
+    try:
+        subprocess.run(["chattr", "+i", db_path], check=True)
+        answers = [requests.post(url + "/api/generate", json={"prompt": f"immutable {i}"}, timeout=10) for i in range(3)]
+        # A connection opened before the flag writes on into the WAL (acknowledged, kept); one opened after is
+        # read-only. Either way the answer is honest: 200, or 503 storage_read_only, never storage_failed.
+        assert all(r.status_code == 200 or (r.status_code, r.json()["code"]) == (503, "storage_read_only")
+                   for r in answers), [r.text for r in answers]
+        acknowledged = {f"immutable {i}" for i, r in enumerate(answers) if r.status_code == 200}
+        ready = requests.get(url + "/readyz", timeout=10).json()
+        assert any("not writable" in problem and "chattr +i" in problem for problem in ready["problems"]), ready
+        log = lambda: processes.log(processes.server_proc)  # noqa: E731
+        wait_for(lambda: "FileNotWritable" in log(), what="the housekeeper's checkpoint to name the cause")
+        conn = db.connect(db_path)
+        with pytest.raises(sqlite3.OperationalError) as raised:
+            store.checkpoint(conn)
+        assert db.storage_problem(raised.value) == "read_only", raised.value  # was "io": storage_failed
+        conn.close()
+    finally:
+        subprocess.run(["chattr", "-i", db_path], check=True)
+    processes.stop_all()
+    reopened = db.connect(db_path)
+    stored = {t.prompt for t in store.list_tasks(reopened, None, 50, 0)[0]}
+    assert stored == acknowledged
