@@ -13,6 +13,7 @@ from bench import (
     duty_cycle,
     event_streams,
     forecast_accuracy,
+    loop_stalls,
     model_switching,
     report,
     shared_service,
@@ -22,7 +23,7 @@ from bench import (
 from bench.report import machine
 from mflux_server.testing import ROOT
 
-NAMES = ("duty", "dispatch", "load", "streams", "slow", "surfaces", "shared", "forecast", "switching", "stores")
+NAMES = ("duty", "dispatch", "load", "streams", "slow", "surfaces", "shared", "forecast", "switching", "stores", "stalls")
 EXPLANATIONS_FILE = ROOT / "bench" / "explanations.md"
 
 
@@ -74,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
             results.append(model_switching.run(args.smoke))
         elif name == "stores":
             results.append(two_stores.run(args.smoke))
+        elif name == "stalls":
+            results.append(loop_stalls.run(args.smoke))
         for figure in results[-1].figures:
             print(f"  {figure.label}: {figure.shown()} {('(target ' + figure.target + ')') if figure.target else ''}",
                   file=sys.stderr)

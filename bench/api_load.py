@@ -211,7 +211,7 @@ def add_beside(result: Result, alone: dict, paced: dict) -> None:
 
 
 @contextmanager
-def full_queue(tasks: int, smoke: bool, server_args: tuple[str, ...] = ()
+def full_queue(tasks: int, smoke: bool, server_args: tuple[str, ...] = (), worker_args: tuple[str, ...] = ()
                ) -> Iterator[tuple[Processes, str, list[str], Path, subprocess.Popen[bytes]]]:
     """`tasks` waiting tasks, the API (2 processes) and a real-time worker: yields the processes, the URL, the task
     ids (also written to a file, one per line, for wrk) and the worker."""
@@ -223,7 +223,7 @@ def full_queue(tasks: int, smoke: bool, server_args: tuple[str, ...] = ()
         procs = Processes(Path(tmp), path)
         try:
             url = procs.server(*server_args, http_workers=2)
-            worker = procs.worker(speed=1.0)  # real-time synthetic tasks: the queue stays ~10,000 deep
+            worker = procs.worker(*worker_args, speed=1.0)  # real-time synthetic tasks: the queue stays ~10,000 deep
             time.sleep(0 if smoke else SETTLE_SECONDS)
             yield procs, url, ids, ids_file, worker
         finally:

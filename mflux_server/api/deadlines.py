@@ -40,6 +40,8 @@ class DeadlineSocket:
         self.deadline: float | None = None
         self.timed_out = False  # a read hit the deadline: the rest of the request can never be told apart
         self.closing = False  # the process is stopping and closed this connection between requests
+        self.served = 0  # requests answered on this connection so far
+        self.last_done = 0.0  # monotonic time the last one was answered
 
     def recv(self, size: int) -> bytes:
         """Read, waiting no later than the deadline; between requests the keep-alive timeout governs."""
@@ -73,6 +75,8 @@ class DeadlineSocket:
     def request_done(self) -> None:
         """The response is sent: the next request's clock starts at its first byte."""
         self.started = self.deadline = None
+        self.served += 1
+        self.last_done = time.monotonic()
 
     def close_if_idle(self) -> None:
         """Between requests, end the connection (the process is stopping); a request in progress finishes first."""

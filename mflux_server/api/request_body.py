@@ -19,7 +19,10 @@ from webargs.flaskparser import FlaskParser, is_json_request
 from werkzeug.routing import RequestRedirect
 
 from mflux_server.api.errors import abort_json
+from mflux_server.core import native
 
+LARGE_JSON = 256 * 1024  # bytes past which a JSON body is parsed on an OS thread (native.call_bounded)
+PARSE_THREADS = 2  # such parses at once per server process
 MAX_DEPTH = 8  # our deepest body is a list of images inside the object: 2 levels
 MAX_DIGITS = 40  # any of our numbers fits in 20 digits; this leaves room for spelled-out zeros
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
@@ -146,7 +149,10 @@ class StrictParser(FlaskParser):
     def _raw_load_json(self, req: Request) -> Any:
         if not is_json_request(req):
             return core.missing
-        return parse_json_body(req.get_data(cache=True))
+        raw = req.get_data(cache=True)
+        if len(raw) > LARGE_JSON:  # a body full of base64 images: tens of milliseconds of parsing, off the loop
+            return native.call_bounded(lambda: parse_json_body(raw), "json-parse", PARSE_THREADS)
+        return parse_json_body(raw)
 
     def load_querystring(self, req: Request, schema: Any) -> Any:
         """The query parameters, once each."""

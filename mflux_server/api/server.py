@@ -7,6 +7,7 @@ import json
 import logging
 import socket
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -59,6 +60,8 @@ def write_json_error(sock: Any, status_int: int, reason: str, mesg: str) -> None
 KEEPALIVE_SECONDS = 75
 # Seconds a read waits at most for the event loop to be idle (take_turns), so a flood of writes cannot starve it.
 IDLE_WAIT = 0.05
+# A write that follows its connection's previous answer this closely (seconds) comes from a client writing flat out.
+BACK_TO_BACK = 0.002
 # Methods that change the queue: served as soon as they are read.
 WRITE_METHODS = ("POST", "PUT", "PATCH", "DELETE")
 
@@ -73,11 +76,18 @@ def take_turns(app: Flask) -> Callable[[dict[str, Any], Any], Any]:
     Requests that change the queue skip the wait: a submit never queues behind a crowd of status polls
     (bench/explanations.md has the measurements). The wait is bounded (IDLE_WAIT): with clients submitting flat
     out the loop is never idle, and a new connection's status read waited for the whole flood (6-30 s).
+    A connection's first request skips the wait: it already waited its turn to be accepted and started (two
+    passes of the loop, tens of milliseconds when it is saturated). A write sent back to back with its
+    connection's previous answer yields once, so that connections accepted meanwhile start before it.
     """
     import gevent
 
     def wsgi(environ: dict[str, Any], start_response: Any) -> Any:
-        if environ.get("REQUEST_METHOD") not in WRITE_METHODS:
+        connection = environ.get("gunicorn.socket")
+        if environ.get("REQUEST_METHOD") in WRITE_METHODS:
+            if time.monotonic() - getattr(connection, "last_done", 0.0) < BACK_TO_BACK:
+                gevent.sleep(0)  # a client writing flat out lets the connections accepted meanwhile start first
+        elif getattr(connection, "served", 1):
             with gevent.Timeout(IDLE_WAIT, False):
                 gevent.idle()
         return app(environ, start_response)

@@ -7,6 +7,8 @@ per-greenlet SQLite connection would be opened for every request. These helpers 
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -106,13 +108,35 @@ def call(function: Callable[[], T]) -> T:
 _bounded: dict[str, Any] = {}
 
 
+BACKGROUND_NICE = 10  # how much less CPU share a bounded pool's thread gets than the event loop (Linux)
+_niced = thread_local()
+
+
+def _yielding(function: Callable[[], T]) -> Callable[[], T]:
+    """function, run at a lower CPU priority on this OS thread: where cores are few, the event loop's thread is
+    scheduled first and the pool's work fills the idle time (Linux niceness is per thread)."""
+
+    def run() -> T:
+        if not getattr(_niced, "done", False):
+            _niced.done = True
+            if sys.platform.startswith("linux"):
+                try:
+                    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
+                except OSError:
+                    pass
+        return function()
+
+    return run
+
+
 def call_bounded(function: Callable[[], T], name: str, size: int) -> T:
-    """Like call(), on a pool of `size` OS threads of its own: at most `size` such jobs run at once, the rest wait
-    (their greenlets only), so CPU-heavy work neither stalls the loop nor takes every core."""
+    """Like call(), on a pool of `size` OS threads of its own, run at a lower CPU priority than the event loop:
+    at most `size` such jobs run at once, the rest wait (their greenlets only), so CPU-heavy work neither stalls
+    the loop nor takes every core from it."""
     if gevent_active():
         from gevent.threadpool import ThreadPool
 
         pool = _bounded.get(name) or _bounded.setdefault(name, ThreadPool(size))
-        result: T = pool.apply(function)
+        result: T = pool.apply(_yielding(function))
         return result
     return function()

@@ -188,6 +188,12 @@ SELECT t.model, t.priority, t.seq, t.width, t.height, t.steps, t.count, t.create
   FROM tasks t
  WHERE t.seq > :seq AND +t.status = 'waiting' AND +t.model = :model;
 
+-- name: all_waiting_since
+-- Every model's waiting tasks newer than a snapshot, to extend it: a range read on the rowid (+ as above).
+SELECT t.model, t.priority, t.seq, t.width, t.height, t.steps, t.count, t.created_at, t.fair_tag, t.fair_start
+  FROM tasks t
+ WHERE t.seq > :seq AND +t.status = 'waiting';
+
 -- name: register_worker
 -- Record a worker process under a fresh id, alive as of now.
 INSERT INTO workers (id, hostname, pid, engine, model, quantize, started_at, heartbeat_at, models, max_pixels,

@@ -141,3 +141,9 @@ ON CONFLICT DO NOTHING;
 SELECT t.model, t.priority, t.seq, t.width, t.height, t.steps, t.count, t.created_at, t.fair_tag, t.fair_start
   FROM tasks t
  WHERE t.seq > :seq AND (t.status || '') = 'waiting' AND (t.model || '') = :model;
+
+-- name: all_waiting_since
+-- Every model's waiting tasks newer than a snapshot: a range read on the primary key (status wrapped as above).
+SELECT t.model, t.priority, t.seq, t.width, t.height, t.steps, t.count, t.created_at, t.fair_tag, t.fair_start
+  FROM tasks t
+ WHERE t.seq > :seq AND (t.status || '') = 'waiting';

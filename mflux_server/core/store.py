@@ -294,6 +294,11 @@ def waiting_since(conn: sqlite3.Connection, model: str, seq: int) -> list[QueueE
     return [QueueEntry(*r) for r in conn.execute(sql("waiting_since"), {"model": model, "seq": seq})]
 
 
+def all_waiting_since(conn: sqlite3.Connection, seq: int) -> list[QueueEntry]:
+    """Waiting tasks of every model submitted after sequence number seq."""
+    return [QueueEntry(*r) for r in conn.execute(sql("all_waiting_since"), {"seq": seq})]
+
+
 def waiting_front(conn: sqlite3.Connection, model: str, seq: int) -> ClaimKey | None:
     """The claim key of the first waiting task in claim order among those with seq up to seq, or None."""
     row = conn.execute(sql("waiting_front"), {"model": model, "seq": seq}).fetchone()

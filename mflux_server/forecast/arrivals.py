@@ -5,7 +5,8 @@ Pure: the queue view feeds it rows read through the store and the current time.
 
 from __future__ import annotations
 
-from collections import deque
+import heapq
+from collections import Counter
 from collections.abc import Iterable
 from typing import NamedTuple
 
@@ -37,7 +38,12 @@ class ArrivalLog:
     """The arrivals of the last ARRIVAL_WINDOW seconds and, per model and priority, their load."""
 
     def __init__(self) -> None:
-        self._arrivals: deque[Arrival] = deque()
+        # Oldest first by submit time (created_at need not grow with seq: clocks step), so the window is pruned
+        # from the top; and how many of each model, priority and shape it holds, so that re-pricing the load
+        # costs one price per shape, not a pass over every arrival (a submit flood keeps tens of thousands).
+        self._arrivals: list[tuple[float, int, Arrival]] = []
+        self._counts: Counter[tuple[str, int, int, int, int, int]] = Counter()
+        self._samples: dict[tuple[str, int, int, int, int], Arrival] = {}  # one arrival of each shape, to price it
         self.last_seq = 0  # the newest arrival seen; the next read starts after it
         self._load: dict[str, dict[int, Load]] = {}
         self._starts: dict[tuple[str, int, int, float], float] = {}  # until_start's solutions for this load
@@ -45,23 +51,29 @@ class ArrivalLog:
     def observe(self, new: Iterable[Arrival], now: float, cost: CostModel) -> None:
         """Add new arrivals, forget old ones, and re-price every priority's load with the current cost model."""
         for arrival in new:
-            self._arrivals.append(arrival)
+            heapq.heappush(self._arrivals, (arrival.created_at, arrival.seq, arrival))
+            self._counts[_counted(arrival)] += 1
+            self._samples.setdefault(_shape(arrival), arrival)
             self.last_seq = arrival.seq
-        # created_at need not grow with seq (clocks step), so prune and measure by time, not by position.
-        self._arrivals = deque(a for a in self._arrivals if a.created_at >= now - ARRIVAL_WINDOW)
-        oldest = min((a.created_at for a in self._arrivals), default=now - ARRIVAL_WINDOW)
+        while self._arrivals and self._arrivals[0][0] < now - ARRIVAL_WINDOW:
+            gone = _counted(heapq.heappop(self._arrivals)[2])
+            self._counts[gone] -= 1
+            if not self._counts[gone]:
+                del self._counts[gone]
+        oldest = self._arrivals[0][0] if self._arrivals else now - ARRIVAL_WINDOW
         span = max(now - oldest, MIN_ARRIVAL_SPAN)
         # Priced with the current model every time: prices from an earlier model (the prior) would linger.
         prices: dict[tuple[str, int, int, int, int], float] = {}
         load: dict[str, dict[int, Load]] = {}
-        for arrival in self._arrivals:
-            shape = (arrival.model, arrival.width, arrival.height, arrival.steps, arrival.count)
+        for counted, count in self._counts.items():
+            model, priority = counted[0], counted[1]
+            shape = (model, counted[2], counted[3], counted[4], counted[5])
             seconds = prices.get(shape)
             if seconds is None:
-                seconds = prices[shape] = cost.gpu_seconds(arrival)
-            by_priority = load.setdefault(arrival.model, {})
-            rate, work = by_priority.get(arrival.priority, Load(0.0, 0.0))
-            by_priority[arrival.priority] = Load(rate + 1 / span, work + seconds / span)
+                seconds = prices[shape] = cost.gpu_seconds(self._samples[shape])
+            by_priority = load.setdefault(model, {})
+            rate, work = by_priority.get(priority, Load(0.0, 0.0))
+            by_priority[priority] = Load(rate + count / span, work + count * seconds / span)
         self._load = load
         self._starts = {}
 
@@ -102,3 +114,11 @@ class ArrivalLog:
                 break
             start = ahead + later
         return start
+
+
+def _shape(arrival: Arrival) -> tuple[str, int, int, int, int]:
+    return arrival.model, arrival.width, arrival.height, arrival.steps, arrival.count
+
+
+def _counted(arrival: Arrival) -> tuple[str, int, int, int, int, int]:
+    return arrival.model, arrival.priority, arrival.width, arrival.height, arrival.steps, arrival.count

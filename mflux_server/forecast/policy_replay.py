@@ -33,16 +33,39 @@ class Worker:
 
 
 def start_time(queues: Mapping[str, ModelQueue], model: str, key: ClaimKey, worker: Worker) -> float:
-    """When the worker would claim the task `key` of `model`, if no other task arrived.
+    """When the worker would claim the task `key` of `model`, if no other task arrived."""
+    return timeline(queues, worker).start_in(queues, model, key)
+
+
+@dataclass(frozen=True)
+class Timeline:
+    """The whole replay at once: each model's stretches as (first index, end index, when the first starts), and
+    when the worker runs dry. Every waiting task's start is then a lookup (start_in), not a replay per request."""
+
+    stretches: Mapping[str, list[tuple[int, int, float]]]
+    done_at: float
+
+    def start_in(self, queues: Mapping[str, ModelQueue], model: str, key: ClaimKey) -> float:
+        """When the task `key` of `model` would be claimed (as start_time says)."""
+        queue = queues[model]
+        target = bisect.bisect_left(queue.keys, key, queue.first)
+        for start, end, at in self.stretches.get(model, ()):
+            if start <= target < end:
+                return at + queue.prefix[target] - queue.prefix[start]
+        return self.done_at
+
+
+def timeline(queues: Mapping[str, ModelQueue], worker: Worker) -> Timeline:
+    """Replay the claim policy over every queue to its end, recording each stretch of one model.
 
     The worker claims per choose_model after every task; between two decisions that can differ, the replay
     runs whole stretches of one model's queue at once (prefix sums and bisection), so it costs a few steps
     per model switch, not one per task.
     """
     pointers = {name: queue.first for name, queue in queues.items() if len(queue.keys) > queue.first}
-    target = bisect.bisect_left(queues[model].keys, key, queues[model].first)
     servable = list(queues)
     loaded, now = worker.loaded, worker.free_at
+    stretches: dict[str, list[tuple[int, int, float]]] = {}
     for _ in range(sum(len(queue.keys) - queue.first for queue in queues.values()) + 1):
         heads = [WaitingHead(name, -queues[name].keys[i].neg_priority, queues[name].keys[i].seq, queues[name].created[i],
                              len(queues[name].keys) - i, len(queues[name].keys) - i)
@@ -54,22 +77,16 @@ def start_time(queues: Mapping[str, ModelQueue], model: str, key: ClaimKey, work
             now += expected_load(choice, worker.loads, worker.default_load)
             loaded = choice
         start = pointers[choice]
-        if choice == model and start >= target:
-            return now
         queue = queues[choice]
         head_priority = queue.keys[start].neg_priority
-        # The stretch ends at the target, at the end of the head's priority tier, or when another model's head of
-        # that tier falls due (its affinity bound less its load); each task claimed by then runs to its end.
         end = bisect.bisect_right(queue.keys, ClaimKey(head_priority, math.inf, math.inf, math.inf))  # type: ignore[arg-type]
-        if choice == model:
-            end = min(end, target)
         deadlines = [head.created_at + worker.affinity_wait - switch_lead(head.model, loaded, worker.loads)
                      for head in heads if head.model != choice and -head.priority == head_priority]
         claimed = end - start
         if deadlines:
             due = min(deadlines) - now + queue.prefix[start]
             claimed = min(claimed, max(bisect.bisect_right(queue.prefix, due, start, end) - start, 1))
+        stretches.setdefault(choice, []).append((start, start + claimed, now))
         now += queue.prefix[start + claimed] - queue.prefix[start]
         pointers[choice] = start + claimed
-    return now
-
+    return Timeline(stretches, now)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import math
 import random
 import threading
@@ -10,7 +11,7 @@ import time
 import pytest
 
 from mflux_server.core import db, store
-from mflux_server.core.rows import Task, Timing
+from mflux_server.core.rows import ClaimKey, QueueEntry, QueueRead, Task, Timing, WaitingHead
 from mflux_server.forecast.arrivals import (
     MAX_PRIORITY_LOAD,
     MIN_ARRIVAL_SPAN,
@@ -25,7 +26,10 @@ from mflux_server.forecast.cost_model import (
     megapixels,
 )
 from mflux_server.forecast.numerics import poisson_quantile
-from mflux_server.forecast.queue_view import Estimate, Forecaster
+from mflux_server.core.scheduling import choose_model, expected_load, switch_lead
+from mflux_server.forecast.policy_replay import ModelQueue, timeline
+from mflux_server.forecast.policy_replay import Worker as ReplayWorker
+from mflux_server.forecast.queue_view import Estimate, Forecaster, QueueSnapshot
 from tests.conftest import new_task as task
 from tests.conftest import queue_task
 
@@ -481,3 +485,113 @@ def test_until_start_remembers_solutions_within_a_tenth_of_a_percent_and_forgets
     before = log.until_start("schnell", 0, 1, 500.0)
     log.observe([Arrival(200 + n, "schnell", 1, 1024, 1024, 4, 4, NOW) for n in range(100)], NOW, cost)
     assert log.until_start("schnell", 0, 1, 500.0) > before, "a heavier load is solved afresh, not read from the cache"
+
+
+def test_a_models_queue_merged_with_later_submits_is_the_claim_order_and_is_reused():
+    rng = random.Random(5)
+    cost = CostModel.fit([])
+
+    def entry(seq: int) -> QueueEntry:
+        return QueueEntry("schnell", rng.choice([0, 0, 0, 5]), seq, rng.choice([256, 512, 1024]), 512,
+                          rng.choice([2, 4]), 1, 1000.0 + seq, rng.choice([0.0, 1.0, 2.0]))
+
+    old = sorted((entry(seq) for seq in range(1, 400)),
+                 key=lambda e: ClaimKey.of(e.priority, e.seq, e.fair_tag, e.fair_start))
+    snap = QueueSnapshot.build(QueueRead(old, 399, 1), cost, 0.0)
+    keys = snap.keys["schnell"]
+    front = keys[37]  # 37 tasks claimed since the snapshot
+    newer = [entry(seq) for seq in range(400, 430)]  # some of higher priority, some with smaller fair tags
+    merged = snap.model_queue("schnell", front, newer, cost)
+    expected = sorted([(k, old_entry.created_at, cost.gpu_seconds(old_entry))
+                       for k, old_entry in zip(keys, old, strict=True) if k >= front]
+                      + [(ClaimKey.of(e.priority, e.seq, e.fair_tag, e.fair_start), e.created_at, cost.gpu_seconds(e))
+                         for e in newer])
+    assert merged.keys[merged.first:] == [k for k, _, _ in expected]
+    assert merged.created[merged.first:] == [at for _, at, _ in expected]
+    running = 0.0
+    for i, (_, _, seconds) in enumerate(expected):
+        running += seconds
+        assert math.isclose(merged.prefix[merged.first + i + 1] - merged.prefix[merged.first], running)
+    assert snap.model_queue("schnell", front, newer, cost) is merged, "the next status request reuses the merge"
+    assert snap.model_queue("schnell", front, newer[:-1], cost) is not merged, "another submit set is merged anew"
+
+
+def test_a_flood_of_submits_extends_the_snapshot_without_reading_the_queue_again(conn, db_path, monkeypatch):
+    forecaster = forecaster_for(db_path, refit_interval=60)
+    first = [queue_task(conn, steps=4 + i % 3, priority=i % 2) for i in range(20)]
+    watched = first[-1]
+    forecaster.estimate(conn, current(conn, watched.id), workers=1)
+    built = forecaster._snapshot
+    flood = [queue_task(conn, model=("schnell", "dev")[i % 2], priority=(0, 0, 1)[i % 3], width=256 + 64 * (i % 4))
+             for i in range(80)]  # past MAX_UNSNAPSHOTTED, with urgent ones that go ahead of older tasks
+    monkeypatch.setattr(store, "read_queue", lambda c: pytest.fail("the whole queue was read again"))
+    forecaster.estimate(conn, current(conn, watched.id), workers=1)
+    forecaster.settle()
+    extended = forecaster._snapshot
+    assert extended is not built and extended.max_seq == flood[-1].seq
+    monkeypatch.undo()
+    fresh = forecaster_for(db_path, refit_interval=60)
+    for task in (watched, flood[0], flood[-1], flood[31]):
+        assert fresh.estimate(conn, current(conn, task.id), workers=1) == \
+            forecaster.estimate(conn, current(conn, task.id), workers=1), "exactly what a fresh build says"
+    assert fresh._snapshot.keys == extended.keys and fresh._snapshot.created == extended.created
+    assert {m: pytest.approx(p) for m, p in fresh._snapshot.prefix.items()} == extended.prefix
+
+
+def replayed_per_task(queues: Mapping[str, ModelQueue], model: str, key: ClaimKey, worker: Worker) -> float:
+    """The replay the timeline replaced: one run per task, cut at it (the oracle the timeline must agree with)."""
+    pointers = {name: queue.first for name, queue in queues.items() if len(queue.keys) > queue.first}
+    target = bisect.bisect_left(queues[model].keys, key, queues[model].first)
+    servable = list(queues)
+    loaded, now = worker.loaded, worker.free_at
+    for _ in range(sum(len(queue.keys) - queue.first for queue in queues.values()) + 1):
+        heads = [WaitingHead(name, -queues[name].keys[i].neg_priority, queues[name].keys[i].seq, queues[name].created[i],
+                             len(queues[name].keys) - i, len(queues[name].keys) - i)
+                 for name, i in pointers.items() if i < len(queues[name].keys)]
+        choice = choose_model(heads, loaded, servable, now, worker.affinity_wait, worker.loads)
+        if choice is None:
+            break
+        if choice != loaded:
+            now += expected_load(choice, worker.loads, worker.default_load)
+            loaded = choice
+        start = pointers[choice]
+        if choice == model and start >= target:
+            return now
+        queue = queues[choice]
+        head_priority = queue.keys[start].neg_priority
+        # The stretch ends at the target, at the end of the head's priority tier, or when another model's head of
+        # that tier falls due (its affinity bound less its load); each task claimed by then runs to its end.
+        end = bisect.bisect_right(queue.keys, ClaimKey(head_priority, math.inf, math.inf, math.inf))
+        if choice == model:
+            end = min(end, target)
+        deadlines = [head.created_at + worker.affinity_wait - switch_lead(head.model, loaded, worker.loads)
+                     for head in heads if head.model != choice and -head.priority == head_priority]
+        claimed = end - start
+        if deadlines:
+            due = min(deadlines) - now + queue.prefix[start]
+            claimed = min(claimed, max(bisect.bisect_right(queue.prefix, due, start, end) - start, 1))
+        now += queue.prefix[start + claimed] - queue.prefix[start]
+        pointers[choice] = start + claimed
+    return now
+
+
+def test_one_replay_of_the_whole_queue_gives_every_tasks_start_as_the_replay_per_task_does():
+    rng = random.Random(11)
+    for trial in range(60):
+        queues = {}
+        for model in ("schnell", "dev", "flux2-klein-4b")[: rng.choice([2, 3])]:
+            entries = sorted((ClaimKey.of(rng.choice([0, 0, 0, 1]), rng.randrange(10_000) * 10 + trial % 10,
+                                          rng.choice([0.0, 0.0, 3.0])), 1000.0 + rng.uniform(0, 300),
+                              rng.uniform(1, 30)) for _ in range(rng.randrange(0, 40)))
+            prefix = [0.0]
+            for _, _, seconds in entries:
+                prefix.append(prefix[-1] + seconds)
+            queues[model] = ModelQueue([k for k, _, _ in entries], [c for _, c, _ in entries], prefix,
+                                       rng.randrange(0, 3) if entries else 0)
+        worker = ReplayWorker(rng.choice([None, *queues]), 1200.0 + rng.uniform(0, 200), rng.choice([0.0, 60.0, 600.0]),
+                              {"schnell": 20.0}, 15.0)
+        whole = timeline(queues, worker)
+        for model, queue in queues.items():
+            for key in queue.keys[queue.first:]:
+                assert whole.start_in(queues, model, key) == pytest.approx(replayed_per_task(queues, model, key, worker),
+                                                                           abs=1e-6), (trial, model, key)

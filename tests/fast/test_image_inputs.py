@@ -352,6 +352,23 @@ def test_exif_orientation_turns_a_portrait_photo_upright(client):
     assert painted.status_code == 200, "a mask drawn at the displayed size fits"
 
 
+def test_an_upright_photo_in_a_kept_mode_is_stored_as_sent_not_re_encoded(client):
+    from PIL import Image as PILImage
+
+    serve(client, "dev")
+    for exif_orientation in (None, 1):  # no tag, and the tag that says "already upright"
+        out = io.BytesIO()
+        exif = PILImage.Exif()
+        if exif_orientation:
+            exif[0x0112] = exif_orientation
+        PILImage.linear_gradient("L").convert("RGB").save(out, format="JPEG", exif=exif.tobytes())
+        response = post(client, model="dev", image=b64(out.getvalue()))
+        assert response.status_code == 200, response.json
+        conn = client.application.extensions["mflux_connections"].get()
+        stored = store.inputs(conn, response.json["task_id"])["image"]
+        assert stored.mime == "image/jpeg" and stored.data == out.getvalue(), "kept as sent (was re-encoded as PNG)"
+
+
 def test_a_long_image_list_is_refused_before_any_image_is_read(client, monkeypatch):
     from mflux_server.api import image_inputs
 

@@ -306,3 +306,12 @@ def test_every_change_of_a_task_appends_an_event_and_previews_belong_to_the_runn
     assert [e.id for e in events] == sorted({e.id for e in events}), "ids only grow"
     assert store.events_after(conn, events[3].id, task_id=task.id)[0].id == events[4].id
     assert store.last_event_id(conn) == events[-1].id
+
+
+def test_waiting_tasks_of_every_model_since_a_sequence_number(conn):
+    older = queue_task(conn)
+    newer = [queue_task(conn, model=model) for model in ("schnell", "dev", "schnell")]
+    store.claim_next(conn, "w", "dev", "synthetic")  # no longer waiting
+    found = store.all_waiting_since(conn, older.seq)
+    assert sorted(entry.seq for entry in found) == [newer[0].seq, newer[2].seq]
+    assert {entry.model for entry in found} == {"schnell"}

@@ -1,0 +1,154 @@
+"""Benchmark 12: the event loop beside heavy work: 8 clients each sending four 4096² references, and a new
+connection's wait while 10 keep-alive clients submit flat out (issue 28, items 3 and 4)."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import io
+import json
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import requests
+from PIL import Image
+
+from bench.api_load import PACED_PAUSE_MS, add_beside, full_queue, parse_wrk, phase, wrk_command
+from bench.results import Result, median, percentile
+
+EDITORS = 8  # clients, each sending one edit with four references at a time, back to back
+REFERENCES = 4
+SIDE = 4096
+SUBMITTERS = 10  # keep-alive clients submitting flat out
+PROBE_EVERY = 0.02  # seconds between new connections' reads
+FLOOD_SCRIPT = """
+wrk.method = "POST"
+wrk.body = '{"prompt": "flood", "width": 256, "height": 256, "steps": 1}'
+wrk.headers["Content-Type"] = "application/json"
+"""
+
+
+def reference_body(side: int) -> bytes:
+    """An edit request with REFERENCES different JPEG photos-sized references (smooth, so small on the wire)."""
+    images = []
+    for n in range(REFERENCES):
+        picture = Image.linear_gradient("L").resize((side, side)).convert("RGB")
+        picture.putpixel((n, n), (255, 0, 0))  # each reference its own bytes
+        buffer = io.BytesIO()
+        picture.save(buffer, "JPEG", quality=90)
+        images.append(base64.b64encode(buffer.getvalue()).decode())
+    return json.dumps({"prompt": "combine them", "model": "flux2-klein-4b", "images": images, "width": 512,
+                       "height": 512, "steps": 2}).encode()
+
+
+class Editors:
+    """Clients posting the reference-heavy edit back to back until stopped; counts answers by status."""
+
+    def __init__(self, url: str, count: int, body: bytes):
+        self.stop = threading.Event()
+        self.answers: dict[int, int] = {}
+        self.seconds: list[float] = []
+
+        def client() -> None:
+            session = requests.Session()
+            while not self.stop.is_set():
+                started = time.perf_counter()
+                status = session.post(url + "/api/generate", data=body, timeout=120,
+                                      headers={"Content-Type": "application/json"}).status_code
+                self.seconds.append(time.perf_counter() - started)
+                self.answers[status] = self.answers.get(status, 0) + 1
+
+        self.threads = [threading.Thread(target=client, daemon=True) for _ in range(count)]
+        for thread in self.threads:
+            thread.start()
+
+    def close(self) -> None:
+        """Stop after each client's request in flight."""
+        self.stop.set()
+        for thread in self.threads:
+            thread.join()
+
+
+def new_connection_reads(url: str, seconds: float) -> list[float]:
+    """Open a new connection every PROBE_EVERY s for one /healthz and one /api/info read; milliseconds each."""
+    host, port = url.removeprefix("http://").split(":")
+    latencies: list[float] = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        for path in ("/healthz", "/api/info"):
+            started = time.perf_counter()
+            connection = http.client.HTTPConnection(host, int(port), timeout=60)
+            connection.request("GET", path, headers={"Host": "localhost"})
+            answer = connection.getresponse()
+            answer.read()
+            connection.close()
+            latencies.append((time.perf_counter() - started) * 1000)
+            assert answer.status == 200, (path, answer.status)
+        time.sleep(PROBE_EVERY)
+    return latencies
+
+
+def run(smoke: bool = False) -> Result:
+    """Benchmark 3's paced load alone and beside the editors; then new connections beside the flat-out submitters."""
+    tasks, seconds, connections, side = (300, 2.0, 8, 512) if smoke else (10_000, 20.0, 32, SIDE)
+    use_wrk = shutil.which("wrk") is not None and not smoke
+    result = Result("The event loop beside heavy work", f"make bench ARGS='--only stalls'  ({tasks:,} queued; benchmark "
+                    f"3's paced load for {seconds:.0f} s alone, then beside {EDITORS} clients each sending "
+                    f"{REFERENCES} {side}² JPEG references back to back; then new connections every "
+                    f"{PROBE_EVERY * 1000:.0f} ms beside {SUBMITTERS} keep-alive clients submitting flat out)")
+    body = reference_body(side)
+    with full_queue(tasks, smoke) as (procs, url, ids, ids_file, _):
+        # The edits' model on a worker of its own: one worker switching between the two would put its claim
+        # policy's replay in every status answer, a cost of its own (docs/benchmarks.md notes it).
+        procs.worker("--model", "flux2-klein-4b", speed=1.0)
+        alone = phase(url, ids, ids_file, seconds, connections, PACED_PAUSE_MS, use_wrk)
+        editors = Editors(url, EDITORS, body)
+        beside = phase(url, ids, ids_file, seconds, connections, PACED_PAUSE_MS, use_wrk)
+        editors.close()
+        add_beside(result, alone, beside)
+        accepted = editors.answers.get(200, 0)
+        result.add("reference-heavy edits accepted meanwhile", accepted, "", "> 0 and no other answer",
+                   accepted > 0 and set(editors.answers) == {200})
+        result.add("their submit time, median", median(editors.seconds) * 1000, "ms")
+        flood = _flood(url, seconds, use_wrk, ids_file.parent)
+        probes = new_connection_reads(url, seconds)
+        submitted = flood()
+    result.add("flat-out keep-alive submits per second meanwhile", submitted / seconds, "/s")
+    result.add("new connection's read, p50", median(probes), "ms")
+    result.add("new connection's read, p99", percentile(probes, 99), "ms", "≤ 100 ms", percentile(probes, 99) <= 100)
+    return result
+
+
+def _flood(url: str, seconds: float, use_wrk: bool, folder: Path) -> Callable[[], int]:
+    """Start SUBMITTERS keep-alive clients submitting flat out for `seconds`; returns a function that waits for them
+    and gives how many submits they made."""
+    if use_wrk:
+        script = folder / "flood.lua"
+        script.write_text(FLOOD_SCRIPT)
+        command = wrk_command(url + "/api/generate", script, seconds, SUBMITTERS, threads=2)
+        running = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+        return lambda: parse_wrk(running.communicate()[0])["total"]
+    stop = time.monotonic() + seconds
+    made = [0]
+
+    def client() -> None:
+        session = requests.Session()
+        while time.monotonic() < stop:
+            session.post(url + "/api/generate", json={"prompt": "flood", "width": 256, "height": 256, "steps": 1},
+                         timeout=30)
+            made[0] += 1
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(SUBMITTERS)]
+    for thread in threads:
+        thread.start()
+
+    def wait() -> int:
+        for thread in threads:
+            thread.join()
+        return made[0]
+
+    return wait
