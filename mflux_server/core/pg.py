@@ -17,14 +17,13 @@ import time
 import weakref
 from collections.abc import Iterator, Mapping
 from functools import lru_cache
-from importlib import resources
 from typing import Any
 
 import psycopg
 import psycopg.errors
 from psycopg_pool import ConnectionPool
 
-from mflux_server.core import native, pg_one_message
+from mflux_server.core import native, pg_one_message, query_files
 
 # Every write transaction holds this advisory lock until it ends, as SQLite's BEGIN IMMEDIATE holds the file's
 # write lock: writers queue up in arrival order, events get ids in commit order (a stream never skips one), and
@@ -103,17 +102,12 @@ _OVERRIDES_NAME = re.compile(r"^-- name: (\S+)", re.MULTILINE)
 @lru_cache(maxsize=1)
 def overrides() -> dict[str, str]:
     """PostgreSQL versions of the statements whose SQLite text cannot be translated mechanically, by name."""
-    from mflux_server.core import store
-
-    text = resources.files("mflux_server.core").joinpath("queries_pg.sql").read_text(encoding="utf-8")
-    return {name: query.sql for name, query in store.parse_queries(text).items()}
+    return {name: query.sql for name, query in query_files.load("queries_pg.sql").items()}
 
 
 @lru_cache(maxsize=1)
 def _override_by_sqlite_text() -> dict[str, str]:
-    from mflux_server.core import store
-
-    sqlite_queries = store.queries()
+    sqlite_queries = query_files.queries()
     unknown = set(overrides()) - set(sqlite_queries)
     if unknown:
         raise RuntimeError(f"queries_pg.sql overrides statements queries.sql does not have: {sorted(unknown)}")

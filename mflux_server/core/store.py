@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import secrets
 import socket
 import sqlite3
 import statistics
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
-from functools import lru_cache
-from importlib import resources
+from dataclasses import asdict, fields
 
 from mflux_server.core import pg
 from mflux_server.core.db import FileNotWritable, execute_later, transaction
+from mflux_server.core.query_files import queries
 from mflux_server.core.rows import (
     ApiKey,
     Arrival,
@@ -44,40 +42,6 @@ from mflux_server.core.rows import (
 FORGET_WORKERS_AFTER = 7 * 24 * 3600.0
 # How long events are kept for streams that reconnect; older ones are pruned by the workers' recovery sweep.
 EVENT_RETENTION = 3600.0
-
-
-@dataclass(frozen=True, slots=True)
-class Query:
-    """One named statement of queries.sql with the line that says what it does."""
-
-    name: str
-    description: str
-    sql: str
-
-
-def parse_queries(text: str) -> dict[str, Query]:
-    """Split a queries file into named statements; each must have a description comment under its name."""
-    named: dict[str, Query] = {}
-    for block in re.split(r"^-- name: ", text, flags=re.MULTILINE)[1:]:
-        name, _, body = block.partition("\n")
-        name = name.strip()
-        lines = body.strip().splitlines()
-        description = []
-        while lines and lines[0].startswith("--"):
-            description.append(lines.pop(0).removeprefix("--").strip())
-        if not description:
-            raise ValueError(f"query {name!r} has no description under its name")
-        if name in named:
-            raise ValueError(f"query {name!r} is defined twice")
-        named[name] = Query(name, " ".join(description), "\n".join(lines).strip().rstrip(";"))
-    return named
-
-
-@lru_cache(maxsize=1)
-def queries() -> dict[str, Query]:
-    """The named statements of queries.sql, loaded once."""
-    text = resources.files("mflux_server.core").joinpath("queries.sql").read_text(encoding="utf-8")
-    return parse_queries(text)
 
 
 def sql(name: str) -> str:

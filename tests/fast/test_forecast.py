@@ -12,6 +12,7 @@ import pytest
 
 from mflux_server.core import db, store
 from mflux_server.core.rows import ClaimKey, QueueEntry, QueueRead, Task, Timing, WaitingHead
+from mflux_server.core.scheduling import choose_model, expected_load, switch_lead
 from mflux_server.forecast.arrivals import (
     MAX_PRIORITY_LOAD,
     MIN_ARRIVAL_SPAN,
@@ -26,7 +27,6 @@ from mflux_server.forecast.cost_model import (
     megapixels,
 )
 from mflux_server.forecast.numerics import poisson_quantile
-from mflux_server.core.scheduling import choose_model, expected_load, switch_lead
 from mflux_server.forecast.policy_replay import ModelQueue, timeline
 from mflux_server.forecast.policy_replay import Worker as ReplayWorker
 from mflux_server.forecast.queue_view import Estimate, Forecaster, QueueSnapshot
@@ -531,14 +531,14 @@ def test_a_flood_of_submits_extends_the_snapshot_without_reading_the_queue_again
     assert extended is not built and extended.max_seq == flood[-1].seq
     monkeypatch.undo()
     fresh = forecaster_for(db_path, refit_interval=60)
-    for task in (watched, flood[0], flood[-1], flood[31]):
-        assert fresh.estimate(conn, current(conn, task.id), workers=1) == \
-            forecaster.estimate(conn, current(conn, task.id), workers=1), "exactly what a fresh build says"
+    for each in (watched, flood[0], flood[-1], flood[31]):
+        assert fresh.estimate(conn, current(conn, each.id), workers=1) == \
+            forecaster.estimate(conn, current(conn, each.id), workers=1), "exactly what a fresh build says"
     assert fresh._snapshot.keys == extended.keys and fresh._snapshot.created == extended.created
     assert {m: pytest.approx(p) for m, p in fresh._snapshot.prefix.items()} == extended.prefix
 
 
-def replayed_per_task(queues: Mapping[str, ModelQueue], model: str, key: ClaimKey, worker: Worker) -> float:
+def replayed_per_task(queues: dict[str, ModelQueue], model: str, key: ClaimKey, worker: ReplayWorker) -> float:
     """The replay the timeline replaced: one run per task, cut at it (the oracle the timeline must agree with)."""
     pointers = {name: queue.first for name, queue in queues.items() if len(queue.keys) > queue.first}
     target = bisect.bisect_left(queues[model].keys, key, queues[model].first)

@@ -9,6 +9,7 @@ import mflux_server.api
 import mflux_server.worker
 
 API = Path(mflux_server.api.__file__).parent
+WORKER = Path(mflux_server.worker.__file__).parent
 BLUEPRINTS = ("generation", "tasks", "info")
 
 
@@ -41,3 +42,44 @@ def test_nothing_but_the_store_and_db_modules_run_sql():
         assert ".execute(" not in path.read_text(), f"{path.relative_to(root)} runs SQL outside the store"
     for path in Path(mflux_server.worker.__file__).parent.rglob("*.py"):
         assert ".execute(" not in path.read_text(), f"{path} runs SQL outside the store"
+
+
+def module_graph() -> dict[str, set[str]]:
+    """Which of our modules each of our modules imports, at the top or inside a function."""
+    roots = {"mflux_server": Path(mflux_server.api.__file__).parents[1], "mflux_server.worker": WORKER}
+    files: dict[str, Path] = {}
+    for package, folder in roots.items():
+        for path in folder.rglob("*.py"):
+            parts = [part for part in path.relative_to(folder).with_suffix("").parts if part != "__init__"]
+            files[".".join([package, *parts])] = path
+    graph: dict[str, set[str]] = {}
+    for name, path in files.items():
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                for alias in node.names:
+                    child = f"{node.module}.{alias.name}"
+                    edges.add(child if child in files else node.module)
+            elif isinstance(node, ast.Import):
+                edges.update(alias.name for alias in node.names)
+        graph[name] = {edge for edge in edges if edge in files and edge != name}
+    return graph
+
+
+def test_no_module_imports_one_that_imports_it_back():
+    graph = module_graph()
+    assert "mflux_server.core.store" in graph and graph["mflux_server.core.store"], "the graph was read"
+
+    def reaches(start: str, goal: str) -> bool:
+        seen, todo = set(), [start]
+        while todo:
+            current = todo.pop()
+            if current == goal:
+                return True
+            if current not in seen:
+                seen.add(current)
+                todo.extend(graph[current])
+        return False
+
+    circles = sorted(f"{a} → {b}" for a, edges in graph.items() for b in edges if reaches(b, a))
+    assert not circles, circles

@@ -7,7 +7,7 @@ import sqlite3
 import psycopg.errors
 import pytest
 
-from mflux_server.core import db, pg, store
+from mflux_server.core import db, pg, query_files, store
 
 
 def test_placeholders_become_psycopg_ones_and_literal_percent_signs_are_escaped():
@@ -33,11 +33,11 @@ def test_sqlite_only_syntax_is_rewritten():
 
 def test_statements_that_need_their_own_postgresql_text_take_it_by_name():
     overrides = pg.overrides()
-    assert set(overrides) <= set(store.queries()), "every override names a statement of queries.sql"
+    assert set(overrides) <= set(query_files.queries()), "every override names a statement of queries.sql"
     claim = pg.translate(store.sql("claim_next"))
     assert "FOR UPDATE SKIP LOCKED" in claim and "%(worker_id)s" in claim
     assert "FOR UPDATE SKIP LOCKED" in pg.translate(store.sql("claim_delivery"))
-    assert "PRAGMA" not in " ".join(pg.translate(query.sql) for query in store.queries().values())
+    assert "PRAGMA" not in " ".join(pg.translate(query.sql) for query in query_files.queries().values())
 
 
 def test_postgresql_errors_read_as_sqlite_storage_problems():

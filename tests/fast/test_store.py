@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mflux_server.core import db, store
+from mflux_server.core import db, query_files, store
 from mflux_server.core.rows import InputImage, Recovery, Removal, Status, Task, Timing
 from tests.conftest import images_for, new_task, queue_task
 
@@ -258,7 +258,7 @@ def test_recovery_leaves_live_workers_alone_and_takes_stale_ones(conn):
 
 
 def test_every_named_query_has_a_description_and_compiles(conn):
-    queries = store.queries()
+    queries = query_files.queries()
     assert {"insert_task", "claim_next", "waiting_queue", "data_version"} <= set(queries)
     for query in queries.values():
         assert query.description and not query.description.startswith("--"), query.name
@@ -268,18 +268,18 @@ def test_every_named_query_has_a_description_and_compiles(conn):
 
 
 def test_the_query_loader_refuses_a_query_without_description_or_defined_twice():
-    parsed = store.parse_queries("-- name: a\n-- Says what a does.\nSELECT 1;\n\n-- name: b\n-- And b.\nSELECT 2;\n")
+    parsed = query_files.parse_queries("-- name: a\n-- Says what a does.\nSELECT 1;\n\n-- name: b\n-- And b.\nSELECT 2;\n")
     assert [(q.name, q.description, q.sql) for q in parsed.values()] == [("a", "Says what a does.", "SELECT 1"),
                                                                           ("b", "And b.", "SELECT 2")]
     with pytest.raises(ValueError, match="'a' has no description"):
-        store.parse_queries("-- name: a\nSELECT 1;\n")
+        query_files.parse_queries("-- name: a\nSELECT 1;\n")
     with pytest.raises(ValueError, match="defined twice"):
-        store.parse_queries("-- name: a\n-- x\nSELECT 1;\n-- name: a\n-- y\nSELECT 2;\n")
+        query_files.parse_queries("-- name: a\n-- x\nSELECT 1;\n-- name: a\n-- y\nSELECT 2;\n")
 
 
 def test_every_query_is_used_by_the_store():
     source = Path(store.__file__).read_text()
-    unused = [name for name in store.queries() if f'sql("{name}")' not in source]
+    unused = [name for name in query_files.queries() if f'sql("{name}")' not in source]
     assert unused == [], f"queries.sql defines statements nothing runs: {unused}"
 
 
