@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from pathlib import Path
 
@@ -134,3 +135,70 @@ def test_split_statements_keeps_triggers_whole():
     sql = "CREATE TABLE a (x);\nCREATE TRIGGER t AFTER INSERT ON a BEGIN SELECT 1; SELECT 2; END;\n-- trailing comment\n"
     statements = db.split_statements(sql)
     assert len(statements) == 2 and statements[1].endswith("END;")
+
+
+# Triggers only PostgreSQL has: they NOTIFY the listening sessions of a change SQLite's readers see by polling
+# PRAGMA data_version (a new API key, a new webhook delivery).
+NOTIFY_ONLY = {("api_keys", "INSERT"), ("deliveries", "INSERT")}
+
+
+def sqlite_schema(path: str) -> dict[str, object]:
+    """Tables with their columns, named indexes, unique columns and the (table, event) pairs triggers watch."""
+    conn = sqlite3.connect(path)
+    try:
+        tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' "
+                                             "AND name NOT LIKE 'sqlite_%'")]
+        unique = set()
+        for table in tables:
+            for index in conn.execute(f"PRAGMA index_list({table})"):
+                if index[3] == "u":  # a UNIQUE constraint's own index
+                    unique.update((table, col[2]) for col in conn.execute(f"PRAGMA index_info({index[1]})"))
+        triggers = set()
+        for table, text in conn.execute("SELECT tbl_name, sql FROM sqlite_master WHERE type = 'trigger'"):
+            event = re.search(r"\b(INSERT|UPDATE|DELETE)\b", text, re.IGNORECASE)
+            assert event is not None, text
+            triggers.add((table, event.group(1).upper()))
+        return {
+            "columns": {t: {r[1] for r in conn.execute(f"PRAGMA table_info({t})")} for t in tables},
+            "indexes": {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL")},
+            "unique": unique,
+            "triggers": triggers,
+        }
+    finally:
+        conn.close()
+
+
+def postgres_schema(url: str) -> dict[str, object]:
+    """The same description of a PostgreSQL database (its migrations' own bookkeeping table left out)."""
+    import psycopg
+
+    with psycopg.connect(url) as conn:
+        columns: dict[str, set[str]] = {}
+        for table, column in conn.execute("SELECT table_name, column_name FROM information_schema.columns "
+                                          "WHERE table_schema = 'public' AND table_name <> 'schema_migrations'"):
+            columns.setdefault(table, set()).add(column)
+        unique = set(conn.execute(
+            "SELECT tc.table_name, kcu.column_name FROM information_schema.table_constraints tc "
+            "JOIN information_schema.key_column_usage kcu USING (constraint_schema, constraint_name) "
+            "WHERE tc.constraint_type = 'UNIQUE' AND tc.table_schema = 'public'").fetchall())
+        constraint_indexes = {r[0] for r in conn.execute(
+            "SELECT conname FROM pg_constraint WHERE contype IN ('p', 'u')")}
+        indexes = {r[0] for r in conn.execute("SELECT indexname FROM pg_indexes WHERE schemaname = 'public' "
+                                              "AND tablename <> 'schema_migrations'")} - constraint_indexes
+        triggers = set(conn.execute("SELECT event_object_table, event_manipulation FROM information_schema.triggers "
+                                    "WHERE trigger_schema = 'public'").fetchall())
+    return {"columns": columns, "indexes": indexes, "unique": unique, "triggers": triggers}
+
+
+def test_both_stores_migrate_from_empty_to_the_same_schema(tmp_path: Path, postgres_server):
+    path = str(tmp_path / "queue.db")
+    db.open_database(path).close()
+    url = postgres_server.create_database()
+    db.open_database(url).close()
+    lite, pg = sqlite_schema(path), postgres_schema(url)
+    assert lite["columns"] == pg["columns"], "the same tables with the same columns"
+    assert lite["indexes"] == pg["indexes"], "the same named indexes"
+    assert lite["unique"] == pg["unique"], "the same unique columns"
+    assert lite["triggers"] == pg["triggers"] - NOTIFY_ONLY, "triggers watch the same tables for the same changes"
+    assert NOTIFY_ONLY <= pg["triggers"]
+    assert "tasks" in lite["columns"] and lite["triggers"], "the schema was read"
