@@ -32,7 +32,7 @@ MAX_EVENT_ID = 2**63 - 1  # SQLite's largest rowid
 EVENT_KINDS = ("status", "progress", "preview", "done", "error", "deleted")
 # Each message of the stream, as an SSE parser (EventSource, or a spec-driven client) reads it.
 SSE_DOC = {"responses": {"200": {
-    "description": "an event stream (see README: Live events); each message has an id, an event kind and JSON data",
+    "description": "an event stream (see docs/api.md: Live events); each message has an id, an event kind and JSON data",
     "content": {"text/event-stream": {"schema": {
         "type": "object",
         "properties": {"id": {"type": "string", "pattern": "^[0-9]+$"}, "event": {"type": "string", "enum": list(EVENT_KINDS)},

@@ -1,6 +1,6 @@
 """Who may reach the API from a browser: the Host it answers to, CORS, and cross-site requests that change state.
 
-One design, three rules (README "Cross-origin requests"):
+One design, three rules (docs/sharing.md, "Cross-origin requests and host names"):
 - Host: a name outside --allowed-hosts (besides localhost, any IP address and --public-url's host) is a 421, so a
   page whose DNS name was rebound to this machine (DNS rebinding) cannot talk to it.
 - CORS: pages from --cors-origins (by default this machine's: localhost, 127.0.0.1 and [::1] on any port, and

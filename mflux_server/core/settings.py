@@ -105,7 +105,7 @@ def setting(default: Any, help: str, roles: str = "api,worker", parse: Callable[
 
 @dataclass
 class Settings:
-    """Everything either process can be told; see the configuration table in the README."""
+    """Everything either process can be told; see the table in docs/configuration.md."""
 
     host: str = setting("127.0.0.1", "address the API listens on", "api")
     port: int = setting(4030, "port the API listens on", "api", _positive(int))

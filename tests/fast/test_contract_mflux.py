@@ -32,7 +32,7 @@ def params(func) -> dict[str, inspect.Parameter]:
 def test_the_pinned_mflux_is_installed():
     from importlib.metadata import version
 
-    assert version("mflux") == PINNED, "update the pin in the Makefile and README together with this test"
+    assert version("mflux") == PINNED, "update the pin in the Makefile and docs/models.md together with this test"
 
 
 def test_the_committed_catalog_is_what_the_installed_mflux_builds():

@@ -1,4 +1,5 @@
-"""Documentation matches the code: every setting and endpoint is in the README and the OpenAPI spec."""
+"""Documentation matches the code: every setting, endpoint and family is on its docs page, every link leads
+somewhere, and every flag the docs name is one a command takes."""
 
 from __future__ import annotations
 
@@ -8,15 +9,21 @@ from pathlib import Path
 
 from mflux_server.core.settings import Settings, env_name
 
-README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+ROOT = Path(__file__).resolve().parents[2]
+README = (ROOT / "README.md").read_text()
+DOCS = ROOT / "docs"
+CONFIGURATION = (DOCS / "configuration.md").read_text()
+API = (DOCS / "api.md").read_text()
+MODELS = (DOCS / "models.md").read_text()
 
 
 def test_every_setting_is_in_the_configuration_table_with_its_default():
-    rows = {m.group(1): m.group(3) for m in re.finditer(r"^\| `--([a-z-]+)` \| `([A-Z_]+)` \| `([^`]*)` \|", README, re.M)}
+    rows = {m.group(1): m.group(3)
+            for m in re.finditer(r"^\| `--([a-z-]+)` \| `([A-Z_]+)` \| `([^`]*)` \|", CONFIGURATION, re.M)}
     for f in fields(Settings):
         flag = f.name.replace("_", "-")
-        assert flag in rows, f"--{flag} is missing from the README configuration table"
-        assert f"`{env_name(f.name)}`" in README
+        assert flag in rows, f"--{flag} is missing from the table in docs/configuration.md"
+        assert f"`{env_name(f.name)}`" in CONFIGURATION
         default = f.default
         if isinstance(default, tuple):
             default = ",".join(f"{v:g}" for v in default)
@@ -27,15 +34,15 @@ def test_every_setting_is_in_the_configuration_table_with_its_default():
         elif isinstance(default, float):
             default = f"{default:g}"
         if f.name != "db":
-            assert rows[flag] == str(default), f"--{flag}: README says {rows[flag]}, code says {default}"
+            assert rows[flag] == str(default), f"--{flag}: docs/configuration.md says {rows[flag]}, code says {default}"
 
 
-def test_every_endpoint_is_in_the_readme_and_fully_described_in_the_spec(client):
+def test_every_endpoint_is_in_the_api_page_and_fully_described_in_the_spec(client):
     spec = client.get("/openapi.json").json
     for path, operations in spec["paths"].items():
         plain = re.sub(r"\{(\w+)\}", r"<\1>", path)
         if path.startswith("/api"):
-            assert plain in README, f"{path} is not documented in the README"
+            assert plain in API, f"{path} is not documented in docs/api.md"
         for method, operation in operations.items():
             if method == "parameters":
                 continue
@@ -58,12 +65,12 @@ def test_original_curl_paths_and_fields_are_in_the_readme():
         assert snippet in README
 
 
-def test_the_readme_family_table_matches_the_catalog():
+def test_the_family_table_matches_the_catalog():
     from mflux_server.core import catalog
 
     columns = ["text_to_image", "image_to_image", "edit", "inpaint", "negative_prompt", "guidance"]
     rows = {m.group(1): m.group(2).split(" | ")
-            for m in re.finditer(r"^\| [^|]*\(`([a-z0-9.-]+)`\) \| (.*) \|$", README, re.M)}
+            for m in re.finditer(r"^\| [^|]*\(`([a-z0-9.-]+)`\) \| (.*) \|$", MODELS, re.M)}
     families = {info.family for info in catalog.models()}
     assert set(rows) == families, "every family has one row"
     for family, cells in rows.items():
@@ -74,3 +81,66 @@ def test_the_readme_family_table_matches_the_catalog():
         references = {info.max_reference_images for info in members}
         assert cells[4] == ("–" if references == {0} else "yes, 1 image" if references == {1}
                             else f"yes, up to {max(references)} images"), family
+
+
+def anchors_of(text: str) -> set[str]:
+    """The anchors GitHub makes of a page's headings."""
+    return {re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+            for heading in re.findall(r"^#{1,6} (.+)$", re.sub(r"```.*?```", "", text, flags=re.S), re.M)}
+
+
+def test_every_link_in_the_docs_leads_to_a_file_and_heading_that_exist():
+    pages = [ROOT / "README.md", ROOT / "bench" / "README.md", *sorted(DOCS.glob("*.md"))]
+    checked = 0
+    for page in pages:
+        text = page.read_text()
+        for target in re.findall(r"\]\(([^)\s]+)\)", re.sub(r"```.*?```", "", text, flags=re.S)):
+            if re.match(r"[a-z]+:", target):
+                continue  # http(s): and mailto: links leave the repository
+            path, _, anchor = target.partition("#")
+            linked = (page.parent / path).resolve() if path else page
+            assert linked.exists(), f"{page.relative_to(ROOT)} links to {target}, which does not exist"
+            if anchor:
+                assert anchor in anchors_of(linked.read_text()), f"{page.relative_to(ROOT)}: no heading #{anchor} in {path}"
+            checked += 1
+    assert checked > 30, checked
+
+
+def test_the_readme_is_what_a_newcomer_needs_first_and_every_page_is_in_the_index():
+    assert len(README.splitlines()) < 150
+    for heading in ("## Two commands", "## One request", "## The web UI", "## Where to go next"):
+        assert heading in README
+    index = (DOCS / "index.md").read_text()
+    for page in DOCS.glob("*.md"):
+        if page.name != "index.md":
+            assert f"]({page.name})" in index, f"docs/index.md does not list {page.name}"
+
+
+def help_text(*command: str) -> str:
+    """What a command's --help says."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", *command, "--help"], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_every_flag_the_docs_name_is_one_a_command_takes():
+    helps = {"API": help_text("mflux_server"), "worker": help_text("mflux_server.worker")}
+    client = help_text("mflux_server.client.cli") + help_text("mflux_server.client.cli", "generate")
+    for match in re.finditer(r"^\| `(--[a-z-]+)` \| `[A-Z_]+` \| `[^`]*` \| ([^|]+) \|", CONFIGURATION, re.M):
+        flag, roles = match.group(1), match.group(2)
+        for role in ("API", "worker"):
+            if role in roles:
+                assert re.search(rf"{flag}\b", helps[role]), f"{flag} is documented for the {role} but not in its --help"
+    everything = helps["API"] + helps["worker"] + client
+    named = set()
+    for page in [ROOT / "README.md", *DOCS.glob("*.md")]:
+        for code in re.findall(r"`([^`\n]+)`", page.read_text()):
+            named.update(re.findall(r"(?<![\w-])(--[a-z][a-z-]+)", code))
+    # pip's, python -m bench's, bench.engine_check's and tests.fuzzing's own flags
+    outside = {"--help", "--only", "--smoke", "--no-deps", "--out", "--families", "--examples"}
+    unknown = sorted(flag for flag in named - outside if not re.search(rf"{flag}\b", everything))
+    assert not unknown, f"the docs name flags no command takes: {unknown}"
+    assert len(named) > 50, named
