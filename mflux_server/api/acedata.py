@@ -12,7 +12,7 @@ from mflux_server.api import compat
 from mflux_server.api.auth import link_secret, may_see
 from mflux_server.api.context import conn, settings
 from mflux_server.api.errors import abort_json, register_envelope, renamed
-from mflux_server.api.generation import queue_task, require_json_body
+from mflux_server.api.submission import queue_task, require_json_body
 from mflux_server.api.task_view import task_status
 from mflux_server.core import catalog, outbound, store
 from mflux_server.core.results import ace_task_id, acedata_result, snapshot, trace_id

@@ -10,7 +10,7 @@ from flask_smorest import Blueprint
 from mflux_server.api import compat
 from mflux_server.api.context import settings
 from mflux_server.api.errors import register_envelope, renamed
-from mflux_server.api.generation import check_body, queue_task
+from mflux_server.api.submission import check_body, queue_task
 from mflux_server.core.results import inference_seconds, snapshot
 
 blp = Blueprint("nebula", __name__, description="NebulaBlock's image generation API: text-to-image, and inpaint "

@@ -20,8 +20,8 @@ from mflux_server.api import compat
 from mflux_server.api.auth import link_secret
 from mflux_server.api.context import conn, settings
 from mflux_server.api.errors import register_envelope, renamed
-from mflux_server.api.generation import queue_task, require_json_body, served_models
 from mflux_server.api.image_inputs import DECODE_THREADS
+from mflux_server.api.submission import queue_task, require_json_body, served_models
 from mflux_server.api.task_view import live_workers
 from mflux_server.core import catalog, native
 from mflux_server.core.results import image_url, snapshot

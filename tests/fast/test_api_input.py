@@ -127,7 +127,7 @@ def test_malformed_bodies(app, client, kwargs, status, code):
 
 
 def test_the_generate_body_limit_follows_the_input_image_limit(app, client):
-    from mflux_server.api.generation import body_limit
+    from mflux_server.api.submission import body_limit
 
     app.extensions["mflux_settings"].max_input_bytes = 300_000
     with app.app_context():

@@ -1,0 +1,256 @@
+"""The submit service every surface calls: the checks a request must pass, in cheapest-first order, and the one
+write that queues it (with an Idempotency-Key, once)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+from dataclasses import replace
+from typing import Any, NoReturn
+
+import marshmallow as ma
+from flask import g, request
+
+from mflux_server.api.auth import by_cookie, current_key
+from mflux_server.api.context import conn, forecaster, settings
+from mflux_server.api.errors import abort_json
+from mflux_server.api.generation_schemas import MAX_SEED, MIN_SIZE
+from mflux_server.api.image_inputs import RawImage, verified
+from mflux_server.api.task_view import live_workers
+from mflux_server.core import catalog, store, structured_prompts
+from mflux_server.core.rows import REFERENCE_ROLES, InputImage, NewTask, Task, Worker
+
+# mflux's default image-to-image strength (mflux.cli.defaults.IMAGE_STRENGTH).
+DEFAULT_IMAGE_STRENGTH = 0.4
+log = logging.getLogger("mflux_server")
+
+
+def body_limit() -> int:
+    """The largest generate body: every input image at --max-input-bytes, base64-encoded, plus 1 MiB for the rest."""
+    images = 1 + len(REFERENCE_ROLES) + 1  # the image, further references, the mask
+    return (1 << 20) + images * (settings().max_input_bytes * 4 // 3 + 4)
+
+
+def require_json_body() -> None:
+    """A POST must carry JSON or a multipart upload; without this a form post would read as 'prompt missing'."""
+    if request.method == "POST":
+        check_body()
+
+
+def check_body() -> None:
+    """Refuse a body that is neither JSON nor multipart (415) or is over the limit (413), before it is read."""
+    if not (request.is_json or request.mimetype == "multipart/form-data"):
+        abort_json(415, message="send the request body as JSON (Content-Type: application/json) or as "
+                                "multipart/form-data")
+    limit = body_limit()
+    if request.content_length is None:
+        # A chunked body has no length to check up front, and werkzeug cuts one at the limit without a word
+        # (which then reads as broken JSON): read one byte past the limit and refuse what reaches it.
+        request.max_content_length = limit + 1
+        if len(request.get_data(cache=True)) > limit:
+            abort_json(413, message=f"the request body is over {limit} bytes (the chunked body was refused)")
+    # Input images make generate bodies larger than the app-wide 1 MiB; the body is not read yet.
+    request.max_content_length = request.max_form_memory_size = limit
+
+
+def served_models(live: list[Worker]) -> set[str]:
+    """Models some live worker may serve (loaded or switchable)."""
+    return {name for w in live for name in w.servable}
+
+
+def _reject(field: str, rule: str) -> NoReturn:
+    location = "form" if request.mimetype == "multipart/form-data" else "json"
+    abort_json(422, errors={location: {field: [rule]}})
+
+
+def check_inputs(body: dict[str, Any], info: catalog.ModelInfo, served: str) -> tuple[InputImage, ...]:
+    """Refuse what the model cannot use, naming the field and the model; then decode and verify the images (off
+    the event loop, after every cheap rule) and return them with their roles."""
+    can = info.capabilities
+    given = [name for name in ("image", "init_image", "images") if body[name] is not None]
+    if len(given) > 1:
+        _reject(given[1], f"send one of image, init_image (the original server's name for it) or images, not both "
+                          f"{given[0]} and {given[1]}")
+    image_field = given[0] if given else "image"
+    references: list[RawImage] = list(body["images"] or [])
+    image = body[image_field] if image_field != "images" else references.pop(0)
+    mask = body["mask"]
+    if references:
+        _check_references(body, info, served, len(references) + 1)
+    takes_image = can.image_to_image or can.edit or can.inpaint
+    if image is not None and not takes_image:
+        _reject(image_field, f"model {served} takes no input image (it is text-to-image only)")
+    if image is None and info.needs_image:
+        _reject("image", f"model {served} needs an input image: it " +
+                ("edits a reference image" if can.edit else "repaints an image under a mask"))
+    if body["image_strength"] is not None and not can.image_to_image:
+        _reject("image_strength", f"model {served} does no image-to-image, so image_strength does not apply")
+    if body["image_strength"] is not None and image is None:
+        _reject("image_strength", "needs an input image (image)")
+    if mask is not None and not can.inpaint:
+        _reject("mask", f"model {served} does no inpainting, so it cannot use a mask")
+    if mask is not None and image is None:
+        _reject("mask", "needs the image it masks (image)")
+    if mask is None and can.inpaint and not can.edit and not can.text_to_image:
+        _reject("mask", f"model {served} inpaints: send the mask (white = repaint) with the image")
+    if body["negative_prompt"] and not can.negative_prompt:
+        _reject("negative_prompt", f"model {served} ignores negative prompts")
+    prompt_problem = structured_prompts.problem(info.family, body["prompt"])
+    if prompt_problem:
+        _reject("prompt", f"model {served}: {prompt_problem}")
+    inputs = []
+    if image is not None:
+        inputs.append(replace(_verified(image, image_field if image_field != "images" else "images.0"), role="image"))
+    # _check_references capped the list, so every reference gets a role (the roles may outnumber them).
+    for number, (role, reference) in enumerate(zip(REFERENCE_ROLES, references, strict=False), start=1):
+        inputs.append(replace(_verified(reference, f"images.{number}"), role=role))
+    if mask is not None:
+        checked = _verified(mask, "mask", role="mask")
+        if (checked.width, checked.height) != (inputs[0].width, inputs[0].height):
+            _reject("mask", f"must be the image's size, {inputs[0].width}×{inputs[0].height}; got "
+                            f"{checked.width}×{checked.height}")
+        inputs.append(replace(checked, role="mask"))
+    return tuple(inputs)
+
+
+def _verified(raw: RawImage, field: str, role: str = "image") -> InputImage:
+    """Decode and verify one input image on the decode pool; a bad one is a 422 naming its field."""
+    try:
+        return verified(raw, role)
+    except ma.ValidationError as error:
+        _reject(field, str(error.messages[0] if isinstance(error.messages, list) else error.messages))
+
+
+def _check_references(body: dict[str, Any], info: catalog.ModelInfo, served: str, count: int) -> None:
+    """Several images are the references of one edit: only models that edit from several take them."""
+    if not info.capabilities.edit:
+        _reject("images", f"model {served} does no edit, so it takes one input image, not {count}")
+    if count > info.max_reference_images:
+        _reject("images", f"model {served} edits from at most {info.max_reference_images} reference image(s); "
+                          f"got {count}")
+    if body["image_strength"] is not None:
+        _reject("image_strength", "applies to one start image (image-to-image), not to several edit references")
+    if body["mask"] is not None:
+        _reject("mask", "masks one image (inpaint), not several edit references")
+
+
+def output_size(body: dict[str, Any], image: InputImage | None) -> tuple[int, int]:
+    """The requested size; without one, the input image's (to a multiple of 16, within limits), else 1024²."""
+    width, height = body["width"], body["height"]
+    if image is None:
+        return width or 1024, height or 1024
+    step = catalog.size_multiple()
+    scale = min(1.0, settings().max_width / image.width, settings().max_height / image.height)
+    natural = (max(MIN_SIZE, int(image.width * scale) // step * step), max(MIN_SIZE, int(image.height * scale) // step * step))
+    return width or natural[0], height or natural[1]
+
+
+def pixel_limit(live: list[Worker], served: str) -> int | None:
+    """The largest image any live worker serving this model can run, when they say."""
+    limits = [limit for w in live if served in w.servable and (limit := w.limit_for(served)) is not None]
+    return max(limits) if limits else None
+
+
+def queue_task(body: dict[str, Any], surface: str = "native", keep_for: float | None = None,
+               client_user: str | None = None) -> tuple[Task, list[Worker]]:
+    """Check a loaded generate body against the catalog and the live workers and queue it; every surface's
+    requests become tasks here. Returns the task and the live workers read for it."""
+    if by_cookie():  # NebulaBlock's GET generation: the cookie a cross-site page can send must not submit
+        abort_json(403, code="cookie_cannot_submit", field="Authorization",
+                   message="the web UI's cookie only reads; send Authorization: Bearer <key> to submit a task")
+    key = current_key()
+    if body["priority"] and key is not None and not (key.admin or key.priority):
+        abort_json(403, code="priority_not_allowed", field="priority",
+                   message=f"priority: the key {key.name!r} may not submit priority tasks (keys create --priority)")
+    limit = settings().max_queued_per_key
+    if key is not None and limit is not None and store.unfinished_of_key(conn(), key.id) >= limit:
+        abort_json(429, code="too_many_requests", field=None, headers={"Retry-After": "10"},
+                   message=f"the key {key.name!r} has {limit} unfinished tasks, the most it may have "
+                           "(--max-queued-per-key); submit again when one has finished")
+    resolved = catalog.resolve_reference(body["model"] or settings().model)
+    live = live_workers(conn())  # read once: it decides the model check and the forecast's worker count
+    served = served_models(live)
+    if resolved is None:
+        _reject("model", f"the server's default model {settings().model!r} is not in the catalog; name a model")
+    if live and resolved.served not in served:
+        # With no worker alive the task queues (and says waiting_for_worker); with workers that cannot run it, it
+        # would wait forever, so say so now.
+        abort_json(409, code="model_not_served", field="model",
+                   message=f"no live worker serves {resolved.served}; the live workers serve {', '.join(sorted(served))}. "
+                           "The task was not queued")
+    info = resolved.info
+    inputs = check_inputs(body, info, resolved.served)
+    width, height = output_size(body, inputs[0] if inputs else None)
+    limit = pixel_limit(live, resolved.served)
+    if limit is not None and width * height > limit:
+        _reject("width" if body["width"] else "height",
+                f"width × height = {width}×{height} = {width * height} pixels; the workers serving {resolved.served} "
+                f"run at most {limit} pixels")
+    seed = body["seed"]
+    if seed is None:
+        seed = secrets.randbelow(MAX_SEED - body["count"] + 2)
+    elif seed + body["count"] - 1 > MAX_SEED:
+        _reject("seed", f"seed + count - 1 must be at most {MAX_SEED}")
+    image_strength = body["image_strength"]
+    if inputs and image_strength is None and info.capabilities.image_to_image and not info.capabilities.edit:
+        image_strength = DEFAULT_IMAGE_STRENGTH
+    guidance = body["guidance"] if body["guidance"] is not None else info.default_guidance
+    task = NewTask(prompt=body["prompt"], model=resolved.served, width=width, height=height,
+                   steps=body["steps"] or info.default_steps, guidance=0.0 if guidance is None else guidance, seed=seed,
+                   count=body["count"], format=body["format"], quality=body["quality"], priority=int(body["priority"]),
+                   negative_prompt=body["negative_prompt"] or None, image_strength=image_strength,
+                   guidance_auto=guidance is None, inputs=inputs, surface=surface,
+                   callback_url=body.get("callback_url"), link_base=settings().public_url or request.host_url, keep_for=keep_for,
+                   client_user=client_user, key_id=key.id if key else None)
+    if fair_scheduling():
+        task = replace(task, fair_cost=forecaster().cost_model(conn()).gpu_seconds(task))
+    created = submit_once(task, key.id if key else 0)
+    g.committed_task_id = created.id  # from here a storage fault must not say the request was not carried out
+    return created, live
+
+
+def fair_scheduling() -> bool:
+    """Whether keys take turns (--scheduling fair, or auto once a key exists) rather than first in, first out."""
+    mode = settings().scheduling
+    return mode == "fair" or (mode == "auto" and store.keys_exist(conn()))
+
+
+IDEMPOTENCY_WINDOW = 24 * 3600.0  # seconds an Idempotency-Key keeps answering its task
+MAX_IDEMPOTENCY_KEY = 255
+
+
+def request_fingerprint() -> str:
+    """What makes two submits the same: method, path, and the body (for multipart, its fields and file contents,
+    since every client picks a new boundary per request)."""
+    digest = hashlib.sha256(f"{request.method} {request.path}\n".encode())
+    if request.mimetype == "multipart/form-data":
+        for name, value in sorted(request.form.items(multi=True)):
+            digest.update(f"{name}={value}\n".encode("utf-8", "surrogatepass"))
+        for name, upload in sorted(request.files.items(multi=True), key=lambda item: item[0]):
+            digest.update(f"{name}:".encode() + hashlib.sha256(upload.stream.read()).digest())
+            upload.stream.seek(0)
+    else:
+        digest.update(request.get_data(cache=True))
+    return digest.hexdigest()
+
+
+def submit_once(task: NewTask, key_id: int) -> Task:
+    """Queue the task; with an Idempotency-Key header, a retry of the same request answers the task it created."""
+    idem_key = request.headers.get("Idempotency-Key")
+    if idem_key is None:
+        return store.submit(conn(), task)
+    if not 1 <= len(idem_key) <= MAX_IDEMPOTENCY_KEY or not idem_key.isprintable() or not idem_key.isascii():
+        abort_json(422, field="Idempotency-Key", message=f"Idempotency-Key: must be 1 to {MAX_IDEMPOTENCY_KEY} "
+                                                         "printable ASCII characters")
+    created, other = store.submit_idempotent(conn(), task, key_id, idem_key, request_fingerprint(), IDEMPOTENCY_WINDOW)
+    if other is not None:
+        abort_json(422, code="idempotency_key_reused", field="Idempotency-Key",
+                   message=f"Idempotency-Key: {idem_key!r} was used within 24 h for another request (task {other}); "
+                           "use a new key for a new request")
+    if created is None:
+        abort_json(404, code="task_not_found", field="Idempotency-Key",
+                   message=f"Idempotency-Key: {idem_key!r} created a task that was deleted since")
+    return created
+
+
