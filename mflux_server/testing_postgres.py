@@ -9,9 +9,12 @@ from __future__ import annotations
 import glob
 import itertools
 import os
+import queue
 import shutil
 import socket
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 SERVER_USER = "postgres"
@@ -66,6 +69,10 @@ class PostgresServer:
             os.chmod(self.base, 0o755)
         self.port = _free_port()
         self._names = itertools.count(1)
+        self._template: str | None = None  # a migrated database to copy (create_database(migrated=True))
+        self._ready: queue.Queue[str] = queue.Queue(maxsize=4)  # migrated databases made ahead
+        self._maker: threading.Thread | None = None
+        self._stopped = False
         self.executor = PostgreSQLExecutor(
             executable=executable, host="127.0.0.1", port=self.port, datadir=str(self.base / "data"),
             unixsocketdir=str(self.base), logfile=str(self.base / "server.log"), startparams="-w", dbname="postgres",
@@ -97,14 +104,43 @@ class PostgresServer:
         """The URL of one database on this server."""
         return f"postgresql://postgres@127.0.0.1:{self.port}/{dbname}"
 
-    def create_database(self, prefix: str = "queue") -> str:
-        """A new, empty database; returns its URL."""
+    def create_database(self, prefix: str = "queue", migrated: bool = False) -> str:
+        """A new database, empty or (migrated) with the queue's schema; returns its URL.
+
+        A migrated one is copied from a template migrated once per server: a file-level copy, a tenth of the
+        time the migrations take."""
         import psycopg
 
+        if migrated and self._template is not None and prefix == "queue":
+            try:
+                return self._ready.get(timeout=5)  # made ahead, while the previous test ran
+            except queue.Empty:
+                pass  # the server was restarting: make one here
+        template = ""
+        if migrated:
+            if self._template is None:
+                self._template = self.create_database("template")
+                from mflux_server.core import db, pg
+
+                session = pg.PgConnection(self._template)  # unpooled: a template must have no session left open
+                pg.migrate(session, db.migration_files("postgresql"))
+                session.close()
+            template = f' TEMPLATE "{self._template.rsplit("/", 1)[1]}"'
         name = f"{prefix}_{os.getpid()}_{next(self._names)}"
         with psycopg.connect(self.url(), autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
+            conn.execute(f'CREATE DATABASE "{name}"{template}')
+        if migrated and self._maker is None:
+            # CREATE DATABASE waits on the disk, not the CPU (100 ms each): one thread keeps four made ahead.
+            self._maker = threading.Thread(target=self._make_ahead, daemon=True, name="make-databases")
+            self._maker.start()
         return self.url(name)
+
+    def _make_ahead(self) -> None:
+        while not self._stopped:
+            try:
+                self._ready.put(self.create_database("ahead", migrated=True))
+            except Exception:  # a restart or the stop: try again shortly, or end
+                time.sleep(0.5)
 
     def restart(self) -> None:
         """Stop the server (fast: connections are cut) and start it again on the same port and data."""
@@ -114,6 +150,7 @@ class PostgresServer:
 
     def stop(self) -> None:
         """Stop the server and remove its files."""
+        self._stopped = True
         try:
             self.executor.stop()
         finally:

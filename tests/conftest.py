@@ -7,6 +7,7 @@ is marked `process` here, by folder.
 from __future__ import annotations
 
 import os
+import shutil
 import sqlite3
 from collections.abc import Iterator
 from dataclasses import replace
@@ -102,11 +103,17 @@ def db_path(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A fresh, migrated queue file (a PostgreSQL database instead with MFLUX_TEST_STORE=postgresql, which runs
     every test on that store; tests about SQLite's files then fail, as they should)."""
     if os.environ.get("MFLUX_TEST_STORE") == "postgresql":
-        url = request.getfixturevalue("postgres_server").create_database()
-        db.open_database(url).close()
-        return url
-    path = str(tmp_path / "queue.db")
-    db.open_database(path).close()
+        return str(request.getfixturevalue("postgres_server").create_database(migrated=True))
+    path = tmp_path / "queue.db"
+    shutil.copyfile(request.getfixturevalue("migrated_file"), path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def migrated_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An SQLite queue migrated once for the run; each test's queue is a copy (a tenth of a migration's time)."""
+    path = tmp_path_factory.mktemp("template") / "queue.db"
+    db.open_database(str(path)).close()
     return path
 
 
@@ -128,12 +135,11 @@ def postgres_server() -> Iterator[PostgresServer]:
 def store_db(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A fresh, migrated queue on each store in turn: an SQLite file, then a PostgreSQL database."""
     if request.param == "sqlite":
-        target = str(tmp_path / "queue.db")
-    else:
-        server: PostgresServer = request.getfixturevalue("postgres_server")
-        target = server.create_database()
-    db.open_database(target).close()
-    return target
+        target = tmp_path / "queue.db"
+        shutil.copyfile(request.getfixturevalue("migrated_file"), target)
+        return str(target)
+    server: PostgresServer = request.getfixturevalue("postgres_server")
+    return server.create_database(migrated=True)
 
 
 @pytest.fixture
