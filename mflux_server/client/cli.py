@@ -25,8 +25,11 @@ def parse_size(text: str) -> tuple[int, int]:
     return int(width), int(height)
 
 
-def progress_line(state: dict[str, Any]) -> str:
-    """One line saying where a task is: queue position and forecast, or image, step and a bar."""
+def progress_line(state: dict[str, Any]) -> str | None:
+    """One line saying where a task is: queue position and forecast, or image, step and a bar; None for an event
+    that changes none of it (a preview)."""
+    if state.get("event") == "preview":
+        return None
     status = state.get("status")
     if state.get("event") == "progress" and "step" in state:
         fraction = ((state["image"] - 1) * state["steps"] + state["step"]) / max(state["count"] * state["steps"], 1)
@@ -60,6 +63,8 @@ def generate(client: Client, args: argparse.Namespace) -> int:
 
     def show(state: dict[str, Any]) -> None:
         line = progress_line(state)
+        if line is None:
+            return
         if live:
             print(f"\r\033[K{line}", end="", file=sys.stderr, flush=True)
         elif state.get("event") in ("submitted", "done", "status"):
@@ -80,13 +85,40 @@ def generate(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+def cancel(client: Client, task_id: str) -> str:
+    """Cancel or delete a task; the sentence says which, and what the task was."""
+    before = client.status(task_id).get("status")
+    result = client.cancel(task_id).get("result")
+    if result == "canceled":
+        return f"canceled {task_id} (it was {before})"
+    if before == "canceled":
+        return f"{task_id} was already canceled; removed it from the server"
+    return f"deleted {task_id} (it had ended: {before})"
+
+
+def list_lines(tasks: list[dict[str, Any]]) -> list[str]:
+    """The task table: a header, one row per task (a prompt's line breaks shown as spaces), or a sentence."""
+    if not tasks:
+        return ["no tasks"]
+    lines = [f"{'TASK':<32}  {'STATUS':<10} {'MODEL':<12} PROMPT"]
+    for task in tasks:
+        prompt = " ".join(str(task.get("prompt", "")).split())
+        lines.append(f"{task['task_id']:<32}  {task['status']:<10} {task['model']:<12} {prompt[:60]}")
+    return lines
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse the command line and run one command; exit 1 with the server's message on an error."""
+    default_server = os.environ.get("MFLUX_SERVER_URL", "http://127.0.0.1:4030")
+    server_help = "the server's base URL (default $MFLUX_SERVER_URL or http://127.0.0.1:4030)"
+    # --server is taken before or after the command: each command's parser knows it too (its default left out,
+    # so that one given before the command is not overwritten).
+    after = argparse.ArgumentParser(add_help=False)
+    after.add_argument("--server", default=argparse.SUPPRESS, help=server_help)
     parser = argparse.ArgumentParser(prog="mflux-client", description="Talk to an mflux-server.")
-    parser.add_argument("--server", default=os.environ.get("MFLUX_SERVER_URL", "http://127.0.0.1:4030"),
-                        help="the server's base URL (default $MFLUX_SERVER_URL or http://127.0.0.1:4030)")
+    parser.add_argument("--server", default=default_server, help=server_help)
     commands = parser.add_subparsers(dest="command", required=True)
-    gen = commands.add_parser("generate", help="generate images and write them to a folder")
+    gen = commands.add_parser("generate", help="generate images and write them to a folder", parents=[after])
     gen.add_argument("prompt")
     gen.add_argument("-n", "--count", type=int, default=1)
     gen.add_argument("-o", "--output", default=".", help="folder for the images (default: here)")
@@ -102,8 +134,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     gen.add_argument("--mask", help="inpaint mask file (white repaints)")
     gen.add_argument("--priority", action="store_true")
     for name, helptext in (("status", "a task's status"), ("cancel", "cancel or delete a task")):
-        commands.add_parser(name, help=helptext).add_argument("task_id")
-    listing = commands.add_parser("list", help="the queue and recent tasks")
+        commands.add_parser(name, help=helptext, parents=[after]).add_argument("task_id")
+    listing = commands.add_parser("list", help="the queue and recent tasks", parents=[after])
     listing.add_argument("--status")
     listing.add_argument("--limit", type=int, default=20)
     args = parser.parse_args(argv)
@@ -114,10 +146,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "status":
             print(json.dumps(client.status(args.task_id), indent=1))
         elif args.command == "cancel":
-            print(json.dumps(client.cancel(args.task_id)))
+            print(cancel(client, args.task_id))
         else:
-            for task in client.list(args.status, args.limit)["tasks"]:
-                print(f"{task['task_id']}  {task['status']:<10} {task['model']:<12} {task['prompt'][:60]}")
+            print("\n".join(list_lines(client.list(args.status, args.limit)["tasks"])))
     except (ServerError, TaskFailed, TaskCanceled) as error:
         print(f"mflux-client: {error}", file=sys.stderr)
         return 1

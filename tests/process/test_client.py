@@ -84,3 +84,51 @@ def test_the_cli_generates_files_and_shows_status_list_and_cancel(processes, tmp
     assert bad.returncode == 1 and "422 invalid_input" in bad.stderr and "multiple of 16" in bad.stderr
     down = run_cli("--server", "http://127.0.0.1:9", "list")
     assert down.returncode == 1 and "cannot reach" in down.stderr
+
+
+def test_the_cli_takes_server_after_the_command_lists_with_a_header_and_says_what_cancel_did(processes, tmp_path):
+    url = processes.server()
+    empty = run_cli("list", "--server", url)
+    assert empty.returncode == 0 and empty.stdout.strip() == "no tasks", empty.stdout + empty.stderr
+    out = tmp_path / "out"
+    processes.worker(speed=5)
+    # The README's own command: --server after the command (it exited 2 with "unrecognized arguments").
+    made = run_cli("generate", "a cat", "-n", "2", "-o", str(out), "--size", "256x128", "--steps", "2", "--server", url)
+    assert made.returncode == 0, made.stderr
+    assert len(made.stdout.split()) == 2
+    queued = Client(url).submit("two\nlines", steps=100, width=1536, height=1536, count=8)
+    rows = run_cli("list", "--server", url).stdout.splitlines()
+    assert rows[0].split() == ["TASK", "STATUS", "MODEL", "PROMPT"]
+    assert any(queued["task_id"] in row and "two lines" in row for row in rows), rows  # one row, not two
+    first = run_cli("cancel", queued["task_id"], "--server", url)
+    assert first.stdout.startswith(f"canceled {queued['task_id']}"), first.stdout
+    wait_for(lambda: Client(url).status(queued["task_id"])["status"] == "canceled", what="canceled")
+    second = run_cli("cancel", queued["task_id"], "--server", url)
+    assert "was already canceled; removed it" in second.stdout, second.stdout  # it said "deleted"
+
+
+def test_on_a_terminal_previews_never_replace_the_progress_line(processes, tmp_path):
+    import os
+    import pty
+
+    url = processes.server()
+    processes.worker(speed=1)
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "mflux_server.client.cli", "--server", url, "generate", "a fox", "-o",
+                             str(tmp_path), "--size", "512x512", "--steps", "6"], stdout=subprocess.PIPE,
+                            stderr=follower, cwd=str(ROOT))
+    os.close(follower)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # the follower side closed: the command ended
+            break
+        if not chunk:
+            break
+        shown += chunk
+    assert proc.wait(timeout=60) == 0
+    text = shown.decode(errors="replace")
+    lines = [part.removeprefix("\x1b[K") for part in text.replace("\r\n", "\r").split("\r") if part.strip()]
+    assert any("step" in line for line in lines), text
+    assert "preview" not in text, text
