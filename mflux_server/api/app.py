@@ -23,6 +23,7 @@ from mflux_server.api import (
     models,
     nebula,
     openai_images,
+    original_models,
     origins,
     tasks,
 )
@@ -129,6 +130,7 @@ def create_app(config: Settings | None = None, overrides: dict[str, Any] | None 
     api.register_blueprint(info.health, url_prefix="")
     api.register_blueprint(metrics.blp, url_prefix="")
     api.register_blueprint(models.blp, url_prefix="/api")
+    api.register_blueprint(original_models.blp, url_prefix="/api")
     api.register_blueprint(events.blp, url_prefix="/api")
     # The compatible surfaces: thin translations onto the same queue.
     api.register_blueprint(openai_images.blp, url_prefix="/v1")

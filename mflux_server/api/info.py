@@ -11,6 +11,7 @@ from marshmallow import fields
 from mflux_server import __version__
 from mflux_server.api.context import conn, forecaster, settings
 from mflux_server.api.request_body import StrictParser
+from mflux_server.api.submission import default_model
 from mflux_server.api.task_view import live_workers
 from mflux_server.core import catalog, store
 
@@ -65,7 +66,7 @@ def info() -> dict[str, Any]:
         "warnings": warnings,
         "models": sorted({name for w in workers for name in w.servable}),
         "known_models": catalog.names(),
-        "default_model": settings().model,
+        "default_model": default_model(),
         "queue": store.status_counts(conn()),
         "forecast": {"measured": forecaster().cost_model(conn()).measured},
     }

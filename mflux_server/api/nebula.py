@@ -10,7 +10,7 @@ from flask_smorest import Blueprint
 from mflux_server.api import compat
 from mflux_server.api.context import settings
 from mflux_server.api.errors import register_envelope, renamed
-from mflux_server.api.submission import check_body, queue_task
+from mflux_server.api.submission import check_body, default_model, queue_task
 from mflux_server.core.results import inference_seconds, snapshot
 
 blp = Blueprint("nebula", __name__, description="NebulaBlock's image generation API: text-to-image, and inpaint "
@@ -52,7 +52,7 @@ def generation() -> dict[str, Any]:
     """Generate images and answer them as base64 (their examples send this as GET with a body, or POST)."""
     body = compat.json_object()
     compat.refuse_unknown(body, PARAMS)
-    model = body.get("model") or settings().model
+    model = body.get("model") or default_model()
     native = {"prompt": body.get("prompt"), "model": model, "steps": body.get("num_steps"),
               "guidance": body.get("guidance_scale"), "width": body.get("width"), "height": body.get("height"),
               "negative_prompt": body.get("negative_prompt"), "image": body.get("image"), "mask": body.get("mask"),

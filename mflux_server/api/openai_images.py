@@ -21,7 +21,7 @@ from mflux_server.api.auth import link_secret
 from mflux_server.api.context import conn, settings
 from mflux_server.api.errors import register_envelope, renamed
 from mflux_server.api.image_inputs import DECODE_THREADS
-from mflux_server.api.submission import queue_task, require_json_body, served_models
+from mflux_server.api.submission import default_model, queue_task, require_json_body, served_models
 from mflux_server.api.task_view import live_workers
 from mflux_server.core import catalog, native
 from mflux_server.core.results import image_url, snapshot
@@ -88,7 +88,7 @@ def steps_for(model: str | None, quality: Any) -> int | None:
         return None
     if not isinstance(quality, str) or quality.lower() not in QUALITY_STEPS:
         compat.refuse("quality", f"must be one of {', '.join(QUALITY_STEPS)}, got {str(quality)[:40]!r}")
-    resolved = catalog.resolve_reference(model or settings().model)
+    resolved = catalog.resolve_reference(model or default_model())
     if resolved is None:
         return None  # the model check names the model
     return max(1, min(settings().max_steps, round(resolved.info.default_steps * QUALITY_STEPS[quality.lower()])))
@@ -104,7 +104,7 @@ def common(body: dict[str, Any], model: str | None) -> dict[str, Any]:
     if output_format is not None and (not isinstance(output_format, str) or output_format.lower() not in FORMATS):
         compat.refuse("output_format", f"must be png, jpeg or webp, got {str(output_format)[:40]!r}")
     width, height = compat.size(body.get("size"), "size")
-    local = settings().model if is_openai_model(model) else model
+    local = default_model() if is_openai_model(model) else model
     return {"prompt": body.get("prompt"), "model": local, "count": body.get("n", 1), "width": width, "height": height,
             "steps": steps_for(local, body.get("quality")),
             "format": FORMATS[output_format.lower()] if output_format else "PNG",
@@ -231,7 +231,7 @@ class Models(MethodView):
     @blp.doc(responses={"200": {"description": "{object: list, data: [{id, object: model, created, owned_by}]}"}})
     def get(self) -> dict[str, Any]:
         """The models live workers serve (the server's --model when none is running)."""
-        served = sorted(served_models(live_workers(conn()))) or [settings().model]
+        served = sorted(served_models(live_workers(conn()))) or [default_model()]
         now = int(time.time())
         return {"object": "list", "data": [{"id": name, "object": "model", "created": now, "owned_by": "mflux-server"}
                                            for name in served]}

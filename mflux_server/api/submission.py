@@ -54,6 +54,11 @@ def check_body() -> None:
     request.max_content_length = request.max_form_memory_size = limit
 
 
+def default_model() -> str:
+    """The model a request that names none gets: the one POST /api/load chose last, else --model."""
+    return store.server_setting(conn(), "default_model") or settings().model
+
+
 def served_models(live: list[Worker]) -> set[str]:
     """Models some live worker may serve (loaded or switchable)."""
     return {name for w in live for name in w.servable}
@@ -168,11 +173,11 @@ def queue_task(body: dict[str, Any], surface: str = "native", keep_for: float | 
         abort_json(429, code="too_many_requests", field=None, headers={"Retry-After": "10"},
                    message=f"the key {key.name!r} has {limit} unfinished tasks, the most it may have "
                            "(--max-queued-per-key); submit again when one has finished")
-    resolved = catalog.resolve_reference(body["model"] or settings().model)
+    resolved = catalog.resolve_reference(body["model"] or default_model())
     live = live_workers(conn())  # read once: it decides the model check and the forecast's worker count
     served = served_models(live)
     if resolved is None:
-        _reject("model", f"the server's default model {settings().model!r} is not in the catalog; name a model")
+        _reject("model", f"the server's default model {default_model()!r} is not in the catalog; name a model")
     if live and resolved.served not in served:
         # With no worker alive the task queues (and says waiting_for_worker); with workers that cannot run it, it
         # would wait forever, so say so now.

@@ -500,3 +500,12 @@ SELECT page_size FROM pragma_page_size();
 -- name: checkpoint
 -- Copy the WAL into the database file as far as readers allow, so the WAL can restart (and be cut back).
 PRAGMA wal_checkpoint(PASSIVE);
+
+-- name: server_setting
+-- One setting the API changed at run time, or no row.
+SELECT value FROM server_settings WHERE name = :name;
+
+-- name: set_server_setting
+-- Change one run-time setting of the API.
+INSERT INTO server_settings (name, value) VALUES (:name, :value)
+ON CONFLICT (name) DO UPDATE SET value = excluded.value;

@@ -461,6 +461,18 @@ def live_workers(conn: sqlite3.Connection, stale_after: float) -> list[Worker]:
     return [Worker.from_row(r) for r in conn.execute(sql("live_workers"), {"since": time.time() - stale_after})]
 
 
+def server_setting(conn: sqlite3.Connection, name: str) -> str | None:
+    """A setting the API changed at run time (POST /api/load's default model), or None."""
+    row = conn.execute(sql("server_setting"), {"name": name}).fetchone()
+    return None if row is None else str(row[0])
+
+
+def set_server_setting(conn: sqlite3.Connection, name: str, value: str) -> None:
+    """Change a run-time setting every server process reads."""
+    with transaction(conn):
+        conn.execute(sql("set_server_setting"), {"name": name, "value": value})
+
+
 def worker_pids(conn: sqlite3.Connection, hostname: str) -> set[int]:
     """Process ids of the workers on one machine that have not stopped."""
     return {row[0] for row in conn.execute(sql("worker_pids"), {"hostname": hostname}) if row[0] is not None}

@@ -38,6 +38,7 @@ EXPECTED_COLUMNS = {
     "previews": {"task_id", "image", "step", "mime", "data", "at"},
     "workers": {"id", "hostname", "pid", "engine", "model", "quantize", "started_at", "heartbeat_at", "stopped_at",
                 "models", "max_pixels", "loading", "affinity_wait", "pixel_limits"},
+    "server_settings": {"name", "value"},
 }
 
 
