@@ -119,6 +119,16 @@ class DeadlineGeventWorker(GeventWorker):
         gevent.spawn(drain_when_stopping)
         super().run()
 
+    def handle_quit(self, sig: Any, frame: Any) -> None:
+        """SIGINT or SIGQUIT: stop now; ignored once the process is already stopping.
+
+        Ctrl-C on `make run` sends SIGINT to every process and then SIGTERM: the quit's sys.exit(0) then ran in
+        a greenlet during the interpreter's shutdown, and gevent printed it as a traceback.
+        """
+        if not self.alive:
+            return
+        super().handle_quit(sig, frame)
+
     def handle(self, listener: Any, client: socket.socket, addr: Any) -> None:
         """Serve a connection through a DeadlineSocket."""
         connection = DeadlineSocket(client, self.header_timeout, self.request_timeout)

@@ -104,6 +104,21 @@ def start_background(settings: Settings) -> None:
     write_lock.start(settings.db, settings.write_lock_limit, lambda: db.connect(settings.db))
 
 
+class ListeningAt(logging.Filter):
+    """Puts the address into gunicorn's "Listening at:" line, which it leaves empty when each process binds its own
+    socket."""
+
+    def __init__(self, address: str) -> None:
+        super().__init__()
+        self.address = address
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Fill the line's empty address; every record passes."""
+        if record.msg == "Listening at: %s (%s)" and isinstance(record.args, tuple) and not record.args[0]:
+            record.args = (self.address, *record.args[1:])
+        return True
+
+
 def serve(settings: Settings) -> None:
     """Run the API under gunicorn until SIGTERM or Ctrl-C.
 
@@ -150,6 +165,9 @@ def serve(settings: Settings) -> None:
 
     # gunicorn's workers answer the requests they cannot parse through util.write_error, with an HTML page.
     gunicorn.util.write_error = write_json_error
+    # One socket per process (reuse_port) leaves gunicorn's master no listener of its own to name: it logged
+    # "Listening at:  (pid)". It is told the address.
+    logging.getLogger("gunicorn.error").addFilter(ListeningAt(f"http://{settings.host}:{settings.port}"))
     DeadlineGeventWorker.header_timeout = settings.header_timeout
     DeadlineGeventWorker.request_timeout = settings.request_timeout
     check_port_free(settings.host, settings.port)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -123,3 +125,30 @@ def test_a_port_in_use_is_refused_with_a_clear_message(tmp_path):
                                 capture_output=True, text=True, timeout=30, cwd=str(ROOT))
     assert result.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in result.stderr
+
+
+def test_ctrl_c_stops_quietly_and_the_log_says_where_it_listens(tmp_path):
+    from mflux_server.testing import free_port
+
+    port = free_port()
+    log = tmp_path / "server.log"
+    with open(log, "wb") as out:
+        server = subprocess.Popen([sys.executable, "-m", "mflux_server", "--db", str(tmp_path / "q.db"), "--port", str(port)],
+                                  stdout=out, stderr=subprocess.STDOUT, cwd=str(ROOT), start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+
+    def answers() -> bool:
+        try:
+            return requests.get(url + "/healthz", timeout=1).ok
+        except requests.ConnectionError:
+            return False
+
+    wait_for(answers, what="the server to answer")
+    with requests.get(url + "/api/events", stream=True, timeout=10):  # an open stream, as the web UI holds
+        # What Ctrl-C on `make run` does: SIGINT to every process of the group, then the Makefile's SIGTERM.
+        os.killpg(server.pid, signal.SIGINT)
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=20) == 0
+    text = log.read_text()
+    assert f"Listening at: {url} (" in text, text  # was "Listening at:  (pid)"
+    assert "Traceback" not in text and "failed with SystemExit" not in text, text
