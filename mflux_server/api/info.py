@@ -9,6 +9,7 @@ from flask_smorest import Blueprint
 from marshmallow import fields
 
 from mflux_server import __version__
+from mflux_server.api.auth import keys_exist
 from mflux_server.api.context import conn, forecaster, settings
 from mflux_server.api.request_body import StrictParser
 from mflux_server.api.submission import default_model
@@ -43,6 +44,9 @@ class Info(ma.Schema):
     models = fields.List(fields.String(), metadata={"description": "models a live worker serves"})
     known_models = fields.List(fields.String())
     default_model = fields.String()
+    keys_required = fields.Boolean(metadata={"description": "requests need an API key (one exists, or --auth required)"})
+    limits = fields.Dict(keys=fields.String(), values=fields.Integer(), metadata={
+        "description": "the largest width, height, steps and count a request may ask for (--max-width, …)"})
     queue = fields.Dict(keys=fields.String(), values=fields.Integer(), metadata={"description": "tasks per status"})
     forecast = fields.Dict(metadata={"description": "measured: whether the cost model is fitted to this machine's timings"})
 
@@ -67,6 +71,9 @@ def info() -> dict[str, Any]:
         "models": sorted({name for w in workers for name in w.servable}),
         "known_models": catalog.names(),
         "default_model": default_model(),
+        "keys_required": settings().auth == "required" or keys_exist(),
+        "limits": {"max_width": settings().max_width, "max_height": settings().max_height,
+                   "max_steps": settings().max_steps, "max_count": settings().max_count},
         "queue": store.status_counts(conn()),
         "forecast": {"measured": forecaster().cost_model(conn()).measured},
     }

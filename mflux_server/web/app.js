@@ -6,7 +6,7 @@ const store = {
   set: (key, value) => localStorage.setItem("mflux." + key, JSON.stringify(value)),
 };
 const state = { models: [], tasks: store.get("tasks", []), gallery: store.get("gallery", []), views: {}, source: null,
-                image: null, maskDirty: false, polling: null, strokes: [] };
+                followed: "", image: null, maskDirty: false, polling: null, strokes: [], info: {}, viewing: -1 };
 
 async function api(path, options = {}) {
   const key = store.get("key", "");
@@ -23,15 +23,18 @@ function setKey(key) {
   store.set("key", key);
   document.cookie = "mflux_key=" + (key ? encodeURIComponent(key) : "") + "; path=/; SameSite=Strict" + (key ? "" : "; max-age=0");
 }
-function askForKey(why) {
+const KEY_NEEDED = "This server needs an API key. Ask its operator for one (mflux-server keys create NAME). It stays in this browser only.";
+const KEY_OPTIONAL = "This server takes requests without a key. Enter one only if its operator gave you one: it stays in this browser only.";
+function askForKey(why, needed = true) {
   const dialog = $("#key-dialog");
+  $("#key-why").textContent = needed ? KEY_NEEDED : KEY_OPTIONAL;
   $("#key-error").textContent = why || "";
   if (!dialog.open) dialog.showModal();
   $("#key-input").focus();
 }
 function setupKey() {
   if (store.get("key", "")) setKey(store.get("key", ""));  // the cookie may have expired with the session
-  $("#key-open").addEventListener("click", () => askForKey(null));
+  $("#key-open").addEventListener("click", () => askForKey(null, state.info.keys_required !== false));
   $("#key-form").addEventListener("submit", () => { setKey($("#key-input").value.trim()); $("#key-input").value = ""; location.reload(); });
   $("#key-forget").addEventListener("click", () => { setKey(""); location.reload(); });
 }
@@ -49,20 +52,31 @@ function persist() {
 async function loadModels() {
   try {
     const [models, info] = await Promise.all([api("/api/models"), api("/api/info")]);
-    state.models = models.models;
-    const select = $("#model"), wanted = store.get("field.model", null) || info.default_model;
+    state.info = info;
+    const signature = JSON.stringify(models.models.map((m) => [m.name, m.served]));
+    if (signature === state.modelSignature) return;  // nothing changed: leave the menu (and an open one) alone
+    state.modelSignature = signature; state.models = models.models;
+    const select = $("#model"), wanted = select.value || store.get("field.model", null) || info.default_model;
     const served = state.models.filter((m) => m.served), others = state.models.filter((m) => !m.served);
     select.innerHTML = "";
     for (const [label, group] of [["Served now", served], ["Not served by any live worker", others]]) {
       if (!group.length) continue;
       const optgroup = document.createElement("optgroup");
       optgroup.label = label;
-      for (const model of group) optgroup.append(new Option(`${model.name} (${model.family_title})`, model.name));
+      for (const model of group) {
+        const option = new Option(`${model.name} (${model.family_title})`, model.name);
+        // While workers run, a model none of them serves would be refused (409): shown, not offered.
+        option.disabled = !model.served && served.length > 0;
+        optgroup.append(option);
+      }
       select.append(optgroup);
     }
-    select.value = state.models.some((m) => m.name === wanted) ? wanted : (served[0] || state.models[0])?.name;
-    if (info.warnings?.length) $("#server-note").textContent = info.warnings[0];
-    else if (info.engines?.includes("synthetic")) $("#server-note").textContent = "synthetic engine: test patterns, not model output";
+    const usable = state.models.filter((m) => m.served || !served.length);
+    select.value = usable.some((m) => m.name === wanted) ? wanted : (served[0] || state.models[0])?.name;
+    $("#server-note").textContent = info.warnings?.[0] || "";
+    for (const [id, limit] of [["#width", "max_width"], ["#height", "max_height"], ["#steps", "max_steps"], ["#count", "max_count"]]) {
+      if (info.limits?.[limit]) $(id).max = info.limits[limit];
+    }
   } catch (error) { $("#server-note").textContent = "cannot reach the server: " + error.message; }
   applyModel();
 }
@@ -89,11 +103,19 @@ function applyModel() {
 
 // ---- size presets ----------------------------------------------------------------------------------------------
 function applyPreset() {
+  if (!$("#preset").value || !$("#aspect").value) return;  // custom: the width and height as typed
   const side = Number($("#preset").value), [a, b] = $("#aspect").value.split(":").map(Number);
-  const scale = Math.sqrt((side * side) / (a * b));
-  $("#width").value = Math.max(128, Math.round((a * scale) / 16) * 16);
-  $("#height").value = Math.max(128, Math.round((b * scale) / 16) * 16);
+  const maxW = state.info.limits?.max_width || 2048, maxH = state.info.limits?.max_height || 2048;
+  // The preset's pixel count at this aspect, scaled down to fit the server's largest width and height.
+  const scale = Math.min(Math.sqrt((side * side) / (a * b)), maxW / a, maxH / b);
+  $("#width").value = Math.min(maxW, Math.max(128, Math.floor((a * scale) / 16) * 16));
+  $("#height").value = Math.min(maxH, Math.max(128, Math.floor((b * scale) / 16) * 16));
   store.set("field.width", $("#width").value); store.set("field.height", $("#height").value);
+  clearFieldError("width"); clearFieldError("height");
+}
+
+function sizeIsCustom() {  // a size typed or taken from an image: the menus say "custom"
+  for (const id of ["#preset", "#aspect"]) { $(id).value = ""; store.set("field." + id.slice(1), ""); }
 }
 
 // ---- init image and mask ---------------------------------------------------------------------------------------
@@ -116,14 +138,19 @@ function setImage(dataUrl) {
     const scale = Math.min(1, 2048 / img.naturalWidth, 2048 / img.naturalHeight);
     $("#width").value = Math.max(128, Math.floor((img.naturalWidth * scale) / 16) * 16);
     $("#height").value = Math.max(128, Math.floor((img.naturalHeight * scale) / 16) * 16);
+    sizeIsCustom();
   };
-  img.src = dataUrl;
+  if (dataUrl) img.src = dataUrl; else img.removeAttribute("src");
+  clearFieldError("image"); clearFieldError("mask"); $("#form-error").textContent = "";
   $("#mask-wrap").hidden = !dataUrl; $("#image-tools").hidden = !dataUrl; $("#drop-text").hidden = !!dataUrl;
 }
 
 function setupImageInput() {
   const drop = $("#drop"), file = $("#image-file");
   drop.addEventListener("click", (e) => { if (!state.image && e.target.id !== "mask-canvas") file.click(); });
+  drop.addEventListener("keydown", (e) => {
+    if ((e.key === "Enter" || e.key === " ") && e.target === drop) { e.preventDefault(); file.click(); }
+  });
   file.addEventListener("change", async () => file.files[0] && setImage(await readFile(file.files[0])));
   drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
   drop.addEventListener("dragleave", () => drop.classList.remove("over"));
@@ -187,20 +214,33 @@ function clearErrors() {
   for (const el of document.querySelectorAll(".invalid")) el.classList.remove("invalid");
 }
 
+function clearFieldError(name) {
+  const slot = document.querySelector(`[data-error-for="${name}"]`);
+  if (slot) slot.textContent = "";
+  document.getElementById(name)?.classList.remove("invalid");
+}
+
+const FIELD_NAMES = { width: "Width", height: "Height" };  // two fields share one place under the size pair
+
 function showError(error) {
-  const errors = error.body?.errors?.json || error.body?.errors?.query || {};
+  const errors = { ...(error.body?.errors?.json || error.body?.errors?.query || {}) };
+  if (!Object.keys(errors).length && error.body?.field) errors[error.body.field] = [error.message];  // e.g. 409 on model
   let placed = false;
   for (const [field, messages] of Object.entries(errors)) {
     const name = field.split(".")[0], slot = document.querySelector(`[data-error-for="${name}"]`);
-    const text = Array.isArray(messages) ? messages.join(" ") : JSON.stringify(messages);
-    if (slot) { slot.textContent = text; placed = true; document.getElementById(name)?.classList.add("invalid"); }
+    const text = (Array.isArray(messages) ? messages.join(" ") : JSON.stringify(messages));
+    if (slot) {
+      slot.textContent = FIELD_NAMES[name] ? `${FIELD_NAMES[name]}: ${text}` : text;
+      placed = true; document.getElementById(name)?.classList.add("invalid");
+    }
   }
   if (!placed) $("#form-error").textContent = error.message;
+  if (error.body?.code === "model_not_served") loadModels();  // a worker went away: the menu catches up
 }
 
 async function submit(event) {
   event.preventDefault(); clearErrors();
-  const model = currentModel(), caps = model?.capabilities || {}, body = { prompt: $("#prompt").value };
+  const model = currentModel(), caps = model?.capabilities || {}, body = { prompt: $("#prompt").value.trim() };
   const number = (id) => ($(id).value === "" ? undefined : Number($(id).value));
   Object.assign(body, { model: model?.name, width: number("#width"), height: number("#height"), steps: number("#steps"),
     count: number("#count"), format: $("#format").value, quality: number("#quality"), priority: $("#priority").checked });
@@ -226,11 +266,16 @@ async function submit(event) {
 function saveTasks() { store.set("tasks", state.tasks); store.set("gallery", state.gallery); }
 
 function follow() {
-  if (state.source) { state.source.close(); state.source = null; }
   const ids = state.tasks.map((t) => t.id);
-  if (!ids.length) return;
+  if (!ids.length) { if (state.source) { state.source.close(); state.source = null; state.followed = ""; } return; }
   if (!window.EventSource || state.polling) return poll();
-  const source = new EventSource("/api/events?task_ids=" + encodeURIComponent(ids.join(",")));
+  // A stream already following every task of ours stays open: a task that ended only stops mattering to it.
+  // It is reopened when a task is added (it reopened at every end and every submit: 26 times in one visit).
+  const followed = new Set(state.followed.split(","));
+  if (state.source && ids.every((id) => followed.has(id))) return;
+  if (state.source) state.source.close();
+  state.followed = ids.join(",");
+  const source = new EventSource("/api/events?task_ids=" + encodeURIComponent(state.followed));
   state.source = source;
   for (const kind of ["status", "progress", "preview", "done", "error", "deleted"]) {
     source.addEventListener(kind, (message) => onEvent(kind, JSON.parse(message.data)));
@@ -256,10 +301,12 @@ function onEvent(kind, data) {
   if (kind === "progress" && data.step !== undefined) view.progress = { image: data.image, count: data.count, step: data.step, steps: data.steps };
   if (kind === "preview") view.preview = `/api/tasks/${task.id}/preview?step=${data.image}-${data.step}`;
   if (kind === "done") {
+    const images = [];
     for (let index = 0; index < task.count; index++) {
-      state.gallery.unshift({ task: task.id, index, prompt: task.prompt, seed: (view.seed ?? task.seed) + index, format: task.format,
+      images.push({ task: task.id, index, prompt: task.prompt, seed: (view.seed ?? task.seed) + index, format: task.format,
         url: `/api/image?task_id=${task.id}&index=${index}&delete=false` });
     }
+    state.gallery.unshift(...images);  // newest task first, its images in seed order
     dropTask(task.id); renderGallery();
   } else if (kind === "deleted" || data.status === "canceled") {
     dropTask(task.id);
@@ -283,8 +330,8 @@ function renderQueue() {
     const left = Math.max(0, (view.wait_remaining ?? 0) - (Date.now() - (view.seenAt || Date.now())) / 1000);
     let meta = view.failed ? `<span class="failed">${escapeHtml(view.failed)}</span>`
       : view.note ? `<span class="waiting-note">${escapeHtml(view.note)}</span>`
-      : view.status === "processing" ? `image ${p.image || 1}/${p.count || task.count} · step ${p.step || 0}/${p.steps || "?"} · ~<span class="countdown">${left.toFixed(0)}</span> s`
-      : `waiting · ${view.position ?? "?"} ahead · ~<span class="countdown">${left.toFixed(0)}</span> s`;
+      : view.status === "processing" ? `image ${p.image || 1}/${p.count || task.count} · step ${p.step || 0}/${p.steps || "?"} · <span class="nowrap">~<span class="countdown">${left.toFixed(0)}</span>&nbsp;s</span>`
+      : `waiting · ${view.position ?? "?"} ahead · <span class="nowrap">~<span class="countdown">${left.toFixed(0)}</span>&nbsp;s</span>`;
     li.innerHTML = `${view.preview ? `<img class="thumb" alt="preview" src="${view.preview}">` : '<div class="thumb" aria-hidden="true"></div>'}
       <div><div class="prompt">${escapeHtml(task.prompt)}</div><div class="meta">${meta}</div>
       <div class="bar" role="progressbar" aria-valuemin="0" aria-valuemax="100" aria-valuenow="${Math.round((done / total) * 100)}"><span style="width:${(done / total) * 100}%"></span></div></div>
@@ -312,14 +359,14 @@ setInterval(() => {  // the forecast counts down between events
 function renderGallery() {
   const list = $("#gallery"); list.innerHTML = "";
   for (const item of state.gallery) {
-    const li = document.createElement("li"), ext = { JPEG: "jpg", PNG: "png", WEBP: "webp" }[item.format] || "png";
-    const name = `mflux-${new Date().toISOString().slice(0, 10)}-${item.seed}-${item.task.slice(0, 6)}.${ext}`;
+    const li = document.createElement("li");
     li.innerHTML = `<img src="${item.url}" alt="${escapeHtml(item.prompt)}" loading="lazy">
-      <div class="actions"><a class="button small" href="${item.url}" download="${name}">Download</a>
+      <div class="actions"><a class="button small" href="${item.url}" download="${fileName(item)}" data-act="download">Download</a>
       <button type="button" class="small" data-act="init">Use as init</button><button type="button" class="small" data-act="seed">Reuse seed</button>
       <button type="button" class="small" data-act="delete">Delete</button></div>
       <div class="caption">seed ${item.seed} · ${escapeHtml(item.prompt)}</div>`;
     li.querySelector("img").addEventListener("click", () => view(item));
+    li.querySelector('[data-act="download"]').addEventListener("click", (e) => { e.preventDefault(); download(item); });
     li.querySelector('[data-act="init"]').addEventListener("click", async () => {
       const blob = await (await fetch(item.url)).blob(); setImage(await readFile(blob)); window.scrollTo({ top: 0, behavior: "smooth" });
     });
@@ -339,8 +386,58 @@ async function removeImage(item) {
   saveTasks(); renderGallery();
 }
 
+function fileName(item) {
+  const ext = { JPEG: "jpg", PNG: "png", WEBP: "webp" }[item.format] || "png";
+  return `mflux-${new Date().toISOString().slice(0, 10)}-${item.seed}-${item.task.slice(0, 6)}.${ext}`;
+}
+
+async function download(item) {
+  // Through a blob: the image's own Content-Disposition names the file after the task, and it wins over the
+  // link's download attribute; a blob: URL has no headers, so the dated, seed-stamped name is used.
+  const response = await fetch(item.url);
+  if (!response.ok) return dropMissing([item.task]);
+  const link = document.createElement("a");
+  link.href = URL.createObjectURL(await response.blob()); link.download = fileName(item);
+  document.body.append(link); link.click(); link.remove();
+  setTimeout(() => URL.revokeObjectURL(link.href), 10_000);
+}
+
 function view(item) {
-  $("#viewer-img").src = item.url; $("#viewer-caption").textContent = `seed ${item.seed} · ${item.prompt}`; $("#viewer").showModal();
+  state.viewing = state.gallery.indexOf(item);
+  $("#viewer-img").src = item.url; $("#viewer-caption").textContent = `seed ${item.seed} · ${item.prompt}`;
+  $("#viewer-prev").disabled = state.viewing <= 0; $("#viewer-next").disabled = state.viewing >= state.gallery.length - 1;
+  if (!$("#viewer").open) $("#viewer").showModal();
+}
+
+function step(by) {
+  const next = state.gallery[state.viewing + by];
+  if (next) view(next);
+}
+
+function setupViewer() {
+  const dialog = $("#viewer");
+  $("#viewer-close").addEventListener("click", () => dialog.close());
+  $("#viewer-prev").addEventListener("click", () => step(-1));
+  $("#viewer-next").addEventListener("click", () => step(1));
+  $("#viewer-download").addEventListener("click", (e) => { e.preventDefault(); download(state.gallery[state.viewing]); });
+  dialog.addEventListener("click", (e) => { if (e.target === dialog) dialog.close(); });  // the backdrop
+  dialog.addEventListener("keydown", (e) => {
+    if (e.key === "ArrowLeft") step(-1);
+    if (e.key === "ArrowRight") step(1);
+  });
+}
+
+function dropMissing(taskIds) {  // images whose task the server no longer has (deleted elsewhere, or expired)
+  state.gallery = state.gallery.filter((g) => !taskIds.includes(g.task));
+  saveTasks(); renderGallery();
+}
+
+async function checkGallery() {
+  const gone = [];
+  for (const id of new Set(state.gallery.map((g) => g.task))) {
+    try { await api("/api/tasks/" + id); } catch (error) { if (error.status === 404 || error.status === 410) gone.push(id); }
+  }
+  if (gone.length) dropMissing(gone);
 }
 
 function escapeHtml(text) {
@@ -350,14 +447,25 @@ function escapeHtml(text) {
 // ---- start -----------------------------------------------------------------------------------------------------
 setupKey();
 persist();
-if (!$("#width").value) applyPreset();
 $("#preset").addEventListener("change", applyPreset); $("#aspect").addEventListener("change", applyPreset);
-$("#model").addEventListener("change", applyModel);
+$("#model").addEventListener("change", () => { clearFieldError("model"); $("#form-error").textContent = ""; applyModel(); });
 $("#form").addEventListener("submit", submit);
-$("#viewer-close").addEventListener("click", () => $("#viewer").close());
+$("#form").addEventListener("keydown", (e) => {  // Ctrl+Enter (or Cmd+Enter) submits from any field
+  if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) { e.preventDefault(); $("#form").requestSubmit(); }
+});
+for (const el of document.querySelectorAll("#form input, #form textarea, #form select")) {
+  el.addEventListener("input", () => { clearFieldError(el.id); if (el.id === "width" || el.id === "height") sizeIsCustom(); });
+}
+$("#seed").addEventListener("input", () => {  // a typed seed is meant: it is sent, not replaced by a random one
+  if ($("#seed").value !== "" && $("#seed-random").checked) {
+    $("#seed-random").checked = false; $("#seed-random").dispatchEvent(new Event("change"));
+  }
+});
+setupViewer();
 setupImageInput();
-loadModels();
-renderQueue(); renderGallery();
+loadModels().then(() => { if (!$("#width").value) applyPreset(); });
+setInterval(loadModels, 15_000);  // workers come and go: the menu follows without a reload
+renderQueue(); renderGallery(); checkGallery();
 (async () => {  // a reload restores this browser's queue: refresh each task, then follow them live
   for (const task of [...state.tasks]) {
     try { const v = await api("/api/tasks/" + task.id); state.views[task.id] = { ...v, position: v.pos, seenAt: Date.now() }; if (v.status === "done") onEvent("done", v); }
