@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-from mflux_server.core import api_keys, db, pg, store
+from mflux_server.core import api_keys, capabilities, db, pg, store
 from mflux_server.core.settings import default_db_path, env_name
 
 COMMANDS = ("keys", "backup", "migrate-to")
@@ -59,7 +59,7 @@ def parser() -> argparse.ArgumentParser:
 
 def postgres_url(text: str) -> str:
     """A postgresql:// (or postgres://) URL."""
-    if not pg.is_postgres_url(text):
+    if capabilities.of(text).local_file:
         raise argparse.ArgumentTypeError(f"{text!r}: give a postgresql://user@host/dbname URL")
     return text
 
@@ -125,7 +125,7 @@ def run_backup(target: Path, conn: sqlite3.Connection) -> int:
 def main(argv: Sequence[str]) -> int:
     """Run one command; exit 1 with one line when it cannot."""
     args = parser().parse_args(argv)
-    if args.command in ("backup", "migrate-to") and pg.is_postgres_url(args.db):
+    if args.command in ("backup", "migrate-to") and not capabilities.of(args.db).local_file:
         print(f"mflux-server: {args.command} reads an SQLite queue file, and --db names a PostgreSQL one "
               "(back that up with pg_dump)", file=sys.stderr)
         return 1

@@ -30,7 +30,7 @@ from mflux_server.api import (
 from mflux_server.api.errors import ErrorSchema, JsonError, error_payload, in_envelope
 from mflux_server.api.generation_schemas import openapi_rules
 from mflux_server.api.request_body import refuse_odd_paths
-from mflux_server.core import pg
+from mflux_server.core import capabilities
 from mflux_server.core.db import storage_problem
 from mflux_server.core.settings import Settings
 
@@ -88,7 +88,7 @@ def storage_error(problem: str, error: BaseException, path: str) -> JsonError:
         payload["task_id"] = committed
         payload["message"] = (f"the task was queued as {committed} (GET /api/status?task_id={committed}), but the "
                               f"answer could not be completed: {message}")
-    elif problem in ("io", "lost") and pg.is_postgres_url(path) and request.method == "POST":
+    elif problem in ("io", "lost") and capabilities.of(path).outcome_unknown_when_cut and request.method == "POST":
         payload["message"] = (f"{message}; the connection was cut mid-write, so the request may or may not have been "
                               "carried out: send it again with the same Idempotency-Key header to get the task it "
                               "created, if it did")

@@ -18,7 +18,7 @@ from marshmallow import fields
 from mflux_server.api.context import conn, forecaster, settings
 from mflux_server.api.errors import abort_json
 from mflux_server.api.rate_counts import RateCounts
-from mflux_server.core import api_keys, db, native, pg, store
+from mflux_server.core import api_keys, capabilities, db, native, pg, store
 from mflux_server.core.rows import ApiKey
 
 # Endpoints anyone may reach: the docs, the web UI's files, and the health checks.
@@ -109,7 +109,7 @@ def rate_counts() -> RateCounts:
         local = native.thread_local()
 
         def add(key_id: int, minute: int, n: int) -> int:
-            if pg.is_postgres_url(path):  # a pooled session: greenlets sharing one would interleave transactions
+            if capabilities.of(path).pooled:  # greenlets sharing one session would interleave transactions
                 borrowed = pg.connect(path, pooled=True)
                 try:
                     return store.count_requests(borrowed, key_id, minute, n)  # type: ignore[arg-type]

@@ -7,7 +7,7 @@ import sqlite3
 from flask import Flask, current_app, g, has_app_context
 
 from mflux_server.api.event_hub import EventHub
-from mflux_server.core import db, native, pg
+from mflux_server.core import capabilities, db, native, pg
 from mflux_server.core.settings import Settings
 from mflux_server.forecast.queue_view import Forecaster
 
@@ -24,7 +24,7 @@ class Connections:
     def __init__(self, path: str):
         self.path = path
         self._local = native.thread_local()
-        self._per_request = pg.is_postgres_url(path) and native.gevent_active()
+        self._per_request = capabilities.of(path).pooled and native.gevent_active()
 
     def get(self) -> sqlite3.Connection:
         """This thread's connection (on PostgreSQL under gevent: this request's)."""

@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 
 from standardwebhooks import Webhook
 
-from mflux_server.core import api_keys, outbound, service_notify, store
+from mflux_server.core import api_keys, capabilities, outbound, service_notify, store
 from mflux_server.core.results import webhook_body
 from mflux_server.core.rows import Delivery
 
@@ -146,7 +146,7 @@ class Deliverer:
             except sqlite3.Error as error:  # a storage fault must not end deliveries for good: retry shortly
                 log.error("webhook deliverer: %s: %s", type(error).__name__, error)
                 stop.wait(1.0)
-            if store.is_postgres(conn):
+            if capabilities.of_connection(conn).notifies:
                 # A NOTIFY (a task ended, a delivery changed) wakes the loop; otherwise it looks again when the
                 # soonest delivery falls due, and at least every quarter second for a stop request.
                 due_in = 0.25 if next_due is None else min(0.25, max(0.0, next_due - self._clock()))

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from mflux_server.core import native, pg, store
+from mflux_server.core import capabilities, native, store
 
 log = logging.getLogger("mflux_server")
 
@@ -145,7 +145,7 @@ class Watchdog:
 
 def start(db_path: str, limit: float | None, connect: Callable[[], Any]) -> Any:
     """Run the watchdog on an OS thread of its own; returns its stop signal, or None where there is nothing to do."""
-    if not limit or pg.is_postgres_url(db_path):
+    if not limit or not capabilities.of(db_path).local_file:
         return None
     watchdog = Watchdog(db_path, limit, connect)
 

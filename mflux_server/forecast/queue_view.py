@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from itertools import accumulate
 from typing import Any, NamedTuple
 
-from mflux_server.core import native, store
+from mflux_server.core import capabilities, native, store
 from mflux_server.core.rows import ClaimKey, QueueEntry, QueueRead, Status, Task, Worker
 from mflux_server.core.scheduling import expected_load
 from mflux_server.forecast.arrivals import ARRIVAL_WINDOW, ArrivalLog
@@ -240,7 +240,7 @@ class Forecaster:
         return current
 
     def _queue_moved(self, conn: sqlite3.Connection, current: QueueSnapshot) -> bool:
-        if store.is_postgres(conn):
+        if capabilities.of_connection(conn).notifies:
             # The LISTEN counter moves with every commit that touches a task: until it does, nothing can have
             # left the queue, and the status request skips even the one-row read.
             signal = store.data_version(conn)

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Hashable
 from typing import Any, TypeVar
 
-from mflux_server.core import store
+from mflux_server.core import capabilities, store
 
 T = TypeVar("T")
 MAX_AGE = 1.0  # seconds: what no NOTIFY announces (heartbeats, a worker going stale) shows within this
@@ -30,7 +30,7 @@ class SignalCache:
 
     def get(self, conn: sqlite3.Connection, key: Hashable, read: Callable[[], T]) -> T:
         """The cached result of `read` for `key`, or a fresh one."""
-        if not store.is_postgres(conn):
+        if not capabilities.of_connection(conn).notifies:
             return read()
         signal = store.data_version(conn)  # before the read, so a change during it invalidates what it returns
         now = self._clock()

@@ -83,3 +83,17 @@ def test_no_module_imports_one_that_imports_it_back():
 
     circles = sorted(f"{a} → {b}" for a, edges in graph.items() for b in edges if reaches(b, a))
     assert not circles, circles
+
+
+def test_outside_the_store_code_asks_for_a_capability_never_for_a_database():
+    store_modules = {"db.py", "pg.py", "pg_one_message.py", "store.py", "capabilities.py", "query_files.py"}
+    roots = [Path(mflux_server.api.__file__).parents[1], WORKER]
+    asked = []
+    for root in roots:
+        for path in root.rglob("*.py"):
+            if path.parent.name == "core" and path.name in store_modules:
+                continue
+            text = path.read_text()
+            if "is_postgres" in text:
+                asked.append(str(path.relative_to(root.parent)))
+    assert not asked, f"these branch on the database's name; ask core/capabilities.py instead: {asked}"
