@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import bisect
 import math
 import random
 import threading
@@ -12,7 +11,7 @@ import pytest
 
 from mflux_server.core import db, store
 from mflux_server.core.rows import ClaimKey, QueueEntry, QueueRead, Task, Timing, WaitingHead
-from mflux_server.core.scheduling import choose_model, expected_load, switch_lead
+from mflux_server.core.scheduling import choose_model, expected_load
 from mflux_server.forecast.arrivals import (
     MAX_PRIORITY_LOAD,
     MIN_ARRIVAL_SPAN,
@@ -538,51 +537,35 @@ def test_a_flood_of_submits_extends_the_snapshot_without_reading_the_queue_again
     assert {m: pytest.approx(p) for m, p in fresh._snapshot.prefix.items()} == extended.prefix
 
 
-def replayed_per_task(queues: dict[str, ModelQueue], model: str, key: ClaimKey, worker: ReplayWorker) -> float:
-    """The replay the timeline replaced: one run per task, cut at it (the oracle the timeline must agree with)."""
-    pointers = {name: queue.first for name, queue in queues.items() if len(queue.keys) > queue.first}
-    target = bisect.bisect_left(queues[model].keys, key, queues[model].first)
-    servable = list(queues)
-    loaded, now = worker.loaded, worker.free_at
-    for _ in range(sum(len(queue.keys) - queue.first for queue in queues.values()) + 1):
+def claimed_one_by_one(queues: dict[str, ModelQueue], worker: ReplayWorker) -> dict[tuple[str, ClaimKey], float]:
+    """The claim policy run task by task, as the worker runs it (choose_model before every claim): when each
+    waiting task starts. The oracle the whole-queue replay, which skips ahead in stretches, must agree with."""
+    pointers = {name: queue.first for name, queue in queues.items()}
+    loaded, now, starts = worker.loaded, worker.free_at, {}
+    while True:
         heads = [WaitingHead(name, -queues[name].keys[i].neg_priority, queues[name].keys[i].seq, queues[name].created[i],
                              len(queues[name].keys) - i, len(queues[name].keys) - i)
                  for name, i in pointers.items() if i < len(queues[name].keys)]
-        choice = choose_model(heads, loaded, servable, now, worker.affinity_wait, worker.loads)
+        choice = choose_model(heads, loaded, list(queues), now, worker.affinity_wait, worker.loads)
         if choice is None:
-            break
+            return starts
         if choice != loaded:
             now += expected_load(choice, worker.loads, worker.default_load)
             loaded = choice
-        start = pointers[choice]
-        if choice == model and start >= target:
-            return now
-        queue = queues[choice]
-        head_priority = queue.keys[start].neg_priority
-        # The stretch ends at the target, at the end of the head's priority tier, or when another model's head of
-        # that tier falls due (its affinity bound less its load); each task claimed by then runs to its end.
-        end = bisect.bisect_right(queue.keys, ClaimKey(head_priority, math.inf, math.inf, math.inf))
-        if choice == model:
-            end = min(end, target)
-        deadlines = [head.created_at + worker.affinity_wait - switch_lead(head.model, loaded, worker.loads)
-                     for head in heads if head.model != choice and -head.priority == head_priority]
-        claimed = end - start
-        if deadlines:
-            due = min(deadlines) - now + queue.prefix[start]
-            claimed = min(claimed, max(bisect.bisect_right(queue.prefix, due, start, end) - start, 1))
-        now += queue.prefix[start + claimed] - queue.prefix[start]
-        pointers[choice] = start + claimed
-    return now
+        queue, index = queues[choice], pointers[choice]
+        starts[(choice, queue.keys[index])] = now
+        now += queue.prefix[index + 1] - queue.prefix[index]
+        pointers[choice] = index + 1
 
 
-def test_one_replay_of_the_whole_queue_gives_every_tasks_start_as_the_replay_per_task_does():
+def test_one_replay_of_the_whole_queue_gives_every_tasks_start_as_claiming_task_by_task_does():
     rng = random.Random(11)
     for trial in range(60):
         queues = {}
+        seqs = iter(rng.sample(range(100_000), 120))  # sequence numbers are unique across the queue
         for model in ("schnell", "dev", "flux2-klein-4b")[: rng.choice([2, 3])]:
-            entries = sorted((ClaimKey.of(rng.choice([0, 0, 0, 1]), rng.randrange(10_000) * 10 + trial % 10,
-                                          rng.choice([0.0, 0.0, 3.0])), 1000.0 + rng.uniform(0, 300),
-                              rng.uniform(1, 30)) for _ in range(rng.randrange(0, 40)))
+            entries = sorted((ClaimKey.of(rng.choice([0, 0, 0, 1]), next(seqs), rng.choice([0.0, 0.0, 3.0])),
+                              1000.0 + rng.uniform(0, 300), rng.uniform(1, 30)) for _ in range(rng.randrange(0, 40)))
             prefix = [0.0]
             for _, _, seconds in entries:
                 prefix.append(prefix[-1] + seconds)
@@ -590,8 +573,8 @@ def test_one_replay_of_the_whole_queue_gives_every_tasks_start_as_the_replay_per
                                        rng.randrange(0, 3) if entries else 0)
         worker = ReplayWorker(rng.choice([None, *queues]), 1200.0 + rng.uniform(0, 200), rng.choice([0.0, 60.0, 600.0]),
                               {"schnell": 20.0}, 15.0)
-        whole = timeline(queues, worker)
+        whole, expected = timeline(queues, worker), claimed_one_by_one(queues, worker)
         for model, queue in queues.items():
             for key in queue.keys[queue.first:]:
-                assert whole.start_in(queues, model, key) == pytest.approx(replayed_per_task(queues, model, key, worker),
-                                                                           abs=1e-6), (trial, model, key)
+                assert whole.start_in(queues, model, key) == pytest.approx(expected[(model, key)], abs=1e-6), \
+                    (trial, model, key)
