@@ -56,8 +56,9 @@ def served(processes):
 
 def test_a_long_prompt_keeps_the_page_inside_the_window_on_a_desktop_and_a_phone(served, browser):  # noqa: F811
     url, _ = served
-    requests.post(url + "/api/generate", json={"prompt": "ahead", "steps": 100, "width": 2048, "height": 2048,
-                                               "count": 8}, timeout=10)  # keeps the next ones waiting
+    ahead = requests.post(url + "/api/generate", json={"prompt": "ahead", "steps": 100, "width": 1024, "height": 1024,
+                                                       "count": 8}, timeout=10)  # keeps the next ones waiting
+    assert ahead.status_code == 200, ahead.text
     for name, viewport in (("desktop", None), ("phone", PHONE)):
         page = open_page(browser, url, viewport)
         small(page)
