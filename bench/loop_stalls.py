@@ -33,7 +33,7 @@ wrk.headers["Content-Type"] = "application/json"
 
 
 def reference_body(side: int) -> bytes:
-    """An edit request with REFERENCES different JPEG photos-sized references (smooth, so small on the wire)."""
+    """An edit request with REFERENCES different photo-sized JPEG references (smooth, so small on the wire)."""
     images = []
     for n in range(REFERENCES):
         picture = Image.linear_gradient("L").resize((side, side)).convert("RGB")

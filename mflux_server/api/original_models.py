@@ -20,6 +20,7 @@ from mflux_server.api.request_body import StrictParser
 from mflux_server.api.submission import default_model, served_models
 from mflux_server.api.task_view import live_workers
 from mflux_server.core import catalog, store
+from mflux_server.core.rows import Worker
 
 blp = Blueprint("original-models", __name__, description="The original mflux-server's model list and switch.")
 blp.ARGUMENTS_PARSER = StrictParser()
@@ -43,15 +44,15 @@ class ModelSettings(ma.Schema):
     default_steps = fields.Integer()
 
 
-def _quantize_of(model: str) -> int | None:
+def _quantize_of(model: str, live: list[Worker]) -> int | None:
     """The quantization of a live worker that serves the model (the first found), or None."""
-    return next((worker.quantize for worker in live_workers(conn()) if model in worker.servable), None)
+    return next((worker.quantize for worker in live if model in worker.servable), None)
 
 
-def _settings_of(model: str) -> dict[str, Any]:
+def _settings_of(model: str, live: list[Worker]) -> dict[str, Any]:
     resolved = catalog.resolve_reference(model)
     limit = settings().gpu_cache_limit
-    return {"model": model, "quantize": _quantize_of(model),
+    return {"model": model, "quantize": _quantize_of(model, live),
             "cache_limit": int(limit * 2**30) if limit else 0,
             "default_steps": resolved.info.default_steps if resolved else 4}
 
@@ -75,7 +76,7 @@ def list_models() -> dict[str, Any]:
 @blp.response(200, ModelSettings)
 def current_settings() -> dict[str, Any]:
     """The default model (what a request without `model` gets), its quantization and default steps."""
-    return _settings_of(default_model())
+    return _settings_of(default_model(), live_workers(conn()))
 
 
 @blp.route("/load", methods=["POST"])
@@ -94,14 +95,15 @@ def load(body: dict[str, Any]) -> dict[str, Any]:
     if resolved is None:
         abort_json(400, code="invalid_input", field="model", message=f"model: {body['model']!r} is not a model "
                    "this server knows (GET /api/ls lists them)")
-    served = served_models(live_workers(conn()))
+    live = live_workers(conn())
+    served = served_models(live)
     if served and resolved.served not in served:
         abort_json(400, code="model_not_served", field="model",
                    message=f"model: no live worker serves {resolved.served}; they serve {', '.join(sorted(served))}")
-    quantize = _quantize_of(resolved.served)
+    quantize = _quantize_of(resolved.served, live)
     if body["quantize"] is not None and served and body["quantize"] != quantize:
         abort_json(400, code="invalid_input", field="quantize",
                    message=f"quantize: the workers serving {resolved.served} run it at "
                            f"{'full precision' if quantize is None else f'{quantize} bits'} (each worker's --quantize)")
     store.set_server_setting(conn(), "default_model", resolved.served)
-    return _settings_of(resolved.served)
+    return _settings_of(resolved.served, live)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mflux_server.core import pg
+from mflux_server.core import pg, store
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,4 +34,4 @@ def of(target: str) -> Capabilities:
 
 def of_connection(conn: object) -> Capabilities:
     """The capabilities of the store a connection is to."""
-    return _POSTGRESQL if getattr(conn, "dialect", "sqlite") == "postgresql" else _SQLITE
+    return _POSTGRESQL if store.is_postgres(conn) else _SQLITE

@@ -60,14 +60,16 @@ class ArrivalLog:
             self._counts[gone] -= 1
             if not self._counts[gone]:
                 del self._counts[gone]
+                shape = _shape_of(gone)
+                if not any(_shape_of(counted) == shape for counted in self._counts):
+                    del self._samples[shape]  # no arrival of that shape left in the window
         oldest = self._arrivals[0][0] if self._arrivals else now - ARRIVAL_WINDOW
         span = max(now - oldest, MIN_ARRIVAL_SPAN)
         # Priced with the current model every time: prices from an earlier model (the prior) would linger.
         prices: dict[tuple[str, int, int, int, int], float] = {}
         load: dict[str, dict[int, Load]] = {}
         for counted, count in self._counts.items():
-            model, priority = counted[0], counted[1]
-            shape = (model, counted[2], counted[3], counted[4], counted[5])
+            model, priority, shape = counted[0], counted[1], _shape_of(counted)
             seconds = prices.get(shape)
             if seconds is None:
                 seconds = prices[shape] = cost.gpu_seconds(self._samples[shape])
@@ -118,6 +120,10 @@ class ArrivalLog:
 
 def _shape(arrival: Arrival) -> tuple[str, int, int, int, int]:
     return arrival.model, arrival.width, arrival.height, arrival.steps, arrival.count
+
+
+def _shape_of(counted: tuple[str, int, int, int, int, int]) -> tuple[str, int, int, int, int]:
+    return counted[0], counted[2], counted[3], counted[4], counted[5]
 
 
 def _counted(arrival: Arrival) -> tuple[str, int, int, int, int, int]:

@@ -11,7 +11,6 @@ import textwrap
 import time
 from pathlib import Path
 
-import pytest
 import requests
 
 from mflux_server.core import db, store, write_lock
@@ -109,8 +108,8 @@ def test_a_worker_that_commits_often_is_not_mistaken_for_a_frozen_one(db_path):
         conn.close()
 
 
-@pytest.mark.parametrize("limit", [2.0])
-def test_on_postgresql_the_server_ends_a_session_frozen_in_a_write(processes: Processes, postgres_server, limit):
+def test_on_postgresql_the_server_ends_a_session_frozen_in_a_write(processes: Processes, postgres_server):
+    limit = 2.0
     url_db = postgres_server.create_database()
     db.open_database(url_db).close()
     pg_processes = Processes(processes.workdir, url_db)
