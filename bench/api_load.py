@@ -17,7 +17,7 @@ import psutil
 import requests
 
 from bench.results import Result, median, percentile
-from mflux_server.core import db, store
+from mflux_server import store
 from mflux_server.core.rows import NewTask
 from mflux_server.testing import Processes
 
@@ -52,14 +52,14 @@ SETTLE_SECONDS = 5.0
 
 def fill_queue(path: str, tasks: int) -> list[str]:
     """Insert waiting tasks of mixed sizes and priorities in one transaction; returns their ids."""
-    conn = db.open_database(path)
+    db = store.open_migrated(path)
     rnd = random.Random(3)
     tasks_to_add = [NewTask(prompt=f"load {i}", model="schnell", width=rnd.choice([512, 768, 1024]),
                             height=rnd.choice([512, 1024]), steps=rnd.randint(2, 8), guidance=3.5, seed=i,
                             count=rnd.randint(1, 2), format="JPEG", quality=85, priority=int(rnd.random() < 0.2))
                     for i in range(tasks)]
-    ids = store.submit_many(conn, tasks_to_add)
-    conn.close()
+    ids = db.submit_many(tasks_to_add)
+    db.close()
     return ids
 
 

@@ -10,7 +10,7 @@ import requests
 
 from bench.api_load import PACED_PAUSE_MS, add_beside, full_queue, phase
 from bench.results import Result, median, percentile
-from mflux_server.core import db
+from mflux_server import store
 from mflux_server.testing import TEST_WEBHOOK_SECRET, WebhookReceiver, fresh_queue, wait_for
 
 WAITERS = 200
@@ -34,11 +34,11 @@ def open_waiters(url: str, count: int, answers: list[int]) -> list[threading.Thr
 
 def waiting_tasks(db_path: str) -> int:
     """Tasks submitted through the OpenAI surface so far (they are ordinary tasks in the queue)."""
-    conn = db.connect(db_path)
+    db = store.connect(db_path)
     try:
-        return int(conn.execute("SELECT count(*) FROM tasks WHERE surface = 'openai'").fetchone()[0])
+        return int(db.execute("SELECT count(*) FROM tasks WHERE surface = 'openai'").fetchone()[0])
     finally:
-        conn.close()
+        db.close()
 
 
 def delivery_latencies(count: int) -> tuple[list[float], int]:
@@ -54,9 +54,9 @@ def delivery_latencies(count: int) -> tuple[list[float], int]:
                                                                       "steps": 2, "callback_url": receiver.url})
             wait_for(lambda: len(receiver.received) + len(receiver.rejected) >= count, timeout=300,
                      what="every webhook")
-            conn = db.connect(procs.db_path)
-            ended = {row[0]: json.loads(row[1])["finished_at"] for row in conn.execute("SELECT id, task FROM deliveries")}
-            conn.close()
+            db = store.connect(procs.db_path)
+            ended = {row[0]: json.loads(row[1])["finished_at"] for row in db.execute("SELECT id, task FROM deliveries")}
+            db.close()
         latencies = [(at - ended[headers["webhook-id"]]) * 1000 for at, headers, _ in receiver.received]
         return latencies, len(receiver.rejected)
     finally:

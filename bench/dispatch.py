@@ -2,27 +2,27 @@
 
 from __future__ import annotations
 
-import sqlite3
 import time
 
 import psutil
 import requests
 
 from bench.results import Result, median, percentile
-from mflux_server.core import db, store
+from mflux_server import store
 from mflux_server.core.rows import Status
+from mflux_server.store import Store
 from mflux_server.testing import fresh_queue, wait_for
 
 
-def started_at(conn: sqlite3.Connection, task_id: str) -> float | None:
+def started_at(db: Store, task_id: str) -> float | None:
     """When the worker claimed the task (None while it waits)."""
-    task = store.get(conn, task_id)
+    task = db.get(task_id)
     return task.started_at if task else None
 
 
-def status_of(conn: sqlite3.Connection, task_id: str) -> Status | None:
+def status_of(db: Store, task_id: str) -> Status | None:
     """The task's status now (None once deleted)."""
-    task = store.get(conn, task_id)
+    task = db.get(task_id)
     return task.status if task else None
 
 
@@ -31,7 +31,7 @@ def run(smoke: bool = False) -> Result:
     samples, idle_seconds = (5, 1.0) if smoke else (200, 20.0)
     result = Result("Dispatch latency", f"make bench ARGS='--only dispatch'  ({samples} submits, {idle_seconds:.0f} s idle)")
     with fresh_queue() as procs:
-        conn = db.connect(procs.db_path)
+        db = store.connect(procs.db_path)
         try:
             url = procs.server()
             # the production heartbeat and staleness (the harness's defaults are sped up for the tests)
@@ -44,16 +44,16 @@ def run(smoke: bool = False) -> Result:
                 task_id = session.post(url + "/api/generate", json={"prompt": f"d{i}", "width": 128, "height": 128,
                                                                       "steps": 1}).json()["task_id"]
                 # wait_for polls right away, so closing over this iteration's task_id is safe
-                started = wait_for(lambda: started_at(conn, task_id), timeout=10, interval=0.001)  # noqa: B023
+                started = wait_for(lambda: started_at(db, task_id), timeout=10, interval=0.001)  # noqa: B023
                 latencies.append((started - submitted) * 1000)
-                wait_for(lambda: status_of(conn, task_id) == Status.DONE, timeout=10, interval=0.002)  # noqa: B023
+                wait_for(lambda: status_of(db, task_id) == Status.DONE, timeout=10, interval=0.002)  # noqa: B023
             time.sleep(1.0)
             process = psutil.Process(worker.pid)
             before = process.cpu_times()
             time.sleep(idle_seconds)
             after = process.cpu_times()
         finally:
-            conn.close()
+            db.close()
     idle_cpu = 100 * ((after.user - before.user) + (after.system - before.system)) / idle_seconds
     p50, p99 = median(latencies), percentile(latencies, 99)
     result.add("submit → processing, p50", p50, "ms", "≤ 20 ms", p50 <= 20)

@@ -7,7 +7,7 @@ import tempfile
 from pathlib import Path
 
 from bench.results import Result, median, percentile
-from mflux_server.core import db, store
+from mflux_server import store
 from mflux_server.core.rows import NewTask, Status
 from mflux_server.testing import Processes, wait_for
 
@@ -21,24 +21,24 @@ def run_format(fmt: str, tasks: int, size: int) -> dict:
     """Queue `tasks` tasks, start one worker, and read the generation intervals back from the database."""
     with tempfile.TemporaryDirectory() as tmp:
         path = str(Path(tmp) / "queue.db")
-        conn = db.open_database(path)
-        store.submit_many(conn, [NewTask(prompt=f"duty {i}", model="schnell", width=size, height=size, steps=STEPS,
+        db = store.open_migrated(path)
+        db.submit_many([NewTask(prompt=f"duty {i}", model="schnell", width=size, height=size, steps=STEPS,
                                          guidance=3.5, seed=i, count=1, format=fmt, quality=85) for i in range(tasks)])
         procs = Processes(Path(tmp), path)
         try:
             # a fixed 250 ms per image, all of it in the denoising steps
             worker = procs.worker("--synthetic-step", f"{PER_IMAGE / STEPS},0,0", "--synthetic-fixed", "0,0", speed=1.0)
-            wait_for(lambda: store.status_counts(conn)[Status.DONE] == tasks, timeout=tasks * PER_IMAGE * 3 + 30,
+            wait_for(lambda: db.status_counts()[Status.DONE] == tasks, timeout=tasks * PER_IMAGE * 3 + 30,
                      interval=0.2, what="every duty-cycle task")
         finally:
             procs.stop_all()
         previews = PREVIEW_LINE.search(procs.log(worker))
         assert previews is not None, "the worker logs what its previews cost when it stops"
-        spans = store.generation_spans(conn)
-        finished = store.list_tasks(conn, Status.DONE, tasks, 0)[0]
+        spans = db.generation_spans()
+        finished = db.list_tasks(Status.DONE, tasks, 0)[0]
         first_claim = min(t.started_at for t in finished if t.started_at is not None)
         last_done = max(t.finished_at for t in finished if t.finished_at is not None)
-        conn.close()
+        db.close()
     generating = sum(end - start for start, end in spans)
     gaps = [(spans[i + 1][0] - spans[i][1]) * 1000 for i in range(len(spans) - 1)]
     return {"duty": 100 * generating / (last_done - first_claim), "gap_p50": median(gaps),

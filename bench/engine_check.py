@@ -25,7 +25,8 @@ import requests
 from PIL import Image
 
 from bench.random_weights import fast_blas_preload
-from mflux_server.core import catalog, db, store
+from mflux_server import store
+from mflux_server.core import catalog
 from mflux_server.testing import ROOT, Processes, fresh_queue, read_events, wait_for
 
 OUT = ROOT / "docs" / "engine-check.md"
@@ -107,12 +108,12 @@ def run_size(url: str, procs: Processes, proc: Any, info: catalog.ModelInfo, sid
 
 def step_seconds(db_path: str, model: str) -> dict[int, float]:
     """Mean seconds per denoising step at each square size, from the timings the worker recorded."""
-    conn = db.connect(db_path)
+    db = store.connect(db_path)
     try:
-        return {s.width: s.total / s.n for s in store.timing_stats(conn)
+        return {s.width: s.total / s.n for s in db.timing_stats()
                 if s.model == model and s.kind == "step" and s.width == s.height and s.n}
     finally:
-        conn.close()
+        db.close()
 
 
 def cancel_check(url: str, procs: Processes, proc: Any, info: catalog.ModelInfo, side: int) -> str:
@@ -175,9 +176,9 @@ def check(info: catalog.ModelInfo, sides: list[int], steps: int, depth: int | No
                 return result
             loaded = re.search(r"VAE decode path for \S+: (\w+)", log)
             result.decode_path = loaded.group(1) if loaded else "mflux's own (no choice)"
-            conn = db.connect(procs.db_path)
-            result.load_seconds = store.load_stats(conn)[info.name].last
-            conn.close()
+            db = store.connect(procs.db_path)
+            result.load_seconds = db.load_stats()[info.name].last
+            db.close()
             if largest and largest_side(url, info.name) not in sides:
                 sides = [*sides, largest_side(url, info.name)]
             for side in sides:

@@ -11,7 +11,7 @@ from pathlib import Path
 import requests
 
 from bench.results import Result
-from mflux_server.core import db, store
+from mflux_server import store
 from mflux_server.core.rows import Status
 from mflux_server.testing import fresh_queue
 
@@ -172,13 +172,13 @@ def run(smoke: bool = False, plot_path: Path | None = None) -> Result:
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
-        conn = db.connect(procs.db_path)
+        db = store.connect(procs.db_path)
         clock = time.monotonic()
         index = 0
 
         def counted_done() -> bool:
             ids = {t.task_id for t in submitted[:n]}
-            done = {t.id for t in store.list_tasks(conn, Status.DONE, len(submitted) + 1, 0)[0]}
+            done = {t.id for t in db.list_tasks(Status.DONE, len(submitted) + 1, 0)[0]}
             return len(ids) == n and ids <= done
 
         # Arrivals go on past the trace (the cool-down, not counted) until every counted task is done:
@@ -200,10 +200,10 @@ def run(smoke: bool = False, plot_path: Path | None = None) -> Result:
             index += 1
         stop.set()
         sampler.join()
-        every = store.list_tasks(conn, None, len(submitted) + 1, 0)[0]
+        every = db.list_tasks(None, len(submitted) + 1, 0)[0]
         rows = {t.id: {"seq": t.seq, "priority": t.priority, "started_at": t.started_at, "finished_at": t.finished_at}
                 for t in every}
-        conn.close()
+        db.close()
     inf = float("inf")
     for row in rows.values():  # cool-down tasks still queued or running when the run stopped
         row["started_at"] = row["started_at"] or inf

@@ -10,7 +10,7 @@ import requests
 
 from bench.forecast_accuracy import mape
 from bench.results import Result, percentile
-from mflux_server.core import db, store
+from mflux_server import store
 from mflux_server.testing import fresh_queue, wait_for
 
 # In model seconds: each image 4 steps of 0.7 s plus 0.2 s around the loop (3 s), a model load 15 s, the
@@ -73,16 +73,16 @@ def replay(label: str, trace: list[tuple[float, str]], speed: float, affinity: f
                 "prompt": f"{label} {len(submitted)}", "model": model if "," in models else models,
                 "width": 1024, "height": 1024, "steps": STEPS, "format": "JPEG"}, timeout=30).json()
             submitted.append((body["task_id"], model, sent, body["expected_time_seconds"]))
-        conn = db.connect(procs.db_path)
+        db = store.connect(procs.db_path)
         ids = [task_id for task_id, *_ in submitted]
 
         def all_done() -> bool:
-            return all((t := store.get(conn, i)) is not None and t.finished_at for i in ids)
+            return all((t := db.get(i)) is not None and t.finished_at for i in ids)
 
         wait_for(all_done, timeout=len(trace) * 40 * IMAGE_SECONDS / speed + 60, interval=0.2, what=f"{label} trace")
-        rows = {i: store.get(conn, i) for i in ids}
+        rows = {i: db.get(i) for i in ids}
         switches = sum(1 for line in procs.log(procs.procs[-1]).splitlines() if "switching model" in line)
-        conn.close()
+        db.close()
     waits: dict[str, list[float]] = {}
     forecasts = []
     for task_id, model, sent, expected in submitted:

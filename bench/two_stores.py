@@ -15,7 +15,7 @@ import requests
 
 from bench import api_load
 from bench.results import Result, median, percentile
-from mflux_server.core import db, pg, store
+from mflux_server import store
 from mflux_server.core.rows import NewTask, Status, StoredImage
 from mflux_server.testing import Processes, wait_for
 from mflux_server.testing_postgres import PostgresServer, why_unavailable
@@ -39,28 +39,28 @@ def queue_on(kind: str, server: PostgresServer | None) -> Iterator[tuple[str, Pa
     """A fresh, migrated queue on one store, and a scratch folder for its processes."""
     with tempfile.TemporaryDirectory() as tmp:
         target = str(Path(tmp) / "queue.db") if kind == "sqlite" else server.create_database()  # type: ignore[union-attr]
-        db.open_database(target).close()
+        store.open_migrated(target).close()
         yield target, Path(tmp)
 
 
 def _claimer(target: str, worker: str, ready, go, out) -> None:  # type: ignore[no-untyped-def]
-    conn = db.connect(target)
+    db = store.connect(target)
     ready.put(worker)
     go.wait()
     claimed = []
-    while (task := store.claim_next(conn, worker, "schnell", "synthetic")) is not None:
+    while (task := db.claim_next(worker, "schnell", "synthetic")) is not None:
         now = time.time()
-        store.complete(conn, task.id, worker, [StoredImage(0, task.seed, "image/png", b"x", now, now)])
+        db.complete(task.id, worker, [StoredImage(0, task.seed, "image/png", b"x", now, now)])
         claimed.append(task.id)
     out.put((claimed, time.time()))
-    conn.close()
+    db.close()
 
 
 def claims(target: str, tasks: int) -> dict:
     """8 processes claim and complete `tasks` tiny tasks as fast as they can; claims per second, double claims."""
-    conn = db.connect(target)
-    store.submit_many(conn, [tiny(i) for i in range(tasks)])
-    conn.close()
+    db = store.connect(target)
+    db.submit_many([tiny(i) for i in range(tasks)])
+    db.close()
     ctx = multiprocessing.get_context("spawn")
     ready, out, go = ctx.Queue(), ctx.Queue(), ctx.Event()
     procs = [ctx.Process(target=_claimer, args=(target, f"c{i}", ready, go, out)) for i in range(CLAIMERS)]
@@ -82,7 +82,7 @@ def claims(target: str, tasks: int) -> dict:
 def dispatch(target: str, tmp: Path, samples: int) -> dict:
     """Submit → processing over HTTP with an idle worker (production heartbeat), one task at a time."""
     procs = Processes(tmp, target)
-    conn = db.connect(target)
+    db = store.connect(target)
     try:
         url = procs.server()
         procs.worker("--heartbeat-interval", "2", "--stale-after", "15", speed=1000.0)
@@ -93,12 +93,12 @@ def dispatch(target: str, tmp: Path, samples: int) -> dict:
             submitted = time.time()
             task_id = session.post(url + "/api/generate", json={"prompt": f"d{i}", "width": 128, "height": 128,
                                                                   "steps": 1}).json()["task_id"]
-            started = wait_for(lambda: getattr(store.get(conn, task_id), "started_at", None),  # noqa: B023
+            started = wait_for(lambda: getattr(db.get(task_id), "started_at", None),  # noqa: B023
                                timeout=10, interval=0.001)
             latencies.append((started - submitted) * 1000)
-            wait_for(lambda: store.get(conn, task_id).status == Status.DONE, timeout=10, interval=0.002)  # noqa: B023
+            wait_for(lambda: db.get(task_id).status == Status.DONE, timeout=10, interval=0.002)  # noqa: B023
     finally:
-        conn.close()
+        db.close()
         procs.stop_all()
     return {"p50": median(latencies), "p99": percentile(latencies, 99)}
 
@@ -107,12 +107,12 @@ def status_load(target: str, tmp: Path, tasks: int, seconds: float, connections:
     """GET /api/status for random tasks among `tasks` queued, 2 API processes, a real-time worker running: flat
     out for throughput, then paced pollers for latency."""
     ids = api_load.fill_queue(target, tasks)
-    if pg.is_postgres_url(target):
+    if store.is_server_url(target):
         # Planner statistics and the visibility map for the 10,000 rows just written, as autovacuum leaves them
         # within its first minute.
-        conn = db.connect(target)
-        conn.execute("VACUUM ANALYZE")
-        conn.close()
+        db = store.connect(target)
+        db.execute("VACUUM ANALYZE")
+        db.close()
     ids_file = tmp / "ids.txt"
     ids_file.write_text("\n".join(ids) + "\n")
     procs = Processes(tmp, target)
@@ -133,27 +133,27 @@ def status_load(target: str, tmp: Path, tasks: int, seconds: float, connections:
 
 def duty(target: str, tmp: Path, tasks: int) -> dict:
     """Two workers, each its own process and database session (two "hosts"), on `tasks` tasks of PER_IMAGE s."""
-    conn = db.connect(target)
-    store.submit_many(conn, [NewTask(prompt=f"duty {i}", model="schnell", width=256, height=256, steps=4,
+    db = store.connect(target)
+    db.submit_many([NewTask(prompt=f"duty {i}", model="schnell", width=256, height=256, steps=4,
                                      guidance=3.5, seed=i, count=1, format="JPEG", quality=85) for i in range(tasks)])
     procs = Processes(tmp, target)
     try:
         for _ in range(2):
             procs.worker("--synthetic-step", f"{PER_IMAGE / 4},0,0", "--synthetic-fixed", "0,0", speed=1.0)
-        wait_for(lambda: store.status_counts(conn)[Status.DONE] == tasks, timeout=tasks * PER_IMAGE * 3 + 60,
+        wait_for(lambda: db.status_counts()[Status.DONE] == tasks, timeout=tasks * PER_IMAGE * 3 + 60,
                  interval=0.2, what="every duty-cycle task")
     finally:
         procs.stop_all()
-    finished = store.list_tasks(conn, Status.DONE, tasks, 0)[0]
+    finished = db.list_tasks(Status.DONE, tasks, 0)[0]
     # Per worker: its generating time over its own span, first claim to last completion (the second worker
     # starts a moment after the first, and one ends a task after the other: neither is the store's doing).
     by_worker: dict[str, list[tuple[float, float, float, float]]] = {}
     for task in finished:
-        image = store.fetch_image(conn, task.id, 0)
+        image = db.fetch_image(task.id, 0)
         if image is not None and task.worker_id and task.started_at and task.finished_at:
             by_worker.setdefault(task.worker_id, []).append((task.started_at, task.finished_at, image.gen_started,
                                                              image.gen_ended))
-    conn.close()
+    db.close()
     duties = []
     for spans in by_worker.values():
         wall = max(end for _, end, _, _ in spans) - min(start for start, _, _, _ in spans)

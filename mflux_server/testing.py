@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import requests
 
-from mflux_server.core import db, store
+from mflux_server import store
 
 ROOT = Path(__file__).resolve().parent.parent  # the checkout: processes run from it, as `make run` does
 T = TypeVar("T")
@@ -118,11 +118,11 @@ class Processes:
 
     def worker_count(self) -> int:
         """Workers ever registered in the queue."""
-        conn = db.connect(self.db_path)
+        db = store.connect(self.db_path)
         try:
-            return store.worker_count(conn)
+            return db.worker_count()
         finally:
-            conn.close()
+            db.close()
 
     def log(self, proc: subprocess.Popen[bytes]) -> str:
         """The process's output so far."""
@@ -146,7 +146,7 @@ def fresh_queue() -> Iterator[Processes]:
     """A new queue file in a temporary folder and Processes on it; every process is stopped on the way out."""
     with tempfile.TemporaryDirectory() as tmp:
         path = str(Path(tmp) / "queue.db")
-        db.open_database(path).close()
+        store.open_migrated(path).close()
         procs = Processes(Path(tmp), path)
         try:
             yield procs

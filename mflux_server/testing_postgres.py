@@ -120,15 +120,13 @@ class PostgresServer:
         if migrated:
             if self._template is None:
                 self._template = self.create_database("template")
-                from mflux_server.core import db, pg
+                from mflux_server import store
 
-                session = pg.PgConnection(self._template)  # unpooled: a template must have no session left open
-                pg.migrate(session, db.migration_files("postgresql"))
-                session.close()
+                store.open_migrated(self._template).close()  # unpooled: a template must have no session left open
             template = f' TEMPLATE "{self._template.rsplit("/", 1)[1]}"'
         name = f"{prefix}_{os.getpid()}_{next(self._names)}"
-        with psycopg.connect(self.url(), autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"{template}')
+        with psycopg.connect(self.url(), autocommit=True) as db:
+            db.execute(f'CREATE DATABASE "{name}"{template}')
         if migrated and self._maker is None:
             # CREATE DATABASE waits on the disk, not the CPU (100 ms each): one thread keeps four made ahead.
             self._maker = threading.Thread(target=self._make_ahead, daemon=True, name="make-databases")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sqlite3
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -19,10 +18,11 @@ import requests
 from flask import Flask
 from flask.testing import FlaskClient
 
+from mflux_server import store
 from mflux_server.api.app import create_app
-from mflux_server.core import db, store
 from mflux_server.core.rows import NewTask, StoredImage, Task
 from mflux_server.core.settings import Settings
+from mflux_server.store import Store
 from mflux_server.testing import Processes, wait_for
 from mflux_server.testing_postgres import PostgresServer, why_unavailable
 
@@ -47,9 +47,9 @@ def new_task(**overrides: Any) -> NewTask:
     return replace(TASK_DEFAULTS, **overrides)
 
 
-def queue_task(conn: sqlite3.Connection, now: float | None = None, **overrides: Any) -> Task:
+def queue_task(db: Store, now: float | None = None, **overrides: Any) -> Task:
     """Submit a task built by new_task and return its row."""
-    return store.submit(conn, new_task(**overrides), now=now)
+    return db.submit(new_task(**overrides), now=now)
 
 
 def images_for(task: Task, data: bytes = b"img") -> list[StoredImage]:
@@ -59,11 +59,11 @@ def images_for(task: Task, data: bytes = b"img") -> list[StoredImage]:
 
 def reread(db_path: str, task_id: str) -> Task | None:
     """Read one task afresh, on a connection of its own."""
-    conn = db.connect(db_path)
+    db = store.connect(db_path)
     try:
-        return store.get(conn, task_id)
+        return db.get(task_id)
     finally:
-        conn.close()
+        db.close()
 
 
 def status_of(db_path: str, task_id: str) -> str | None:
@@ -113,7 +113,7 @@ def db_path(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 def migrated_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An SQLite queue migrated once for the run; each test's queue is a copy (a tenth of a migration's time)."""
     path = tmp_path_factory.mktemp("template") / "queue.db"
-    db.open_database(str(path)).close()
+    store.open_migrated(str(path)).close()
     return path
 
 
@@ -143,9 +143,9 @@ def store_db(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 @pytest.fixture
-def conn(db_path: str) -> Iterator[sqlite3.Connection]:
+def db(db_path: str) -> Iterator[Store]:
     """A connection to the fresh queue."""
-    connection = db.connect(db_path)
+    connection = store.connect(db_path)
     yield connection
     connection.close()
 

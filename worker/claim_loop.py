@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import logging
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -12,10 +11,10 @@ from typing import TypeVar
 
 from PIL import Image
 
-from mflux_server.core import store
 from mflux_server.core.rows import REFERENCE_ROLES, Task
 from mflux_server.core.scheduling import choose_model
 from mflux_server.core.settings import Settings
+from mflux_server.store import Store
 from mflux_server.worker.engines.base import Engine, EngineFault, Job, ModelLoadFailed, OutOfMemory
 from mflux_server.worker.messages import (
     ImageGenerated,
@@ -144,13 +143,13 @@ class WorkerBroken(Exception):
 class ClaimLoop:
     """Claims tasks in order and generates them one at a time; never holds the GIL while the engine works."""
 
-    def __init__(self, settings: Settings, engine: Engine, worker_id: str, conn: sqlite3.Connection,
+    def __init__(self, settings: Settings, engine: Engine, worker_id: str, db: Store,
                  publisher: ProgressPublisher, writer: ResultWriter, stopping: threading.Event,
                  servable: Sequence[str] = (), limits: Mapping[str, int] | None = None):
         self.settings = settings
         self.engine = engine
         self.worker_id = worker_id
-        self.conn = conn
+        self.db = db
         self.publisher = publisher
         self.writer = writer
         self.stopping = stopping
@@ -165,11 +164,11 @@ class ClaimLoop:
             model: str | None = self.engine.model
         else:
             now = time.time() if now is None else now
-            model = choose_model(store.waiting_heads(self.conn), self.engine.model, self.servable, now,
-                                 self.settings.max_affinity_wait, store.mean_load_seconds(self.conn))
+            model = choose_model(self.db.waiting_heads(), self.engine.model, self.servable, now,
+                                 self.settings.max_affinity_wait, self.db.mean_load_seconds())
         if model is None:
             return None
-        return store.claim_next(self.conn, self.worker_id, model, self.engine.name)
+        return self.db.claim_next(self.worker_id, model, self.engine.name)
 
     def stored(self, what: str, action: Callable[[], T]) -> T:
         """A store call made with a task in hand: a storage fault (a restarted PostgreSQL) is waited out, not fatal."""
@@ -180,7 +179,7 @@ class ClaimLoop:
         previous = self.engine.model
         log.info("switching model: %s -> %s for task %s", previous, task.model, task.id)
         self.stored("publishing the model switch",
-                    lambda: store.worker_loading(self.conn, self.worker_id, previous or "", task.model, self.servable))
+                    lambda: self.db.worker_loading(self.worker_id, previous or "", task.model, self.servable))
         started = time.perf_counter()
         try:
             self.engine.load(task.model)
@@ -190,17 +189,17 @@ class ClaimLoop:
             self.servable.remove(task.model)  # and from the workers table below, so the API stops accepting it
             message = f"model {task.model} failed to load on worker {self.worker_id}: {reason}"
             self.writer.send(TaskFailed(task, message))
-            live = self.stored("reading the workers", lambda: store.live_workers(self.conn, self.settings.stale_after))
+            live = self.stored("reading the workers", lambda: self.db.live_workers(self.settings.stale_after))
             if not [w for w in live if w.id != self.worker_id and task.model in w.servable]:
-                failed = self.stored("failing its waiting tasks", lambda: store.fail_waiting(self.conn, task.model, message))
+                failed = self.stored("failing its waiting tasks", lambda: self.db.fail_waiting(task.model, message))
                 log.error("failed %d more waiting task(s) of %s: no other worker serves it", failed, task.model)
             self.stored("publishing the failed load",
-                        lambda: store.worker_loading(self.conn, self.worker_id, "", None, self.servable))
+                        lambda: self.db.worker_loading(self.worker_id, "", None, self.servable))
             return False
         seconds = time.perf_counter() - started
-        self.stored("recording the load", lambda: store.record_load(self.conn, task.model, seconds))
+        self.stored("recording the load", lambda: self.db.record_load(task.model, seconds))
         self.stored("publishing the loaded model",
-                    lambda: store.worker_loading(self.conn, self.worker_id, task.model, None, self.servable))
+                    lambda: self.db.worker_loading(self.worker_id, task.model, None, self.servable))
         log.info("loaded %s in %.2f s (warm-up included)", task.model, seconds)
         return True
 
@@ -251,7 +250,7 @@ class ClaimLoop:
             return previous
         # Most tasks have no input images: no read for them (a round trip fewer between generations on PostgreSQL).
         stored_inputs = self.stored("reading input images",
-                                    lambda: store.inputs(self.conn, task.id)) if task.input_count else {}
+                                    lambda: self.db.inputs(task.id)) if task.input_count else {}
         inputs = {role: Image.open(io.BytesIO(stored.data)) for role, stored in stored_inputs.items()}
         references = tuple(inputs[role] for role in REFERENCE_ROLES if role in inputs)
         self.publisher.task_started(task.id)
@@ -282,7 +281,7 @@ class ClaimLoop:
                     log.error("task %s: out of memory at %d pixels; this worker's limit for %s is now %d", task.id,
                               exc.pixels, task.model, self.limits[task.model])
                     self.stored("publishing pixel limits",
-                                lambda: store.set_pixel_limits(self.conn, self.worker_id, self.limits))
+                                lambda: self.db.set_pixel_limits(self.worker_id, self.limits))
                     self.writer.send(TaskFailed(task, too_large(task, self.limits[task.model], str(exc))))
                     self.recover_engine()
                     return None
@@ -316,10 +315,10 @@ class ClaimLoop:
     def _wait_for_work(self) -> None:
         # A commit by another connection wakes us: on PostgreSQL a NOTIFY at once, on SQLite a change of
         # data_version within one poll_interval, without a query against the tasks table each time.
-        version = store.data_version(self.conn)
+        version = self.db.data_version()
         give_up = time.monotonic() + IDLE_RECHECK_SECONDS
         while not self.stopping.is_set() and time.monotonic() < give_up:
             # Short waits, so a stop request is seen within a second.
             wait = min(1.0, give_up - time.monotonic())
-            if store.wait_for_change(self.conn, version, wait, self.settings.poll_interval) != version:
+            if self.db.wait_for_change(version, wait, self.settings.poll_interval) != version:
                 return

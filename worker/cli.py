@@ -8,8 +8,7 @@ import time
 from collections.abc import Sequence
 from types import FrameType
 
-from mflux_server import __version__
-from mflux_server.core import db, pg
+from mflux_server import __version__, store
 from mflux_server.core.logs import configure_logging, shorten_gil_switch_interval
 from mflux_server.core.settings import load_settings
 from mflux_server.worker.engines import make_engine, served_models
@@ -46,10 +45,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "a time, switching among --models as the queue needs.",
     )
     configure_logging(settings.log_level, "mflux-worker")
-    pg.limit_idle_transactions(settings.write_lock_limit)
+    store.limit_idle_transactions(settings.write_lock_limit)
     shorten_gil_switch_interval()  # the claim between two generations competes with the encoder thread
     log = logging.getLogger("mflux_worker")
-    db.open_or_exit(settings.db, "mflux-worker")  # before loading a model: a bad --db should fail in a second
+    store.open_or_exit(settings.db, "mflux-worker")  # before loading a model: a bad --db should fail in a second
     try:
         servable = served_models(settings)
         engine = make_engine(settings)

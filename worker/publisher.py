@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import logging
-import sqlite3
 import threading
 import time
 from collections import deque
@@ -12,9 +11,10 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from mflux_server.core import service_notify, store
+from mflux_server.core import service_notify
 from mflux_server.core.rows import Timing
 from mflux_server.core.settings import Settings
+from mflux_server.store import Store
 from mflux_server.worker.storage_retry import Outage
 
 log = logging.getLogger("mflux_worker")
@@ -112,21 +112,21 @@ class ProgressPublisher:
 
     # The thread
 
-    def run(self, conn: sqlite3.Connection) -> None:
+    def run(self, db: Store) -> None:
         """Publish, check, heartbeat and recover until stopped; idle, it sleeps until a task starts or a beat is due."""
-        self._version = store.data_version(conn)
+        self._version = db.data_version()
         outage = Outage("progress and heartbeats")
         watchdog = service_notify.Watchdog()
         while not self._stop.is_set():
             watchdog.ping()  # the loop runs: a storage outage is waited out here, not a reason to be restarted
             try:
-                self._publish_once(conn)
+                self._publish_once(db)
             except Exception as exc:  # a full disk or passing I/O error must not end the heartbeats for good
                 outage.failed(exc)
             else:
                 outage.passed()
 
-    def _publish_once(self, conn: sqlite3.Connection) -> None:
+    def _publish_once(self, db: Store) -> None:
         """One pass: wait for work or a beat, then write progress, preview and timings, check ownership, heartbeat."""
         if self._current is None:
             self._task_started.wait(max(self.settings.heartbeat_interval - (time.monotonic() - self._beat_at), 0.0))
@@ -135,32 +135,32 @@ class ProgressPublisher:
             time.sleep(PROGRESS_INTERVAL)
         current, latest = self._current, self._latest
         if latest is not None and latest != self._written:
-            if not store.record_progress(conn, latest.task_id, self.worker_id, latest.image_index, latest.step, latest.at):
+            if not db.record_progress(latest.task_id, self.worker_id, latest.image_index, latest.step, latest.at):
                 self._taken.add(latest.task_id)
             self._written = latest
         frame = self._preview
         if frame is not None and frame is not self._shown:
             self._shown = frame
-            store.save_preview(conn, frame.task_id, self.worker_id, frame.image_index + 1, frame.step, "image/jpeg",
+            db.save_preview(frame.task_id, self.worker_id, frame.image_index + 1, frame.step, "image/jpeg",
                                encode_preview(frame.picture))
-        now_version = store.data_version(conn)
-        if current and now_version != self._version and not store.still_mine(conn, current, self.worker_id):
+        now_version = db.data_version()
+        if current and now_version != self._version and not db.still_mine(current, self.worker_id):
             self._taken.add(current)
         self._version = now_version
-        self.flush_timings(conn)
+        self.flush_timings(db)
         if time.monotonic() - self._beat_at >= self.settings.heartbeat_interval:
-            store.heartbeat(conn, self.worker_id)
-            recover(conn, self.settings)
+            db.heartbeat(self.worker_id)
+            recover(db, self.settings)
             self._beat_at = time.monotonic()
 
-    def flush_timings(self, conn: sqlite3.Connection) -> None:
+    def flush_timings(self, db: Store) -> None:
         """Write every queued measurement, grouped by model and size."""
         grouped: dict[tuple[str, int, int], dict[str, list[float]]] = {}
         while self._measurements:
             m = self._measurements.popleft()
             grouped.setdefault((m.model, m.width, m.height), {}).setdefault(m.kind, []).append(m.seconds)
         for (model, width, height), kinds in grouped.items():
-            store.record_timings(conn, model, width, height, [Timing(kind, tuple(s)) for kind, s in kinds.items()])
+            db.record_timings(model, width, height, [Timing(kind, tuple(s)) for kind, s in kinds.items()])
 
 
 def encode_preview(picture: Image.Image) -> bytes:
@@ -170,7 +170,7 @@ def encode_preview(picture: Image.Image) -> bytes:
     return out.getvalue()
 
 
-def recover(conn: sqlite3.Connection, settings: Settings) -> None:
+def recover(db: Store, settings: Settings) -> None:
     """Requeue (or give up on) tasks of dead workers, and log each."""
-    for recovery in store.recover_orphans(conn, settings.stale_after, settings.max_attempts):
+    for recovery in db.recover_orphans(settings.stale_after, settings.max_attempts):
         log.warning("recovered task %s from a dead worker: now %s", recovery.task_id, recovery.status)

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import logging
 import queue
-import sqlite3
 import threading
 import time
 from functools import partial
 
-from mflux_server.core import store
-from mflux_server.core.db import storage_problem
 from mflux_server.core.rows import StoredImage, Timing
+from mflux_server.store import Store, storage_problem
 from mflux_server.worker.encoding import encode
 from mflux_server.worker.messages import (
     ImageGenerated,
@@ -52,25 +50,25 @@ class ResultWriter:
                               type(message).__name__)
                     return
 
-    def run(self, conn: sqlite3.Connection) -> None:
+    def run(self, db: Store) -> None:
         """Write outcomes until SHUTDOWN; a failure to encode fails that task, a storage fault is waited out."""
         try:
-            self._run(conn)
+            self._run(db)
         finally:
             self.stopped = True
 
-    def _run(self, conn: sqlite3.Connection) -> None:
+    def _run(self, db: Store) -> None:
         while not isinstance(message := self.outbox.get(), Shutdown):
             task = message.task
             try:
                 if isinstance(message, ImageGenerated):
-                    self._write_image(conn, message)
+                    self._write_image(db, message)
                     continue
                 self._pending.pop(task.id, None)
                 if isinstance(message, TaskFailed):
-                    self.retry.run(partial(store.fail, conn, task.id, self.worker_id, message.message))
+                    self.retry.run(partial(db.fail, task.id, self.worker_id, message.message))
                 elif isinstance(message, TaskReleased):
-                    self.retry.run(partial(store.release, conn, task.id, self.worker_id))
+                    self.retry.run(partial(db.release, task.id, self.worker_id))
                 # TaskDropped: forgetting its pending images, above, is all there is to do
             except Exception as exc:
                 self._pending.pop(task.id, None)
@@ -81,10 +79,10 @@ class ResultWriter:
                               task.id, exc)
                     raise
                 log.exception("task %s: could not encode the result", task.id)
-                self.retry.run(partial(store.fail, conn, task.id, self.worker_id,
+                self.retry.run(partial(db.fail, task.id, self.worker_id,
                                        f"encoding the image failed: {type(exc).__name__}: {exc}"))
 
-    def _write_image(self, conn: sqlite3.Connection, done: ImageGenerated) -> None:
+    def _write_image(self, db: Store, done: ImageGenerated) -> None:
         task = done.task
         images = self._pending.setdefault(task.id, [])
         started = time.perf_counter()
@@ -92,9 +90,9 @@ class ResultWriter:
         data, mime = encode(done.image, task.format, task.quality, done.software, seed)
         timings = [Timing("after", (done.after_seconds,)), Timing("encode", (time.perf_counter() - started,))]
         images.append(StoredImage(done.index, seed, mime, data, done.started, done.ended))
-        self.retry.run(lambda: store.record_timings(conn, task.model, task.width, task.height, timings))
+        self.retry.run(lambda: db.record_timings(task.model, task.width, task.height, timings))
         if len(images) == task.count:
-            stored = self.retry.run(lambda: store.complete(conn, task.id, self.worker_id, images))
+            stored = self.retry.run(lambda: db.complete(task.id, self.worker_id, images))
             del self._pending[task.id]
             if stored:
                 log.info("task %s: done", task.id)

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from mflux_server.core.db import storage_problem
+from mflux_server.store import storage_problem
 
 log = logging.getLogger("mflux_worker")
 T = TypeVar("T")

@@ -10,11 +10,11 @@ from flask_smorest import Blueprint
 
 from mflux_server.api import compat
 from mflux_server.api.auth import link_secret, may_see
-from mflux_server.api.context import conn, settings
+from mflux_server.api.context import db, settings
 from mflux_server.api.errors import abort_json, register_envelope, renamed
 from mflux_server.api.submission import queue_task, require_json_body
 from mflux_server.api.task_view import task_status
-from mflux_server.core import catalog, outbound, store
+from mflux_server.core import catalog, outbound
 from mflux_server.core.results import ace_task_id, acedata_result, snapshot, trace_id
 from mflux_server.core.rows import Task
 
@@ -124,7 +124,7 @@ def task_record(task: Task) -> dict[str, Any]:
                     "callback_url": task.callback_url},
     }
     if task.status.unfinished:
-        view = task_status(conn(), task)
+        view = task_status(db(), task)
         record.update(position=view["pos"], wait_remaining=view["wait_remaining"])
     else:
         record["response"] = acedata_result(snapshot(task), link_secret())
@@ -137,7 +137,7 @@ def find(task_id: Any, field: str) -> Task | None:
     """A task by our id or its UUID form."""
     if not isinstance(task_id, str) or not 1 <= len(task_id) <= 64:
         compat.refuse(field, "must be a task id string")
-    task = store.get(conn(), task_id.replace("-", "")) or store.get(conn(), task_id)
+    task = db().get(task_id.replace("-", "")) or db().get(task_id)
     return task if task is not None and may_see(task.key_id) else None
 
 

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import argparse
 import re
-import sqlite3
 import sys
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-from mflux_server.core import api_keys, capabilities, db, pg, store
+from mflux_server import store
+from mflux_server.core import api_keys
 from mflux_server.core.settings import default_db_path, env_name
+from mflux_server.store import Conflict, Store, StoreError
 
 COMMANDS = ("keys", "backup", "migrate-to")
 KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
@@ -59,37 +60,37 @@ def parser() -> argparse.ArgumentParser:
 
 def postgres_url(text: str) -> str:
     """A postgresql:// (or postgres://) URL."""
-    if capabilities.of(text).local_file:
+    if store.capabilities_of(text).local_file:
         raise argparse.ArgumentTypeError(f"{text!r}: give a postgresql://user@host/dbname URL")
     return text
 
 
-def run_migrate_to(url: str, source: sqlite3.Connection) -> int:
+def run_migrate_to(url: str, source: Store) -> int:
     """Copy the SQLite queue into PostgreSQL; stop the server and workers first, so nothing changes meanwhile."""
-    db.open_or_exit(url, "mflux-server")
-    target = pg.connect(url)
+    store.open_or_exit(url, "mflux-server")
+    target = store.connect(url)
     started = time.monotonic()
     try:
-        copied = pg.copy_from_sqlite(source, target)
-    except (RuntimeError, sqlite3.Error) as error:
-        print(f"mflux-server: cannot migrate to {pg.redact(url)}: {error}", file=sys.stderr)
+        copied = target.copy_from(source)
+    except (RuntimeError, StoreError) as error:
+        print(f"mflux-server: cannot migrate to {store.redact(url)}: {error}", file=sys.stderr)
         return 1
     finally:
         target.close()
     for table, rows in copied.items():
         print(f"{table:16} {rows:>9,} rows")
-    print(f"copied the queue to {pg.redact(url)} in {time.monotonic() - started:.1f} s; "
+    print(f"copied the queue to {store.redact(url)} in {time.monotonic() - started:.1f} s; "
           f"point MFLUX_SERVER_DB (or --db) of the server and every worker at it")
     return 0
 
 
-def run_keys(args: argparse.Namespace, conn: sqlite3.Connection) -> int:
+def run_keys(args: argparse.Namespace, db: Store) -> int:
     """keys create | list | revoke."""
     if args.action == "create":
         key = api_keys.new_key()
         try:
-            made = store.create_key(conn, args.name, api_keys.key_hash(key), args.admin, args.priority)
-        except sqlite3.IntegrityError:
+            made = db.create_key(args.name, api_keys.key_hash(key), args.admin, args.priority)
+        except Conflict:
             print(f"mflux-server: a key named {args.name!r} exists already (revoke it, or pick another name)",
                   file=sys.stderr)
             return 1
@@ -99,25 +100,25 @@ def run_keys(args: argparse.Namespace, conn: sqlite3.Connection) -> int:
         return 0
     if args.action == "list":
         print(f"{'name':24} {'rights':16} {'created':24} {'last used':24} state")
-        for listed in store.list_keys(conn):
+        for listed in db.list_keys():
             rights = ",".join(r for r, on in (("admin", listed.admin), ("priority", listed.priority)) if on) or "-"
             state = f"revoked {_when(listed.revoked_at)}" if listed.revoked_at else "live"
             print(f"{listed.name:24} {rights:16} {_when(listed.created_at):24} {_when(listed.last_used_at):24} {state}")
         return 0
-    if not store.revoke_key(conn, args.name):
+    if not db.revoke_key(args.name):
         print(f"mflux-server: no live key named {args.name!r}", file=sys.stderr)
         return 1
     print(f"revoked {args.name!r}")
     return 0
 
 
-def run_backup(target: Path, conn: sqlite3.Connection) -> int:
+def run_backup(target: Path, db: Store) -> int:
     """Copy the live queue into `target` with SQLite's online backup (consistent while both processes write)."""
     if target.exists():
         print(f"mflux-server: {target} exists; give a new path", file=sys.stderr)
         return 1
     started = time.monotonic()
-    db.backup(conn, target)
+    db.backup(target)
     print(f"backed up to {target} ({target.stat().st_size:,} bytes in {time.monotonic() - started:.1f} s)")
     return 0
 
@@ -125,15 +126,15 @@ def run_backup(target: Path, conn: sqlite3.Connection) -> int:
 def main(argv: Sequence[str]) -> int:
     """Run one command; exit 1 with one line when it cannot."""
     args = parser().parse_args(argv)
-    if args.command in ("backup", "migrate-to") and not capabilities.of(args.db).local_file:
+    if args.command in ("backup", "migrate-to") and not store.capabilities_of(args.db).local_file:
         print(f"mflux-server: {args.command} reads an SQLite queue file, and --db names a PostgreSQL one "
               "(back that up with pg_dump)", file=sys.stderr)
         return 1
-    db.open_or_exit(args.db, "mflux-server")
-    conn = db.connect(args.db)
+    store.open_or_exit(args.db, "mflux-server")
+    db = store.connect(args.db)
     try:
         if args.command == "migrate-to":
-            return run_migrate_to(args.url, conn)
-        return run_keys(args, conn) if args.command == "keys" else run_backup(args.path, conn)
+            return run_migrate_to(args.url, db)
+        return run_keys(args, db) if args.command == "keys" else run_backup(args.path, db)
     finally:
-        conn.close()
+        db.close()

@@ -11,7 +11,7 @@ from flask_smorest import Api
 from werkzeug.exceptions import HTTPException, InternalServerError
 
 import mflux_server.web
-from mflux_server import __version__
+from mflux_server import __version__, store
 from mflux_server.api import (
     acedata,
     auth,
@@ -30,9 +30,8 @@ from mflux_server.api import (
 from mflux_server.api.errors import ErrorSchema, JsonError, error_payload, in_envelope
 from mflux_server.api.generation_schemas import openapi_rules
 from mflux_server.api.request_body import refuse_odd_paths
-from mflux_server.core import capabilities
-from mflux_server.core.db import storage_problem
 from mflux_server.core.settings import Settings
+from mflux_server.store import storage_problem
 
 WEB = str(Path(mflux_server.web.__file__).parent)  # the web UI's files
 
@@ -88,7 +87,7 @@ def storage_error(problem: str, error: BaseException, path: str) -> JsonError:
         payload["task_id"] = committed
         payload["message"] = (f"the task was queued as {committed} (GET /api/status?task_id={committed}), but the "
                               f"answer could not be completed: {message}")
-    elif problem in ("io", "lost") and capabilities.of(path).outcome_unknown_when_cut and request.method == "POST":
+    elif problem in ("io", "lost") and store.capabilities_of(path).outcome_unknown_when_cut and request.method == "POST":
         payload["message"] = (f"{message}; the connection was cut mid-write, so the request may or may not have been "
                               "carried out: send it again with the same Idempotency-Key header to get the task it "
                               "created, if it did")

@@ -15,10 +15,11 @@ import marshmallow as ma
 from flask import Flask, g, request
 from marshmallow import fields
 
-from mflux_server.api.context import conn, forecaster, settings
+from mflux_server import store
+from mflux_server.api.context import db, forecaster, settings
 from mflux_server.api.errors import abort_json
 from mflux_server.api.rate_counts import RateCounts
-from mflux_server.core import api_keys, capabilities, db, native, pg, store
+from mflux_server.core import api_keys, native
 from mflux_server.core.rows import ApiKey
 
 # Endpoints anyone may reach: the docs, the web UI's files, and the health checks.
@@ -94,7 +95,7 @@ def link_secret() -> str:
 
     found: str | None = current_app.extensions.get("mflux_link_secret")
     if found is None:
-        found = store.secret(conn(), api_keys.LINKS_SECRET, api_keys.new_link_secret)
+        found = db().secret(api_keys.LINKS_SECRET, api_keys.new_link_secret)
         current_app.extensions["mflux_link_secret"] = found
     return found
 
@@ -109,16 +110,17 @@ def rate_counts() -> RateCounts:
         local = native.thread_local()
 
         def add(key_id: int, minute: int, n: int) -> int:
-            if capabilities.of(path).pooled:  # greenlets sharing one session would interleave transactions
-                borrowed = pg.connect(path, pooled=True)
+            if store.capabilities_of(path).pooled:  # greenlets sharing one session would interleave transactions
+                borrowed = store.connect(path, pooled=True)
                 try:
-                    return store.count_requests(borrowed, key_id, minute, n)  # type: ignore[arg-type]
+                    return borrowed.count_requests(key_id, minute, n)
                 finally:
                     borrowed.close()
-            # Its own connection per thread: the count may be written from any request's thread.
-            if getattr(local, "conn", None) is None:
-                local.conn = db.connect(path)
-            return store.count_requests(local.conn, key_id, minute, n)
+            # Its own session per thread: the count may be written from any request's thread.
+            own: store.Store | None = getattr(local, "db", None)
+            if own is None:
+                own = local.db = store.connect(path)
+            return own.count_requests(key_id, minute, n)
 
         found = current_app.extensions["mflux_rate_counts"] = RateCounts(add)
     return found
@@ -130,9 +132,9 @@ def keys_exist() -> bool:
     from flask import current_app
 
     if not current_app.extensions.get("mflux_keys_exist"):
-        connection = conn()
+        queue = db()
         current_app.extensions["mflux_keys_exist"] = forecaster().reads.get(
-            connection, ("keys_exist",), lambda: store.keys_exist(connection))
+            queue, ("keys_exist",), lambda: queue.keys_exist())
     return bool(current_app.extensions["mflux_keys_exist"])
 
 
@@ -148,7 +150,7 @@ def authenticate() -> None:
             abort_json(401, code="unauthorized", field="Authorization", headers={"WWW-Authenticate": "Bearer"},
                        message="this server needs an API key: send Authorization: Bearer <key>")
         return
-    key = store.key_by_hash(conn(), api_keys.key_hash(token))
+    key = db().key_by_hash(api_keys.key_hash(token))
     if key is None:
         if not required:
             return  # a server without keys ignores whatever a client sends (OpenAI clients always send one)
@@ -165,7 +167,7 @@ def authenticate() -> None:
     now = time.time()
     if now - _touched.get(key.id, 0.0) > TOUCH_EVERY:
         _touched[key.id] = now
-        store.touch_key(conn(), key.id, now)
+        db().touch_key(key.id, now)
 
 
 def init_app(app: Flask) -> None:

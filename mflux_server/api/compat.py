@@ -10,13 +10,12 @@ from typing import Any, NoReturn
 import marshmallow as ma
 from flask import request
 
-from mflux_server.api.context import conn, settings
+from mflux_server.api.context import db, settings
 from mflux_server.api.draining import draining
 from mflux_server.api.errors import abort_json, flatten_messages
 from mflux_server.api.generation_schemas import GenerateRequest
 from mflux_server.api.request_body import parse_json_body
 from mflux_server.api.waiting import wait_for_end
-from mflux_server.core import store
 from mflux_server.core.rows import Status, Task
 
 _SIZE = re.compile(r"^\s*(\d{1,5})\s*[xX×]\s*(\d{1,5})\s*$")
@@ -120,11 +119,11 @@ def take_images(task: Task) -> list[tuple[bytes, int]]:
     """The ended task's images and seeds, in order; the task is removed once they are taken (the answer has them)."""
     taken = []
     for index in range(task.count):
-        image = store.fetch_image(conn(), task.id, index)
+        image = db().fetch_image(task.id, index)
         if image is not None:
             taken.append((image.data, image.seed))
     for index in range(task.count):
-        store.mark_served(conn(), task.id, index, True)
+        db().mark_served(task.id, index, True)
     return taken
 
 

@@ -9,15 +9,14 @@ greenlet and its reads take microseconds.
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 from mflux_server.api import draining
-from mflux_server.core import store
 from mflux_server.core.rows import Event
+from mflux_server.store import Store
 
 TICK = 0.02  # seconds between checks: an event reaches its streams within about this
 RECENT = 20_000  # events kept in memory for streams that fall behind; older ones are read from the database
@@ -28,7 +27,7 @@ RENDERED = 2_000
 class EventHub:
     """The newest events of the database, and a condition that streams wait on for more."""
 
-    def __init__(self, connect: Callable[[], sqlite3.Connection], tick: float = TICK):
+    def __init__(self, connect: Callable[[], Store], tick: float = TICK):
         self._connect = connect
         self._tick = tick
         self._changed = threading.Condition()
@@ -45,9 +44,9 @@ class EventHub:
         with self._changed:
             if self._thread is not None:
                 return
-            conn = self._connect()
-            self.last_id = store.last_event_id(conn)
-            self._thread = threading.Thread(target=self._watch, args=(conn,), name="event-hub", daemon=True)
+            db = self._connect()
+            self.last_id = db.last_event_id()
+            self._thread = threading.Thread(target=self._watch, args=(db,), name="event-hub", daemon=True)
             self._thread.start()
         draining.on_drain(self.close)
 
@@ -60,18 +59,18 @@ class EventHub:
                 for signal in signals:
                     signal.set()
 
-    def _watch(self, conn: sqlite3.Connection) -> None:
-        version = store.data_version(conn)
+    def _watch(self, db: Store) -> None:
+        version = db.data_version()
         while True:
-            now_version = store.wait_for_change(conn, version, 1.0, self._tick)
+            now_version = db.wait_for_change(version, 1.0, self._tick)
             if now_version == version:
                 continue
             version = now_version
-            self.take_new(conn)
+            self.take_new(db)
 
-    def take_new(self, conn: sqlite3.Connection) -> None:
+    def take_new(self, db: Store) -> None:
         """Read events newer than the last one seen and wake the streams (the watcher calls it each change)."""
-        while new := store.events_after(conn, self.last_id):
+        while new := db.events_after(self.last_id):
             with self._changed:
                 self._recent.extend(new)
                 self.last_id = new[-1].id

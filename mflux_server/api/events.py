@@ -13,12 +13,11 @@ from flask_smorest import Blueprint
 from marshmallow import fields, validate
 
 from mflux_server.api.auth import owner_filter
-from mflux_server.api.context import conn, event_hub
+from mflux_server.api.context import db, event_hub
 from mflux_server.api.errors import ErrorSchema, abort_json
 from mflux_server.api.generation_schemas import StrictInteger
 from mflux_server.api.request_body import StrictParser
 from mflux_server.api.task_view import NOT_FOUND, get_task_or_404, task_status
-from mflux_server.core import store
 from mflux_server.core.rows import Event, Status
 
 blp = Blueprint("events", __name__, description="Live events (text/event-stream) of one task or of the queue.")
@@ -91,8 +90,8 @@ def payload(event: Event, task_view: dict[str, Any] | None) -> dict[str, Any]:
 
 def view_of(task_id: str) -> dict[str, Any] | None:
     """The task's status view now, or None once it is deleted."""
-    task = store.get(conn(), task_id)
-    return None if task is None else task_status(conn(), task)
+    task = db().get(task_id)
+    return None if task is None else task_status(db(), task)
 
 
 def render(event: Event) -> tuple[str, dict[str, Any] | None]:
@@ -125,7 +124,7 @@ def follow(watched: set[str] | None, after: int | None, single: bool, owner: int
         if hub.covers(after):
             events = hub.wait(after, KEEP_ALIVE)
         else:  # resuming from before what the hub holds: read the database
-            events = store.events_after(conn(), after, next(iter(watched)) if single and watched else None)
+            events = db().events_after(after, next(iter(watched)) if single and watched else None)
         if not events:
             yield ": keep-alive\n\n"
             continue
@@ -154,10 +153,10 @@ def moved_positions(watched: set[str], positions: dict[str, tuple[int, float]], 
     """A progress event for each watched waiting task whose position changed as the queue moved; with an owner,
     only that key's tasks (another key's task id, guessed or leaked, shows nothing)."""
     for task_id in sorted(watched):
-        task = store.get(conn(), task_id)
+        task = db().get(task_id)
         if task is None or task.status is not Status.WAITING or (owner is not None and task.key_id != owner):
             continue
-        view = task_status(conn(), task)
+        view = task_status(db(), task)
         now = (view["pos"], view["wait_remaining"])
         if positions.get(task_id, (None, None))[0] != now[0]:
             positions[task_id] = now
@@ -218,7 +217,7 @@ class TaskPreview(MethodView):
     def get(self, task_id: str) -> Response:
         """The newest preview of the task's current image; a 404 until its worker publishes one."""
         get_task_or_404(task_id)  # another key's preview is not this key's to see
-        found = store.preview(conn(), task_id)
+        found = db().preview(task_id)
         if found is None:
             abort_json(404, code="preview_not_found", field="task_id",
                        message="no preview yet: previews exist while the task is processing")

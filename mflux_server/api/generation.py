@@ -10,15 +10,14 @@ from flask import Response, request
 from flask_smorest import Blueprint
 
 from mflux_server.api.auth import by_cookie
-from mflux_server.api.context import conn
+from mflux_server.api.context import db
 from mflux_server.api.errors import ErrorSchema, abort_json
 from mflux_server.api.generation_schemas import FORMATS, GenerateRequest, GenerateResponse, ImageQuery, StatusQuery, TaskStatus
 from mflux_server.api.request_body import StrictParser
 from mflux_server.api.submission import queue_task, require_json_body
 from mflux_server.api.task_view import NOT_FOUND, get_task_or_404, task_status
-from mflux_server.core import store
-from mflux_server.core.db import storage_problem
 from mflux_server.core.rows import Status
+from mflux_server.store import storage_problem
 
 log = logging.getLogger("mflux_server")
 blp = Blueprint("generation", __name__, description="Submit a prompt, follow it, fetch its images.")
@@ -39,11 +38,11 @@ def generate(body: dict[str, Any]) -> dict[str, Any]:
     seconds until its images are done (`expected_time_seconds`).
     """
     created, live = queue_task(body)
-    view = task_status(conn(), created, live)
+    view = task_status(db(), created, live)
     view["expected_time_seconds"] = view["wait_remaining"]
     if not view.get("waiting_for_worker") and view["wait_remaining"] > 0:
         try:
-            store.set_forecast(conn(), created.id, view["wait_remaining"])  # for the forecast-error metric
+            db().set_forecast(created.id, view["wait_remaining"])  # for the forecast-error metric
         except Exception as error:  # the task is queued: a metric must not turn that into an error answer
             if storage_problem(error) is None:
                 raise
@@ -57,7 +56,7 @@ def generate(body: dict[str, Any]) -> dict[str, Any]:
 @blp.alt_response(404, schema=ErrorSchema, description=NOT_FOUND)
 def status(query: dict[str, Any]) -> dict[str, Any]:
     """A task's status, queue position, progress and forecast wait in seconds."""
-    return task_status(conn(), get_task_or_404(query["task_id"]))
+    return task_status(db(), get_task_or_404(query["task_id"]))
 
 
 @blp.route("/image", methods=["GET"])
@@ -82,12 +81,12 @@ def image(query: dict[str, Any]) -> Response:
         )
     if query["index"] >= task.count:
         abort_json(422, errors={"query": {"index": [f"must be from 0 to {task.count - 1}, got {query['index']}"]}})
-    stored = store.fetch_image(conn(), task.id, query["index"])
+    stored = db().fetch_image(task.id, query["index"])
     if stored is None:
         abort_json(404, code="image_not_found", field="index", message=f"image {query['index']} of task {task.id} was not kept")
     if request.method == "GET":  # HEAD (curl -I, a chat app's link preview) must not consume the image
         # The web UI's cookie rides along on any page's <img>: it reads, it never removes a task.
-        store.mark_served(conn(), task.id, query["index"], query["delete"] and not by_cookie())
+        db().mark_served(task.id, query["index"], query["delete"] and not by_cookie())
     extension = next(name for name, mime in FORMATS.items() if mime == stored.mime).lower()
     headers = {
         "Content-Disposition": f'inline; filename="{task.id}-{query["index"]}.{extension}"',

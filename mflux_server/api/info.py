@@ -10,11 +10,11 @@ from marshmallow import fields
 
 from mflux_server import __version__
 from mflux_server.api.auth import keys_exist
-from mflux_server.api.context import conn, forecaster, settings
+from mflux_server.api.context import db, forecaster, settings
 from mflux_server.api.request_body import StrictParser
 from mflux_server.api.submission import default_model
 from mflux_server.api.task_view import live_workers
-from mflux_server.core import catalog, store
+from mflux_server.core import catalog
 
 blp = Blueprint("info", __name__, description="Server, workers and queue at a glance.")
 blp.ARGUMENTS_PARSER = StrictParser()
@@ -55,7 +55,7 @@ class Info(ma.Schema):
 @blp.response(200, Info)
 def info() -> dict[str, Any]:
     """Version, live workers with their engine, model and quantization, and the queue depth."""
-    workers = live_workers(conn())
+    workers = live_workers(db())
     synthetic = any(w.engine == "synthetic" for w in workers)
     warnings = []
     if not workers:
@@ -74,8 +74,8 @@ def info() -> dict[str, Any]:
         "keys_required": settings().auth == "required" or keys_exist(),
         "limits": {"max_width": settings().max_width, "max_height": settings().max_height,
                    "max_steps": settings().max_steps, "max_count": settings().max_count},
-        "queue": store.status_counts(conn()),
-        "forecast": {"measured": forecaster().cost_model(conn()).measured},
+        "queue": db().status_counts(),
+        "forecast": {"measured": forecaster().cost_model(db()).measured},
     }
 
 
@@ -95,10 +95,10 @@ def readyz() -> tuple[dict[str, Any], int]:
     """Ready only when the queue file takes writes and at least one worker is alive."""
     problems = []
     try:
-        store.check_writable(conn())
+        db().check_writable()
     except Exception as error:  # whatever the storage fault, the answer is "not ready" and why
         problems.append(f"the queue file cannot be written: {error}")
-    live = live_workers(conn())
+    live = live_workers(db())
     if not live:
         problems.append(f"no worker has heartbeated within {settings().stale_after:g} s")
     body = {"status": "ready" if not problems else "not_ready", "workers": len(live), "problems": problems}

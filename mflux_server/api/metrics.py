@@ -13,9 +13,8 @@ from flask_smorest import Blueprint
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
-from mflux_server.api.context import conn, settings
+from mflux_server.api.context import db, settings
 from mflux_server.api.task_view import live_workers
-from mflux_server.core import store
 
 blp = Blueprint("metrics", __name__, description="Prometheus metrics (needs a key once keys exist).")
 
@@ -32,7 +31,7 @@ class QueueCollector:
 
     def collect(self) -> Iterator[Metric]:
         """Every metric, from one read of the queue file."""
-        rows = store.metric_rows(conn())
+        rows = db().metric_rows()
         tasks = GaugeMetricFamily("mflux_tasks", "tasks in the queue now, by status and model", labels=["status", "model"])
         for status, model, count in rows["tasks"]:
             tasks.add_metric([str(status), str(model)], float(count))  # type: ignore[arg-type]
@@ -52,7 +51,7 @@ class QueueCollector:
         yield GaugeMetricFamily("mflux_webhook_pending", "webhooks not yet delivered or given up",
                                 value=float(rows["pending_deliveries"][0][0]))  # type: ignore[arg-type]
         yield from histograms(rows)
-        live = live_workers(conn())
+        live = live_workers(db())
         yield GaugeMetricFamily("mflux_workers_alive", "workers that heartbeated within --stale-after",
                                 value=float(len(live)))
         loaded = GaugeMetricFamily("mflux_worker_model_loaded", "1 for each live worker's loaded model",

@@ -9,10 +9,10 @@ from flask.views import MethodView
 from flask_smorest import Blueprint
 from marshmallow import fields
 
-from mflux_server.api.context import conn
+from mflux_server.api.context import db
 from mflux_server.api.request_body import StrictParser
 from mflux_server.api.task_view import live_workers
-from mflux_server.core import catalog, store
+from mflux_server.core import catalog
 from mflux_server.core.rows import LoadStat, Worker
 
 blp = Blueprint("models", __name__, description="The models the workers can serve, with what each accepts.")
@@ -104,8 +104,8 @@ class ModelCollection(MethodView):
 
         Served Hugging Face repos or local folders that are not registry names come after the registry models.
         """
-        workers = live_workers(conn())
-        loads = store.load_stats(conn())
+        workers = live_workers(db())
+        loads = db().load_stats()
         entries = [describe(info.name, info, workers, loads) for info in catalog.models()]
         known = {info.name for info in catalog.models()}
         for name in sorted({served for w in workers for served in w.servable} - known):

@@ -18,7 +18,7 @@ from werkzeug.datastructures import FileStorage
 
 from mflux_server.api import compat
 from mflux_server.api.auth import link_secret
-from mflux_server.api.context import conn, settings
+from mflux_server.api.context import db, settings
 from mflux_server.api.errors import register_envelope, renamed
 from mflux_server.api.image_inputs import DECODE_THREADS
 from mflux_server.api.submission import default_model, queue_task, require_json_body, served_models
@@ -75,7 +75,7 @@ def edit_model(requested: str | None, masked: bool) -> str | None:
     if not is_openai_model(requested):
         return requested
     capability = "inpaint" if masked else "edit"
-    served = served_models(live_workers(conn()))
+    served = served_models(live_workers(db()))
     for info in catalog.models():
         if getattr(info.capabilities, capability) and info.name in served:
             return info.name
@@ -231,7 +231,7 @@ class Models(MethodView):
     @blp.doc(responses={"200": {"description": "{object: list, data: [{id, object: model, created, owned_by}]}"}})
     def get(self) -> dict[str, Any]:
         """The models live workers serve (the server's --model when none is running)."""
-        served = sorted(served_models(live_workers(conn()))) or [default_model()]
+        served = sorted(served_models(live_workers(db()))) or [default_model()]
         now = int(time.time())
         return {"object": "list", "data": [{"id": name, "object": "model", "created": now, "owned_by": "mflux-server"}
                                            for name in served]}

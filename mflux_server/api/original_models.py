@@ -14,12 +14,12 @@ from flask_smorest import Blueprint
 from marshmallow import fields
 
 from mflux_server.api.auth import current_key, keys_exist
-from mflux_server.api.context import conn, settings
+from mflux_server.api.context import db, settings
 from mflux_server.api.errors import ErrorSchema, abort_json
 from mflux_server.api.request_body import StrictParser
 from mflux_server.api.submission import default_model, served_models
 from mflux_server.api.task_view import live_workers
-from mflux_server.core import catalog, store
+from mflux_server.core import catalog
 from mflux_server.core.rows import Worker
 
 blp = Blueprint("original-models", __name__, description="The original mflux-server's model list and switch.")
@@ -62,7 +62,7 @@ def _settings_of(model: str, live: list[Worker]) -> dict[str, Any]:
 def list_models() -> dict[str, Any]:
     """Every model a request may name, with its family (`loader`) and default steps: those the live workers
     serve, or the whole catalog while no worker runs."""
-    served = served_models(live_workers(conn()))
+    served = served_models(live_workers(db()))
     names = sorted(served) if served else [info.name for info in catalog.models()]
     listing: dict[str, Any] = {}
     for name in names:
@@ -76,7 +76,7 @@ def list_models() -> dict[str, Any]:
 @blp.response(200, ModelSettings)
 def current_settings() -> dict[str, Any]:
     """The default model (what a request without `model` gets), its quantization and default steps."""
-    return _settings_of(default_model(), live_workers(conn()))
+    return _settings_of(default_model(), live_workers(db()))
 
 
 @blp.route("/load", methods=["POST"])
@@ -95,7 +95,7 @@ def load(body: dict[str, Any]) -> dict[str, Any]:
     if resolved is None:
         abort_json(400, code="invalid_input", field="model", message=f"model: {body['model']!r} is not a model "
                    "this server knows (GET /api/ls lists them)")
-    live = live_workers(conn())
+    live = live_workers(db())
     served = served_models(live)
     if served and resolved.served not in served:
         abort_json(400, code="model_not_served", field="model",
@@ -105,5 +105,5 @@ def load(body: dict[str, Any]) -> dict[str, Any]:
         abort_json(400, code="invalid_input", field="quantize",
                    message=f"quantize: the workers serving {resolved.served} run it at "
                            f"{'full precision' if quantize is None else f'{quantize} bits'} (each worker's --quantize)")
-    store.set_server_setting(conn(), "default_model", resolved.served)
+    db().set_server_setting("default_model", resolved.served)
     return _settings_of(resolved.served, live)

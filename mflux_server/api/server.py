@@ -13,11 +13,11 @@ from typing import Any
 
 from flask import Flask
 
-from mflux_server import __version__
+from mflux_server import __version__, store
 from mflux_server.api import admin_commands
 from mflux_server.api.app import create_app
 from mflux_server.api.errors import DEFAULT_CODES
-from mflux_server.core import db, disk_reserve, housekeeping, pg, store, webhooks, write_lock
+from mflux_server.core import disk_reserve, housekeeping, webhooks, write_lock
 from mflux_server.core.logs import configure_logging, shorten_gil_switch_interval
 from mflux_server.core.settings import Settings, load_settings
 
@@ -97,11 +97,11 @@ def take_turns(app: Flask) -> Callable[[dict[str, Any], Any], Any]:
 
 def start_background(settings: Settings) -> None:
     """Run this process's webhook deliverer and housekeeper (core/webhooks.py, core/housekeeping.py)."""
-    webhooks.start(lambda: db.connect(settings.db), settings.webhook_secret, settings.webhook_allow_private)
+    webhooks.start(lambda: store.connect(settings.db), settings.webhook_secret, settings.webhook_allow_private)
     disk_reserve.ensure(settings.db)
-    housekeeping.start(lambda: db.connect(settings.db), settings.keep_finished, settings.max_store_bytes,
+    housekeeping.start(lambda: store.connect(settings.db), settings.keep_finished, settings.max_store_bytes,
                        settings.housekeeping_interval, settings.db, settings.stale_after, settings.unserved_timeout)
-    write_lock.start(settings.db, settings.write_lock_limit, lambda: db.connect(settings.db))
+    write_lock.start(settings.db, settings.write_lock_limit, lambda: store.connect(settings.db))
 
 
 class ListeningAt(logging.Filter):
@@ -176,11 +176,11 @@ def serve(settings: Settings) -> None:
 
 def warn_if_open(settings: Settings) -> None:
     """A loud warning when the server listens beyond loopback and anyone who reaches it may use it."""
-    conn = db.connect(settings.db)
+    db = store.connect(settings.db)
     try:
-        keys = store.keys_exist(conn)
+        keys = db.keys_exist()
     finally:
-        conn.close()
+        db.close()
     if settings.auth != "required" and not keys and not ipaddress_is_loopback(settings.host):
         logging.getLogger("mflux_server").warning(
             "\n%s\nlistening on %s with NO API KEYS: anyone who can reach this port can submit, jump the queue and "
@@ -212,13 +212,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         description=f"mflux-server {__version__}: the HTTP API in front of the mflux worker queue.",
     )
     configure_logging(settings.log_level, "mflux-server")
-    pg.limit_idle_transactions(settings.write_lock_limit)
+    store.limit_idle_transactions(settings.write_lock_limit)
     # Migrate once here, before gunicorn forks, so server processes never race on an empty file.
-    db.open_or_exit(settings.db, "mflux-server")
+    store.open_or_exit(settings.db, "mflux-server")
     if settings.print_webhook_secret:
-        conn = db.connect(settings.db)
-        print(webhooks.signing_secret(conn, settings.webhook_secret))
-        conn.close()
+        db = store.connect(settings.db)
+        print(webhooks.signing_secret(db, settings.webhook_secret))
+        db.close()
         return 0
     logging.getLogger("mflux_server").info("queue %s; listening on http://%s:%d", settings.db, settings.host, settings.port)
     warn_if_open(settings)

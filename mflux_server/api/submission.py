@@ -13,12 +13,12 @@ import marshmallow as ma
 from flask import g, request
 
 from mflux_server.api.auth import by_cookie, current_key
-from mflux_server.api.context import conn, forecaster, settings
+from mflux_server.api.context import db, forecaster, settings
 from mflux_server.api.errors import abort_json
 from mflux_server.api.generation_schemas import MAX_SEED, MIN_SIZE
 from mflux_server.api.image_inputs import RawImage, verified
 from mflux_server.api.task_view import live_workers
-from mflux_server.core import catalog, store, structured_prompts
+from mflux_server.core import catalog, structured_prompts
 from mflux_server.core.rows import REFERENCE_ROLES, InputImage, NewTask, Task, Worker
 
 # mflux's default image-to-image strength (mflux.cli.defaults.IMAGE_STRENGTH).
@@ -56,7 +56,7 @@ def check_body() -> None:
 
 def default_model() -> str:
     """The model a request that names none gets: the one POST /api/load chose last, else --model."""
-    return store.server_setting(conn(), "default_model") or settings().model
+    return db().server_setting("default_model") or settings().model
 
 
 def served_models(live: list[Worker]) -> set[str]:
@@ -169,12 +169,12 @@ def queue_task(body: dict[str, Any], surface: str = "native", keep_for: float | 
         abort_json(403, code="priority_not_allowed", field="priority",
                    message=f"priority: the key {key.name!r} may not submit priority tasks (keys create --priority)")
     limit = settings().max_queued_per_key
-    if key is not None and limit is not None and store.unfinished_of_key(conn(), key.id) >= limit:
+    if key is not None and limit is not None and db().unfinished_of_key(key.id) >= limit:
         abort_json(429, code="too_many_requests", field=None, headers={"Retry-After": "10"},
                    message=f"the key {key.name!r} has {limit} unfinished tasks, the most it may have "
                            "(--max-queued-per-key); submit again when one has finished")
     resolved = catalog.resolve_reference(body["model"] or default_model())
-    live = live_workers(conn())  # read once: it decides the model check and the forecast's worker count
+    live = live_workers(db())  # read once: it decides the model check and the forecast's worker count
     served = served_models(live)
     if resolved is None:
         _reject("model", f"the server's default model {default_model()!r} is not in the catalog; name a model")
@@ -209,7 +209,7 @@ def queue_task(body: dict[str, Any], surface: str = "native", keep_for: float | 
                    callback_url=body.get("callback_url"), link_base=settings().public_url or request.host_url, keep_for=keep_for,
                    client_user=client_user, key_id=key.id if key else None)
     if fair_scheduling():
-        task = replace(task, fair_cost=forecaster().cost_model(conn()).gpu_seconds(task))
+        task = replace(task, fair_cost=forecaster().cost_model(db()).gpu_seconds(task))
     created = submit_once(task, key.id if key else 0)
     g.committed_task_id = created.id  # from here a storage fault must not say the request was not carried out
     return created, live
@@ -218,7 +218,7 @@ def queue_task(body: dict[str, Any], surface: str = "native", keep_for: float | 
 def fair_scheduling() -> bool:
     """Whether keys take turns (--scheduling fair, or auto once a key exists) rather than first in, first out."""
     mode = settings().scheduling
-    return mode == "fair" or (mode == "auto" and store.keys_exist(conn()))
+    return mode == "fair" or (mode == "auto" and db().keys_exist())
 
 
 IDEMPOTENCY_WINDOW = 24 * 3600.0  # seconds an Idempotency-Key keeps answering its task
@@ -244,11 +244,11 @@ def submit_once(task: NewTask, key_id: int) -> Task:
     """Queue the task; with an Idempotency-Key header, a retry of the same request answers the task it created."""
     idem_key = request.headers.get("Idempotency-Key")
     if idem_key is None:
-        return store.submit(conn(), task)
+        return db().submit(task)
     if not 1 <= len(idem_key) <= MAX_IDEMPOTENCY_KEY or not idem_key.isprintable() or not idem_key.isascii():
         abort_json(422, field="Idempotency-Key", message=f"Idempotency-Key: must be 1 to {MAX_IDEMPOTENCY_KEY} "
                                                          "printable ASCII characters")
-    created, other = store.submit_idempotent(conn(), task, key_id, idem_key, request_fingerprint(), IDEMPOTENCY_WINDOW)
+    created, other = db().submit_idempotent(task, key_id, idem_key, request_fingerprint(), IDEMPOTENCY_WINDOW)
     if other is not None:
         abort_json(422, code="idempotency_key_reused", field="Idempotency-Key",
                    message=f"Idempotency-Key: {idem_key!r} was used within 24 h for another request (task {other}); "

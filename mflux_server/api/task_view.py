@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import sqlite3
 from dataclasses import replace
 from typing import Any
 
 from mflux_server.api.auth import may_see
-from mflux_server.api.context import conn, forecaster, settings
+from mflux_server.api.context import db, forecaster, settings
 from mflux_server.api.errors import abort_json
 from mflux_server.api.generation_schemas import TASK_ID_LENGTH
-from mflux_server.core import store
 from mflux_server.core.rows import Status, Task, Worker
+from mflux_server.store import Store
 
 NOT_FOUND = "no task with this id (never existed, or deleted after its image was served)"
 
@@ -21,9 +20,9 @@ def get_task_or_404(task_id: str) -> Task:
     (task_not_found), or when retention removed it (task_expired)."""
     if not 1 <= len(task_id) <= TASK_ID_LENGTH:
         abort_json(422, errors={"view_args": {"task_id": [f"Length must be between 1 and {TASK_ID_LENGTH}."]}})
-    task = store.get(conn(), task_id)
+    task = db().get(task_id)
     if task is None or not may_see(task.key_id):  # another key's task is as absent as a missing one
-        if task is None and store.is_expired(conn(), task_id):
+        if task is None and db().is_expired(task_id):
             abort_json(404, code="task_expired", field="task_id",
                        message=f"task {task_id!r} finished over --keep-finished ago and was removed with its images")
         abort_json(404, code="task_not_found", field="task_id", message=f"no task with id {task_id!r}")
@@ -48,14 +47,14 @@ def progress(task: Task) -> dict[str, Any]:
     }
 
 
-def live_workers(connection: sqlite3.Connection) -> list[Worker]:
+def live_workers(queue: Store) -> list[Worker]:
     """Workers that heartbeated within --stale-after seconds."""
-    return store.live_workers(connection, settings().stale_after)
+    return queue.live_workers(settings().stale_after)
 
 
-def recent_live_workers(connection: sqlite3.Connection) -> list[Worker]:
+def recent_live_workers(queue: Store) -> list[Worker]:
     """The live workers for a status view: on PostgreSQL as of the last change, or at most a second ago."""
-    return forecaster().reads.get(connection, ("live", settings().stale_after), lambda: live_workers(connection))
+    return forecaster().reads.get(queue, ("live", settings().stale_after), lambda: live_workers(queue))
 
 
 def summary(task: Task) -> dict[str, Any]:
@@ -73,7 +72,7 @@ def webhook_view(task: Task) -> dict[str, Any]:
     """The task's webhook and its delivery ({} for a task without callback_url)."""
     if task.callback_url is None:
         return {}
-    sent = store.task_deliveries(conn(), task.id)
+    sent = db().task_deliveries(task.id)
     if not sent:
         return {"webhook": {"url": task.callback_url, "state": "pending", "attempts": 0, "next_attempt_at": None,
                             "last_status": None, "last_error": None, "delivered_at": None}}
@@ -84,7 +83,7 @@ def webhook_view(task: Task) -> dict[str, Any]:
                         "delivered_at": delivery.delivered_at}}
 
 
-def task_status(connection: sqlite3.Connection, task: Task, live: list[Worker] | None = None) -> dict[str, Any]:
+def task_status(queue: Store, task: Task, live: list[Worker] | None = None) -> dict[str, Any]:
     """The status view of a task: position, forecast wait and progress (pass `live` if already read).
 
     Without a live worker that can run it, `waiting_for_worker` (or, for a running task whose worker stopped
@@ -95,7 +94,7 @@ def task_status(connection: sqlite3.Connection, task: Task, live: list[Worker] |
     workers = 0
     forecast_as = task
     if task.status.unfinished:
-        live = recent_live_workers(connection) if live is None else live
+        live = recent_live_workers(queue) if live is None else live
         workers = sum(1 for w in live if w.model == task.model and not w.loading)
         if task.status is Status.PROCESSING and not any(w.id == task.worker_id for w in live):
             view["worker_lost"] = True
@@ -107,7 +106,7 @@ def task_status(connection: sqlite3.Connection, task: Task, live: list[Worker] |
             view["waiting_for_worker"] = True
             view["note"] = (f"no live worker serves {task.model}" if live else "no worker is running") + \
                 ": the task keeps its place and starts when one does; the forecast counts from then"
-    estimate = forecaster().estimate(connection, forecast_as, workers, live=live or ())
+    estimate = forecaster().estimate(queue, forecast_as, workers, live=live or ())
     view["pos"] = estimate.pos
     view["wait_remaining"] = round(estimate.seconds, 3)
     # The original server's task_length: unfinished tasks that will finish before this one.

@@ -10,14 +10,14 @@ from flask_smorest import Blueprint
 from marshmallow import fields, validate
 
 from mflux_server.api.auth import owner_filter
-from mflux_server.api.context import conn, settings
+from mflux_server.api.context import db, settings
 from mflux_server.api.errors import ErrorSchema
 from mflux_server.api.generation_schemas import MAX_OFFSET, Progress, StrictInteger, TaskStatus
 from mflux_server.api.request_body import StrictParser
 from mflux_server.api.task_view import NOT_FOUND, get_task_or_404, summary, task_status
-from mflux_server.core import disk_reserve, store
-from mflux_server.core.db import storage_problem
+from mflux_server.core import disk_reserve
 from mflux_server.core.rows import Status
+from mflux_server.store import storage_problem
 
 blp = Blueprint("tasks", __name__, description="List the queue and recent tasks; cancel or delete a task.")
 blp.ARGUMENTS_PARSER = StrictParser()
@@ -79,9 +79,9 @@ class TaskCollection(MethodView):
     def get(self, query: dict[str, Any]) -> dict[str, Any]:
         """List tasks, filtered by status and paginated."""
         status = Status(query["status"]) if "status" in query else None
-        tasks, total = store.list_tasks(conn(), status, query["limit"], query["offset"], owner_filter())
+        tasks, total = db().list_tasks(status, query["limit"], query["offset"], owner_filter())
         return {"tasks": [summary(task) for task in tasks], "total": total, "limit": query["limit"],
-                "offset": query["offset"], "counts": store.status_counts(conn())}
+                "offset": query["offset"], "counts": db().status_counts()}
 
 
 @blp.route("/tasks/<string:task_id>")
@@ -92,7 +92,7 @@ class TaskItem(MethodView):
     @blp.alt_response(404, schema=ErrorSchema, description=NOT_FOUND)
     def get(self, task_id: str) -> dict[str, Any]:
         """One task's status, as /api/status gives it."""
-        return task_status(conn(), get_task_or_404(task_id))
+        return task_status(db(), get_task_or_404(task_id))
 
     @blp.response(200, DeleteResult)
     @blp.alt_response(404, schema=ErrorSchema, description=NOT_FOUND)
@@ -100,11 +100,11 @@ class TaskItem(MethodView):
         """Cancel a waiting or running task (a running one stops at its next step), or delete a finished one."""
         get_task_or_404(task_id)  # first: another key's task must not be touched
         try:
-            result = store.cancel_or_delete(conn(), task_id)
+            result = db().cancel_or_delete(task_id)
         except Exception as error:  # a full disk: the reserve's bytes let this delete's WAL frames land
             if storage_problem(error) != "full" or not disk_reserve.release(settings().db):
                 raise
-            result = store.cancel_or_delete(conn(), task_id)
+            result = db().cancel_or_delete(task_id)
         if result is None:
             get_task_or_404(task_id)
         return {"task_id": task_id, "result": result}

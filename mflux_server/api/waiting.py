@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import time
 
-from mflux_server.api.context import conn, event_hub
+from mflux_server.api.context import db, event_hub
 from mflux_server.api.draining import draining
-from mflux_server.core import store
 from mflux_server.core.rows import Task
 
 RECHECK = 5.0  # seconds between reads of the task even without an event (a missed wake-up costs at most this)
@@ -20,7 +19,7 @@ def wait_for_end(task_id: str, timeout: float) -> Task | None:
     deadline = time.monotonic() + timeout
     while True:
         seen = hub.last_id  # read before the task, so an event written in between still wakes us
-        task = store.get(conn(), task_id)
+        task = db().get(task_id)
         remaining = deadline - time.monotonic()
         if task is None or not task.status.unfinished or remaining <= 0 or draining():
             return task

@@ -10,7 +10,7 @@ import logging
 import os
 from pathlib import Path
 
-from mflux_server.core import capabilities
+from mflux_server import store
 
 log = logging.getLogger("mflux_server")
 
@@ -19,7 +19,7 @@ RESERVE_BYTES = 4 * 2**20  # a DELETE of a task with its images writes tens of p
 
 def reserve_path(db_path: str) -> Path | None:
     """Where the queue file's reserve lives (None for PostgreSQL, whose server owns its disk)."""
-    return Path(f"{db_path}-reserve") if capabilities.of(db_path).local_file else None
+    return Path(f"{db_path}-reserve") if store.capabilities_of(db_path).local_file else None
 
 
 def ensure(db_path: str) -> bool:

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import enum
-import sqlite3
 from dataclasses import dataclass, fields
-from typing import NamedTuple, Self
+from typing import Any, NamedTuple, Self
 
 
 class Status(enum.StrEnum):
@@ -31,12 +30,12 @@ class Removal(enum.StrEnum):
 
 
 class FromRow:
-    """Mixed into a row dataclass: build it from a sqlite3.Row holding (at least) its field names."""
+    """Mixed into a row dataclass: build it from a store's row (by column name) holding (at least) its field names."""
 
     __slots__ = ()
 
     @classmethod
-    def from_row(cls, row: sqlite3.Row) -> Self:
+    def from_row(cls, row: Any) -> Self:
         """The row as this dataclass."""
         return cls(**{f.name: row[f.name] for f in fields(cls)})  # type: ignore[arg-type]
 

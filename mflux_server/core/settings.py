@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from mflux_server.core import capabilities
+from mflux_server import store
 
 ENV_PREFIX = "MFLUX_SERVER_"
 WEBHOOK_SECRET = re.compile(r"whsec_[A-Za-z0-9+/]{32,}={0,2}")
@@ -281,6 +281,6 @@ def load_settings(role: str, argv: Sequence[str] | None, prog: str, description:
         settings = Settings(**values)
     except ValueError as exc:
         parser.error(str(exc))
-    if capabilities.of(settings.db).local_file:
+    if store.capabilities_of(settings.db).local_file:
         settings.db = str(Path(settings.db).expanduser())
     return settings

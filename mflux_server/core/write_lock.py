@@ -8,7 +8,7 @@ machine has held it for --write-lock-limit seconds it is sent SIGKILL: the kerne
 open transaction back, systemd starts it again and its task is retried (tasks are never lost to a dead worker).
 A process that is not a registered worker (an operator's sqlite3 shell) is only named in the log.
 
-On PostgreSQL the database server bounds it (idle_in_transaction_session_timeout, set per session in core/pg.py).
+On PostgreSQL the database server bounds it (idle_in_transaction_session_timeout, set per session in store/postgresql/session.py).
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from mflux_server.core import capabilities, native, store
+from mflux_server import store
+from mflux_server.core import native
 
 log = logging.getLogger("mflux_server")
 
@@ -114,11 +115,11 @@ class Watchdog:
         if pid is None or now - self.since < self.limit:
             return None
         held = now - self.since
-        conn = self.connect()
+        db = self.connect()
         try:
-            worker = pid in store.worker_pids(conn, socket.gethostname())  # a read: WAL readers need no write lock
+            worker = pid in db.worker_pids(socket.gethostname())  # a read: WAL readers need no write lock
         finally:
-            conn.close()
+            db.close()
         if not worker:
             if not self.named:
                 self.named = True
@@ -145,7 +146,7 @@ class Watchdog:
 
 def start(db_path: str, limit: float | None, connect: Callable[[], Any]) -> Any:
     """Run the watchdog on an OS thread of its own; returns its stop signal, or None where there is nothing to do."""
-    if not limit or not capabilities.of(db_path).local_file:
+    if not limit or not store.capabilities_of(db_path).local_file:
         return None
     watchdog = Watchdog(db_path, limit, connect)
 

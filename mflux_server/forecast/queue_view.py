@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import bisect
 import operator
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -12,7 +11,7 @@ from dataclasses import dataclass, field, replace
 from itertools import accumulate
 from typing import Any, NamedTuple
 
-from mflux_server.core import capabilities, native, store
+from mflux_server.core import native
 from mflux_server.core.rows import ClaimKey, QueueEntry, QueueRead, Status, Task, Worker
 from mflux_server.core.scheduling import expected_load
 from mflux_server.forecast.arrivals import ARRIVAL_WINDOW, ArrivalLog
@@ -20,6 +19,7 @@ from mflux_server.forecast.cost_model import CostModel
 from mflux_server.forecast.policy_replay import ModelQueue, Timeline, timeline
 from mflux_server.forecast.policy_replay import Worker as ReplayWorker
 from mflux_server.forecast.signal_cache import SignalCache
+from mflux_server.store import Store
 
 # Seconds to load a model never loaded here yet (about FLUX.1 from a local SSD, warm-up included).
 DEFAULT_LOAD_SECONDS = 15.0
@@ -173,14 +173,14 @@ class CostCache:
         self._version: tuple[float, int] | None = None
         self._checked_at = 0.0
 
-    def get(self, conn: sqlite3.Connection, now: float) -> CostModel:
+    def get(self, db: Store, now: float) -> CostModel:
         """The current cost model, as of now."""
         if self._model is not None and now - self._checked_at < self._interval:
             return self._model
         with self._lock:
-            version = store.timing_version(conn)
+            version = db.timing_version()
             if self._model is None or version != self._version:
-                self._model = CostModel.fit(store.timing_stats(conn))
+                self._model = CostModel.fit(db.timing_stats())
                 self._version = version
             self._checked_at = now
             return self._model
@@ -194,7 +194,7 @@ class Forecaster:
     `clock` gives the current Unix time wherever a caller passes no `now`.
     """
 
-    def __init__(self, connect: Callable[[], sqlite3.Connection], clock: Callable[[], float] = time.time,
+    def __init__(self, connect: Callable[[], Store], clock: Callable[[], float] = time.time,
                  refit_interval: float = 0.5, reprice_after: float = 5.0):
         self._connect = connect
         self._clock = clock
@@ -209,14 +209,14 @@ class Forecaster:
         self.arrivals = ArrivalLog()
         self._signal_seen = -1  # the PostgreSQL change signal as of the last check that found the queue unmoved
         self.reads = SignalCache()
-        self._rebuild_conn: sqlite3.Connection | None = None  # the rebuilds' connection, kept between them
+        self._rebuild_conn: Store | None = None  # the rebuilds' connection, kept between them
         self._replayed: tuple[Any, Any, Timeline] | None = None  # the latest whole-queue replay (_timeline)
 
-    def cost_model(self, conn: sqlite3.Connection, now: float | None = None) -> CostModel:
+    def cost_model(self, db: Store, now: float | None = None) -> CostModel:
         """The current cost model."""
-        return self._costs.get(conn, self._clock() if now is None else now)
+        return self._costs.get(db, self._clock() if now is None else now)
 
-    def snapshot(self, conn: sqlite3.Connection, cost: CostModel, now: float) -> QueueSnapshot:
+    def snapshot(self, db: Store, cost: CostModel, now: float) -> QueueSnapshot:
         """The waiting queue in claim order: rebuilt when tasks left it other than by a claim or re-entered it, and
         re-priced now and then."""
         current = self._snapshot
@@ -228,10 +228,10 @@ class Forecaster:
                         # meanwhile): only this request waits, the loop's other connections go on.
                         native.call(lambda: self._build_first(self._connect(), cost, now, close=True))
                     else:
-                        self._build_first(conn, cost, now)
+                        self._build_first(db, cost, now)
                 assert self._snapshot is not None
                 return self._snapshot
-        if self._queue_moved(conn, current):
+        if self._queue_moved(db, current):
             self._rebuild_soon(cost)
         elif current.cost is not cost and now - current.built_at >= self._reprice_after:
             # Only the prices are stale: re-priced without reading the queue, a millisecond at 10,000 queued
@@ -239,18 +239,18 @@ class Forecaster:
             self._rebuild_soon(cost, reprice=True)
         return current
 
-    def _queue_moved(self, conn: sqlite3.Connection, current: QueueSnapshot) -> bool:
-        if capabilities.of_connection(conn).notifies:
+    def _queue_moved(self, db: Store, current: QueueSnapshot) -> bool:
+        if db.capabilities.notifies:
             # The LISTEN counter moves with every commit that touches a task: until it does, nothing can have
             # left the queue, and the status request skips even the one-row read.
-            signal = store.data_version(conn)
+            signal = db.data_version()
             if signal == self._signal_seen:
                 return False
-            moved = current.changes != store.queue_changes(conn)
+            moved = current.changes != db.queue_changes()
             if not moved:
                 self._signal_seen = signal  # read before the counter row, so a change after it is not missed
             return moved
-        return current.changes != store.queue_changes(conn)
+        return current.changes != db.queue_changes()
 
     def settle(self, timeout: float = 10.0) -> None:
         """Wait for a background rebuild in flight, if any (tests use it to read its outcome)."""
@@ -258,13 +258,13 @@ class Forecaster:
         if wait is not None:
             wait(timeout)
 
-    def _build_first(self, conn: sqlite3.Connection, cost: CostModel, now: float, close: bool = False) -> None:
+    def _build_first(self, db: Store, cost: CostModel, now: float, close: bool = False) -> None:
         try:
-            self._snapshot = QueueSnapshot.build(store.read_queue(conn), cost, now)
-            self.arrivals.observe(store.arrivals_since(conn, 0, now - ARRIVAL_WINDOW), now, cost)
+            self._snapshot = QueueSnapshot.build(db.read_queue(), cost, now)
+            self.arrivals.observe(db.arrivals_since(0, now - ARRIVAL_WINDOW), now, cost)
         finally:
             if close:
-                conn.close()
+                db.close()
 
     def _rebuild_soon(self, cost: CostModel, reprice: bool = False, extend: bool = False) -> None:
         with self._lock:
@@ -279,48 +279,48 @@ class Forecaster:
     def _rebuild_now(self, cost: CostModel, reprice: bool, extend: bool = False) -> None:
         # One rebuild at a time, so they share one connection: a fresh PostgreSQL session per rebuild cost a
         # backend's start and every statement's preparation again.
-        conn, self._rebuild_conn = self._rebuild_conn or self._connect(), None
+        db, self._rebuild_conn = self._rebuild_conn or self._connect(), None
         try:
             now = self._clock()
             current = self._snapshot
             if reprice and current is not None:
                 snapshot = current.repriced(cost, now)
             elif extend and current is not None:
-                snapshot = current.extended(store.all_waiting_since(conn, current.max_seq))
+                snapshot = current.extended(db.all_waiting_since(current.max_seq))
             else:
-                snapshot = QueueSnapshot.build(store.read_queue(conn), cost, now)
+                snapshot = QueueSnapshot.build(db.read_queue(), cost, now)
             # Only this thread touches the arrival log now (one rebuild at a time), so no lock is held
             # while it is re-priced: request threads never wait for it.
-            self.arrivals.observe(store.arrivals_since(conn, self.arrivals.last_seq, now - ARRIVAL_WINDOW), now, cost)
+            self.arrivals.observe(db.arrivals_since(self.arrivals.last_seq, now - ARRIVAL_WINDOW), now, cost)
             self._snapshot = snapshot
         except BaseException:
-            conn.close()
+            db.close()
             raise
         else:
-            self._rebuild_conn = conn
+            self._rebuild_conn = db
         finally:
             # No lock: only _rebuild_soon sets it, and only while it is False (a plain store is atomic).
             self._rebuilding = False
 
-    def estimate(self, conn: sqlite3.Connection, task: Task, workers: int, now: float | None = None,
+    def estimate(self, db: Store, task: Task, workers: int, now: float | None = None,
                  live: Sequence[Worker] = ()) -> Estimate:
         """Where a task stands: waiting tasks and running tasks ahead of it, and seconds until its images are done.
 
         `live` (the live workers) lets it charge a model switch when no worker serving the task's model holds it.
         """
         now = self._clock() if now is None else now
-        cost = self.cost_model(conn, now)
+        cost = self.cost_model(db, now)
         if task.status is Status.PROCESSING:
             return Estimate(0, 0, cost.remaining_seconds(task, now))
         if task.status is not Status.WAITING:
             return Estimate(0, 0, 0.0)
         key = ClaimKey.of(task.priority, task.seq, task.fair_tag, task.fair_start)
-        snap = self.snapshot(conn, cost, now)
+        snap = self.snapshot(db, cost, now)
         serving = [w for w in live if task.model in w.servable]
         if len(serving) == 1 and len(serving[0].servable) > 1:
             # One worker switching between models: replay its claim policy over every queue it serves.
-            return self.replayed_estimate(conn, task, serving[0], snap, cost, now)
-        front = self.front(conn, task.model, snap)
+            return self.replayed_estimate(db, task, serving[0], snap, cost, now)
+        front = self.front(db, task.model, snap)
         if front is None:
             pos, ahead = 0, 0.0
         else:
@@ -328,7 +328,7 @@ class Forecaster:
             gone, gone_seconds = snap.ahead(task.model, front)
             pos, ahead = max(pos - gone, 0), max(ahead - gone_seconds, 0.0)
         # Tasks submitted since the snapshot: a rowid range read, so a new task's position is always exact.
-        newer = self._waiting_since(conn, task, snap.max_seq)
+        newer = self._waiting_since(db, task, snap.max_seq)
         if len(newer) > MAX_UNSNAPSHOTTED:
             self._rebuild_soon(cost, extend=True)
         prices: dict[tuple[int, int, int, int], float] = {}
@@ -340,7 +340,7 @@ class Forecaster:
                 pos += 1
                 ahead += prices[shape]
         running_ahead = 0
-        running_now = self.reads.get(conn, ("running",), lambda: store.running_tasks(conn))
+        running_now = self.reads.get(db, ("running",), lambda: db.running_tasks())
         for running in running_now:
             if running.model != task.model or running.id == task.id:
                 continue  # the worker may have claimed this very task since its row was read
@@ -348,37 +348,37 @@ class Forecaster:
             ahead += cost.remaining_gpu_seconds(running, now)
         # Several workers serving this model drain the queue ahead of us in parallel.
         until_start = self.arrivals.until_start(task.model, task.priority, workers, max(ahead, 0.0) / max(workers, 1))
-        switch = self.switch_seconds(conn, task, live, running_now, snap, cost, now) if live and not workers else 0.0
+        switch = self.switch_seconds(db, task, live, running_now, snap, cost, now) if live and not workers else 0.0
         return Estimate(max(pos, 0), running_ahead, until_start + switch + cost.task_seconds(task))
 
-    def front(self, conn: sqlite3.Connection, model: str, snap: QueueSnapshot) -> ClaimKey | None:
+    def front(self, db: Store, model: str, snap: QueueSnapshot) -> ClaimKey | None:
         """The claim key of the snapshot's first task of a model that still waits (None when none does)."""
         # A claim takes the front of its model's queue in claim order, so every task of the snapshot ahead of the
         # first one still waiting has left the queue since: skipping them keeps a snapshot exact between rebuilds,
         # and claims need none (migration 0012).
-        return self.reads.get(conn, ("front", model, snap.max_seq), lambda: store.waiting_front(conn, model, snap.max_seq))
+        return self.reads.get(db, ("front", model, snap.max_seq), lambda: db.waiting_front(model, snap.max_seq))
 
-    def _waiting_since(self, conn: sqlite3.Connection, task: Task, seq: int) -> list[QueueEntry]:
-        newer = self.reads.get(conn, ("since", task.model, seq), lambda: store.waiting_since(conn, task.model, seq))
+    def _waiting_since(self, db: Store, task: Task, seq: int) -> list[QueueEntry]:
+        newer = self.reads.get(db, ("since", task.model, seq), lambda: db.waiting_since(task.model, seq))
         # Sequence numbers follow commit order (writers take the write lock), so a read that holds no task as new
         # as this one was made before it was submitted, and may lack tasks submitted just before it: read again.
         if task.seq > max((entry.seq for entry in newer), default=seq):
-            newer = store.waiting_since(conn, task.model, seq)
+            newer = db.waiting_since(task.model, seq)
         return newer
 
-    def replayed_estimate(self, conn: sqlite3.Connection, task: Task, worker: Worker, snap: QueueSnapshot,
+    def replayed_estimate(self, db: Store, task: Task, worker: Worker, snap: QueueSnapshot,
                           cost: CostModel, now: float) -> Estimate:
         """Where a waiting task stands with a worker serving several models, by replaying its claim policy."""
         queues = {}
         for model in worker.servable:
-            newer = store.waiting_since(conn, model, snap.max_seq)
+            newer = db.waiting_since(model, snap.max_seq)
             if len(newer) > MAX_UNSNAPSHOTTED:
                 self._rebuild_soon(cost, extend=True)
-            queues[model] = snap.model_queue(model, self.front(conn, model, snap), newer, cost)
+            queues[model] = snap.model_queue(model, self.front(db, model, snap), newer, cost)
         own = queues[task.model]
         key = ClaimKey.of(task.priority, task.seq, task.fair_tag, task.fair_start)
-        running = store.running_tasks(conn)
-        loads = store.mean_load_seconds(conn)
+        running = db.running_tasks()
+        loads = db.mean_load_seconds()
         free_at = now + sum(cost.remaining_gpu_seconds(t, now) for t in running if t.worker_id == worker.id)
         loaded = worker.model or None
         if worker.loading:
@@ -407,7 +407,7 @@ class Forecaster:
         self._replayed = (token, [(queue.keys, queue.prefix) for queue in queues.values()], made)
         return made
 
-    def switch_seconds(self, conn: sqlite3.Connection, task: Task, live: Sequence[Worker], running: Sequence[Task],
+    def switch_seconds(self, db: Store, task: Task, live: Sequence[Worker], running: Sequence[Task],
                        snap: QueueSnapshot, cost: CostModel, now: float) -> float:
         """Seconds before a task whose model no serving worker holds can start, beyond its own model's queue.
 
@@ -418,14 +418,14 @@ class Forecaster:
         serving = [w for w in live if task.model in w.servable]
         if not serving:
             return 0.0
-        load_seconds = expected_load(task.model, store.mean_load_seconds(conn), DEFAULT_LOAD_SECONDS)
+        load_seconds = expected_load(task.model, db.mean_load_seconds(), DEFAULT_LOAD_SECONDS)
         if any(w.loading == task.model for w in serving):
             return load_seconds / 2  # already loading: about half of it is left, on average
         waited = now - task.created_at
 
         def queued(model: str) -> float:  # the snapshot, plus what was submitted since (as for the task's own model)
-            newer = store.waiting_since(conn, model, snap.max_seq)
-            return snap.queued_seconds(model, self.front(conn, model, snap)) + sum(map(cost.gpu_seconds, newer))
+            newer = db.waiting_since(model, snap.max_seq)
+            return snap.queued_seconds(model, self.front(db, model, snap)) + sum(map(cost.gpu_seconds, newer))
 
         return min(
             sum(cost.remaining_gpu_seconds(t, now) for t in running if t.worker_id == worker.id)

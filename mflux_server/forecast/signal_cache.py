@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Hashable
 from typing import Any, TypeVar
 
-from mflux_server.core import capabilities, store
+from mflux_server.store import Store
 
 T = TypeVar("T")
 MAX_AGE = 1.0  # seconds: what no NOTIFY announces (heartbeats, a worker going stale) shows within this
@@ -28,11 +27,11 @@ class SignalCache:
         self._signal = -1
         self._entries: dict[Hashable, tuple[float, Any]] = {}
 
-    def get(self, conn: sqlite3.Connection, key: Hashable, read: Callable[[], T]) -> T:
+    def get(self, db: Store, key: Hashable, read: Callable[[], T]) -> T:
         """The cached result of `read` for `key`, or a fresh one."""
-        if not capabilities.of_connection(conn).notifies:
+        if not db.capabilities.notifies:
             return read()
-        signal = store.data_version(conn)  # before the read, so a change during it invalidates what it returns
+        signal = db.data_version()  # before the read, so a change during it invalidates what it returns
         now = self._clock()
         with self._lock:
             if signal == self._signal:

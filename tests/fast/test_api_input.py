@@ -6,7 +6,6 @@ import base64
 
 import pytest
 
-from mflux_server.core import store
 from mflux_server.core.rows import Status
 from tests.conftest import images_for
 
@@ -28,9 +27,9 @@ def test_original_request_is_accepted_at_both_paths(client, prefix):
 
 
 def test_task_length_counts_running_and_waiting_ahead_in_claim_order(client):
-    conn = client.application.extensions["mflux_connections"].get()
+    db = client.application.extensions["mflux_sessions"].get()
     client.post("/api/generate", json={"prompt": "runs"})
-    store.claim_next(conn, "w", "schnell", "synthetic")
+    db.claim_next("w", "schnell", "synthetic")
     client.post("/api/generate", json={"prompt": "waits"})
     urgent = client.post("/api/generate", json={"prompt": "urgent", "priority": True}).json
     normal = client.post("/api/generate", json={"prompt": "normal"}).json
@@ -101,7 +100,7 @@ def test_each_bad_input_is_a_422_naming_field_and_rule(client, body, field, rule
     assert response.json["field"] == field
     assert rule in response.json["message"]
     assert field in response.json["message"]
-    assert store.status_counts(client.application.extensions["mflux_connections"].get())[Status.WAITING] == 0
+    assert client.application.extensions["mflux_sessions"].get().status_counts()[Status.WAITING] == 0
 
 
 def test_several_bad_fields_are_all_reported(client):
@@ -163,10 +162,10 @@ def test_unknown_route_and_method_are_json(client):
 
 
 def _finish(client, count: int = 1, fmt: str = "PNG") -> str:
-    conn = client.application.extensions["mflux_connections"].get()
+    db = client.application.extensions["mflux_sessions"].get()
     task_id = client.post("/api/generate", json={"prompt": "x", "count": count, "format": fmt}).json["task_id"]
-    claimed = store.claim_next(conn, "w", "schnell", "synthetic")
-    assert claimed is not None and store.complete(conn, claimed.id, "w", images_for(claimed, b"PNG"))
+    claimed = db.claim_next("w", "schnell", "synthetic")
+    assert claimed is not None and db.complete(claimed.id, "w", images_for(claimed, b"PNG"))
     return task_id
 
 

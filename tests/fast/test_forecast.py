@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from mflux_server.core import db, store
+from mflux_server import store
 from mflux_server.core.rows import ClaimKey, QueueEntry, QueueRead, Task, Timing, WaitingHead
 from mflux_server.core.scheduling import choose_model, expected_load
 from mflux_server.forecast.arrivals import (
@@ -36,26 +36,26 @@ from tests.conftest import queue_task
 NOW = time.time()
 
 
-def record(conn, model: str, width: int, height: int, kind: str, seconds: list[float]) -> None:
-    store.record_timings(conn, model, width, height, [Timing(kind, tuple(seconds))])
+def record(db, model: str, width: int, height: int, kind: str, seconds: list[float]) -> None:
+    db.record_timings(model, width, height, [Timing(kind, tuple(seconds))])
 
 
 def forecaster_for(db_path: str, **options) -> Forecaster:
     """A forecaster on the test's queue, as the API builds one, reading the fixed clock."""
-    return Forecaster(connect=lambda: db.connect(db_path), clock=lambda: NOW, **options)
+    return Forecaster(connect=lambda: store.connect(db_path), clock=lambda: NOW, **options)
 
 
-def current(conn, task_id: str) -> Task:
-    found = store.get(conn, task_id)
+def current(db, task_id: str) -> Task:
+    found = db.get(task_id)
     assert found is not None
     return found
 
 
-def settled(forecaster: Forecaster, conn, task_id: str, workers: int = 1) -> Estimate:
+def settled(forecaster: Forecaster, db, task_id: str, workers: int = 1) -> Estimate:
     """The estimate once any rebuild the first call started has finished."""
-    forecaster.estimate(conn, current(conn, task_id), workers)
+    forecaster.estimate(db, current(db, task_id), workers)
     forecaster.settle()
-    return forecaster.estimate(conn, current(conn, task_id), workers)
+    return forecaster.estimate(db, current(db, task_id), workers)
 
 
 def test_more_steps_pixels_or_images_take_longer():
@@ -75,12 +75,12 @@ def test_prior_is_used_before_any_measurement():
     assert not cost.measured
 
 
-def test_more_tasks_ahead_means_a_longer_wait(conn, db_path):
+def test_more_tasks_ahead_means_a_longer_wait(db, db_path):
     forecaster = forecaster_for(db_path, refit_interval=0)
-    first = queue_task(conn)
-    second = queue_task(conn)
-    urgent = queue_task(conn, priority=1)
-    waits = {t.id: forecaster.estimate(conn, current(conn, t.id), workers=1).seconds for t in (first, second, urgent)}
+    first = queue_task(db)
+    second = queue_task(db)
+    urgent = queue_task(db, priority=1)
+    waits = {t.id: forecaster.estimate(db, current(db, t.id), workers=1).seconds for t in (first, second, urgent)}
     assert waits[urgent.id] < waits[first.id] < waits[second.id]
     cost = CostModel.fit([])
     # urgent and first are ahead of it; one urgent arrival in 30 s makes a later overtaker unlikely enough
@@ -91,29 +91,29 @@ def test_more_tasks_ahead_means_a_longer_wait(conn, db_path):
     assert waits[urgent.id] == pytest.approx(cost.task_seconds(task()))
 
 
-def test_running_task_remaining_shrinks_with_progress(conn, db_path):
+def test_running_task_remaining_shrinks_with_progress(db, db_path):
     forecaster = forecaster_for(db_path, refit_interval=0)
-    queue_task(conn, steps=10)
-    running = store.claim_next(conn, "w", "schnell", "synthetic")
-    waiting = queue_task(conn, steps=10)
-    store.record_progress(conn, running.id, "w", 0, 2, NOW - 0.1)
-    early = forecaster.estimate(conn, current(conn, waiting.id), workers=1).seconds
-    store.record_progress(conn, running.id, "w", 0, 8, NOW - 0.1)
-    late = forecaster.estimate(conn, current(conn, waiting.id), workers=1).seconds
+    queue_task(db, steps=10)
+    running = db.claim_next("w", "schnell", "synthetic")
+    waiting = queue_task(db, steps=10)
+    db.record_progress(running.id, "w", 0, 2, NOW - 0.1)
+    early = forecaster.estimate(db, current(db, waiting.id), workers=1).seconds
+    db.record_progress(running.id, "w", 0, 8, NOW - 0.1)
+    late = forecaster.estimate(db, current(db, waiting.id), workers=1).seconds
     step = CostModel.fit([]).parts("schnell", 512, 512)["step"]
     assert early - late == pytest.approx(6 * step, rel=1e-12)  # exact: both read the same clock
 
 
-def test_measured_timings_replace_the_prior(conn, db_path):
+def test_measured_timings_replace_the_prior(db, db_path):
     forecaster = forecaster_for(db_path, refit_interval=0, reprice_after=0)
-    t = queue_task(conn, width=512, height=512, steps=4)
-    prior = forecaster.estimate(conn, current(conn, t.id), workers=1).seconds
+    t = queue_task(db, width=512, height=512, steps=4)
+    prior = forecaster.estimate(db, current(db, t.id), workers=1).seconds
     for kind, seconds in (("step", 0.25), ("before", 0.1), ("after", 0.05), ("encode", 0.01)):
-        record(conn, "schnell", 512, 512, kind, [seconds] * 5)
-    measured = forecaster.estimate(conn, current(conn, t.id), workers=1).seconds
+        record(db, "schnell", 512, 512, kind, [seconds] * 5)
+    measured = forecaster.estimate(db, current(db, t.id), workers=1).seconds
     assert measured == pytest.approx(0.1 + 4 * 0.25 + 0.05 + 0.01)
     assert measured != pytest.approx(prior)
-    assert forecaster.cost_model(conn).measured
+    assert forecaster.cost_model(db).measured
 
 
 def test_fit_recovers_a_quadratic_cost_and_extrapolates():
@@ -138,22 +138,22 @@ def test_one_measured_size_scales_the_prior_for_the_others():
     assert model.seconds(big) == pytest.approx(sum(PRIOR["step"]) / 10)
 
 
-def test_an_unmeasured_model_borrows_this_machines_speed(conn):
-    record(conn, "schnell", 512, 512, "step", [0.01] * 5)
-    cost = CostModel.fit(store.timing_stats(conn))
+def test_an_unmeasured_model_borrows_this_machines_speed(db):
+    record(db, "schnell", 512, 512, "step", [0.01] * 5)
+    cost = CostModel.fit(db.timing_stats())
     prior = CostModel.fit([])
     assert cost.parts("dev", 512, 512)["step"] < prior.parts("dev", 512, 512)["step"] / 5
 
 
-def test_a_model_never_run_is_forecast_from_its_familys_curve_not_other_families(conn):
+def test_a_model_never_run_is_forecast_from_its_familys_curve_not_other_families(db):
     # schnell measured at four sizes on a quadratic curve unlike the prior; qwen-image (another family) much slower.
     curve = (0.05, 0.3, 0.9)
     for side in (512, 768, 1024, 1280):
         mp = megapixels(side, side)
-        record(conn, "schnell", side, side, "step", [curve[0] + curve[1] * mp + curve[2] * mp * mp] * 5)
-        record(conn, "schnell", side, side, "after", [0.01 * side] * 5)  # the decode, a second kind
-    record(conn, "qwen-image", 1024, 1024, "step", [9.0] * 5)
-    cost = CostModel.fit(store.timing_stats(conn))
+        record(db, "schnell", side, side, "step", [curve[0] + curve[1] * mp + curve[2] * mp * mp] * 5)
+        record(db, "schnell", side, side, "after", [0.01 * side] * 5)  # the decode, a second kind
+    record(db, "qwen-image", 1024, 1024, "step", [9.0] * 5)
+    cost = CostModel.fit(db.timing_stats())
     mp = megapixels(896, 896)
     expected = curve[0] + curve[1] * mp + curve[2] * mp * mp
     # dev shares schnell's transformer: forecast from schnell's measurements, at an unmeasured size
@@ -165,13 +165,13 @@ def test_a_model_never_run_is_forecast_from_its_familys_curve_not_other_families
     assert cost.parts("z-image", 896, 896)["step"] != pytest.approx(expected, rel=0.03)
 
 
-def test_a_model_measured_at_one_size_follows_its_familys_shape(conn):
+def test_a_model_measured_at_one_size_follows_its_familys_shape(db):
     # klein 4B measured at many sizes; 9B (same family, twice as slow) at one size only.
     for side in (512, 768, 1024, 1280, 1536):
         mp = megapixels(side, side)
-        record(conn, "flux2-klein-4b", side, side, "step", [0.02 + 0.1 * mp * mp] * 5)
-    record(conn, "flux2-klein-9b", 1024, 1024, "step", [2 * 0.12] * 5)
-    cost = CostModel.fit(store.timing_stats(conn))
+        record(db, "flux2-klein-4b", side, side, "step", [0.02 + 0.1 * mp * mp] * 5)
+    record(db, "flux2-klein-9b", 1024, 1024, "step", [2 * 0.12] * 5)
+    cost = CostModel.fit(db.timing_stats())
     for side in (512, 1536):
         mp = megapixels(side, side)
         assert cost.parts("flux2-klein-9b", side, side)["step"] == pytest.approx(2 * (0.02 + 0.1 * mp * mp), rel=0.03)
@@ -179,91 +179,91 @@ def test_a_model_measured_at_one_size_follows_its_familys_shape(conn):
     assert cost.parts("flux2-klein-4b", 1024, 1024)["step"] == pytest.approx(0.12, rel=0.01)
 
 
-def test_a_stalled_step_counts_at_most_three_times_the_typical_one(conn):
+def test_a_stalled_step_counts_at_most_three_times_the_typical_one(db):
     # One image's steps on a fresh machine: kernel compilation makes step 1 take 43 s against 0.55 s.
-    record(conn, "schnell", 1024, 1024, "step", [43.0, 0.55, 0.56, 0.54])
-    record(conn, "schnell", 1024, 1024, "step", [0.55] * 4)
-    record(conn, "schnell", 1024, 1024, "step", [30.0])  # a later stall, judged against the stored mean
-    (stat,) = [s for s in store.timing_stats(conn) if s.kind == "step"]
+    record(db, "schnell", 1024, 1024, "step", [43.0, 0.55, 0.56, 0.54])
+    record(db, "schnell", 1024, 1024, "step", [0.55] * 4)
+    record(db, "schnell", 1024, 1024, "step", [30.0])  # a later stall, judged against the stored mean
+    (stat,) = [s for s in db.timing_stats() if s.kind == "step"]
     mean = stat.total / stat.n
     assert stat.n == 9
     assert mean < 0.55 * 1.7  # unclipped, the mean would be 8.4 s
     assert mean > 0.55  # the stalls still count, bounded
     # a genuinely slower size is not an outlier: it is a different key
-    record(conn, "schnell", 1536, 1536, "step", [1.4] * 3)
-    assert CostModel.fit(store.timing_stats(conn)).parts("schnell", 1536, 1536)["step"] == pytest.approx(1.4)
+    record(db, "schnell", 1536, 1536, "step", [1.4] * 3)
+    assert CostModel.fit(db.timing_stats()).parts("schnell", 1536, 1536)["step"] == pytest.approx(1.4)
 
 
-def test_several_workers_share_the_queue_ahead(conn, db_path):
+def test_several_workers_share_the_queue_ahead(db, db_path):
     forecaster = forecaster_for(db_path, refit_interval=0)
     for _ in range(4):
-        queue_task(conn)
-    last = queue_task(conn)
-    one = forecaster.estimate(conn, current(conn, last.id), workers=1).seconds
-    two = forecaster.estimate(conn, current(conn, last.id), workers=2).seconds
+        queue_task(db)
+    last = queue_task(db)
+    one = forecaster.estimate(db, current(db, last.id), workers=1).seconds
+    two = forecaster.estimate(db, current(db, last.id), workers=2).seconds
     cost = CostModel.fit([])
     gpu, own = cost.gpu_seconds(task()), cost.task_seconds(task())
     assert one == pytest.approx(4 * gpu + own) and two == pytest.approx(2 * gpu + own)
 
 
-def test_a_task_claimed_since_the_snapshot_is_counted_once(conn, db_path):
+def test_a_task_claimed_since_the_snapshot_is_counted_once(db, db_path):
     forecaster = forecaster_for(db_path, refit_interval=60)
-    queue_task(conn, steps=10)
-    last = queue_task(conn)
-    before = forecaster.estimate(conn, current(conn, last.id), workers=1)
+    queue_task(db, steps=10)
+    last = queue_task(db)
+    before = forecaster.estimate(db, current(db, last.id), workers=1)
     assert before.pos == 1 and before.running == 0
-    store.claim_next(conn, "w", "schnell", "synthetic")  # the snapshot still lists it as waiting
-    after = forecaster.estimate(conn, current(conn, last.id), workers=1)
+    db.claim_next("w", "schnell", "synthetic")  # the snapshot still lists it as waiting
+    after = forecaster.estimate(db, current(db, last.id), workers=1)
     assert (after.pos, after.running) == (0, 1)
     assert after.seconds == pytest.approx(before.seconds, rel=1e-12)
 
 
-def test_tasks_that_left_the_queue_since_the_snapshot_are_not_counted(conn, db_path):
+def test_tasks_that_left_the_queue_since_the_snapshot_are_not_counted(db, db_path):
     gate = threading.Event()  # holds the background rebuild, so estimates must answer from the stale snapshot
 
     def slow_connect():
         gate.wait(10)
-        return db.connect(db_path)
+        return store.connect(db_path)
 
     forecaster = Forecaster(connect=slow_connect, clock=lambda: NOW, refit_interval=60)
-    first, second, third = (queue_task(conn, steps=s) for s in (10, 20, 30))
-    last = queue_task(conn)
+    first, second, third = (queue_task(db, steps=s) for s in (10, 20, 30))
+    last = queue_task(db)
     try:
-        assert forecaster.estimate(conn, current(conn, last.id), workers=1).pos == 3
+        assert forecaster.estimate(db, current(db, last.id), workers=1).pos == 3
         built = forecaster._snapshot
-        claimed = store.claim_next(conn, "w", "schnell", "synthetic")
-        assert claimed.id == first.id and store.complete(conn, claimed.id, "w", [])
-        assert store.claim_next(conn, "w", "schnell", "synthetic").id == second.id
-        after = forecaster.estimate(conn, current(conn, last.id), workers=1)
+        claimed = db.claim_next("w", "schnell", "synthetic")
+        assert claimed.id == first.id and db.complete(claimed.id, "w", [])
+        assert db.claim_next("w", "schnell", "synthetic").id == second.id
+        after = forecaster.estimate(db, current(db, last.id), workers=1)
         assert forecaster._snapshot is built
         assert (after.pos, after.running) == (1, 1)
         cost = CostModel.fit([])
-        running = cost.remaining_gpu_seconds(current(conn, second.id), NOW)
+        running = cost.remaining_gpu_seconds(current(db, second.id), NOW)
         assert after.seconds == pytest.approx(running + cost.gpu_seconds(third) + cost.task_seconds(last), rel=1e-12)
     finally:
         gate.set()
 
 
-def test_background_rebuilds_share_one_connection(conn, db_path):
+def test_background_rebuilds_share_one_connection(db, db_path):
     opened = []
 
     def counting_connect():
-        opened.append(db.connect(db_path))
+        opened.append(store.connect(db_path))
         return opened[-1]
 
     forecaster = Forecaster(connect=counting_connect, clock=lambda: NOW, refit_interval=60)
-    tasks = [queue_task(conn) for _ in range(4)]
+    tasks = [queue_task(db) for _ in range(4)]
     for done in range(3):
-        forecaster.estimate(conn, current(conn, tasks[-1].id), workers=1)
+        forecaster.estimate(db, current(db, tasks[-1].id), workers=1)
         forecaster.settle()
         built = forecaster._snapshot
-        assert store.cancel_or_delete(conn, tasks[done].id) is not None
-        assert settled(forecaster, conn, tasks[-1].id).pos == 2 - done
+        assert db.cancel_or_delete(tasks[done].id) is not None
+        assert settled(forecaster, db, tasks[-1].id).pos == 2 - done
         assert forecaster._snapshot is not built  # each cancel moved the queue: rebuilt
     assert len(opened) == 1, "each rebuild opened a connection of its own"
 
 
-def test_a_rebuild_that_ends_before_its_start_returns_does_not_stop_later_ones(conn, db_path, monkeypatch):
+def test_a_rebuild_that_ends_before_its_start_returns_does_not_stop_later_ones(db, db_path, monkeypatch):
     from mflux_server.core import native
 
     started = native.start
@@ -276,90 +276,90 @@ def test_a_rebuild_that_ends_before_its_start_returns_does_not_stop_later_ones(c
 
     monkeypatch.setattr(native, "start", at_once)
     forecaster = forecaster_for(db_path, refit_interval=60)
-    tasks = [queue_task(conn) for _ in range(4)]
-    forecaster.estimate(conn, current(conn, tasks[-1].id), workers=1)
+    tasks = [queue_task(db) for _ in range(4)]
+    forecaster.estimate(db, current(db, tasks[-1].id), workers=1)
     for done in range(3):
         built = forecaster._snapshot
-        assert store.cancel_or_delete(conn, tasks[done].id) is not None
-        assert settled(forecaster, conn, tasks[-1].id).pos == 2 - done
+        assert db.cancel_or_delete(tasks[done].id) is not None
+        assert settled(forecaster, db, tasks[-1].id).pos == 2 - done
         assert forecaster._snapshot is not built, f"no rebuild after cancel {done + 1}"
 
 
-def test_claims_keep_the_snapshot_and_it_stays_exact(conn, db_path):
+def test_claims_keep_the_snapshot_and_it_stays_exact(db, db_path):
     forecaster = forecaster_for(db_path, refit_interval=60)
-    tasks = [queue_task(conn, steps=s) for s in (10, 20, 30, 40)]
-    changes = store.queue_changes(conn)
-    forecaster.estimate(conn, current(conn, tasks[-1].id), workers=1)
+    tasks = [queue_task(db, steps=s) for s in (10, 20, 30, 40)]
+    changes = db.queue_changes()
+    forecaster.estimate(db, current(db, tasks[-1].id), workers=1)
     built = forecaster._snapshot
     cost = CostModel.fit([])
     for claimed in range(3):
-        assert store.claim_next(conn, "w", "schnell", "synthetic").id == tasks[claimed].id
-        after = forecaster.estimate(conn, current(conn, tasks[-1].id), workers=1)
+        assert db.claim_next("w", "schnell", "synthetic").id == tasks[claimed].id
+        after = forecaster.estimate(db, current(db, tasks[-1].id), workers=1)
         forecaster.settle()
         assert forecaster._snapshot is built  # no rebuild for a claim
         assert (after.pos, after.running) == (2 - claimed, claimed + 1)
-        front = forecaster.front(conn, "schnell", built)
+        front = forecaster.front(db, "schnell", built)
         assert built.queued_seconds("schnell", front) == pytest.approx(
             sum(cost.gpu_seconds(t) for t in tasks[claimed + 1:]), rel=1e-12)
-    assert store.queue_changes(conn) == changes
-    assert store.release(conn, tasks[0].id, "w")  # back in the queue: a change the snapshot cannot see
-    assert store.queue_changes(conn) == changes + 1
-    assert settled(forecaster, conn, tasks[-1].id).pos == 1
+    assert db.queue_changes() == changes
+    assert db.release(tasks[0].id, "w")  # back in the queue: a change the snapshot cannot see
+    assert db.queue_changes() == changes + 1
+    assert settled(forecaster, db, tasks[-1].id).pos == 1
     assert forecaster._snapshot is not built
 
 
-def test_tasks_submitted_since_the_snapshot_are_seen(conn, db_path):
+def test_tasks_submitted_since_the_snapshot_are_seen(db, db_path):
     forecaster = forecaster_for(db_path, refit_interval=60)
-    normal = queue_task(conn)
-    forecaster.estimate(conn, current(conn, normal.id), workers=1)  # builds the snapshot
-    urgent = queue_task(conn, priority=1)
-    newest = queue_task(conn)
-    assert forecaster.estimate(conn, current(conn, normal.id), workers=1).pos == 1
-    assert forecaster.estimate(conn, current(conn, newest.id), workers=1).pos == 2
-    assert forecaster.estimate(conn, current(conn, urgent.id), workers=1).pos == 0
+    normal = queue_task(db)
+    forecaster.estimate(db, current(db, normal.id), workers=1)  # builds the snapshot
+    urgent = queue_task(db, priority=1)
+    newest = queue_task(db)
+    assert forecaster.estimate(db, current(db, normal.id), workers=1).pos == 1
+    assert forecaster.estimate(db, current(db, newest.id), workers=1).pos == 2
+    assert forecaster.estimate(db, current(db, urgent.id), workers=1).pos == 0
     assert forecaster._snapshot.max_seq == normal.seq  # answered without a rebuild
 
 
-def test_the_snapshot_is_rebuilt_only_when_tasks_leave_or_reenter_the_queue(conn, db_path):
+def test_the_snapshot_is_rebuilt_only_when_tasks_leave_or_reenter_the_queue(db, db_path):
     forecaster = forecaster_for(db_path, refit_interval=60)
-    first = queue_task(conn)
-    second = queue_task(conn)
-    forecaster.estimate(conn, current(conn, second.id), workers=1)
+    first = queue_task(db)
+    second = queue_task(db)
+    forecaster.estimate(db, current(db, second.id), workers=1)
     built = forecaster._snapshot
-    queue_task(conn)
-    forecaster.estimate(conn, current(conn, second.id), workers=1)
+    queue_task(db)
+    forecaster.estimate(db, current(db, second.id), workers=1)
     assert forecaster._snapshot is built
-    store.cancel_or_delete(conn, first.id)
-    assert forecaster.estimate(conn, current(conn, second.id), workers=1).pos == 0  # exact before the rebuild
+    db.cancel_or_delete(first.id)
+    assert forecaster.estimate(db, current(db, second.id), workers=1).pos == 0  # exact before the rebuild
     forecaster.settle()
     assert forecaster._snapshot is not built
-    assert forecaster.estimate(conn, current(conn, second.id), workers=1).pos == 0
+    assert forecaster.estimate(db, current(db, second.id), workers=1).pos == 0
 
 
-def test_a_cost_model_that_learned_reprices_the_snapshot_without_reading_the_queue(conn, db_path, monkeypatch):
+def test_a_cost_model_that_learned_reprices_the_snapshot_without_reading_the_queue(db, db_path, monkeypatch):
     forecaster = forecaster_for(db_path, refit_interval=0, reprice_after=0)
-    tasks = [queue_task(conn, steps=s, width=w, height=w) for s, w in ((4, 512), (8, 512), (4, 1024), (4, 512))]
-    queue_task(conn, model="dev")
-    store.claim_next(conn, "w", "schnell", "synthetic")  # taken since the snapshot: still skipped after re-pricing
-    forecaster.estimate(conn, current(conn, tasks[-1].id), workers=1)
+    tasks = [queue_task(db, steps=s, width=w, height=w) for s, w in ((4, 512), (8, 512), (4, 1024), (4, 512))]
+    queue_task(db, model="dev")
+    db.claim_next("w", "schnell", "synthetic")  # taken since the snapshot: still skipped after re-pricing
+    forecaster.estimate(db, current(db, tasks[-1].id), workers=1)
     forecaster.settle()
     built = forecaster._snapshot
     reads = []
-    monkeypatch.setattr(store, "read_queue", lambda c: reads.append(c) or pytest.fail("the queue was read again"))
+    monkeypatch.setattr(type(db), "read_queue", lambda c: reads.append(c) or pytest.fail("the queue was read again"))
     for kind, seconds in (("step", 0.02), ("before", 0.1), ("after", 0.05), ("encode", 0.01)):
-        record(conn, "schnell", 512, 512, kind, [seconds] * 5)
-    learned = settled(forecaster, conn, tasks[-1].id)
+        record(db, "schnell", 512, 512, kind, [seconds] * 5)
+    learned = settled(forecaster, db, tasks[-1].id)
     repriced = forecaster._snapshot
     assert repriced is not built and repriced.cost is not built.cost and not reads
     assert repriced.keys is built.keys  # the same queue, priced again
     monkeypatch.undo()
     # Exactly what a snapshot built afresh with the learned model holds, and the estimate that follows from it.
     fresh = forecaster_for(db_path, refit_interval=0)
-    assert fresh.estimate(conn, current(conn, tasks[-1].id), workers=1) == learned
+    assert fresh.estimate(db, current(db, tasks[-1].id), workers=1) == learned
     assert fresh._snapshot.prefix == repriced.prefix
-    cost = CostModel.fit(store.timing_stats(conn))
+    cost = CostModel.fit(db.timing_stats())
     assert learned.pos == 2 and learned.seconds == pytest.approx(
-        sum(cost.gpu_seconds(t) for t in tasks[1:3]) + cost.remaining_gpu_seconds(current(conn, tasks[0].id), NOW)
+        sum(cost.gpu_seconds(t) for t in tasks[1:3]) + cost.remaining_gpu_seconds(current(db, tasks[0].id), NOW)
         + cost.task_seconds(tasks[-1]), rel=1e-12)
 
 
@@ -389,42 +389,42 @@ def test_poisson_quantile():
     assert 0 <= approximate - exact <= 1
 
 
-def test_recent_priority_arrivals_lengthen_the_wait_of_normal_tasks_only(conn, db_path):
+def test_recent_priority_arrivals_lengthen_the_wait_of_normal_tasks_only(db, db_path):
     forecaster = forecaster_for(db_path, refit_interval=60)
-    record(conn, "schnell", 512, 512, "step", [0.25] * 10)
+    record(db, "schnell", 512, 512, "step", [0.25] * 10)
     for kind in ("before", "after", "encode"):
-        record(conn, "schnell", 512, 512, kind, [0.0] * 10)
-    ahead = [queue_task(conn) for _ in range(20)]
-    last = queue_task(conn)
-    calm = forecaster.estimate(conn, current(conn, last.id), workers=1).seconds
+        record(db, "schnell", 512, 512, kind, [0.0] * 10)
+    ahead = [queue_task(db) for _ in range(20)]
+    last = queue_task(db)
+    calm = forecaster.estimate(db, current(db, last.id), workers=1).seconds
     assert calm == pytest.approx(21.0)  # 20 s ahead, 1 s its own
     # six urgent 1 s tasks were submitted over the last minute: 0.1 a second, so during a wait of ~20 s
     # 2 are expected and the 30th percentile is 1 (T = 20 + 1 → 21 s, 2.1 expected → still 1)
     for i in range(6):
-        urgent = queue_task(conn, now=NOW - 60 + i * 10, priority=1)
-        store.cancel_or_delete(conn, urgent.id)  # gone from the queue, still part of the arrival history
-    stretched = settled(forecaster, conn, last.id).seconds
+        urgent = queue_task(db, now=NOW - 60 + i * 10, priority=1)
+        db.cancel_or_delete(urgent.id)  # gone from the queue, still part of the arrival history
+    stretched = settled(forecaster, db, last.id).seconds
     assert OVERTAKING_QUANTILE == 0.3
     assert stretched == pytest.approx(20.0 + 1.0 + 1.0, rel=0.01)
-    near = forecaster.estimate(conn, current(conn, ahead[1].id), workers=1).seconds
+    near = forecaster.estimate(db, current(db, ahead[1].id), workers=1).seconds
     assert near == pytest.approx(1.0 + 1.0)  # 1 s ahead: an overtaker is unlikely (0.1 expected), none counted
-    mine = queue_task(conn, priority=1)
-    assert forecaster.estimate(conn, current(conn, mine.id), workers=1).seconds == pytest.approx(1.0)
+    mine = queue_task(db, priority=1)
+    assert forecaster.estimate(db, current(db, mine.id), workers=1).seconds == pytest.approx(1.0)
 
 
-def test_the_arrival_load_is_repriced_when_the_model_learns(conn, db_path):
+def test_the_arrival_load_is_repriced_when_the_model_learns(db, db_path):
     forecaster = forecaster_for(db_path, refit_interval=0, reprice_after=0)
     for _ in range(3):
-        store.cancel_or_delete(conn, queue_task(conn, priority=1).id)
-    queue_task(conn)
-    last = queue_task(conn)
-    store.claim_next(conn, "w", "schnell", "synthetic")  # something runs ahead of the last task
-    forecaster.estimate(conn, current(conn, last.id), workers=1)
+        db.cancel_or_delete(queue_task(db, priority=1).id)
+    queue_task(db)
+    last = queue_task(db)
+    db.claim_next("w", "schnell", "synthetic")  # something runs ahead of the last task
+    forecaster.estimate(db, current(db, last.id), workers=1)
     at_prior = 3 * CostModel.fit([]).gpu_seconds(task()) / MIN_ARRIVAL_SPAN
     assert forecaster.arrivals.overtaking_load("schnell", 0, 1) == pytest.approx(min(at_prior, MAX_PRIORITY_LOAD))
     for kind, seconds in (("step", 0.01), ("before", 0.0), ("after", 0.0), ("encode", 0.0)):
-        record(conn, "schnell", 512, 512, kind, [seconds] * 5)
-    settled(forecaster, conn, last.id)
+        record(db, "schnell", 512, 512, kind, [seconds] * 5)
+    settled(forecaster, db, last.id)
     assert forecaster.arrivals.overtaking_load("schnell", 0, 1) == pytest.approx(3 * 4 * 0.01 / MIN_ARRIVAL_SPAN)
 
 
@@ -515,24 +515,24 @@ def test_a_models_queue_merged_with_later_submits_is_the_claim_order_and_is_reus
     assert snap.model_queue("schnell", front, newer[:-1], cost) is not merged, "another submit set is merged anew"
 
 
-def test_a_flood_of_submits_extends_the_snapshot_without_reading_the_queue_again(conn, db_path, monkeypatch):
+def test_a_flood_of_submits_extends_the_snapshot_without_reading_the_queue_again(db, db_path, monkeypatch):
     forecaster = forecaster_for(db_path, refit_interval=60)
-    first = [queue_task(conn, steps=4 + i % 3, priority=i % 2) for i in range(20)]
+    first = [queue_task(db, steps=4 + i % 3, priority=i % 2) for i in range(20)]
     watched = first[-1]
-    forecaster.estimate(conn, current(conn, watched.id), workers=1)
+    forecaster.estimate(db, current(db, watched.id), workers=1)
     built = forecaster._snapshot
-    flood = [queue_task(conn, model=("schnell", "dev")[i % 2], priority=(0, 0, 1)[i % 3], width=256 + 64 * (i % 4))
+    flood = [queue_task(db, model=("schnell", "dev")[i % 2], priority=(0, 0, 1)[i % 3], width=256 + 64 * (i % 4))
              for i in range(80)]  # past MAX_UNSNAPSHOTTED, with urgent ones that go ahead of older tasks
-    monkeypatch.setattr(store, "read_queue", lambda c: pytest.fail("the whole queue was read again"))
-    forecaster.estimate(conn, current(conn, watched.id), workers=1)
+    monkeypatch.setattr(type(db), "read_queue", lambda c: pytest.fail("the whole queue was read again"))
+    forecaster.estimate(db, current(db, watched.id), workers=1)
     forecaster.settle()
     extended = forecaster._snapshot
     assert extended is not built and extended.max_seq == flood[-1].seq
     monkeypatch.undo()
     fresh = forecaster_for(db_path, refit_interval=60)
     for each in (watched, flood[0], flood[-1], flood[31]):
-        assert fresh.estimate(conn, current(conn, each.id), workers=1) == \
-            forecaster.estimate(conn, current(conn, each.id), workers=1), "exactly what a fresh build says"
+        assert fresh.estimate(db, current(db, each.id), workers=1) == \
+            forecaster.estimate(db, current(db, each.id), workers=1), "exactly what a fresh build says"
     assert fresh._snapshot.keys == extended.keys and fresh._snapshot.created == extended.created
     assert {m: pytest.approx(p) for m, p in fresh._snapshot.prefix.items()} == extended.prefix
 

@@ -6,7 +6,6 @@ import time
 
 import pytest
 
-from mflux_server.core import store
 from mflux_server.core.rows import Status
 from tests.conftest import images_for
 
@@ -14,7 +13,7 @@ JSON = {"content_type": "application/json"}
 
 
 def waiting(client) -> int:
-    return store.status_counts(client.application.extensions["mflux_connections"].get())[Status.WAITING]
+    return client.application.extensions["mflux_sessions"].get().status_counts()[Status.WAITING]
 
 
 @pytest.mark.parametrize("raw, field, rule", [
@@ -40,7 +39,7 @@ def test_a_valid_surrogate_pair_is_text_and_is_kept(client):
     response = client.post("/api/generate", data=b'{"prompt": "a cat \\ud83d\\ude00"}', **JSON)
     assert response.status_code == 200
     assert response.json["task_id"]
-    task = store.get(client.application.extensions["mflux_connections"].get(), response.json["task_id"])
+    task = client.application.extensions["mflux_sessions"].get().get(response.json["task_id"])
     assert task.prompt == "a cat \U0001f600"
 
 
@@ -87,12 +86,12 @@ def test_options_answers_204_with_allow_and_405_names_the_allowed_methods(client
 
 
 def test_head_on_an_image_never_consumes_it(client):
-    conn = client.application.extensions["mflux_connections"].get()
-    worker = store.register_worker(conn, "synthetic", "schnell", None)
+    db = client.application.extensions["mflux_sessions"].get()
+    worker = db.register_worker("synthetic", "schnell", None)
     task_id = client.post("/api/generate", json={"prompt": "x", "width": 256, "height": 256}).json["task_id"]
-    task = store.claim_next(conn, worker, "schnell", "synthetic")
-    assert store.complete(conn, task.id, worker, images_for(task, b"\x89PNG fake"))
-    assert store.get(conn, task_id).status is Status.DONE
+    task = db.claim_next(worker, "schnell", "synthetic")
+    assert db.complete(task.id, worker, images_for(task, b"\x89PNG fake"))
+    assert db.get(task_id).status is Status.DONE
     for _ in range(3):
         head = client.head(f"/api/image?task_id={task_id}")
         assert head.status_code == 200 and head.headers["Content-Type"] == "image/png"
@@ -101,8 +100,8 @@ def test_head_on_an_image_never_consumes_it(client):
 
 
 def test_a_model_no_live_worker_serves_is_refused_with_409_and_nothing_is_queued(client):
-    conn = client.application.extensions["mflux_connections"].get()
-    store.register_worker(conn, "synthetic", "dev", None)
+    db = client.application.extensions["mflux_sessions"].get()
+    db.register_worker("synthetic", "dev", None)
     refused = client.post("/api/generate", json={"prompt": "x"})  # the server's default model is schnell
     assert refused.status_code == 409 and refused.json["code"] == "model_not_served"
     assert refused.json["field"] == "model" and "the live workers serve dev." in refused.json["message"]
@@ -118,18 +117,18 @@ def test_with_no_worker_alive_a_task_queues_and_says_it_waits_for_one(client):
     assert isinstance(body["wait_remaining"], float) and isinstance(body["expected_time_seconds"], float)
     status = client.get(f"/api/status?task_id={body['task_id']}").json
     assert status["waiting_for_worker"] is True and status["status"] == "waiting"
-    conn = client.application.extensions["mflux_connections"].get()
-    store.register_worker(conn, "synthetic", "dev", None)
+    db = client.application.extensions["mflux_sessions"].get()
+    db.register_worker("synthetic", "dev", None)
     assert "waiting_for_worker" not in client.get(f"/api/status?task_id={body['task_id']}").json, "a worker came"
 
 
 def test_a_task_whose_worker_stopped_heartbeating_says_the_worker_was_lost(client):
-    conn = client.application.extensions["mflux_connections"].get()
-    worker = store.register_worker(conn, "synthetic", "schnell", None)
+    db = client.application.extensions["mflux_sessions"].get()
+    worker = db.register_worker("synthetic", "schnell", None)
     task_id = client.post("/api/generate", json={"prompt": "x"}).json["task_id"]
-    store.claim_next(conn, worker, "schnell", "synthetic")
+    db.claim_next(worker, "schnell", "synthetic")
     assert "worker_lost" not in client.get(f"/api/status?task_id={task_id}").json
-    store.heartbeat(conn, worker, now=time.time() - 10)  # the app's --stale-after is 2 s
+    db.heartbeat(worker, now=time.time() - 10)  # the app's --stale-after is 2 s
     status = client.get(f"/api/status?task_id={task_id}").json
     assert status["status"] == "processing" and status["worker_lost"] is True
     assert "retried" in status["note"] and status["wait_remaining"] > 0

@@ -8,7 +8,6 @@ import io
 import pytest
 from PIL import Image
 
-from mflux_server.core import store
 from mflux_server.core.rows import Status
 from mflux_server.forecast.cost_model import CostModel
 from tests.conftest import new_task
@@ -26,8 +25,8 @@ def b64(data: bytes) -> str:
 
 def serve(client, *models, max_pixels=None, pixel_limits=None):
     """Register a live worker that may serve these models, as a worker process does."""
-    conn = client.application.extensions["mflux_connections"].get()
-    return store.register_worker(conn, "synthetic", models[0], None, models=models, max_pixels=max_pixels,
+    db = client.application.extensions["mflux_sessions"].get()
+    return db.register_worker("synthetic", models[0], None, models=models, max_pixels=max_pixels,
                                 pixel_limits=pixel_limits)
 
 
@@ -39,32 +38,32 @@ def test_image_to_image_stores_the_input_and_defaults_size_and_strength(client):
     serve(client, "dev")
     response = post(client, model="dev", image="data:image/png;base64," + b64(png((300, 200)))).json
     assert (response["width"], response["height"]) == (288, 192)  # the image's size, down to a multiple of 16
-    conn = client.application.extensions["mflux_connections"].get()
-    task = store.get(conn, response["task_id"])
+    db = client.application.extensions["mflux_sessions"].get()
+    task = db.get(response["task_id"])
     assert task.image_strength == 0.4 and task.model == "dev"
-    stored = store.inputs(conn, task.id)
+    stored = db.inputs(task.id)
     assert set(stored) == {"image"} and (stored["image"].width, stored["image"].height) == (300, 200)
     assert stored["image"].data == png((300, 200)) and stored["image"].mime == "image/png"
     assert client.delete(f"/api/tasks/{task.id}").status_code in (200, 204)
     client.delete(f"/api/tasks/{task.id}")  # canceled first, then deleted
-    assert store.inputs(conn, task.id) == {}, "inputs leave with their task"
+    assert db.inputs(task.id) == {}, "inputs leave with their task"
 
 
 def test_init_image_is_the_original_servers_name_and_guidance_defaults_to_the_models(client):
     serve(client, "dev")
     task = post(client, model="dev", init_image=b64(png()), image_strength=0.7).json
-    conn = client.application.extensions["mflux_connections"].get()
-    row = store.get(conn, task["task_id"])
+    db = client.application.extensions["mflux_sessions"].get()
+    row = db.get(task["task_id"])
     assert row.image_strength == 0.7 and row.guidance == 3.5 and not row.guidance_auto
-    assert set(store.inputs(conn, row.id)) == {"image"}
+    assert set(db.inputs(row.id)) == {"image"}
 
 
 def test_inpaint_takes_image_and_mask_of_the_same_size(client):
     serve(client, "dev-fill")
     ok = post(client, model="dev-fill", image=b64(png()), mask=b64(png(colour="white", mode="L")))
     assert ok.status_code == 200, ok.json
-    conn = client.application.extensions["mflux_connections"].get()
-    assert set(store.inputs(conn, ok.json["task_id"])) == {"image", "mask"}
+    db = client.application.extensions["mflux_sessions"].get()
+    assert set(db.inputs(ok.json["task_id"])) == {"image", "mask"}
     wrong = post(client, model="dev-fill", image=b64(png()), mask=b64(png((128, 128), mode="L")))
     assert wrong.status_code == 422 and wrong.json["field"] == "mask"
     assert "must be the image's size, 256×192; got 128×128" in wrong.json["message"]
@@ -97,8 +96,8 @@ def test_an_edit_takes_several_reference_images_in_order(client):
     response = post(client, model="qwen-image-edit", images=[b64(png((128 + 16 * n, 128), c)) for n, c in enumerate(colours)])
     assert response.status_code == 200, response.json
     assert (response.json["width"], response.json["height"]) == (128, 128), "the size follows the first reference"
-    conn = client.application.extensions["mflux_connections"].get()
-    stored = store.inputs(conn, response.json["task_id"])
+    db = client.application.extensions["mflux_sessions"].get()
+    stored = db.inputs(response.json["task_id"])
     assert list(stored) == ["image", "image2", "image3", "image4"]
     assert [stored[role].width for role in stored] == [128, 144, 160, 176]
 
@@ -109,8 +108,8 @@ def test_multipart_takes_references_as_repeated_images_parts(client):
         "prompt": "put the cat on the sofa", "model": "flux2-klein-4b",
         "images": [(io.BytesIO(png(colour="red")), "cat.png"), (io.BytesIO(png((64, 64), "blue")), "sofa.png")]})
     assert response.status_code == 200, response.json
-    conn = client.application.extensions["mflux_connections"].get()
-    stored = store.inputs(conn, response.json["task_id"])
+    db = client.application.extensions["mflux_sessions"].get()
+    stored = db.inputs(response.json["task_id"])
     assert [(role, image.width) for role, image in stored.items()] == [("image", 256), ("image2", 64)]
 
 
@@ -136,8 +135,8 @@ def test_a_single_entry_images_list_is_the_same_as_image(client):
     serve(client, "dev")
     response = post(client, model="dev", images=[b64(png())], image_strength=0.5)
     assert response.status_code == 200, response.json
-    conn = client.application.extensions["mflux_connections"].get()
-    assert set(store.inputs(conn, response.json["task_id"])) == {"image"}
+    db = client.application.extensions["mflux_sessions"].get()
+    assert set(db.inputs(response.json["task_id"])) == {"image"}
 
 
 def test_an_input_image_larger_than_the_app_wide_body_limit_is_accepted(client):
@@ -185,10 +184,10 @@ def test_multipart_upload_takes_the_same_fields(client):
         "prompt": "a hat", "model": "dev-fill", "steps": "3", "seed": "7",
         "image": (io.BytesIO(png()), "photo.png"), "mask": (io.BytesIO(png(colour="white", mode="L")), "mask.png")})
     assert response.status_code == 200, response.json
-    conn = client.application.extensions["mflux_connections"].get()
-    task = store.get(conn, response.json["task_id"])
+    db = client.application.extensions["mflux_sessions"].get()
+    task = db.get(response.json["task_id"])
     assert (task.steps, task.seed, task.width, task.height) == (3, 7, 256, 192)
-    assert set(store.inputs(conn, task.id)) == {"image", "mask"}
+    assert set(db.inputs(task.id)) == {"image", "mask"}
     bad = client.post("/api/generate", content_type="multipart/form-data",
                       data={"prompt": "x", "model": "dev-fill", "image": (io.BytesIO(b"nope"), "x.png"),
                             "mask": (io.BytesIO(png(colour="white", mode="L")), "mask.png")})
@@ -227,9 +226,9 @@ def test_a_model_whose_weights_do_not_fit_any_serving_worker_is_refused_at_submi
 
 def test_models_lists_every_catalog_model_with_capabilities_and_who_serves_it(client):
     worker = serve(client, "schnell", "dev", "filipstrand/FLUX.1-Krea-dev-mflux-4bit")
-    conn = client.application.extensions["mflux_connections"].get()
-    store.record_load(conn, "dev", 12.0)
-    store.record_load(conn, "dev", 14.0)
+    db = client.application.extensions["mflux_sessions"].get()
+    db.record_load("dev", 12.0)
+    db.record_load("dev", 14.0)
     models = {m["name"]: m for m in client.get("/api/models").json["models"]}
     assert {"schnell", "dev", "dev-kontext", "dev-fill", "flux2-klein-4b", "qwen-image-edit", "z-image-turbo",
             "fibo"} <= models.keys()
@@ -250,16 +249,16 @@ def test_models_lists_every_catalog_model_with_capabilities_and_who_serves_it(cl
 def test_a_task_without_guidance_on_a_model_that_picks_its_own_stores_that(client):
     serve(client, "z-image-turbo")
     task = post(client, model="zimage-turbo").json
-    conn = client.application.extensions["mflux_connections"].get()
-    row = store.get(conn, task["task_id"])
+    db = client.application.extensions["mflux_sessions"].get()
+    row = db.get(task["task_id"])
     assert row.model == "z-image-turbo" and row.guidance_auto == 1 and row.steps == 9
     assert row.status is Status.WAITING
 
 
 def test_a_task_whose_model_is_not_loaded_is_forecast_with_the_switch(client):
     serve(client, "schnell", "dev")
-    conn = client.application.extensions["mflux_connections"].get()
-    store.record_load(conn, "dev", 30.0)
+    db = client.application.extensions["mflux_sessions"].get()
+    db.record_load("dev", 30.0)
     loaded = post(client, model="schnell", width=256, height=256).json
     switching = post(client, model="dev", width=256, height=256, steps=4).json
     assert loaded["expected_time_seconds"] < 10
@@ -267,12 +266,12 @@ def test_a_task_whose_model_is_not_loaded_is_forecast_with_the_switch(client):
 
 
 def test_a_switch_forecast_waits_out_the_loaded_models_queue_up_to_the_affinity_bound(client):
-    conn = client.application.extensions["mflux_connections"].get()
-    store.register_worker(conn, "synthetic", "schnell", None, models=("schnell", "dev"), affinity_wait=100.0)
-    store.record_load(conn, "dev", 30.0)
+    db = client.application.extensions["mflux_sessions"].get()
+    db.register_worker("synthetic", "schnell", None, models=("schnell", "dev"), affinity_wait=100.0)
+    db.record_load("dev", 30.0)
     first = post(client, model="dev", width=256, height=256, steps=4).json
     alone = first["expected_time_seconds"]
-    store.cancel_or_delete(conn, first["task_id"])
+    db.cancel_or_delete(first["task_id"])
     for _ in range(20):  # 20 × 28 s of schnell work at 1024², 50 steps (the prior): well past the 100 s bound
         post(client, model="schnell", steps=50)
     behind = post(client, model="dev", width=256, height=256, steps=4).json["expected_time_seconds"]
@@ -320,8 +319,8 @@ def test_every_input_mode_becomes_one_the_engine_can_save(client, mode):
     picture.save(out, format="TIFF" if mode != "LA" else "PNG")
     response = post(client, model="dev-fill", image=b64(out.getvalue()), mask=b64(out.getvalue()))
     assert response.status_code == 200, response.json
-    conn = client.application.extensions["mflux_connections"].get()
-    stored = store.inputs(conn, response.json["task_id"])
+    db = client.application.extensions["mflux_sessions"].get()
+    stored = db.inputs(response.json["task_id"])
     image = PILImage.open(io.BytesIO(stored["image"].data))
     mask = PILImage.open(io.BytesIO(stored["mask"].data))
     assert image.mode in ("RGB", "RGBA", "L", "LA", "1", "P") and mask.mode in ("L", "1"), (image.mode, mask.mode)
@@ -339,10 +338,10 @@ def test_exif_orientation_turns_a_portrait_photo_upright(client):
     PILImage.new("RGB", (320, 240), "red").save(out, format="JPEG", exif=exif.tobytes())
     response = post(client, model="dev", image=b64(out.getvalue()))
     assert response.status_code == 200, response.json
-    conn = client.application.extensions["mflux_connections"].get()
-    task = store.get(conn, response.json["task_id"])
+    db = client.application.extensions["mflux_sessions"].get()
+    task = db.get(response.json["task_id"])
     assert (task.width, task.height) == (240, 320), "the task takes the size the photo is shown at"
-    stored = store.inputs(conn, task.id)["image"]
+    stored = db.inputs(task.id)["image"]
     assert (stored.width, stored.height) == (240, 320)
     serve(client, "dev-fill")
     mask = PILImage.new("L", (240, 320), 255)
@@ -364,8 +363,8 @@ def test_an_upright_photo_in_a_kept_mode_is_stored_as_sent_not_re_encoded(client
         PILImage.linear_gradient("L").convert("RGB").save(out, format="JPEG", exif=exif.tobytes())
         response = post(client, model="dev", image=b64(out.getvalue()))
         assert response.status_code == 200, response.json
-        conn = client.application.extensions["mflux_connections"].get()
-        stored = store.inputs(conn, response.json["task_id"])["image"]
+        db = client.application.extensions["mflux_sessions"].get()
+        stored = db.inputs(response.json["task_id"])["image"]
         assert stored.mime == "image/jpeg" and stored.data == out.getvalue(), "kept as sent (was re-encoded as PNG)"
 
 

@@ -8,7 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from mflux_server.core import db, store
+from mflux_server import store
+from mflux_server.store import Store
+from mflux_server.store.migration_files import migration_files
+from mflux_server.store.sqlite.migrations import migrate, split_statements
 
 EXPECTED_COLUMNS = {
     "tasks": {"seq", "id", "status", "priority", "model", "prompt", "width", "height", "steps", "guidance", "seed",
@@ -45,31 +48,31 @@ EXPECTED_COLUMNS = {
 # The schema test reads SQLite's catalog itself: introspection of the schema, not access to the queue.
 
 
-def describe(conn: sqlite3.Connection) -> dict[str, set[str]]:
+def describe(db: Store) -> dict[str, set[str]]:
     """Every table with its column names."""
-    tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")]
-    return {table: {r[1] for r in conn.execute(f"PRAGMA table_info({table})")} for table in tables}
+    tables = [r[0] for r in db.session.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")]
+    return {table: {r[1] for r in db.session.execute(f"PRAGMA table_info({table})")} for table in tables}
 
 
-def pragma(conn: sqlite3.Connection, name: str) -> object:
+def pragma(db: Store, name: str) -> object:
     """One PRAGMA's value on this connection."""
-    return conn.execute(f"PRAGMA {name}").fetchone()[0]
+    return db.session.execute(f"PRAGMA {name}").fetchone()[0]
 
 
 def test_empty_database_gets_expected_schema_and_pragmas(tmp_path: Path):
-    conn = db.open_database(str(tmp_path / "q.db"))
-    assert pragma(conn, "user_version") == len(db.migration_files())
-    assert pragma(conn, "journal_mode") == "wal"
-    assert pragma(conn, "foreign_keys") == 1
-    assert pragma(conn, "synchronous") == 1  # NORMAL
-    assert pragma(conn, "busy_timeout") >= 1000  # type: ignore[operator]
-    assert "tasks_queue" in {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
-    assert describe(conn) == EXPECTED_COLUMNS
-    conn.close()
+    db = store.open_migrated(str(tmp_path / "q.db"))
+    assert pragma(db, "user_version") == len(migration_files())
+    assert pragma(db, "journal_mode") == "wal"
+    assert pragma(db, "foreign_keys") == 1
+    assert pragma(db, "synchronous") == 1  # NORMAL
+    assert pragma(db, "busy_timeout") >= 1000  # type: ignore[operator]
+    assert "tasks_queue" in {r[0] for r in db.session.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert describe(db) == EXPECTED_COLUMNS
+    db.close()
 
 
 def test_migrations_are_numbered_without_gaps_and_each_says_what_it_does():
-    migrations = db.migration_files()
+    migrations = migration_files()
     assert [version for version, _, _ in migrations] == list(range(1, len(migrations) + 1))
     for _, name, sql in migrations:
         assert sql.lstrip().startswith("--"), f"{name} should open with a comment saying what it does"
@@ -77,64 +80,64 @@ def test_migrations_are_numbered_without_gaps_and_each_says_what_it_does():
 
 def test_migrate_twice_is_a_no_op(tmp_path: Path):
     path = str(tmp_path / "q.db")
-    db.open_database(path).close()
-    conn = db.connect(path)
-    worker = store.register_worker(conn, "synthetic", "schnell", None)
-    assert db.migrate(conn) == len(db.migration_files())
-    assert [w.id for w in store.live_workers(conn, 60)] == [worker]
+    store.open_migrated(path).close()
+    db = store.connect(path)
+    worker = db.register_worker("synthetic", "schnell", None)
+    assert migrate(db.session) == len(migration_files())
+    assert [w.id for w in db.live_workers(60)] == [worker]
 
 
 def test_a_database_from_before_the_last_migration_is_brought_up_to_date(tmp_path: Path):
-    conn = db.connect(str(tmp_path / "q.db"))
-    first = db.migration_files()[:1]
-    with db.transaction(conn):
-        for statement in db.split_statements(first[0][2]):
-            conn.execute(statement)
-        conn.execute("PRAGMA user_version = 1")
-    assert "total_sq" in describe(conn)["timing_stats"]
-    db.migrate(conn)
-    assert describe(conn) == EXPECTED_COLUMNS
+    db = store.connect(str(tmp_path / "q.db"))
+    first = migration_files()[:1]
+    with db.session.transaction():
+        for statement in split_statements(first[0][2]):
+            db.session.execute(statement)
+        db.session.execute("PRAGMA user_version = 1")
+    assert "total_sq" in describe(db)["timing_stats"]
+    migrate(db.session)
+    assert describe(db) == EXPECTED_COLUMNS
 
 
 def test_input_images_survive_the_rebuild_that_allows_several_references(tmp_path: Path):
     from mflux_server.core.rows import InputImage
     from tests.conftest import new_task
 
-    conn = db.connect(str(tmp_path / "q.db"))
-    with db.transaction(conn):
-        for version, _, sql in db.migration_files()[:4]:
-            for statement in db.split_statements(sql):
-                conn.execute(statement)
-            conn.execute(f"PRAGMA user_version = {version}")
+    db = store.connect(str(tmp_path / "q.db"))
+    with db.session.transaction():
+        for version, _, sql in migration_files()[:4]:
+            for statement in split_statements(sql):
+                db.session.execute(statement)
+            db.session.execute(f"PRAGMA user_version = {version}")
     picture, mask = InputImage("image", "image/png", 8, 8, b"png"), InputImage("mask", "image/png", 8, 8, b"m")
     # The store speaks the newest schema, so the old rows are written the way version 4 took them.
-    conn.execute("INSERT INTO tasks (id, model, prompt, width, height, steps, guidance, seed, format, quality, "
+    db.session.execute("INSERT INTO tasks (id, model, prompt, width, height, steps, guidance, seed, format, quality, "
                  "created_at) VALUES ('old', 'dev', 'p', 64, 64, 1, 0, 1, 'PNG', 85, 0)")
     for image in (picture, mask):
-        conn.execute("INSERT INTO task_inputs VALUES ('old', ?, ?, ?, ?, ?)",
+        db.session.execute("INSERT INTO task_inputs VALUES ('old', ?, ?, ?, ?, ?)",
                      (image.role, image.mime, image.width, image.height, image.data))
-    with pytest.raises(sqlite3.IntegrityError):
-        conn.execute("INSERT INTO task_inputs VALUES ('old', 'image2', 'image/png', 8, 8, x'00')")
-    db.migrate(conn)
-    assert store.inputs(conn, "old") == {"image": picture, "mask": mask}
-    assert store.get(conn, "old").input_count == 2  # counted by migration 0013
-    several = store.submit(conn, new_task(inputs=(picture, InputImage("image2", "image/png", 8, 8, b"x"))))
-    assert list(store.inputs(conn, several.id)) == ["image", "image2"]
-    store.cancel_or_delete(conn, several.id)  # canceled first, then deleted
-    store.cancel_or_delete(conn, several.id)
-    assert store.inputs(conn, several.id) == {}, "the rebuilt table still cascades with its task"
+    with pytest.raises(store.Conflict):
+        db.session.execute("INSERT INTO task_inputs VALUES ('old', 'image2', 'image/png', 8, 8, x'00')")
+    migrate(db.session)
+    assert db.inputs("old") == {"image": picture, "mask": mask}
+    assert db.get("old").input_count == 2  # counted by migration 0013
+    several = db.submit(new_task(inputs=(picture, InputImage("image2", "image/png", 8, 8, b"x"))))
+    assert list(db.inputs(several.id)) == ["image", "image2"]
+    db.cancel_or_delete(several.id)  # canceled first, then deleted
+    db.cancel_or_delete(several.id)
+    assert db.inputs(several.id) == {}, "the rebuilt table still cascades with its task"
 
 
 def test_newer_database_is_refused(tmp_path: Path):
-    conn = db.open_database(str(tmp_path / "q.db"))
-    conn.execute("PRAGMA user_version = 999")
+    db = store.open_migrated(str(tmp_path / "q.db"))
+    db.session.execute("PRAGMA user_version = 999")
     with pytest.raises(RuntimeError, match="newer"):
-        db.migrate(conn)
+        migrate(db.session)
 
 
 def test_split_statements_keeps_triggers_whole():
     sql = "CREATE TABLE a (x);\nCREATE TRIGGER t AFTER INSERT ON a BEGIN SELECT 1; SELECT 2; END;\n-- trailing comment\n"
-    statements = db.split_statements(sql)
+    statements = split_statements(sql)
     assert len(statements) == 2 and statements[1].endswith("END;")
 
 
@@ -145,57 +148,57 @@ NOTIFY_ONLY = {("api_keys", "INSERT"), ("deliveries", "INSERT")}
 
 def sqlite_schema(path: str) -> dict[str, object]:
     """Tables with their columns, named indexes, unique columns and the (table, event) pairs triggers watch."""
-    conn = sqlite3.connect(path)
+    db = sqlite3.connect(path)
     try:
-        tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' "
+        tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table' "
                                              "AND name NOT LIKE 'sqlite_%'")]
         unique = set()
         for table in tables:
-            for index in conn.execute(f"PRAGMA index_list({table})"):
+            for index in db.execute(f"PRAGMA index_list({table})"):
                 if index[3] == "u":  # a UNIQUE constraint's own index
-                    unique.update((table, col[2]) for col in conn.execute(f"PRAGMA index_info({index[1]})"))
+                    unique.update((table, col[2]) for col in db.execute(f"PRAGMA index_info({index[1]})"))
         triggers = set()
-        for table, text in conn.execute("SELECT tbl_name, sql FROM sqlite_master WHERE type = 'trigger'"):
+        for table, text in db.execute("SELECT tbl_name, sql FROM sqlite_master WHERE type = 'trigger'"):
             event = re.search(r"\b(INSERT|UPDATE|DELETE)\b", text, re.IGNORECASE)
             assert event is not None, text
             triggers.add((table, event.group(1).upper()))
         return {
-            "columns": {t: {r[1] for r in conn.execute(f"PRAGMA table_info({t})")} for t in tables},
-            "indexes": {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL")},
+            "columns": {t: {r[1] for r in db.execute(f"PRAGMA table_info({t})")} for t in tables},
+            "indexes": {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL")},
             "unique": unique,
             "triggers": triggers,
         }
     finally:
-        conn.close()
+        db.close()
 
 
 def postgres_schema(url: str) -> dict[str, object]:
     """The same description of a PostgreSQL database (its migrations' own bookkeeping table left out)."""
     import psycopg
 
-    with psycopg.connect(url) as conn:
+    with psycopg.connect(url) as db:
         columns: dict[str, set[str]] = {}
-        for table, column in conn.execute("SELECT table_name, column_name FROM information_schema.columns "
+        for table, column in db.execute("SELECT table_name, column_name FROM information_schema.columns "
                                           "WHERE table_schema = 'public' AND table_name <> 'schema_migrations'"):
             columns.setdefault(table, set()).add(column)
-        unique = set(conn.execute(
+        unique = set(db.execute(
             "SELECT tc.table_name, kcu.column_name FROM information_schema.table_constraints tc "
             "JOIN information_schema.key_column_usage kcu USING (constraint_schema, constraint_name) "
             "WHERE tc.constraint_type = 'UNIQUE' AND tc.table_schema = 'public'").fetchall())
-        constraint_indexes = {r[0] for r in conn.execute(
+        constraint_indexes = {r[0] for r in db.execute(
             "SELECT conname FROM pg_constraint WHERE contype IN ('p', 'u')")}
-        indexes = {r[0] for r in conn.execute("SELECT indexname FROM pg_indexes WHERE schemaname = 'public' "
+        indexes = {r[0] for r in db.execute("SELECT indexname FROM pg_indexes WHERE schemaname = 'public' "
                                               "AND tablename <> 'schema_migrations'")} - constraint_indexes
-        triggers = set(conn.execute("SELECT event_object_table, event_manipulation FROM information_schema.triggers "
+        triggers = set(db.execute("SELECT event_object_table, event_manipulation FROM information_schema.triggers "
                                     "WHERE trigger_schema = 'public'").fetchall())
     return {"columns": columns, "indexes": indexes, "unique": unique, "triggers": triggers}
 
 
 def test_both_stores_migrate_from_empty_to_the_same_schema(tmp_path: Path, postgres_server):
     path = str(tmp_path / "queue.db")
-    db.open_database(path).close()
+    store.open_migrated(path).close()
     url = postgres_server.create_database()
-    db.open_database(url).close()
+    store.open_migrated(url).close()
     lite, pg = sqlite_schema(path), postgres_schema(url)
     assert lite["columns"] == pg["columns"], "the same tables with the same columns"
     assert lite["indexes"] == pg["indexes"], "the same named indexes"

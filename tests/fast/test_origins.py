@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from mflux_server.api.app import create_app
-from mflux_server.core import store
 from mflux_server.core.rows import Status
 from mflux_server.core.settings import Settings
 
@@ -17,7 +16,7 @@ def client_with(db_path: str, **settings):
 
 
 def queued(client) -> int:
-    return store.status_counts(client.application.extensions["mflux_connections"].get())[Status.WAITING]
+    return client.application.extensions["mflux_sessions"].get().status_counts()[Status.WAITING]
 
 
 @pytest.mark.parametrize("host, allowed", [

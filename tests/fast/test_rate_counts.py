@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 from mflux_server.api.rate_counts import FLUSH_EVERY, RateCounts
-from mflux_server.core import store
 
 
-def shared(conn):
+def shared(db):
     writes: list[int] = []
 
     def add(key_id: int, minute: int, n: int) -> int:
         writes.append(n)
-        return store.count_requests(conn, key_id, minute, n)
+        return db.count_requests(key_id, minute, n)
 
     return add, writes
 
 
-def test_small_limits_are_exact_across_two_processes(conn):
-    add, _ = shared(conn)
+def test_small_limits_are_exact_across_two_processes(db):
+    add, _ = shared(db)
     clock = [6000.0]
     first, second = RateCounts(add, lambda: clock[0]), RateCounts(add, lambda: clock[0])
     answers = [(first if i % 2 else second).count(7, limit=20)[0] for i in range(30)]
@@ -26,8 +25,8 @@ def test_small_limits_are_exact_across_two_processes(conn):
     assert first.count(7, limit=20) == (True, 60.0)
 
 
-def test_large_limits_write_in_batches_and_hold_within_a_batch(conn):
-    add, writes = shared(conn)
+def test_large_limits_write_in_batches_and_hold_within_a_batch(db):
+    add, writes = shared(db)
     clock = [6000.0]
     first, second = RateCounts(add, lambda: clock[0]), RateCounts(add, lambda: clock[0])
     allowed = sum((first if i % 2 else second).count(1, limit=1000)[0] for i in range(1200))

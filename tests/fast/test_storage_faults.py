@@ -10,8 +10,9 @@ import time
 import pytest
 from PIL import Image
 
-from mflux_server.core import db, store
+from mflux_server import store
 from mflux_server.core.rows import Status
+from mflux_server.store.sqlite.connection import problem_of
 from mflux_server.worker.messages import SHUTDOWN, ImageGenerated
 from mflux_server.worker.result_writer import ResultWriter
 from mflux_server.worker.storage_retry import StorageRetry
@@ -19,18 +20,18 @@ from tests.conftest import queue_task
 
 
 def app_conn(client):
-    return client.application.extensions["mflux_connections"].get()
+    return client.application.extensions["mflux_sessions"].get()
 
 
-def fill_up(conn) -> None:
+def fill_up(db) -> None:
     """Make the database as full as a full disk: no page beyond those it has."""
-    pages = conn.execute("PRAGMA page_count").fetchone()[0]
-    conn.execute(f"PRAGMA max_page_count = {pages}")
+    pages = db.session.execute("PRAGMA page_count").fetchone()[0]
+    db.session.execute(f"PRAGMA max_page_count = {pages}")
 
 
 def test_a_full_disk_is_a_507_storage_full_and_submits_resume_once_space_is_back(client):
-    conn = app_conn(client)
-    fill_up(conn)
+    db = app_conn(client)
+    fill_up(db)
     big = {"prompt": "x" * 3900}
     answers = [client.post("/api/generate", json=big) for _ in range(40)]  # pages fill up within a few of these
     full = [a for a in answers if a.status_code != 200]
@@ -38,8 +39,8 @@ def test_a_full_disk_is_a_507_storage_full_and_submits_resume_once_space_is_back
     assert full[0].json["code"] == "storage_full" and full[0].headers["Retry-After"] == "5"
     assert "not carried out" in full[0].json["message"]
     acknowledged = sum(a.status_code == 200 for a in answers)
-    assert store.status_counts(conn)[Status.WAITING] == acknowledged, "every 200 is stored, no 507 is"
-    conn.execute("PRAGMA max_page_count = 1073741823")
+    assert db.status_counts()[Status.WAITING] == acknowledged, "every 200 is stored, no 507 is"
+    db.session.execute("PRAGMA max_page_count = 1073741823")
     assert client.post("/api/generate", json=big).status_code == 200
 
 
@@ -57,14 +58,14 @@ def test_a_removed_wal_stops_acknowledging_writes_and_says_why(client, db_path):
 
 def test_a_replaced_database_file_is_noticed_too(tmp_path):
     path = str(tmp_path / "q.db")
-    conn = db.open_database(path)
-    conn.execute("BEGIN IMMEDIATE")
-    conn.execute("COMMIT")
+    db = store.open_migrated(path)
+    db.session.execute("BEGIN IMMEDIATE")
+    db.session.execute("COMMIT")
     os.replace(path, str(tmp_path / "moved.db"))
-    db.open_database(path).close()  # a fresh file at the same path, as a restore from backup would leave
-    with pytest.raises(db.StorageLost, match="replaced"):
-        conn.execute("BEGIN IMMEDIATE")
-    assert db.storage_problem(db.StorageLost("x")) == "lost"
+    store.open_migrated(path).close()  # a fresh file at the same path, as a restore from backup would leave
+    with pytest.raises(store.StorageLost, match="replaced"):
+        db.session.execute("BEGIN IMMEDIATE")
+    assert store.storage_problem(store.StorageLost("x")) == "lost"
 
 
 @pytest.mark.parametrize("make, reason", [
@@ -75,30 +76,30 @@ def test_a_replaced_database_file_is_noticed_too(tmp_path):
 def test_a_bad_db_path_exits_with_one_line_naming_it(tmp_path, make, reason):
     path = make(tmp_path)
     with pytest.raises(SystemExit) as stopped:
-        db.open_or_exit(path, "mflux-server")
+        store.open_or_exit(path, "mflux-server")
     message = str(stopped.value.code)
     assert message.startswith(f"mflux-server: cannot use the queue file {path}: ") and reason in message
     assert "\n" not in message
 
 
 def test_storage_retry_waits_out_a_full_disk_and_gives_other_errors_back_at_once(tmp_path):
-    conn = db.open_database(str(tmp_path / "q.db"))
-    conn.execute("CREATE TABLE blobs (data BLOB)")
-    fill_up(conn)
-    threading.Timer(0.8, lambda: conn.execute("PRAGMA max_page_count = 1073741823")).start()
+    db = store.open_migrated(str(tmp_path / "q.db"))
+    db.session.execute("CREATE TABLE blobs (data BLOB)")
+    fill_up(db)
+    threading.Timer(0.8, lambda: db.session.execute("PRAGMA max_page_count = 1073741823")).start()
     started = time.monotonic()
-    StorageRetry("test", threading.Event()).run(lambda: conn.execute("INSERT INTO blobs VALUES (?)", (b"x" * 50_000,)))
-    assert time.monotonic() - started >= 0.7 and conn.execute("SELECT count(*) FROM blobs").fetchone()[0] == 1
+    StorageRetry("test", threading.Event()).run(lambda: db.session.execute("INSERT INTO blobs VALUES (?)", (b"x" * 50_000,)))
+    assert time.monotonic() - started >= 0.7 and db.session.execute("SELECT count(*) FROM blobs").fetchone()[0] == 1
     with pytest.raises(ZeroDivisionError):
         StorageRetry("test", threading.Event()).run(lambda: 1 / 0)
 
 
 def test_the_result_writer_keeps_a_finished_image_through_a_full_disk_and_stores_it_after(db_path):
-    conn = db.open_database(db_path)
-    worker = store.register_worker(conn, "synthetic", "schnell", None)
-    task_id = queue_task(conn, width=256, height=256).id
-    task = store.claim_next(conn, worker, "schnell", "synthetic")
-    writer_conn = db.connect(db_path)
+    db = store.open_migrated(db_path)
+    worker = db.register_worker("synthetic", "schnell", None)
+    task_id = queue_task(db, width=256, height=256).id
+    task = db.claim_next(worker, "schnell", "synthetic")
+    writer_conn = store.connect(db_path)
     fill_up(writer_conn)
     writer = ResultWriter(worker)
     thread = threading.Thread(target=writer.run, args=(writer_conn,), daemon=True)
@@ -106,15 +107,16 @@ def test_the_result_writer_keeps_a_finished_image_through_a_full_disk_and_stores
     noise = Image.effect_noise((256, 256), 90).convert("RGB")  # incompressible: its PNG needs new pages
     writer.send(ImageGenerated(task, 0, noise, 1.0, 2.0, 0.1, "test"))
     time.sleep(1.0)
-    assert store.get(conn, task_id).status is Status.PROCESSING, "held while the disk is full, not failed"
-    writer_conn.execute("PRAGMA max_page_count = 1073741823")
+    assert db.get(task_id).status is Status.PROCESSING, "held while the disk is full, not failed"
+    writer_conn.session.execute("PRAGMA max_page_count = 1073741823")
     writer.send(SHUTDOWN)
     thread.join(timeout=20)
-    assert store.get(conn, task_id).status is Status.DONE and store.fetch_image(conn, task_id, 0) is not None
+    assert db.get(task_id).status is Status.DONE and db.fetch_image(task_id, 0) is not None
 
 
-def real_busy_error(tmp_path) -> sqlite3.OperationalError:
-    """SQLite's own SQLITE_BUSY, from a write to a file another connection holds the write lock of."""
+def real_busy_error(tmp_path) -> store.StoreError:
+    """SQLite's own SQLITE_BUSY, from a write to a file another connection holds the write lock of, as the store
+    raises it."""
     path = str(tmp_path / "locked.db")
     holder = sqlite3.connect(path, isolation_level=None)
     holder.execute("CREATE TABLE t (x)")
@@ -122,7 +124,7 @@ def real_busy_error(tmp_path) -> sqlite3.OperationalError:
     try:
         sqlite3.connect(path, timeout=0, isolation_level=None).execute("BEGIN IMMEDIATE")
     except sqlite3.OperationalError as error:
-        return error
+        return store.StoreError(str(error), problem_of(error))
     finally:
         holder.rollback()
     raise AssertionError("the second writer was not refused")
@@ -136,7 +138,7 @@ def test_a_fault_after_the_submit_committed_never_says_the_request_was_not_carri
     def locked(*args, **kwargs):
         raise busy  # an external lock taken right after the task's commit
 
-    monkeypatch.setattr(generation.store, "set_forecast", locked)
+    monkeypatch.setattr(type(app_conn(client)), "set_forecast", locked)
     client.post("/api/generate", json={"prompt": "warm the cost model"})
     queued = client.post("/api/generate", json={"prompt": "forecast not recorded"})
     assert queued.status_code == 200 and queued.json["task_id"], "the forecast metric is not worth an error"
@@ -145,4 +147,4 @@ def test_a_fault_after_the_submit_committed_never_says_the_request_was_not_carri
     assert answer.status_code == 503 and "not carried out" not in answer.json["message"]
     task_id = answer.json["task_id"]
     assert f"the task was queued as {task_id}" in answer.json["message"]
-    assert store.get(app_conn(client), task_id) is not None
+    assert app_conn(client).get(task_id) is not None

@@ -11,7 +11,7 @@ import time
 import pytest
 import requests
 
-from mflux_server.core import db, store
+from mflux_server import store
 from mflux_server.testing import wait_for
 from tests.process.test_http_server import raw_request
 
@@ -124,9 +124,9 @@ def test_a_stopping_server_lets_idle_connections_and_streams_go_at_once_and_fini
     log = processes.log(processes.server_proc)
     assert "graceful timeout" not in log, log[-2000:]
     assert took < 5, f"the server took {took:.1f} s to stop, as if it had waited out its 10 s graceful timeout"
-    conn = db.connect(processes.db_path)
-    assert store.get(conn, created["task_id"]) is not None  # acknowledged, so kept
-    conn.close()
+    db = store.connect(processes.db_path)
+    assert db.get(created["task_id"]) is not None  # acknowledged, so kept
+    db.close()
 
 
 @pytest.mark.parametrize("request_line", [b"GET /api//status?task_id=x", b"POST /api//generate",
@@ -163,20 +163,20 @@ def test_a_stopping_server_answers_every_open_synchronous_wait_with_its_task_id(
     processes.server_proc.wait(timeout=30)
     assert time.monotonic() - stopping < 5, "no wait held the stop"
     assert {r.status_code for r in results} == {503}, {r.status_code for r in results}
-    conn = db.connect(processes.db_path)
+    db = store.connect(processes.db_path)
     for result in results:
         message = result.json()["error"]["message"]
         task_id = message.split("the task goes on as ")[1].split()[0]
-        assert store.get(conn, task_id) is not None, "the answer names a task that is kept, to be fetched later"
-    conn.close()
+        assert db.get(task_id) is not None, "the answer names a task that is kept, to be fetched later"
+    db.close()
 
 
 def store_count(db_path: str) -> int:
-    conn = db.connect(db_path)
+    db = store.connect(db_path)
     try:
-        return sum(store.status_counts(conn).values())
+        return sum(db.status_counts().values())
     finally:
-        conn.close()
+        db.close()
 
 
 def test_new_connections_are_answered_while_keep_alive_clients_submit_flat_out(processes):

@@ -6,32 +6,31 @@ import io
 
 from PIL import Image
 
-from mflux_server.core import store
 from mflux_server.testing import wait_for
 from tests.conftest import queue_task, reread, status_of
 
 
-def test_a_worker_keeps_its_model_then_switches_and_measures_the_load(conn, db_path, processes):
-    first = [queue_task(conn, model="schnell", width=256, height=256, prompt=f"s{i}") for i in range(3)]
-    other = queue_task(conn, model="dev", width=256, height=256, prompt="d", format="PNG")
-    later = queue_task(conn, model="schnell", width=256, height=256, prompt="s-late")
+def test_a_worker_keeps_its_model_then_switches_and_measures_the_load(db, db_path, processes):
+    first = [queue_task(db, model="schnell", width=256, height=256, prompt=f"s{i}") for i in range(3)]
+    other = queue_task(db, model="dev", width=256, height=256, prompt="d", format="PNG")
+    later = queue_task(db, model="schnell", width=256, height=256, prompt="s-late")
     processes.worker("--models", "schnell,dev", "--synthetic-load", "4", "--max-affinity-wait", "60")
     tasks = [*first, other, later]
     wait_for(lambda: all(status_of(db_path, t.id) == "done" for t in tasks), what="all tasks done")
     order = [t.prompt for t in sorted((reread(db_path, t.id) for t in tasks), key=lambda t: t.started_at)]
     assert order == ["s0", "s1", "s2", "s-late", "d"], "the loaded model's work first, then one switch"
-    loads = store.load_stats(conn)
+    loads = db.load_stats()
     assert set(loads) == {"schnell", "dev"} and loads["dev"].n == 1 and loads["dev"].last >= 4 / 20
-    worker = store.live_workers(conn, 15)[0]
+    worker = db.live_workers(15)[0]
     assert worker.model == "dev" and worker.servable == ("dev", "schnell") and worker.loading is None
-    made_by = Image.open(io.BytesIO(store.fetch_image(conn, other.id, 0).data)).text["Software"]
+    made_by = Image.open(io.BytesIO(db.fetch_image(other.id, 0).data)).text["Software"]
     assert "model dev " in made_by, "the image must name the model that made it, not the one loaded first"
 
 
-def test_a_task_for_another_model_waits_no_longer_than_the_bound(conn, db_path, processes):
+def test_a_task_for_another_model_waits_no_longer_than_the_bound(db, db_path, processes):
     processes.worker("--models", "schnell,dev", "--max-affinity-wait", "0.5", speed=1.0)
-    waiting = queue_task(conn, model="dev", width=256, height=256, steps=2, prompt="d")
-    stream = [queue_task(conn, model="schnell", width=256, height=256, steps=2, prompt=f"s{i}") for i in range(12)]
+    waiting = queue_task(db, model="dev", width=256, height=256, steps=2, prompt="d")
+    stream = [queue_task(db, model="schnell", width=256, height=256, steps=2, prompt=f"s{i}") for i in range(12)]
     wait_for(lambda: status_of(db_path, waiting.id) == "done", what="the dev task")
     started = reread(db_path, waiting.id).started_at
     schnell_after = [t for t in stream if (reread(db_path, t.id).started_at or 1e18) < started]
@@ -39,32 +38,32 @@ def test_a_task_for_another_model_waits_no_longer_than_the_bound(conn, db_path, 
     assert started - waiting.created_at < 0.5 + 3.0
 
 
-def test_a_model_that_fails_to_load_fails_its_tasks_and_the_worker_goes_on(conn, db_path, processes):
+def test_a_model_that_fails_to_load_fails_its_tasks_and_the_worker_goes_on(db, db_path, processes):
     missing = "/nonexistent/flux1-dev-4bit"
     processes.worker("--models", f"schnell,{missing}")
-    bad = [queue_task(conn, model=missing, width=256, height=256, prompt=f"b{i}") for i in range(2)]
-    good = queue_task(conn, model="schnell", width=256, height=256)
+    bad = [queue_task(db, model=missing, width=256, height=256, prompt=f"b{i}") for i in range(2)]
+    good = queue_task(db, model="schnell", width=256, height=256)
     wait_for(lambda: status_of(db_path, good.id) == "done" and all(status_of(db_path, t.id) == "error" for t in bad),
              what="bad tasks failed, good one done")
     for task in bad:
         assert f"model {missing} failed to load" in reread(db_path, task.id).error
         assert "no model folder" in reread(db_path, task.id).error
-    assert store.live_workers(conn, 15)[0].servable == ("schnell",), "the API must stop accepting the broken model"
+    assert db.live_workers(15)[0].servable == ("schnell",), "the API must stop accepting the broken model"
 
 
-def test_out_of_memory_fails_only_that_task_lowers_the_limit_and_the_worker_recovers(conn, db_path, processes):
+def test_out_of_memory_fails_only_that_task_lowers_the_limit_and_the_worker_recovers(db, db_path, processes):
     processes.worker("--synthetic-max-pixels", str(512 * 512))
-    huge = queue_task(conn, width=1024, height=1024, prompt="huge")
-    after = [queue_task(conn, width=256, height=256, prompt=f"ok{i}") for i in range(3)]
+    huge = queue_task(db, width=1024, height=1024, prompt="huge")
+    after = [queue_task(db, width=256, height=256, prompt=f"ok{i}") for i in range(3)]
     wait_for(lambda: all(status_of(db_path, t.id) == "done" for t in after), what="later tasks done")
     failed = reread(db_path, huge.id)
     assert failed.status == "error"
     assert "1024×1024 (1048576 pixels) is too large for this worker: it ran out of memory" in failed.error
-    worker = store.live_workers(conn, 15)[0]
+    worker = db.live_workers(15)[0]
     assert worker.limit_for("schnell") == 1024 * 1024 - 1
-    image = store.fetch_image(conn, after[0].id, 0)
+    image = db.fetch_image(after[0].id, 0)
     assert Image.open(io.BytesIO(image.data)).size == (256, 256)
-    timed = {(s.width, s.kind) for s in store.timing_stats(conn)}
+    timed = {(s.width, s.kind) for s in db.timing_stats()}
     assert not any(width == 1024 for width, _ in timed), "the failed generation's timings were recorded"
 
 
@@ -98,15 +97,15 @@ def test_inpaint_over_real_http_keeps_every_unmasked_pixel(processes):
     assert "model schnell does no inpainting" in refused.json()["message"]
 
 
-def test_the_worker_publishes_each_models_largest_image_from_its_memory_need(conn, db_path, processes):
+def test_the_worker_publishes_each_models_largest_image_from_its_memory_need(db, db_path, processes):
     # 60 GiB: FLUX.1 (33 GiB of weights) fits well past the 1536² cap; Qwen-Image (51.5 GiB) only ~830².
     processes.worker("--models", "schnell,qwen-image,fibo", "--gpu-memory", "60")
-    worker = wait_for(lambda: next(iter(store.live_workers(conn, 15)), None), what="worker registered")
+    worker = wait_for(lambda: next(iter(db.live_workers(15)), None), what="worker registered")
     assert worker.limit_for("schnell") == 1536 * 1536
     assert worker.limit_for("fibo") == 1536 * 1536  # no measured need: the cap alone
     assert 800 * 800 < worker.limit_for("qwen-image") < 840 * 840
     # A qwen task queued behind the API's back still fails at the worker with the reason, not out of memory.
-    big = queue_task(conn, model="qwen-image", width=1024, height=1024)
+    big = queue_task(db, model="qwen-image", width=1024, height=1024)
     wait_for(lambda: status_of(db_path, big.id) == "error", what="oversized task refused")
     assert "is too large for this worker" in reread(db_path, big.id).error
 
@@ -136,7 +135,7 @@ def test_an_edit_from_several_references_over_real_http_shows_each_one(processes
     assert seen == colours
 
 
-def test_a_worker_refuses_a_model_that_cannot_fit_its_memory_and_another_worker_runs_it(conn, db_path, processes):
+def test_a_worker_refuses_a_model_that_cannot_fit_its_memory_and_another_worker_runs_it(db, db_path, processes):
     import requests
 
     url = processes.server()
@@ -146,9 +145,9 @@ def test_a_worker_refuses_a_model_that_cannot_fit_its_memory_and_another_worker_
     log = processes.log(alone)
     assert "model schnell needs about 33.2 GiB at bf16" in log and "this worker has 20.0 GiB" in log
     assert "--quantize 8" in log and "--quantize 4" in log
-    assert store.live_workers(conn, 15) == []
+    assert db.live_workers(15) == []
     mixed = processes.worker("--models", "schnell,z-image-turbo", "--gpu-memory", "20")
-    worker = wait_for(lambda: next(iter(store.live_workers(conn, 15)), None), what="worker registered")
+    worker = wait_for(lambda: next(iter(db.live_workers(15)), None), what="worker registered")
     assert worker.servable == ("z-image-turbo",) and "not serving schnell" in processes.log(mixed)
     refused = requests.post(f"{url}/api/generate", json={"prompt": "x", "model": "schnell"}, timeout=5)
     assert refused.status_code in (409, 422, 503), refused.text

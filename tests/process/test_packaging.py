@@ -8,7 +8,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-from mflux_server.core import db
+from mflux_server.store.migration_files import migration_files
 
 ROOT = Path(__file__).resolve().parents[2]
 WEB_STACK = ("flask", "werkzeug", "marshmallow", "gunicorn", "flask_smorest", "webargs", "apispec")
@@ -59,7 +59,7 @@ def test_the_wheel_installs_one_namespace_with_its_sql(tmp_path: Path):
     for folder, dialect in (("mflux_server/migrations/", ""), ("mflux_server/migrations/postgresql/", "postgresql")):
         inside = [n[len(folder):] for n in names if n.startswith(folder)]
         shipped = sorted(n for n in inside if n.endswith(".sql") and "/" not in n)
-        assert shipped == [name for _, name, _ in db.migration_files(dialect)]
+        assert shipped == [name for _, name, _ in migration_files(dialect)]
     for module in ("mflux_server/core/queries.sql", "mflux_server/worker/cli.py", "mflux_server/worker/engines/mflux.py",
                    "mflux_server/api/app.py", "mflux_server/forecast/cost_model.py", "mflux_server/web/index.html",
                    "mflux_server/web/app.js", "mflux_server/web/style.css", "mflux_server/client/cli.py"):

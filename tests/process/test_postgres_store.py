@@ -17,7 +17,10 @@ import time
 import psycopg
 import pytest
 
-from mflux_server.core import db, pg, store
+from mflux_server import store
+from mflux_server.store.migration_files import migration_files
+from mflux_server.store.postgresql.backend import PostgresStore
+from mflux_server.store.postgresql.migrations import migrate
 from mflux_server.testing import wait_for
 from mflux_server.testing_postgres import PostgresServer
 from tests.conftest import queue_task, status_of
@@ -57,14 +60,14 @@ from tests.process.test_worker import (  # noqa: F401  (collected here, on Postg
 def db_path(postgres_server: PostgresServer) -> str:
     """A fresh, migrated PostgreSQL database in place of the SQLite file."""
     url = postgres_server.create_database()
-    db.open_database(url).close()
+    store.open_migrated(url).close()
     return url
 
 
 def describe(url: str) -> dict[str, set[str]]:
     """Every table of the public schema with its column names (catalog introspection, not queue access)."""
-    with psycopg.connect(url) as conn:
-        rows = conn.execute("SELECT table_name, column_name FROM information_schema.columns "
+    with psycopg.connect(url) as db:
+        rows = db.execute("SELECT table_name, column_name FROM information_schema.columns "
                             "WHERE table_schema = 'public'").fetchall()
     tables: dict[str, set[str]] = {}
     for table, column in rows:
@@ -73,18 +76,18 @@ def describe(url: str) -> dict[str, set[str]]:
 
 
 def _migrate(url: str) -> int:
-    return pg.migrate(pg.connect(url), db.migration_files("postgresql"))
+    return migrate(PostgresStore(url).session)
 
 
 def test_concurrent_processes_migrate_once_under_the_advisory_lock(postgres_server):
     url = postgres_server.create_database()
     with multiprocessing.get_context("spawn").Pool(6) as workers:
         versions = workers.map(_migrate, [url] * 12)
-    assert set(versions) == {len(db.migration_files("postgresql"))}
+    assert set(versions) == {len(migration_files("postgresql"))}
     assert describe(url) == EXPECTED_COLUMNS | {"schema_migrations": {"version", "name", "applied_at"}}
-    with psycopg.connect(url) as conn:
-        applied = [row[0] for row in conn.execute("SELECT version FROM schema_migrations ORDER BY version")]
-    assert applied == [version for version, _, _ in db.migration_files("postgresql")], "each applied exactly once"
+    with psycopg.connect(url) as db:
+        applied = [row[0] for row in db.execute("SELECT version FROM schema_migrations ORDER BY version")]
+    assert applied == [version for version, _, _ in migration_files("postgresql")], "each applied exactly once"
 
 
 def test_a_url_that_cannot_be_reached_exits_with_one_line_naming_it(processes):
@@ -97,11 +100,11 @@ def test_a_url_that_cannot_be_reached_exits_with_one_line_naming_it(processes):
     assert "secret" not in processes.log(proc)
 
 
-def test_an_idle_worker_wakes_on_notify_not_on_its_poll_interval(conn, db_path, processes):
+def test_an_idle_worker_wakes_on_notify_not_on_its_poll_interval(db, db_path, processes):
     # A 30 s poll interval: only a NOTIFY can make the claim quick.
     processes.worker("--poll-interval", "30", speed=50.0)
     time.sleep(1.0)  # the worker is idle, waiting
-    task = queue_task(conn, width=256, height=256, steps=2)
+    task = queue_task(db, width=256, height=256, steps=2)
     started = time.monotonic()
     wait_for(lambda: status_of(db_path, task.id) in ("processing", "done"), timeout=10, interval=0.005,
              what="the idle worker to claim the task")
@@ -112,7 +115,7 @@ def test_a_restart_of_postgresql_mid_run_loses_no_acknowledged_task(processes):
     server = PostgresServer().start()  # a server of its own: this test stops it
     try:
         url = server.create_database()
-        db.open_database(url).close()
+        store.open_migrated(url).close()
         processes.db_path = url
         api = processes.server()
         processes.worker(speed=20.0)
@@ -149,8 +152,8 @@ def _status(api: str, task_id: str) -> str:
     return str(requests.get(api + "/api/status", params={"task_id": task_id}, timeout=10).json().get("status"))
 
 
-def test_a_frozen_worker_is_recovered_by_another_and_its_late_writes_are_refused(conn, db_path, processes):
-    task = queue_task(conn, width=256, height=256, steps=40)
+def test_a_frozen_worker_is_recovered_by_another_and_its_late_writes_are_refused(db, db_path, processes):
+    task = queue_task(db, width=256, height=256, steps=40)
     frozen = processes.worker("--stale-after", "2", speed=2.0)
     wait_for(lambda: (row(db_path, task.id).step or 0) >= 1, what="the task to be running")
     first_worker = row(db_path, task.id).worker_id
@@ -168,12 +171,12 @@ def test_a_frozen_worker_is_recovered_by_another_and_its_late_writes_are_refused
     assert frozen.poll() is None, processes.log(frozen)
     after = row(db_path, task.id)
     assert (after.status, after.worker_id, after.attempts) == ("done", redone.worker_id, 2)
-    later = queue_task(conn, width=256, height=256, steps=2)
+    later = queue_task(db, width=256, height=256, steps=2)
     wait_for(lambda: status_of(db_path, later.id) == "done", timeout=30, what="the workers to go on with new tasks")
 
 
-def test_a_cut_connection_mid_task_is_recovered_and_the_worker_goes_on(conn, db_path, processes):
-    task = queue_task(conn, width=256, height=256, steps=30)
+def test_a_cut_connection_mid_task_is_recovered_and_the_worker_goes_on(db, db_path, processes):
+    task = queue_task(db, width=256, height=256, steps=30)
     processes.worker("--stale-after", "2", speed=4.0)
     wait_for(lambda: (row(db_path, task.id).step or 0) >= 1, what="the task to be running")
     dbname = db_path.rsplit("/", 1)[1]
@@ -185,7 +188,7 @@ def test_a_cut_connection_mid_task_is_recovered_and_the_worker_goes_on(conn, db_
     # The worker's session is gone mid-task: its next write reconnects, and the task ends done either way
     # (finished by it, or requeued by recovery and run again), never stuck in processing.
     wait_for(lambda: status_of(db_path, task.id) == "done", timeout=60, what="the task to be done after the cut")
-    later = queue_task(db.connect(db_path), width=256, height=256, steps=2)  # the test's own session was cut too
+    later = queue_task(store.connect(db_path), width=256, height=256, steps=2)  # the test's own session was cut too
     wait_for(lambda: status_of(db_path, later.id) == "done", timeout=30, what="the worker to go on")
 
 
@@ -198,15 +201,15 @@ def test_migrate_to_copies_a_sqlite_queue_with_its_images_timings_and_keys(tmp_p
     from tests.conftest import images_for
 
     path = str(tmp_path / "queue.db")
-    source = db.open_database(path)
+    source = store.open_migrated(path)
     done = queue_task(source, prompt="finished")
-    claimed = store.claim_next(source, "w", "schnell", "synthetic")
-    assert claimed is not None and store.complete(source, claimed.id, "w", images_for(claimed, b"\x89PNG-bytes"))
-    store.record_timings(source, "schnell", 512, 512, [Timing("step", (0.5, 0.6, 0.7))])
+    claimed = source.claim_next("w", "schnell", "synthetic")
+    assert claimed is not None and source.complete(claimed.id, "w", images_for(claimed, b"\x89PNG-bytes"))
+    source.record_timings("schnell", 512, 512, [Timing("step", (0.5, 0.6, 0.7))])
     waiting = queue_task(source, prompt="still waiting", priority=1)
     key = api_keys.new_key()
-    store.create_key(source, "alice", api_keys.key_hash(key), admin=False, priority=True)
-    events_before = len(store.events_after(source, 0))
+    source.create_key("alice", api_keys.key_hash(key), admin=False, priority=True)
+    events_before = len(source.events_after(0))
     source.close()
 
     url = postgres_server.create_database()
@@ -215,17 +218,17 @@ def test_migrate_to_copies_a_sqlite_queue_with_its_images_timings_and_keys(tmp_p
     assert result.returncode == 0, result.stderr
     assert re.search(r"^tasks\s+2 rows$", result.stdout, re.MULTILINE) and "copied the queue to" in result.stdout
 
-    target = db.connect(url)
-    copied = store.get(target, done.id)
+    target = store.connect(url)
+    copied = target.get(done.id)
     assert copied is not None and copied.status is Status.DONE and copied.prompt == "finished"
-    image = store.fetch_image(target, done.id, 0)
+    image = target.fetch_image(done.id, 0)
     assert image is not None and image.data == b"\x89PNG-bytes0"
-    assert [(s.kind, s.n, round(s.total, 6)) for s in store.timing_stats(target)] == [("step", 3, 1.8)]
-    found = store.key_by_hash(target, api_keys.key_hash(key))
+    assert [(s.kind, s.n, round(s.total, 6)) for s in target.timing_stats()] == [("step", 3, 1.8)]
+    found = target.key_by_hash(api_keys.key_hash(key))
     assert found is not None and found.name == "alice" and found.priority
-    assert len(store.events_after(target, 0)) == events_before  # the history, without events made by the copy
+    assert len(target.events_after(0)) == events_before  # the history, without events made by the copy
     # The copy is a working queue: the waiting task is claimed next, and new rows number on after the copied ones.
-    assert store.claim_next(target, "w2", "schnell", "synthetic").id == waiting.id  # type: ignore[union-attr]
+    assert target.claim_next("w2", "schnell", "synthetic").id == waiting.id  # type: ignore[union-attr]
     assert queue_task(target).seq == waiting.seq + 1
 
     again = subprocess.run([sys.executable, "-m", "mflux_server", "migrate-to", url, "--db", path],
@@ -233,14 +236,14 @@ def test_migrate_to_copies_a_sqlite_queue_with_its_images_timings_and_keys(tmp_p
     assert again.returncode == 1 and "already holds tasks" in again.stderr
 
 
-def test_many_first_requests_at_once_under_gevent_all_get_answers(conn, db_path, processes):
+def test_many_first_requests_at_once_under_gevent_all_get_answers(db, db_path, processes):
     # The first requests of a server process all open the pool and the listener at the same moment: a lock
     # taken across those (as it once was) froze the whole event loop.
     import concurrent.futures
 
     import requests
 
-    task = queue_task(conn)
+    task = queue_task(db)
     api = processes.server(http_workers=1)
     with concurrent.futures.ThreadPoolExecutor(32) as clients:
         codes = list(clients.map(lambda _: requests.get(api + "/api/status", params={"task_id": task.id},

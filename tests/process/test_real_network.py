@@ -19,7 +19,6 @@ import requests
 from PIL import Image
 
 from bench.random_weights import fast_blas_preload
-from mflux_server.core import store
 from mflux_server.testing import read_events, wait_for
 
 pytest.importorskip("mlx.core", reason="the real network needs MLX (make install provides the CPU build)")
@@ -43,7 +42,7 @@ def real_worker(processes, monkeypatch):
     return url, proc
 
 
-def test_flux1_schnell_runs_through_the_real_worker_and_api(real_worker, processes, conn):
+def test_flux1_schnell_runs_through_the_real_worker_and_api(real_worker, processes, db):
     url, proc = real_worker
     info = requests.get(f"{url}/api/info", timeout=5).json()
     assert [w["engine"] for w in info["workers"]] == ["mflux"]
@@ -62,9 +61,9 @@ def test_flux1_schnell_runs_through_the_real_worker_and_api(real_worker, process
     assert "mflux engine, model schnell" in image.text["Software"]
     colours = image.convert("RGB").getcolors(128 * 128)
     assert colours is not None and len(colours) > 100, "mflux's VAE decoded a picture, not a flat fill"
-    stats = {(s.model, s.width, s.height, s.kind) for s in store.timing_stats(conn)}
+    stats = {(s.model, s.width, s.height, s.kind) for s in db.timing_stats()}
     assert ("schnell", 128, 128, "step") in stats, stats
-    assert "schnell" in store.load_stats(conn), "the load with its warm-up was timed"
+    assert "schnell" in db.load_stats(), "the load with its warm-up was timed"
     log = processes.log(proc)
     assert "it/s" not in log and "%|" not in log, "mflux's progress bars stay out of the worker's log"
 

@@ -12,7 +12,7 @@ import sys
 import pytest
 import requests
 
-from mflux_server.core import db, store
+from mflux_server import store
 from mflux_server.testing import ROOT, free_port, wait_for
 
 UNITS = {"api": ROOT / "systemd" / "mflux-server.service", "worker": ROOT / "systemd" / "mflux-worker.service"}
@@ -77,11 +77,11 @@ def test_a_setting_in_the_env_file_reaches_both_processes(tmp_path, request, sto
         assert info["default_model"] == "dev", "MFLUX_SERVER_MODEL=dev in the env file reached the API"
 
         def worker_model():
-            conn = db.connect(str(queue))
+            db = store.connect(str(queue))
             try:
-                return [w.model for w in store.live_workers(conn, 15.0)]
+                return [w.model for w in db.live_workers(15.0)]
             finally:
-                conn.close()
+                db.close()
 
         assert wait_for(worker_model, what="the worker from the unit's environment") == ["dev"]
     finally:

@@ -14,7 +14,7 @@ import openai
 import pytest
 import requests
 
-from mflux_server.core import db, store
+from mflux_server import store
 from mflux_server.testing import wait_for
 
 SMALL = {"prompt": "shared", "width": 256, "height": 256, "steps": 2}
@@ -44,8 +44,8 @@ def test_keys_are_printed_once_listed_without_the_key_and_revoked(processes):
     assert keys(processes.db_path, "create", "alice").returncode == 1, "names are unique"
     bad = keys(processes.db_path, "create", "no spaces here")
     assert bad.returncode == 2 and "a name is 1 to 64" in bad.stderr
-    with sqlite3.connect(processes.db_path) as conn:
-        assert key not in str(conn.execute("SELECT * FROM api_keys").fetchall()), "only the hash is stored"
+    with sqlite3.connect(processes.db_path) as db:
+        assert key not in str(db.execute("SELECT * FROM api_keys").fetchall()), "only the hash is stored"
     assert keys(processes.db_path, "revoke", "alice").returncode == 0
     assert "revoked" in keys(processes.db_path, "list").stdout
     assert keys(processes.db_path, "revoke", "alice").returncode == 1
@@ -269,11 +269,11 @@ def test_metrics_parse_and_every_server_process_gives_the_same_figures(processes
 
 def finish_order(db_path: str, ids: list[str]) -> list[str]:
     """The finished ones among the tasks, in the order they finished (through the store: either store)."""
-    conn = db.connect(db_path)
+    db = store.connect(db_path)
     try:
-        found = [task for task in (store.get(conn, task_id) for task_id in ids) if task and task.finished_at]
+        found = [task for task in (db.get(task_id) for task_id in ids) if task and task.finished_at]
     finally:
-        conn.close()
+        db.close()
     return [task.id for task in sorted(found, key=lambda task: task.finished_at or 0)]
 
 

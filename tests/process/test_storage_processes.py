@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sqlite3
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from mflux_server.core import db, store
+from mflux_server import store
 from mflux_server.testing import ROOT, Processes, wait_for
 from tests.conftest import new_task
 
@@ -39,7 +38,7 @@ def small_disk(tmp_path):
 def disk_processes(small_disk):
     """Processes on a queue file on the small disk; every one is stopped on the way out."""
     queue = str(small_disk / "queue.db")
-    db.open_database(queue).close()
+    store.open_migrated(queue).close()
     procs = Processes(small_disk.parent, queue)
     yield procs
     procs.stop_all()
@@ -90,7 +89,7 @@ def test_a_full_disk_is_a_507_the_worker_holds_its_image_and_everything_resumes_
 
 def test_both_processes_refuse_to_start_on_a_read_only_file_system_with_one_line(small_disk):
     queue = small_disk / "queue.db"
-    db.open_database(queue).close()
+    store.open_migrated(queue).close()
     subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
     for command in (["mflux_server"], ["mflux_server.worker", "--engine", "synthetic"]):
         run = subprocess.run([sys.executable, "-m", *command, "--db", str(queue)], capture_output=True, text=True,
@@ -105,16 +104,16 @@ def test_a_wal_removed_under_the_running_server_stops_acknowledging_and_loses_no
     url = processes.server()
     before = [requests.post(url + "/api/generate", json={"prompt": f"kept {i}"}, timeout=10) for i in range(5)]
     assert all(r.status_code == 200 for r in before)
-    conn = db.connect(db_path)  # a reader holds the WAL too, as the worker would
+    db = store.connect(db_path)  # a reader holds the WAL too, as the worker would
     os.remove(db_path + "-wal")
     after = requests.post(url + "/api/generate", json={"prompt": "after the rm"}, timeout=10)
     assert after.status_code == 503 and after.json()["code"] == "storage_lost", after.text
     log = processes.log(processes.server_proc)
     assert "was removed while the process ran" in log and "no acknowledged write is lost" in log, log[-2000:]
-    conn.close()
+    db.close()
     processes.stop_all()
-    reopened = db.connect(db_path)  # a restart: a fresh WAL over the database file
-    kept = {t.prompt for t in store.list_tasks(reopened, None, 50, 0)[0]}
+    reopened = store.connect(db_path)  # a restart: a fresh WAL over the database file
+    kept = {t.prompt for t in reopened.list_tasks(None, 50, 0)[0]}
     assert kept == {f"kept {i}" for i in range(5)}, "every acknowledged task survived, the refused one is nowhere"
 
 
@@ -143,8 +142,8 @@ def test_a_queue_file_made_immutable_under_the_server_is_named_read_only_and_los
         pytest.skip("LOUD SKIP: chattr +i needs CAP_LINUX_IMMUTABLE, which this user lacks")
     subprocess.run(["chattr", "-i", db_path], check=True)
     url = processes.server("--housekeeping-interval", "0.5")
-    kept = db.connect(db_path)  # opened before the flag, as a running worker's connection is
-    before = store.submit(kept, new_task(prompt="before the flag"))
+    kept = store.connect(db_path)  # opened before the flag, as a running worker's connection is
+    before = kept.submit(new_task(prompt="before the flag"))
     try:
         subprocess.run(["chattr", "+i", db_path], check=True)
         answers = [requests.post(url + "/api/generate", json={"prompt": f"immutable {i}"}, timeout=10) for i in range(3)]
@@ -157,16 +156,16 @@ def test_a_queue_file_made_immutable_under_the_server_is_named_read_only_and_los
         assert any("not writable" in problem and "chattr +i" in problem for problem in ready["problems"]), ready
         # A checkpoint must write the database file: with the WAL holding a write made before the flag, it fails,
         # and says why (the housekeeper logs it too, whenever it finds frames to copy).
-        store.submit(kept, new_task(prompt="after the flag"))
+        kept.submit(new_task(prompt="after the flag"))
         acknowledged.add("after the flag")
-        with pytest.raises(sqlite3.OperationalError) as raised:
-            store.checkpoint(kept)
-        assert db.storage_problem(raised.value) == "read_only", raised.value  # was "io": storage_failed
+        with pytest.raises(store.StoreError) as raised:
+            kept.checkpoint()
+        assert store.storage_problem(raised.value) == "read_only", raised.value  # was "io": storage_failed
         assert "chattr +i" in str(raised.value)
         kept.close()
     finally:
         subprocess.run(["chattr", "-i", db_path], check=True)
     processes.stop_all()
-    reopened = db.connect(db_path)
-    stored = {t.prompt for t in store.list_tasks(reopened, None, 50, 0)[0]}
+    reopened = store.connect(db_path)
+    stored = {t.prompt for t in reopened.list_tasks(None, 50, 0)[0]}
     assert stored == acknowledged

@@ -5,25 +5,26 @@ from __future__ import annotations
 import multiprocessing
 import time
 
-from mflux_server.core import db, store
+from mflux_server import store
 from mflux_server.core.rows import Status
+from mflux_server.store.migration_files import migration_files
 from tests.conftest import queue_task
 from tests.fast.test_migrations import EXPECTED_COLUMNS, describe, pragma
 
 
 def _claim_all(path: str, worker: str, out, ready, go) -> None:
-    conn = db.connect(path)
+    db = store.connect(path)
     ready.put(worker)
     go.wait()
     got = []
-    while (task := store.claim_next(conn, worker, "schnell", "synthetic")) is not None:
+    while (task := db.claim_next(worker, "schnell", "synthetic")) is not None:
         got.append(task.id)
         time.sleep(0.001)  # a real worker generates between claims; this lets the others in
     out.put(got)
 
 
-def test_concurrent_claims_from_several_processes_never_share_a_task(db_path, conn):
-    ids = {queue_task(conn).id for _ in range(300)}
+def test_concurrent_claims_from_several_processes_never_share_a_task(db_path, db):
+    ids = {queue_task(db).id for _ in range(300)}
     ctx = multiprocessing.get_context("spawn")
     out, ready, go = ctx.Queue(), ctx.Queue(), ctx.Event()
     procs = [ctx.Process(target=_claim_all, args=(db_path, f"w{i}", out, ready, go)) for i in range(4)]
@@ -39,18 +40,18 @@ def test_concurrent_claims_from_several_processes_never_share_a_task(db_path, co
     assert len(claimed) == len(set(claimed)) == 300
     assert set(claimed) == ids
     assert sum(1 for r in results if r) >= 2, "the claims should really have been spread over processes"
-    running = store.list_tasks(conn, Status.PROCESSING, 300, 0)[0]
+    running = db.list_tasks(Status.PROCESSING, 300, 0)[0]
     assert len({t.worker_id for t in running}) == sum(1 for r in results if r)
 
 
 def _open(path: str) -> object:
-    conn = db.open_database(path)
-    return pragma(conn, "user_version")
+    db = store.open_migrated(path)
+    return pragma(db, "user_version")
 
 
 def test_concurrent_processes_migrate_safely(tmp_path):
     path = str(tmp_path / "q.db")
     with multiprocessing.get_context("spawn").Pool(6) as pool:
         versions = pool.map(_open, [path] * 12)
-    assert set(versions) == {len(db.migration_files())}
-    assert describe(db.connect(path)) == EXPECTED_COLUMNS
+    assert set(versions) == {len(migration_files())}
+    assert describe(store.connect(path)) == EXPECTED_COLUMNS

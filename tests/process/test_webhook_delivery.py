@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import requests
 
-from mflux_server.core import db, store
+from mflux_server import store
 from mflux_server.testing import TEST_WEBHOOK_SECRET, WebhookReceiver, wait_for
 
 SERVER = ("--webhook-secret", TEST_WEBHOOK_SECRET, "--webhook-allow-private")
@@ -21,9 +21,9 @@ def test_a_task_finished_while_the_api_was_killed_is_delivered_when_it_returns(p
             "prompt": "delivered later", "width": 256, "height": 256, "callback_url": receiver.url}).json()
         processes.kill_server()  # no worker yet: the task ends only after the API is gone
         processes.worker(speed=50)
-        conn = db.connect(processes.db_path)
-        wait_for(lambda: store.task_deliveries(conn, task["task_id"]), what="the delivery to be recorded with the task's end")
-        assert store.get(conn, task["task_id"]).status == "done"  # type: ignore[union-attr]
+        db = store.connect(processes.db_path)
+        wait_for(lambda: db.task_deliveries(task["task_id"]), what="the delivery to be recorded with the task's end")
+        assert db.get(task["task_id"]).status == "done"  # type: ignore[union-attr]
         assert receiver.attempts == [], "nothing can deliver while the API is down"
         processes.server(*SERVER, port=int(url.rsplit(":", 1)[1]))  # back where the image links point
         wait_for(lambda: receiver.received, what="the delivery after the restart")
@@ -32,7 +32,7 @@ def test_a_task_finished_while_the_api_was_killed_is_delivered_when_it_returns(p
         assert body["type"] == "task.done" and body["data"]["task_id"] == task["task_id"]
         image = requests.get(body["data"]["images"][0]["url"], timeout=10)
         assert image.status_code == 200 and image.headers["Content-Type"] == "image/jpeg"
-        assert store.task_deliveries(conn, task["task_id"])[0].state == "delivered"
+        assert db.task_deliveries(task["task_id"])[0].state == "delivered"
     finally:
         receiver.close()
 

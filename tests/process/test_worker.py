@@ -5,7 +5,6 @@ from __future__ import annotations
 import signal
 import threading
 
-from mflux_server.core import store
 from mflux_server.core.rows import Removal, Status, Task
 from mflux_server.core.settings import Settings
 from mflux_server.testing import wait_for
@@ -20,45 +19,45 @@ def row(db_path: str, task_id: str) -> Task:
     return found
 
 
-def kinds_measured(conn) -> dict[str, int]:
+def kinds_measured(db) -> dict[str, int]:
     counts: dict[str, int] = {}
-    for stat in store.timing_stats(conn):
+    for stat in db.timing_stats():
         counts[stat.kind] = counts.get(stat.kind, 0) + stat.n
     return counts
 
 
-def image_count(conn, task: Task) -> int:
-    return sum(1 for i in range(task.count) if store.fetch_image(conn, task.id, i) is not None)
+def image_count(db, task: Task) -> int:
+    return sum(1 for i in range(task.count) if db.fetch_image(task.id, i) is not None)
 
 
-def test_worker_runs_in_priority_order_and_stores_images(conn, db_path, processes):
-    a = queue_task(conn, width=256, height=256, prompt="a")
-    b = queue_task(conn, width=256, height=256, prompt="b", count=2, format="JPEG")
-    c = queue_task(conn, width=256, height=256, prompt="c", priority=1)
+def test_worker_runs_in_priority_order_and_stores_images(db, db_path, processes):
+    a = queue_task(db, width=256, height=256, prompt="a")
+    b = queue_task(db, width=256, height=256, prompt="b", count=2, format="JPEG")
+    c = queue_task(db, width=256, height=256, prompt="c", priority=1)
     processes.worker()
     wait_for(lambda: all(status_of(db_path, t.id) == "done" for t in (a, b, c)), what="all tasks done")
     started = sorted((row(db_path, t.id).started_at, t.prompt) for t in (a, b, c))
     assert [p for _, p in started] == ["c", "a", "b"]
-    images = [store.fetch_image(conn, b.id, i) for i in range(2)]
+    images = [db.fetch_image(b.id, i) for i in range(2)]
     assert [(i.idx, i.seed, i.mime) for i in images if i] == [(0, 7, "image/jpeg"), (1, 8, "image/jpeg")]
     # every step and fixed cost of the 4 images is measured (the progress thread writes them within ~20 ms)
     expected = {"step": 4 * 4, "before": 4, "after": 4, "encode": 4}
-    wait_for(lambda: kinds_measured(conn) == expected,
+    wait_for(lambda: kinds_measured(db) == expected,
              timeout=5, what="all timings recorded")
 
 
-def test_timings_count_once_an_image_is_generated_not_while_it_might_still_fail(conn, db_path, processes):
-    t = queue_task(conn, width=256, height=256, steps=40, count=2)
+def test_timings_count_once_an_image_is_generated_not_while_it_might_still_fail(db, db_path, processes):
+    t = queue_task(db, width=256, height=256, steps=40, count=2)
     processes.worker(speed=1.0)
     wait_for(lambda: row(db_path, t.id).step >= 5, what="steps of the first image")
-    assert kinds_measured(conn) == {}, "a generation that has not finished could still fail"
+    assert kinds_measured(db) == {}, "a generation that has not finished could still fail"
     wait_for(lambda: row(db_path, t.id).image_index == 1, what="the second image started")
-    wait_for(lambda: kinds_measured(conn).get("step", 0) == 40, timeout=5, what="the first image's 40 steps")
+    wait_for(lambda: kinds_measured(db).get("step", 0) == 40, timeout=5, what="the first image's 40 steps")
     assert status_of(db_path, t.id) == "processing"
 
 
-def test_progress_is_visible_while_running(conn, db_path, processes):
-    t = queue_task(conn, width=256, height=256, steps=12, count=2)
+def test_progress_is_visible_while_running(db, db_path, processes):
+    t = queue_task(db, width=256, height=256, steps=12, count=2)
     processes.worker(speed=1.0)
     seen = set()
 
@@ -73,23 +72,23 @@ def test_progress_is_visible_while_running(conn, db_path, processes):
     assert len({s for _, s in seen}) >= 4, seen
 
 
-def test_cancel_waiting_never_starts_and_running_stops_at_a_step(conn, db_path, processes):
-    running = queue_task(conn, width=256, height=256, steps=200)
-    waiting = queue_task(conn, width=256, height=256)
-    after = queue_task(conn, width=256, height=256)
+def test_cancel_waiting_never_starts_and_running_stops_at_a_step(db, db_path, processes):
+    running = queue_task(db, width=256, height=256, steps=200)
+    waiting = queue_task(db, width=256, height=256)
+    after = queue_task(db, width=256, height=256)
     processes.worker(speed=1.0)
     wait_for(lambda: (row(db_path, running.id).step or 0) >= 2, what="the first task to be mid-way")
-    assert store.cancel_or_delete(conn, waiting.id) is Removal.CANCELED
-    assert store.cancel_or_delete(conn, running.id) is Removal.CANCELED
+    assert db.cancel_or_delete(waiting.id) is Removal.CANCELED
+    assert db.cancel_or_delete(running.id) is Removal.CANCELED
     wait_for(lambda: status_of(db_path, after.id) == "done", timeout=10, what="the worker to move on")
     assert row(db_path, waiting.id).started_at is None
     stopped = row(db_path, running.id)
     assert stopped.status is Status.CANCELED and stopped.step < 50  # stopped long before its 200 steps
-    assert image_count(conn, stopped) == 0
+    assert image_count(db, stopped) == 0
 
 
-def test_sigkill_mid_task_reruns_on_the_next_worker_start(conn, db_path, processes):
-    t = queue_task(conn, width=256, height=256, steps=30)
+def test_sigkill_mid_task_reruns_on_the_next_worker_start(db, db_path, processes):
+    t = queue_task(db, width=256, height=256, steps=30)
     first = processes.worker(speed=1.0)
     wait_for(lambda: (row(db_path, t.id).step or 0) >= 1, what="the task to be running")
     first.send_signal(signal.SIGKILL)
@@ -100,8 +99,8 @@ def test_sigkill_mid_task_reruns_on_the_next_worker_start(conn, db_path, process
     assert row(db_path, t.id).attempts == 2
 
 
-def test_a_running_worker_takes_over_from_a_killed_one(conn, db_path, processes):
-    t = queue_task(conn, width=256, height=256, steps=30)
+def test_a_running_worker_takes_over_from_a_killed_one(db, db_path, processes):
+    t = queue_task(db, width=256, height=256, steps=30)
     doomed = processes.worker(speed=1.0)
     wait_for(lambda: status_of(db_path, t.id) == "processing", what="the task to start")
     processes.worker(speed=20.0)  # idle, heartbeating; its recovery pass notices the dead pid
@@ -109,8 +108,8 @@ def test_a_running_worker_takes_over_from_a_killed_one(conn, db_path, processes)
     wait_for(lambda: status_of(db_path, t.id) == "done", timeout=20, what="the survivor to finish the task")
 
 
-def test_attempt_limit_ends_a_task_that_keeps_killing_workers(conn, db_path, processes):
-    t = queue_task(conn, width=256, height=256, steps=40)
+def test_attempt_limit_ends_a_task_that_keeps_killing_workers(db, db_path, processes):
+    t = queue_task(db, width=256, height=256, steps=40)
     for attempt in (1, 2):
         proc = processes.worker("--max-attempts", "2", speed=1.0)
         # This attempt's own step: the dead worker's last step stays on the row until the new one recovers it.
@@ -124,16 +123,16 @@ def test_attempt_limit_ends_a_task_that_keeps_killing_workers(conn, db_path, pro
     assert final.error and "gave up after 2 attempts" in final.error
 
 
-def test_sigterm_puts_the_task_back_and_exits_zero(conn, db_path, processes):
-    t = queue_task(conn, width=256, height=256, steps=200)
+def test_sigterm_puts_the_task_back_and_exits_zero(db, db_path, processes):
+    t = queue_task(db, width=256, height=256, steps=200)
     proc = processes.worker(speed=1.0)
     wait_for(lambda: (row(db_path, t.id).step or 0) >= 1, what="the task to be running")
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=10) == 0
     final = row(db_path, t.id)
     assert (final.status, final.attempts, final.worker_id) == (Status.WAITING, 0, None)
-    assert store.live_workers(conn, stale_after=60) == []  # it said it stopped
-    assert store.worker_count(conn) == 1
+    assert db.live_workers(stale_after=60) == []  # it said it stopped
+    assert db.worker_count() == 1
     assert "SIGTERM received" in processes.log(proc)
 
 
@@ -159,9 +158,9 @@ class FailingEngine:
         return draw(job)
 
 
-def test_an_engine_exception_fails_that_task_and_the_worker_goes_on(conn, db_path):
-    bad = queue_task(conn, width=256, height=256, prompt="please crash")
-    good = queue_task(conn, width=256, height=256, prompt="fine")
+def test_an_engine_exception_fails_that_task_and_the_worker_goes_on(db, db_path):
+    bad = queue_task(db, width=256, height=256, prompt="please crash")
+    good = queue_task(db, width=256, height=256, prompt="fine")
     supervisor = Supervisor(Settings(db=db_path, heartbeat_interval=0.2), FailingEngine())
     thread = threading.Thread(target=supervisor.run)
     thread.start()

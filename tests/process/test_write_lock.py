@@ -13,26 +13,28 @@ from pathlib import Path
 
 import requests
 
-from mflux_server.core import db, store, write_lock
+from mflux_server import store
+from mflux_server.core import write_lock
 from mflux_server.testing import Processes
 
 # A stand-in for a worker frozen mid-write: a real process that registers as a worker when asked, opens a write
 # transaction, says so, and stops itself with SIGSTOP, as a debugger or a swapping machine would stop a worker.
 FROZEN = textwrap.dedent("""
     import os, signal, sys
-    from mflux_server.core import db, pg, store
+    from mflux_server import store
     target, register, limit = sys.argv[1], sys.argv[2] == "worker", float(sys.argv[3])
-    if pg.is_postgres_url(target):
+    if store.is_server_url(target):
         import psycopg
-        pg.limit_idle_transactions(limit)  # as the worker's main() does
+        from mflux_server.store.postgresql import session as pg
+        store.limit_idle_transactions(limit)  # as the worker's main() does
         session = psycopg.connect(target, **{**pg.SESSION_OPTIONS, "autocommit": False})
         session.execute(pg._BEGIN_WRITE[1])  # the store's write lock, held inside an open transaction
     else:
-        conn = db.connect(target)
+        db = store.connect(target)
         if register:
-            store.register_worker(conn, "synthetic", "schnell", None)
-        conn.execute("BEGIN IMMEDIATE")
-        conn.execute("UPDATE workers SET heartbeat_at = heartbeat_at")
+            db.register_worker("synthetic", "schnell", None)
+        db.session.execute("BEGIN IMMEDIATE")
+        db.session.execute("UPDATE workers SET heartbeat_at = heartbeat_at")
     print("holding", flush=True)
     os.kill(os.getpid(), signal.SIGSTOP)
 """)
@@ -63,18 +65,18 @@ def test_a_worker_frozen_in_a_write_is_stopped_and_submits_answer_within_the_lim
     finally:
         frozen.kill()
     assert f"worker process {frozen.pid} held the queue's write lock" in processes.log(processes.server_proc)
-    conn = db.connect(db_path)
+    db = store.connect(db_path)
     try:
-        assert store.get(conn, answer.json()["task_id"]) is not None, "the acknowledged task is stored"
+        assert db.get(answer.json()["task_id"]) is not None, "the acknowledged task is stored"
     finally:
-        conn.close()
+        db.close()
 
 
 def test_the_watchdog_names_a_process_that_is_not_a_worker_and_leaves_it_alone(db_path, caplog):
     holder = frozen_writer(db_path, as_worker=False)
     try:
         assert write_lock.holder(db_path) == holder.pid
-        watchdog = write_lock.Watchdog(db_path, 1.0, lambda: db.connect(db_path))
+        watchdog = write_lock.Watchdog(db_path, 1.0, lambda: store.connect(db_path))
         with caplog.at_level(logging.ERROR, "mflux_server"):
             assert watchdog.look(now=0.0) is None
             assert watchdog.look(now=5.0) is None and watchdog.look(now=6.0) is None
@@ -89,14 +91,14 @@ def test_the_watchdog_names_a_process_that_is_not_a_worker_and_leaves_it_alone(d
 
 
 def test_a_worker_that_commits_often_is_not_mistaken_for_a_frozen_one(db_path):
-    watchdog = write_lock.Watchdog(db_path, 1.0, lambda: db.connect(db_path))
-    conn = db.connect(db_path)
+    watchdog = write_lock.Watchdog(db_path, 1.0, lambda: store.connect(db_path))
+    db = store.connect(db_path)
     busy = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        from mflux_server.core import db, store
-        conn = db.connect({db_path!r})
-        worker = store.register_worker(conn, "synthetic", "schnell", None)
+        from mflux_server import store
+        db = store.connect({db_path!r})
+        worker = db.register_worker("synthetic", "schnell", None)
         while True:
-            store.heartbeat(conn, worker)
+            db.heartbeat(worker)
     """)], cwd=Path(__file__).parents[2])
     try:
         time.sleep(1.0)
@@ -105,13 +107,13 @@ def test_a_worker_that_commits_often_is_not_mistaken_for_a_frozen_one(db_path):
     finally:
         busy.kill()
         busy.wait()
-        conn.close()
+        db.close()
 
 
 def test_on_postgresql_the_server_ends_a_session_frozen_in_a_write(processes: Processes, postgres_server):
     limit = 2.0
     url_db = postgres_server.create_database()
-    db.open_database(url_db).close()
+    store.open_migrated(url_db).close()
     pg_processes = Processes(processes.workdir, url_db)
     try:
         url = pg_processes.server("--write-lock-limit", str(limit))

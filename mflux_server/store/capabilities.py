@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mflux_server.core import pg, store
-
 
 @dataclass(frozen=True, slots=True)
 class Capabilities:
@@ -23,15 +21,15 @@ class Capabilities:
     outcome_unknown_when_cut: bool
 
 
-_SQLITE = Capabilities(notifies=False, pooled=False, local_file=True, outcome_unknown_when_cut=False)
-_POSTGRESQL = Capabilities(notifies=True, pooled=True, local_file=False, outcome_unknown_when_cut=True)
+SQLITE = Capabilities(notifies=False, pooled=False, local_file=True, outcome_unknown_when_cut=False)
+POSTGRESQL = Capabilities(notifies=True, pooled=True, local_file=False, outcome_unknown_when_cut=True)
 
 
-def of(target: str) -> Capabilities:
+def is_server_url(target: object) -> bool:
+    """Whether a --db value names a PostgreSQL server rather than an SQLite file."""
+    return isinstance(target, str) and target.startswith(("postgresql://", "postgres://"))
+
+
+def of(target: object) -> Capabilities:
     """The capabilities of the store a --db value names (an SQLite file, or a postgresql:// URL)."""
-    return _POSTGRESQL if pg.is_postgres_url(target) else _SQLITE
-
-
-def of_connection(conn: object) -> Capabilities:
-    """The capabilities of the store a connection is to."""
-    return _POSTGRESQL if store.is_postgres(conn) else _SQLITE
+    return POSTGRESQL if is_server_url(target) else SQLITE

@@ -1,5 +1,6 @@
--- Every statement about the queue, by name, each with a one-line description under its name.
--- store.py loads them once (store.queries()) and is the only code that runs them.
+-- The statements both stores run with the same text, by name, each with a one-line description under its name.
+-- A statement whose text differs is written once per backend instead, in sqlite/queries.sql and
+-- postgresql/queries.sql; query_files.py loads this file and the backend's, and refuses a name defined twice.
 
 -- name: insert_task
 -- Queue a new waiting task; its seq (AUTOINCREMENT, never reused) orders it within its priority.
@@ -22,13 +23,6 @@ VALUES (:task_id, :role, :mime, :width, :height, :data);
 -- The images a task was submitted with.
 SELECT role, mime, width, height, data FROM task_inputs WHERE task_id = ? ORDER BY role;
 
--- name: waiting_heads
--- Per model and priority: the first waiting task in claim order (SQLite takes the bare created_at from the
--- row MIN(seq) picked) and how much waits, for choosing what to load.
-SELECT model, priority, MIN(seq) AS seq, created_at, COUNT(*) AS tasks, SUM(count) AS images FROM tasks
- WHERE status = 'waiting'
- GROUP BY model, priority;
-
 -- name: fail_waiting
 -- Fail every waiting task of a model (one no worker can load), with a message for the client.
 UPDATE tasks SET status = 'error', finished_at = :now, error = :error
@@ -42,19 +36,6 @@ UPDATE tasks SET status = 'error', finished_at = :now, error = :error
 -- name: get_task
 -- One task by its public id.
 SELECT * FROM tasks WHERE id = ?;
-
--- name: claim_next
--- Take a model's next waiting task for a worker, counting the attempt: the highest priority, then the smallest
--- fair tag (first in, when one key submits everything), and among equal tags the key whose backlog began later.
--- One lookup in tasks_fair_queue, so a deep queue costs nothing.
-UPDATE tasks
-   SET status = 'processing', worker_id = :worker_id, started_at = :now, attempts = attempts + 1,
-       image_index = 0, step = 0, step_at = :now, engine = :engine, error = NULL
- WHERE seq = (SELECT seq FROM tasks
-               WHERE status = 'waiting' AND model = :model
-               ORDER BY priority DESC, fair_tag, fair_start DESC, seq
-               LIMIT 1)
-RETURNING *;
 
 -- name: record_progress
 -- Publish the image and step a worker has reached, only while the task is still its own.
@@ -80,19 +61,6 @@ UPDATE tasks SET status = 'done', finished_at = :now, image_index = count - 1, s
 -- Fail a task this worker holds, with a message for the client.
 UPDATE tasks SET status = 'error', finished_at = :now, error = :error
  WHERE id = :id AND worker_id = :worker_id AND status = 'processing';
-
--- name: release_task
--- Put a task this worker holds back in line (graceful stop), uncounting the interrupted attempt.
-UPDATE tasks SET status = 'waiting', worker_id = NULL, started_at = NULL, step = 0, image_index = 0,
-                 step_at = NULL, attempts = MAX(attempts - 1, 0)
- WHERE id = :id AND worker_id = :worker_id AND status = 'processing';
-
--- name: record_timing
--- Add measured seconds of one kind of cost to the running totals of a model and size.
-INSERT INTO timing_stats (model, width, height, kind, n, total, updated_at)
-VALUES (:model, :width, :height, :kind, :n, :total, :now)
-ON CONFLICT (model, width, height, kind) DO UPDATE
-   SET n = n + excluded.n, total = total + excluded.total, updated_at = excluded.updated_at;
 
 -- name: timing_stat
 -- The running totals of one model, size and kind (outliers are judged against their mean).
@@ -131,19 +99,6 @@ SELECT COUNT(*) FROM images WHERE task_id = ? AND served = 0;
 -- When the engine generated each stored image, in order: the duty-cycle benchmark's raw data.
 SELECT gen_started, gen_ended FROM images ORDER BY gen_started;
 
--- name: list_tasks
--- A page of tasks: running, then waiting in claim order, then the newest finished.
-SELECT * FROM tasks
- WHERE (:status IS NULL OR status = :status) AND (:owner IS NULL OR key_id = :owner)
- ORDER BY CASE status WHEN 'processing' THEN 0 WHEN 'waiting' THEN 1 ELSE 2 END,
-          CASE WHEN status IN ('waiting', 'processing') THEN -priority ELSE 0 END,
-          CASE WHEN status IN ('waiting', 'processing') THEN seq ELSE -seq END
- LIMIT :limit OFFSET :offset;
-
--- name: count_tasks
--- How many tasks match a listing's status filter.
-SELECT COUNT(*) FROM tasks WHERE (:status IS NULL OR status = :status) AND (:owner IS NULL OR key_id = :owner);
-
 -- name: status_counts
 -- Tasks per status.
 SELECT status, COUNT(*) AS n FROM tasks GROUP BY status;
@@ -181,19 +136,6 @@ SELECT seq, model, priority, width, height, steps, count, created_at FROM tasks
 -- The counter that moves whenever a task leaves or re-enters the waiting set (not on fresh submits).
 SELECT changes FROM queue_state WHERE id = 1;
 
--- name: waiting_since
--- Waiting tasks newer than a snapshot: a range read on the rowid. The unary + keeps SQLite from
--- preferring the status index, which would scan every waiting task.
-SELECT t.model, t.priority, t.seq, t.width, t.height, t.steps, t.count, t.created_at, t.fair_tag, t.fair_start
-  FROM tasks t
- WHERE t.seq > :seq AND +t.status = 'waiting' AND +t.model = :model;
-
--- name: all_waiting_since
--- Every model's waiting tasks newer than a snapshot, to extend it: a range read on the rowid (+ as above).
-SELECT t.model, t.priority, t.seq, t.width, t.height, t.steps, t.count, t.created_at, t.fair_tag, t.fair_start
-  FROM tasks t
- WHERE t.seq > :seq AND +t.status = 'waiting';
-
 -- name: register_worker
 -- Record a worker process under a fresh id, alive as of now.
 INSERT INTO workers (id, hostname, pid, engine, model, quantize, started_at, heartbeat_at, models, max_pixels,
@@ -208,12 +150,6 @@ UPDATE workers SET loading = :loading, model = :model, models = :models WHERE id
 -- name: worker_pixel_limits
 -- Publish the largest image a worker runs with each model (lowered after it ran out of memory).
 UPDATE workers SET pixel_limits = :pixel_limits WHERE id = :id;
-
--- name: record_load
--- Add one measured load (and warm-up) of a model to its running totals.
-INSERT INTO load_stats (model, n, total, last, updated_at) VALUES (:model, 1, :seconds, :seconds, :now)
-ON CONFLICT (model) DO UPDATE
-   SET n = n + 1, total = total + excluded.total, last = excluded.last, updated_at = excluded.updated_at;
 
 -- name: load_stats
 -- Every model's measured load times.
@@ -261,10 +197,6 @@ UPDATE tasks SET status = 'error', finished_at = :now, error = :error
 DELETE FROM workers WHERE heartbeat_at < :before
    AND id NOT IN (SELECT worker_id FROM tasks WHERE status = 'processing' AND worker_id IS NOT NULL);
 
--- name: data_version
--- A number that changes when another connection commits: a cheap "did anything happen?".
-PRAGMA data_version;
-
 -- name: events_after
 -- Events newer than an id, oldest first (what a stream has not sent yet).
 SELECT id, task_id, kind, data, at FROM events WHERE id > :after ORDER BY id LIMIT :limit;
@@ -281,24 +213,9 @@ SELECT coalesce(max(id), 0) FROM events;
 -- Forget events older than the retention (a stream resuming from before it gets the task's current state).
 DELETE FROM events WHERE at < :before;
 
--- name: save_preview
--- Replace a running task's preview, only while the task is still this worker's.
-INSERT INTO previews (task_id, image, step, mime, data, at)
-SELECT :id, :image, :step, :mime, :data, :at FROM tasks
- WHERE id = :id AND worker_id = :worker_id AND status = 'processing'
-ON CONFLICT (task_id) DO UPDATE SET image = excluded.image, step = excluded.step, mime = excluded.mime,
-       data = excluded.data, at = excluded.at;
-
 -- name: get_preview
 -- A task's latest preview.
 SELECT task_id, image, step, mime, data, at FROM previews WHERE task_id = ?;
-
--- name: claim_delivery
--- Take the oldest due webhook that no live deliverer holds, leasing it so other processes leave it alone.
-UPDATE deliveries SET lease_until = :lease_until, attempts = attempts + 1
- WHERE id = (SELECT id FROM deliveries WHERE state = 'pending' AND next_at <= :now
-                AND (lease_until IS NULL OR lease_until < :now) ORDER BY next_at LIMIT 1)
-RETURNING *;
 
 -- name: delivery_sent
 -- A receiver acknowledged a webhook (2xx).
@@ -306,24 +223,9 @@ UPDATE deliveries SET state = 'delivered', delivered_at = :now, lease_until = NU
        last_error = NULL
  WHERE id = :id;
 
--- name: delivery_retry
--- A webhook attempt failed: try again at next_at, or give up (state 'failed') when next_at is NULL.
-UPDATE deliveries SET state = CASE WHEN :next_at IS NULL THEN 'failed' ELSE 'pending' END,
-       next_at = coalesce(:next_at, next_at), lease_until = NULL, last_status = :status, last_error = :error
- WHERE id = :id;
-
--- name: next_delivery_due
--- When the soonest pending webhook is due (NULL when none is pending).
-SELECT min(max(next_at, coalesce(lease_until, 0))) FROM deliveries WHERE state = 'pending';
-
 -- name: task_deliveries
 -- A task's webhooks, for its status.
 SELECT * FROM deliveries WHERE task_id = ? ORDER BY created_at;
-
--- name: remove_expired
--- Remove finished tasks kept only for their image links, once the links have expired.
-DELETE FROM tasks INDEXED BY tasks_link_expiry WHERE keep_for IS NOT NULL AND finished_at < :now - keep_for
-   AND status IN ('done', 'error', 'canceled');
 
 -- name: get_secret
 -- A secret the server generated and keeps.
@@ -373,33 +275,6 @@ ON CONFLICT (key_id, idem_key) DO UPDATE SET body_hash = excluded.body_hash, tas
 -- Forget Idempotency-Keys older than the window.
 DELETE FROM idempotency WHERE created_at < :before;
 
--- name: expire_finished
--- Remember the ids of finished tasks past the retention, before they are removed.
-INSERT OR IGNORE INTO expired_tasks (id, expired_at)
-SELECT id, :now FROM tasks INDEXED BY tasks_finished
- WHERE finished_at < :before AND status IN ('done', 'error', 'canceled');
-
--- name: remove_finished
--- Remove finished tasks past the retention (their images and inputs go with them).
-DELETE FROM tasks INDEXED BY tasks_finished WHERE finished_at < :before AND status IN ('done', 'error', 'canceled');
-
--- name: store_bytes
--- Disk bytes that image data takes: each row's overflow pages and its share of a leaf page (db.blob_disk_bytes),
--- so the bound counts what the file holds, not just the payload.
-SELECT (SELECT coalesce(sum(disk_bytes(length(data), :page)), 0) FROM images)
-     + (SELECT coalesce(sum(disk_bytes(length(data), :page)), 0) FROM task_inputs);
-
--- name: oldest_finished
--- The oldest finished tasks with the bytes each holds, for the store bound.
-SELECT t.id, (SELECT coalesce(sum(disk_bytes(length(data), :page)), 0) FROM images WHERE task_id = t.id)
-           + (SELECT coalesce(sum(disk_bytes(length(data), :page)), 0) FROM task_inputs WHERE task_id = t.id) AS bytes
-  FROM tasks t INDEXED BY tasks_finished WHERE finished_at IS NOT NULL AND status IN ('done', 'error', 'canceled')
- ORDER BY finished_at LIMIT :limit;
-
--- name: expire_task
--- Remember one removed task's id as expired.
-INSERT OR IGNORE INTO expired_tasks (id, expired_at) VALUES (:id, :now);
-
 -- name: forget_expired
 -- Forget expired ids older than the memory window.
 DELETE FROM expired_tasks WHERE expired_at < :before;
@@ -412,33 +287,13 @@ SELECT 1 FROM expired_tasks WHERE id = ?;
 -- A write that changes nothing, to prove the file takes writes (readiness).
 UPDATE queue_state SET changes = changes WHERE id = 1;
 
--- name: count_request
--- Add a process's requests of a key to its minute, and return the minute's count of every process so far.
-INSERT INTO rate_windows (key_id, window, count) VALUES (:key_id, :window, :n)
-ON CONFLICT (key_id, window) DO UPDATE SET count = count + excluded.count
-RETURNING count;
-
--- name: forget_rate_windows
--- Drop request counts of past minutes.
-DELETE FROM rate_windows WHERE window < :before;
-
 -- name: unfinished_of_key
 -- How many of a key's tasks are waiting or processing.
 SELECT count(*) FROM tasks WHERE key_id = :key_id AND status IN ('waiting', 'processing');
 
--- name: histogram_buckets
--- Make a histogram's buckets for a model, once.
-INSERT OR IGNORE INTO metric_buckets (name, model, le, count)
-SELECT :name, :model, le, 0 FROM metric_bounds WHERE name = :name;
-
 -- name: histogram_observe
 -- Count an observation in every bucket whose bound is at least it (buckets are cumulative).
 UPDATE metric_buckets SET count = count + 1 WHERE name = :name AND model = :model AND le >= :value;
-
--- name: histogram_sum
--- Add an observation to a histogram's sum and count.
-INSERT INTO metric_sums (name, model, sum, count) VALUES (:name, :model, :value, 1)
-ON CONFLICT (name, model) DO UPDATE SET sum = sum + excluded.sum, count = count + 1;
 
 -- name: set_forecast
 -- Keep the forecast a task was given at submit, for the forecast-error metric.
@@ -465,41 +320,13 @@ SELECT status, model, count(*) FROM tasks GROUP BY status, model;
 -- Webhooks not yet delivered nor given up.
 SELECT count(*) FROM deliveries WHERE state = 'pending';
 
--- name: database_pages
--- The database file's size in pages, and the page size.
-SELECT page_count, page_size FROM pragma_page_count(), pragma_page_size();
-
--- name: fair_tag
--- A new task's fair tag for its key (the later of the virtual time and the key's last end) and the start of the
--- key's backlog; the key's end moves on by the task's forecast seconds.
-INSERT INTO fair_keys (key_id, last_finish, backlog_start)
-VALUES (:key_id, (SELECT virtual FROM fair_clock WHERE id = 1) + :cost, (SELECT virtual FROM fair_clock WHERE id = 1))
-ON CONFLICT (key_id) DO UPDATE SET
-    -- SET reads the row as it was: a key whose queued work had all started begins a new backlog now.
-    backlog_start = CASE WHEN last_finish <= (SELECT virtual FROM fair_clock WHERE id = 1)
-                         THEN (SELECT virtual FROM fair_clock WHERE id = 1) ELSE backlog_start END,
-    last_finish = max(last_finish, (SELECT virtual FROM fair_clock WHERE id = 1)) + :cost
-RETURNING last_finish - :cost, backlog_start;
-
 -- name: fifo_tag
 -- A new task's tag under first-in first-out scheduling: the largest tag yet, so it queues behind every task.
 SELECT last_tag FROM fair_clock WHERE id = 1;
 
--- name: note_tag
--- Remember the largest tag given.
-UPDATE fair_clock SET last_tag = max(last_tag, :tag) WHERE id = 1;
-
 -- name: prune_removed_events
 -- Forget the events of tasks that no longer exist, once they are older than a reconnecting stream needs.
 DELETE FROM events WHERE at < :before AND NOT EXISTS (SELECT 1 FROM tasks WHERE tasks.id = events.task_id);
-
--- name: page_size
--- The database's page size, which sets how much disk a blob takes.
-SELECT page_size FROM pragma_page_size();
-
--- name: checkpoint
--- Copy the WAL into the database file as far as readers allow, so the WAL can restart (and be cut back).
-PRAGMA wal_checkpoint(PASSIVE);
 
 -- name: server_setting
 -- One setting the API changed at run time, or no row.
