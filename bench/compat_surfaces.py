@@ -36,7 +36,7 @@ def waiting_tasks(db_path: str) -> int:
     """Tasks submitted through the OpenAI surface so far (they are ordinary tasks in the queue)."""
     db = store.connect(db_path)
     try:
-        return int(db.execute("SELECT count(*) FROM tasks WHERE surface = 'openai'").fetchone()[0])
+        return int(db.session.execute("SELECT count(*) FROM tasks WHERE surface = 'openai'").fetchone()[0])
     finally:
         db.close()
 
@@ -55,7 +55,7 @@ def delivery_latencies(count: int) -> tuple[list[float], int]:
             wait_for(lambda: len(receiver.received) + len(receiver.rejected) >= count, timeout=300,
                      what="every webhook")
             db = store.connect(procs.db_path)
-            ended = {row[0]: json.loads(row[1])["finished_at"] for row in db.execute("SELECT id, task FROM deliveries")}
+            ended = {row[0]: json.loads(row[1])["finished_at"] for row in db.session.execute("SELECT id, task FROM deliveries")}
             db.close()
         latencies = [(at - ended[headers["webhook-id"]]) * 1000 for at, headers, _ in receiver.received]
         return latencies, len(receiver.rejected)

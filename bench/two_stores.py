@@ -111,7 +111,7 @@ def status_load(target: str, tmp: Path, tasks: int, seconds: float, connections:
         # Planner statistics and the visibility map for the 10,000 rows just written, as autovacuum leaves them
         # within its first minute.
         db = store.connect(target)
-        db.execute("VACUUM ANALYZE")
+        db.session.execute("VACUUM ANALYZE")
         db.close()
     ids_file = tmp / "ids.txt"
     ids_file.write_text("\n".join(ids) + "\n")

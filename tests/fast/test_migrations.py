@@ -50,7 +50,8 @@ EXPECTED_COLUMNS = {
 
 def describe(db: Store) -> dict[str, set[str]]:
     """Every table with its column names."""
-    tables = [r[0] for r in db.session.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")]
+    tables = [r[0] for r in db.session.execute("SELECT name FROM sqlite_master WHERE type = 'table' "
+                                               "AND name NOT LIKE 'sqlite_%'")]
     return {table: {r[1] for r in db.session.execute(f"PRAGMA table_info({table})")} for table in tables}
 
 
