@@ -35,9 +35,9 @@ def composition(db_path: str) -> tuple[int, int]:
     """Bytes of the file's pages that hold image data, and bytes of all other pages (rows, indexes, free)."""
     db = sqlite3.connect(db_path)
     try:
-        images = db.session.execute("SELECT coalesce(sum(pgsize), 0) FROM dbstat WHERE name IN ('images', 'task_inputs')")
+        images = db.execute("SELECT coalesce(sum(pgsize), 0) FROM dbstat WHERE name IN ('images', 'task_inputs')")
         image_bytes = int(images.fetchone()[0])
-        page_count, page_size = (db.session.execute(f"PRAGMA {name}").fetchone()[0] for name in ("page_count", "page_size"))
+        page_count, page_size = (db.execute(f"PRAGMA {name}").fetchone()[0] for name in ("page_count", "page_size"))
     finally:
         db.close()
     return image_bytes, page_count * page_size - image_bytes
