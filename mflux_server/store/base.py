@@ -152,6 +152,8 @@ class Store:
         """End the session (a pooled one goes back to its pool)."""
         self.session.close()
 
+    # Tasks
+
     def _fair_tag(self, task: NewTask) -> tuple[float, float]:
         """The new task's place in fair claim order (inside the submit transaction): its key's next start time and
         where the key's backlog began, or with first-in first-out scheduling just past every tag given so far."""
@@ -288,6 +290,8 @@ class Store:
         """Tasks being generated right now."""
         return [Task.from_row(r) for r in self._run("running_tasks")]
 
+    # What the forecast reads
+
     def read_queue(self) -> QueueRead:
         """Every waiting task in claim order, with the newest seq and the change counter, from one read snapshot."""
         waiting, newest, changes = self.session.snapshot(
@@ -325,6 +329,8 @@ class Store:
         seconds where the store cannot signal)."""
         raise NotImplementedError
 
+    # Timings
+
     def record_timings(self, model: str, width: int, height: int, timings: Iterable[Timing],
                        now: float | None = None) -> None:
         """Add measured seconds for one model and size to the stats the forecast is fitted to."""
@@ -356,6 +362,8 @@ class Store:
         """A cheap fingerprint of the timing stats, so a fitted model is refit only when they change."""
         row = self._run("timing_version").fetchone()
         return (row["version"], row["rows"])
+
+    # Workers and recovery
 
     def register_worker(self, engine: str, model: str, quantize: int | None,
                         pid: int | None = None, now: float | None = None, models: Sequence[str] = (),
@@ -484,6 +492,8 @@ class Store:
             self._run("prune_events", {"before": now - EVENT_RETENTION})
         return outcomes
 
+    # Events and previews
+
     def events_after(self, after: int, task_id: str | None = None, limit: int = 1000) -> list[Event]:
         """Events newer than id `after` (of one task, when given), oldest first."""
         if task_id is None:
@@ -508,6 +518,8 @@ class Store:
         """The task's latest preview, if its worker has published one."""
         row = self._run("get_preview", (task_id,)).fetchone()
         return None if row is None else Preview.from_row(row)
+
+    # Webhooks (the outbox the deliveries_task_ended trigger fills)
 
     def claim_delivery(self, lease: float, now: float | None = None) -> Delivery | None:
         """Lease the oldest due webhook for `lease` seconds, counting the attempt; None when none is due."""
@@ -552,6 +564,8 @@ class Store:
             self._run("keep_secret", {"name": name, "value": generate()})
             return str(self._run("get_secret", (name,)).fetchone()[0])
 
+    # API keys
+
     def create_key(self, name: str, key_hash: str, admin: bool, priority: bool,
                    now: float | None = None) -> ApiKey:
         """Record a key by its hash; errors.Conflict when the name is taken."""
@@ -584,6 +598,8 @@ class Store:
         with self.session.transaction():
             self._run("touch_key", {"id": key_id, "now": time.time() if now is None else now})
 
+    # Idempotency
+
     def submit_idempotent(self, task: NewTask, key_id: int, idem_key: str, body_hash: str,
                           window: float, now: float | None = None) -> tuple[Task | None, str | None]:
         """Queue a task and remember its Idempotency-Key in one transaction, so neither exists without the other.
@@ -607,6 +623,8 @@ class Store:
             self._run("record_idempotent", {"key_id": key_id, "idem_key": idem_key, "body_hash": body_hash,
                                                     "task_id": created.id, "now": params["created_at"]})
             return created, None
+
+    # Retention and the files
 
     def expire_finished(self, before: float, now: float | None = None) -> int:
         """Remove tasks that finished before `before`, remembering their ids as expired; returns how many."""
@@ -680,6 +698,8 @@ class Store:
         with self.session.transaction():
             self._run("touch_queue_state")
 
+    # Quotas
+
     def count_requests(self, key_id: int, minute: int, n: int) -> int:
         """Add n requests of a key to its count for a (Unix) minute; returns the minute's count of every process."""
         with self.session.transaction():
@@ -688,6 +708,8 @@ class Store:
     def unfinished_of_key(self, key_id: int) -> int:
         """A key's waiting and processing tasks."""
         return int(self._run("unfinished_of_key", {"key_id": key_id}).fetchone()[0])
+
+    # Metrics
 
     def set_forecast(self, task_id: str, seconds: float) -> None:
         """Keep the forecast a task got at submit (the metrics compare it with what it took)."""

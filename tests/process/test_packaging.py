@@ -34,8 +34,8 @@ def test_the_api_imports_no_model_stack():
     assert "flask" in loaded
 
 
-def test_the_core_and_the_forecast_import_neither_stack():
-    loaded = imported_by("import mflux_server.core.store, mflux_server.core.settings, mflux_server.core.catalog, "
+def test_the_store_the_core_and_the_forecast_import_neither_stack():
+    loaded = imported_by("import mflux_server.store, mflux_server.core.settings, mflux_server.core.catalog, "
                          "mflux_server.core.logs, mflux_server.forecast.queue_view")
     assert not loaded & set(WEB_STACK + MODEL_STACK), loaded & set(WEB_STACK + MODEL_STACK)
 
@@ -60,7 +60,8 @@ def test_the_wheel_installs_one_namespace_with_its_sql(tmp_path: Path):
         inside = [n[len(folder):] for n in names if n.startswith(folder)]
         shipped = sorted(n for n in inside if n.endswith(".sql") and "/" not in n)
         assert shipped == [name for _, name, _ in migration_files(dialect)]
-    for module in ("mflux_server/core/queries.sql", "mflux_server/worker/cli.py", "mflux_server/worker/engines/mflux.py",
+    for module in ("mflux_server/store/queries.sql", "mflux_server/store/sqlite/queries.sql",
+                   "mflux_server/store/postgresql/queries.sql", "mflux_server/worker/cli.py", "mflux_server/worker/engines/mflux.py",
                    "mflux_server/api/app.py", "mflux_server/forecast/cost_model.py", "mflux_server/web/index.html",
                    "mflux_server/web/app.js", "mflux_server/web/style.css", "mflux_server/client/cli.py"):
         assert module in names
