@@ -61,7 +61,8 @@ def test_the_wheel_installs_one_namespace_with_its_sql(tmp_path: Path):
         shipped = sorted(n for n in inside if n.endswith(".sql") and "/" not in n)
         assert shipped == [name for _, name, _ in migration_files(dialect)]
     for module in ("mflux_server/store/queries.sql", "mflux_server/store/sqlite/queries.sql",
-                   "mflux_server/store/postgresql/queries.sql", "mflux_server/worker/cli.py", "mflux_server/worker/engines/mflux.py",
+                   "mflux_server/store/postgresql/queries.sql", "mflux_server/worker/cli.py",
+                   "mflux_server/worker/engines/mflux.py",
                    "mflux_server/api/app.py", "mflux_server/forecast/cost_model.py", "mflux_server/web/index.html",
                    "mflux_server/web/app.js", "mflux_server/web/style.css", "mflux_server/client/cli.py"):
         assert module in names
