@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -41,11 +42,19 @@ def run(checkout: Path, name: str, out: Path) -> dict[tuple[str, str], tuple[str
     if not page.exists():
         return {}
     rows = {}
-    for line in page.read_text().splitlines():
+    lines = page.read_text().splitlines()
+    start = lines.index("| benchmark | figure | value | target | met |") + 2
+    for line in lines[start:]:  # the summary table only, up to its end (explanations hold tables of their own)
+        if not line.startswith("|"):
+            break
         cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
-        if len(cells) == 5 and cells[0] not in ("benchmark", "---"):
-            rows[(cells[0], cells[1])] = (cells[2], cells[3], cells[4])
+        rows[(cells[0], same_figure(cells[1]))] = (cells[2], cells[3], cells[4])
     return rows
+
+
+def same_figure(label: str) -> str:
+    """A figure's label without the rate measured in it ("pollers every 100 ms (313/s)"), so runs line up."""
+    return re.sub(r" \(\d[\d,.]*/s\)", "", label)
 
 
 def table(before: dict, after: dict, ref: str) -> str:

@@ -58,7 +58,7 @@ def images_for(task: Task, data: bytes = b"img") -> list[StoredImage]:
 
 
 def reread(db_path: str, task_id: str) -> Task | None:
-    """Read one task afresh, on a connection of its own."""
+    """Read one task afresh, on a session of its own."""
     db = store.connect(db_path)
     try:
         return db.get(task_id)
@@ -144,10 +144,10 @@ def store_db(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 @pytest.fixture
 def db(db_path: str) -> Iterator[Store]:
-    """A connection to the fresh queue."""
-    connection = store.connect(db_path)
-    yield connection
-    connection.close()
+    """A store session with the fresh queue."""
+    session = store.connect(db_path)
+    yield session
+    session.close()
 
 
 @pytest.fixture
