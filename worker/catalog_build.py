@@ -8,12 +8,17 @@ rebuilds it and fails when the committed file no longer matches mflux.
 from __future__ import annotations
 
 import argparse
+import gzip
+import importlib
 import json
+import pkgutil
 import sys
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from mflux_server.core.catalog import CATALOG_FILE
+from mflux_server.core.lora_library import PATTERNS_FILE
 from mflux_server.core.rows import REFERENCE_ROLES
 from mflux_server.worker.engines.families import FAMILIES, Family
 
@@ -24,6 +29,29 @@ _REFERENCE_PARAMETERS = {"image_path", "image_paths"}
 # A class that takes a list of references (image_paths) edits from several; mflux sets no limit, so the
 # server does (each is a full image in the request body and on the GPU): 'image' plus the further roles.
 MAX_REFERENCES = 1 + len(REFERENCE_ROLES)
+
+
+def lora_patterns(family: Family) -> list[str]:
+    """The tensor names mflux applies from a LoRA file to a family (its LoRA mapping's patterns, {block} for a
+    block number); empty where mflux has no LoRA mapping for the family."""
+    package = family.model_class.split(":")[0].split(".")
+    weights = ".".join(package[:3] + ["weights"])  # mflux.models.<package>.weights
+    try:
+        folder = importlib.import_module(weights)
+    except ModuleNotFoundError:
+        return []
+    patterns: set[str] = set()
+    for module in pkgutil.iter_modules(folder.__path__):
+        if not module.name.endswith("lora_mapping"):
+            continue
+        loaded = importlib.import_module(f"{weights}.{module.name}")
+        for name, value in vars(loaded).items():
+            if name.endswith("LoRAMapping") and name != "LoRAMapping" and hasattr(value, "get_mapping"):
+                for target in value.get_mapping():
+                    for field in fields(target):
+                        if field.name.startswith("possible_"):
+                            patterns.update(getattr(target, field.name))
+    return sorted(patterns)
 
 
 def capabilities(family: Family, supports_guidance: bool | None) -> dict[str, bool]:
@@ -43,6 +71,8 @@ def capabilities(family: Family, supports_guidance: bool | None) -> dict[str, bo
         "negative_prompt": "negative_prompt" in main,
         # mflux marks models that ignore guidance (schnell, the turbo distillations) supports_guidance=False.
         "guidance": "guidance" in main and supports_guidance is not False,
+        # LoRAs per request: mflux maps LoRA files onto the family, and its class takes lora_paths.
+        "loras": bool(lora_patterns(family)) and "lora_paths" in family.init_parameters(),
     }
 
 
@@ -109,19 +139,29 @@ def render(data: dict[str, Any]) -> str:
     return json.dumps(data, indent=1, sort_keys=False) + "\n"
 
 
+def build_patterns() -> bytes:
+    """Every family's LoRA patterns, gzipped with no timestamp so that a rebuild compares byte for byte."""
+    data = {family.name: lora_patterns(family) for family in FAMILIES}
+    text = json.dumps({name: patterns for name, patterns in data.items() if patterns}, indent=0, sort_keys=True)
+    return gzip.compress(text.encode(), compresslevel=9, mtime=0)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Write the catalog, or with --check report whether the committed one still matches mflux."""
     parser = argparse.ArgumentParser(prog="python -m mflux_server.worker.catalog_build", description=__doc__)
     parser.add_argument("--check", action="store_true", help="compare instead of writing; exit 1 on a difference")
     parser.add_argument("--output", type=Path, default=CATALOG_FILE)
     args = parser.parse_args(argv)
-    text = render(build())
+    text, patterns = render(build()), build_patterns()
     if args.check:
         same = args.output.exists() and args.output.read_text() == text
-        print("catalog matches mflux" if same else f"{args.output} is stale: rebuild it", file=sys.stderr)
+        same = same and PATTERNS_FILE.exists() and PATTERNS_FILE.read_bytes() == patterns
+        print("catalog matches mflux" if same else f"{args.output} or {PATTERNS_FILE.name} is stale: rebuild them",
+              file=sys.stderr)
         return 0 if same else 1
     args.output.write_text(text)
-    print(f"wrote {args.output}", file=sys.stderr)
+    PATTERNS_FILE.write_bytes(patterns)
+    print(f"wrote {args.output} and {PATTERNS_FILE}", file=sys.stderr)
     return 0
 
 

@@ -11,6 +11,7 @@ from typing import TypeVar
 
 from PIL import Image
 
+from mflux_server.core.lora_library import Library
 from mflux_server.core.rows import REFERENCE_ROLES, Task
 from mflux_server.core.scheduling import choose_model
 from mflux_server.core.settings import Settings
@@ -157,6 +158,7 @@ class ClaimLoop:
         # The largest image per model (its memory need; lowered when it runs out of memory), as published.
         self.limits = dict(limits or {})
         self.preview_cost = PreviewCost()
+        self.library = Library(settings.lora_dir)
 
     def claim(self, now: float | None = None) -> Task | None:
         """Claim the next task this worker should run, per choose_model; None when nothing it serves waits."""
@@ -248,6 +250,23 @@ class ClaimLoop:
         if task.width * task.height > self.limit_for(task.model):
             self.writer.send(TaskFailed(task, too_large(task, self.limit_for(task.model), "")))
             return previous
+        loras = []
+        for name, scale in task.lora_set:
+            found = self.library.get(name)
+            if found is None:  # the API found it in its --lora-dir: this worker's folder differs
+                self.writer.send(TaskFailed(task, f"LoRA {name!r} is not in this worker's LoRA library "
+                                                  f"({self.settings.lora_dir or 'no --lora-dir'}); give the API and "
+                                                  "every worker the same --lora-dir"))
+                return previous
+            loras.append((str(found.path), scale))
+        try:  # before the images' timings start: a set change is a reload, not a slow first step
+            self.engine.use_loras(tuple(loras))
+        except Exception as exc:
+            log.exception("task %s: its LoRAs could not be applied", task.id)
+            self.writer.send(TaskFailed(task, f"its LoRAs could not be applied: {type(exc).__name__}: {exc}"))
+            if self.engine.model is None:
+                raise WorkerBroken(f"no model held after a failed LoRA change: {exc}") from exc
+            return previous
         # Most tasks have no input images: no read for them (a round trip fewer between generations on PostgreSQL).
         stored_inputs = self.stored("reading input images",
                                     lambda: self.db.inputs(task.id)) if task.input_count else {}
@@ -258,7 +277,7 @@ class ClaimLoop:
             for index in range(task.count):
                 job = Job(task.prompt, task.seed + index, task.width, task.height, task.steps,
                           None if task.guidance_auto else task.guidance, task.negative_prompt, inputs.get("image"),
-                          inputs.get("mask"), task.image_strength, references)
+                          inputs.get("mask"), task.image_strength, references, tuple(loras))
                 timer = StepTimer(task, index, self.publisher, self.stopping)
                 started = time.time()
                 if previous is not None:

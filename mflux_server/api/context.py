@@ -7,6 +7,7 @@ from flask import Flask, current_app, g, has_app_context
 from mflux_server import store
 from mflux_server.api.event_hub import EventHub
 from mflux_server.core import native
+from mflux_server.core.lora_library import Library
 from mflux_server.core.settings import Settings
 from mflux_server.forecast.queue_view import Forecaster
 from mflux_server.store import Store
@@ -49,6 +50,7 @@ def init_app(app: Flask, config: Settings) -> None:
     app.teardown_appcontext(_give_back_session)
     app.extensions["mflux_forecaster"] = Forecaster(connect=lambda: store.connect(config.db))
     app.extensions["mflux_event_hub"] = EventHub(connect=lambda: store.connect(config.db))
+    app.extensions["mflux_loras"] = Library(config.lora_dir)
 
 
 def _give_back_session(_error: BaseException | None) -> None:
@@ -61,6 +63,12 @@ def db() -> Store:
     """The current thread's (or request's) session with the app's queue."""
     sessions: Sessions = current_app.extensions["mflux_sessions"]
     return sessions.get()
+
+
+def lora_library() -> Library:
+    """The LoRA files requests may name (--lora-dir)."""
+    library: Library = current_app.extensions["mflux_loras"]
+    return library
 
 
 def settings() -> Settings:

@@ -148,6 +148,26 @@ def _callback_url(value: str) -> None:
         raise ma.ValidationError(str(refused)) from None
 
 
+MAX_LORAS = 4  # LoRAs one request may stack (each is a file on the GPU beside the model)
+LORA_SCALE = 4.0  # scales outside ±this are not a style any more, only noise
+
+
+class LoraEntry(ma.Schema):
+    """One LoRA of a request: a name from GET /api/loras and its scale."""
+
+    class Meta:
+        unknown = ma.RAISE
+
+    error_messages = {"type": "each entry must be an object with name and scale", "unknown": "unknown field"}
+
+    name = fields.String(required=True, validate=validate.Length(1, 255),
+                         metadata={"description": "a name from GET /api/loras (its path in the server's --lora-dir, "
+                                                  "without .safetensors)", "example": "styles/ink"})
+    scale = fields.Float(load_default=1.0, validate=validate.Range(-LORA_SCALE, LORA_SCALE),
+                         metadata={"description": f"how strongly it applies, -{LORA_SCALE:g} to {LORA_SCALE:g} "
+                                                  "(default 1)"})
+
+
 class GenerateRequest(ma.Schema):
     """A text-to-image request; the fields and types of the original mflux-server's examples."""
 
@@ -201,6 +221,9 @@ class GenerateRequest(ma.Schema):
                        "also edit, sending it picks image-to-image over edit"})
     mask = ImageField(load_default=None, metadata={
         "description": "inpaint mask, same encoding and size as image: white repaints, black keeps"})
+    loras = fields.List(fields.Nested(LoraEntry), load_default=None, validate=validate.Length(max=MAX_LORAS), metadata={
+        "description": f"LoRAs to apply, in order, at most {MAX_LORAS}: each a name from GET /api/loras that fits the "
+                       "model's family, with its scale. Absent: the workers' default set (--lora-paths)"})
     callback_url = fields.String(load_default=None, validate=_callback_url, metadata={
         "description": "an http(s) URL POSTed once the task ends (done, error or canceled), signed per Standard "
                        "Webhooks; public addresses only unless the server runs with --webhook-allow-private"})
@@ -251,6 +274,7 @@ class TaskStatus(ma.Schema):
     count = fields.Integer()
     format = fields.String()
     priority = fields.Boolean()
+    loras = fields.List(fields.Nested(LoraEntry), metadata={"description": "the LoRAs asked for, with their scales"})
     attempts = fields.Integer(metadata={"description": "times a worker started this task"})
     created_at = fields.Float(metadata={"description": "Unix time"})
     started_at = fields.Float(allow_none=True)

@@ -1,4 +1,5 @@
-"""GET /api/models: every model the server knows, its family and capabilities, and which live workers serve it."""
+"""GET /api/models: every model the server knows, its family and capabilities, and which live workers serve it;
+GET /api/loras: the LoRA library requests may name."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from flask.views import MethodView
 from flask_smorest import Blueprint
 from marshmallow import fields
 
-from mflux_server.api.context import db
+from mflux_server.api.context import db, lora_library
 from mflux_server.api.request_body import StrictParser
 from mflux_server.api.task_view import live_workers
 from mflux_server.core import catalog
@@ -28,6 +29,7 @@ class CapabilitiesSchema(ma.Schema):
     inpaint = fields.Boolean(metadata={"description": "repaints `image` where `mask` is white"})
     negative_prompt = fields.Boolean(metadata={"description": "takes `negative_prompt`"})
     guidance = fields.Boolean(metadata={"description": "`guidance` changes the image (distilled models ignore it)"})
+    loras = fields.Boolean(metadata={"description": "takes `loras` (LoRAs per request, from GET /api/loras)"})
 
 
 class ServingWorker(ma.Schema):
@@ -62,6 +64,24 @@ class ModelSchema(ma.Schema):
     quantize = fields.Integer(allow_none=True, metadata={"description": "quantization of a worker holding it"})
     load_seconds = fields.Float(allow_none=True, metadata={
         "description": "measured mean seconds to load it (and warm it up); charged in the forecast of a switch"})
+
+
+class LoraSchema(ma.Schema):
+    """One LoRA of the library."""
+
+    name = fields.String(metadata={"description": "what to send in `loras`: its path under --lora-dir, without "
+                                                  ".safetensors", "example": "styles/ink"})
+    bytes = fields.Integer(metadata={"description": "the file's size"})
+    families = fields.List(fields.String(), metadata={
+        "description": "the model families it fits (GET /api/models: family), read from its tensor names; empty when "
+                       "it fits none mflux knows"})
+
+
+class LoraList(ma.Schema):
+    """The LoRA library."""
+
+    loras = fields.List(fields.Nested(LoraSchema))
+    library = fields.Boolean(metadata={"description": "false when the server runs without --lora-dir"})
 
 
 class ModelList(ma.Schema):
@@ -113,3 +133,14 @@ class ModelCollection(MethodView):
             if resolved is not None:
                 entries.append(describe(name, resolved.info, workers, loads))
         return {"models": entries}
+
+
+@blp.route("/loras")
+class LoraCollection(MethodView):
+    """The LoRA library (--lora-dir)."""
+
+    @blp.response(200, LoraList)
+    def get(self) -> dict[str, Any]:
+        """Every LoRA file requests may name in `loras`, with its size and the model families it fits."""
+        library = lora_library()
+        return {"loras": [found.as_dict() for found in library.files().values()], "library": library.folder is not None}

@@ -13,13 +13,13 @@ import marshmallow as ma
 from flask import g, request
 
 from mflux_server.api.auth import by_cookie, current_key
-from mflux_server.api.context import db, forecaster, settings
+from mflux_server.api.context import db, forecaster, lora_library, settings
 from mflux_server.api.errors import abort_json
 from mflux_server.api.generation_schemas import MAX_SEED, MIN_SIZE
 from mflux_server.api.image_inputs import RawImage, verified
 from mflux_server.api.task_view import live_workers
 from mflux_server.core import catalog, structured_prompts
-from mflux_server.core.rows import REFERENCE_ROLES, InputImage, NewTask, Task, Worker
+from mflux_server.core.rows import REFERENCE_ROLES, InputImage, LoraSet, NewTask, Task, Worker, lora_set_text
 
 # mflux's default image-to-image strength (mflux.cli.defaults.IMAGE_STRENGTH).
 DEFAULT_IMAGE_STRENGTH = 0.4
@@ -119,6 +119,30 @@ def check_inputs(body: dict[str, Any], info: catalog.ModelInfo, served: str) -> 
     return tuple(inputs)
 
 
+def check_loras(entries: list[dict[str, Any]] | None, info: catalog.ModelInfo, served: str) -> LoraSet:
+    """The request's LoRAs, each found in the library and fitting the model's family; a 422 names the entry."""
+    if not entries:
+        return ()
+    if not info.capabilities.loras:
+        _reject("loras", f"model {served} takes no LoRAs (GET /api/models: capabilities.loras)")
+    library = lora_library()
+    if library.folder is None:
+        _reject("loras", "this server has no LoRA library (it runs without --lora-dir)")
+    seen: set[str] = set()
+    for number, entry in enumerate(entries):
+        name, field = entry["name"], f"loras.{number}.name"
+        found = library.get(name)
+        if found is None:
+            _reject(field, f"no LoRA named {name!r} in the library; GET /api/loras lists them")
+        if name in seen:
+            _reject(field, f"{name!r} is named twice; give it once, with its scale")
+        seen.add(name)
+        if info.family not in found.families:
+            fits = ", ".join(found.families) or "no model family mflux knows"
+            _reject(field, f"{name!r} fits {fits}, not {served} (family {info.family})")
+    return tuple((entry["name"], float(entry["scale"])) for entry in entries)
+
+
 def _verified(raw: RawImage, field: str, role: str = "image") -> InputImage:
     """Decode and verify one input image on the decode pool; a bad one is a 422 naming its field."""
     try:
@@ -185,6 +209,7 @@ def queue_task(body: dict[str, Any], surface: str = "native", keep_for: float | 
                    message=f"no live worker serves {resolved.served}; the live workers serve {', '.join(sorted(served))}. "
                            "The task was not queued")
     info = resolved.info
+    loras = check_loras(body.get("loras"), info, resolved.served)
     inputs = check_inputs(body, info, resolved.served)
     width, height = output_size(body, inputs[0] if inputs else None)
     limit = pixel_limit(live, resolved.served)
@@ -207,7 +232,7 @@ def queue_task(body: dict[str, Any], surface: str = "native", keep_for: float | 
                    negative_prompt=body["negative_prompt"] or None, image_strength=image_strength,
                    guidance_auto=guidance is None, inputs=inputs, surface=surface,
                    callback_url=body.get("callback_url"), link_base=settings().public_url or request.host_url, keep_for=keep_for,
-                   client_user=client_user, key_id=key.id if key else None)
+                   client_user=client_user, key_id=key.id if key else None, loras=lora_set_text(loras))
     if fair_scheduling():
         task = replace(task, fair_cost=forecaster().cost_model(db()).gpu_seconds(task))
     created = submit_once(task, key.id if key else 0)

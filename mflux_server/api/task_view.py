@@ -65,6 +65,7 @@ def summary(task: Task) -> dict[str, Any]:
         "count": task.count, "format": task.format, "priority": bool(task.priority), "attempts": task.attempts,
         "created_at": task.created_at, "started_at": task.started_at, "finished_at": task.finished_at,
         "progress": progress(task), "owner_key": task.key_id,  # owner_key: for filtering; no schema shows it
+        "loras": [{"name": name, "scale": scale} for name, scale in task.lora_set],
     } | webhook_view(task)
 
 

@@ -12,7 +12,7 @@ from marshmallow import fields, validate
 from mflux_server.api.auth import owner_filter
 from mflux_server.api.context import db, settings
 from mflux_server.api.errors import ErrorSchema
-from mflux_server.api.generation_schemas import MAX_OFFSET, Progress, StrictInteger, TaskStatus
+from mflux_server.api.generation_schemas import MAX_OFFSET, LoraEntry, Progress, StrictInteger, TaskStatus
 from mflux_server.api.request_body import StrictParser
 from mflux_server.api.task_view import NOT_FOUND, get_task_or_404, summary, task_status
 from mflux_server.core import disk_reserve
@@ -47,6 +47,7 @@ class TaskSummary(ma.Schema):
     count = fields.Integer()
     format = fields.String()
     priority = fields.Boolean()
+    loras = fields.List(fields.Nested(LoraEntry), metadata={"description": "the LoRAs asked for, with their scales"})
     progress = fields.Nested(Progress)
     error = fields.String(allow_none=True)
     created_at = fields.Float()

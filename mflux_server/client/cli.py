@@ -25,6 +25,17 @@ def parse_size(text: str) -> tuple[int, int]:
     return int(width), int(height)
 
 
+def parse_lora(text: str) -> dict[str, Any]:
+    """'styles/ink' or 'styles/ink:0.8' as a loras entry (the scale defaults to 1)."""
+    name, sep, scale = text.rpartition(":")
+    if not sep:
+        return {"name": text, "scale": 1.0}
+    try:
+        return {"name": name, "scale": float(scale)}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a LoRA is NAME or NAME:SCALE, e.g. styles/ink:0.8; got {text!r}") from None
+
+
 def progress_line(state: dict[str, Any]) -> str | None:
     """One line saying where a task is: queue position and forecast, or image, step and a bar; None for an event
     that changes none of it (a preview)."""
@@ -56,7 +67,8 @@ def generate(client: Client, args: argparse.Namespace) -> int:
     """Submit, follow with a progress line on stderr, write every image, print their paths."""
     fields: dict[str, Any] = {"model": args.model, "steps": args.steps, "seed": args.seed, "count": args.count,
                               "format": args.format, "guidance": args.guidance, "negative_prompt": args.negative_prompt,
-                              "image_strength": args.strength, "priority": args.priority or None}
+                              "image_strength": args.strength, "priority": args.priority or None,
+                              "loras": args.lora}
     if args.size:
         fields["width"], fields["height"] = args.size
     live = sys.stderr.isatty()
@@ -133,6 +145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     gen.add_argument("--strength", type=float, help="image-to-image strength, 0 to 1")
     gen.add_argument("--mask", help="inpaint mask file (white repaints)")
     gen.add_argument("--priority", action="store_true")
+    gen.add_argument("--lora", action="append", type=parse_lora, metavar="NAME[:SCALE]",
+                     help="a LoRA from the server's library (GET /api/loras), repeatable; scale 1 unless given")
     for name, helptext in (("status", "a task's status"), ("cancel", "cancel or delete a task")):
         commands.add_parser(name, help=helptext, parents=[after]).add_argument("task_id")
     listing = commands.add_parser("list", help="the queue and recent tasks", parents=[after])

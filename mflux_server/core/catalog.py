@@ -24,6 +24,7 @@ class Capabilities:
     inpaint: bool  # an image plus a mask; white repaints
     negative_prompt: bool
     guidance: bool
+    loras: bool  # LoRAs per request (mflux maps LoRA files onto the family)
 
     def as_dict(self) -> dict[str, bool]:
         """The capabilities as a JSON object."""

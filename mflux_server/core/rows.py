@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import json
 from dataclasses import dataclass, fields
 from typing import Any, NamedTuple, Self
 
@@ -66,6 +67,21 @@ class NewTask:
     client_user: str | None = None
     key_id: int | None = None  # the API key that submitted it
     fair_cost: float | None = None  # forecast engine seconds, for its fair tag; None: first-in first-out
+    loras: str = ""  # the LoRAs asked for, lora_set_text()'s JSON; "" for none (the worker's default set)
+
+
+# LoRAs by library name with their scales, in the order given (the order mflux applies them in).
+LoraSet = tuple[tuple[str, float], ...]
+
+
+def lora_set_text(loras: LoraSet) -> str:
+    """The tasks.loras column: a JSON list of [name, scale], or "" for none."""
+    return json.dumps([[name, scale] for name, scale in loras], separators=(",", ":")) if loras else ""
+
+
+def lora_set_of(text: str) -> LoraSet:
+    """The tasks.loras column read back."""
+    return tuple((str(name), float(scale)) for name, scale in json.loads(text)) if text else ()
 
 
 # The roles of an edit's further reference images, after 'image' (migration 0005 allows exactly these).
@@ -124,10 +140,16 @@ class Task(FromRow):
     fair_tag: float
     fair_start: float
     input_count: int = 0  # input images it was submitted with (the worker reads them only when there are some)
+    loras: str = ""  # the LoRAs asked for (lora_set_text's JSON), "" for none
 
     def __post_init__(self) -> None:
         # sqlite hands the status back as a plain string; the enum is what everyone compares with.
         object.__setattr__(self, "status", Status(self.status))
+
+    @property
+    def lora_set(self) -> LoraSet:
+        """The LoRAs asked for, in order, with their scales."""
+        return lora_set_of(self.loras)
 
 
 @dataclass(frozen=True, slots=True)

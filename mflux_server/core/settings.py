@@ -146,6 +146,9 @@ class Settings:
     model_path: str | None = setting(None, "load weights from this local folder instead of the Hugging Face cache", "worker")
     lora_paths: list[str] = setting(None, "LoRA .safetensors files to apply (space or comma separated)", "worker", _list(str))
     lora_scales: list[float] = setting(None, "scale of each LoRA, in the same order", "worker", _list(float))
+    lora_dir: str | None = setting(
+        None, "a folder of LoRA .safetensors files that requests may name (loras), listed by GET /api/loras; give the "
+        "API and every worker the same folder", parse=_optional(str))
     gpu_cache_limit: float | None = setting(
         None, "GiB of freed GPU buffers MLX may keep cached (like the original server's --cache_limit)", "worker",
         _optional(_non_negative(float)))

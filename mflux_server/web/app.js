@@ -5,7 +5,7 @@ const store = {
   get: (key, fallback) => { try { return JSON.parse(localStorage.getItem("mflux." + key)) ?? fallback; } catch { return fallback; } },
   set: (key, value) => localStorage.setItem("mflux." + key, JSON.stringify(value)),
 };
-const state = { models: [], tasks: store.get("tasks", []), gallery: store.get("gallery", []), views: {}, source: null,
+const state = { models: [], loras: [], tasks: store.get("tasks", []), gallery: store.get("gallery", []), views: {}, source: null,
                 followed: "", image: null, maskDirty: false, polling: null, strokes: [], info: {}, viewing: -1 };
 
 async function api(path, options = {}) {
@@ -51,9 +51,10 @@ function persist() {
 // ---- models and the fields each can use ------------------------------------------------------------------------
 async function loadModels() {
   try {
-    const [models, info] = await Promise.all([api("/api/models"), api("/api/info")]);
-    state.info = info;
-    const signature = JSON.stringify(models.models.map((m) => [m.name, m.served]));
+    const [models, info, loras] = await Promise.all([api("/api/models"), api("/api/info"),
+      api("/api/loras").catch(() => ({ loras: [] }))]);
+    state.info = info; state.loras = loras.loras;
+    const signature = JSON.stringify([models.models.map((m) => [m.name, m.served]), state.loras.map((l) => l.name)]);
     if (signature === state.modelSignature) return;  // nothing changed: leave the menu (and an open one) alone
     state.modelSignature = signature; state.models = models.models;
     const select = $("#model"), wanted = select.value || store.get("field.model", null) || info.default_model;
@@ -83,10 +84,57 @@ async function loadModels() {
 
 function currentModel() { return state.models.find((m) => m.name === $("#model").value); }
 
+// ---- LoRAs: rows of a library LoRA that fits the model, and its scale --------------------------------------------
+const MAX_LORAS = 4;
+
+function fittingLoras() {
+  const model = currentModel();
+  return (state.loras || []).filter((lora) => model && lora.families.includes(model.family));
+}
+
+function fillLoraSelect(select, wanted) {
+  select.innerHTML = "";
+  for (const lora of fittingLoras()) select.append(new Option(lora.name, lora.name));
+  if (wanted && [...select.options].some((o) => o.value === wanted)) select.value = wanted;
+}
+
+function addLora(name, scale = 1) {
+  const row = document.createElement("li");
+  row.innerHTML = `<select aria-label="LoRA"></select>
+    <input type="number" step="0.05" min="-4" max="4" aria-label="scale" title="scale, -4 to 4">
+    <button type="button" class="ghost small" aria-label="remove this LoRA">×</button>`;
+  fillLoraSelect(row.querySelector("select"), name);
+  row.querySelector("input").value = String(scale);
+  row.querySelector("button").addEventListener("click", () => { row.remove(); clearFieldError("loras"); applyLoras(); });
+  for (const el of row.querySelectorAll("select, input")) el.addEventListener("input", () => clearFieldError("loras"));
+  $("#lora-list").append(row);
+  applyLoras();
+  return row;
+}
+
+function applyLoras() {  // the model changed, or a row came or went: offer what fits, at most MAX_LORAS rows
+  const fitting = fittingLoras(), rows = [...$("#lora-list").children];
+  for (const row of rows) {
+    const select = row.querySelector("select");
+    fillLoraSelect(select, select.value);
+    if (!select.options.length) row.remove();
+  }
+  const count = $("#lora-list").children.length;
+  $("#lora-add").disabled = !fitting.length || count >= MAX_LORAS;
+  $("#lora-hint").textContent = !fitting.length ? "" : count >= MAX_LORAS ? `at most ${MAX_LORAS}`
+    : `${fitting.length} in the library fit${fitting.length === 1 ? "s" : ""} this model`;
+}
+
+function chosenLoras() {
+  return [...$("#lora-list").children].map((row) => ({
+    name: row.querySelector("select").value, scale: Number(row.querySelector("input").value || 1) }));
+}
+
 function applyModel() {
   const model = currentModel(), caps = model?.capabilities || {};
   const can = { negative_prompt: caps.negative_prompt, guidance: caps.guidance, inpaint: caps.inpaint,
-                image_to_image: caps.image_to_image, image: caps.image_to_image || caps.edit || caps.inpaint };
+                image_to_image: caps.image_to_image, image: caps.image_to_image || caps.edit || caps.inpaint,
+                loras: caps.loras && fittingLoras().length > 0 };
   for (const el of document.querySelectorAll("[data-needs]")) el.hidden = model ? !can[el.dataset.needs] : false;
   $("#strength-field").hidden = !caps.image_to_image || (caps.edit && !$("#image_strength").dataset.touched);
   const hints = [];
@@ -99,6 +147,8 @@ function applyModel() {
   $("#model-hint").textContent = hints.join(" · ");
   $("#steps").placeholder = model ? String(model.default_steps) : "model default";
   $("#mask-canvas").hidden = !caps.inpaint;
+  if (!model) $("#loras-field").hidden = true;
+  applyLoras();
 }
 
 // ---- size presets ----------------------------------------------------------------------------------------------
@@ -247,6 +297,7 @@ async function submit(event) {
   if (caps.guidance) body.guidance = number("#guidance");
   if (caps.negative_prompt && $("#negative_prompt").value.trim()) body.negative_prompt = $("#negative_prompt").value;
   if (!$("#seed-random").checked) body.seed = number("#seed");
+  if (caps.loras && !$("#loras-field").hidden && $("#lora-list").children.length) body.loras = chosenLoras();
   if (state.image && (caps.image_to_image || caps.edit || caps.inpaint)) {
     body.image = state.image;
     if (caps.inpaint) body.mask = maskDataUrl();
@@ -461,6 +512,7 @@ $("#seed").addEventListener("input", () => {  // a typed seed is meant: it is se
     $("#seed-random").checked = false; $("#seed-random").dispatchEvent(new Event("change"));
   }
 });
+$("#lora-add").addEventListener("click", () => { const row = addLora(); row.querySelector("select").focus(); });
 setupViewer();
 setupImageInput();
 loadModels().then(() => { if (!$("#width").value) applyPreset(); });

@@ -17,7 +17,7 @@ mx = pytest.importorskip("mlx.core", reason="the engine tests need MLX (make ins
 from PIL import Image  # noqa: E402
 
 from mflux_server.core import catalog  # noqa: E402
-from mflux_server.worker.engines.base import Job  # noqa: E402
+from mflux_server.worker.engines.base import Job, ModelLoadFailed  # noqa: E402
 from mflux_server.worker.engines.families import family_named  # noqa: E402
 from mflux_server.worker.engines.mflux import TILE_DECODE_ABOVE_PIXELS, TILED_DECODE, MfluxEngine  # noqa: E402
 from tests import mflux_networks  # noqa: E402
@@ -174,3 +174,40 @@ def test_quantized_loading_runs_mflux_quantization_on_the_stand_ins():
 
     assert any(isinstance(module, nn.QuantizedLinear) for _, module in engine.adapter.model.transformer.named_modules())
     assert engine.generate(Job("a red fox", 1, 128, 128, 2, None), Recorder()).size == (128, 128)
+
+
+def test_a_jobs_lora_set_reaches_mfluxs_lora_loader_and_another_set_reloads_the_model(monkeypatch, tmp_path):
+    # Applying a LoRA bakes it into the full-size weights (gigabytes): that one step is stood in for. The rest is
+    # mflux's: the initializer hands the files to LoRALoader, whose own LoraResolution resolves each local file.
+    from mflux.models.common.lora.mapping.lora_loader import LoRALoader
+    from mflux.models.common.resolution.lora_resolution import LoraResolution
+
+    from tests.fast.test_loras import keys_only_in, write_lora
+
+    applied: list[tuple[list[str], list[float]]] = []
+
+    def apply(lora_mapping, transformer, lora_paths=None, lora_scales=None, role=None, bake_lora=True,
+              dense_weights=None):
+        paths = LoraResolution.resolve_paths(lora_paths)
+        if any("broken" in path for path in paths):
+            raise ValueError("the adapter and this model do not match")  # as mflux says of a mismatched file
+        applied.append((paths, list(lora_scales or [])))
+        return paths, list(lora_scales or [])
+
+    monkeypatch.setattr(LoRALoader, "load_and_apply_lora", staticmethod(apply))
+    default = str(write_lora(tmp_path / "default.safetensors", keys_only_in("flux1", "qwen-image")))
+    chosen = str(write_lora(tmp_path / "chosen.safetensors", keys_only_in("flux1", "qwen-image")))
+    engine = MfluxEngine("schnell", lora_paths=[default], lora_scales=[0.5], warm_up_steps=0)
+    assert applied == [([default], [0.5])], "the worker's default set, at load"
+    engine.generate(Job("a fox", 1, 128, 128, 2, None), Recorder())
+    assert len(applied) == 1, "a job without LoRAs runs the default set as loaded"
+    image = engine.generate(Job("a fox", 1, 128, 128, 2, None, loras=((chosen, 1.5), (default, -0.25))), Recorder())
+    assert applied[1:] == [([chosen, default], [1.5, -0.25])] and image.size == (128, 128)
+    engine.generate(Job("a fox", 1, 128, 128, 2, None, loras=((chosen, 1.5), (default, -0.25))), Recorder())
+    assert len(applied) == 2, "the same set again: no reload"
+    engine.generate(Job("a fox", 1, 128, 128, 2, None), Recorder())
+    assert applied[-1] == ([default], [0.5]) and engine.applied == ((default, 0.5),)
+    broken = str(write_lora(tmp_path / "broken.safetensors", keys_only_in("flux1", "qwen-image")))
+    with pytest.raises(ModelLoadFailed, match="do not match"):
+        engine.use_loras(((broken, 1.0),))
+    assert engine.model == "schnell" and engine.applied == ((default, 0.5),), "the default set is held again"

@@ -41,6 +41,32 @@ def test_the_committed_catalog_is_what_the_installed_mflux_builds():
     assert catalog.CATALOG_FILE.read_text() == render(build()), "run: python -m mflux_server.worker.catalog_build"
 
 
+def test_the_committed_lora_patterns_are_what_the_installed_mflux_maps():
+    from mflux_server.core.lora_library import PATTERNS_FILE
+    from mflux_server.worker.catalog_build import build_patterns
+
+    assert PATTERNS_FILE.read_bytes() == build_patterns(), "run: python -m mflux_server.worker.catalog_build"
+
+
+@pytest.mark.parametrize("family, mapping", [("flux1", "mflux.models.flux.weights.flux_lora_mapping:FluxLoRAMapping"),
+                                             ("qwen-image", "mflux.models.qwen.weights.qwen_lora_mapping:QwenLoRAMapping")])
+def test_a_lora_fits_a_family_exactly_when_mfluxs_own_matcher_maps_its_tensors(family, mapping, tmp_path):
+    import importlib
+
+    from mflux.models.common.lora.mapping.lora_loader import LoRALoader
+
+    from mflux_server.core.lora_library import families_of
+    from tests.fast.test_loras import keys_only_in
+
+    module, _, name = mapping.partition(":")
+    mappings = LoRALoader._build_pattern_mappings(getattr(importlib.import_module(module), name).get_mapping())
+    other = "qwen-image" if family == "flux1" else "flux1"
+    for keys, fits in ((keys_only_in(family, other), True), (keys_only_in(other, family), False)):
+        mflux_maps = all(any(LoRALoader._match_pattern(key, m.source_pattern) is not None for m in mappings)
+                         for key in keys)
+        assert mflux_maps is fits and (family in families_of(keys)) is fits, (family, keys[:2])
+
+
 def test_every_registry_key_is_served_by_a_family_or_refused_with_a_reason():
     from mflux.models.common.config.model_config import AVAILABLE_MODELS
 

@@ -24,6 +24,8 @@ class Job:
     mask: Image.Image | None = None  # white repaints, black keeps (inpaint)
     image_strength: float | None = None  # image-to-image: how much of the input survives, 0 to 1
     references: tuple[Image.Image, ...] = ()  # edit: more reference images after `image`, in order
+    # LoRA files with their scales, in order; empty: the engine's default set (--lora-paths).
+    loras: tuple[tuple[str, float], ...] = ()
 
     @property
     def pixels(self) -> int:
@@ -70,6 +72,9 @@ class Engine(Protocol):
 
     def load(self, model: str) -> None:
         """Load (and warm up) a model, replacing the one held; raises ModelLoadFailed with a reason."""
+
+    def use_loras(self, loras: tuple[tuple[str, float], ...]) -> None:
+        """Hold the model with this LoRA set (files and scales; empty: the default set) before a task's images."""
 
     def generate(self, job: Job, reporter: StepReporter) -> Image.Image:
         """Generate one image; reporter exceptions propagate unchanged; OutOfMemory when it did not fit."""

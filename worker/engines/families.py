@@ -45,6 +45,12 @@ class Family:
         module = importlib.import_module(self.cli)
         return (module.DEFAULT_MODEL, *getattr(module, "FAMILY_MODELS", ()))
 
+    def init_parameters(self) -> dict[str, inspect.Parameter]:
+        """The model class's constructor parameters (beyond self)."""
+        parameters = dict(inspect.signature(self.load_class().__init__).parameters)
+        parameters.pop("self", None)
+        return parameters
+
     def generate_parameters(self, edit: bool = False) -> dict[str, inspect.Parameter]:
         """generate_image's parameters (beyond self) of the class that serves a request."""
         parameters = dict(inspect.signature(self.load_class(edit).generate_image).parameters)

@@ -9,6 +9,7 @@ import inspect
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -166,8 +167,9 @@ class MfluxEngine:
         self.model: str | None = None
         self.quantize = quantize
         self.model_path = model_path  # applies to the first model only: it is where that model's weights are
-        self.lora_paths = lora_paths or None
-        self.lora_scales = lora_scales or None
+        # The default set (--lora-paths), applied when a job names none; `applied` is the set the model holds.
+        self.default_loras = tuple(zip(lora_paths or [], lora_scales or [1.0] * len(lora_paths or []), strict=True))
+        self.applied: tuple[tuple[str, float], ...] = ()
         self.vae_decode = vae_decode
         self.warm_up_size, self.warm_up_steps = warm_up_size, warm_up_steps
         self.adapter: Adapter | None = None
@@ -186,8 +188,10 @@ class MfluxEngine:
         """Written into every image file."""
         return f"mflux-server mflux engine, model {self.model}"
 
-    def load(self, model: str) -> None:
-        """Build the family's class for this model (dropping the one held), then warm it up with a tiny image."""
+    def load(self, model: str, loras: tuple[tuple[str, float], ...] | None = None, warm_up: bool = True) -> None:
+        """Build the family's class for this model with a LoRA set (default: --lora-paths), dropping the one held,
+        then warm it up with a tiny image."""
+        loras = self.default_loras if loras is None else loras
         resolved = catalog.resolve_reference(model)
         if resolved is None:
             raise ModelLoadFailed(f"unknown model {model!r}; the mflux engine runs: {', '.join(catalog.names())}")
@@ -200,24 +204,27 @@ class MfluxEngine:
         log.info("loading %s as %s (family %s, quantize=%s, path=%s)", model, resolved.info.name, family.name,
                  self.quantize, path)
         try:
-            built = self._construct(family, resolved.info.name, path, edit=False)
-            edit = self._construct(family, resolved.info.name, path, edit=True) if family.edit_class else None
+            built = self._construct(family, resolved.info.name, path, loras, edit=False)
+            edit = self._construct(family, resolved.info.name, path, loras, edit=True) if family.edit_class else None
         except Exception as exc:
             self._drop()
             raise ModelLoadFailed(f"could not load {model}: {type(exc).__name__}: {exc}") from exc
         self.adapter = Adapter(family, built, edit)
         self.bridge.latent_format = FORMATS[family.latent_format]
-        self.model = model
+        self.model, self.applied = model, loras
         self._tune(resolved.info.family)
-        self.warm_up()
+        if warm_up:
+            self.warm_up()
 
-    def _construct(self, family: Family, name: str, path: str | None, edit: bool) -> Any:
+    def _construct(self, family: Family, name: str, path: str | None, loras: tuple[tuple[str, float], ...],
+                   edit: bool) -> Any:
         from mflux.models.common.config import ModelConfig
 
         cls = family.load_class(edit)
         accepted = inspect.signature(cls.__init__).parameters
         kwargs: dict[str, Any] = {"model_config": ModelConfig.from_name(model_name=name), "quantize": self.quantize,
-                                  "model_path": path, "lora_paths": self.lora_paths, "lora_scales": self.lora_scales}
+                                  "model_path": path, "lora_paths": [file for file, _ in loras] or None,
+                                  "lora_scales": [scale for _, scale in loras] or None}
         instance = self._build(cls, {k: v for k, v in kwargs.items() if k in accepted and v is not None})
         instance.callbacks.register(self.bridge)
         return instance
@@ -244,8 +251,23 @@ class MfluxEngine:
         self._run(Job("warm-up", 0, side, side, self.warm_up_steps, None, image=grey, mask=mask), None)
         self._clear_cache()
 
+    def use_loras(self, loras: tuple[tuple[str, float], ...]) -> None:
+        """Hold the model with this LoRA set (empty: the default set); mflux bakes LoRAs into the weights at load,
+        so another set is another load, without the warm-up (the kernels stay compiled)."""
+        wanted, model = loras or self.default_loras, self.model
+        if wanted != self.applied and model is not None:
+            started = time.perf_counter()
+            try:
+                self.load(model, wanted, warm_up=False)
+            except ModelLoadFailed:
+                self.load(model, self.default_loras, warm_up=False)  # a bad file must not leave no model held
+                raise
+            log.info("applied LoRA set %s in %.2f s", [Path(file).name for file, _ in wanted] or "none",
+                     time.perf_counter() - started)
+
     def generate(self, job: Job, reporter: StepReporter) -> Image.Image:
-        """Run mflux's generate_image with our step bridge attached."""
+        """Run mflux's generate_image with our step bridge attached, on the job's LoRA set."""
+        self.use_loras(job.loras)  # the claim loop did this already, outside the image's timing
         return self._run(job, reporter)
 
     def _run(self, job: Job, reporter: StepReporter | None) -> Image.Image:

@@ -73,6 +73,23 @@ def with_inputs(pattern: Image.Image, job: Job) -> Image.Image:
     return pattern
 
 
+LORA_TINT_PER_SCALE = 0.15  # how far a LoRA of scale 1 pulls the picture towards its colour
+
+
+def lora_colour(path: str) -> tuple[int, int, int]:
+    """The colour a LoRA file tints synthetic pictures with: one per file name, the same on every run."""
+    digest = hashlib.sha256(Path(path).name.encode()).digest()
+    return (digest[0], digest[1], digest[2])
+
+
+def with_loras(pattern: Image.Image, job: Job) -> Image.Image:
+    """Show the job's LoRAs visibly: each tints the picture towards its colour, as far as its scale says."""
+    for path, scale in job.loras:
+        share = min(1.0, LORA_TINT_PER_SCALE * abs(scale))
+        pattern = Image.blend(pattern, Image.new("RGB", pattern.size, lora_colour(path)), share)
+    return pattern
+
+
 class SyntheticEngine:
     """Sleeps a + b·mp + c·mp² seconds a step, plus fixed seconds before and after the loop, then draws.
 
@@ -118,6 +135,9 @@ class SyntheticEngine:
         time.sleep(self.load_seconds / self.speed)
         self.model, self.broken = model, None
 
+    def use_loras(self, loras: tuple[tuple[str, float], ...]) -> None:
+        """Nothing to load: each job's LoRAs tint its picture (with_loras)."""
+
     def reset(self) -> None:
         """Forget the fault and 'reload' the held model."""
         if self.model is not None:
@@ -148,7 +168,7 @@ class SyntheticEngine:
         reporter.loop_started()
         per_step = self.step_seconds(job.width, job.height)
         # Drawn while the first step "runs" (its time is a deadline), so previews can reveal it.
-        image = with_inputs(draw(job), job)
+        image = with_loras(with_inputs(draw(job), job), job)
         for done in range(1, job.steps + 1):
             deadline += self._seconds(per_step)
             sleep_until(deadline)
