@@ -175,9 +175,10 @@ class StrictParser(FlaskParser):
             listed = req.files.getlist("images") + req.form.getlist("images")
             if listed:
                 fields["images"] = listed
-            if isinstance(fields.get("loras"), str):  # a list of objects travels as one JSON text field
+            loras = fields.get("loras")
+            if isinstance(loras, str):  # a list of objects travels as one JSON text field
                 try:
-                    fields["loras"] = json.loads(fields["loras"], parse_constant=_constant)
+                    fields["loras"] = json.loads(loras, parse_constant=_constant)
                 except (ValueError, RecursionError):
                     _refuse("form", "loras", 'must be JSON text: [{"name": "…", "scale": 1.0}]')
             return fields

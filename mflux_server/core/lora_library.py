@@ -22,7 +22,7 @@ PATTERNS_FILE = Path(__file__).with_name("lora_patterns.json.gz")
 SUFFIX = ".safetensors"
 MAX_HEADER_BYTES = 64 * 2**20  # a safetensors header past this is not a LoRA's
 RESCAN_AFTER = 2.0  # seconds a listing is reused: a file copied in shows up this soon
-# A file fits a family when at least this share of its tensors map onto it; the rest mflux skips with a warning.
+# A file fits no family unless at least this share of its tensors map onto one; mflux skips the rest with a warning.
 FIT_SHARE = 0.5
 _DIGITS = re.compile(r"\d+")
 
@@ -72,15 +72,18 @@ def _matches(key: str, known: frozenset[str]) -> bool:
 
 
 def families_of(keys: list[str]) -> tuple[str, ...]:
-    """The families most of these tensor names map onto, in catalog order."""
+    """The families that map the most of these tensor names (at least FIT_SHARE of them), by name.
+
+    Several families accept some of the same spellings (diffusers' transformer_blocks.N.attn.to_q…); the ones
+    that take the most are the file's, and a tie (FLUX.1 and its Fill and Kontext twins) lists them all.
+    """
     if not keys:
         return ()
-    fitting = []
-    for family, known in patterns().items():
-        matched = sum(1 for key in keys if _matches(key, known))
-        if matched and matched >= FIT_SHARE * len(keys):
-            fitting.append(family)
-    return tuple(sorted(fitting))
+    matched = {family: sum(1 for key in keys if _matches(key, known)) for family, known in patterns().items()}
+    best = max(matched.values())
+    if best == 0 or best < FIT_SHARE * len(keys):
+        return ()
+    return tuple(sorted(family for family, count in matched.items() if count == best))
 
 
 class Library:

@@ -103,7 +103,10 @@ function addLora(name, scale = 1) {
   row.innerHTML = `<select aria-label="LoRA"></select>
     <input type="number" step="0.05" min="-4" max="4" aria-label="scale" title="scale, -4 to 4">
     <button type="button" class="ghost small" aria-label="remove this LoRA">×</button>`;
-  fillLoraSelect(row.querySelector("select"), name);
+  const select = row.querySelector("select");
+  fillLoraSelect(select, name);
+  row.dataset.name = select.value;  // kept while another model hides the field, so it comes back with its model
+  select.addEventListener("change", () => { row.dataset.name = select.value; });
   row.querySelector("input").value = String(scale);
   row.querySelector("button").addEventListener("click", () => { row.remove(); clearFieldError("loras"); applyLoras(); });
   for (const el of row.querySelectorAll("select, input")) el.addEventListener("input", () => clearFieldError("loras"));
@@ -113,11 +116,12 @@ function addLora(name, scale = 1) {
 }
 
 function applyLoras() {  // the model changed, or a row came or went: offer what fits, at most MAX_LORAS rows
-  const fitting = fittingLoras(), rows = [...$("#lora-list").children];
-  for (const row of rows) {
-    const select = row.querySelector("select");
-    fillLoraSelect(select, select.value);
-    if (!select.options.length) row.remove();
+  const fitting = fittingLoras(), names = fitting.map((lora) => lora.name);
+  if (fitting.length) {  // with none the field is hidden and its rows wait for a model they fit
+    for (const row of [...$("#lora-list").children]) {
+      if (names.includes(row.dataset.name)) fillLoraSelect(row.querySelector("select"), row.dataset.name);
+      else row.remove();  // a LoRA of another family: not carried over to a model it does not fit
+    }
   }
   const count = $("#lora-list").children.length;
   $("#lora-add").disabled = !fitting.length || count >= MAX_LORAS;
@@ -272,8 +276,17 @@ function clearFieldError(name) {
 
 const FIELD_NAMES = { width: "Width", height: "Height" };  // two fields share one place under the size pair
 
+function flatErrors(errors, path = "", into = {}) {  // {loras: {0: {scale: [...]}}} as {"loras.0.scale": [...]}
+  for (const [key, value] of Object.entries(errors || {})) {
+    const name = key === "_schema" ? path : path ? `${path}.${key}` : key;
+    if (value && !Array.isArray(value) && typeof value === "object") flatErrors(value, name, into);
+    else into[name] = value;
+  }
+  return into;
+}
+
 function showError(error) {
-  const errors = { ...(error.body?.errors?.json || error.body?.errors?.query || {}) };
+  const errors = flatErrors(error.body?.errors?.json || error.body?.errors?.form || error.body?.errors?.query);
   if (!Object.keys(errors).length && error.body?.field) errors[error.body.field] = [error.message];  // e.g. 409 on model
   let placed = false;
   for (const [field, messages] of Object.entries(errors)) {

@@ -58,6 +58,8 @@ def lora_client(db_path: str, library: Path):
 def test_a_files_families_are_read_from_its_tensor_names_as_mflux_maps_them(library):
     assert families_of(header_keys(library / "ink.safetensors")) == ("flux1", "flux1-fill", "flux1-kontext")
     assert families_of(header_keys(library / "styles" / "paper.safetensors")) == ("qwen-image", "qwen-image-edit")
+    # FLUX.2 klein's mapping takes some of FLUX.1's spellings too: the family that takes the most is the file's.
+    assert "flux2-klein" not in families_of(header_keys(library / "ink.safetensors"))
     assert families_of(["some.other.model.weight"]) == ()
     # ComfyUI's adapters drop the ".weight" of each matrix; mflux takes both spellings, and so does the fit.
     bare = [key.removesuffix(".weight") for key in header_keys(library / "ink.safetensors")]
@@ -108,18 +110,17 @@ def test_a_request_with_loras_queues_them_with_their_scales(lora_client):
     ([{"name": "styles/paper"}], "loras.0.name", "fits qwen-image, qwen-image-edit, not schnell"),
     ([{"name": "broken"}], "loras.0.name", "fits no model family mflux knows"),
     ([{"name": "ink"}, {"name": "ink", "scale": 2}], "loras.1.name", "named twice"),
-    ([{"name": "ink", "scale": 9}], "loras.0.scale", "between -4.0 and 4.0"),
+    ([{"name": "ink", "scale": 9}], "loras.0.scale", "less than or equal to 4.0"),
     ([{"name": "ink", "path": "/etc/passwd"}], "loras.0.path", "unknown field"),
-    ([{"scale": 1}], "loras.0.name", "required"),
-    (["ink"], "loras.0._schema", "an object with name and scale"),
+    ([{"scale": 1}], "loras.0.name", "Missing data for required field"),
+    (["ink"], "loras.0", "an object with name and scale"),
     ([{"name": "ink"}] * 5, "loras", "Longer than maximum length 4"),
     ([{"name": "../secret"}], "loras.0.name", "no LoRA named"),
 ])
 def test_a_bad_lora_entry_is_a_422_naming_it(lora_client, loras, field, rule):
     refused = lora_client.post("/api/generate", json={"prompt": "x", "model": "schnell", "loras": loras})
     assert refused.status_code == 422, refused.json
-    messages = " ".join(refused.json["errors"]["json"].get(field, []))
-    assert rule in messages, refused.json["errors"]
+    assert refused.json["field"] == field and rule in refused.json["message"], refused.json
 
 
 def test_a_model_that_takes_no_loras_refuses_them(lora_client):
