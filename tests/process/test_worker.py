@@ -150,6 +150,9 @@ class FailingEngine:
     quantize = None
     software = "a failing test engine"
 
+    def use_loras(self, loras):
+        assert loras == (), "these tasks ask for no LoRAs"
+
     def generate(self, job, reporter):
         reporter.loop_started()
         reporter.step(1, job.steps)
