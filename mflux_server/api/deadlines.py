@@ -123,10 +123,13 @@ class DeadlineGeventWorker(GeventWorker):
         """SIGINT or SIGQUIT: stop now; ignored once the process is already stopping.
 
         Ctrl-C on `make run` sends SIGINT to every process and then SIGTERM: the quit's sys.exit(0) then ran in
-        a greenlet during the interpreter's shutdown, and gevent printed it as a traceback.
+        a greenlet during the interpreter's shutdown, and gevent printed it as a traceback. The same happened when
+        the master's SIGQUIT followed the SIGINT before the first quit's greenlet had run (gunicorn spawns one
+        per signal), so the first quit is remembered here, in the signal handler itself.
         """
-        if not self.alive:
+        if not self.alive or getattr(self, "quitting", False):
             return
+        self.quitting = True
         super().handle_quit(sig, frame)
 
     def handle(self, listener: Any, client: socket.socket, addr: Any) -> None:
