@@ -8,6 +8,7 @@ rebuilds it and fails when the committed file no longer matches mflux.
 from __future__ import annotations
 
 import argparse
+import functools
 import gzip
 import importlib
 import json
@@ -31,6 +32,7 @@ _REFERENCE_PARAMETERS = {"image_path", "image_paths"}
 MAX_REFERENCES = 1 + len(REFERENCE_ROLES)
 
 
+@functools.cache
 def lora_patterns(family: Family) -> list[str]:
     """The tensor names mflux applies from a LoRA file to a family (its LoRA mapping's patterns, {block} for a
     block number); empty where mflux has no LoRA mapping for the family."""
