@@ -33,13 +33,19 @@ def latest_task(url: str) -> dict:
     return requests.get(url + "/api/tasks", params={"limit": 1}, timeout=10).json()["tasks"][0]
 
 
-def test_loras_that_fit_the_model_are_picked_and_sent_with_their_scales(with_library, browser):  # noqa: F811
-    url, _ = with_library
+def schnell_with_one_lora(browser, url: str, prompt: str):  # noqa: F811
+    """The page with schnell chosen, a small size, a prompt and one LoRA row added."""
     page = open_page(browser, url)
     page.locator("#model").select_option("schnell")
     small(page)
-    page.locator("#prompt").fill("a harbour at dawn")
+    page.locator("#prompt").fill(prompt)
     page.get_by_role("button", name="Add LoRA").click()
+    return page
+
+
+def test_loras_that_fit_the_model_are_picked_and_sent_with_their_scales(with_library, browser):  # noqa: F811
+    url, _ = with_library
+    page = schnell_with_one_lora(browser, url, "a harbour at dawn")
     page.get_by_role("button", name="Add LoRA").click()
     selects = page.locator("#lora-list select")
     long_name = "styles/a-rather-long-name-for-a-watercolour-paper-texture"
@@ -62,11 +68,7 @@ def test_loras_that_fit_the_model_are_picked_and_sent_with_their_scales(with_lib
 
 def test_a_lora_gone_from_the_library_shows_its_error_under_the_field(with_library, browser):  # noqa: F811
     url, folder = with_library
-    page = open_page(browser, url)
-    page.locator("#model").select_option("schnell")
-    small(page)
-    page.locator("#prompt").fill("x")
-    page.get_by_role("button", name="Add LoRA").click()
+    page = schnell_with_one_lora(browser, url, "x")
     (folder / "ink.safetensors").unlink()
     time.sleep(2.1)  # the API rereads its folder every 2 s
     page.get_by_role("button", name="Generate").click()
