@@ -252,13 +252,13 @@ class ClaimLoop:
             return previous
         loras = []
         for name, scale in task.lora_set:
-            found = self.library.get(name)
+            found = self.library.path_of(name)
             if found is None:  # the API found it in its --lora-dir: this worker's folder differs
                 self.writer.send(TaskFailed(task, f"LoRA {name!r} is not in this worker's LoRA library "
                                                   f"({self.settings.lora_dir or 'no --lora-dir'}); give the API and "
                                                   "every worker the same --lora-dir"))
                 return previous
-            loras.append((str(found.path), scale))
+            loras.append((str(found), scale))
         try:  # before the images' timings start: a set change is a reload, not a slow first step
             self.engine.use_loras(tuple(loras))
         except Exception as exc:

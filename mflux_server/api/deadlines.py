@@ -102,6 +102,7 @@ class DeadlineGeventWorker(GeventWorker):
     # Set by serve() before gunicorn forks (gunicorn's config takes no settings of ours).
     header_timeout = 10.0
     request_timeout = 60.0
+    quitting = False  # a quit signal was taken (handle_quit)
 
     def run(self) -> None:
         """Serve until told to stop, then let go of idle connections and event streams at once (api/draining.py)."""
@@ -127,7 +128,7 @@ class DeadlineGeventWorker(GeventWorker):
         the master's SIGQUIT followed the SIGINT before the first quit's greenlet had run (gunicorn spawns one
         per signal), so the first quit is remembered here, in the signal handler itself.
         """
-        if not self.alive or getattr(self, "quitting", False):
+        if not self.alive or self.quitting:
             return
         self.quitting = True
         super().handle_quit(sig, frame)

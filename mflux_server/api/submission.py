@@ -282,5 +282,3 @@ def submit_once(task: NewTask, key_id: int) -> Task:
         abort_json(404, code="task_not_found", field="Idempotency-Key",
                    message=f"Idempotency-Key: {idem_key!r} created a task that was deleted since")
     return created
-
-

@@ -108,19 +108,30 @@ class Library:
         """The LoRA a client named, or None."""
         return self.files().get(name)
 
+    def path_of(self, name: str) -> Path | None:
+        """The file a name stands for, or None: what a worker needs, without listing the folder or reading any
+        header (the API checked the name and its fit at submit)."""
+        if self.folder is None:
+            return None
+        real = (self.folder / f"{name}{SUFFIX}").resolve()
+        return real if self.folder in real.parents and real.is_file() else None
+
     def _scan(self, folder: Path) -> dict[str, LoraFile]:
-        found = {}
+        found, fits = {}, {}
         for path in sorted(folder.rglob(f"*{SUFFIX}")):
             real = path.resolve()
             if folder not in real.parents or not real.is_file():
                 continue  # a symlink out of the folder, or a folder named like a file
             stat = real.stat()
             key = (real, stat.st_size, stat.st_mtime_ns)
-            if key not in self._fits:
+            if key in self._fits:
+                fits[key] = self._fits[key]
+            else:
                 try:
-                    self._fits[key] = families_of(header_keys(real))
+                    fits[key] = families_of(header_keys(real))
                 except (OSError, ValueError):
-                    self._fits[key] = ()  # unreadable: listed, fitting nothing, so a request names the reason
+                    fits[key] = ()  # unreadable: listed, fitting nothing, so a request names the reason
             name = path.relative_to(folder).as_posix().removesuffix(SUFFIX)
-            found[name] = LoraFile(name, real, stat.st_size, self._fits[key])
+            found[name] = LoraFile(name, real, stat.st_size, fits[key])
+        self._fits = fits  # only the files there now: a folder that changes often does not grow it
         return found

@@ -336,3 +336,65 @@ SELECT value FROM server_settings WHERE name = :name;
 -- Change one run-time setting of the API.
 INSERT INTO server_settings (name, value) VALUES (:name, :value)
 ON CONFLICT (name) DO UPDATE SET value = excluded.value;
+
+-- name: record_timing
+-- Add measured seconds of one kind of cost to the running totals of a model and size.
+INSERT INTO timing_stats (model, width, height, kind, n, total, updated_at)
+VALUES (:model, :width, :height, :kind, :n, :total, :now)
+ON CONFLICT (model, width, height, kind) DO UPDATE
+   SET n = timing_stats.n + excluded.n, total = timing_stats.total + excluded.total, updated_at = excluded.updated_at;
+
+-- name: record_load
+-- Add one measured load (and warm-up) of a model to its running totals.
+INSERT INTO load_stats (model, n, total, last, updated_at) VALUES (:model, 1, :seconds, :seconds, :now)
+ON CONFLICT (model) DO UPDATE
+   SET n = load_stats.n + 1, total = load_stats.total + excluded.total, last = excluded.last,
+       updated_at = excluded.updated_at;
+
+-- name: histogram_sum
+-- Add an observation to a histogram's sum and count.
+INSERT INTO metric_sums (name, model, sum, count) VALUES (:name, :model, :value, 1)
+ON CONFLICT (name, model) DO UPDATE SET sum = metric_sums.sum + excluded.sum, count = metric_sums.count + 1;
+
+-- name: expire_task
+-- Remember one removed task's id as expired.
+INSERT INTO expired_tasks (id, expired_at) VALUES (:id, :now) ON CONFLICT DO NOTHING;
+
+-- name: count_request
+-- Add a process's requests of a key to its minute, and return the minute's count of every process so far.
+INSERT INTO rate_windows (key_id, "window", count) VALUES (:key_id, :window, :n)
+ON CONFLICT (key_id, "window") DO UPDATE SET count = rate_windows.count + excluded.count
+RETURNING count;
+
+-- name: forget_rate_windows
+-- Drop request counts of past minutes.
+DELETE FROM rate_windows WHERE "window" < :before;
+
+-- name: histogram_buckets
+-- Make a histogram's buckets for a model, once.
+INSERT INTO metric_buckets (name, model, le, count)
+SELECT :name, :model, le, 0 FROM metric_bounds WHERE name = :name ON CONFLICT DO NOTHING;
+
+-- name: list_tasks
+-- A page of tasks: running, then waiting in claim order, then the newest finished.
+SELECT * FROM tasks
+ WHERE (CAST(:status AS TEXT) IS NULL OR status = :status) AND (CAST(:owner AS BIGINT) IS NULL OR key_id = :owner)
+ ORDER BY CASE status WHEN 'processing' THEN 0 WHEN 'waiting' THEN 1 ELSE 2 END,
+          CASE WHEN status IN ('waiting', 'processing') THEN -priority ELSE 0 END,
+          CASE WHEN status IN ('waiting', 'processing') THEN seq ELSE -seq END
+ LIMIT :limit OFFSET :offset;
+
+-- name: count_tasks
+-- How many tasks match a listing's status filter.
+SELECT COUNT(*) FROM tasks
+ WHERE (CAST(:status AS TEXT) IS NULL OR status = :status) AND (CAST(:owner AS BIGINT) IS NULL OR key_id = :owner);
+
+-- name: release_task
+-- Put a task this worker holds back in line (graceful stop), uncounting the interrupted attempt.
+UPDATE tasks SET status = 'waiting', worker_id = NULL, started_at = NULL, step = 0, image_index = 0,
+                 step_at = NULL, attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END
+ WHERE id = :id AND worker_id = :worker_id AND status = 'processing';
+
+-- name: note_tag
+-- Remember the largest tag given.
+UPDATE fair_clock SET last_tag = CASE WHEN last_tag > :tag THEN last_tag ELSE :tag END WHERE id = 1;

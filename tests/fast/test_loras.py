@@ -72,6 +72,10 @@ def test_the_library_lists_files_under_the_folder_by_name_and_nothing_outside_it
     assert files["broken"].families == (), "an unreadable file is listed and fits nothing"
     assert files["ink"].bytes == (library / "ink.safetensors").stat().st_size
     assert Library(None).files() == {} and Library(library).get("../secret") is None
+    # The worker's lookup reads no header and agrees with the listing, escapes included.
+    assert Library(library).path_of("styles/paper") == files["styles/paper"].path
+    for outside in ("../secret", "escape", "/etc/passwd", "notes"):
+        assert Library(library).path_of(outside) is None, outside
 
 
 def test_the_lora_set_column_keeps_names_scales_and_order():

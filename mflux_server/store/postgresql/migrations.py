@@ -87,5 +87,3 @@ def copy_from_sqlite(source: QueueConnection, target: PgSession, batch: int = 50
         target.after_error()
         raise store_error(error) from error
     return copied
-
-

@@ -58,5 +58,3 @@ def _close_quietly(opened: ConnectionPool) -> None:
 def connect(url: str, pooled: bool = False) -> PgSession:
     """A session with the server at url: its own, or one borrowed from the process's pool."""
     return PgSession(url, pool(url) if pooled else None)
-
-

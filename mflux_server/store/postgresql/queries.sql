@@ -24,33 +24,6 @@ UPDATE tasks
    AND status = 'waiting'
 RETURNING *;
 
--- name: release_task
--- Put a task this worker holds back in line (graceful stop), uncounting the interrupted attempt.
-UPDATE tasks SET status = 'waiting', worker_id = NULL, started_at = NULL, step = 0, image_index = 0,
-                 step_at = NULL, attempts = GREATEST(attempts - 1, 0)
- WHERE id = :id AND worker_id = :worker_id AND status = 'processing';
-
--- name: record_timing
--- Add measured seconds of one kind of cost to the running totals of a model and size.
-INSERT INTO timing_stats (model, width, height, kind, n, total, updated_at)
-VALUES (:model, :width, :height, :kind, :n, :total, :now)
-ON CONFLICT (model, width, height, kind) DO UPDATE
-   SET n = timing_stats.n + excluded.n, total = timing_stats.total + excluded.total, updated_at = excluded.updated_at;
-
--- name: list_tasks
--- A page of tasks: running, then waiting in claim order, then the newest finished.
-SELECT * FROM tasks
- WHERE (:status::text IS NULL OR status = :status) AND (:owner::bigint IS NULL OR key_id = :owner)
- ORDER BY CASE status WHEN 'processing' THEN 0 WHEN 'waiting' THEN 1 ELSE 2 END,
-          CASE WHEN status IN ('waiting', 'processing') THEN -priority ELSE 0 END,
-          CASE WHEN status IN ('waiting', 'processing') THEN seq ELSE -seq END
- LIMIT :limit OFFSET :offset;
-
--- name: count_tasks
--- How many tasks match a listing's status filter.
-SELECT COUNT(*) FROM tasks
- WHERE (:status::text IS NULL OR status = :status) AND (:owner::bigint IS NULL OR key_id = :owner);
-
 -- name: waiting_since
 -- Waiting tasks newer than a snapshot: a range read on the rowid. The unary + keeps SQLite from
 -- preferring the status index, which would scan every waiting task.
@@ -63,13 +36,6 @@ SELECT t.model, t.priority, t.seq, t.width, t.height, t.steps, t.count, t.create
 SELECT t.model, t.priority, t.seq, t.width, t.height, t.steps, t.count, t.created_at, t.fair_tag, t.fair_start
   FROM tasks t
  WHERE t.seq > :seq AND (t.status || '') = 'waiting';
-
--- name: record_load
--- Add one measured load (and warm-up) of a model to its running totals.
-INSERT INTO load_stats (model, n, total, last, updated_at) VALUES (:model, 1, :seconds, :seconds, :now)
-ON CONFLICT (model) DO UPDATE
-   SET n = load_stats.n + 1, total = load_stats.total + excluded.total, last = excluded.last,
-       updated_at = excluded.updated_at;
 
 -- name: save_preview
 -- Replace a running task's preview, only while the task is still this worker's.
@@ -124,30 +90,6 @@ SELECT t.id, (SELECT coalesce(sum(pg_column_size(data)), 0) FROM images WHERE ta
   FROM tasks t WHERE finished_at IS NOT NULL AND status IN ('done', 'error', 'canceled')
  ORDER BY finished_at LIMIT :limit;
 
--- name: expire_task
--- Remember one removed task's id as expired.
-INSERT INTO expired_tasks (id, expired_at) VALUES (:id, :now) ON CONFLICT DO NOTHING;
-
--- name: count_request
--- Add a process's requests of a key to its minute, and return the minute's count of every process so far.
-INSERT INTO rate_windows (key_id, "window", count) VALUES (:key_id, :window, :n)
-ON CONFLICT (key_id, "window") DO UPDATE SET count = rate_windows.count + excluded.count
-RETURNING count;
-
--- name: forget_rate_windows
--- Drop request counts of past minutes.
-DELETE FROM rate_windows WHERE "window" < :before;
-
--- name: histogram_buckets
--- Make a histogram's buckets for a model, once.
-INSERT INTO metric_buckets (name, model, le, count)
-SELECT :name, :model, le, 0 FROM metric_bounds WHERE name = :name ON CONFLICT DO NOTHING;
-
--- name: histogram_sum
--- Add an observation to a histogram's sum and count.
-INSERT INTO metric_sums (name, model, sum, count) VALUES (:name, :model, :value, 1)
-ON CONFLICT (name, model) DO UPDATE SET sum = metric_sums.sum + excluded.sum, count = metric_sums.count + 1;
-
 -- name: database_pages
 -- The database file's size in pages, and the page size.
 SELECT pg_database_size(current_database()) / current_setting('block_size')::bigint,
@@ -163,8 +105,3 @@ ON CONFLICT (key_id) DO UPDATE SET
                          THEN (SELECT virtual FROM fair_clock WHERE id = 1) ELSE fair_keys.backlog_start END,
     last_finish = GREATEST(fair_keys.last_finish, (SELECT virtual FROM fair_clock WHERE id = 1)) + :cost
 RETURNING last_finish - :cost, backlog_start;
-
--- name: note_tag
--- Remember the largest tag given.
-UPDATE fair_clock SET last_tag = GREATEST(last_tag, :tag) WHERE id = 1;
-

@@ -81,7 +81,6 @@ def store_error(error: psycopg.Error) -> StoreError:
     return StoreError(message, None)
 
 
-
 # Rows and cursors
 
 
@@ -143,20 +142,15 @@ def _row_class(result: psycopg.pq.abc.PGresult) -> type[PgRow]:
 class PgCursor:
     """The rows of one statement: fetchone, fetchall, iteration and rowcount, as the store reads them."""
 
-    def __init__(self, owner: PgSession):
-        self._owner = owner
+    def __init__(self) -> None:
         self._rows: list[Any] = []
         self._at = 0
         self.rowcount = -1
-        self.row_factory: Any = PgRow
 
     def keep(self, result: tuple[int, Any, list[Any] | None]) -> PgCursor:
         """Hold one statement's result: (rowcount, row class, rows or None)."""
         self.rowcount, shape, rows = result
-        if self.row_factory is None or rows is None or shape is None:
-            self._rows = rows or []
-        else:
-            self._rows = [shape(row) for row in rows]
+        self._rows = [shape(row) for row in rows] if rows and shape is not None else rows or []
         self._at = 0
         return self
 
@@ -210,12 +204,12 @@ class PgSession:
         lock, the write and COMMIT travel as one query: progress and heartbeats are most of a worker's writes)."""
         if not self._in_transaction and query.writes:
             self._pending = _BEGIN_WRITE
-            return PgCursor(self).keep(self._statement(query.sql, parameters, commit=True))
-        return PgCursor(self).keep(self._statement(query.sql, parameters))
+            return PgCursor().keep(self._statement(query.sql, parameters, commit=True))
+        return PgCursor().keep(self._statement(query.sql, parameters))
 
     def execute(self, sql: str, parameters: Any = ()) -> PgCursor:
         """Run one statement written in psycopg's style, outside the named ones (tests and tools)."""
-        return PgCursor(self).keep(self._statement(sql, parameters))
+        return PgCursor().keep(self._statement(sql, parameters))
 
     def later(self, query: Query, parameters: Any = ()) -> Later:
         """Queue a write of the open transaction: it goes out with the transaction's next statement or its COMMIT,
@@ -255,9 +249,9 @@ class PgSession:
         try:
             rowcount, result, rows = one_message.write_alone(session, _BEGIN_WRITE[1], query.sql, parameters)
         except psycopg.Error as error:
-            self._after_error()
+            self.after_error()
             raise store_error(error) from error
-        cursor = PgCursor(self)
+        cursor = PgCursor()
         shape = _row_class(result) if result.nfields else None
         cursor.rowcount, cursor._rows = rowcount, [shape(row) for row in rows] if shape else []
         return cursor
@@ -268,7 +262,7 @@ class PgSession:
         try:
             one_message.rehearse(session, _BEGIN_WRITE[1], query.sql, parameters)
         except psycopg.Error as error:
-            self._after_error()
+            self.after_error()
             raise store_error(error) from error
 
     def close(self) -> None:
@@ -323,7 +317,7 @@ class PgSession:
                 return cursor.rowcount, None, None
             return cursor.rowcount, _row_class(result), cursor.fetchall()
         except psycopg.Error as error:
-            self._after_error()
+            self.after_error()
             if commit:
                 self._rollback_quietly()  # the failed write left its one-statement transaction open
             raise store_error(error) from error
@@ -357,15 +351,12 @@ class PgSession:
             else:
                 _pipelined(session, opening, deferred, None, commit=True)
         except psycopg.Error as error:
-            self._after_error()
+            self.after_error()
             self._rollback_quietly()  # a deferred write failed: its transaction is aborted, not ended
             raise store_error(error) from error
 
     def after_error(self) -> None:
         """Forget a session that broke (the next use opens a new one); one still alive stays."""
-        self._after_error()
-
-    def _after_error(self) -> None:
         conn = self._conn
         if conn is None:
             return
@@ -376,7 +367,6 @@ class PgSession:
             self._conn = None
             if self._pool is not None:
                 self._pool.putconn(conn)  # the pool discards a broken connection
-
 
 
 def _pipelined(session: psycopg.Connection[Any], opening: tuple[str, ...] | None, deferred: list[Later],
@@ -393,6 +383,3 @@ def _pipelined(session: psycopg.Connection[Any], opening: tuple[str, ...] | None
         if commit:
             session.execute("COMMIT")
     return cursor
-
-
-

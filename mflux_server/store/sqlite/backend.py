@@ -23,6 +23,7 @@ class SqliteStore(Store):
 
     def __init__(self, path: str | Path, checkpoint_pages: int | None = None, session: QueueConnection | None = None):
         super().__init__(str(path), session or connection.connect(path, checkpoint_pages), for_backend("sqlite"))
+        self._page_size: int | None = None  # fixed when the file was made: read once
 
     def data_version(self) -> int:
         """A number that changes whenever another connection commits to the file (PRAGMA data_version)."""
@@ -65,7 +66,9 @@ class SqliteStore(Store):
 
     def _size_parameters(self) -> dict[str, Any]:
         """The page size, which sets how much disk a blob takes (connection.blob_disk_bytes)."""
-        return {"page": int(self._run("page_size").fetchone()[0])}
+        if self._page_size is None:
+            self._page_size = int(self._run("page_size").fetchone()[0])
+        return {"page": self._page_size}
 
     def backup(self, target: Path) -> None:
         """Copy the live queue into a new file with SQLite's online backup API: consistent while others write."""

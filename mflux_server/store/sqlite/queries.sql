@@ -20,32 +20,6 @@ UPDATE tasks
                LIMIT 1)
 RETURNING *;
 
--- name: release_task
--- Put a task this worker holds back in line (graceful stop), uncounting the interrupted attempt.
-UPDATE tasks SET status = 'waiting', worker_id = NULL, started_at = NULL, step = 0, image_index = 0,
-                 step_at = NULL, attempts = MAX(attempts - 1, 0)
- WHERE id = :id AND worker_id = :worker_id AND status = 'processing';
-
--- name: record_timing
--- Add measured seconds of one kind of cost to the running totals of a model and size.
-INSERT INTO timing_stats (model, width, height, kind, n, total, updated_at)
-VALUES (:model, :width, :height, :kind, :n, :total, :now)
-ON CONFLICT (model, width, height, kind) DO UPDATE
-   SET n = n + excluded.n, total = total + excluded.total, updated_at = excluded.updated_at;
-
--- name: list_tasks
--- A page of tasks: running, then waiting in claim order, then the newest finished.
-SELECT * FROM tasks
- WHERE (:status IS NULL OR status = :status) AND (:owner IS NULL OR key_id = :owner)
- ORDER BY CASE status WHEN 'processing' THEN 0 WHEN 'waiting' THEN 1 ELSE 2 END,
-          CASE WHEN status IN ('waiting', 'processing') THEN -priority ELSE 0 END,
-          CASE WHEN status IN ('waiting', 'processing') THEN seq ELSE -seq END
- LIMIT :limit OFFSET :offset;
-
--- name: count_tasks
--- How many tasks match a listing's status filter.
-SELECT COUNT(*) FROM tasks WHERE (:status IS NULL OR status = :status) AND (:owner IS NULL OR key_id = :owner);
-
 -- name: waiting_since
 -- Waiting tasks newer than a snapshot: a range read on the rowid. The unary + keeps SQLite from
 -- preferring the status index, which would scan every waiting task.
@@ -58,12 +32,6 @@ SELECT t.model, t.priority, t.seq, t.width, t.height, t.steps, t.count, t.create
 SELECT t.model, t.priority, t.seq, t.width, t.height, t.steps, t.count, t.created_at, t.fair_tag, t.fair_start
   FROM tasks t
  WHERE t.seq > :seq AND +t.status = 'waiting';
-
--- name: record_load
--- Add one measured load (and warm-up) of a model to its running totals.
-INSERT INTO load_stats (model, n, total, last, updated_at) VALUES (:model, 1, :seconds, :seconds, :now)
-ON CONFLICT (model) DO UPDATE
-   SET n = n + 1, total = total + excluded.total, last = excluded.last, updated_at = excluded.updated_at;
 
 -- name: data_version
 -- A number that changes when another connection commits: a cheap "did anything happen?".
@@ -122,30 +90,6 @@ SELECT t.id, (SELECT coalesce(sum(disk_bytes(length(data), :page)), 0) FROM imag
   FROM tasks t INDEXED BY tasks_finished WHERE finished_at IS NOT NULL AND status IN ('done', 'error', 'canceled')
  ORDER BY finished_at LIMIT :limit;
 
--- name: expire_task
--- Remember one removed task's id as expired.
-INSERT OR IGNORE INTO expired_tasks (id, expired_at) VALUES (:id, :now);
-
--- name: count_request
--- Add a process's requests of a key to its minute, and return the minute's count of every process so far.
-INSERT INTO rate_windows (key_id, window, count) VALUES (:key_id, :window, :n)
-ON CONFLICT (key_id, window) DO UPDATE SET count = count + excluded.count
-RETURNING count;
-
--- name: forget_rate_windows
--- Drop request counts of past minutes.
-DELETE FROM rate_windows WHERE window < :before;
-
--- name: histogram_buckets
--- Make a histogram's buckets for a model, once.
-INSERT OR IGNORE INTO metric_buckets (name, model, le, count)
-SELECT :name, :model, le, 0 FROM metric_bounds WHERE name = :name;
-
--- name: histogram_sum
--- Add an observation to a histogram's sum and count.
-INSERT INTO metric_sums (name, model, sum, count) VALUES (:name, :model, :value, 1)
-ON CONFLICT (name, model) DO UPDATE SET sum = sum + excluded.sum, count = count + 1;
-
 -- name: database_pages
 -- The database file's size in pages, and the page size.
 SELECT page_count, page_size FROM pragma_page_count(), pragma_page_size();
@@ -162,10 +106,6 @@ ON CONFLICT (key_id) DO UPDATE SET
     last_finish = max(last_finish, (SELECT virtual FROM fair_clock WHERE id = 1)) + :cost
 RETURNING last_finish - :cost, backlog_start;
 
--- name: note_tag
--- Remember the largest tag given.
-UPDATE fair_clock SET last_tag = max(last_tag, :tag) WHERE id = 1;
-
 -- name: page_size
 -- The database's page size, which sets how much disk a blob takes.
 SELECT page_size FROM pragma_page_size();
@@ -173,4 +113,3 @@ SELECT page_size FROM pragma_page_size();
 -- name: checkpoint
 -- Copy the WAL into the database file as far as readers allow, so the WAL can restart (and be cut back).
 PRAGMA wal_checkpoint(PASSIVE);
-
