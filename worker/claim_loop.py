@@ -13,7 +13,7 @@ from PIL import Image
 
 from mflux_server.core.lora_library import Library
 from mflux_server.core.rows import REFERENCE_ROLES, Task
-from mflux_server.core.scheduling import choose_model
+from mflux_server.core.scheduling import LORA_CHANGE, Variant, choose_variant
 from mflux_server.core.settings import Settings
 from mflux_server.store import Store
 from mflux_server.worker.engines.base import Engine, EngineFault, Job, ModelLoadFailed, OutOfMemory
@@ -159,18 +159,25 @@ class ClaimLoop:
         self.limits = dict(limits or {})
         self.preview_cost = PreviewCost()
         self.library = Library(settings.lora_dir)
+        self.loras = ""  # the LoRA set the engine holds, as tasks.loras spells it ("" after a load: the default)
 
     def claim(self, now: float | None = None) -> Task | None:
-        """Claim the next task this worker should run, per choose_model; None when nothing it serves waits."""
-        if self.servable == [self.engine.model]:  # one model: the plain claim, no per-model tally
-            model: str | None = self.engine.model
-        else:
-            now = time.time() if now is None else now
-            model = choose_model(self.db.waiting_heads(), self.engine.model, self.servable, now,
-                                 self.settings.max_affinity_wait, self.db.mean_load_seconds())
-        if model is None:
+        """Claim the next task this worker should run, per choose_variant; None when nothing it serves waits."""
+        if self.servable == [self.engine.model] and self.library.folder is None:
+            # One model and no LoRA library, so one variant: the plain claim, no per-variant tally.
+            assert self.engine.model is not None
+            return self.db.claim_next(self.worker_id, self.engine.model, self.engine.name)
+        now = time.time() if now is None else now
+        loaded = Variant(self.engine.model, self.loras) if self.engine.model else None
+        heads = self.db.waiting_heads()
+        chosen = choose_variant(heads, loaded, self.servable, now, self.settings.max_affinity_wait,
+                                self.db.mean_load_seconds())
+        if chosen is None:
             return None
-        return self.db.claim_next(self.worker_id, model, self.engine.name)
+        # By LoRA set only where the model has several waiting: the plain claim of a model keeps its index.
+        sets = {head.loras for head in heads if head.model == chosen.model}
+        return self.db.claim_next(self.worker_id, chosen.model, self.engine.name,
+                                  loras=chosen.loras if len(sets) > 1 else None)
 
     def stored(self, what: str, action: Callable[[], T]) -> T:
         """A store call made with a task in hand: a storage fault (a restarted PostgreSQL) is waited out, not fatal."""
@@ -184,6 +191,7 @@ class ClaimLoop:
                     lambda: self.db.worker_loading(self.worker_id, previous or "", task.model, self.servable))
         started = time.perf_counter()
         try:
+            self.loras = ""
             self.engine.load(task.model)
         except Exception as exc:
             reason = str(exc) if isinstance(exc, ModelLoadFailed) else f"{type(exc).__name__}: {exc}"
@@ -260,8 +268,15 @@ class ClaimLoop:
                 return previous
             loras.append((str(found), scale))
         try:  # before the images' timings start: a set change is a reload, not a slow first step
+            started = time.perf_counter()
             self.engine.use_loras(tuple(loras))
+            if task.loras != self.loras:
+                seconds, self.loras = time.perf_counter() - started, task.loras
+                # Measured beside the model's loads, so the scheduler and the forecast charge what a change costs.
+                self.stored("recording the LoRA change",
+                            lambda: self.db.record_load(task.model + LORA_CHANGE, seconds))
         except Exception as exc:
+            self.loras = "?"  # unknown: the next task applies its set again
             log.exception("task %s: its LoRAs could not be applied", task.id)
             self.writer.send(TaskFailed(task, f"its LoRAs could not be applied: {type(exc).__name__}: {exc}"))
             if self.engine.model is None:

@@ -15,6 +15,7 @@ from mflux_server.api.request_body import StrictParser
 from mflux_server.api.task_view import live_workers
 from mflux_server.core import catalog
 from mflux_server.core.rows import LoadStat, Worker
+from mflux_server.core.scheduling import LORA_CHANGE
 
 blp = Blueprint("models", __name__, description="The models the workers can serve, with what each accepts.")
 blp.ARGUMENTS_PARSER = StrictParser()
@@ -64,6 +65,8 @@ class ModelSchema(ma.Schema):
     quantize = fields.Integer(allow_none=True, metadata={"description": "quantization of a worker holding it"})
     load_seconds = fields.Float(allow_none=True, metadata={
         "description": "measured mean seconds to load it (and warm it up); charged in the forecast of a switch"})
+    lora_change_seconds = fields.Float(allow_none=True, metadata={
+        "description": "measured mean seconds to change the LoRA set it holds (mflux reloads the weights)"})
 
 
 class LoraSchema(ma.Schema):
@@ -94,7 +97,7 @@ def describe(name: str, info: catalog.ModelInfo, workers: list[Worker], loads: d
     """One model's entry: catalog facts, serving workers and measured load time."""
     serving = [w for w in workers if name in w.servable]
     holding = [w for w in serving if w.model == name and not w.loading]
-    load = loads.get(name)
+    load, change = loads.get(name), loads.get(name + LORA_CHANGE)
     return {
         "name": name,
         "aliases": list(info.aliases) if name == info.name else [],
@@ -111,6 +114,7 @@ def describe(name: str, info: catalog.ModelInfo, workers: list[Worker], loads: d
         "loaded": bool(holding),
         "quantize": holding[0].quantize if holding else None,
         "load_seconds": load.total / load.n if load else None,
+        "lora_change_seconds": change.total / change.n if change else None,
     }
 
 

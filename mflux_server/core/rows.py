@@ -260,7 +260,7 @@ class Arrival:
 
 
 class WaitingHead(NamedTuple):
-    """The front of one model's waiting tasks at one priority, and how much work waits behind it."""
+    """The front of one variant's (model and LoRA set's) waiting tasks at one priority, and the work behind it."""
 
     model: str
     priority: int
@@ -268,6 +268,7 @@ class WaitingHead(NamedTuple):
     created_at: float  # when that first one was submitted
     tasks: int
     images: int
+    loras: str = ""  # the LoRA set, tasks.loras' text
 
 
 class ClaimKey(NamedTuple):

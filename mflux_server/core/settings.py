@@ -162,6 +162,8 @@ class Settings:
         H100_STEP_COST, "synthetic engine: seconds per step as a,b,c in a + b·mp + c·mp²", "worker", _floats(3)
     )
     synthetic_load: float = setting(0.0, "synthetic engine: seconds to load a model", "worker", _non_negative(float))
+    synthetic_lora_change: float = setting(0.0, "synthetic engine: seconds to change the LoRA set held (mflux reloads)",
+                                           "worker", _non_negative(float))
     synthetic_max_pixels: int | None = setting(
         None, "synthetic engine: run out of memory above this many pixels, breaking until reset", "worker",
         _optional(_positive(int)))

@@ -196,11 +196,13 @@ class Store:
         row = self._run("get_task", (task_id,)).fetchone()
         return Task.from_row(row) if row else None
 
-    def claim_next(self, worker_id: str, model: str, engine: str, now: float | None = None) -> Task | None:
-        """Atomically take the highest-priority, oldest waiting task for this model."""
+    def claim_next(self, worker_id: str, model: str, engine: str, now: float | None = None,
+                   loras: str | None = None) -> Task | None:
+        """Atomically take the next waiting task of this model in claim order (of its LoRA set `loras` if given)."""
         params = {"worker_id": worker_id, "model": model, "engine": engine, "now": time.time() if now is None else now}
         with self.session.transaction():
-            row = self._run("claim_next", params).fetchone()
+            row = (self._run("claim_next", params) if loras is None
+                   else self._run("claim_next_variant", {**params, "loras": loras})).fetchone()
         return Task.from_row(row) if row else None
 
     def prepare_claims(self, worker_id: str, engine: str, model: str = "") -> None:
@@ -409,8 +411,8 @@ class Store:
         return {model: stat.total / stat.n for model, stat in self.load_stats().items()}
 
     def waiting_heads(self) -> list[WaitingHead]:
-        """The front of each model's waiting tasks per priority, with the work behind it, in one statement."""
-        return [WaitingHead(r["model"], r["priority"], r["seq"], r["created_at"], r["tasks"], r["images"])
+        """The front of each variant's waiting tasks per priority, with the work behind it, in one statement."""
+        return [WaitingHead(r["model"], r["priority"], r["seq"], r["created_at"], r["tasks"], r["images"], r["loras"])
                 for r in self._run("waiting_heads")]
 
     def fail_waiting(self, model: str, error: str, now: float | None = None) -> int:

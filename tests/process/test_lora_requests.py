@@ -57,3 +57,36 @@ def test_a_worker_without_the_file_fails_the_task_saying_so(processes, tmp_path:
     failed = wait_status(url, task_id, ("error",))
     assert "not in this worker's LoRA library" in failed["error"] and "same --lora-dir" in failed["error"]
     wait_for(lambda: requests.get(f"{url}/api/info", timeout=10).ok, what="the API still answers")
+
+
+def test_a_worker_groups_work_by_lora_set_measures_the_change_and_keeps_the_bound(db, db_path, processes, tmp_path):
+    from mflux_server.core.rows import lora_set_text
+    from mflux_server.core.scheduling import LORA_CHANGE
+    from tests.conftest import queue_task, reread, status_of
+
+    folder = tmp_path / "loras"
+    for name in ("ink", "paper"):
+        write_lora(folder / f"{name}.safetensors", keys_only_in("flux1", "qwen-image"))
+    sets = {name: lora_set_text(((name, 1.0),)) for name in ("ink", "paper")}
+    tasks = [queue_task(db, width=256, height=256, steps=2, prompt=f"{name} {i}", loras=sets[name])
+             for i in range(3) for name in ("ink", "paper")]
+    processes.worker("--lora-dir", str(folder), "--synthetic-lora-change", "10", "--max-affinity-wait", "600")
+    wait_for(lambda: all(status_of(db_path, t.id) == "done" for t in tasks), what="all tasks done")
+    order = [t.prompt for t in sorted((reread(db_path, t.id) for t in tasks), key=lambda t: t.started_at)]
+    assert order == ["ink 0", "ink 1", "ink 2", "paper 0", "paper 1", "paper 2"], "one change of set, not five"
+    change = db.load_stats()["schnell" + LORA_CHANGE]
+    assert change.n == 2 and change.last >= 10 / 20, "none to ink, ink to paper: each measured"
+    # The held set's work goes first, but not past the bound (3 s here): an older task of another set falls
+    # due its change's measured length early, and starts once the task running then ends.
+    processes.stop_all()
+    processes.worker("--lora-dir", str(folder), "--synthetic-lora-change", "1", "--max-affinity-wait", "3",
+                     speed=1.0)
+    first = queue_task(db, width=256, height=256, steps=2, prompt="s", loras=sets["ink"])
+    wait_for(lambda: status_of(db_path, first.id) == "done", what="the first ink task (after its change)")
+    waiting = queue_task(db, width=256, height=256, steps=2, prompt="p", loras=sets["paper"])
+    stream = [queue_task(db, width=256, height=256, steps=2, prompt=f"s{i}", loras=sets["ink"]) for i in range(14)]
+    wait_for(lambda: status_of(db_path, waiting.id) == "done", what="the paper task")
+    started = reread(db_path, waiting.id).started_at
+    before = [t for t in stream if (reread(db_path, t.id).started_at or 1e18) < started]
+    assert 0 < len(before) < len(stream), "the held set's work first, but not all of it"
+    assert started - waiting.created_at < 3 + 1.0, "within the bound plus the task running when it fell due"

@@ -52,6 +52,7 @@ def make_engine(settings: Settings) -> Engine:
             noise=settings.synthetic_noise,
             speed=settings.synthetic_speed,
             load_seconds=settings.synthetic_load,
+            lora_seconds=settings.synthetic_lora_change,
             max_pixels=settings.synthetic_max_pixels,
         )
     from mflux_server.worker.engines.mflux import MfluxEngine

@@ -107,6 +107,7 @@ class SyntheticEngine:
         noise: float = 0.0,
         speed: float = 1.0,
         load_seconds: float = 0.0,
+        lora_seconds: float = 0.0,
         max_pixels: int | None = None,
     ):
         self.model: str | None = None
@@ -116,6 +117,8 @@ class SyntheticEngine:
         self.noise = noise
         self.speed = speed
         self.load_seconds = load_seconds
+        self.lora_seconds = lora_seconds
+        self.applied: tuple[tuple[str, float], ...] = ()  # the LoRA set held; a load holds the default (none)
         self.max_pixels = max_pixels
         self.broken: str | None = None  # why generate() fails until reset, like MLX after running out of memory
         self._rnd = random.Random()
@@ -133,10 +136,14 @@ class SyntheticEngine:
         if model.startswith(("/", "./", "~")) and not Path(model).expanduser().is_dir():
             raise ModelLoadFailed(f"no model folder at {model}")
         time.sleep(self.load_seconds / self.speed)
-        self.model, self.broken = model, None
+        self.model, self.broken, self.applied = model, None, ()
 
     def use_loras(self, loras: tuple[tuple[str, float], ...]) -> None:
-        """Nothing to load: each job's LoRAs tint its picture (with_loras)."""
+        """Take lora_seconds (scaled by speed) to change the set held, as mflux's reload would; each job's LoRAs
+        tint its picture (with_loras)."""
+        if loras != self.applied and self.model is not None:
+            time.sleep(self.lora_seconds / self.speed)
+            self.applied = loras
 
     def reset(self) -> None:
         """Forget the fault and 'reload' the held model."""

@@ -23,14 +23,18 @@ class PostgresStore(Store):
     def __init__(self, url: str, pooled: bool = False):
         super().__init__(url, pools.connect(url, pooled), for_backend("postgresql", psycopg_placeholders))
 
-    def claim_next(self, worker_id: str, model: str, engine: str, now: float | None = None) -> Task | None:
-        """Atomically take the highest-priority, oldest waiting task for this model.
+    def claim_next(self, worker_id: str, model: str, engine: str, now: float | None = None,
+                   loras: str | None = None) -> Task | None:
+        """Atomically take the next waiting task of this model in claim order (of its LoRA set `loras` if given).
 
         The write lock and the claim go out in one message as one transaction, so the lock is held for no round
         trip at all, and between two generations the server wakes once (one_message.py).
         """
         params = {"worker_id": worker_id, "model": model, "engine": engine, "now": time.time() if now is None else now}
-        row = self.session.write_alone(self._queries["claim_next"], params).fetchone()
+        if loras is not None:
+            row = self.session.write_alone(self._queries["claim_next_variant"], {**params, "loras": loras}).fetchone()
+        else:
+            row = self.session.write_alone(self._queries["claim_next"], params).fetchone()
         return Task.from_row(row) if row else None
 
     def prepare_claims(self, worker_id: str, engine: str, model: str = "") -> None:

@@ -1,13 +1,13 @@
 -- PostgreSQL's versions of the statements whose text differs between the stores (the rest: ../queries.sql).
 
 -- name: waiting_heads
--- Per model and priority: the first waiting task in claim order (SQLite takes the bare created_at from the
+-- Per model, LoRA set and priority: the first waiting task in claim order (SQLite takes the bare created_at from the
 -- row MIN(seq) picked) and how much waits, for choosing what to load.
-SELECT model, priority, MIN(seq) AS seq, (array_agg(created_at ORDER BY seq))[1] AS created_at, COUNT(*) AS tasks,
+SELECT model, loras, priority, MIN(seq) AS seq, (array_agg(created_at ORDER BY seq))[1] AS created_at, COUNT(*) AS tasks,
        SUM(count) AS images
   FROM tasks
  WHERE status = 'waiting'
- GROUP BY model, priority;
+ GROUP BY model, loras, priority;
 
 -- name: claim_next
 -- Take a model's next waiting task for a worker, counting the attempt: the highest priority, then the smallest
@@ -18,6 +18,20 @@ UPDATE tasks
        image_index = 0, step = 0, step_at = :now, engine = :engine, error = NULL
  WHERE seq = (SELECT seq FROM tasks
                WHERE status = 'waiting' AND model = :model
+               ORDER BY priority DESC, fair_tag, fair_start DESC, seq
+               LIMIT 1
+               FOR UPDATE SKIP LOCKED)
+   AND status = 'waiting'
+RETURNING *;
+
+-- name: claim_next_variant
+-- As claim_next, among the tasks of one LoRA set of the model (a worker grouping its work by variant): one
+-- lookup in tasks_variant_queue, which holds only waiting tasks.
+UPDATE tasks
+   SET status = 'processing', worker_id = :worker_id, started_at = :now, attempts = attempts + 1,
+       image_index = 0, step = 0, step_at = :now, engine = :engine, error = NULL
+ WHERE seq = (SELECT seq FROM tasks
+               WHERE status = 'waiting' AND model = :model AND loras = :loras
                ORDER BY priority DESC, fair_tag, fair_start DESC, seq
                LIMIT 1
                FOR UPDATE SKIP LOCKED)

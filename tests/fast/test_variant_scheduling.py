@@ -1,0 +1,70 @@
+"""Scheduling by variant: a model with a LoRA set is claimed as a unit, within the same starvation bound."""
+
+from __future__ import annotations
+
+from mflux_server import store
+from mflux_server.core.rows import WaitingHead, lora_set_text
+from mflux_server.core.scheduling import LORA_CHANGE, Variant, choose_variant, expected_load, switch_lead
+from tests.conftest import queue_task
+
+INK = lora_set_text((("ink", 1.0),))
+PAPER = lora_set_text((("paper", 0.5),))
+
+
+def head(model: str, loras: str, seq: int, age: float, images: int = 1, priority: int = 0) -> WaitingHead:
+    return WaitingHead(model, priority, seq, 1000.0 - age, 1, images, loras)
+
+
+def test_the_held_lora_set_keeps_its_work_while_it_waits():
+    heads = [head("dev", PAPER, 1, 50, images=9), head("dev", INK, 2, 10)]
+    assert choose_variant(heads, Variant("dev", INK), ["dev"], 1000.0, 120) == Variant("dev", INK)
+    # Without its own work waiting, another set of the held model goes before another model with more work.
+    others = [head("schnell", "", 3, 10, images=20), head("dev", PAPER, 1, 10)]
+    assert choose_variant(others, Variant("dev", INK), ["dev", "schnell"], 1000.0, 120) == Variant("dev", PAPER)
+
+
+def test_a_set_that_waited_past_the_bound_less_its_change_cost_is_served_first():
+    heads = [head("dev", INK, 5, 10), head("dev", PAPER, 1, 100)]
+    loaded = Variant("dev", INK)
+    assert choose_variant(heads, loaded, ["dev"], 1000.0, 120) == loaded
+    # The change is measured at 30 s: the paper task falls due 30 s early, so the change ends within the bound.
+    measured = {"dev": 60.0, "dev" + LORA_CHANGE: 30.0}
+    assert choose_variant(heads, loaded, ["dev"], 1000.0, 120, measured) == Variant("dev", PAPER)
+    assert switch_lead(Variant("dev", PAPER), loaded, measured) == 30.0
+    # Never measured, a change is charged as the model's reload; a model switch as its load.
+    assert switch_lead(Variant("dev", PAPER), loaded, {"dev": 60.0}) == 60.0
+    assert switch_lead(Variant("schnell"), loaded, measured) == expected_load("schnell", measured, 0.0) == 60.0
+
+
+def test_a_higher_priority_wins_over_the_held_set_and_the_default_set_is_a_variant_of_its_own():
+    heads = [head("dev", INK, 1, 10, images=5), head("dev", "", 2, 5, priority=1)]
+    assert choose_variant(heads, Variant("dev", INK), ["dev"], 1000.0, 120) == Variant("dev", "")
+    assert choose_variant([head("qwen-image", INK, 1, 999)], Variant("dev"), ["dev"], 1000.0, 120) is None
+
+
+def test_a_claim_by_lora_set_takes_that_sets_next_task_on_either_store(store_db):
+    db = store.connect(store_db)
+    try:
+        first = queue_task(db, model="dev", loras=INK, prompt="ink 1")
+        queue_task(db, model="dev", loras=PAPER, prompt="paper 1")
+        queue_task(db, model="dev", loras=INK, prompt="ink 2")
+        queue_task(db, model="schnell", loras=INK, prompt="schnell ink")
+        heads = {(h.model, h.loras): (h.tasks, h.seq) for h in db.waiting_heads()}
+        assert heads == {("dev", INK): (2, first.seq), ("dev", PAPER): (1, first.seq + 1),
+                         ("schnell", INK): (1, first.seq + 3)}
+        assert db.claim_next("w", "dev", "synthetic", loras=PAPER).prompt == "paper 1"
+        assert db.claim_next("w", "dev", "synthetic", loras=PAPER) is None
+        assert [db.claim_next("w", "dev", "synthetic", loras=INK).prompt for _ in range(2)] == ["ink 1", "ink 2"]
+        assert db.claim_next("w", "dev", "synthetic", loras="") is None
+        assert db.claim_next("w", "schnell", "synthetic").prompt == "schnell ink", "without loras: any set"
+    finally:
+        db.close()
+
+
+def test_the_claim_by_lora_set_is_one_index_lookup_without_a_sort(db):
+    if db.capabilities.notifies:
+        return  # the plan test is SQLite's; PostgreSQL runs the same statement through the same index
+    sql = db._queries["claim_next_variant"].sql
+    inner = sql[sql.index("(SELECT") + 1:sql.rindex(")")]
+    plan = " | ".join(row[3] for row in db.session.execute("EXPLAIN QUERY PLAN " + inner, {"model": "dev", "loras": ""}))
+    assert "USING INDEX tasks_variant_queue (model=? AND loras=?)" in plan and "TEMP B-TREE" not in plan, plan
