@@ -14,6 +14,7 @@ from bench import (
     event_streams,
     forecast_accuracy,
     loop_stalls,
+    lora_switching,
     model_switching,
     report,
     shared_service,
@@ -23,7 +24,7 @@ from bench import (
 from bench.report import machine
 from mflux_server.testing import ROOT
 
-NAMES = ("duty", "dispatch", "load", "streams", "slow", "surfaces", "shared", "forecast", "switching", "stores", "stalls")
+NAMES = ("duty", "dispatch", "load", "streams", "slow", "surfaces", "shared", "forecast", "switching", "stores", "stalls", "loras")
 EXPLANATIONS_FILE = ROOT / "bench" / "explanations.md"
 
 
@@ -77,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
             results.append(two_stores.run(args.smoke))
         elif name == "stalls":
             results.append(loop_stalls.run(args.smoke))
+        elif name == "loras":
+            results.append(lora_switching.run(args.smoke))
         for figure in results[-1].figures:
             print(f"  {figure.label}: {figure.shown()} {('(target ' + figure.target + ')') if figure.target else ''}",
                   file=sys.stderr)

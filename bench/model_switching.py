@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import requests
 
 from bench.forecast_accuracy import mape
 from bench.results import Result, percentile
 from mflux_server import store
+from mflux_server.core.scheduling import LORA_CHANGE
 from mflux_server.testing import fresh_queue, wait_for
 
 # In model seconds: each image 4 steps of 0.7 s plus 0.2 s around the loop (3 s), a model load 15 s, the
@@ -47,32 +50,37 @@ class Run:
         return 60 * sum(len(w) for w in self.waits.values()) / self.span
 
 
-def make_trace(n: int, rnd: random.Random) -> list[tuple[float, str]]:
-    """(arrival offset, model) with Poisson arrivals bringing LOAD images per image-time."""
+def make_trace(n: int, rnd: random.Random, share: dict[str, float] = SHARE) -> list[tuple[float, str]]:
+    """(arrival offset, key) with Poisson arrivals bringing LOAD images per image-time; keys drawn by their share."""
     at, trace = 0.0, []
+    keys, weights = list(share), list(share.values())
     for _ in range(n):
         at += rnd.expovariate(LOAD / IMAGE_SECONDS)
-        trace.append((at, "schnell" if rnd.random() < SHARE["schnell"] else "dev"))
+        trace.append((at, rnd.choices(keys, weights)[0]))
     return trace
 
 
-def replay(label: str, trace: list[tuple[float, str]], speed: float, affinity: float, models: str) -> Run:
-    """Submit the trace over HTTP to a real API and one synthetic worker; read back when each task started."""
+def replay(label: str, trace: list[tuple[float, str]], speed: float, affinity: float, worker_args: list[str],
+           fields: Callable[[str], dict[str, Any]], server_args: Sequence[str] = ()) -> Run:
+    """Submit the trace over HTTP to a real API and one synthetic worker; read back when each task started.
+
+    `fields` turns a trace entry's key (a model, a LoRA set) into the request's fields that ask for it.
+    """
     with fresh_queue() as procs:
-        url = procs.server()
-        procs.worker("--models", models, "--max-affinity-wait", str(affinity / speed),
+        url = procs.server(*server_args)
+        procs.worker(*worker_args, "--max-affinity-wait", str(affinity / speed),
                      "--synthetic-load", str(LOAD_SECONDS), "--synthetic-step", f"{STEP_SECONDS},0,0",
                      "--synthetic-fixed", ",".join(map(str, FIXED)), "--synthetic-noise", str(NOISE), speed=speed)
         session = requests.Session()
-        submitted: list[tuple[str, str, float, float]] = []  # (task id, model, submit time, expected)
+        submitted: list[tuple[str, str, float, float]] = []  # (task id, key, submit time, expected)
         start = time.monotonic()
-        for offset, model in trace:
+        for offset, key in trace:
             time.sleep(max(start + offset / speed - time.monotonic(), 0))
             sent = time.time()
             body = session.post(url + "/api/generate", json={
-                "prompt": f"{label} {len(submitted)}", "model": model if "," in models else models,
-                "width": 1024, "height": 1024, "steps": STEPS, "format": "JPEG"}, timeout=30).json()
-            submitted.append((body["task_id"], model, sent, body["expected_time_seconds"]))
+                "prompt": f"{label} {len(submitted)}", "width": 1024, "height": 1024, "steps": STEPS, "format": "JPEG",
+                **fields(key)}, timeout=30).json()
+            submitted.append((body["task_id"], key, sent, body["expected_time_seconds"]))
         db = store.connect(procs.db_path)
         ids = [task_id for task_id, *_ in submitted]
 
@@ -82,16 +90,22 @@ def replay(label: str, trace: list[tuple[float, str]], speed: float, affinity: f
         wait_for(all_done, timeout=len(trace) * 40 * IMAGE_SECONDS / speed + 60, interval=0.2, what=f"{label} trace")
         rows = {i: db.get(i) for i in ids}
         switches = sum(1 for line in procs.log(procs.procs[-1]).splitlines() if "switching model" in line)
+        switches += sum(stat.n for name, stat in db.load_stats().items() if name.endswith(LORA_CHANGE))
         db.close()
     waits: dict[str, list[float]] = {}
     forecasts = []
-    for task_id, model, sent, expected in submitted:
+    for task_id, key, sent, expected in submitted:
         row = rows[task_id]
         assert row is not None and row.started_at and row.finished_at
-        waits.setdefault(model, []).append((row.started_at - sent) * speed)
+        waits.setdefault(key, []).append((row.started_at - sent) * speed)
         forecasts.append((expected * speed, (row.finished_at - sent) * speed))
     span = (max(r.finished_at for r in rows.values() if r and r.finished_at) - submitted[0][2]) * speed
     return Run(label, span, waits, forecasts, switches)
+
+
+def serving(models: str) -> tuple[list[str], Callable[[str], dict[str, Any]]]:
+    """A worker's arguments for these models, and the request fields of a trace entry (one model: always it)."""
+    return ["--models", models], lambda model: {"model": model if "," in models else models}
 
 
 def run(smoke: bool = False) -> Result:
@@ -102,9 +116,9 @@ def run(smoke: bool = False) -> Result:
                                        f"{SHARE['schnell']:.0%} schnell / {SHARE['dev']:.0%} dev, Poisson arrivals at "
                                        f"load {LOAD:g}, load {LOAD_SECONDS:g} s, ~{IMAGE_SECONDS:g} s an image, "
                                        f"synthetic engine time-scaled ÷{speed:g})")
-    one = replay("one model", trace, speed, AFFINITY, "schnell")
-    ours = replay("ours", trace, speed, AFFINITY, "schnell,dev")
-    fifo = replay("fifo", trace, speed, 0.0, "schnell,dev")
+    one = replay("one model", trace, speed, AFFINITY, *serving("schnell"))
+    ours = replay("ours", trace, speed, AFFINITY, *serving("schnell,dev"))
+    fifo = replay("fifo", trace, speed, 0.0, *serving("schnell,dev"))
     result.add("throughput, one model (images a minute)", one.throughput)
     result.add("throughput, two models, ours", ours.throughput)
     result.add("  ours ÷ one model", ours.throughput / one.throughput, "×", "≥ 0.90×", ours.throughput >= 0.9 * one.throughput)

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 
 from mflux_server.core import native
 from mflux_server.core.rows import ClaimKey, QueueEntry, QueueRead, Status, Task, Worker
-from mflux_server.core.scheduling import expected_load
+from mflux_server.core.scheduling import expected_load, expected_lora_change
 from mflux_server.forecast.arrivals import ARRIVAL_WINDOW, ArrivalLog
 from mflux_server.forecast.cost_model import CostModel
 from mflux_server.forecast.policy_replay import ModelQueue, Timeline, timeline
@@ -349,7 +349,21 @@ class Forecaster:
         # Several workers serving this model drain the queue ahead of us in parallel.
         until_start = self.arrivals.until_start(task.model, task.priority, workers, max(ahead, 0.0) / max(workers, 1))
         switch = self.switch_seconds(db, task, live, running_now, snap, cost, now) if live and not workers else 0.0
-        return Estimate(max(pos, 0), running_ahead, until_start + switch + cost.task_seconds(task))
+        change = self.lora_change_seconds(db, task, running_now)
+        return Estimate(max(pos, 0), running_ahead, until_start + switch + change + cost.task_seconds(task))
+
+    def lora_change_seconds(self, db: Store, task: Task, running: Sequence[Task]) -> float:
+        """The measured cost of changing to a task's LoRA set, unless a task of its model running now has that set
+        (none running: unless it asks for the default set).
+
+        Only its own change is charged: the changes of other sets' tasks ahead of it, and how grouping by set
+        moves it, are not (the replay knows models, not sets).
+        """
+        held = {t.loras for t in running if t.model == task.model} or {""}  # an idle worker: the default set, at best
+        if task.loras in held:
+            return 0.0
+        loads = self.reads.get(db, ("loads",), db.mean_load_seconds)
+        return expected_lora_change(task.model, loads, DEFAULT_LOAD_SECONDS)
 
     def front(self, db: Store, model: str, snap: QueueSnapshot) -> ClaimKey | None:
         """The claim key of the snapshot's first task of a model that still waits (None when none does)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from mflux_server import store
 from mflux_server.core.rows import WaitingHead, lora_set_text
 from mflux_server.core.scheduling import LORA_CHANGE, Variant, choose_variant, expected_load, switch_lead
@@ -68,3 +70,20 @@ def test_the_claim_by_lora_set_is_one_index_lookup_without_a_sort(db):
     inner = sql[sql.index("(SELECT") + 1:sql.rindex(")")]
     plan = " | ".join(row[3] for row in db.session.execute("EXPLAIN QUERY PLAN " + inner, {"model": "dev", "loras": ""}))
     assert "USING INDEX tasks_variant_queue (model=? AND loras=?)" in plan and "TEMP B-TREE" not in plan, plan
+
+
+def test_the_forecast_charges_the_measured_change_to_a_tasks_lora_set_unless_it_is_running(db, db_path):
+    from mflux_server.forecast.queue_view import Forecaster
+
+    forecaster = Forecaster(connect=lambda: store.connect(db_path), clock=lambda: 1000.0, refit_interval=0)
+    db.record_load("schnell" + LORA_CHANGE, 30.0)
+    plain, inked = queue_task(db, prompt="plain"), queue_task(db, prompt="ink", loras=INK)
+    alone = {t.prompt: forecaster.estimate(db, db.get(t.id), 1, now=1000.0).seconds for t in (plain, inked)}
+    ahead = forecaster.cost_model(db).gpu_seconds(plain)
+    assert alone["ink"] - alone["plain"] == pytest.approx(ahead + 30.0), "the plain task first, then the change to ink"
+    db.claim_next("w", "schnell", "synthetic")  # the plain task runs: the worker holds the default set
+    later = queue_task(db, prompt="ink 2", loras=INK)
+    before_change = forecaster.estimate(db, db.get(later.id), 1, now=1000.0).seconds
+    db.claim_next("w", "schnell", "synthetic", loras=INK)  # now ink runs: no change ahead of ink 2
+    assert before_change - forecaster.estimate(db, db.get(later.id), 1, now=1000.0).seconds > 29.0
+
