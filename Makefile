@@ -6,12 +6,13 @@ BIN := $(VENV)/bin
 # The mflux release the engine and tests/contract are checked against, and the MLX it pins.
 MFLUX_VERSION := 0.24.0
 MLX_VERSION := 0.32.2
-# What mflux imports at run time for FLUX.1 text-to-image. On Linux we install these instead of
-# mflux's own metadata, which pulls CUDA PyTorch (gigabytes) that nothing here uses.
+# What mflux imports at run time for FLUX.1 text-to-image, and OpenCV for the ControlNet's Canny map (headless:
+# no GUI libraries). On Linux we install these instead of mflux's own metadata, which pulls CUDA PyTorch
+# (gigabytes) that nothing here uses.
 MFLUX_RUNTIME := "tqdm>=4.66.5,<5" "huggingface-hub>=1.1.6,<2" "platformdirs>=4,<5" "numpy>=2.0.1,<3" \
 	"piexif>=1.1.3,<2" "toml>=0.10.2,<1" "transformers>=5.5,<6" "safetensors>=0.4.4,<1" \
 	"sentencepiece>=0.2.1,<1" "regex>=2024.11.6" "pyyaml>=6,<7" "requests>=2.33" "filelock>=3.20.1" \
-	"fsspec>=2026.6.0"
+	"fsspec>=2026.6.0" "opencv-python-headless>=4.10,<6"
 ARGS ?=
 
 .PHONY: help install run test test-fast test-engine engine-check lint bench fuzz clean browser postgres openblas

@@ -75,7 +75,21 @@ def capabilities(family: Family, supports_guidance: bool | None) -> dict[str, bo
         "guidance": "guidance" in main and supports_guidance is not False,
         # LoRAs per request: mflux maps LoRA files onto the family, and its class takes lora_paths.
         "loras": bool(lora_patterns(family)) and "lora_paths" in family.init_parameters(),
+        "control": bool(family.control_types) and family.control_photo in main,
     }
+
+
+def control(family: Family) -> dict[str, Any] | None:
+    """How a family takes control_image: the map types, whether it takes a finished map, and mflux's default
+    ControlNet strength where generate_image takes one (None for a family without control)."""
+    if not family.control_types:
+        return None
+    from mflux.cli.defaults import defaults
+
+    main = family.generate_parameters()
+    assert family.control_photo in main and (family.control_map is None or family.control_map in main), family.name
+    strength = float(defaults.CONTROLNET_STRENGTH) if "controlnet_strength" in main else None
+    return {"types": list(family.control_types), "maps": family.control_map is not None, "default_strength": strength}
 
 
 def max_reference_images(family: Family) -> int:
@@ -121,6 +135,7 @@ def build() -> dict[str, Any]:
             "default_guidance": default_guidance(family),
             "capabilities": capabilities(family, config.supports_guidance),
             "max_reference_images": max_reference_images(family),
+            "control": control(family),
         })
     return {
         "generated_by": "python -m mflux_server.worker.catalog_build",

@@ -12,11 +12,11 @@ from typing import TypeVar
 from PIL import Image
 
 from mflux_server.core.lora_library import Library
-from mflux_server.core.rows import REFERENCE_ROLES, Task
+from mflux_server.core.rows import CONTROL_ROLE, REFERENCE_ROLES, Task
 from mflux_server.core.scheduling import LORA_CHANGE, Variant, choose_variant
 from mflux_server.core.settings import Settings
 from mflux_server.store import Store
-from mflux_server.worker.engines.base import Engine, EngineFault, Job, ModelLoadFailed, OutOfMemory
+from mflux_server.worker.engines.base import Control, Engine, EngineFault, Job, ModelLoadFailed, OutOfMemory
 from mflux_server.worker.messages import (
     ImageGenerated,
     TaskDropped,
@@ -275,6 +275,7 @@ class ClaimLoop:
                 # Measured beside the model's loads, so the scheduler and the forecast charge what a change costs.
                 self.stored("recording the LoRA change",
                             lambda: self.db.record_load(task.model + LORA_CHANGE, seconds))
+                self.stored("publishing the LoRA set", lambda: self.db.worker_loras(self.worker_id, task.loras))
         except Exception as exc:
             self.loras = "?"  # unknown: the next task applies its set again
             log.exception("task %s: its LoRAs could not be applied", task.id)
@@ -287,12 +288,15 @@ class ClaimLoop:
                                     lambda: self.db.inputs(task.id)) if task.input_count else {}
         inputs = {role: Image.open(io.BytesIO(stored.data)) for role, stored in stored_inputs.items()}
         references = tuple(inputs[role] for role in REFERENCE_ROLES if role in inputs)
+        settings = task.control_settings
+        control = None if settings is None or CONTROL_ROLE not in inputs else \
+            Control(inputs[CONTROL_ROLE], settings.kind, settings.strength, settings.preprocess)
         self.publisher.task_started(task.id)
         try:
             for index in range(task.count):
                 job = Job(task.prompt, task.seed + index, task.width, task.height, task.steps,
                           None if task.guidance_auto else task.guidance, task.negative_prompt, inputs.get("image"),
-                          inputs.get("mask"), task.image_strength, references, tuple(loras))
+                          inputs.get("mask"), task.image_strength, references, tuple(loras), control)
                 timer = StepTimer(task, index, self.publisher, self.stopping)
                 started = time.time()
                 if previous is not None:

@@ -12,6 +12,7 @@ from marshmallow import fields, validate
 from mflux_server.api.context import settings
 from mflux_server.api.image_inputs import ImageField, ImageList
 from mflux_server.core import catalog, outbound
+from mflux_server.core.catalog import CONTROL_TYPES
 from mflux_server.core.settings import Settings
 
 FORMATS = {"JPEG": "image/jpeg", "JPG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
@@ -168,6 +169,15 @@ class LoraEntry(ma.Schema):
                                                   "(default 1)"})
 
 
+class ControlView(ma.Schema):
+    """How a task uses its control image."""
+
+    type = fields.String(metadata={"description": "the control map: canny, depth, pose, hed or mlsd"})
+    strength = fields.Float(allow_none=True, metadata={"description": "the ControlNet strength; null where the model "
+                                                                      "takes none"})
+    preprocess = fields.Boolean(metadata={"description": "the worker turned the image into the map"})
+
+
 class GenerateRequest(ma.Schema):
     """A text-to-image request; the fields and types of the original mflux-server's examples."""
 
@@ -224,6 +234,19 @@ class GenerateRequest(ma.Schema):
     loras = fields.List(fields.Nested(LoraEntry), load_default=None, validate=validate.Length(max=MAX_LORAS), metadata={
         "description": f"LoRAs to apply, in order, at most {MAX_LORAS}: each a name from GET /api/loras that fits the "
                        "model's family, with its scale. Absent: the workers' default set (--lora-paths)"})
+    control_image = ImageField(load_default=None, metadata={
+        "description": "ControlNet and depth models (capabilities.control): the image that guides the layout, same "
+                       "encodings as image; a photo the worker turns into the control map, or the map itself with "
+                       "control_preprocess false. Without width and height, the output takes its size"})
+    control_type = fields.String(load_default=None, validate=validate.OneOf(CONTROL_TYPES), metadata={
+        "description": f"the control map: {', '.join(CONTROL_TYPES)}, as the model takes (GET /api/models: "
+                       "control.types); default: the model's first"})
+    control_strength = fields.Float(load_default=None, validate=validate.Range(0, 2), metadata={
+        "description": "how strongly the control map steers, 0 to 2; only models whose control.default_strength is "
+                       "set (the default)"})
+    control_preprocess = fields.Boolean(load_default=None, metadata={
+        "description": "true (default): control_image is a photo, turned into the map by mflux's own preprocessor "
+                       "(Canny, Depth Pro); false: it is the map already (models whose control.maps is true)"})
     callback_url = fields.String(load_default=None, validate=_callback_url, metadata={
         "description": "an http(s) URL POSTed once the task ends (done, error or canceled), signed per Standard "
                        "Webhooks; public addresses only unless the server runs with --webhook-allow-private"})
@@ -275,6 +298,8 @@ class TaskStatus(ma.Schema):
     format = fields.String()
     priority = fields.Boolean()
     loras = fields.List(fields.Nested(LoraEntry), metadata={"description": "the LoRAs asked for, with their scales"})
+    control = fields.Nested(ControlView, allow_none=True, metadata={
+        "description": "ControlNet or depth: how its control_image is used; null without one"})
     attempts = fields.Integer(metadata={"description": "times a worker started this task"})
     created_at = fields.Float(metadata={"description": "Unix time"})
     started_at = fields.Float(allow_none=True)

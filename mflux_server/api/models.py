@@ -31,6 +31,19 @@ class CapabilitiesSchema(ma.Schema):
     negative_prompt = fields.Boolean(metadata={"description": "takes `negative_prompt`"})
     guidance = fields.Boolean(metadata={"description": "`guidance` changes the image (distilled models ignore it)"})
     loras = fields.Boolean(metadata={"description": "takes `loras` (LoRAs per request, from GET /api/loras)"})
+    control = fields.Boolean(metadata={"description": "generates guided by `control_image` (ControlNet, depth); "
+                                                      "`control` says how"})
+
+
+class ControlSchema(ma.Schema):
+    """How a ControlNet or depth model takes control_image."""
+
+    types = fields.List(fields.String(), metadata={"description": "the control_type values it takes; the first is "
+                                                                  "the default"})
+    maps = fields.Boolean(metadata={"description": "takes a finished map (control_preprocess false); otherwise "
+                                                   "mflux always preprocesses the image"})
+    default_strength = fields.Float(allow_none=True, metadata={
+        "description": "control_strength when none is sent; null: the model takes no control_strength"})
 
 
 class ServingWorker(ma.Schema):
@@ -57,6 +70,8 @@ class ModelSchema(ma.Schema):
     default_steps = fields.Integer()
     default_guidance = fields.Float(allow_none=True, metadata={"description": "null: the model picks its own"})
     capabilities = fields.Nested(CapabilitiesSchema)
+    control = fields.Nested(ControlSchema, allow_none=True, metadata={"description": "null without the control "
+                                                                                     "capability"})
     max_reference_images = fields.Integer(metadata={
         "description": "how many reference images an edit takes (`image` plus `images`); 0 without edit"})
     workers = fields.List(fields.Nested(ServingWorker), metadata={"description": "live workers that may serve it"})
@@ -107,6 +122,7 @@ def describe(name: str, info: catalog.ModelInfo, workers: list[Worker], loads: d
         "default_steps": info.default_steps,
         "default_guidance": info.default_guidance,
         "capabilities": info.capabilities.as_dict(),
+        "control": info.control.as_dict() if info.control else None,
         "max_reference_images": info.max_reference_images,
         "workers": [{"id": w.id, "engine": w.engine, "loaded": w in holding, "loading": w.loading == name,
                      "quantize": w.quantize, "max_pixels": w.limit_for(name)} for w in serving],

@@ -19,7 +19,17 @@ from mflux_server.api.generation_schemas import MAX_SEED, MIN_SIZE
 from mflux_server.api.image_inputs import RawImage, verified
 from mflux_server.api.task_view import live_workers
 from mflux_server.core import catalog, structured_prompts
-from mflux_server.core.rows import REFERENCE_ROLES, InputImage, LoraSet, NewTask, Task, Worker, lora_set_text
+from mflux_server.core.rows import (
+    CONTROL_ROLE,
+    REFERENCE_ROLES,
+    ControlSettings,
+    InputImage,
+    LoraSet,
+    NewTask,
+    Task,
+    Worker,
+    lora_set_text,
+)
 
 # mflux's default image-to-image strength (mflux.cli.defaults.IMAGE_STRENGTH).
 DEFAULT_IMAGE_STRENGTH = 0.4
@@ -28,7 +38,7 @@ log = logging.getLogger("mflux_server")
 
 def body_limit() -> int:
     """The largest generate body: every input image at --max-input-bytes, base64-encoded, plus 1 MiB for the rest."""
-    images = 1 + len(REFERENCE_ROLES) + 1  # the image, further references, the mask
+    images = 1 + len(REFERENCE_ROLES) + 2  # the image, further references, the mask, the control image
     return (1 << 20) + images * (settings().max_input_bytes * 4 // 3 + 4)
 
 
@@ -85,7 +95,8 @@ def check_inputs(body: dict[str, Any], info: catalog.ModelInfo, served: str) -> 
         _check_references(body, info, served, len(references) + 1)
     takes_image = can.image_to_image or can.edit or can.inpaint
     if image is not None and not takes_image:
-        _reject(image_field, f"model {served} takes no input image (it is text-to-image only)")
+        _reject(image_field, f"model {served} takes no input image: " +
+                ("it is guided by control_image" if can.control else "it is text-to-image only"))
     if image is None and info.needs_image:
         _reject("image", f"model {served} needs an input image: it " +
                 ("edits a reference image" if can.edit else "repaints an image under a mask"))
@@ -117,6 +128,35 @@ def check_inputs(body: dict[str, Any], info: catalog.ModelInfo, served: str) -> 
                             f"{checked.width}×{checked.height}")
         inputs.append(replace(checked, role="mask"))
     return tuple(inputs)
+
+
+def control_rules(body: dict[str, Any], info: catalog.ModelInfo, served: str) -> ControlSettings | None:
+    """The request's control settings, checked against the model before any image is decoded (a 422 names the
+    field); None for a request without control_image."""
+    given = body.get("control_image") is not None
+    control = info.control if info.capabilities.control else None
+    if not given:
+        if control is not None:
+            _reject("control_image", f"model {served} is guided by a control image ({', '.join(control.types)}): "
+                                     "send control_image")
+        for field in ("control_type", "control_strength", "control_preprocess"):
+            if body.get(field) is not None:
+                _reject(field, "needs control_image, on a model with the control capability")
+        return None
+    if control is None:
+        _reject("control_image", f"model {served} takes no control image (GET /api/models: capabilities.control); "
+                                 "the ControlNet and depth models do")
+    kind = body.get("control_type") or control.types[0]
+    if kind not in control.types:
+        _reject("control_type", f"model {served} takes {', '.join(control.types)} control, not {kind}")
+    strength = body.get("control_strength")
+    if strength is not None and control.default_strength is None:
+        _reject("control_strength", f"model {served} takes no control strength")
+    preprocess = body.get("control_preprocess")
+    if preprocess is False and not control.maps:
+        _reject("control_preprocess", f"model {served} always turns control_image into its {kind} map itself "
+                                      "(mflux), so send a photo and leave control_preprocess true")
+    return ControlSettings(kind, control.default_strength if strength is None else float(strength), preprocess is not False)
 
 
 def check_loras(entries: list[dict[str, Any]] | None, info: catalog.ModelInfo, served: str) -> LoraSet:
@@ -210,7 +250,10 @@ def queue_task(body: dict[str, Any], surface: str = "native", keep_for: float | 
                            "The task was not queued")
     info = resolved.info
     loras = check_loras(body.get("loras"), info, resolved.served)
+    control = control_rules(body, info, resolved.served)
     inputs = check_inputs(body, info, resolved.served)
+    if control is not None:  # decoded after every cheap rule, as the other inputs
+        inputs += (replace(_verified(body["control_image"], "control_image"), role=CONTROL_ROLE),)
     width, height = output_size(body, inputs[0] if inputs else None)
     limit = pixel_limit(live, resolved.served)
     if limit is not None and width * height > limit:
@@ -232,7 +275,8 @@ def queue_task(body: dict[str, Any], surface: str = "native", keep_for: float | 
                    negative_prompt=body["negative_prompt"] or None, image_strength=image_strength,
                    guidance_auto=guidance is None, inputs=inputs, surface=surface,
                    callback_url=body.get("callback_url"), link_base=settings().public_url or request.host_url, keep_for=keep_for,
-                   client_user=client_user, key_id=key.id if key else None, loras=lora_set_text(loras))
+                   client_user=client_user, key_id=key.id if key else None, loras=lora_set_text(loras),
+                   control=control.text() if control else "")
     if fair_scheduling():
         task = replace(task, fair_cost=forecaster().cost_model(db()).gpu_seconds(task))
     created = submit_once(task, key.id if key else 0)

@@ -66,7 +66,15 @@ def summary(task: Task) -> dict[str, Any]:
         "created_at": task.created_at, "started_at": task.started_at, "finished_at": task.finished_at,
         "progress": progress(task), "owner_key": task.key_id,  # owner_key: for filtering; no schema shows it
         "loras": [{"name": name, "scale": scale} for name, scale in task.lora_set],
+        "control": control_view(task),
     } | webhook_view(task)
+
+
+def control_view(task: Task) -> dict[str, Any] | None:
+    """How the task uses its control image, or None without one."""
+    control = task.control_settings
+    return None if control is None else {"type": control.kind, "strength": control.strength,
+                                         "preprocess": control.preprocess}
 
 
 def webhook_view(task: Task) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from marshmallow import fields, validate
 from mflux_server.api.auth import owner_filter
 from mflux_server.api.context import db, settings
 from mflux_server.api.errors import ErrorSchema
-from mflux_server.api.generation_schemas import MAX_OFFSET, LoraEntry, Progress, StrictInteger, TaskStatus
+from mflux_server.api.generation_schemas import MAX_OFFSET, ControlView, LoraEntry, Progress, StrictInteger, TaskStatus
 from mflux_server.api.request_body import StrictParser
 from mflux_server.api.task_view import NOT_FOUND, get_task_or_404, summary, task_status
 from mflux_server.core import disk_reserve
@@ -48,6 +48,7 @@ class TaskSummary(ma.Schema):
     format = fields.String()
     priority = fields.Boolean()
     loras = fields.List(fields.Nested(LoraEntry), metadata={"description": "the LoRAs asked for, with their scales"})
+    control = fields.Nested(ControlView, allow_none=True, metadata={"description": "how its control_image is used"})
     progress = fields.Nested(Progress)
     error = fields.String(allow_none=True)
     created_at = fields.Float()

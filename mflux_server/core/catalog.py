@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass, fields
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 CATALOG_FILE = Path(__file__).with_name("models.json")
 
@@ -25,10 +26,28 @@ class Capabilities:
     negative_prompt: bool
     guidance: bool
     loras: bool  # LoRAs per request (mflux maps LoRA files onto the family)
+    control: bool = False  # generates guided by control_image (ControlNet, depth); `ModelInfo.control` says how
 
     def as_dict(self) -> dict[str, bool]:
         """The capabilities as a JSON object."""
         return {field.name: getattr(self, field.name) for field in fields(self)}
+
+
+# The control maps a request may name in control_type (each model takes some: ControlInfo.types).
+CONTROL_TYPES = ("canny", "depth", "pose", "hed", "mlsd")
+
+
+@dataclass(frozen=True)
+class ControlInfo:
+    """How a model takes control_image: the map types, whether a finished map is accepted, the default strength."""
+
+    types: tuple[str, ...]
+    maps: bool  # control_preprocess false (the image is already the map) is accepted
+    default_strength: float | None  # None: the model takes no control_strength
+
+    def as_dict(self) -> dict[str, Any]:
+        """As GET /api/models shows it."""
+        return {"types": list(self.types), "maps": self.maps, "default_strength": self.default_strength}
 
 
 @dataclass(frozen=True)
@@ -45,6 +64,7 @@ class ModelInfo:
     default_guidance: float | None
     capabilities: Capabilities
     max_reference_images: int = 0  # how many reference images an edit takes (0 without the edit capability)
+    control: ControlInfo | None = None  # how it takes control_image (with the control capability)
 
     @property
     def supports_guidance(self) -> bool:
@@ -53,8 +73,9 @@ class ModelInfo:
 
     @property
     def needs_image(self) -> bool:
-        """True for models that only edit or fill, so every request must carry an image."""
-        return not self.capabilities.text_to_image
+        """True for models that only edit or fill, so every request must carry an image (a control model needs
+        control_image instead)."""
+        return not self.capabilities.text_to_image and not self.capabilities.control
 
 
 @dataclass(frozen=True)
@@ -80,6 +101,8 @@ def _load() -> tuple[tuple[ModelInfo, ...], int]:
             default_guidance=entry["default_guidance"],
             capabilities=Capabilities(**entry["capabilities"]),
             max_reference_images=entry["max_reference_images"],
+            control=ControlInfo(tuple(entry["control"]["types"]), entry["control"]["maps"],
+                                entry["control"]["default_strength"]) if entry.get("control") else None,
         )
         for entry in data["models"]
     )

@@ -68,6 +68,29 @@ class NewTask:
     key_id: int | None = None  # the API key that submitted it
     fair_cost: float | None = None  # forecast engine seconds, for its fair tag; None: first-in first-out
     loras: str = ""  # the LoRAs asked for, lora_set_text()'s JSON; "" for none (the worker's default set)
+    control: str = ""  # ControlNet or depth settings, ControlSettings.text(); "" for none
+
+
+class ControlSettings(NamedTuple):
+    """How a task uses its control image: the map type, the strength (None: the model takes none) and whether
+    the worker turns the image into the map (preprocess) or it is the map already."""
+
+    kind: str
+    strength: float | None
+    preprocess: bool
+
+    def text(self) -> str:
+        """The tasks.control column."""
+        return json.dumps({"type": self.kind, "strength": self.strength, "preprocess": self.preprocess},
+                          separators=(",", ":"))
+
+    @classmethod
+    def of(cls, text: str) -> ControlSettings | None:
+        """The tasks.control column read back; None for ''."""
+        if not text:
+            return None
+        data = json.loads(text)
+        return cls(str(data["type"]), data["strength"], bool(data["preprocess"]))
 
 
 # LoRAs by library name with their scales, in the order given (the order mflux applies them in).
@@ -86,12 +109,14 @@ def lora_set_of(text: str) -> LoraSet:
 
 # The roles of an edit's further reference images, after 'image' (migration 0005 allows exactly these).
 REFERENCE_ROLES = ("image2", "image3", "image4")
+# The role of a ControlNet's or depth model's control image (migration 0018).
+CONTROL_ROLE = "control"
 
 
 @dataclass(frozen=True, slots=True)
 class InputImage(FromRow):
     """An image a task was submitted with: the picture to start from or edit ('image'), more edit references
-    ('image2' to 'image4'), or the inpaint 'mask'."""
+    ('image2' to 'image4'), the inpaint 'mask', or the 'control' image."""
 
     role: str
     mime: str
@@ -141,6 +166,7 @@ class Task(FromRow):
     fair_start: float
     input_count: int = 0  # input images it was submitted with (the worker reads them only when there are some)
     loras: str = ""  # the LoRAs asked for (lora_set_text's JSON), "" for none
+    control: str = ""  # ControlSettings.text(), "" for none
 
     def __post_init__(self) -> None:
         # sqlite hands the status back as a plain string; the enum is what everyone compares with.
@@ -150,6 +176,11 @@ class Task(FromRow):
     def lora_set(self) -> LoraSet:
         """The LoRAs asked for, in order, with their scales."""
         return lora_set_of(self.loras)
+
+    @property
+    def control_settings(self) -> ControlSettings | None:
+        """How it uses its control image, if it has one."""
+        return ControlSettings.of(self.control)
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +201,7 @@ class Worker(FromRow):
     loading: str | None  # the model it is loading right now
     affinity_wait: float | None  # seconds a task for another model waits before this worker switches for it
     pixel_limits: str  # comma-separated model=pixels: each model's largest image here, from its memory need
+    loras: str = ""  # the LoRA set it holds now (tasks.loras' text), "" for its default set
 
     def limit_for(self, model: str) -> int | None:
         """The largest image (width × height) this worker runs with a model: its cap, lowered per model."""

@@ -349,18 +349,19 @@ class Forecaster:
         # Several workers serving this model drain the queue ahead of us in parallel.
         until_start = self.arrivals.until_start(task.model, task.priority, workers, max(ahead, 0.0) / max(workers, 1))
         switch = self.switch_seconds(db, task, live, running_now, snap, cost, now) if live and not workers else 0.0
-        change = self.lora_change_seconds(db, task, running_now)
+        change = self.lora_change_seconds(db, task, running_now, live)
         return Estimate(max(pos, 0), running_ahead, until_start + switch + change + cost.task_seconds(task))
 
-    def lora_change_seconds(self, db: Store, task: Task, running: Sequence[Task]) -> float:
-        """The measured cost of changing to a task's LoRA set, unless a task of its model running now has that set
-        (none running: unless it asks for the default set).
+    def lora_change_seconds(self, db: Store, task: Task, running: Sequence[Task], live: Sequence[Worker]) -> float:
+        """The measured cost of changing to a task's LoRA set, unless a worker holding its model holds that set
+        or runs a task with it (no live worker known: unless it asks for the default set).
 
         Only its own change is charged: the changes of other sets' tasks ahead of it, and how grouping by set
         moves it, are not (the replay knows models, not sets).
         """
-        held = {t.loras for t in running if t.model == task.model} or {""}  # an idle worker: the default set, at best
-        if task.loras in held:
+        held = {w.loras for w in live if w.model == task.model and not w.loading}
+        held |= {t.loras for t in running if t.model == task.model}
+        if task.loras in (held or {""}):
             return 0.0
         loads = self.reads.get(db, ("loads",), db.mean_load_seconds)
         return expected_lora_change(task.model, loads, DEFAULT_LOAD_SECONDS)

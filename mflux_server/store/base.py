@@ -392,6 +392,11 @@ class Store:
             self._run("worker_loading", {"id": worker_id, "model": model, "loading": loading,
                                                  "models": _model_list(model, models)})
 
+    def worker_loras(self, worker_id: str, loras: str) -> None:
+        """Publish which LoRA set a worker holds now (tasks.loras' text; "" for its default set)."""
+        with self.session.transaction():
+            self._run("worker_loras", {"id": worker_id, "loras": loras})
+
     def set_pixel_limits(self, worker_id: str, limits: Mapping[str, int]) -> None:
         """Publish the largest image a worker runs with each model (lowered after it ran out of memory)."""
         with self.session.transaction():

@@ -7,11 +7,11 @@
 INSERT INTO tasks (id, priority, model, prompt, width, height, steps, guidance, seed, count,
                    format, quality, created_at, negative_prompt, image_strength, guidance_auto,
                    surface, callback_url, link_base, keep_for, client_user, key_id, fair_tag, fair_start,
-                   input_count, loras)
+                   input_count, loras, control)
 VALUES (:id, :priority, :model, :prompt, :width, :height, :steps, :guidance, :seed, :count,
         :format, :quality, :created_at, :negative_prompt, :image_strength, :guidance_auto,
         :surface, :callback_url, :link_base, :keep_for, :client_user, :key_id, :fair_tag, :fair_start,
-        :input_count, :loras)
+        :input_count, :loras, :control)
 RETURNING *;
 
 -- name: insert_input
@@ -144,8 +144,13 @@ VALUES (:id, :hostname, :pid, :engine, :model, :quantize, :now, :now, :models, :
         :pixel_limits);
 
 -- name: worker_loading
--- Say which model a worker is loading (NULL once loaded), which one it holds, and which it may still serve.
-UPDATE workers SET loading = :loading, model = :model, models = :models WHERE id = :id;
+-- Say which model a worker is loading (NULL once loaded), which one it holds (on its default LoRA set), and
+-- which it may still serve.
+UPDATE workers SET loading = :loading, model = :model, models = :models, loras = '' WHERE id = :id;
+
+-- name: worker_loras
+-- Say which LoRA set a worker holds now ('' for its default set).
+UPDATE workers SET loras = :loras WHERE id = :id;
 
 -- name: worker_pixel_limits
 -- Publish the largest image a worker runs with each model (lowered after it ran out of memory).

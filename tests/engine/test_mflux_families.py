@@ -17,7 +17,7 @@ mx = pytest.importorskip("mlx.core", reason="the engine tests need MLX (make ins
 from PIL import Image  # noqa: E402
 
 from mflux_server.core import catalog  # noqa: E402
-from mflux_server.worker.engines.base import Job, ModelLoadFailed  # noqa: E402
+from mflux_server.worker.engines.base import Control, Job, ModelLoadFailed  # noqa: E402
 from mflux_server.worker.engines.families import family_named  # noqa: E402
 from mflux_server.worker.engines.mflux import TILE_DECODE_ABOVE_PIXELS, TILED_DECODE, MfluxEngine  # noqa: E402
 from tests import mflux_networks  # noqa: E402
@@ -80,6 +80,17 @@ def jobs_for(info: catalog.ModelInfo) -> list[tuple[str, Job]]:
                              references=others[:info.max_reference_images - 1])))
     if can.inpaint:
         jobs.append(("inpaint", Job("a hat", 5, 256, 192, 3, None, image=picture, mask=mask)))
+    if can.control:
+        assert info.control is not None
+        photo = Image.new("RGB", (320, 240), "white")
+        photo.paste((20, 20, 20), (80, 60, 240, 180))  # a dark square: edges for Canny, a near object for depth
+        strength = info.control.default_strength
+        jobs.append(("control from a photo", Job("a red fox", 5, 192, 256, 3, None,
+                                                 control=Control(photo, info.control.types[0], strength))))
+        if info.control.maps:
+            jobs.append(("control from a map", Job("a red fox", 5, 128, 192, 3, None,
+                                                   control=Control(photo.convert("L"), info.control.types[0],
+                                                                   strength, preprocess=False))))
     return jobs
 
 
@@ -111,10 +122,15 @@ def test_mflux_generates_every_input_kind_the_model_accepts(info, capfd, peaks):
         assert any("__call__" in call or "forward" in call for call in calls), f"{kind}: the denoiser ran: {calls}"
         assert any(".decode" in call or "Decoder" in call for call in calls) or family.latent_format == "pixels", \
             f"{kind}: mflux decoded the latents: {calls}"
-        if job.image is not None:
+        if job.image is not None or job.control is not None:
             assert encoded(calls), f"{kind}: mflux read the input image: {calls}"
         if job.image_strength is not None:
             assert total < job.steps, "image-to-image starts part-way through the schedule"
+        if job.control is not None:  # mflux's own preprocessors: Canny (OpenCV) in ControlnetUtil, Depth Pro
+            if "canny" in job.control.kind:
+                assert "TransformerControlnet.__call__" in calls, f"{kind}: the ControlNet ran: {calls}"
+            if job.control.kind == "depth":
+                assert ("DepthProModel.__call__" in calls) == job.control.preprocess, f"{kind}: {calls}"
     assert peaks and max(peaks) < PEAK_BOUND / 2**30, "no real network was evaluated"
     assert "it/s" not in capfd.readouterr().err, "mflux's progress bars are silenced"
     assert spy.prompts

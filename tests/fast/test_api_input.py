@@ -131,7 +131,8 @@ def test_the_generate_body_limit_follows_the_input_image_limit(app, client):
     app.extensions["mflux_settings"].max_input_bytes = 300_000
     with app.app_context():
         limit = body_limit()
-    assert (1 << 20) + 5 * 400_000 < limit < (1 << 20) + 5 * 400_000 + 100
+    images = 6  # the image, three more references, the mask, the control image
+    assert (1 << 20) + images * 400_000 < limit < (1 << 20) + images * 400_000 + 100
     over = client.post("/api/generate", data=" " * (limit + 1), content_type="application/json")
     assert over.status_code == 413 and over.json["code"] == "request_too_large"
     under = client.post("/api/generate", data=" " * (limit - 20) + '{"prompt": "x"}', content_type="application/json")

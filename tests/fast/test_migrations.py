@@ -18,7 +18,7 @@ EXPECTED_COLUMNS = {
               "count", "format", "quality", "created_at", "started_at", "finished_at", "worker_id", "attempts",
               "image_index", "step", "step_at", "engine", "error", "negative_prompt", "image_strength", "guidance_auto",
               "surface", "callback_url", "link_base", "keep_for", "client_user", "key_id", "forecast_seconds",
-              "fair_tag", "fair_start", "input_count", "loras"},
+              "fair_tag", "fair_start", "input_count", "loras", "control"},
     "task_inputs": {"task_id", "role", "mime", "width", "height", "data"},
     "load_stats": {"model", "n", "total", "last", "updated_at"},
     "images": {"task_id", "idx", "seed", "mime", "data", "served", "gen_started", "gen_ended"},
@@ -40,7 +40,7 @@ EXPECTED_COLUMNS = {
     "events": {"id", "task_id", "kind", "data", "at"},
     "previews": {"task_id", "image", "step", "mime", "data", "at"},
     "workers": {"id", "hostname", "pid", "engine", "model", "quantize", "started_at", "heartbeat_at", "stopped_at",
-                "models", "max_pixels", "loading", "affinity_wait", "pixel_limits"},
+                "models", "max_pixels", "loading", "affinity_wait", "pixel_limits", "loras"},
     "server_settings": {"name", "value"},
 }
 
@@ -124,6 +124,8 @@ def test_input_images_survive_the_rebuild_that_allows_several_references(tmp_pat
     assert db.get("old").input_count == 2  # counted by migration 0013
     several = db.submit(new_task(inputs=(picture, InputImage("image2", "image/png", 8, 8, b"x"))))
     assert list(db.inputs(several.id)) == ["image", "image2"]
+    guided = db.submit(new_task(inputs=(InputImage("control", "image/png", 8, 8, b"c"),)))  # 0018's rebuild
+    assert list(db.inputs(guided.id)) == ["control"]
     db.cancel_or_delete(several.id)  # canceled first, then deleted
     db.cancel_or_delete(several.id)
     assert db.inputs(several.id) == {}, "the rebuilt table still cascades with its task"

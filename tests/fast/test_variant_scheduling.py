@@ -87,3 +87,21 @@ def test_the_forecast_charges_the_measured_change_to_a_tasks_lora_set_unless_it_
     db.claim_next("w", "schnell", "synthetic", loras=INK)  # now ink runs: no change ahead of ink 2
     assert before_change - forecaster.estimate(db, db.get(later.id), 1, now=1000.0).seconds > 29.0
 
+
+
+def test_an_idle_worker_holding_a_set_is_not_charged_a_change_to_it(db, db_path):
+    from mflux_server.forecast.queue_view import Forecaster
+
+    forecaster = Forecaster(connect=lambda: store.connect(db_path), clock=lambda: 1000.0, refit_interval=0)
+    db.record_load("schnell" + LORA_CHANGE, 30.0)
+    worker = db.register_worker("synthetic", "schnell", None)
+    inked = db.get(queue_task(db, prompt="ink", loras=INK).id)
+
+    def seconds() -> float:
+        return forecaster.estimate(db, inked, 0, now=1000.0, live=db.live_workers(60)).seconds
+
+    charged = seconds()
+    db.worker_loras(worker, INK)
+    assert charged - seconds() == pytest.approx(30.0), "the worker holds ink: no change ahead"
+    db.worker_loading(worker, "schnell", None, ["schnell"])  # a (re)load holds the default set again
+    assert seconds() == pytest.approx(charged)

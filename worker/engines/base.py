@@ -10,6 +10,16 @@ from PIL import Image
 
 
 @dataclass(frozen=True)
+class Control:
+    """A job's control input: a photo the engine turns into a `kind` map (preprocess), or that map itself."""
+
+    image: Image.Image
+    kind: str  # canny, depth, pose, hed or mlsd
+    strength: float | None = None  # None: the model's own default
+    preprocess: bool = True
+
+
+@dataclass(frozen=True)
 class Job:
     """One image to generate, with the request's optional image inputs already decoded."""
 
@@ -26,6 +36,7 @@ class Job:
     references: tuple[Image.Image, ...] = ()  # edit: more reference images after `image`, in order
     # LoRA files with their scales, in order; empty: the engine's default set (--lora-paths).
     loras: tuple[tuple[str, float], ...] = ()
+    control: Control | None = None  # ControlNet or depth: the control image and how to use it
 
     @property
     def pixels(self) -> int:

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 # How a family uses the request's `image`: as the start of image-to-image, as the reference an
-# instruction edits (Kontext, Qwen-Image-Edit, FLUX.2 edit), or as the picture a mask repaints (FLUX.1 Fill).
-ImageRole = Literal["init", "edit", "fill"]
+# instruction edits (Kontext, Qwen-Image-Edit, FLUX.2 edit), or as the picture a mask repaints (FLUX.1 Fill);
+# "control": it takes no `image`, and generates from the prompt guided by `control_image` (ControlNet, depth).
+ImageRole = Literal["init", "edit", "fill", "control"]
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,11 @@ class Family:
     edit_class: str | None = None  # same weights, loaded for edit requests (FLUX.2 klein)
     guidance_default: str | None = None  # name of the mflux CLI default constant, when the CLI overrides the signature
     latent_format: str = "flux"  # the VAE's latent space, a key of latent_formats.FORMATS: it colours the previews
+    # Control: the maps it is conditioned on, the generate_image parameter that takes a photo mflux turns into
+    # the map itself, and the one that takes a finished map (None: mflux always preprocesses what it is given).
+    control_types: tuple[str, ...] = ()
+    control_photo: str | None = None
+    control_map: str | None = None
 
     def load_class(self, edit: bool = False) -> Any:
         """Import the mflux class (mflux is imported only here and in the engine)."""
@@ -66,6 +72,14 @@ FAMILIES: tuple[Family, ...] = (
            keys=("dev-kontext",), guidance_default="GUIDANCE_SCALE_KONTEXT"),
     Family("flux1-fill", "FLUX.1 Fill", f"{_FLUX1}.fill.flux_fill:Flux1Fill", image_role="fill",
            keys=("dev-fill",), guidance_default="DEFAULT_DEV_FILL_GUIDANCE"),
+    # mflux runs OpenCV's Canny on every control image of these (ControlnetUtil), so they take photos only.
+    Family("flux1-controlnet", "FLUX.1 ControlNet", f"{_FLUX1}.controlnet.flux_controlnet:Flux1Controlnet",
+           image_role="control", keys=("dev-controlnet-canny", "schnell-controlnet-canny"),
+           guidance_default="GUIDANCE_SCALE", control_types=("canny",), control_photo="controlnet_image_path"),
+    # FLUX.1 Depth estimates the depth of image_path with Depth Pro, or takes a finished map as depth_image_path.
+    Family("flux1-depth", "FLUX.1 Depth", f"{_FLUX1}.depth.flux_depth:Flux1Depth", image_role="control",
+           keys=("dev-depth",), guidance_default="DEFAULT_DEPTH_GUIDANCE", control_types=("depth",), control_photo="image_path",
+           control_map="depth_image_path"),
     Family("flux2-klein", "FLUX.2 klein", "mflux.models.flux2.variants.txt2img.flux2_klein:Flux2Klein",
            cli="mflux.models.flux2.cli.flux2_generate",
            edit_class="mflux.models.flux2.variants.edit.flux2_klein_edit:Flux2KleinEdit", latent_format="flux2"),
@@ -107,9 +121,6 @@ FAMILIES: tuple[Family, ...] = (
 # in neither list, so a new model is a decision rather than a silent gap.
 NOT_SERVED: dict[str, str] = {
     "dev-redux": "Redux needs image-variation inputs (redux images and strengths) the API does not take",
-    "dev-depth": "needs a depth map input",
-    "dev-controlnet-canny": "ControlNet needs a control image input",
-    "schnell-controlnet-canny": "ControlNet needs a control image input",
     "dev-controlnet-upscaler": "an upscaler, not a generator",
     "dev-fill-catvton": "virtual try-on needs a garment and a person image",
     "krea-2-controlnet-depth": "ControlNet needs a depth image input",

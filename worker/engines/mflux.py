@@ -18,7 +18,7 @@ from PIL import Image
 
 from mflux_server.core import catalog, structured_prompts
 from mflux_server.core.rows import REFERENCE_ROLES
-from mflux_server.worker.engines.base import EngineFault, Job, ModelLoadFailed, OutOfMemory, StepReporter
+from mflux_server.worker.engines.base import Control, EngineFault, Job, ModelLoadFailed, OutOfMemory, StepReporter
 from mflux_server.worker.engines.families import Family, family_named
 from mflux_server.worker.engines.latent_formats import FORMATS, LatentFormat
 from mflux_server.worker.engines.previews import latent_preview
@@ -137,6 +137,13 @@ class Adapter:
                 wanted["image_strength"] = job.image_strength
         if "mask" in files:
             wanted["masked_image_path" if "masked_image_path" in accepted else "mask_path"] = files["mask"]
+        if job.control is not None:
+            family = self.family
+            parameter = family.control_photo if job.control.preprocess or family.control_map is None else family.control_map
+            assert parameter is not None
+            wanted[parameter] = files["control"]
+            if job.control.strength is not None:
+                wanted["controlnet_strength"] = job.control.strength
         if job.references and "image_paths" not in accepted:
             wanted["image_paths"] = []  # only a list parameter takes several references: reported below
         dropped = sorted(set(wanted) - set(accepted))
@@ -245,10 +252,14 @@ class MfluxEngine:
         assert self.adapter is not None
         if not self.warm_up_steps:
             return
-        role, side = self.adapter.family.image_role, self.warm_up_size
-        grey = Image.new("RGB", (side, side), (128, 128, 128)) if role != "init" else None
-        mask = Image.new("L", (side, side), 255) if role == "fill" else None
-        self._run(Job("warm-up", 0, side, side, self.warm_up_steps, None, image=grey, mask=mask), None)
+        family, side = self.adapter.family, self.warm_up_size
+        grey = Image.new("RGB", (side, side), (128, 128, 128))
+        mask = Image.new("L", (side, side), 255) if family.image_role == "fill" else None
+        # A finished map where the family takes one: a photo would run a preprocessor (Depth Pro) for nothing.
+        control = Control(grey, family.control_types[0], preprocess=family.control_map is None) \
+            if family.control_types else None
+        image = grey if family.image_role in ("edit", "fill") else None
+        self._run(Job("warm-up", 0, side, side, self.warm_up_steps, None, image=image, mask=mask, control=control), None)
         self._clear_cache()
 
     def use_loras(self, loras: tuple[tuple[str, float], ...]) -> None:
@@ -377,7 +388,8 @@ def write_inputs(job: Job, folder: Path) -> dict[str, str]:
     """mflux takes image inputs as file paths: write the job's images as PNG files there."""
     files = {}
     # The API stores at most one reference per role, so the roles may outnumber the references, never the reverse.
-    roles = [("image", job.image), *zip(REFERENCE_ROLES, job.references, strict=False), ("mask", job.mask)]
+    roles = [("image", job.image), *zip(REFERENCE_ROLES, job.references, strict=False), ("mask", job.mask),
+             ("control", job.control.image if job.control else None)]
     for role, image in roles:
         if image is not None:
             path = folder / f"{role}.png"

@@ -7,10 +7,10 @@ import random
 import time
 from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageDraw, ImageFilter, ImageOps
 
 from mflux_server.core.settings import H100_STEP_COST
-from mflux_server.worker.engines.base import Job, ModelLoadFailed, OutOfMemory, StepReporter
+from mflux_server.worker.engines.base import Control, Job, ModelLoadFailed, OutOfMemory, StepReporter
 from mflux_server.worker.engines.previews import revealed
 
 LABEL = "SYNTHETIC TEST IMAGE - mflux-server synthetic engine, not model output"
@@ -71,6 +71,25 @@ def with_inputs(pattern: Image.Image, job: Job) -> Image.Image:
     for number, reference in enumerate(references):
         pattern.paste(reference.resize(cell, Image.Resampling.LANCZOS), (gap + number * (cell[0] + gap), job.height // 4))
     return pattern
+
+
+def control_map(control: Control, size: tuple[int, int]) -> Image.Image:
+    """The map a control image stands for, as the synthetic engine draws it: edges for canny and the line maps,
+    brightness (near is bright) for depth; a finished map (preprocess off) as it is."""
+    image = control.image.convert("L").resize(size, Image.Resampling.LANCZOS)
+    if not control.preprocess:
+        return image
+    if control.kind == "depth":
+        return image.filter(ImageFilter.GaussianBlur(2))
+    return image.filter(ImageFilter.FIND_EDGES).point(lambda v: 255 if v >= 48 else 0)
+
+
+def with_control(pattern: Image.Image, job: Job) -> Image.Image:
+    """Show the job's control map visibly: painted over the pattern, as far as its strength says (default ½)."""
+    if job.control is None:
+        return pattern
+    share = min(1.0, 0.5 if job.control.strength is None else job.control.strength)
+    return Image.blend(pattern, control_map(job.control, pattern.size).convert("RGB"), max(share, 0.0))
 
 
 LORA_TINT_PER_SCALE = 0.15  # how far a LoRA of scale 1 pulls the picture towards its colour
@@ -175,7 +194,7 @@ class SyntheticEngine:
         reporter.loop_started()
         per_step = self.step_seconds(job.width, job.height)
         # Drawn while the first step "runs" (its time is a deadline), so previews can reveal it.
-        image = with_loras(with_inputs(draw(job), job), job)
+        image = with_loras(with_control(with_inputs(draw(job), job), job), job)
         for done in range(1, job.steps + 1):
             deadline += self._seconds(per_step)
             sleep_until(deadline)
