@@ -68,7 +68,8 @@ def generate(client: Client, args: argparse.Namespace) -> int:
     fields: dict[str, Any] = {"model": args.model, "steps": args.steps, "seed": args.seed, "count": args.count,
                               "format": args.format, "guidance": args.guidance, "negative_prompt": args.negative_prompt,
                               "image_strength": args.strength, "priority": args.priority or None,
-                              "loras": args.lora}
+                              "loras": args.lora, "control_strength": args.control_strength,
+                              "control_preprocess": False if args.control_map else None}
     if args.size:
         fields["width"], fields["height"] = args.size
     live = sys.stderr.isatty()
@@ -82,7 +83,7 @@ def generate(client: Client, args: argparse.Namespace) -> int:
         elif state.get("event") in ("submitted", "done", "status"):
             print(line, file=sys.stderr)
 
-    task = client.submit(args.prompt, image=args.image, mask=args.mask, **fields)
+    task = client.submit(args.prompt, image=args.image, mask=args.mask, control_image=args.control_image, **fields)
     show({"event": "submitted", **task})
     done = client.wait(task["task_id"], show)
     if live:
@@ -147,6 +148,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     gen.add_argument("--priority", action="store_true")
     gen.add_argument("--lora", action="append", type=parse_lora, metavar="NAME[:SCALE]",
                      help="a LoRA from the server's library (GET /api/loras), repeatable; scale 1 unless given")
+    gen.add_argument("--control-image", help="ControlNet or depth models: the image whose edges or depth guide the layout")
+    gen.add_argument("--control-strength", type=float, help="how strongly the control map steers, 0 to 2")
+    gen.add_argument("--control-map", action="store_true",
+                     help="the control image is the map already (a depth map), not a photo to turn into one")
     for name, helptext in (("status", "a task's status"), ("cancel", "cancel or delete a task")):
         commands.add_parser(name, help=helptext, parents=[after]).add_argument("task_id")
     listing = commands.add_parser("list", help="the queue and recent tasks", parents=[after])

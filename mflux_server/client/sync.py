@@ -72,7 +72,8 @@ class Client:
     # The API
 
     def submit(self, prompt: str, *, image: ImageInput | None = None, mask: ImageInput | None = None,
-               images: list[ImageInput] | None = None, **fields: Any) -> dict[str, Any]:
+               images: list[ImageInput] | None = None, control_image: ImageInput | None = None,
+               **fields: Any) -> dict[str, Any]:
         """Queue a task; fields are the generate endpoint's (model, width, height, steps, seed, count, …)."""
         body: dict[str, Any] = {"prompt": prompt, **{k: v for k, v in fields.items() if v is not None}}
         if image is not None:
@@ -81,6 +82,8 @@ class Client:
             body["mask"] = encode_image(mask)
         if images:
             body["images"] = [encode_image(item) for item in images]
+        if control_image is not None:
+            body["control_image"] = encode_image(control_image)
         result: dict[str, Any] = self._json("POST", "/api/generate", body)
         return result
 

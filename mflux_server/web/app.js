@@ -134,11 +134,15 @@ function chosenLoras() {
     name: row.querySelector("select").value, scale: Number(row.querySelector("input").value || 1) }));
 }
 
+// What a control map keeps of the image, in the model hint.
+const CONTROL_WORDS = { canny: "edges", depth: "depth", pose: "poses", hed: "soft edges", mlsd: "straight lines" };
+
 function applyModel() {
-  const model = currentModel(), caps = model?.capabilities || {};
+  const model = currentModel(), caps = model?.capabilities || {}, control = caps.control ? model.control : null;
   const can = { negative_prompt: caps.negative_prompt, guidance: caps.guidance, inpaint: caps.inpaint,
-                image_to_image: caps.image_to_image, image: caps.image_to_image || caps.edit || caps.inpaint,
-                loras: caps.loras && fittingLoras().length > 0 };
+                image_to_image: caps.image_to_image, loras: caps.loras && fittingLoras().length > 0,
+                image: caps.image_to_image || caps.edit || caps.inpaint || caps.control,
+                control_strength: control?.default_strength != null, control_maps: Boolean(control?.maps) };
   for (const el of document.querySelectorAll("[data-needs]")) el.hidden = model ? !can[el.dataset.needs] : false;
   $("#strength-field").hidden = !caps.image_to_image || (caps.edit && !$("#image_strength").dataset.touched);
   const hints = [];
@@ -146,11 +150,21 @@ function applyModel() {
     hints.push(`${model.default_steps} steps by default`);
     if (caps.edit) hints.push("edits the image you give it");
     if (caps.inpaint) hints.push("paint the area to repaint");
+    if (control) hints.push(`follows the ${CONTROL_WORDS[control.types[0]] || control.types[0]} of the image you give it`);
     if (!model.served) hints.push("no live worker serves it");
   }
   $("#model-hint").textContent = hints.join(" · ");
   $("#steps").placeholder = model ? String(model.default_steps) : "model default";
   $("#mask-canvas").hidden = !caps.inpaint;
+  $("#image-label").textContent = control ? "Control image" : "Init image";
+  $("#drop").setAttribute("aria-label", `${control ? "control" : "init"} image: press Enter to choose a file, or drop or paste one`);
+  if (control) {
+    $("#control-map-kind").textContent = control.types[0];
+    const strength = $("#control_strength");
+    if (!strength.dataset.touched && control.default_strength != null) {
+      strength.value = String(control.default_strength); strength.dispatchEvent(new Event("change"));
+    }
+  }
   if (!model) $("#loras-field").hidden = true;
   applyLoras();
 }
@@ -195,7 +209,8 @@ function setImage(dataUrl) {
     sizeIsCustom();
   };
   if (dataUrl) img.src = dataUrl; else img.removeAttribute("src");
-  clearFieldError("image"); clearFieldError("mask"); $("#form-error").textContent = "";
+  for (const field of ["image", "mask", "control_image"]) clearFieldError(field);
+  $("#form-error").textContent = "";
   $("#mask-wrap").hidden = !dataUrl; $("#image-tools").hidden = !dataUrl; $("#drop-text").hidden = !!dataUrl;
 }
 
@@ -228,9 +243,12 @@ function setupImageInput() {
     if (before) canvas.getContext("2d").putImageData(before, 0, 0);
     $("#mask-undo").disabled = state.strokes.length === 0;
   });
-  const strength = $("#image_strength"), out = $("#strength-out");
-  const show = () => { out.textContent = Number(strength.value).toFixed(2); };
-  strength.addEventListener("input", () => { strength.dataset.touched = "1"; show(); }); show();
+  for (const [input, output] of [["#image_strength", "#strength-out"], ["#control_strength", "#control-strength-out"]]) {
+    const strength = $(input), out = $(output);
+    const show = () => { out.textContent = Number(strength.value).toFixed(2); };
+    strength.addEventListener("input", () => { strength.dataset.touched = "1"; show(); });
+    strength.addEventListener("change", show); show();
+  }
   const canvas = $("#mask-canvas"); let painting = false, last = null;
   const paint = (e) => {
     if (!painting) return;
@@ -311,7 +329,11 @@ async function submit(event) {
   if (caps.negative_prompt && $("#negative_prompt").value.trim()) body.negative_prompt = $("#negative_prompt").value;
   if (!$("#seed-random").checked) body.seed = number("#seed");
   if (caps.loras && !$("#loras-field").hidden && $("#lora-list").children.length) body.loras = chosenLoras();
-  if (state.image && (caps.image_to_image || caps.edit || caps.inpaint)) {
+  if (state.image && caps.control) {  // a control model takes the picked image as its control image
+    body.control_image = state.image;
+    if (!$("#control-strength-field").hidden) body.control_strength = Number($("#control_strength").value);
+    if ($("#control_map").checked && !$("#control_map").closest("[data-needs]").hidden) body.control_preprocess = false;
+  } else if (state.image && (caps.image_to_image || caps.edit || caps.inpaint)) {
     body.image = state.image;
     if (caps.inpaint) body.mask = maskDataUrl();
     else if (caps.image_to_image && !$("#strength-field").hidden) body.image_strength = Number($("#image_strength").value);

@@ -90,3 +90,4 @@ def test_a_worker_groups_work_by_lora_set_measures_the_change_and_keeps_the_boun
     before = [t for t in stream if (reread(db_path, t.id).started_at or 1e18) < started]
     assert 0 < len(before) < len(stream), "the held set's work first, but not all of it"
     assert started - waiting.created_at < 3 + 1.0, "within the bound plus the task running when it fell due"
+

@@ -1,0 +1,31 @@
+"""ControlNet and depth through the real API, CLI and a real synthetic worker."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import Image, ImageStat
+
+from mflux_server.worker.engines.base import Control
+from mflux_server.worker.engines.synthetic import control_map
+from tests.process.test_client import run_cli
+
+
+def test_the_cli_sends_a_control_image_and_the_worker_paints_its_map(processes, tmp_path: Path):
+    url = processes.server()
+    processes.worker("--models", "dev-depth")
+    photo = Image.new("RGB", (256, 256), "white")
+    photo.paste((20, 20, 20), (64, 64, 192, 192))
+    photo.save(tmp_path / "depth.png")
+    made = run_cli("--server", url, "generate", "a room", "--model", "dev-depth", "--steps", "2", "-o",
+                   str(tmp_path / "out"), "--control-image", str(tmp_path / "depth.png"), "--control-map")
+    assert made.returncode == 0, made.stderr
+    image = Image.open(Path(made.stdout.split()[0])).convert("L")
+    assert image.size == (256, 256), "the control image's size"
+    wanted = control_map(Control(photo, "depth", preprocess=False), (256, 256))
+    inside = ImageStat.Stat(image.crop((80, 80, 176, 176))).mean[0]
+    outside = ImageStat.Stat(image.crop((0, 0, 256, 48))).mean[0]
+    assert outside - inside > 60 and wanted.getpixel((128, 128)) == 20, f"the map's dark square shows: {inside, outside}"
+    refused = run_cli("--server", url, "generate", "x", "--model", "dev-depth", "--control-image",
+                      str(tmp_path / "depth.png"), "--control-strength", "0.5")
+    assert refused.returncode == 1 and "takes no control strength" in refused.stderr

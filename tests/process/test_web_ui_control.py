@@ -1,0 +1,82 @@
+"""The web UI with ControlNet and depth models in real Chromium: the picked image becomes control_image, with its
+strength or as a finished map, errors under the field, a phone and the light theme. Screenshots in SCREENSHOTS."""
+
+from __future__ import annotations
+
+import pytest
+import requests
+from PIL import Image
+
+from mflux_server.testing import wait_for
+from tests.process.test_web_ui import browser, sync_api  # noqa: F401  (the browser fixture)
+from tests.process.test_web_ui_people import PHONE, open_page, shot, small
+from tests.process.test_web_ui_people import pytestmark as needs_chromium
+
+pytestmark = needs_chromium
+
+
+def latest_task(url: str) -> dict:
+    """The newest task, or {} before the first submit has landed."""
+    tasks = requests.get(url + "/api/tasks", params={"limit": 1}, timeout=10).json()["tasks"]
+    return tasks[0] if tasks else {}
+
+
+@pytest.fixture
+def guided(processes, tmp_path):
+    url = processes.server()
+    processes.worker("--models", "dev-controlnet-canny,dev-depth,schnell", speed=10)
+    photo = Image.new("RGB", (512, 512), "white")
+    photo.paste((20, 20, 20), (128, 128, 384, 384))
+    photo.save(tmp_path / "square.png")
+    return url, tmp_path / "square.png"
+
+
+def test_a_control_model_takes_the_picked_image_as_its_control_image(guided, browser):  # noqa: F811
+    url, photo = guided
+    page = open_page(browser, url)
+    page.locator("#model").select_option("dev-controlnet-canny")
+    assert page.locator("#image-label").inner_text() == "Control image"
+    assert "follows the edges of the image" in page.locator("#model-hint").inner_text()
+    assert page.locator("#control_strength").input_value() == "0.4", "the model's default strength"
+    assert not page.locator("#control_map").is_visible(), "mflux always runs Canny: no map option"
+    page.locator("#prompt").fill("a lighthouse")
+    small(page)
+    page.get_by_role("button", name="Generate").click()
+    error = page.locator('[data-error-for="control_image"]')
+    wait_for(lambda: "send control_image" in error.inner_text(), what="the missing control image under the field")
+    page.locator("#image-file").set_input_files(str(photo))
+    assert error.inner_text() == "", "picking the image clears its error"
+    page.locator("#control_strength").fill("0.9")
+    small(page)
+    shot(page, "control-canny")
+    page.get_by_role("button", name="Generate").click()
+    wait_for(lambda: (latest_task(url).get("control") or {}).get("strength") == 0.9, what="the control task")
+    task = latest_task(url)
+    assert task["control"] == {"type": "canny", "strength": 0.9, "preprocess": True} and task["model"] == \
+        "dev-controlnet-canny"
+    page.locator("#model").select_option("schnell")
+    assert page.locator("#image-label").is_hidden() or page.locator("#image-label").inner_text() == "Init image"
+    assert not page.errors, page.errors
+
+
+def test_a_depth_map_is_sent_as_a_map_from_the_keyboard_on_a_phone_in_the_light_theme(guided, browser):  # noqa: F811
+    url, photo = guided
+    page = open_page(browser, url, PHONE, scheme="light")
+    page.locator("#model").select_option("dev-depth")
+    assert not page.locator("#control-strength-field").is_visible(), "FLUX.1 Depth takes no strength"
+    page.locator("#image-file").set_input_files(str(photo))
+    page.locator("#control_map").focus()
+    page.keyboard.press("Space")
+    assert page.locator("#control_map").is_checked()
+    assert "depth map already" in page.locator("label:has(#control_map)").inner_text()
+    page.locator("#prompt").fill("a reading room")
+    small(page)
+    assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+    shot(page, "control-depth-phone-light")
+    page.get_by_role("button", name="Generate").click()
+    wait_for(lambda: latest_task(url).get("model") == "dev-depth", what="the depth task")
+    assert latest_task(url)["control"] == {"type": "depth", "strength": None, "preprocess": False}
+    done = latest_task(url)["task_id"]
+    wait_for(lambda: requests.get(f"{url}/api/tasks/{done}", timeout=10).json()["status"] == "done",
+             what="the depth task done", timeout=60)
+    assert not page.errors, page.errors
