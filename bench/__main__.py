@@ -24,7 +24,8 @@ from bench import (
 from bench.report import machine
 from mflux_server.testing import ROOT
 
-NAMES = ("duty", "dispatch", "load", "streams", "slow", "surfaces", "shared", "forecast", "switching", "stores", "stalls", "loras")
+NAMES = ("duty", "dispatch", "load", "streams", "slow", "surfaces", "shared", "forecast", "switching", "stores", "stalls",
+         "loras")
 EXPLANATIONS_FILE = ROOT / "bench" / "explanations.md"
 
 

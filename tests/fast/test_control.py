@@ -13,7 +13,7 @@ from mflux_server.core.rows import ControlSettings
 from mflux_server.worker.engines.base import Control, Job
 from mflux_server.worker.engines.synthetic import SyntheticEngine, control_map
 from tests.conftest import Recorder
-from tests.fast.test_image_inputs import b64, png, post, serve
+from tests.fast.test_image_inputs import b64, post, serve
 
 
 def square(size=(320, 240)) -> Image.Image:

@@ -56,7 +56,8 @@ def lora_client(db_path: str, library: Path):
 
 
 def test_a_files_families_are_read_from_its_tensor_names_as_mflux_maps_them(library):
-    assert families_of(header_keys(library / "ink.safetensors")) == ("flux1", "flux1-controlnet", "flux1-depth", "flux1-fill", "flux1-kontext")
+    assert families_of(header_keys(library / "ink.safetensors")) == ("flux1", "flux1-controlnet", "flux1-depth",
+                                                                    "flux1-fill", "flux1-kontext")
     assert families_of(header_keys(library / "styles" / "paper.safetensors")) == ("qwen-image", "qwen-image-edit")
     # FLUX.2 klein's mapping takes some of FLUX.1's spellings too: the family that takes the most is the file's.
     assert "flux2-klein" not in families_of(header_keys(library / "ink.safetensors"))
