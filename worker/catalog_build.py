@@ -76,6 +76,7 @@ def capabilities(family: Family, supports_guidance: bool | None) -> dict[str, bo
         # LoRAs per request: mflux maps LoRA files onto the family, and its class takes lora_paths.
         "loras": bool(lora_patterns(family)) and "lora_paths" in family.init_parameters(),
         "control": bool(family.control_types) and family.control_photo in main,
+        "upscale": family.image_role == "upscale" and family.upscale_source in main,
     }
 
 
@@ -131,7 +132,9 @@ def build() -> dict[str, Any]:
             "family_title": family.title,
             "repo": config.model_name,
             "priority": config.priority,
-            "default_steps": defaults.MODEL_INFERENCE_STEPS.get(key, defaults.DEFAULT_INFERENCE_STEPS),
+            # SeedVR2 denoises in one step, and its generate_image takes no step count.
+            "default_steps": defaults.MODEL_INFERENCE_STEPS.get(key, defaults.DEFAULT_INFERENCE_STEPS)
+            if "num_inference_steps" in family.generate_parameters() else 1,
             "default_guidance": default_guidance(family),
             "capabilities": capabilities(family, config.supports_guidance),
             "max_reference_images": max_reference_images(family),

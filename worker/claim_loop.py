@@ -11,6 +11,7 @@ from typing import TypeVar
 
 from PIL import Image
 
+from mflux_server.core import catalog
 from mflux_server.core.lora_library import Library
 from mflux_server.core.rows import CONTROL_ROLE, REFERENCE_ROLES, Task
 from mflux_server.core.scheduling import LORA_CHANGE, Variant, choose_variant
@@ -289,6 +290,8 @@ class ClaimLoop:
         inputs = {role: Image.open(io.BytesIO(stored.data)) for role, stored in stored_inputs.items()}
         references = tuple(inputs[role] for role in REFERENCE_ROLES if role in inputs)
         settings = task.control_settings
+        resolved = catalog.resolve_reference(task.model)
+        upscale = resolved is not None and resolved.info.capabilities.upscale
         control = None if settings is None or CONTROL_ROLE not in inputs else \
             Control(inputs[CONTROL_ROLE], settings.kind, settings.strength, settings.preprocess)
         self.publisher.task_started(task.id)
@@ -296,7 +299,7 @@ class ClaimLoop:
             for index in range(task.count):
                 job = Job(task.prompt, task.seed + index, task.width, task.height, task.steps,
                           None if task.guidance_auto else task.guidance, task.negative_prompt, inputs.get("image"),
-                          inputs.get("mask"), task.image_strength, references, tuple(loras), control)
+                          inputs.get("mask"), task.image_strength, references, tuple(loras), control, upscale)
                 timer = StepTimer(task, index, self.publisher, self.stopping)
                 started = time.time()
                 if previous is not None:

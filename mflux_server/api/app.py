@@ -26,6 +26,7 @@ from mflux_server.api import (
     original_models,
     origins,
     tasks,
+    upscaling,
 )
 from mflux_server.api.errors import ErrorSchema, JsonError, error_payload, in_envelope
 from mflux_server.api.generation_schemas import openapi_rules
@@ -122,6 +123,7 @@ def create_app(config: Settings | None = None, overrides: dict[str, Any] | None 
     api = JsonErrorApi(app)
     api.ma_plugin.converter.add_attribute_function(openapi_rules(config))
     api.register_blueprint(generation.blp, url_prefix="/api")
+    api.register_blueprint(upscaling.blp, url_prefix="/api")
     # The original mflux-server's paths, for its clients: the same views without the /api prefix.
     api.register_blueprint(generation.blp, url_prefix="", name="original-paths")
     api.register_blueprint(tasks.blp, url_prefix="/api")

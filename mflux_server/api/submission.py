@@ -93,7 +93,7 @@ def check_inputs(body: dict[str, Any], info: catalog.ModelInfo, served: str) -> 
     mask = body["mask"]
     if references:
         _check_references(body, info, served, len(references) + 1)
-    takes_image = can.image_to_image or can.edit or can.inpaint
+    takes_image = can.image_to_image or can.edit or can.inpaint or can.upscale
     if image is not None and not takes_image:
         _reject(image_field, f"model {served} takes no input image: " +
                 ("it is guided by control_image" if can.control else "it is text-to-image only"))
@@ -215,6 +215,26 @@ def output_size(body: dict[str, Any], image: InputImage | None) -> tuple[int, in
     return width or natural[0], height or natural[1]
 
 
+def upscale_size(body: dict[str, Any], image: InputImage) -> tuple[int, int, str]:
+    """An upscale's target size (from its factor, or its width and height with the image's aspect), and the field
+    that set it; a 422 names that field when the target is over the server's limits or not larger."""
+    step, (w, h) = catalog.size_multiple(), (image.width, image.height)
+    if body["width"] or body["height"]:
+        field = "width" if body["width"] else "height"
+        width = body["width"] or max(MIN_SIZE, round(w * body["height"] / h / step) * step)
+        height = body["height"] or max(MIN_SIZE, round(h * body["width"] / w / step) * step)
+    else:
+        field, factor = "factor", body["upscale_factor"]
+        width, height = int(w * factor) // step * step, int(h * factor) // step * step
+    most = (settings().max_width, settings().max_height)
+    if width > most[0] or height > most[1]:
+        _reject(field, f"the target {width}×{height} is over the server's largest image, {most[0]}×{most[1]} "
+                       f"(--max-width, --max-height); the image is {w}×{h}")
+    if width * height <= w * h or min(width, height) < MIN_SIZE:
+        _reject(field, f"the target {width}×{height} is not larger than the image, {w}×{h}")
+    return width, height, field
+
+
 def pixel_limit(live: list[Worker], served: str) -> int | None:
     """The largest image any live worker serving this model can run, when they say."""
     limits = [limit for w in live if served in w.servable and (limit := w.limit_for(served)) is not None]
@@ -249,15 +269,22 @@ def queue_task(body: dict[str, Any], surface: str = "native", keep_for: float | 
                    message=f"no live worker serves {resolved.served}; the live workers serve {', '.join(sorted(served))}. "
                            "The task was not queued")
     info = resolved.info
+    upscaling = "upscale_factor" in body  # POST /api/upscale
+    if info.capabilities.upscale and not upscaling:
+        _reject("model", f"model {resolved.served} is an upscaler: send the picture to POST /api/upscale")
     loras = check_loras(body.get("loras"), info, resolved.served)
     control = control_rules(body, info, resolved.served)
     inputs = check_inputs(body, info, resolved.served)
     if control is not None:  # decoded after every cheap rule, as the other inputs
         inputs += (replace(_verified(body["control_image"], "control_image"), role=CONTROL_ROLE),)
-    width, height = output_size(body, inputs[0] if inputs else None)
+    if upscaling:
+        width, height, size_field = upscale_size(body, inputs[0])
+    else:
+        width, height = output_size(body, inputs[0] if inputs else None)
+        size_field = "width" if body["width"] else "height"
     limit = pixel_limit(live, resolved.served)
     if limit is not None and width * height > limit:
-        _reject("width" if body["width"] else "height",
+        _reject(size_field,
                 f"width × height = {width}×{height} = {width * height} pixels; the workers serving {resolved.served} "
                 f"run at most {limit} pixels")
     seed = body["seed"]

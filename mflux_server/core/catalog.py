@@ -27,6 +27,7 @@ class Capabilities:
     guidance: bool
     loras: bool  # LoRAs per request (mflux maps LoRA files onto the family)
     control: bool = False  # generates guided by control_image (ControlNet, depth); `ModelInfo.control` says how
+    upscale: bool = False  # an upscaler: enlarges `image` (POST /api/upscale), generates nothing from a prompt alone
 
     def as_dict(self) -> dict[str, bool]:
         """The capabilities as a JSON object."""

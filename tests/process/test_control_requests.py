@@ -1,4 +1,4 @@
-"""ControlNet and depth through the real API, CLI and a real synthetic worker."""
+"""ControlNet, depth and upscaling through the real API, CLI and a real synthetic worker."""
 
 from __future__ import annotations
 
@@ -29,3 +29,27 @@ def test_the_cli_sends_a_control_image_and_the_worker_paints_its_map(processes, 
     refused = run_cli("--server", url, "generate", "x", "--model", "dev-depth", "--control-image",
                       str(tmp_path / "depth.png"), "--control-strength", "0.5")
     assert refused.returncode == 1 and "takes no control strength" in refused.stderr
+
+
+def test_a_finished_image_is_upscaled_through_the_queue_and_keeps_its_content(processes):
+    import io
+
+    import requests
+    from PIL import ImageChops
+
+    from tests.conftest import submit, wait_status
+
+    url = processes.server()
+    processes.worker("--models", "schnell,dev-controlnet-upscaler")
+    source = submit(url, prompt="a harbour", width=256, height=192, steps=2, format="PNG")
+    wait_status(url, source, ("done",))
+    made = requests.post(f"{url}/api/upscale", json={"task_id": source, "factor": 2}, timeout=10)
+    assert made.status_code == 200, made.text
+    task_id = made.json()["task_id"]
+    done = wait_status(url, task_id, ("done",))
+    assert (done["width"], done["height"], done["model"]) == (512, 384, "dev-controlnet-upscaler")
+    images = [Image.open(io.BytesIO(requests.get(f"{url}/api/image", params={"task_id": t, "delete": "false"},
+                                                 timeout=10).content)).convert("RGB") for t in (source, task_id)]
+    assert images[1].size == (512, 384)
+    back = images[1].resize(images[0].size, Image.Resampling.LANCZOS)
+    assert sum(ImageStat.Stat(ImageChops.difference(back, images[0])).mean) < 20, "the source's content, larger"

@@ -37,6 +37,7 @@ class Job:
     # LoRA files with their scales, in order; empty: the engine's default set (--lora-paths).
     loras: tuple[tuple[str, float], ...] = ()
     control: Control | None = None  # ControlNet or depth: the control image and how to use it
+    upscale: bool = False  # an upscaler's job: `image` enlarged to width × height
 
     @property
     def pixels(self) -> int:

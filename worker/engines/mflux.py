@@ -117,6 +117,8 @@ class Adapter:
 
     def call(self, job: Job, files: dict[str, str]) -> Any:
         """Run generate_image with the arguments this family's signature takes."""
+        if self.family.image_role == "upscale":
+            return self.upscale(job, files)
         edit = self.family.image_role == "edit" or (job.image is not None and job.image_strength is None
                                                     and self.family.edit_class is not None)
         model = self.edit_model if edit and self.edit_model is not None else self.model
@@ -150,6 +152,18 @@ class Adapter:
         if dropped:  # the API checks capabilities at submit, so this means the catalog and mflux disagree
             raise ValueError(f"{self.family.name} cannot take {', '.join(dropped)}")
         return model.generate_image(**wanted)
+
+
+    def upscale(self, job: Job, files: dict[str, str]) -> Any:
+        """An upscaler's generate_image: the picture, and the target as a size (FLUX.1's ControlNet upscaler) or as
+        its shorter side (SeedVR2's resolution, once served: it sizes the other side itself)."""
+        accepted = self.family.generate_parameters()
+        assert self.family.upscale_source is not None
+        wanted: dict[str, Any] = {"seed": job.seed, self.family.upscale_source: files["image"]}
+        offered = {"prompt": job.prompt, "num_inference_steps": job.steps, "height": job.height, "width": job.width,
+                   "resolution": min(job.width, job.height), "guidance": job.guidance}
+        wanted |= {name: value for name, value in offered.items() if name in accepted and value is not None}
+        return self.model.generate_image(**wanted)
 
 
 class MfluxEngine:
@@ -217,7 +231,7 @@ class MfluxEngine:
             self._drop()
             raise ModelLoadFailed(f"could not load {model}: {type(exc).__name__}: {exc}") from exc
         self.adapter = Adapter(family, built, edit)
-        self.bridge.latent_format = FORMATS[family.latent_format]
+        self.bridge.latent_format = FORMATS.get(family.latent_format)
         self.model, self.applied = model, loras
         self._tune(resolved.info.family)
         if warm_up:
@@ -258,7 +272,7 @@ class MfluxEngine:
         # A finished map where the family takes one: a photo would run a preprocessor (Depth Pro) for nothing.
         control = Control(grey, family.control_types[0], preprocess=family.control_map is None) \
             if family.control_types else None
-        image = grey if family.image_role in ("edit", "fill") else None
+        image = grey if family.image_role in ("edit", "fill", "upscale") else None
         self._run(Job("warm-up", 0, side, side, self.warm_up_steps, None, image=image, mask=mask, control=control), None)
         self._clear_cache()
 
@@ -300,6 +314,8 @@ class MfluxEngine:
             self._bound_prompt_cache()
         log.info("%s %d×%d: peak memory %.2f GiB", self.model, job.width, job.height, take_peak_gib())
         image: Image.Image = result.image
+        if image.size != (job.width, job.height):  # SeedVR2 rounds the longer side to an even number itself
+            image = image.resize((job.width, job.height), Image.Resampling.LANCZOS)
         return image
 
     def _tiling(self, job: Job) -> Any:

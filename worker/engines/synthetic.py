@@ -50,12 +50,15 @@ def draw(job: Job) -> Image.Image:
 
 
 def with_inputs(pattern: Image.Image, job: Job) -> Image.Image:
-    """Show the job's image inputs visibly: blend (image-to-image), repaint under the mask (inpaint), show (edit)."""
+    """Show the job's image inputs visibly: blend (image-to-image), repaint under the mask (inpaint), show (edit),
+    enlarge (upscale)."""
     if job.image is None:
         return pattern
     size = (job.width, job.height)
     source = job.image.convert("RGB")
     source = source if source.size == size else source.resize(size, Image.Resampling.LANCZOS)
+    if job.upscale:  # the source's content at the new size, a little sharpened, as an upscaler's would be
+        return source.filter(ImageFilter.UnsharpMask(radius=2, percent=60))
     if job.mask is not None:
         # Binary, so every pixel outside the mask is the input's own, exactly (checked in PNG by the tests).
         mask = job.mask.convert("L")

@@ -1,0 +1,96 @@
+"""POST /api/upscale: an image or a finished task's, enlarged by an upscaler as a task of the one queue."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from PIL import Image
+
+from mflux_server.core import catalog
+from mflux_server.core.rows import StoredImage
+from tests.fast.test_image_inputs import b64, png, serve
+
+UPSCALER = "dev-controlnet-upscaler"
+
+
+def db_of(client):
+    return client.application.extensions["mflux_sessions"].get()
+
+
+def finished(client, size=(200, 120), count=1, prompt="a harbour") -> str:
+    """A done task with real images, as a worker leaves one."""
+    created = client.post("/api/generate", json={"prompt": prompt, "model": "schnell", "count": count}).json
+    db = db_of(client)
+    task = db.claim_next("w", "schnell", "synthetic")
+    assert task is not None and task.id == created["task_id"]
+    out = io.BytesIO()
+    Image.new("RGB", size, "teal").save(out, format="PNG")
+    assert db.complete(task.id, "w", [StoredImage(i, task.seed + i, "image/png", out.getvalue(), 1.0, 2.0)
+                                      for i in range(count)])
+    return task.id
+
+
+def errors(response, status=422) -> dict:
+    assert response.status_code == status, response.json
+    return response.json["errors"]["json"] if status == 422 else response.json
+
+
+def test_the_catalog_serves_the_flux_upscaler_and_generate_refuses_it(client):
+    info = catalog.resolve(UPSCALER)
+    assert info.capabilities.upscale and not info.capabilities.text_to_image and info.needs_image
+    serve(client, UPSCALER)
+    found = errors(client.post("/api/generate", json={"prompt": "x", "model": UPSCALER}))
+    assert "is an upscaler: send the picture to POST /api/upscale" in found["model"][0]
+
+
+def test_an_uploaded_image_is_upscaled_by_its_factor_as_a_task(client):
+    serve(client, UPSCALER)
+    made = client.post("/api/upscale", json={"image": b64(png((200, 120))), "factor": 2})
+    assert made.status_code == 200, made.json
+    assert (made.json["width"], made.json["height"], made.json["model"]) == (400, 240, UPSCALER)
+    assert made.json["status"] == "waiting" and made.json["expected_time_seconds"] > 0
+    task = db_of(client).get(made.json["task_id"])
+    assert task.steps == catalog.resolve(UPSCALER).default_steps and task.prompt == ""
+    assert set(db_of(client).inputs(task.id)) == {"image"}
+    listed = client.get("/api/tasks").json["tasks"]
+    assert [t["task_id"] for t in listed] == [task.id], "listed like any task"
+    assert client.delete(f"/api/tasks/{task.id}").status_code in (200, 204), "and canceled like one"
+
+
+def test_a_finished_tasks_image_is_upscaled_to_a_width_with_its_prompt(client):
+    serve(client, "schnell", UPSCALER)
+    source = finished(client, count=2)
+    made = client.post("/api/upscale", json={"task_id": source, "index": 1, "width": 800}).json
+    assert (made["width"], made["height"]) == (800, 480), "the height follows the aspect"
+    task = db_of(client).get(made["task_id"])
+    assert task.prompt == "a harbour" and db_of(client).inputs(task.id)["image"].width == 200
+
+
+@pytest.mark.parametrize("body,field,rule", [
+    ({}, "image", "one of the two"),
+    ({"image": "PNG", "task_id": "abc"}, "image", "one of the two"),
+    ({"image": "PNG", "factor": 2, "width": 512}, "factor", "not both"),
+    ({"image": "PNG", "factor": 5}, "factor", "less than or equal to 4"),
+    ({"image": "PNG", "factor": 1}, "factor", "greater than 1"),
+    ({"image": "PNG", "factor": 4, "upscaler": "dev"}, "upscaler", "'dev' is not an upscaler"),
+    ({"image": "BIG", "factor": 4}, "factor", "over the server's largest image"),
+    ({"image": "PNG", "width": 128}, "width", "not larger than the image"),
+    ({"image": "PNG", "index": 1}, "index", "does not apply to a sent image"),
+    ({"image": "bm90IGFuIGltYWdl"}, "image", "not a readable image"),
+])
+def test_every_bad_upscale_is_a_422_naming_its_field(client, body, field, rule):
+    serve(client, UPSCALER)
+    images = {"PNG": b64(png((200, 120))), "BIG": b64(png((1000, 600)))}
+    body = {name: images.get(value, value) if isinstance(value, str) else value for name, value in body.items()}
+    found = errors(client.post("/api/upscale", json=body))
+    assert field in found and rule in found[field][0], found
+
+
+def test_a_task_not_done_or_out_of_range_or_unknown_is_refused(client):
+    serve(client, "schnell", UPSCALER)
+    done = finished(client)
+    waiting = client.post("/api/generate", json={"prompt": "p", "model": "schnell"}).json["task_id"]
+    assert errors(client.post("/api/upscale", json={"task_id": waiting}), 409)["code"] == "image_not_ready"
+    assert "index 0 to 0" in errors(client.post("/api/upscale", json={"task_id": done, "index": 3}))["index"][0]
+    assert errors(client.post("/api/upscale", json={"task_id": "nope"}), 404)["code"] == "task_not_found"
