@@ -108,8 +108,20 @@ def stand_in_class(cls: type) -> type:
     return _classes[cls]
 
 
+def _checkpoint_shapes(model: nn.Module) -> None:
+    """Give attention projections the shapes their checkpoint has where mflux declares others and relies on the
+    loaded weights to replace them (SigLIP in FLUX.1 Redux: 768 declared, 16 heads × 72 = 1152 loaded)."""
+    for _, module in model.named_modules():
+        dims = getattr(module, "head_dimension", 0) * getattr(module, "num_heads", 0)
+        for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            linear = getattr(module, name, None)
+            if dims and isinstance(linear, nn.Linear) and linear.weight.shape != (dims, dims):
+                setattr(module, name, nn.Linear(dims, dims))
+
+
 def _stand_in_all(model: nn.Module) -> None:
     """Make a network a stand-in whose parameters keep their shapes and dtypes but occupy no memory."""
+    _checkpoint_shapes(model)
     model.__class__ = stand_in_class(type(model))
     # A broadcast scalar is a view with zero strides: families that mx.eval(model) after loading (Krea 2,
     # ERNIE-Image) then materialise a few bytes per parameter instead of gigabytes of random weights.

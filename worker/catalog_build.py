@@ -77,6 +77,7 @@ def capabilities(family: Family, supports_guidance: bool | None) -> dict[str, bo
         "loras": bool(lora_patterns(family)) and "lora_paths" in family.init_parameters(),
         "control": bool(family.control_types) and family.control_photo in main,
         "upscale": family.image_role == "upscale" and family.upscale_source in main,
+        "variation": family.image_role == "redux" and "redux_image_paths" in main,
     }
 
 
@@ -94,7 +95,10 @@ def control(family: Family) -> dict[str, Any] | None:
 
 
 def max_reference_images(family: Family) -> int:
-    """How many reference images an edit takes: several where mflux takes a list (image_paths), else one or none."""
+    """How many reference images an edit takes: several where mflux takes a list (image_paths), else one or none;
+    for variations (Redux), how many image prompts."""
+    if family.image_role == "redux":
+        return MAX_REFERENCES
     for edit in (False, True) if family.edit_class else (False,):
         accepted = family.generate_parameters(edit=edit)
         if (edit or family.image_role == "edit") and _REFERENCE_PARAMETERS & accepted.keys():

@@ -291,7 +291,7 @@ class ClaimLoop:
         references = tuple(inputs[role] for role in REFERENCE_ROLES if role in inputs)
         settings = task.control_settings
         resolved = catalog.resolve_reference(task.model)
-        upscale = resolved is not None and resolved.info.capabilities.upscale
+        can = resolved.info.capabilities if resolved is not None else None
         control = None if settings is None or CONTROL_ROLE not in inputs else \
             Control(inputs[CONTROL_ROLE], settings.kind, settings.strength, settings.preprocess)
         self.publisher.task_started(task.id)
@@ -299,7 +299,8 @@ class ClaimLoop:
             for index in range(task.count):
                 job = Job(task.prompt, task.seed + index, task.width, task.height, task.steps,
                           None if task.guidance_auto else task.guidance, task.negative_prompt, inputs.get("image"),
-                          inputs.get("mask"), task.image_strength, references, tuple(loras), control, upscale)
+                          inputs.get("mask"), task.image_strength, references, tuple(loras), control,
+                          bool(can and can.upscale), bool(can and can.variation), task.strengths)
                 timer = StepTimer(task, index, self.publisher, self.stopping)
                 started = time.time()
                 if previous is not None:

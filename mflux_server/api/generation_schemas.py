@@ -229,6 +229,11 @@ class GenerateRequest(ma.Schema):
     image_strength = fields.Float(load_default=None, validate=validate.Range(0, 1), metadata={
         "description": "image-to-image: how much of the input image survives, 0 to 1 (default 0.4). On models that "
                        "also edit, sending it picks image-to-image over edit"})
+    image_strengths = fields.List(fields.Float(validate=validate.Range(0, 1)), load_default=None,
+                                  validate=validate.Length(min=1, max=max(info.max_reference_images
+                                                                          for info in catalog.models())), metadata={
+        "description": "variations (capabilities.variation, FLUX.1 Redux): how strongly each image prompt (image, "
+                       "or each of images, in order) steers, 0 to 1; one per image; default: the model's"})
     mask = ImageField(load_default=None, metadata={
         "description": "inpaint mask, same encoding and size as image: white repaints, black keeps"})
     loras = fields.List(fields.Nested(LoraEntry), load_default=None, validate=validate.Length(max=MAX_LORAS), metadata={
@@ -300,6 +305,8 @@ class TaskStatus(ma.Schema):
     loras = fields.List(fields.Nested(LoraEntry), metadata={"description": "the LoRAs asked for, with their scales"})
     control = fields.Nested(ControlView, allow_none=True, metadata={
         "description": "ControlNet or depth: how its control_image is used; null without one"})
+    image_strengths = fields.List(fields.Float(), metadata={"description": "variations: each image prompt's "
+                                                                          "strength; empty for the default"})
     attempts = fields.Integer(metadata={"description": "times a worker started this task"})
     created_at = fields.Float(metadata={"description": "Unix time"})
     started_at = fields.Float(allow_none=True)

@@ -134,8 +134,9 @@ class ImageList(fields.List[RawImage]):
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> list[Any]:
         if isinstance(value, (list, tuple)) and len(value) > self.most:
-            raise ma.ValidationError(f"holds {len(value)} images; an edit takes at most {self.most} (the most any "
-                                     "model takes: GET /api/models gives each model's max_reference_images)")
+            raise ma.ValidationError(f"holds {len(value)} images; an edit or a variation takes at most {self.most} "
+                                     "(the most any model takes: GET /api/models gives each model's "
+                                     "max_reference_images)")
         return super()._deserialize(value, attr, data, **kwargs)
 
     def _jsonschema_type_mapping(self) -> dict[str, Any]:

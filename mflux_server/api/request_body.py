@@ -143,6 +143,10 @@ def refuse_odd_paths(req: Request) -> None:
             _refuse("query", name.replace("\x00", "\\u0000"), NUL_RULE)
 
 
+# Multipart form fields whose value is a JSON list, with an example for the error.
+JSON_FORM_FIELDS = {"loras": '[{"name": "…", "scale": 1.0}]', "image_strengths": "[0.8, 0.3]"}
+
+
 class StrictParser(FlaskParser):
     """webargs' Flask parser, with strict JSON, a repeated parameter refused, and multipart forms read as fields."""
 
@@ -175,12 +179,13 @@ class StrictParser(FlaskParser):
             listed = req.files.getlist("images") + req.form.getlist("images")
             if listed:
                 fields["images"] = listed
-            loras = fields.get("loras")
-            if isinstance(loras, str):  # a list of objects travels as one JSON text field
-                try:
-                    fields["loras"] = json.loads(loras, parse_constant=_constant)
-                except (ValueError, RecursionError):
-                    _refuse("form", "loras", 'must be JSON text: [{"name": "…", "scale": 1.0}]')
+            for name, example in JSON_FORM_FIELDS.items():
+                text = fields.get(name)
+                if isinstance(text, str):  # a list travels as one JSON text field
+                    try:
+                        fields[name] = json.loads(text, parse_constant=_constant)
+                    except (ValueError, RecursionError):
+                        _refuse("form", name, f"must be JSON text: {example}")
             return fields
         return super().load_json(req, schema)
 

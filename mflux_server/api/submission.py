@@ -4,6 +4,7 @@ write that queues it (with an Idempotency-Key, once)."""
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import secrets
 from dataclasses import replace
@@ -93,13 +94,20 @@ def check_inputs(body: dict[str, Any], info: catalog.ModelInfo, served: str) -> 
     mask = body["mask"]
     if references:
         _check_references(body, info, served, len(references) + 1)
-    takes_image = can.image_to_image or can.edit or can.inpaint or can.upscale
+    takes_image = can.image_to_image or can.edit or can.inpaint or can.upscale or can.variation
     if image is not None and not takes_image:
         _reject(image_field, f"model {served} takes no input image: " +
                 ("it is guided by control_image" if can.control else "it is text-to-image only"))
     if image is None and info.needs_image:
         _reject("image", f"model {served} needs an input image: it " +
-                ("edits a reference image" if can.edit else "repaints an image under a mask"))
+                ("edits a reference image" if can.edit else "draws variations of image or images" if can.variation
+                 else "repaints an image under a mask"))
+    strengths = body.get("image_strengths")
+    if strengths is not None and not can.variation:
+        _reject("image_strengths", f"model {served} draws no variations (capabilities.variation)")
+    if strengths is not None and len(strengths) != len(references) + (image is not None):
+        _reject("image_strengths", f"give one strength per image: {len(references) + (image is not None)} "
+                                   f"image(s), {len(strengths)} strength(s)")
     if body["image_strength"] is not None and not can.image_to_image:
         _reject("image_strength", f"model {served} does no image-to-image, so image_strength does not apply")
     if body["image_strength"] is not None and image is None:
@@ -193,11 +201,12 @@ def _verified(raw: RawImage, field: str, role: str = "image") -> InputImage:
 
 def _check_references(body: dict[str, Any], info: catalog.ModelInfo, served: str, count: int) -> None:
     """Several images are the references of one edit: only models that edit from several take them."""
-    if not info.capabilities.edit:
+    can = info.capabilities
+    if not can.edit and not can.variation:
         _reject("images", f"model {served} does no edit, so it takes one input image, not {count}")
     if count > info.max_reference_images:
-        _reject("images", f"model {served} edits from at most {info.max_reference_images} reference image(s); "
-                          f"got {count}")
+        what = "takes at most {} image prompt(s)" if can.variation else "edits from at most {} reference image(s)"
+        _reject("images", f"model {served} {what.format(info.max_reference_images)}; got {count}")
     if body["image_strength"] is not None:
         _reject("image_strength", "applies to one start image (image-to-image), not to several edit references")
     if body["mask"] is not None:
@@ -303,7 +312,8 @@ def queue_task(body: dict[str, Any], surface: str = "native", keep_for: float | 
                    guidance_auto=guidance is None, inputs=inputs, surface=surface,
                    callback_url=body.get("callback_url"), link_base=settings().public_url or request.host_url, keep_for=keep_for,
                    client_user=client_user, key_id=key.id if key else None, loras=lora_set_text(loras),
-                   control=control.text() if control else "")
+                   control=control.text() if control else "",
+                   image_strengths=json.dumps(body["image_strengths"]) if body.get("image_strengths") else "")
     if fair_scheduling():
         task = replace(task, fair_cost=forecaster().cost_model(db()).gpu_seconds(task))
     created = submit_once(task, key.id if key else 0)

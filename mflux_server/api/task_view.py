@@ -67,6 +67,7 @@ def summary(task: Task) -> dict[str, Any]:
         "progress": progress(task), "owner_key": task.key_id,  # owner_key: for filtering; no schema shows it
         "loras": [{"name": name, "scale": scale} for name, scale in task.lora_set],
         "control": control_view(task),
+        "image_strengths": list(task.strengths),
     } | webhook_view(task)
 
 

@@ -28,6 +28,7 @@ class Capabilities:
     loras: bool  # LoRAs per request (mflux maps LoRA files onto the family)
     control: bool = False  # generates guided by control_image (ControlNet, depth); `ModelInfo.control` says how
     upscale: bool = False  # an upscaler: enlarges `image` (POST /api/upscale), generates nothing from a prompt alone
+    variation: bool = False  # draws variations of `image` / `images` (image prompts, each with its strength)
 
     def as_dict(self) -> dict[str, bool]:
         """The capabilities as a JSON object."""
@@ -64,7 +65,7 @@ class ModelInfo:
     default_steps: int
     default_guidance: float | None
     capabilities: Capabilities
-    max_reference_images: int = 0  # how many reference images an edit takes (0 without the edit capability)
+    max_reference_images: int = 0  # how many reference images an edit (or a variation) takes; 0 without either
     control: ControlInfo | None = None  # how it takes control_image (with the control capability)
 
     @property

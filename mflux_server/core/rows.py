@@ -69,6 +69,7 @@ class NewTask:
     fair_cost: float | None = None  # forecast engine seconds, for its fair tag; None: first-in first-out
     loras: str = ""  # the LoRAs asked for, lora_set_text()'s JSON; "" for none (the worker's default set)
     control: str = ""  # ControlNet or depth settings, ControlSettings.text(); "" for none
+    image_strengths: str = ""  # variations: each image prompt's strength, a JSON list; "" for the model's default
 
 
 class ControlSettings(NamedTuple):
@@ -167,6 +168,7 @@ class Task(FromRow):
     input_count: int = 0  # input images it was submitted with (the worker reads them only when there are some)
     loras: str = ""  # the LoRAs asked for (lora_set_text's JSON), "" for none
     control: str = ""  # ControlSettings.text(), "" for none
+    image_strengths: str = ""  # variations: each image prompt's strength (JSON list), "" for the default
 
     def __post_init__(self) -> None:
         # sqlite hands the status back as a plain string; the enum is what everyone compares with.
@@ -176,6 +178,11 @@ class Task(FromRow):
     def lora_set(self) -> LoraSet:
         """The LoRAs asked for, in order, with their scales."""
         return lora_set_of(self.loras)
+
+    @property
+    def strengths(self) -> tuple[float, ...]:
+        """Each image prompt's strength, in order (empty: the model's default)."""
+        return tuple(float(value) for value in json.loads(self.image_strengths)) if self.image_strengths else ()
 
     @property
     def control_settings(self) -> ControlSettings | None:

@@ -80,6 +80,12 @@ def jobs_for(info: catalog.ModelInfo) -> list[tuple[str, Job]]:
                              references=others[:info.max_reference_images - 1])))
     if can.inpaint:
         jobs.append(("inpaint", Job("a hat", 5, 256, 192, 3, None, image=picture, mask=mask)))
+    if can.variation:
+        others = (Image.new("RGB", (128, 128), "blue"),)
+        jobs.append(("variation", Job("a red fox", 5, 256, 192, 3, None, image=picture, variation=True)))
+        jobs.append(("variation, two images with strengths",
+                     Job("a red fox", 5, 192, 192, 3, None, image=picture, references=others, variation=True,
+                         strengths=(0.8, 0.3))))
     if can.upscale:  # twice the picture's size, from 96×64 (FLUX.1's upscaler needs multiples of 16)
         small = picture.resize((96, 64))
         jobs.append(("upscale", Job("a red fox", 5, 192, 128, 3, None, image=small, upscale=True)))

@@ -168,7 +168,8 @@ def stand_in(cls):
             for path in kwargs.get("image_paths", []):
                 assert Image.open(path).format == "PNG"
             # The files live only during the call: keep what they held.
-            self.references = [Image.open(path).copy() for path in kwargs.get("image_paths", [])]
+            self.references = [Image.open(path).copy()
+                               for path in kwargs.get("image_paths", kwargs.get("redux_image_paths", []))]
             self.calls.append(kwargs)
             config = Config(model_config=ModelConfig.dev(), num_inference_steps=kwargs["num_inference_steps"],
                             width=kwargs["width"], height=kwargs["height"])
@@ -199,7 +200,7 @@ def engine_with_stand_ins(model, **options):
 
 
 @pytest.mark.parametrize("info", [i for i in catalog.models() if i.max_reference_images > 1], ids=lambda i: i.name)
-def test_an_edit_from_several_references_passes_them_all_in_order(info):
+def test_several_references_or_image_prompts_are_passed_all_in_order(info):
     from PIL import Image
 
     engine, built = engine_with_stand_ins(info.name)
@@ -220,7 +221,21 @@ def test_reference_counts_follow_the_edit_signatures():
     assert by_name["qwen-image-edit"].max_reference_images == 4
     assert by_name["flux2-klein-4b"].max_reference_images == 4
     assert by_name["schnell"].max_reference_images == 0
-    assert all((info.max_reference_images > 0) == info.capabilities.edit for info in catalog.models())
+    assert by_name["dev-redux"].max_reference_images == 4  # image prompts of a variation
+    assert all((info.max_reference_images > 0) == (info.capabilities.edit or info.capabilities.variation)
+               for info in catalog.models())
+
+
+def test_a_variations_strengths_reach_mflux_in_the_order_of_its_images():
+    from PIL import Image
+
+    engine, built = engine_with_stand_ins("dev-redux")
+    pictures = [Image.new("RGB", (64, 64), colour) for colour in ("red", "blue")]
+    engine.generate(Job("a fox", 5, 128, 128, 2, None, image=pictures[0], references=(pictures[1],), variation=True,
+                        strengths=(0.8, 0.2)), Recorder())
+    call = built[-1].calls[-1]
+    assert call["redux_image_strengths"] == [0.8, 0.2] and len(call["redux_image_paths"]) == 2
+    assert [image.getpixel((0, 0)) for image in built[-1].references] == [(255, 0, 0), (0, 0, 255)]
 
 
 def test_several_references_on_a_one_reference_family_are_refused_before_mflux():

@@ -68,7 +68,8 @@ def test_original_curl_paths_and_fields_are_in_the_readme():
 def test_the_family_table_matches_the_catalog():
     from mflux_server.core import catalog
 
-    columns = ["text_to_image", "image_to_image", "edit", "inpaint", "negative_prompt", "guidance", "loras", "control", "upscale"]
+    columns = ["text_to_image", "image_to_image", "edit", "inpaint", "negative_prompt", "guidance", "loras", "control",
+               "upscale", "variation"]
     rows = {m.group(1): m.group(2).split(" | ")
             for m in re.finditer(r"^\| [^|]*\(`([a-z0-9.-]+)`\) \| (.*) \|$", MODELS, re.M)}
     families = {info.family for info in catalog.models()}
@@ -78,7 +79,7 @@ def test_the_family_table_matches_the_catalog():
         for column, cell in zip(columns, cells[2:], strict=True):
             said = {part.startswith("yes") for part in cell.split("/")}
             assert said == {getattr(info.capabilities, column) for info in members}, f"{family}: {column} says {cell}"
-        references = {info.max_reference_images for info in members}
+        references = {info.max_reference_images if info.capabilities.edit else 0 for info in members}
         assert cells[4] == ("–" if references == {0} else "yes, 1 image" if references == {1}
                             else f"yes, up to {max(references)} images"), family
 

@@ -115,7 +115,7 @@ def test_multipart_takes_references_as_repeated_images_parts(client):
 
 @pytest.mark.parametrize("model, body, field, rule", [
     ("dev-kontext", {"images": ["I", "I"]}, "images", "model dev-kontext edits from at most 1 reference image(s); got 2"),
-    ("qwen-image-edit", {"images": ["I"] * 5}, "images", "holds 5 images; an edit takes at most 4"),
+    ("qwen-image-edit", {"images": ["I"] * 5}, "images", "holds 5 images; an edit or a variation takes at most 4"),
     ("dev", {"images": ["I", "I"]}, "images", "model dev does no edit"),
     ("flux2-klein-4b", {"images": ["I", "I"], "image_strength": 0.5}, "image_strength", "not to several edit references"),
     ("qwen-image-edit", {"image": "I", "images": ["I", "I"]}, "images", "not both image and images"),

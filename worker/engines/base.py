@@ -38,6 +38,8 @@ class Job:
     loras: tuple[tuple[str, float], ...] = ()
     control: Control | None = None  # ControlNet or depth: the control image and how to use it
     upscale: bool = False  # an upscaler's job: `image` enlarged to width × height
+    variation: bool = False  # a variation's job (FLUX.1 Redux): `image` and `references` are image prompts
+    strengths: tuple[float, ...] = ()  # variations: each image prompt's strength; empty: the model's default
 
     @property
     def pixels(self) -> int:

@@ -15,8 +15,9 @@ from typing import Any, Literal
 # How a family uses the request's `image`: as the start of image-to-image, as the reference an
 # instruction edits (Kontext, Qwen-Image-Edit, FLUX.2 edit), or as the picture a mask repaints (FLUX.1 Fill);
 # "control": it takes no `image`, and generates from the prompt guided by `control_image` (ControlNet, depth);
-# "upscale": `image` is the picture it enlarges to the task's size (POST /api/upscale).
-ImageRole = Literal["init", "edit", "fill", "control", "upscale"]
+# "upscale": `image` is the picture it enlarges to the task's size (POST /api/upscale); "redux": `image` and
+# `images` are image prompts whose variations it draws (FLUX.1 Redux).
+ImageRole = Literal["init", "edit", "fill", "control", "upscale", "redux"]
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,8 @@ FAMILIES: tuple[Family, ...] = (
     Family("flux1-controlnet", "FLUX.1 ControlNet", f"{_FLUX1}.controlnet.flux_controlnet:Flux1Controlnet",
            image_role="control", keys=("dev-controlnet-canny", "schnell-controlnet-canny"),
            guidance_default="GUIDANCE_SCALE", control_types=("canny",), control_photo="controlnet_image_path"),
+    Family("flux1-redux", "FLUX.1 Redux", f"{_FLUX1}.redux.flux_redux:Flux1Redux", image_role="redux",
+           keys=("dev-redux",), guidance_default="GUIDANCE_SCALE"),
     # The upscaler: it generates the target size from the prompt, conditioned on the picture.
     Family("flux1-upscaler", "FLUX.1 ControlNet upscaler", f"{_FLUX1}.controlnet.flux_controlnet:Flux1Controlnet",
            image_role="upscale", keys=("dev-controlnet-upscaler",), upscale_source="controlnet_image_path"),
@@ -126,7 +129,6 @@ FAMILIES: tuple[Family, ...] = (
 # Registry keys no family serves, each with the reason; a contract test fails when mflux adds a key that is
 # in neither list, so a new model is a decision rather than a silent gap.
 NOT_SERVED: dict[str, str] = {
-    "dev-redux": "Redux needs image-variation inputs (redux images and strengths) the API does not take",
     "dev-fill-catvton": "virtual try-on needs a garment and a person image",
     "krea-2-controlnet-depth": "ControlNet needs a depth image input",
     "qwen-image-2.1-controlnet-union": "ControlNet needs a control image input",

@@ -130,7 +130,11 @@ class Adapter:
             wanted["guidance"] = job.guidance
         if job.negative_prompt:
             wanted["negative_prompt"] = job.negative_prompt
-        if "image" in files:
+        if "image" in files and self.family.image_role == "redux":  # image prompts, each with its strength
+            wanted["redux_image_paths"] = [files["image"], *(files[role] for role in REFERENCE_ROLES if role in files)]
+            if job.strengths:
+                wanted["redux_image_strengths"] = list(job.strengths)
+        elif "image" in files:
             if "image_paths" in accepted:
                 wanted["image_paths"] = [files["image"], *(files[role] for role in REFERENCE_ROLES if role in files)]
             else:
@@ -146,7 +150,7 @@ class Adapter:
             wanted[parameter] = files["control"]
             if job.control.strength is not None:
                 wanted["controlnet_strength"] = job.control.strength
-        if job.references and "image_paths" not in accepted:
+        if job.references and "image_paths" not in accepted and self.family.image_role != "redux":
             wanted["image_paths"] = []  # only a list parameter takes several references: reported below
         dropped = sorted(set(wanted) - set(accepted))
         if dropped:  # the API checks capabilities at submit, so this means the catalog and mflux disagree
@@ -272,7 +276,7 @@ class MfluxEngine:
         # A finished map where the family takes one: a photo would run a preprocessor (Depth Pro) for nothing.
         control = Control(grey, family.control_types[0], preprocess=family.control_map is None) \
             if family.control_types else None
-        image = grey if family.image_role in ("edit", "fill", "upscale") else None
+        image = grey if family.image_role in ("edit", "fill", "upscale", "redux") else None
         self._run(Job("warm-up", 0, side, side, self.warm_up_steps, None, image=image, mask=mask, control=control), None)
         self._clear_cache()
 

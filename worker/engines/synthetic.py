@@ -59,6 +59,12 @@ def with_inputs(pattern: Image.Image, job: Job) -> Image.Image:
     source = source if source.size == size else source.resize(size, Image.Resampling.LANCZOS)
     if job.upscale:  # the source's content at the new size, a little sharpened, as an upscaler's would be
         return source.filter(ImageFilter.UnsharpMask(radius=2, percent=60))
+    if job.variation:  # variations: each image prompt pulls the pattern towards it, by its strength
+        prompts = [source, *(reference.convert("RGB").resize(size, Image.Resampling.LANCZOS)
+                             for reference in job.references)]
+        for prompt, strength in zip(prompts, job.strengths or [0.5] * len(prompts), strict=True):
+            pattern = Image.blend(pattern, prompt, strength / 2)
+        return pattern
     if job.mask is not None:
         # Binary, so every pixel outside the mask is the input's own, exactly (checked in PNG by the tests).
         mask = job.mask.convert("L")
