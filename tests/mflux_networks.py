@@ -155,5 +155,38 @@ def installed() -> Iterator[None]:
         return apply_one(weights=weights, model=model, component=component, quantize_arg=quantize_arg,
                          quantization_predicate=quantization_predicate)
 
-    with random_weights.loaders_patched(apply_and_quantize, apply_and_quantize_single, _lens_encoder_stood_in):
+    with random_weights.loaders_patched(apply_and_quantize, apply_and_quantize_single, _lens_encoder_stood_in), \
+            _control_checkpoints_stood_in():
         yield
+
+
+@contextmanager
+def _control_checkpoints_stood_in() -> Iterator[None]:
+    """The ControlNet files Krea 2 and Qwen-Image 2.1 read themselves (mx.load, not WeightLoader): none here;
+    nor the Z-Image ControlNet's config.json, which mflux fetches from the hub: its documented defaults.
+
+    Qwen-Image 2.1's control branch becomes a stand-in like every network; Krea 2's depth ControlNet is a first
+    projection of twice the image channels (what mflux splits into first and control_first) and no low-rank
+    pairs, so mflux's own code builds the controlled transformer from it."""
+    from mflux.models.krea2.krea2_initializer import Krea2Initializer
+    from mflux.models.qwen21.qwen_image21_initializer import QwenImage21Initializer
+    from mflux.models.z_image.variants.controlnet.transformer_controlnet import ZImageControlNetConfig
+
+    def krea_checkpoint(transformer: Any, source: str) -> Any:
+        out_features = transformer.first.weight.shape[0]
+        in_features = 2 * transformer.channels * transformer.patch**2
+        return mx.zeros((out_features, in_features)), mx.zeros((out_features,)), {}
+
+    saved = (Krea2Initializer.__dict__["_load_control_checkpoint"],
+             QwenImage21Initializer.__dict__["_load_original_controlnet"],
+             ZImageControlNetConfig.__dict__["from_pretrained"])
+    ZImageControlNetConfig.from_pretrained = staticmethod(  # type: ignore[method-assign]
+        lambda repo_id: ZImageControlNetConfig.defaults_union_2_1())
+    Krea2Initializer._load_control_checkpoint = staticmethod(krea_checkpoint)  # type: ignore[method-assign]
+    QwenImage21Initializer._load_original_controlnet = staticmethod(  # type: ignore[method-assign]
+        lambda model, source: _stand_in_all(model.controlnet))
+    try:
+        yield
+    finally:
+        (Krea2Initializer._load_control_checkpoint, QwenImage21Initializer._load_original_controlnet,
+         ZImageControlNetConfig.from_pretrained) = saved

@@ -75,7 +75,7 @@ def capabilities(family: Family, supports_guidance: bool | None) -> dict[str, bo
         "guidance": "guidance" in main and supports_guidance is not False,
         # LoRAs per request: mflux maps LoRA files onto the family, and its class takes lora_paths.
         "loras": bool(lora_patterns(family)) and "lora_paths" in family.init_parameters(),
-        "control": bool(family.control_types) and family.control_photo in main,
+        "control": bool(family.control_types) and (family.control_photo or family.control_map) in main,
         "upscale": family.image_role == "upscale" and family.upscale_source in main,
         "variation": family.image_role == "redux" and "redux_image_paths" in main,
     }
@@ -89,8 +89,8 @@ def control(family: Family) -> dict[str, Any] | None:
     from mflux.cli.defaults import defaults
 
     main = family.generate_parameters()
-    assert family.control_photo in main and (family.control_map is None or family.control_map in main), family.name
-    strength = float(defaults.CONTROLNET_STRENGTH) if "controlnet_strength" in main else None
+    assert all(name in main for name in (family.control_photo, family.control_map) if name), family.name
+    strength = float(getattr(defaults, family.control_strength)) if "controlnet_strength" in main else None
     return {"types": list(family.control_types), "maps": family.control_map is not None, "default_strength": strength}
 
 

@@ -33,6 +33,9 @@ class CapabilitiesSchema(ma.Schema):
     loras = fields.Boolean(metadata={"description": "takes `loras` (LoRAs per request, from GET /api/loras)"})
     control = fields.Boolean(metadata={"description": "generates guided by `control_image` (ControlNet, depth); "
                                                       "`control` says how"})
+    upscale = fields.Boolean(metadata={"description": "an upscaler: POST /api/upscale names it as `upscaler`"})
+    variation = fields.Boolean(metadata={"description": "draws variations of `image` or `images` (image prompts, "
+                                                        "with `image_strengths`)"})
 
 
 class ControlSchema(ma.Schema):

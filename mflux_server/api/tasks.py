@@ -49,6 +49,7 @@ class TaskSummary(ma.Schema):
     priority = fields.Boolean()
     loras = fields.List(fields.Nested(LoraEntry), metadata={"description": "the LoRAs asked for, with their scales"})
     control = fields.Nested(ControlView, allow_none=True, metadata={"description": "how its control_image is used"})
+    image_strengths = fields.List(fields.Float(), metadata={"description": "variations: each image prompt's strength"})
     progress = fields.Nested(Progress)
     error = fields.String(allow_none=True)
     created_at = fields.Float()

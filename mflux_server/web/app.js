@@ -141,7 +141,7 @@ function applyModel() {
   const model = currentModel(), caps = model?.capabilities || {}, control = caps.control ? model.control : null;
   const can = { negative_prompt: caps.negative_prompt, guidance: caps.guidance, inpaint: caps.inpaint,
                 image_to_image: caps.image_to_image, loras: caps.loras && fittingLoras().length > 0,
-                image: caps.image_to_image || caps.edit || caps.inpaint || caps.control,
+                image: caps.image_to_image || caps.edit || caps.inpaint || caps.control || caps.variation,
                 control_strength: control?.default_strength != null, control_maps: Boolean(control?.maps) };
   for (const el of document.querySelectorAll("[data-needs]")) el.hidden = model ? !can[el.dataset.needs] : false;
   $("#strength-field").hidden = !caps.image_to_image || (caps.edit && !$("#image_strength").dataset.touched);
@@ -150,13 +150,14 @@ function applyModel() {
     hints.push(`${model.default_steps} steps by default`);
     if (caps.edit) hints.push("edits the image you give it");
     if (caps.inpaint) hints.push("paint the area to repaint");
+    if (caps.variation) hints.push("draws variations of the image you give it");
     if (control) hints.push(`follows the ${CONTROL_WORDS[control.types[0]] || control.types[0]} of the image you give it`);
     if (!model.served) hints.push("no live worker serves it");
   }
   $("#model-hint").textContent = hints.join(" · ");
   $("#steps").placeholder = model ? String(model.default_steps) : "model default";
   $("#mask-canvas").hidden = !caps.inpaint;
-  $("#image-label").textContent = control ? "Control image" : "Init image";
+  $("#image-label").textContent = control ? "Control image" : caps.variation ? "Image prompt" : "Init image";
   $("#drop").setAttribute("aria-label", `${control ? "control" : "init"} image: press Enter to choose a file, or drop or paste one`);
   if (control) {
     $("#control-map-kind").textContent = control.types[0];
@@ -333,7 +334,7 @@ async function submit(event) {
     body.control_image = state.image;
     if (!$("#control-strength-field").hidden) body.control_strength = Number($("#control_strength").value);
     if ($("#control_map").checked && !$("#control_map").closest("[data-needs]").hidden) body.control_preprocess = false;
-  } else if (state.image && (caps.image_to_image || caps.edit || caps.inpaint)) {
+  } else if (state.image && (caps.image_to_image || caps.edit || caps.inpaint || caps.variation)) {
     body.image = state.image;
     if (caps.inpaint) body.mask = maskDataUrl();
     else if (caps.image_to_image && !$("#strength-field").hidden) body.image_strength = Number($("#image_strength").value);

@@ -86,7 +86,8 @@ BAD = [
     ({"prompt": "x", "seed": True}, "seed", "not a boolean"),
     ({"prompt": "x", "seed": 2**32 - 1, "count": 2}, "seed", "seed + count - 1"),
     ({"prompt": "x", "priority": "maybe"}, "priority", "Not a valid boolean"),
-    ({"prompt": "x", "model": "flux-pro"}, "model", "unknown model 'flux-pro'; known models: krea-2, krea-2-raw, dev, schnell"),
+    ({"prompt": "x", "model": "flux-pro"}, "model",
+     "unknown model 'flux-pro'; known models: krea-2, krea-2-raw, krea-2-controlnet-depth, dev, schnell"),
     ({"prompt": "x", "widht": 512}, "widht", "unknown field"),
 ]
 

@@ -24,7 +24,7 @@ def latest_task(url: str) -> dict:
 @pytest.fixture
 def guided(processes, tmp_path):
     url = processes.server()
-    processes.worker("--models", "dev-controlnet-canny,dev-depth,schnell", speed=10)
+    processes.worker("--models", "dev-controlnet-canny,dev-depth,schnell,dev-redux", speed=10)
     photo = Image.new("RGB", (512, 512), "white")
     photo.paste((20, 20, 20), (128, 128, 384, 384))
     photo.save(tmp_path / "square.png")
@@ -79,4 +79,20 @@ def test_a_depth_map_is_sent_as_a_map_from_the_keyboard_on_a_phone_in_the_light_
     done = latest_task(url)["task_id"]
     wait_for(lambda: requests.get(f"{url}/api/tasks/{done}", timeout=10).json()["status"] == "done",
              what="the depth task done", timeout=60)
+    assert not page.errors, page.errors
+
+
+def test_a_variation_model_takes_the_picked_image_as_its_image_prompt(guided, browser):  # noqa: F811
+    url, photo = guided
+    page = open_page(browser, url)
+    page.locator("#model").select_option("dev-redux")
+    assert page.locator("#image-label").inner_text() == "Image prompt"
+    assert "draws variations of the image" in page.locator("#model-hint").inner_text()
+    page.locator("#image-file").set_input_files(str(photo))
+    page.locator("#prompt").fill("in autumn")
+    small(page)
+    page.get_by_role("button", name="Generate").click()
+    wait_for(lambda: latest_task(url).get("model") == "dev-redux", what="the variation task")
+    task = latest_task(url)
+    assert task["image_strengths"] == [] and task["width"] == 512
     assert not page.errors, page.errors

@@ -144,12 +144,7 @@ class Adapter:
         if "mask" in files:
             wanted["masked_image_path" if "masked_image_path" in accepted else "mask_path"] = files["mask"]
         if job.control is not None:
-            family = self.family
-            parameter = family.control_photo if job.control.preprocess or family.control_map is None else family.control_map
-            assert parameter is not None
-            wanted[parameter] = files["control"]
-            if job.control.strength is not None:
-                wanted["controlnet_strength"] = job.control.strength
+            wanted |= self.control_arguments(job, files)
         if job.references and "image_paths" not in accepted and self.family.image_role != "redux":
             wanted["image_paths"] = []  # only a list parameter takes several references: reported below
         dropped = sorted(set(wanted) - set(accepted))
@@ -157,6 +152,25 @@ class Adapter:
             raise ValueError(f"{self.family.name} cannot take {', '.join(dropped)}")
         return model.generate_image(**wanted)
 
+
+    def control_arguments(self, job: Job, files: dict[str, str]) -> dict[str, Any]:
+        """The control image as the family takes it: a photo mflux preprocesses, a finished map, or Z-Image's list
+        of ControlSpec."""
+        assert job.control is not None
+        family, control, path = self.family, job.control, files["control"]
+        wanted: dict[str, Any] = {}
+        if family.control_photo == "controls":
+            from mflux.models.z_image.variants.controlnet.control_types import ControlSpec, ControlType
+
+            wanted["controls"] = [ControlSpec(ControlType(control.kind), path)]
+        elif control.preprocess and family.control_photo is not None:
+            wanted[family.control_photo] = path
+        else:
+            assert family.control_map is not None and not control.preprocess  # the API refuses it otherwise
+            wanted[family.control_map] = path
+        if control.strength is not None:
+            wanted["controlnet_strength"] = control.strength
+        return wanted
 
     def upscale(self, job: Job, files: dict[str, str]) -> Any:
         """An upscaler's generate_image: the picture, and the target as a size (FLUX.1's ControlNet upscaler) or as
