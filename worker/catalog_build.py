@@ -78,6 +78,7 @@ def capabilities(family: Family, supports_guidance: bool | None) -> dict[str, bo
         "control": bool(family.control_types) and (family.control_photo or family.control_map) in main,
         "upscale": family.image_role == "upscale" and family.upscale_source in main,
         "variation": family.image_role == "redux" and "redux_image_paths" in main,
+        "try_on": family.image_role == "tryon" and {"left_image_path", "right_image_path"} <= main.keys(),
     }
 
 

@@ -300,7 +300,8 @@ class ClaimLoop:
                 job = Job(task.prompt, task.seed + index, task.width, task.height, task.steps,
                           None if task.guidance_auto else task.guidance, task.negative_prompt, inputs.get("image"),
                           inputs.get("mask"), task.image_strength, references, tuple(loras), control,
-                          bool(can and can.upscale), bool(can and can.variation), task.strengths)
+                          bool(can and can.upscale), bool(can and can.variation), task.strengths,
+                          bool(can and can.try_on))
                 timer = StepTimer(task, index, self.publisher, self.stopping)
                 started = time.time()
                 if previous is not None:

@@ -234,6 +234,9 @@ class GenerateRequest(ma.Schema):
                                                                           for info in catalog.models())), metadata={
         "description": "variations (capabilities.variation, FLUX.1 Redux): how strongly each image prompt (image, "
                        "or each of images, in order) steers, 0 to 1; one per image; default: the model's"})
+    garment_image = ImageField(load_default=None, metadata={
+        "description": "try-on (capabilities.try_on, FLUX.1 Fill CatVTON): the garment to dress the person in `image` "
+                       "with, where `mask` is white; same encodings as image"})
     mask = ImageField(load_default=None, metadata={
         "description": "inpaint mask, same encoding and size as image: white repaints, black keeps"})
     loras = fields.List(fields.Nested(LoraEntry), load_default=None, validate=validate.Length(max=MAX_LORAS), metadata={

@@ -36,6 +36,8 @@ class CapabilitiesSchema(ma.Schema):
     upscale = fields.Boolean(metadata={"description": "an upscaler: POST /api/upscale names it as `upscaler`"})
     variation = fields.Boolean(metadata={"description": "draws variations of `image` or `images` (image prompts, "
                                                         "with `image_strengths`)"})
+    try_on = fields.Boolean(metadata={"description": "dresses the person in `image` with `garment_image` where `mask` "
+                                                     "is white"})
 
 
 class ControlSchema(ma.Schema):

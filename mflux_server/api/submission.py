@@ -39,7 +39,7 @@ log = logging.getLogger("mflux_server")
 
 def body_limit() -> int:
     """The largest generate body: every input image at --max-input-bytes, base64-encoded, plus 1 MiB for the rest."""
-    images = 1 + len(REFERENCE_ROLES) + 2  # the image, further references, the mask, the control image
+    images = 1 + len(REFERENCE_ROLES) + 3  # the image, further references, the mask, the control and garment images
     return (1 << 20) + images * (settings().max_input_bytes * 4 // 3 + 4)
 
 
@@ -118,6 +118,12 @@ def check_inputs(body: dict[str, Any], info: catalog.ModelInfo, served: str) -> 
         _reject("mask", "needs the image it masks (image)")
     if mask is None and can.inpaint and not can.edit and not can.text_to_image:
         _reject("mask", f"model {served} inpaints: send the mask (white = repaint) with the image")
+    garment = body.get("garment_image")
+    if garment is not None and not can.try_on:
+        _reject("garment_image", f"model {served} does no try-on (capabilities.try_on)")
+    if garment is None and can.try_on:
+        _reject("garment_image", f"model {served} dresses a person: send garment_image (the garment) with image (the "
+                                 "person) and mask (white where the garment goes)")
     if body["negative_prompt"] and not can.negative_prompt:
         _reject("negative_prompt", f"model {served} ignores negative prompts")
     prompt_problem = structured_prompts.problem(info.family, body["prompt"])
@@ -135,6 +141,8 @@ def check_inputs(body: dict[str, Any], info: catalog.ModelInfo, served: str) -> 
             _reject("mask", f"must be the image's size, {inputs[0].width}×{inputs[0].height}; got "
                             f"{checked.width}×{checked.height}")
         inputs.append(replace(checked, role="mask"))
+    if garment is not None:  # stored as the first further reference: a try-on takes no other
+        inputs.append(replace(_verified(garment, "garment_image"), role=REFERENCE_ROLES[0]))
     return tuple(inputs)
 
 

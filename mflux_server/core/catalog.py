@@ -29,6 +29,7 @@ class Capabilities:
     control: bool = False  # generates guided by control_image (ControlNet, depth); `ModelInfo.control` says how
     upscale: bool = False  # an upscaler: enlarges `image` (POST /api/upscale), generates nothing from a prompt alone
     variation: bool = False  # draws variations of `image` / `images` (image prompts, each with its strength)
+    try_on: bool = False  # dresses the person in `image` with `garment_image` where `mask` is white
 
     def as_dict(self) -> dict[str, bool]:
         """The capabilities as a JSON object."""

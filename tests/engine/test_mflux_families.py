@@ -78,8 +78,12 @@ def jobs_for(info: catalog.ModelInfo) -> list[tuple[str, Job]]:
             jobs.append(("edit, several references",
                          Job("put them together", 5, 256, 192, 3, None, image=picture,
                              references=others[:info.max_reference_images - 1])))
-    if can.inpaint:
+    if can.inpaint and not can.try_on:
         jobs.append(("inpaint", Job("a hat", 5, 256, 192, 3, None, image=picture, mask=mask)))
+    if can.try_on:
+        garment = Image.new("RGB", (128, 160), "blue")
+        jobs.append(("try-on", Job("a blue shirt", 5, 256, 192, 3, None, image=picture, mask=mask,
+                                   references=(garment,), try_on=True)))
     if can.variation:
         others = (Image.new("RGB", (128, 128), "blue"),)
         jobs.append(("variation", Job("a red fox", 5, 256, 192, 3, None, image=picture, variation=True)))

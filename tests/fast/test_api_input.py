@@ -132,7 +132,7 @@ def test_the_generate_body_limit_follows_the_input_image_limit(app, client):
     app.extensions["mflux_settings"].max_input_bytes = 300_000
     with app.app_context():
         limit = body_limit()
-    images = 6  # the image, three more references, the mask, the control image
+    images = 7  # the image, three more references, the mask, the control and garment images
     assert (1 << 20) + images * 400_000 < limit < (1 << 20) + images * 400_000 + 100
     over = client.post("/api/generate", data=" " * (limit + 1), content_type="application/json")
     assert over.status_code == 413 and over.json["code"] == "request_too_large"

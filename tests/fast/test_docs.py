@@ -69,7 +69,7 @@ def test_the_family_table_matches_the_catalog():
     from mflux_server.core import catalog
 
     columns = ["text_to_image", "image_to_image", "edit", "inpaint", "negative_prompt", "guidance", "loras", "control",
-               "upscale", "variation"]
+               "upscale", "variation", "try_on"]
     rows = {m.group(1): m.group(2).split(" | ")
             for m in re.finditer(r"^\| [^|]*\(`([a-z0-9.-]+)`\) \| (.*) \|$", MODELS, re.M)}
     families = {info.family for info in catalog.models()}

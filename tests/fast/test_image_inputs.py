@@ -237,7 +237,8 @@ def test_models_lists_every_catalog_model_with_capabilities_and_who_serves_it(cl
     assert not dev["loaded"] and dev["served"] and dev["load_seconds"] == 13.0
     assert dev["capabilities"] == {"text_to_image": True, "image_to_image": True, "edit": False, "inpaint": False,
                                    "negative_prompt": True, "guidance": True, "loras": True,
-                                   "control": False, "upscale": False, "variation": False}
+                                   "control": False, "upscale": False, "variation": False,
+                                   "try_on": False}
     assert not models["qwen-image"]["served"] and models["qwen-image"]["workers"] == []
     repo = models["filipstrand/FLUX.1-Krea-dev-mflux-4bit"]
     assert repo["family"] == "flux1" and repo["served"] and not repo["loaded"]

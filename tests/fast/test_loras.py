@@ -58,7 +58,7 @@ def lora_client(db_path: str, library: Path):
 def test_a_files_families_are_read_from_its_tensor_names_as_mflux_maps_them(library):
     assert families_of(header_keys(library / "ink.safetensors")) == ("flux1", "flux1-controlnet", "flux1-depth",
                                                                     "flux1-fill", "flux1-kontext", "flux1-redux",
-                                                                    "flux1-upscaler")
+                                                                    "flux1-tryon", "flux1-upscaler")
     assert families_of(header_keys(library / "styles" / "paper.safetensors")) == ("qwen-image", "qwen-image-edit")
     # FLUX.2 klein's mapping takes some of FLUX.1's spellings too: the family that takes the most is the file's.
     assert "flux2-klein" not in families_of(header_keys(library / "ink.safetensors"))
@@ -91,7 +91,7 @@ def test_get_api_loras_shows_names_sizes_and_families_never_paths(lora_client, l
     assert answer.status_code == 200 and answer.json["library"] is True
     listed = {entry["name"]: entry for entry in answer.json["loras"]}
     assert listed["ink"]["families"] == ["flux1", "flux1-controlnet", "flux1-depth", "flux1-fill", "flux1-kontext",
-                                         "flux1-redux", "flux1-upscaler"]
+                                         "flux1-redux", "flux1-tryon", "flux1-upscaler"]
     assert listed["styles/paper"]["bytes"] == (library / "styles" / "paper.safetensors").stat().st_size
     assert str(library) not in answer.get_data(as_text=True)
 

@@ -40,6 +40,7 @@ class Job:
     upscale: bool = False  # an upscaler's job: `image` enlarged to width × height
     variation: bool = False  # a variation's job (FLUX.1 Redux): `image` and `references` are image prompts
     strengths: tuple[float, ...] = ()  # variations: each image prompt's strength; empty: the model's default
+    try_on: bool = False  # a try-on's job (CatVTON): `references[0]` is the garment for the person in `image`
 
     @property
     def pixels(self) -> int:

@@ -16,8 +16,9 @@ from typing import Any, Literal
 # instruction edits (Kontext, Qwen-Image-Edit, FLUX.2 edit), or as the picture a mask repaints (FLUX.1 Fill);
 # "control": it takes no `image`, and generates from the prompt guided by `control_image` (ControlNet, depth);
 # "upscale": `image` is the picture it enlarges to the task's size (POST /api/upscale); "redux": `image` and
-# `images` are image prompts whose variations it draws (FLUX.1 Redux).
-ImageRole = Literal["init", "edit", "fill", "control", "upscale", "redux"]
+# `images` are image prompts whose variations it draws (FLUX.1 Redux); "tryon": `image` is a person, `mask` where
+# the garment goes, and `garment_image` the garment (CatVTON: FLUX.1 Fill in context, the garment beside the person).
+ImageRole = Literal["init", "edit", "fill", "control", "upscale", "redux", "tryon"]
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,8 @@ FAMILIES: tuple[Family, ...] = (
     Family("flux1-controlnet", "FLUX.1 ControlNet", f"{_FLUX1}.controlnet.flux_controlnet:Flux1Controlnet",
            image_role="control", keys=("dev-controlnet-canny", "schnell-controlnet-canny"),
            guidance_default="GUIDANCE_SCALE", control_types=("canny",), control_photo="controlnet_image_path"),
+    Family("flux1-tryon", "FLUX.1 Fill CatVTON", f"{_FLUX1}.in_context.flux_in_context_fill:Flux1InContextFill",
+           image_role="tryon", keys=("dev-fill-catvton",), guidance_default="DEFAULT_DEV_FILL_GUIDANCE"),
     Family("flux1-redux", "FLUX.1 Redux", f"{_FLUX1}.redux.flux_redux:Flux1Redux", image_role="redux",
            keys=("dev-redux",), guidance_default="GUIDANCE_SCALE"),
     # The upscaler: it generates the target size from the prompt, conditioned on the picture.
@@ -145,7 +148,6 @@ NOT_SERVED: dict[str, str] = {
     "qwen-image-2.1-controlnet-union": "its mflux code is not yet exercised here (it needs the checkpoint's configs)",
     "qwen-image-2.1-turbo-controlnet-union": "its mflux code is not yet exercised here (it needs the checkpoint's "
                                              "configs)",
-    "dev-fill-catvton": "virtual try-on needs a garment and a person image",
     # SeedVR2's windowed attention reads window shapes back from the arrays inside the network, which the
     # engine tests' stand-ins (tests/mflux_networks.py) cannot answer: MLX's CPU backend stops with SIGFPE. Until
     # a GPU run drives its generate_image (image_path, resolution), it is not served.

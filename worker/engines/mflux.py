@@ -130,6 +130,10 @@ class Adapter:
             wanted["guidance"] = job.guidance
         if job.negative_prompt:
             wanted["negative_prompt"] = job.negative_prompt
+        if self.family.image_role == "tryon":  # CatVTON: the garment on the left, the person (to fill) on the right
+            wanted |= {"left_image_path": files[REFERENCE_ROLES[0]], "right_image_path": files["image"],
+                       "masked_image_path": files["mask"]}
+            return model.generate_image(**wanted).get_right_half()
         if "image" in files and self.family.image_role == "redux":  # image prompts, each with its strength
             wanted["redux_image_paths"] = [files["image"], *(files[role] for role in REFERENCE_ROLES if role in files)]
             if job.strengths:
@@ -286,12 +290,14 @@ class MfluxEngine:
             return
         family, side = self.adapter.family, self.warm_up_size
         grey = Image.new("RGB", (side, side), (128, 128, 128))
-        mask = Image.new("L", (side, side), 255) if family.image_role == "fill" else None
+        mask = Image.new("L", (side, side), 255) if family.image_role in ("fill", "tryon") else None
         # A finished map where the family takes one: a photo would run a preprocessor (Depth Pro) for nothing.
         control = Control(grey, family.control_types[0], preprocess=family.control_map is None) \
             if family.control_types else None
-        image = grey if family.image_role in ("edit", "fill", "upscale", "redux") else None
-        self._run(Job("warm-up", 0, side, side, self.warm_up_steps, None, image=image, mask=mask, control=control), None)
+        image = grey if family.image_role in ("edit", "fill", "upscale", "redux", "tryon") else None
+        references = (grey,) if family.image_role == "tryon" else ()
+        self._run(Job("warm-up", 0, side, side, self.warm_up_steps, None, image=image, mask=mask, references=references,
+                      control=control), None)
         self._clear_cache()
 
     def use_loras(self, loras: tuple[tuple[str, float], ...]) -> None:

@@ -70,6 +70,12 @@ def with_inputs(pattern: Image.Image, job: Job) -> Image.Image:
         mask = job.mask.convert("L")
         mask = mask if mask.size == size else mask.resize(size, Image.Resampling.NEAREST)
         mask = mask.point(lambda v: 255 if v >= 128 else 0)
+        if job.try_on and job.references:  # the garment, stretched over the masked area, on the person
+            box = mask.getbbox() or (0, 0, *size)
+            garment = job.references[0].convert("RGB").resize((box[2] - box[0], box[3] - box[1]),
+                                                              Image.Resampling.LANCZOS)
+            pattern = pattern.copy()
+            pattern.paste(garment, box[:2])
         return Image.composite(pattern, source, mask)
     if job.image_strength is not None:
         return Image.blend(pattern, source, job.image_strength)
