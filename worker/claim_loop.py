@@ -7,12 +7,13 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import TypeVar
 
 from PIL import Image
 
 from mflux_server.core import catalog
-from mflux_server.core.lora_library import Library
+from mflux_server.core.lora_library import Library, hub_reference
 from mflux_server.core.rows import CONTROL_ROLE, REFERENCE_ROLES, Task
 from mflux_server.core.scheduling import LORA_CHANGE, Variant, choose_variant
 from mflux_server.core.settings import Settings
@@ -261,13 +262,13 @@ class ClaimLoop:
             return previous
         loras = []
         for name, scale in task.lora_set:
-            found = self.library.path_of(name)
+            found = self.lora_source(name)
             if found is None:  # the API found it in its --lora-dir: this worker's folder differs
                 self.writer.send(TaskFailed(task, f"LoRA {name!r} is not in this worker's LoRA library "
                                                   f"({self.settings.lora_dir or 'no --lora-dir'}); give the API and "
-                                                  "every worker the same --lora-dir"))
+                                                  "every worker the same --lora-dir (and --lora-hub)"))
                 return previous
-            loras.append((str(found), scale))
+            loras.append((found, scale))
         try:  # before the images' timings start: a set change is a reload, not a slow first step
             started = time.perf_counter()
             self.engine.use_loras(tuple(loras))
@@ -345,6 +346,18 @@ class ClaimLoop:
             if previous is not None:  # not started after all: send it anyway
                 self.writer.send(previous)
             self.publisher.task_ended()
+
+    def lora_source(self, name: str) -> str | None:
+        """What mflux loads for a LoRA name: its file in the library, or (with --lora-hub) the Hugging Face reference
+        itself, which mflux downloads; never a path on this machine that the library does not hold."""
+        found = self.library.path_of(name)
+        if found is not None:
+            return str(found)
+        # mflux tries a reference as a local path first: one that exists here (relative to the working
+        # directory) would load a file a client named, so it is refused.
+        if self.settings.lora_hub and hub_reference(name) and not Path(name.partition(":")[0]).exists():
+            return name
+        return None
 
     def recover_engine(self) -> None:
         """Free memory and reload after a fault, so later tasks do not fail in milliseconds; exit if that fails."""

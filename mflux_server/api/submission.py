@@ -20,6 +20,7 @@ from mflux_server.api.generation_schemas import MAX_SEED, MIN_SIZE
 from mflux_server.api.image_inputs import RawImage, verified
 from mflux_server.api.task_view import live_workers
 from mflux_server.core import catalog, structured_prompts
+from mflux_server.core.lora_library import hub_reference
 from mflux_server.core.rows import (
     CONTROL_ROLE,
     REFERENCE_ROLES,
@@ -181,18 +182,21 @@ def check_loras(entries: list[dict[str, Any]] | None, info: catalog.ModelInfo, s
         return ()
     if not info.capabilities.loras:
         _reject("loras", f"model {served} takes no LoRAs (GET /api/models: capabilities.loras)")
-    library = lora_library()
-    if library.folder is None:
-        _reject("loras", "this server has no LoRA library (it runs without --lora-dir)")
+    library, hub = lora_library(), settings().lora_hub
+    if library.folder is None and not hub:
+        _reject("loras", "this server has no LoRA library (it runs without --lora-dir or --lora-hub)")
     seen: set[str] = set()
     for number, entry in enumerate(entries):
         name, field = entry["name"], f"loras.{number}.name"
-        found = library.get(name)
-        if found is None:
-            _reject(field, f"no LoRA named {name!r} in the library; GET /api/loras lists them")
         if name in seen:
             _reject(field, f"{name!r} is named twice; give it once, with its scale")
         seen.add(name)
+        found = library.get(name)
+        if found is None and hub and hub_reference(name):
+            continue  # a Hugging Face reference: its file is the worker's to fetch, and its fit mflux's to check
+        if found is None:
+            hint = " (Hugging Face references need --lora-hub)" if hub_reference(name) and not hub else ""
+            _reject(field, f"no LoRA named {name!r} in the library; GET /api/loras lists them{hint}")
         if info.family not in found.families:
             fits = ", ".join(found.families) or "no model family mflux knows"
             _reject(field, f"{name!r} fits {fits}, not {served} (family {info.family})")

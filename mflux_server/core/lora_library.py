@@ -86,6 +86,16 @@ def families_of(keys: list[str]) -> tuple[str, ...]:
     return tuple(sorted(family for family, count in matched.items() if count == best))
 
 
+# A Hugging Face LoRA reference as mflux resolves one: org/repo, or org/repo:file.safetensors in a folder of it.
+_PART = r"[A-Za-z0-9](?:[A-Za-z0-9_.-]*[A-Za-z0-9_-])?"
+HUB_REFERENCE = re.compile(rf"{_PART}/{_PART}(?::(?:{_PART}/)*{_PART}\.safetensors)?")
+
+
+def hub_reference(name: str) -> bool:
+    """Whether a LoRA name reads as a Hugging Face reference (never a path: no leading slash, no '..' part)."""
+    return bool(HUB_REFERENCE.fullmatch(name)) and ".." not in name
+
+
 class Library:
     """The LoRA files under one folder, rescanned at most every RESCAN_AFTER seconds."""
 

@@ -149,6 +149,9 @@ class Settings:
     lora_dir: str | None = setting(
         None, "a folder of LoRA .safetensors files that requests may name (loras), listed by GET /api/loras; give the "
         "API and every worker the same folder", parse=_optional(str))
+    lora_hub: bool = setting(
+        False, "also accept Hugging Face references (org/repo, org/repo:file.safetensors) as LoRA names; workers "
+        "download them with mflux (give the API and every worker this flag)", parse=_bool)
     gpu_cache_limit: float | None = setting(
         None, "GiB of freed GPU buffers MLX may keep cached (like the original server's --cache_limit)", "worker",
         _optional(_non_negative(float)))

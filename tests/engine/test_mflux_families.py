@@ -244,3 +244,20 @@ def test_a_jobs_lora_set_reaches_mfluxs_lora_loader_and_another_set_reloads_the_
     with pytest.raises(ModelLoadFailed, match="do not match"):
         engine.use_loras(((broken, 1.0),))
     assert engine.model == "schnell" and engine.applied == ((default, 0.5),), "the default set is held again"
+
+
+def test_a_hugging_face_reference_reaches_mfluxs_lora_resolution_as_it_was_named(monkeypatch):
+    # mflux resolves org/repo:file itself (a download, or its cache): that one network step is stood in for.
+    from mflux.models.common.resolution.lora_resolution import LoraResolution
+
+    resolved: list[str] = []
+
+    def resolve(path: str) -> str:
+        resolved.append(path)
+        raise ValueError(f"no network here for {path}")
+
+    monkeypatch.setattr(LoraResolution, "resolve", staticmethod(resolve))
+    engine = MfluxEngine("schnell", warm_up_steps=0)
+    with pytest.raises(ModelLoadFailed, match="no network here for org/ink:styles/ink.safetensors"):
+        engine.use_loras((("org/ink:styles/ink.safetensors", 0.7),))
+    assert resolved == ["org/ink:styles/ink.safetensors"] and engine.model == "schnell", "the default set is held"

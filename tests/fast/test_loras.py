@@ -180,3 +180,33 @@ def test_the_cli_reads_a_lora_as_name_or_name_colon_scale():
     assert parse_lora("styles/ink:-0.8") == {"name": "styles/ink", "scale": -0.8}
     with pytest.raises(argparse.ArgumentTypeError, match="NAME:SCALE"):
         parse_lora("ink:lots")
+
+
+def test_hugging_face_references_are_names_only_with_lora_hub(db_path: str, library: Path, tmp_path: Path, monkeypatch):
+    from mflux_server.worker.claim_loop import ClaimLoop
+    from tests.fast.test_image_inputs import serve
+
+    body = {"prompt": "p", "model": "dev", "loras": [{"name": "org/ink-lora:styles/ink.safetensors", "scale": 0.7}]}
+    closed = create_app(Settings(db=db_path, stale_after=2.0, lora_dir=str(library))).test_client()
+    serve(closed, "dev")
+    refused = closed.post("/api/generate", json=body)
+    assert refused.status_code == 422
+    assert "(Hugging Face references need --lora-hub)" in refused.json["errors"]["json"]["loras.0.name"][0]
+    hub = create_app(Settings(db=db_path, stale_after=2.0, lora_hub=True)).test_client()
+    made = hub.post("/api/generate", json=body)
+    assert made.status_code == 200, made.json
+    assert made.json["loras"] == [{"name": "org/ink-lora:styles/ink.safetensors", "scale": 0.7}]
+    for name in ("../secret", "/etc/passwd", "org/repo:../x.safetensors", "org/repo:file.bin"):
+        answer = hub.post("/api/generate", json={**body, "loras": [{"name": name}]})
+        assert answer.status_code == 422, name
+    # The worker hands mflux the library's file, or the reference itself; never a local path a client named.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "org" / "local").mkdir(parents=True)
+    loop = ClaimLoop(Settings(db=db_path, lora_dir=str(library), lora_hub=True), SyntheticEngine("dev"), "w",
+                     None, None, None, None)  # type: ignore[arg-type]
+    assert loop.lora_source("ink") == str(library / "ink.safetensors")
+    assert loop.lora_source("org/ink-lora:styles/ink.safetensors") == "org/ink-lora:styles/ink.safetensors"
+    assert loop.lora_source("org/local") is None, "exists here, relative to the working directory"
+    assert loop.lora_source("../secret") is None
+    loop.settings = Settings(db=db_path, lora_dir=str(library))
+    assert loop.lora_source("org/ink-lora") is None, "without --lora-hub"
