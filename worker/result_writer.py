@@ -11,6 +11,7 @@ from functools import partial
 from mflux_server.core.rows import StoredImage, Timing
 from mflux_server.store import Store, storage_problem
 from mflux_server.worker.encoding import encode
+from mflux_server.worker.generation_data import GenerationData
 from mflux_server.worker.messages import (
     ImageGenerated,
     Message,
@@ -87,7 +88,7 @@ class ResultWriter:
         images = self._pending.setdefault(task.id, [])
         started = time.perf_counter()
         seed = task.seed + done.index
-        data, mime = encode(done.image, task.format, task.quality, done.software, seed)
+        data, mime = encode(done.image, task.format, task.quality, GenerationData.of(task, done.index, done.software))
         timings = [Timing("after", (done.after_seconds,)), Timing("encode", (time.perf_counter() - started,))]
         images.append(StoredImage(done.index, seed, mime, data, done.started, done.ended))
         self.retry.run(lambda: db.record_timings(task.model, task.width, task.height, timings))

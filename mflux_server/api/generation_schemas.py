@@ -169,6 +169,17 @@ class LoraEntry(ma.Schema):
                                                   "(default 1)"})
 
 
+class MetadataView(ma.Schema):
+    """What a task's images carry about what made them."""
+
+    generation_data = fields.Boolean(metadata={"description": "model, seed, steps, guidance, size, LoRAs, input kinds "
+                                                              "and software: PNG text (AUTOMATIC1111's parameters), "
+                                                              "EXIF and XMP"})
+    prompt = fields.Boolean(metadata={"description": "the prompt and negative prompt are in it (false: private)"})
+    digital_source_type = fields.String(metadata={"description": "IPTC DigitalSourceType in XMP, always: the "
+                                                                 "AI-generated marking"})
+
+
 class ControlView(ma.Schema):
     """How a task uses its control image."""
 
@@ -255,6 +266,9 @@ class GenerateRequest(ma.Schema):
     control_preprocess = fields.Boolean(load_default=None, metadata={
         "description": "true (default): control_image is a photo, turned into the map by mflux's own preprocessor "
                        "(Canny, Depth Pro); false: it is the map already (models whose control.maps is true)"})
+    private = fields.Boolean(load_default=False, metadata={
+        "description": "true leaves the prompt and negative prompt out of the images' metadata (the AI-generated "
+                       "marking stays); the server's --metadata-prompts false does it for every task"})
     callback_url = fields.String(load_default=None, validate=_callback_url, metadata={
         "description": "an http(s) URL POSTed once the task ends (done, error or canceled), signed per Standard "
                        "Webhooks; public addresses only unless the server runs with --webhook-allow-private"})
@@ -310,6 +324,7 @@ class TaskStatus(ma.Schema):
         "description": "ControlNet or depth: how its control_image is used; null without one"})
     image_strengths = fields.List(fields.Float(), metadata={"description": "variations: each image prompt's "
                                                                           "strength; empty for the default"})
+    metadata = fields.Nested(MetadataView, metadata={"description": "what its images carry about what made them"})
     attempts = fields.Integer(metadata={"description": "times a worker started this task"})
     created_at = fields.Float(metadata={"description": "Unix time"})
     started_at = fields.Float(allow_none=True)

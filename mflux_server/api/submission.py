@@ -325,7 +325,8 @@ def queue_task(body: dict[str, Any], surface: str = "native", keep_for: float | 
                    callback_url=body.get("callback_url"), link_base=settings().public_url or request.host_url, keep_for=keep_for,
                    client_user=client_user, key_id=key.id if key else None, loras=lora_set_text(loras),
                    control=control.text() if control else "",
-                   image_strengths=json.dumps(body["image_strengths"]) if body.get("image_strengths") else "")
+                   image_strengths=json.dumps(body["image_strengths"]) if body.get("image_strengths") else "",
+                   private=bool(body.get("private")) or not settings().metadata_prompts)
     if fair_scheduling():
         task = replace(task, fair_cost=forecaster().cost_model(db()).gpu_seconds(task))
     created = submit_once(task, key.id if key else 0)

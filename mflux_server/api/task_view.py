@@ -68,6 +68,8 @@ def summary(task: Task) -> dict[str, Any]:
         "loras": [{"name": name, "scale": scale} for name, scale in task.lora_set],
         "control": control_view(task),
         "image_strengths": list(task.strengths),
+        "metadata": {"generation_data": True, "prompt": not task.private,
+                     "digital_source_type": "trainedAlgorithmicMedia"},
     } | webhook_view(task)
 
 

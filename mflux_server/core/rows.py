@@ -70,6 +70,7 @@ class NewTask:
     loras: str = ""  # the LoRAs asked for, lora_set_text()'s JSON; "" for none (the worker's default set)
     control: str = ""  # ControlNet or depth settings, ControlSettings.text(); "" for none
     image_strengths: str = ""  # variations: each image prompt's strength, a JSON list; "" for the model's default
+    private: bool = False  # its images leave the prompt out of their metadata
 
 
 class ControlSettings(NamedTuple):
@@ -169,6 +170,7 @@ class Task(FromRow):
     loras: str = ""  # the LoRAs asked for (lora_set_text's JSON), "" for none
     control: str = ""  # ControlSettings.text(), "" for none
     image_strengths: str = ""  # variations: each image prompt's strength (JSON list), "" for the default
+    private: int = 0  # 1: its images leave the prompt out of their metadata
 
     def __post_init__(self) -> None:
         # sqlite hands the status back as a plain string; the enum is what everyone compares with.

@@ -149,6 +149,9 @@ class Settings:
     lora_dir: str | None = setting(
         None, "a folder of LoRA .safetensors files that requests may name (loras), listed by GET /api/loras; give the "
         "API and every worker the same folder", parse=_optional(str))
+    metadata_prompts: bool = setting(
+        True, "write each task's prompt into its images' metadata (false: never; a request's private does it per "
+        "task); the AI-generated marking is always written", "api", _bool)
     lora_hub: bool = setting(
         False, "also accept Hugging Face references (org/repo, org/repo:file.safetensors) as LoRA names; workers "
         "download them with mflux (give the API and every worker this flag)", parse=_bool)

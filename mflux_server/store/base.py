@@ -59,7 +59,7 @@ def new_task_id() -> str:
 def _task_params(task: NewTask, task_id: str, created_at: float) -> dict[str, object]:
     params = {f.name: getattr(task, f.name) for f in fields(task) if f.name not in ("inputs", "fair_cost")}
     return params | {"id": task_id, "created_at": created_at, "guidance_auto": int(task.guidance_auto), "fair_tag": 0.0,
-                     "fair_start": 0.0, "input_count": len(task.inputs)}
+                     "fair_start": 0.0, "input_count": len(task.inputs), "private": int(task.private)}
 
 
 # A sample over this many times the typical one is a stall (kernel compilation, swapping, a GC pause), not the

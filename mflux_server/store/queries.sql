@@ -7,11 +7,11 @@
 INSERT INTO tasks (id, priority, model, prompt, width, height, steps, guidance, seed, count,
                    format, quality, created_at, negative_prompt, image_strength, guidance_auto,
                    surface, callback_url, link_base, keep_for, client_user, key_id, fair_tag, fair_start,
-                   input_count, loras, control, image_strengths)
+                   input_count, loras, control, image_strengths, private)
 VALUES (:id, :priority, :model, :prompt, :width, :height, :steps, :guidance, :seed, :count,
         :format, :quality, :created_at, :negative_prompt, :image_strength, :guidance_auto,
         :surface, :callback_url, :link_base, :keep_for, :client_user, :key_id, :fair_tag, :fair_start,
-        :input_count, :loras, :control, :image_strengths)
+        :input_count, :loras, :control, :image_strengths, :private)
 RETURNING *;
 
 -- name: insert_input

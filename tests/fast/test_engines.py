@@ -80,10 +80,16 @@ def test_noise_varies_durations_within_the_fraction():
     assert 0.95 <= min(samples) < max(samples) <= 1.05
 
 
+def generation_data(software: str, seed: int):
+    from mflux_server.worker.generation_data import GenerationData
+
+    return GenerationData("p", None, "schnell", seed, 4, None, 320, 192, [], [], software)
+
+
 @pytest.mark.parametrize("fmt, mime", [("JPEG", "image/jpeg"), ("PNG", "image/png"), ("WEBP", "image/webp")])
 def test_encode_each_format(fmt, mime):
     image = SyntheticEngine("schnell", step=(0, 0, 0), fixed=(0, 0)).generate(JOB, Recorder())
-    data, got_mime = encode(image, fmt, 80, "mflux-server synthetic engine", 42)
+    data, got_mime = encode(image, fmt, 80, generation_data("mflux-server synthetic engine", 42))
     decoded = Image.open(io.BytesIO(data))
     assert got_mime == mime and decoded.format == fmt and decoded.size == (320, 192)
     if fmt == "PNG":
@@ -92,7 +98,8 @@ def test_encode_each_format(fmt, mime):
 
 def test_jpeg_quality_changes_the_bytes():
     image = SyntheticEngine("schnell", step=(0, 0, 0), fixed=(0, 0)).generate(JOB, Recorder())
-    assert len(encode(image, "JPEG", 20, "s", 1)[0]) < len(encode(image, "JPEG", 95, "s", 1)[0])
+    labels = generation_data("s", 1)
+    assert len(encode(image, "JPEG", 20, labels)[0]) < len(encode(image, "JPEG", 95, labels)[0])
 
 
 def test_auto_picks_synthetic_without_a_gpu_and_says_so(caplog):
