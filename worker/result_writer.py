@@ -10,6 +10,7 @@ from functools import partial
 
 from mflux_server.core.rows import StoredImage, Timing
 from mflux_server.store import Store, storage_problem
+from mflux_server.worker.content_credentials import ContentCredentials
 from mflux_server.worker.encoding import encode
 from mflux_server.worker.generation_data import GenerationData
 from mflux_server.worker.messages import (
@@ -30,8 +31,10 @@ OUTBOX_IMAGES = 4
 class ResultWriter:
     """Takes messages in order from an outbox, so the GPU goes straight on to the next task."""
 
-    def __init__(self, worker_id: str, stopping: threading.Event | None = None) -> None:
+    def __init__(self, worker_id: str, stopping: threading.Event | None = None,
+                 credentials: ContentCredentials | None = None) -> None:
         self.worker_id = worker_id
+        self.credentials = credentials  # signs each encoded image (C2PA), here, off the generation thread
         self.outbox: queue.Queue[Message] = queue.Queue(maxsize=OUTBOX_IMAGES)
         self._pending: dict[str, list[StoredImage]] = {}
         self.stopped = False
@@ -88,7 +91,10 @@ class ResultWriter:
         images = self._pending.setdefault(task.id, [])
         started = time.perf_counter()
         seed = task.seed + done.index
-        data, mime = encode(done.image, task.format, task.quality, GenerationData.of(task, done.index, done.software))
+        generation = GenerationData.of(task, done.index, done.software)
+        data, mime = encode(done.image, task.format, task.quality, generation)
+        if self.credentials is not None:
+            data = self.credentials.sign(data, mime, generation)
         timings = [Timing("after", (done.after_seconds,)), Timing("encode", (time.perf_counter() - started,))]
         images.append(StoredImage(done.index, seed, mime, data, done.started, done.ended))
         self.retry.run(lambda: db.record_timings(task.model, task.width, task.height, timings))

@@ -11,6 +11,7 @@ from mflux_server.core import service_notify
 from mflux_server.core.settings import Settings
 from mflux_server.store import Store
 from mflux_server.worker.claim_loop import ClaimLoop, WorkerBroken
+from mflux_server.worker.content_credentials import ContentCredentials
 from mflux_server.worker.engines.base import Engine
 from mflux_server.worker.engines.memory import memory_budget, pixel_limits
 from mflux_server.worker.messages import SHUTDOWN
@@ -44,7 +45,9 @@ class Supervisor:
         self.stopping = threading.Event()
         self.crashed: str | None = None  # the role whose thread died, which makes the exit status say so
         self.publisher = ProgressPublisher(settings, self.worker_id)
-        self.writer = ResultWriter(self.worker_id, self.stopping)
+        credentials = ContentCredentials.from_settings(settings.c2pa, settings.c2pa_cert, settings.c2pa_key,
+                                                       settings.c2pa_dir, settings.db)
+        self.writer = ResultWriter(self.worker_id, self.stopping, credentials)
         self.claim_loop = ClaimLoop(settings, engine, self.worker_id, self.db, self.publisher, self.writer, self.stopping,
                                     servable, limits)
 

@@ -152,6 +152,15 @@ class Settings:
     metadata_prompts: bool = setting(
         True, "write each task's prompt into its images' metadata (false: never; a request's private does it per "
         "task); the AI-generated marking is always written", "api", _bool)
+    c2pa: bool = setting(True, "sign every image with C2PA Content Credentials (false: only the XMP marking)", "worker",
+                         _bool)
+    c2pa_cert: str | None = setting(None, "PEM certificate chain (signer first) for Content Credentials; without it "
+                                    "and --c2pa-key a local, self-signed one is made in --c2pa-dir", "worker",
+                                    _optional(str))
+    c2pa_key: str | None = setting(None, "PEM private key of --c2pa-cert's signer", "worker", _optional(str))
+    c2pa_dir: str | None = setting(None, "where a worker keeps its self-signed credentials (default: "
+                                   "mflux-server-c2pa beside the SQLite file, or in the working directory)", "worker",
+                                   _optional(str))
     lora_hub: bool = setting(
         False, "also accept Hugging Face references (org/repo, org/repo:file.safetensors) as LoRA names; workers "
         "download them with mflux (give the API and every worker this flag)", parse=_bool)

@@ -19,7 +19,7 @@ MODELS = (DOCS / "models.md").read_text()
 
 def test_every_setting_is_in_the_configuration_table_with_its_default():
     rows = {m.group(1): m.group(3)
-            for m in re.finditer(r"^\| `--([a-z-]+)` \| `([A-Z_]+)` \| `([^`]*)` \|", CONFIGURATION, re.M)}
+            for m in re.finditer(r"^\| `--([a-z0-9-]+)` \| `([A-Z0-9_]+)` \| `([^`]*)` \|", CONFIGURATION, re.M)}
     for f in fields(Settings):
         flag = f.name.replace("_", "-")
         assert flag in rows, f"--{flag} is missing from the table in docs/configuration.md"
