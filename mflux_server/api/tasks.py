@@ -11,11 +11,13 @@ from marshmallow import fields, validate
 
 from mflux_server.api.auth import owner_filter
 from mflux_server.api.context import db, settings
-from mflux_server.api.errors import ErrorSchema
+from mflux_server.api.errors import ErrorSchema, abort_json
 from mflux_server.api.generation_schemas import MAX_OFFSET, ControlView, LoraEntry, Progress, StrictInteger, TaskStatus
+from mflux_server.api.image_inputs import DECODE_THREADS
 from mflux_server.api.request_body import StrictParser
 from mflux_server.api.task_view import NOT_FOUND, get_task_or_404, summary, task_status
-from mflux_server.core import disk_reserve
+from mflux_server.client import provenance
+from mflux_server.core import disk_reserve, native
 from mflux_server.core.rows import Status
 from mflux_server.store import storage_problem
 
@@ -111,3 +113,42 @@ class TaskItem(MethodView):
         if result is None:
             get_task_or_404(task_id)
         return {"task_id": task_id, "result": result}
+
+
+class ProvenanceQuery(ma.Schema):
+    """Which image of the task."""
+
+    index = StrictInteger(load_default=0, validate=validate.Range(0, 63), metadata={"description": "from 0"})
+
+
+class Provenance(ma.Schema):
+    """What one stored image says about what made it, read back from its bytes."""
+
+    format = fields.String()
+    digital_source_type = fields.String(allow_none=True, metadata={"description": "IPTC DigitalSourceType (XMP)"})
+    generation_data = fields.Dict(allow_none=True, metadata={"description": "the generation data its XMP carries"})
+    content_credentials = fields.Dict(allow_none=True, metadata={
+        "description": "the C2PA manifest as c2pa's Reader verifies it: state (Valid, Invalid), failures, "
+                       "claim_generator, actions; null when the image carries none"})
+
+
+@blp.route("/tasks/<string:task_id>/provenance")
+class TaskProvenance(MethodView):
+    """What a finished task's image carries."""
+
+    @blp.arguments(ProvenanceQuery(), location="query")
+    @blp.response(200, Provenance)
+    @blp.alt_response(404, schema=ErrorSchema, description=NOT_FOUND)
+    @blp.alt_response(409, schema=ErrorSchema, description="the task has no image yet")
+    def get(self, query: dict[str, Any], task_id: str) -> dict[str, Any]:
+        """Read one image's generation data, marking and Content Credentials back from its stored bytes (the
+        verification runs off the event loop)."""
+        task = get_task_or_404(task_id)
+        if task.status is not Status.DONE:
+            abort_json(409, code="image_not_ready", field="task_id", status=str(task.status),
+                       message=f"task {task.id} is {task.status}, not done")
+        stored = db().fetch_image(task.id, query["index"])
+        if stored is None:
+            abort_json(404, code="image_gone", field="index",
+                       message=f"task {task.id} has no image {query['index']} (fetched with delete, or past count)")
+        return native.call_bounded(lambda: provenance.read(stored.data), "image-decode", DECODE_THREADS)

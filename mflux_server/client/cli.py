@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from mflux_server.client import provenance
 from mflux_server.client.errors import ServerError, TaskCanceled, TaskFailed
 from mflux_server.client.sync import Client
 
@@ -157,7 +158,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     listing = commands.add_parser("list", help="the queue and recent tasks", parents=[after])
     listing.add_argument("--status")
     listing.add_argument("--limit", type=int, default=20)
+    inspect = commands.add_parser("inspect", help="what an image file says about what made it (no server needed)")
+    inspect.add_argument("file")
     args = parser.parse_args(argv)
+    if args.command == "inspect":
+        print(json.dumps(provenance.read(Path(args.file).read_bytes()), indent=1, ensure_ascii=False))
+        return 0
     client = Client(args.server)
     try:
         if args.command == "generate":

@@ -494,6 +494,32 @@ function view(item) {
   $("#viewer-img").src = item.url; $("#viewer-caption").textContent = `seed ${item.seed} · ${item.prompt}`;
   $("#viewer-prev").disabled = state.viewing <= 0; $("#viewer-next").disabled = state.viewing >= state.gallery.length - 1;
   if (!$("#viewer").open) $("#viewer").showModal();
+  showProvenance(item);
+}
+
+async function showProvenance(item) {  // read back from the stored bytes: generation data and Content Credentials
+  const list = $("#provenance-list");
+  list.replaceChildren();
+  const add = (term, value) => {
+    const dt = document.createElement("dt"), dd = document.createElement("dd");
+    dt.textContent = term; dd.textContent = value; list.append(dt, dd);
+  };
+  try {
+    const found = await api(`/api/tasks/${item.task}/provenance?index=${item.index}`);
+    if (state.gallery[state.viewing] !== item) return;  // the viewer moved on meanwhile
+    const data = found.generation_data || {}, credentials = found.content_credentials;
+    add("Marked as", found.digital_source_type ? found.digital_source_type.split("/").pop() : "not marked");
+    add("Prompt", data.prompt ?? "withheld (private)");
+    if (data.negative_prompt) add("Negative prompt", data.negative_prompt);
+    add("Model", `${data.model} · seed ${data.seed} · ${data.steps} steps · ${data.width}×${data.height}`);
+    if (data.loras?.length) add("LoRAs", data.loras.map((l) => `${l.name} ${l.scale}`).join(", "));
+    if (data.inputs?.length) add("Inputs", data.inputs.join(", "));
+    add("Software", data.software || "");
+    add("Content Credentials", !credentials ? "none" : credentials.state +
+      (credentials.failures.length ? ` (${credentials.failures.join(", ")})` : ""));
+  } catch (error) {
+    add("Could not read it", error.message);
+  }
 }
 
 function step(by) {

@@ -120,3 +120,25 @@ def test_the_local_certificate_is_made_once_and_kept_and_configured_ones_are_tak
     with pytest.raises(ValueError, match="give both --c2pa-cert and --c2pa-key"):
         signer_files(str(tmp_path / "chain.pem"), None, tmp_path / "unused")
     assert ContentCredentials.from_settings(False, None, None, None, str(tmp_path / "q.db")) is None
+
+
+def test_the_api_reads_back_what_a_stored_image_carries(client, credentials):
+    from mflux_server.core.rows import StoredImage
+
+    made = client.post("/api/generate", json={"prompt": "a lighthouse", "format": "JPEG"}).json
+    assert client.get(f"/api/tasks/{made['task_id']}/provenance").status_code == 409, "no image yet"
+    db = client.application.extensions["mflux_sessions"].get()
+    task = db.claim_next("w", "schnell", "synthetic")
+    data = signed(credentials, "JPEG")
+    assert db.complete(task.id, "w", [StoredImage(0, task.seed, "image/jpeg", data, 1.0, 2.0)])
+    shown = client.get(f"/api/tasks/{task.id}/provenance").json
+    assert shown["digital_source_type"] == DIGITAL_SOURCE_TYPE and shown["generation_data"]["model"] == "schnell"
+    assert shown["content_credentials"]["state"] == "Valid"
+    assert shown["content_credentials"]["actions"][0]["action"] == "c2pa.created"
+    assert client.get(f"/api/tasks/{task.id}/provenance", query_string={"index": 3}).json["code"] == "image_gone"
+
+
+def test_the_manifest_adds_kilobytes_not_a_copy_of_the_image(credentials):
+    data = GenerationData("p", None, "schnell", 1, 4, None, 256, 256, [], [], SOFTWARE)
+    encoded, mime = encode(Image.effect_noise((256, 256), 40).convert("RGB"), "PNG", 90, data)
+    assert len(credentials.sign(encoded, mime, data)) - len(encoded) < 12_000, "no claim thumbnail"
