@@ -9,7 +9,16 @@ from pathlib import Path
 from typing import Any
 
 from bench.forecast_accuracy import mape
-from bench.model_switching import AFFINITY, IMAGE_SECONDS, LOAD, NOISE, Run, make_trace, replay
+from bench.model_switching import (
+    AFFINITY,
+    IMAGE_SECONDS,
+    LOAD,
+    Run,
+    add_longest_wait,
+    add_throughput,
+    make_trace,
+    replay,
+)
 from bench.results import Result, percentile
 from mflux_server.core.lora_library import patterns
 
@@ -57,20 +66,11 @@ def run(smoke: bool = False) -> Result:
         one = replay("one set", trace, speed, AFFINITY, *with_sets(found, one=True), server_args=server)
         ours = replay("ours", trace, speed, AFFINITY, *with_sets(found, one=False), server_args=server)
         fifo = replay("fifo", trace, speed, 0.0, *with_sets(found, one=False), server_args=server)
-    result.add("throughput, one LoRA set (images a minute)", one.throughput)
-    result.add("throughput, three sets, ours", ours.throughput)
-    result.add("  ours ÷ one set", ours.throughput / one.throughput, "×", "≥ 0.90×", ours.throughput >= 0.9 * one.throughput)
-    result.add("throughput, three sets, first-in first-out", fifo.throughput)
-    result.add("  first-in first-out ÷ one set", fifo.throughput / one.throughput, "×")
-    result.add("changes of set, ours", ours.switches)
-    result.add("changes of set, first-in first-out", fifo.switches)
+    add_throughput(result, one, ours, fifo, "one LoRA set", "three sets", "changes of set")
     for policy in (ours, fifo):
         p99 = round(percentile([w for waits in policy.waits.values() for w in waits], 99), 1)
         result.add(f"p99 wait (submit to start), {policy.label}", p99, " s")
-    longest = max(max(w) for w in ours.waits.values())
-    bound = AFFINITY + IMAGE_SECONDS * (1 + NOISE)
-    result.add("longest wait, ours", round(longest, 1), " s", f"≤ {bound:g} s (--max-affinity-wait + one task)",
-               longest <= bound)
+    add_longest_wait(result, ours)
     result.add("forecast MAPE of expected_time_seconds, ours", mape(ours.forecasts[10:]), "%")
     result.add("  same, one set", mape(one.forecasts[10:]), "%")
     result.notes.append(f"Waits are from submit to start, in model seconds. Ours: --max-affinity-wait {AFFINITY:g}; "

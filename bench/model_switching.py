@@ -108,6 +108,25 @@ def serving(models: str) -> tuple[list[str], Callable[[str], dict[str, Any]]]:
     return ["--models", models], lambda model: {"model": model if "," in models else models}
 
 
+def add_throughput(result: Result, one: Run, ours: Run, fifo: Run, single: str, several: str, switches: str) -> None:
+    """Throughput of each policy, ours and first-in first-out against one variant's, and their switch counts."""
+    result.add(f"throughput, {single} (images a minute)", one.throughput)
+    result.add(f"throughput, {several}, ours", ours.throughput)
+    result.add(f"  ours ÷ {single}", ours.throughput / one.throughput, "×", "≥ 0.90×", ours.throughput >= 0.9 * one.throughput)
+    result.add(f"throughput, {several}, first-in first-out", fifo.throughput)
+    result.add(f"  first-in first-out ÷ {single}", fifo.throughput / one.throughput, "×")
+    result.add(f"{switches}, ours", ours.switches)
+    result.add(f"{switches}, first-in first-out", fifo.switches)
+
+
+def add_longest_wait(result: Result, ours: Run) -> None:
+    """Our longest wait against the bound: --max-affinity-wait plus the one task running when a task fell due."""
+    longest = max(max(w) for w in ours.waits.values())
+    bound = AFFINITY + IMAGE_SECONDS * (1 + NOISE)
+    result.add("longest wait, ours", round(longest, 1), " s", f"≤ {bound:g} s (--max-affinity-wait + one task)",
+               longest <= bound)
+
+
 def run(smoke: bool = False) -> Result:
     """The same trace three times: one model, two models with our scheduling, two models first-in first-out."""
     n, speed = (24, 200.0) if smoke else (360, 20.0)
@@ -119,21 +138,12 @@ def run(smoke: bool = False) -> Result:
     one = replay("one model", trace, speed, AFFINITY, *serving("schnell"))
     ours = replay("ours", trace, speed, AFFINITY, *serving("schnell,dev"))
     fifo = replay("fifo", trace, speed, 0.0, *serving("schnell,dev"))
-    result.add("throughput, one model (images a minute)", one.throughput)
-    result.add("throughput, two models, ours", ours.throughput)
-    result.add("  ours ÷ one model", ours.throughput / one.throughput, "×", "≥ 0.90×", ours.throughput >= 0.9 * one.throughput)
-    result.add("throughput, two models, first-in first-out", fifo.throughput)
-    result.add("  first-in first-out ÷ one model", fifo.throughput / one.throughput, "×")
-    result.add("model switches, ours", ours.switches)
-    result.add("model switches, first-in first-out", fifo.switches)
+    add_throughput(result, one, ours, fifo, "one model", "two models", "model switches")
     for policy in (ours, fifo):
         for model in SHARE:
             p99 = round(percentile(policy.waits[model], 99), 1)
             result.add(f"p99 wait (submit to start) of {model}, {policy.label}", p99, " s")
-    longest = max(max(w) for w in ours.waits.values())
-    bound = AFFINITY + IMAGE_SECONDS * (1 + NOISE)
-    result.add("longest wait, ours", round(longest, 1), " s", f"≤ {bound:g} s (--max-affinity-wait + one task)",
-               longest <= bound)
+    add_longest_wait(result, ours)
     error = mape(ours.forecasts[10:])
     result.add("forecast MAPE of expected_time_seconds, ours", error, "%", "≤ 15%", error <= 15)
     result.add("  same, one model", mape(one.forecasts[10:]), "%")
