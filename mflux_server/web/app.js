@@ -57,6 +57,7 @@ async function loadModels() {
     const signature = JSON.stringify([models.models.map((m) => [m.name, m.served]), state.loras.map((l) => l.name)]);
     if (signature === state.modelSignature) return;  // nothing changed: leave the menu (and an open one) alone
     state.modelSignature = signature; state.models = models.models;
+    renderGallery();  // its Upscale button follows the served upscalers
     const select = $("#model"), wanted = select.value || store.get("field.model", null) || info.default_model;
     const served = state.models.filter((m) => m.served), others = state.models.filter((m) => !m.served);
     select.innerHTML = "";
@@ -450,6 +451,7 @@ function renderGallery() {
     li.innerHTML = `<img src="${item.url}" alt="${escapeHtml(item.prompt)}" loading="lazy">
       <div class="actions"><a class="button small" href="${item.url}" download="${fileName(item)}" data-act="download">Download</a>
       <button type="button" class="small" data-act="init">Use as init</button><button type="button" class="small" data-act="seed">Reuse seed</button>
+      ${upscaler() ? '<button type="button" class="small" data-act="upscale">Upscale 2×</button>' : ""}
       <button type="button" class="small" data-act="delete">Delete</button></div>
       <div class="caption">seed ${item.seed} · ${escapeHtml(item.prompt)}</div>`;
     li.querySelector("img").addEventListener("click", () => view(item));
@@ -462,9 +464,25 @@ function renderGallery() {
       $("#seed-random").dispatchEvent(new Event("change"));
     });
     li.querySelector('[data-act="delete"]').addEventListener("click", () => removeImage(item));
+    li.querySelector('[data-act="upscale"]')?.addEventListener("click", () => upscale(item));
     list.append(li);
   }
   $("#gallery-empty").hidden = state.gallery.length > 0;
+}
+
+function upscaler() {  // the first upscaler a live worker serves, if any
+  return (state.models || []).find((m) => m.capabilities?.upscale && m.served);
+}
+
+async function upscale(item) {  // a task of the one queue: it shows in the queue and lands in the gallery
+  try {
+    const task = await api("/api/upscale", { method: "POST", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ task_id: item.task, index: item.index, factor: 2, upscaler: upscaler()?.name, seed: item.seed }) });
+    state.tasks.push({ id: task.task_id, prompt: task.prompt || item.prompt, format: task.format, count: 1,
+                       seed: task.seed });
+    state.views[task.task_id] = { ...task, position: task.pos, seenAt: Date.now() };
+    saveTasks(); renderQueue(); follow();
+  } catch (error) { showError(error); }
 }
 
 async function removeImage(item) {

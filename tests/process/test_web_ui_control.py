@@ -24,7 +24,7 @@ def latest_task(url: str) -> dict:
 @pytest.fixture
 def guided(processes, tmp_path):
     url = processes.server()
-    processes.worker("--models", "dev-controlnet-canny,dev-depth,schnell,dev-redux", speed=10)
+    processes.worker("--models", "dev-controlnet-canny,dev-depth,schnell,dev-redux,dev-controlnet-upscaler", speed=10)
     photo = Image.new("RGB", (512, 512), "white")
     photo.paste((20, 20, 20), (128, 128, 384, 384))
     photo.save(tmp_path / "square.png")
@@ -95,4 +95,25 @@ def test_a_variation_model_takes_the_picked_image_as_its_image_prompt(guided, br
     wait_for(lambda: latest_task(url).get("model") == "dev-redux", what="the variation task")
     task = latest_task(url)
     assert task["image_strengths"] == [] and task["width"] == 512
+    assert not page.errors, page.errors
+
+
+def test_a_gallery_image_is_upscaled_as_a_task_of_the_queue(guided, browser):  # noqa: F811
+    url, _ = guided
+    page = open_page(browser, url)
+    page.locator("#model").select_option("schnell")
+    small(page)
+    page.locator("#prompt").fill("a harbour")
+    page.get_by_role("button", name="Generate").click()
+    item = page.locator("#gallery li").first
+    item.wait_for(timeout=20000)
+    source_seed = int(item.inner_text().split("seed ")[1].split(" ")[0])
+    item.get_by_role("button", name="Upscale 2×").click()
+    page.wait_for_function("document.querySelectorAll('#gallery li').length === 2", timeout=30000)
+    upscaled = latest_task(url)
+    assert upscaled["model"] == "dev-controlnet-upscaler" and (upscaled["width"], upscaled["height"]) == (1024, 1024)
+    seed = requests.get(f"{url}/api/tasks/{upscaled['task_id']}", timeout=10).json()["seed"]
+    assert seed == source_seed, "the source's seed"
+    page.wait_for_function("document.querySelector('#gallery li img').naturalWidth === 1024", timeout=10000)
+    shot(page, "upscaled")
     assert not page.errors, page.errors
