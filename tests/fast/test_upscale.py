@@ -94,3 +94,14 @@ def test_a_task_not_done_or_out_of_range_or_unknown_is_refused(client):
     assert errors(client.post("/api/upscale", json={"task_id": waiting}), 409)["code"] == "image_not_ready"
     assert "index 0 to 0" in errors(client.post("/api/upscale", json={"task_id": done, "index": 3}))["index"][0]
     assert errors(client.post("/api/upscale", json={"task_id": "nope"}), 404)["code"] == "task_not_found"
+
+
+def test_an_upscale_comes_in_multipart_too(client):
+    serve(client, UPSCALER)
+    made = client.post("/api/upscale", data={"image": (io.BytesIO(png((200, 120))), "small.png"), "width": "400",
+                                             "prompt": "a harbour"}, content_type="multipart/form-data")
+    assert made.status_code == 200, made.json
+    assert (made.json["width"], made.json["height"]) == (400, 240)
+    refused = client.post("/api/upscale", data={"image": (io.BytesIO(png((200, 120))), "small.png"), "factor": "9"},
+                          content_type="multipart/form-data")
+    assert refused.status_code == 422 and refused.json["field"] == "factor"
