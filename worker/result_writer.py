@@ -93,10 +93,11 @@ class ResultWriter:
         seed = task.seed + done.index
         generation = GenerationData.of(task, done.index, done.software)
         data, mime = encode(done.image, task.format, task.quality, generation)
+        signed = self.credentials is not None
         if self.credentials is not None:
             data = self.credentials.sign(data, mime, generation)
         timings = [Timing("after", (done.after_seconds,)), Timing("encode", (time.perf_counter() - started,))]
-        images.append(StoredImage(done.index, seed, mime, data, done.started, done.ended))
+        images.append(StoredImage(done.index, seed, mime, data, done.started, done.ended, int(signed)))
         self.retry.run(lambda: db.record_timings(task.model, task.width, task.height, timings))
         if len(images) == task.count:
             stored = self.retry.run(lambda: db.complete(task.id, self.worker_id, images))

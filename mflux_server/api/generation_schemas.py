@@ -178,6 +178,9 @@ class MetadataView(ma.Schema):
     prompt = fields.Boolean(metadata={"description": "the prompt and negative prompt are in it (false: private)"})
     digital_source_type = fields.String(metadata={"description": "IPTC DigitalSourceType in XMP, always: the "
                                                                  "AI-generated marking"})
+    content_credentials = fields.List(fields.Boolean(), metadata={
+        "description": "per stored image, in order: whether it carries signed C2PA Content Credentials (empty "
+                       "until the task is done; GET /api/tasks/<task_id>/provenance verifies one)"})
 
 
 class ControlView(ma.Schema):

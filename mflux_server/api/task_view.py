@@ -69,8 +69,16 @@ def summary(task: Task) -> dict[str, Any]:
         "control": control_view(task),
         "image_strengths": list(task.strengths),
         "metadata": {"generation_data": True, "prompt": not task.private,
-                     "digital_source_type": "trainedAlgorithmicMedia"},
+                     "digital_source_type": "trainedAlgorithmicMedia",
+                     "content_credentials": signed_images(task)},
     } | webhook_view(task)
+
+
+def signed_images(task: Task) -> list[bool]:
+    """Whether each stored image of a done task carries signed Content Credentials ([] before it is done)."""
+    if task.status is not Status.DONE:
+        return []
+    return list(db().image_credentials(task.id).values())
 
 
 def control_view(task: Task) -> dict[str, Any] | None:

@@ -246,6 +246,7 @@ class StoredImage(FromRow):
     data: bytes
     gen_started: float  # wall clock around the engine's generate, for duty-cycle figures
     gen_ended: float
+    credentials: int = 0  # 1: signed C2PA Content Credentials are embedded
 
 
 @dataclass(frozen=True, slots=True)

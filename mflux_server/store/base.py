@@ -260,6 +260,10 @@ class Store:
         row = self._run("get_image", (task_id, index)).fetchone()
         return StoredImage.from_row(row) if row else None
 
+    def image_credentials(self, task_id: str) -> dict[int, bool]:
+        """Whether each stored image of a task carries signed Content Credentials, by image index."""
+        return {row["idx"]: bool(row["credentials"]) for row in self._run("image_credentials", (task_id,))}
+
     def mark_served(self, task_id: str, index: int, delete_when_all_served: bool) -> bool:
         """Note an image as served; with delete, remove the task once every image was served. True if deleted."""
         with self.session.transaction():

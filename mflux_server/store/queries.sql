@@ -48,8 +48,8 @@ SELECT 1 FROM tasks WHERE id = :id AND worker_id = :worker_id AND status = 'proc
 
 -- name: insert_image_if_mine
 -- Store one encoded image of a task, if the task is still processing under this worker.
-INSERT INTO images (task_id, idx, seed, mime, data, gen_started, gen_ended)
-SELECT :task_id, :idx, :seed, :mime, :data, :gen_started, :gen_ended
+INSERT INTO images (task_id, idx, seed, mime, data, gen_started, gen_ended, credentials)
+SELECT :task_id, :idx, :seed, :mime, :data, :gen_started, :gen_ended, :credentials
  WHERE EXISTS (SELECT 1 FROM tasks WHERE id = :task_id AND worker_id = :worker_id AND status = 'processing');
 
 -- name: mark_done
@@ -85,7 +85,11 @@ DELETE FROM tasks WHERE id = ?;
 
 -- name: get_image
 -- One stored image of a task.
-SELECT idx, seed, mime, data, gen_started, gen_ended FROM images WHERE task_id = ? AND idx = ?;
+SELECT idx, seed, mime, data, gen_started, gen_ended, credentials FROM images WHERE task_id = ? AND idx = ?;
+
+-- name: image_credentials
+-- Which stored images of a task carry signed Content Credentials, in image order (their bytes are not read).
+SELECT idx, credentials FROM images WHERE task_id = ? ORDER BY idx;
 
 -- name: mark_served
 -- Note that an image has been sent to a client.

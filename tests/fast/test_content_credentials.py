@@ -142,3 +142,15 @@ def test_the_manifest_adds_kilobytes_not_a_copy_of_the_image(credentials):
     data = GenerationData("p", None, "schnell", 1, 4, None, 256, 256, [], [], SOFTWARE)
     encoded, mime = encode(Image.effect_noise((256, 256), 40).convert("RGB"), "PNG", 90, data)
     assert len(credentials.sign(encoded, mime, data)) - len(encoded) < 12_000, "no claim thumbnail"
+
+
+def test_a_tasks_view_says_which_of_its_images_carry_credentials(client, credentials):
+    from mflux_server.core.rows import StoredImage
+
+    made = client.post("/api/generate", json={"prompt": "a lighthouse", "format": "JPEG", "count": 2}).json
+    db = client.application.extensions["mflux_sessions"].get()
+    task = db.claim_next("w", "schnell", "synthetic")
+    data = signed(credentials, "JPEG")
+    assert db.complete(task.id, "w", [StoredImage(0, task.seed, "image/jpeg", data, 1.0, 2.0, 1),
+                                      StoredImage(1, task.seed + 1, "image/jpeg", data, 1.0, 2.0, 0)])
+    assert client.get(f"/api/tasks/{made['task_id']}").json["metadata"]["content_credentials"] == [True, False]

@@ -83,7 +83,7 @@ def test_a_request_or_the_server_makes_a_task_private_and_its_view_says_what_the
 
     shared = client.post("/api/generate", json={"prompt": "p"}).json
     assert shared["metadata"] == {"generation_data": True, "prompt": True,
-                                  "digital_source_type": "trainedAlgorithmicMedia"}
+                                  "digital_source_type": "trainedAlgorithmicMedia", "content_credentials": []}
     private = client.post("/api/generate", json={"prompt": "p", "private": True}).json
     assert private["metadata"]["prompt"] is False
     closed = create_app(Settings(db=db_path, stale_after=2.0, metadata_prompts=False)).test_client()

@@ -21,7 +21,7 @@ EXPECTED_COLUMNS = {
               "fair_tag", "fair_start", "input_count", "loras", "control", "image_strengths", "private"},
     "task_inputs": {"task_id", "role", "mime", "width", "height", "data"},
     "load_stats": {"model", "n", "total", "last", "updated_at"},
-    "images": {"task_id", "idx", "seed", "mime", "data", "served", "gen_started", "gen_ended"},
+    "images": {"task_id", "idx", "seed", "mime", "data", "served", "gen_started", "gen_ended", "credentials"},
     "queue_state": {"id", "changes"},
     "timing_stats": {"model", "width", "height", "kind", "n", "total", "updated_at"},
     "deliveries": {"id", "task_id", "url", "surface", "task", "state", "attempts", "next_at", "lease_until",

@@ -31,6 +31,8 @@ def test_an_image_carries_its_generation_data_and_verified_credentials_and_inspe
     credentials = found["content_credentials"]
     assert credentials["state"] == "Valid" and credentials["failures"] == ["signingCredential.untrusted"]
     assert credentials["actions"][0]["action"] == "c2pa.created"
+    view = requests.get(f"{url}/api/tasks/{task_id}", timeout=10).json()
+    assert view["metadata"]["content_credentials"] == [True] and view["metadata"]["prompt"] is True
     assert "SELF-SIGNED" in processes.log(worker) and (tmp_path / "credentials" / "signer-chain.pem").is_file()
     private = submit(url, prompt="a secret harbour", width=256, height=192, steps=2, format="PNG", private=True)
     wait_status(url, private, ("done",))
