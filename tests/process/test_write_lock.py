@@ -102,7 +102,12 @@ def test_a_worker_that_commits_often_is_not_mistaken_for_a_frozen_one(db_path):
     """)], cwd=Path(__file__).parents[2])
     try:
         time.sleep(1.0)
-        killed = [watchdog.look(now=t * 0.5) for t in range(12)]  # 6 s of looks at a writer that never stops writing
+        killed = []
+        for t in range(12):  # 6 s of the watchdog's clock at a writer that never stops writing
+            # Real time passes between looks (a quarter second), as it does between the watchdog's own looks:
+            # looks milliseconds apart could find the WAL unchanged while the busy writer waited for a core.
+            time.sleep(0.25)
+            killed.append(watchdog.look(now=t * 0.5))
         assert busy.poll() is None and not any(killed), killed
     finally:
         busy.kill()
