@@ -99,7 +99,7 @@ class Processes:
             assert proc.poll() is None, self.log(proc)
             try:
                 return requests.get(url + "/healthz", timeout=1).status_code == 200
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # not listening yet, or slow to answer a first time
                 return False
 
         wait_for(up, what="the API to answer")

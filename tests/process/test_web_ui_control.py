@@ -45,7 +45,9 @@ def test_a_control_model_takes_the_picked_image_as_its_control_image(guided, bro
     error = page.locator('[data-error-for="control_image"]')
     wait_for(lambda: "send control_image" in error.inner_text(), what="the missing control image under the field")
     page.locator("#image-file").set_input_files(str(photo))
-    assert error.inner_text() == "", "picking the image clears its error"
+    page.wait_for_function("document.querySelector('#init-preview').naturalWidth > 0", timeout=5000)  # read, async
+    page.wait_for_function("document.querySelector('[data-error-for=\"control_image\"]').textContent === ''",
+                           timeout=5000)  # picking the image clears its error
     page.locator("#control_strength").fill("0.9")
     small(page)
     shot(page, "control-canny")
@@ -65,6 +67,7 @@ def test_a_depth_map_is_sent_as_a_map_from_the_keyboard_on_a_phone_in_the_light_
     page.locator("#model").select_option("dev-depth")
     assert not page.locator("#control-strength-field").is_visible(), "FLUX.1 Depth takes no strength"
     page.locator("#image-file").set_input_files(str(photo))
+    page.wait_for_function("document.querySelector('#init-preview').naturalWidth > 0", timeout=5000)  # read, async
     page.locator("#control_map").focus()
     page.keyboard.press("Space")
     assert page.locator("#control_map").is_checked()
@@ -89,6 +92,7 @@ def test_a_variation_model_takes_the_picked_image_as_its_image_prompt(guided, br
     assert page.locator("#image-label").inner_text() == "Image prompt"
     assert "draws variations of the image" in page.locator("#model-hint").inner_text()
     page.locator("#image-file").set_input_files(str(photo))
+    page.wait_for_function("document.querySelector('#init-preview').naturalWidth > 0", timeout=5000)  # read, async
     page.locator("#prompt").fill("in autumn")
     small(page)
     page.get_by_role("button", name="Generate").click()
