@@ -16,7 +16,7 @@ from mflux_server.api.generation_schemas import FORMATS, GenerateRequest, Genera
 from mflux_server.api.request_body import StrictParser
 from mflux_server.api.submission import queue_task, require_json_body
 from mflux_server.api.task_view import NOT_FOUND, get_task_or_404, task_status
-from mflux_server.core.rows import Status
+from mflux_server.core.rows import Status, Task, Worker
 from mflux_server.store import storage_problem
 
 log = logging.getLogger("mflux_server")
@@ -37,7 +37,11 @@ def generate(body: dict[str, Any]) -> dict[str, Any]:
     Answers at once with the task id, the unfinished tasks ahead of it (`task_length`) and the forecast
     seconds until its images are done (`expected_time_seconds`).
     """
-    created, live = queue_task(body)
+    return submitted_view(*queue_task(body))
+
+
+def submitted_view(created: Task, live: list[Worker]) -> dict[str, Any]:
+    """A new task's answer: its status with the original server's expected_time_seconds, the forecast recorded."""
     view = task_status(db(), created, live)
     view["expected_time_seconds"] = view["wait_remaining"]
     if not view.get("waiting_for_worker") and view["wait_remaining"] > 0:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import marshmallow as ma
@@ -11,6 +10,7 @@ from marshmallow import fields, validate
 
 from mflux_server.api.context import db
 from mflux_server.api.errors import ErrorSchema, abort_json
+from mflux_server.api.generation import submitted_view
 from mflux_server.api.generation_schemas import (
     FormatField,
     GenerateRequest,
@@ -23,11 +23,10 @@ from mflux_server.api.generation_schemas import (
 from mflux_server.api.image_inputs import ImageField, RawImage
 from mflux_server.api.request_body import StrictParser
 from mflux_server.api.submission import queue_task, require_json_body
-from mflux_server.api.task_view import NOT_FOUND, get_task_or_404, task_status
+from mflux_server.api.task_view import NOT_FOUND, get_task_or_404
 from mflux_server.core import catalog
 from mflux_server.core.rows import Status
 
-log = logging.getLogger("mflux_server")
 blp = Blueprint("upscaling", __name__, description="Enlarge an image with an upscaler, queued like any task.")
 blp.ARGUMENTS_PARSER = StrictParser()
 blp.before_request(require_json_body)
@@ -129,7 +128,4 @@ def upscale(body: dict[str, Any]) -> dict[str, Any]:
                     width=body["width"], height=body["height"], steps=body["steps"], seed=body["seed"],
                     format=body["format"], quality=body["quality"], priority=body["priority"],
                     callback_url=body["callback_url"], upscale_factor=factor)
-    created, live = queue_task(generate)
-    view = task_status(db(), created, live)
-    view["expected_time_seconds"] = view["wait_remaining"]
-    return view
+    return submitted_view(*queue_task(generate))
