@@ -44,6 +44,7 @@ def submitted_view(created: Task, live: list[Worker]) -> dict[str, Any]:
     """A new task's answer: its status with the original server's expected_time_seconds, the forecast recorded."""
     view = task_status(db(), created, live)
     view["expected_time_seconds"] = view["wait_remaining"]
+    view["expected_time_range"] = view["wait_range"]
     if not view.get("waiting_for_worker") and view["wait_remaining"] > 0:
         try:
             db().set_forecast(created.id, view["wait_remaining"])  # for the forecast-error metric

@@ -307,6 +307,9 @@ class TaskStatus(ma.Schema):
     pos = fields.Integer(metadata={"description": "waiting tasks that will start before this one; 0 when next or running"})
     wait_remaining = fields.Float(metadata={"description": "seconds until this task's images are done (forecast); while "
                                                           "no live worker can run the task, counted from when one does"})
+    wait_range = fields.List(fields.Float(), metadata={
+        "description": "[p10, p90] seconds around wait_remaining: four tasks in five finish inside it (docs/forecast.md "
+                       "says how it is computed); [0, 0] once the task has ended", "example": [31.5, 54.2]})
     waiting_for_worker = fields.Boolean(metadata={"description": "true while no live worker serves the task's model"})
     worker_lost = fields.Boolean(metadata={"description": "true when the worker running it stopped heartbeating; the "
                                                           "task will be retried"})
@@ -341,6 +344,8 @@ class GenerateResponse(TaskStatus):
 
     task_length = fields.Integer(metadata={"description": "unfinished tasks ahead of this one when it was submitted"})
     expected_time_seconds = fields.Float(metadata={"description": "forecast seconds until its images are done"})
+    expected_time_range = fields.List(fields.Float(), metadata={
+        "description": "[p10, p90] seconds around expected_time_seconds (as wait_range)", "example": [31.5, 54.2]})
 
 
 class StatusQuery(ma.Schema):

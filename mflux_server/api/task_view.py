@@ -129,6 +129,7 @@ def task_status(queue: Store, task: Task, live: list[Worker] | None = None) -> d
     estimate = forecaster().estimate(queue, forecast_as, workers, live=live or ())
     view["pos"] = estimate.pos
     view["wait_remaining"] = round(estimate.seconds, 3)
+    view["wait_range"] = [round(estimate.low, 3), round(estimate.high, 3)]
     # The original server's task_length: unfinished tasks that will finish before this one.
     view["task_length"] = estimate.pos + estimate.running
     return view

@@ -267,6 +267,7 @@ class TimingStat(FromRow):
     kind: str
     n: int
     total: float
+    total_sq: float = 0.0  # sum of squared seconds: the spread around the fit gives the forecast's range
 
 
 # Not frozen: a snapshot reads 10,000 of these, and a frozen dataclass costs 6 ms per 10,000 where a

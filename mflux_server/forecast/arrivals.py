@@ -6,13 +6,14 @@ Pure: the queue view feeds it rows read through the store and the current time.
 from __future__ import annotations
 
 import heapq
+import math
 from collections import Counter
 from collections.abc import Iterable
 from typing import NamedTuple
 
 from mflux_server.core.rows import Arrival
 from mflux_server.forecast.cost_model import CostModel
-from mflux_server.forecast.numerics import poisson_quantile
+from mflux_server.forecast.numerics import normal_quantile, poisson_quantile
 
 # From the last ARRIVAL_WINDOW seconds of submissions we know each priority's rate and mean engine time; a
 # waiting task's forecast adds the OVERTAKING_QUANTILE-th percentile of the Poisson number of higher-priority
@@ -32,6 +33,7 @@ class Load(NamedTuple):
 
     rate: float  # arrivals per second
     work: float  # engine seconds per second
+    work_sq: float = 0.0  # squared engine seconds per second: how much overtakers' sizes vary
 
 
 class ArrivalLog:
@@ -74,18 +76,21 @@ class ArrivalLog:
             if seconds is None:
                 seconds = prices[shape] = cost.gpu_seconds(self._samples[shape])
             by_priority = load.setdefault(model, {})
-            rate, work = by_priority.get(priority, Load(0.0, 0.0))
-            by_priority[priority] = Load(rate + count / span, work + count * seconds / span)
+            rate, work, work_sq = by_priority.get(priority, Load(0.0, 0.0))
+            by_priority[priority] = Load(rate + count / span, work + count * seconds / span,
+                                         work_sq + count * seconds * seconds / span)
         self._load = load
         self._starts = {}
 
     def overtaking_load(self, model: str, priority: int, workers: int) -> float:
         """Engine seconds per second of recent arrivals that would go ahead of a task with this priority."""
-        load = sum(work for p, (_, work) in self._load.get(model, {}).items() if p > priority)
+        load = sum(work for p, (_, work, _) in self._load.get(model, {}).items() if p > priority)
         return min(load / max(workers, 1), MAX_PRIORITY_LOAD)
 
-    def until_start(self, model: str, priority: int, workers: int, ahead: float) -> float:
-        """Seconds until a task starts: the work ahead now plus a low percentile of the later arrivals that overtake it.
+    def until_start(self, model: str, priority: int, workers: int, ahead: float,
+                    quantile: float = OVERTAKING_QUANTILE) -> float:
+        """Seconds until a task starts: the work ahead now plus a low percentile of the later arrivals that overtake it
+        (another `quantile` for the ends of the forecast's range).
 
         Solved once per 0.1% of `ahead` and remembered until the next observe(): the fixed point takes dozens
         of steps near the load cap, and every status request asks (bench/explanations.md). Within a bucket the
@@ -95,23 +100,34 @@ class ArrivalLog:
             return ahead
         starts = self._starts  # read once: observe() replaces it together with the load it was solved for
         bucket = float(f"{ahead:.3g}")
-        key = (model, priority, workers, bucket)
+        key = (model, priority, workers, bucket, quantile)
         start = starts.get(key)
         if start is None:
-            start = starts[key] = self._solve(model, priority, workers, bucket)
+            start = starts[key] = self._solve(model, priority, workers, bucket, quantile)
         return start * ahead / bucket
 
-    def _solve(self, model: str, priority: int, workers: int, ahead: float) -> float:
-        rate = sum(r for p, (r, _) in self._load.get(model, {}).items() if p > priority) / max(workers, 1)
+    def _solve(self, model: str, priority: int, workers: int, ahead: float, quantile: float) -> float:
+        overtakers = [load for p, load in self._load.get(model, {}).items() if p > priority]
+        rate = sum(load.rate for load in overtakers) / max(workers, 1)
         if rate <= 0 or ahead <= 0:
             return ahead
         # Mean engine seconds per overtaker, from the capped load; then T = ahead + quantile(Poisson(rate·T))·mean
         # is found by iterating upwards from T = ahead, which converges because the load is below 1.
         mean_seconds = self.overtaking_load(model, priority, workers) / rate
+        # For the range, k overtakers' sizes vary too: their sum's quantile is about k·mean + z·√k·sd (the point
+        # forecast keeps its count quantile alone, as measured in bench/explanations.md).
+        sd_seconds = 0.0
+        if quantile != OVERTAKING_QUANTILE:
+            raw_rate, raw_work = sum(load.rate for load in overtakers), sum(load.work for load in overtakers)
+            mean_square = sum(load.work_sq for load in overtakers) / raw_rate
+            scale = mean_seconds / (raw_work / raw_rate) if raw_work > 0 else 1.0  # as capped as the mean
+            sd_seconds = math.sqrt(max(mean_square - (raw_work / raw_rate) ** 2, 0.0)) * scale
+        z = normal_quantile(quantile)
         start = ahead
         for _ in range(64):
             # Rounded so the cache of quantiles stays small; a thousandth of an arrival changes nothing.
-            later = poisson_quantile(round(rate * start, 3), OVERTAKING_QUANTILE) * mean_seconds
+            count = poisson_quantile(round(rate * start, 3), quantile)
+            later = max(count * mean_seconds + z * math.sqrt(count) * sd_seconds, 0.0)
             if ahead + later <= start:
                 break
             start = ahead + later

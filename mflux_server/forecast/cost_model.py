@@ -33,6 +33,13 @@ PRIOR: dict[str, Coefficients] = {
 }
 # A size measured this many times is forecast from its own mean rather than from the fitted curve.
 MIN_SAMPLES_FOR_MEAN = 3
+# The relative spread of one duration where nothing was measured (the prior is another machine's curve).
+UNMEASURED_SPREAD = 0.25
+# The share of a step's variance that one task's steps (and one queue's tasks) share rather than average out:
+# the machine's state (clocks, heat, other work) moves them together. In the H100 runs of ../shared/data the
+# run-to-run share of step-time variance had a median of 0.26 (0.0 to 1.0 across 27 model, size and precision
+# pairs); noise that averages out over steps would make long tasks' ranges far too narrow.
+RUN_CORRELATION = 0.3
 
 
 def megapixels(width: int, height: int) -> float:
@@ -82,6 +89,9 @@ class KindModel:
     coef: Coefficients | None = None
     ratio: float | None = None
     shape: FitShape | None = None  # None: nothing measured, the prior as it is (scaled by ratio if known)
+    # Relative variance of a measured duration around this fit, per measured size, and pooled over sizes.
+    spreads: dict[float, float] = field(default_factory=dict)
+    pooled_spread: float | None = None
 
     @classmethod
     def fit(cls, prior: Coefficients, samples: dict[float, tuple[float, int]]) -> KindModel:
@@ -103,6 +113,28 @@ class KindModel:
         model.coef = best.fit(points, prior) or scaled
         model.shape = best
         return model
+
+    def with_spread(self, squares: dict[float, float]) -> KindModel:
+        """This fit with the relative variance of the measurements around it, from each size's mean square.
+
+        The residual of a sample x against the prediction p is x − p, so its mean square is
+        E[x²] − 2·p·mean + p²: the variance where p is the size's own mean, plus the fit's miss where it is not.
+        """
+        weighted = total = 0.0
+        for mp, (mean, n) in self.means.items():
+            predicted = self.seconds(mp)
+            if mp not in squares or predicted <= 0:
+                continue
+            relative = max(squares[mp] - 2 * predicted * mean + predicted * predicted, 0.0) / predicted**2
+            self.spreads[mp] = relative
+            weighted, total = weighted + relative * n, total + n
+        self.pooled_spread = weighted / total if total else None
+        return self
+
+    def relative_sd(self, mp: float) -> float:
+        """The relative standard deviation of one duration at this pixel count: measured at this size, else pooled."""
+        spread = self.spreads.get(mp, self.pooled_spread)
+        return UNMEASURED_SPREAD if spread is None else math.sqrt(spread)
 
     def seconds(self, mp: float) -> float:
         """Predicted seconds at this pixel count."""
@@ -140,6 +172,16 @@ def _means(sums: dict[float, tuple[float, int]]) -> dict[float, tuple[float, int
     return {mp: (total / n, n) for mp, (total, n) in sums.items() if n > 0}
 
 
+def _squares(sums: dict[float, tuple[float, int]]) -> dict[float, float]:
+    """(sum of squared seconds, n) per size as the mean square."""
+    return {mp: total_sq / n for mp, (total_sq, n) in sums.items() if n > 0}
+
+
+def correlated_sd(sd: float, n: float) -> float:
+    """The standard deviation of a sum of n durations of one sd each, sharing RUN_CORRELATION of their variance."""
+    return n * sd * math.sqrt(RUN_CORRELATION + (1 - RUN_CORRELATION) / n) if n > 0 else 0.0
+
+
 @cache
 def family_of(model: str) -> str:
     """The catalog family of a served model name (a name, repo or folder); the name itself when unknown."""
@@ -164,16 +206,24 @@ class CostModel:
     def fit(cls, stats: Iterable[TimingStat]) -> CostModel:
         """Fit every (family, kind) and (model, kind) from aggregated timings; with none, the prior."""
         grouped: dict[tuple[str, str], dict[float, tuple[float, int]]] = {}
+        squares: dict[tuple[str, str], dict[float, float]] = {}
         pooled: dict[tuple[str, str], dict[float, tuple[float, int]]] = {}
+        pooled_sq: dict[tuple[str, str], dict[float, tuple[float, int]]] = {}
         for stat in stats:
+            if stat.n <= 0:
+                continue
             mp = megapixels(stat.width, stat.height)
             grouped.setdefault((stat.model, stat.kind), {})[mp] = (stat.total / stat.n, stat.n)
-            sizes = pooled.setdefault((family_of(stat.model), stat.kind), {})
+            squares.setdefault((stat.model, stat.kind), {})[mp] = stat.total_sq / stat.n
+            family = (family_of(stat.model), stat.kind)
+            sizes, sizes_sq = pooled.setdefault(family, {}), pooled_sq.setdefault(family, {})
             total, n = sizes.get(mp, (0.0, 0))
             sizes[mp] = (total + stat.total, n + stat.n)
+            sizes_sq[mp] = (sizes_sq.get(mp, (0.0, 0))[0] + stat.total_sq, n + stat.n)
         families: dict[str, dict[str, KindModel]] = {}
         for (family, kind), sums in pooled.items():
-            families.setdefault(family, {})[kind] = KindModel.fit(PRIOR[kind], _means(sums))
+            families.setdefault(family, {})[kind] = KindModel.fit(PRIOR[kind], _means(sums)).with_spread(
+                _squares(pooled_sq[(family, kind)]))
         kinds: dict[str, dict[str, KindModel]] = {}
         for (model, kind), samples in grouped.items():
             # The shape comes from its siblings alone: a slower sibling measured at one size must not bend it.
@@ -182,7 +232,7 @@ class CostModel:
                 mean, own = samples.get(mp, (0.0, 0))
                 siblings[mp] = (total - mean * own, n - own)
             shape = KindModel.fit(PRIOR[kind], _means(siblings)).coef or PRIOR[kind]
-            kinds.setdefault(model, {})[kind] = KindModel.fit(shape, samples)
+            kinds.setdefault(model, {})[kind] = KindModel.fit(shape, samples).with_spread(squares[(model, kind)])
         return cls(kinds=kinds, families=families, measured=bool(grouped))
 
     def kind(self, model: str, kind: str) -> KindModel:
@@ -204,6 +254,20 @@ class CostModel:
         """Seconds a task keeps the engine busy; encoding runs beside the next generation, so it is not here."""
         p = self.parts(task.model, task.width, task.height)
         return task.count * (p["before"] + task.steps * p["step"] + p["after"])
+
+    def gpu_sd(self, task: TaskShape) -> float:
+        """The standard deviation of a task's engine seconds, from the spread measured around each kind's fit."""
+        mp = megapixels(task.width, task.height)
+        p = self.parts(task.model, task.width, task.height)
+        variance = 0.0
+        for kind, n in (("step", task.count * task.steps), ("before", task.count), ("after", task.count)):
+            variance += correlated_sd(p[kind] * self.kind(task.model, kind).relative_sd(mp), n) ** 2
+        return math.sqrt(variance)
+
+    def relative_sd(self, task: TaskShape) -> float:
+        """gpu_sd as a share of gpu_seconds."""
+        seconds = self.gpu_seconds(task)
+        return self.gpu_sd(task) / seconds if seconds > 0 else UNMEASURED_SPREAD
 
     def task_seconds(self, task: TaskShape) -> float:
         """Seconds from a task's start until its images are stored: the generation, then its last encode."""

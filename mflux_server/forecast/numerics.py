@@ -73,3 +73,9 @@ def poisson_quantile(mean: float, q: float) -> int:
         term *= mean / k
         cumulative += term
     return k
+
+
+@functools.lru_cache(maxsize=64)
+def normal_quantile(q: float) -> float:
+    """The standard normal distribution's q-quantile."""
+    return NormalDist().inv_cdf(q)

@@ -15,9 +15,10 @@ from mflux_server.core import native
 from mflux_server.core.rows import ClaimKey, QueueEntry, QueueRead, Status, Task, Worker
 from mflux_server.core.scheduling import expected_load, expected_lora_change
 from mflux_server.forecast.arrivals import ARRIVAL_WINDOW, ArrivalLog
-from mflux_server.forecast.cost_model import CostModel
+from mflux_server.forecast.cost_model import CostModel, correlated_sd
 from mflux_server.forecast.policy_replay import ModelQueue, Timeline, timeline
 from mflux_server.forecast.policy_replay import Worker as ReplayWorker
+from mflux_server.forecast.ranges import HIGH_QUANTILE, LOAD_SPREAD, LOW_QUANTILE, Part, combined, normal
 from mflux_server.forecast.signal_cache import SignalCache
 from mflux_server.store import Store
 
@@ -33,6 +34,8 @@ class Estimate(NamedTuple):
     pos: int  # waiting tasks that will start before it
     running: int  # tasks of its model running now (ahead of it, if it waits)
     seconds: float  # until its images are stored
+    low: float = 0.0  # the range around seconds: its 10th percentile
+    high: float = 0.0  # and its 90th
 
 
 @dataclass(frozen=True)
@@ -311,7 +314,9 @@ class Forecaster:
         now = self._clock() if now is None else now
         cost = self.cost_model(db, now)
         if task.status is Status.PROCESSING:
-            return Estimate(0, 0, cost.remaining_seconds(task, now))
+            remaining = cost.remaining_seconds(task, now)
+            share = cost.remaining_gpu_seconds(task, now) / max(cost.gpu_seconds(task), 1e-9)
+            return Estimate(0, 0, remaining, *combined(remaining, [normal(remaining, cost.gpu_sd(task) * share)]))
         if task.status is not Status.WAITING:
             return Estimate(0, 0, 0.0)
         key = ClaimKey.of(task.priority, task.seq, task.fair_tag, task.fair_start)
@@ -347,10 +352,26 @@ class Forecaster:
             running_ahead += 1
             ahead += cost.remaining_gpu_seconds(running, now)
         # Several workers serving this model drain the queue ahead of us in parallel.
-        until_start = self.arrivals.until_start(task.model, task.priority, workers, max(ahead, 0.0) / max(workers, 1))
+        per_worker = max(ahead, 0.0) / max(workers, 1)
+        until_start = self.arrivals.until_start(task.model, task.priority, workers, per_worker)
         switch = self.switch_seconds(db, task, live, running_now, snap, cost, now) if live and not workers else 0.0
         change = self.lora_change_seconds(db, task, running_now, live)
-        return Estimate(max(pos, 0), running_ahead, until_start + switch + change + cost.task_seconds(task))
+        seconds = until_start + switch + change + cost.task_seconds(task)
+        tasks_ahead = (max(pos, 0) + running_ahead) / max(workers, 1)
+        parts = self._waiting_parts(task, workers, per_worker, until_start, tasks_ahead, cost)
+        parts += [normal(switch, LOAD_SPREAD * switch), normal(change, LOAD_SPREAD * change)]
+        return Estimate(max(pos, 0), running_ahead, seconds, *combined(seconds, parts))
+
+    def _waiting_parts(self, task: Task, workers: int, ahead: float, until_start: float, tasks_ahead: float,
+                       cost: CostModel) -> list[Part]:
+        """The uncertain parts of a waiting task's forecast: overtaking arrivals, the engine time of the work ahead
+        (tasks_ahead tasks of about its own relative spread) and of the task itself."""
+        start = self.arrivals.until_start
+        relative = cost.relative_sd(task)
+        return [Part(until_start, start(task.model, task.priority, workers, ahead, LOW_QUANTILE),
+                     start(task.model, task.priority, workers, ahead, HIGH_QUANTILE)),
+                normal(ahead, correlated_sd(relative * ahead / tasks_ahead, tasks_ahead) if tasks_ahead >= 1 else 0.0),
+                normal(cost.gpu_seconds(task), cost.gpu_sd(task))]
 
     def lora_change_seconds(self, db: Store, task: Task, running: Sequence[Task], live: Sequence[Worker]) -> float:
         """The measured cost of changing to a task's LoRA set, unless a worker holding its model holds that set
@@ -401,10 +422,16 @@ class Forecaster:
             free_at += expected_load(worker.loading, loads, DEFAULT_LOAD_SECONDS) / 2  # about half is left, on average
         replay = ReplayWorker(loaded, free_at, worker.affinity_wait or 0.0, loads, DEFAULT_LOAD_SECONDS)
         start = self._timeline(queues, replay).start_in(queues, task.model, key)
-        until_start = self.arrivals.until_start(task.model, task.priority, 1, max(start - now, 0.0))
+        ahead = max(start - now, 0.0)
+        until_start = self.arrivals.until_start(task.model, task.priority, 1, ahead)
         running_ahead = sum(1 for t in running if t.model == task.model and t.id != task.id)
-        return Estimate(bisect.bisect_left(own.keys, key, own.first) - own.first, running_ahead,
-                        until_start + cost.task_seconds(task))
+        pos = bisect.bisect_left(own.keys, key, own.first) - own.first
+        seconds = until_start + cost.task_seconds(task)
+        parts = self._waiting_parts(task, 1, ahead, until_start, pos + running_ahead, cost)
+        if loaded != task.model:  # a load lies ahead: the replay holds its mean
+            load = expected_load(task.model, loads, DEFAULT_LOAD_SECONDS)
+            parts.append(normal(load, LOAD_SPREAD * load))
+        return Estimate(pos, running_ahead, seconds, *combined(seconds, parts))
 
     def _timeline(self, queues: dict[str, ModelQueue], replay: ReplayWorker) -> Timeline:
         """The replay of the whole queue, shared by every status request until the queue or the worker moves.

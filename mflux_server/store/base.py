@@ -348,7 +348,8 @@ class Store:
                 key = {"model": model, "width": width, "height": height, "kind": timing.kind}
                 stored = self._run("timing_stat", key).fetchone()
                 seconds = clip_outliers(timing.seconds, (stored[0], stored[1]) if stored else (0, 0.0))
-                self._run("record_timing", key | {"n": len(seconds), "total": sum(seconds), "now": at})
+                self._run("record_timing", key | {"n": len(seconds), "total": sum(seconds),
+                                                 "total_sq": sum(s * s for s in seconds), "now": at})
                 if timing.kind == "step":  # the measured seconds, unclipped: the metric shows what happened
                     for value in timing.seconds:
                         self.observe("step_seconds", model, value)

@@ -68,7 +68,7 @@ SELECT n, total FROM timing_stats WHERE model = :model AND width = :width AND he
 
 -- name: timing_stats
 -- Every aggregated timing, for fitting the cost model.
-SELECT model, width, height, kind, n, total FROM timing_stats;
+SELECT model, width, height, kind, n, total, total_sq FROM timing_stats;
 
 -- name: timing_version
 -- A cheap fingerprint of the timing stats: the cost model is refit only when it moves.
@@ -348,10 +348,11 @@ ON CONFLICT (name) DO UPDATE SET value = excluded.value;
 
 -- name: record_timing
 -- Add measured seconds of one kind of cost to the running totals of a model and size.
-INSERT INTO timing_stats (model, width, height, kind, n, total, updated_at)
-VALUES (:model, :width, :height, :kind, :n, :total, :now)
+INSERT INTO timing_stats (model, width, height, kind, n, total, total_sq, updated_at)
+VALUES (:model, :width, :height, :kind, :n, :total, :total_sq, :now)
 ON CONFLICT (model, width, height, kind) DO UPDATE
-   SET n = timing_stats.n + excluded.n, total = timing_stats.total + excluded.total, updated_at = excluded.updated_at;
+   SET n = timing_stats.n + excluded.n, total = timing_stats.total + excluded.total,
+       total_sq = timing_stats.total_sq + excluded.total_sq, updated_at = excluded.updated_at;
 
 -- name: record_load
 -- Add one measured load (and warm-up) of a model to its running totals.

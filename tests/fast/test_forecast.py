@@ -476,7 +476,7 @@ def test_until_start_remembers_solutions_within_a_tenth_of_a_percent_and_forgets
     log.observe(urgent, NOW, cost)
 
     def exact(ahead):
-        return log._solve("schnell", 0, 1, ahead)
+        return log._solve("schnell", 0, 1, ahead, OVERTAKING_QUANTILE)
 
     for ahead in (3.7, 41.23, 1234.567, 98765.4):
         assert log.until_start("schnell", 0, 1, ahead) == pytest.approx(exact(ahead), rel=1e-3)

@@ -23,7 +23,7 @@ EXPECTED_COLUMNS = {
     "load_stats": {"model", "n", "total", "last", "updated_at"},
     "images": {"task_id", "idx", "seed", "mime", "data", "served", "gen_started", "gen_ended", "credentials"},
     "queue_state": {"id", "changes"},
-    "timing_stats": {"model", "width", "height", "kind", "n", "total", "updated_at"},
+    "timing_stats": {"model", "width", "height", "kind", "n", "total", "total_sq", "updated_at"},
     "deliveries": {"id", "task_id", "url", "surface", "task", "state", "attempts", "next_at", "lease_until",
                    "last_status", "last_error", "created_at", "delivered_at"},
     "server_secrets": {"name", "value"},

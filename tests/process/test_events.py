@@ -64,6 +64,9 @@ def test_the_queue_stream_shows_positions_moving_and_a_cancel(processes):
     assert canceled["data"]["status"] == "canceled"
     moved = seen[-1]
     assert moved["data"]["task_id"] == second["task_id"] and moved["data"]["position"] == 0, seen
+    for event in (seen[0], seen[1], moved):  # the range travels with every forecast
+        low, high = event["data"]["wait_range"]
+        assert low <= event["data"]["wait_remaining"] <= high and low < high, event
     assert int(moved["id"]) >= int(canceled["id"])
 
 

@@ -1,0 +1,148 @@
+"""The forecast's range: [p10, p90] from the measured spread, overtaking arrivals, loads and the work ahead."""
+
+from __future__ import annotations
+
+import random
+import statistics
+from dataclasses import replace
+
+import pytest
+
+from mflux_server.core.rows import Arrival, Status, Timing, TimingStat
+from mflux_server.forecast.arrivals import OVERTAKING_QUANTILE, ArrivalLog
+from mflux_server.forecast.cost_model import RUN_CORRELATION, UNMEASURED_SPREAD, CostModel, correlated_sd
+from mflux_server.forecast.ranges import HIGH_QUANTILE, LOW_QUANTILE, Part, combined, normal
+from tests.conftest import new_task as task
+from tests.conftest import queue_task
+from tests.fast.test_forecast import NOW, current, forecaster_for, settled
+
+
+def stat(seconds: list[float], width: int = 1024, kind: str = "step", model: str = "schnell") -> TimingStat:
+    return TimingStat(model, width, width, kind, len(seconds), sum(seconds), sum(s * s for s in seconds))
+
+
+def test_the_relative_spread_is_what_was_measured_around_the_fit():
+    rnd = random.Random(3)
+    samples = [rnd.gauss(1.0, 0.1) for _ in range(400)]
+    fitted = CostModel.fit([stat(samples)]).kind("schnell", "step")
+    assert fitted.relative_sd(1.0) == pytest.approx(statistics.pstdev(samples) / statistics.fmean(samples), rel=1e-6)
+    steady = CostModel.fit([stat([1.0] * 50)]).kind("schnell", "step")
+    assert steady.relative_sd(1.0) == pytest.approx(0.0, abs=1e-6)
+    assert CostModel.fit([]).kind("schnell", "step").relative_sd(1.0) == UNMEASURED_SPREAD
+
+
+def test_a_size_measured_too_rarely_for_its_own_mean_counts_the_fits_miss_as_spread():
+    # Three sizes on a line and a fourth, measured once, 30% above it: forecast from the fit, it misses by ~30%.
+    stats = [stat([0.5 * (w / 1024) ** 2 + 0.5] * 5, width=w) for w in (512, 768, 1024)] + [stat([1.3 * 1.625], width=1280)]
+    fitted = CostModel.fit(stats).kind("schnell", "step")
+    assert fitted.relative_sd((1280 / 1024) ** 2) > 0.15
+    assert fitted.relative_sd(1.0) == pytest.approx(0.0, abs=1e-6), "a size at its own mean has no miss"
+
+
+def test_a_family_sibling_never_run_here_borrows_the_familys_spread():
+    rnd = random.Random(4)
+    cost = CostModel.fit([stat([rnd.gauss(0.6, 0.06) for _ in range(200)], model="schnell")])
+    assert cost.kind("dev", "step").relative_sd(1.0) == pytest.approx(cost.kind("schnell", "step").relative_sd(1.0))
+    assert cost.kind("dev", "step").relative_sd(1.0) == pytest.approx(0.1, rel=0.2)
+
+
+def test_a_tasks_spread_grows_with_its_steps_but_shrinks_relative_to_its_time():
+    rnd = random.Random(5)
+    cost = CostModel.fit([stat([rnd.gauss(0.6, 0.06) for _ in range(200)]),
+                          stat([rnd.gauss(0.1, 0.01) for _ in range(50)], kind="before"),
+                          stat([rnd.gauss(0.1, 0.01) for _ in range(50)], kind="after")])
+    short, long = task(width=1024, height=1024, steps=2), task(width=1024, height=1024, steps=40)
+    assert cost.gpu_sd(long) > cost.gpu_sd(short)
+    assert cost.relative_sd(long) < cost.relative_sd(short)
+    # Shared machine state keeps a floor: a long task's relative spread never falls below √ρ of a step's.
+    step_relative = cost.kind("schnell", "step").relative_sd(1.0)
+    assert cost.relative_sd(long) > step_relative * RUN_CORRELATION ** 0.5 * 0.9
+
+
+def test_correlated_sums_lie_between_independent_and_fully_shared():
+    for n in (1, 4, 30):
+        assert n ** 0.5 * 2.0 <= correlated_sd(2.0, n) + 1e-12
+        assert correlated_sd(2.0, n) <= n * 2.0 + 1e-12
+    assert correlated_sd(2.0, 1) == pytest.approx(2.0)
+    assert correlated_sd(2.0, 0) == 0.0
+
+
+def test_combining_keeps_each_side_and_adds_independent_parts_in_quadrature():
+    low, high = combined(100.0, [Part(10.0, 10.0, 40.0), Part(50.0, 47.0, 54.0)])
+    assert low == pytest.approx(97.0)
+    assert high == pytest.approx(100.0 + (30.0 ** 2 + 4.0 ** 2) ** 0.5)
+    assert combined(1.0, [normal(1.0, 5.0)])[0] == 0.0, "never below zero"
+    assert combined(7.0, []) == (7.0, 7.0)
+
+
+def urgent_arrivals(sizes: list[int]) -> list[Arrival]:
+    return [Arrival(n, "schnell", 1, size, size, 4, 1, NOW - 300 + n * 300 / len(sizes)) for n, size in enumerate(sizes)]
+
+
+def test_overtaking_makes_the_range_wider_above_than_below_and_size_variety_wider_still():
+    cost = CostModel.fit([])
+    even, varied = ArrivalLog(), ArrivalLog()
+    even.observe(urgent_arrivals([1024] * 40), NOW, cost)
+    # The same mean engine time per arrival, from very different sizes.
+    small, large = cost.gpu_seconds(task(width=256, height=256)), cost.gpu_seconds(task(width=1536, height=1536))
+    mean = cost.gpu_seconds(task(width=1024, height=1024))
+    share = (mean - small) / (large - small)
+    sizes = [1536 if i < round(40 * share) else 256 for i in range(40)]
+    varied.observe(urgent_arrivals(sizes), NOW, cost)
+    for log in (even, varied):
+        low, point, high = (log.until_start("schnell", 0, 1, 60.0, q) for q in (LOW_QUANTILE, OVERTAKING_QUANTILE,
+                                                                                  HIGH_QUANTILE))
+        assert 60.0 <= low <= point < high
+        assert high - point > point - low, "overtaking is skewed: often little, sometimes much"
+    assert varied.until_start("schnell", 0, 1, 60.0, HIGH_QUANTILE) > even.until_start("schnell", 0, 1, 60.0, HIGH_QUANTILE)
+    assert varied.until_start("schnell", 0, 1, 60.0) == pytest.approx(even.until_start("schnell", 0, 1, 60.0), rel=0.05), \
+        "the point forecast keeps its count quantile alone"
+    assert even.until_start("schnell", 1, 1, 60.0, HIGH_QUANTILE) == 60.0, "nothing overtakes the top priority"
+
+
+def test_a_waiting_tasks_range_holds_its_forecast_and_widens_with_measured_noise(db, db_path):
+    for _ in range(5):
+        queue_task(db, width=1024, height=1024, steps=8)
+    last = queue_task(db, width=1024, height=1024, steps=8)
+    tight = settled(forecaster_for(db_path), db, last.id)
+    assert tight.low < tight.seconds < tight.high
+    rnd = random.Random(6)
+    db.record_timings("schnell", 1024, 1024, [Timing("step", tuple(rnd.uniform(0.1, 1.1) for _ in range(60)))])
+    noisy = settled(forecaster_for(db_path), db, last.id)
+    assert noisy.low < noisy.seconds < noisy.high
+    assert (noisy.high - noisy.low) / noisy.seconds > (tight.high - tight.low) / tight.seconds, \
+        "steps measured at ±83% give a wider range than the unmeasured prior's"
+    steady = random.Random(7)
+    db.record_timings("schnell", 1024, 1024, [Timing("step", tuple(0.6 + steady.uniform(-0.001, 0.001) for _ in range(2000)))])
+    calm = settled(forecaster_for(db_path), db, last.id)
+    assert (calm.high - calm.low) / calm.seconds < (noisy.high - noisy.low) / noisy.seconds
+
+
+def test_a_running_tasks_range_holds_what_is_left(db, db_path):
+    running = queue_task(db, width=1024, height=1024, steps=20)
+    db.claim_next("w", "schnell", "synthetic")
+    estimate = forecaster_for(db_path).estimate(db, current(db, running.id), 1)
+    assert estimate.low < estimate.seconds < estimate.high
+    ended = forecaster_for(db_path).estimate(db, replace(current(db, running.id), status=Status.DONE), 1)
+    assert (ended.seconds, ended.low, ended.high) == (0.0, 0.0, 0.0)
+
+
+def test_submit_status_and_task_views_carry_the_range_and_the_schema_documents_it(client):
+    db = client.application.extensions["mflux_sessions"].get()
+    client.post("/api/generate", json={"prompt": "runs", "steps": 20})
+    db.claim_next("w", "schnell", "synthetic")
+    for _ in range(3):
+        client.post("/api/generate", json={"prompt": "waits", "steps": 20})
+    body = client.post("/api/generate", json={"prompt": "mine", "steps": 20}).json
+    low, high = body["expected_time_range"]
+    assert low < body["expected_time_seconds"] < high
+    assert body["wait_range"] == body["expected_time_range"]
+    status = client.get("/api/status", query_string={"task_id": body["task_id"]}).json
+    assert status["wait_range"][0] <= status["wait_remaining"] <= status["wait_range"][1]
+    view = client.get(f"/api/tasks/{body['task_id']}").json
+    assert view["wait_range"][0] < view["wait_remaining"] < view["wait_range"][1]
+    client.delete(f"/api/tasks/{body['task_id']}")
+    assert client.get("/api/status", query_string={"task_id": body["task_id"]}).json["wait_range"] == [0.0, 0.0]
+    schemas = client.get("/openapi.json").json["components"]["schemas"]
+    assert "p10, p90" in schemas["TaskStatus"]["properties"]["wait_range"]["description"]
+    assert schemas["GenerateResponse"]["properties"]["expected_time_range"]["type"] == "array"
