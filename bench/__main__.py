@@ -13,6 +13,7 @@ from bench import (
     duty_cycle,
     event_streams,
     forecast_accuracy,
+    forecast_ranges,
     loop_stalls,
     lora_switching,
     model_switching,
@@ -25,7 +26,7 @@ from bench.report import machine
 from mflux_server.testing import ROOT
 
 NAMES = ("duty", "dispatch", "load", "streams", "slow", "surfaces", "shared", "forecast", "switching", "stores", "stalls",
-         "loras")
+         "loras", "ranges")
 EXPLANATIONS_FILE = ROOT / "bench" / "explanations.md"
 
 
@@ -73,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
             results.append(shared_service.run(args.smoke))
         elif name == "forecast":
             results.append(forecast_accuracy.run(args.smoke, plot_path=args.out / plot_name))
+        elif name == "ranges":
+            results.append(forecast_ranges.run(args.smoke))
         elif name == "switching":
             results.append(model_switching.run(args.smoke))
         elif name == "stores":

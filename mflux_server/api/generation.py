@@ -15,7 +15,7 @@ from mflux_server.api.errors import ErrorSchema, abort_json
 from mflux_server.api.generation_schemas import FORMATS, GenerateRequest, GenerateResponse, ImageQuery, StatusQuery, TaskStatus
 from mflux_server.api.request_body import StrictParser
 from mflux_server.api.submission import queue_task, require_json_body
-from mflux_server.api.task_view import NOT_FOUND, get_task_or_404, task_status
+from mflux_server.api.task_view import NOT_FOUND, get_task_or_404, task_status, task_status_and_estimate
 from mflux_server.core.rows import Status, Task, Worker
 from mflux_server.store import storage_problem
 
@@ -42,12 +42,13 @@ def generate(body: dict[str, Any]) -> dict[str, Any]:
 
 def submitted_view(created: Task, live: list[Worker]) -> dict[str, Any]:
     """A new task's answer: its status with the original server's expected_time_seconds, the forecast recorded."""
-    view = task_status(db(), created, live)
+    view, estimate = task_status_and_estimate(db(), created, live)
     view["expected_time_seconds"] = view["wait_remaining"]
     view["expected_time_range"] = view["wait_range"]
     if not view.get("waiting_for_worker") and view["wait_remaining"] > 0:
         try:
-            db().set_forecast(created.id, view["wait_remaining"])  # for the forecast-error metric
+            # For the forecast-error metric, and the calibration of later ranges.
+            db().set_forecast(created.id, view["wait_remaining"], (estimate.model_low, estimate.model_high))
         except Exception as error:  # the task is queued: a metric must not turn that into an error answer
             if storage_problem(error) is None:
                 raise

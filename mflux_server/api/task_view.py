@@ -10,6 +10,7 @@ from mflux_server.api.context import db, forecaster, settings
 from mflux_server.api.errors import abort_json
 from mflux_server.api.generation_schemas import TASK_ID_LENGTH
 from mflux_server.core.rows import Status, Task, Worker
+from mflux_server.forecast.queue_view import Estimate
 from mflux_server.store import Store
 
 NOT_FOUND = "no task with this id (never existed, or deleted after its image was served)"
@@ -104,7 +105,12 @@ def webhook_view(task: Task) -> dict[str, Any]:
 
 
 def task_status(queue: Store, task: Task, live: list[Worker] | None = None) -> dict[str, Any]:
-    """The status view of a task: position, forecast wait and progress (pass `live` if already read).
+    """The status view of a task: position, forecast wait and its range, progress (pass `live` if already read)."""
+    return task_status_and_estimate(queue, task, live)[0]
+
+
+def task_status_and_estimate(queue: Store, task: Task, live: list[Worker] | None = None) -> tuple[dict[str, Any], Estimate]:
+    """The status view of a task (as task_status) and the estimate it shows, with the range before calibration.
 
     Without a live worker that can run it, `waiting_for_worker` (or, for a running task whose worker stopped
     heartbeating, `worker_lost`) says so, and the forecast is the time the task takes once a worker runs it;
@@ -132,4 +138,4 @@ def task_status(queue: Store, task: Task, live: list[Worker] | None = None) -> d
     view["wait_range"] = [round(estimate.low, 3), round(estimate.high, 3)]
     # The original server's task_length: unfinished tasks that will finish before this one.
     view["task_length"] = estimate.pos + estimate.running
-    return view
+    return view, estimate

@@ -37,6 +37,14 @@ def parse_lora(text: str) -> dict[str, Any]:
         raise argparse.ArgumentTypeError(f"a LoRA is NAME or NAME:SCALE, e.g. styles/ink:0.8; got {text!r}") from None
 
 
+def forecast_text(seconds: float, span: Any) -> str:
+    """'~40 s, 30–55 s': the forecast and its range (four tasks in five finish inside it), where the server gave one."""
+    text = f"~{seconds:.0f} s"
+    if isinstance(span, list) and len(span) == 2 and f"{span[0]:.0f}" != f"{span[1]:.0f}":
+        text += f", {span[0]:.0f}–{span[1]:.0f} s"
+    return text
+
+
 def progress_line(state: dict[str, Any]) -> str | None:
     """One line saying where a task is: queue position and forecast, or image, step and a bar; None for an event
     that changes none of it (a preview)."""
@@ -47,10 +55,11 @@ def progress_line(state: dict[str, Any]) -> str | None:
         fraction = ((state["image"] - 1) * state["steps"] + state["step"]) / max(state["count"] * state["steps"], 1)
         bar = "#" * round(fraction * 20)
         return (f"image {state['image']}/{state['count']}  step {state['step']}/{state['steps']}  "
-                f"[{bar:<20}] {fraction:4.0%}  ~{state.get('wait_remaining', 0):.0f} s left")
+                f"[{bar:<20}] {fraction:4.0%}  {forecast_text(state.get('wait_remaining', 0), state.get('wait_range'))} left")
     if status == "waiting" or "position" in state or "pos" in state:
         position = state.get("position", state.get("pos", 0))
-        return f"queued: {position} ahead, ~{state.get('wait_remaining', state.get('expected_time_seconds', 0)):.0f} s"
+        seconds = state.get("wait_remaining", state.get("expected_time_seconds", 0))
+        return f"queued: {position} ahead, {forecast_text(seconds, state.get('wait_range', state.get('expected_time_range')))}"
     return str(status or state.get("event", ""))
 
 

@@ -186,6 +186,9 @@ class Settings:
         (0.2, 0.1), "synthetic engine: seconds before,after the denoising loop", "worker", _floats(2)
     )
     synthetic_noise: float = setting(0.0, "synthetic engine: random ± fraction on every duration", "worker", float)
+    synthetic_profiles: str | None = setting(
+        None, "synthetic engine: a JSON file of per-model timings {model: {step: [a,b,c], fixed: [before,after], load, "
+        "cold, drift}} (bench/traces.py writes one from the H100 measurements)", "worker", _optional(str))
     synthetic_speed: float = setting(1.0, "synthetic engine: divide every duration by this", "worker", _positive(float))
     heartbeat_interval: float = setting(2.0, "seconds between worker heartbeats", "worker", _positive(float))
     max_attempts: int = setting(

@@ -15,6 +15,7 @@ from mflux_server.core import native
 from mflux_server.core.rows import ClaimKey, QueueEntry, QueueRead, Status, Task, Worker
 from mflux_server.core.scheduling import expected_load, expected_lora_change
 from mflux_server.forecast.arrivals import ARRIVAL_WINDOW, ArrivalLog
+from mflux_server.forecast.calibration import CALIBRATION_TASKS, Calibration
 from mflux_server.forecast.cost_model import CostModel, correlated_sd
 from mflux_server.forecast.policy_replay import ModelQueue, Timeline, timeline
 from mflux_server.forecast.policy_replay import Worker as ReplayWorker
@@ -24,6 +25,10 @@ from mflux_server.store import Store
 
 # Seconds to load a model never loaded here yet (about FLUX.1 from a local SSD, warm-up included).
 DEFAULT_LOAD_SECONDS = 15.0
+# Seconds between reads of the recent outcomes the range is calibrated with.
+CALIBRATION_INTERVAL = 10.0
+# Lower than any task's priority: every arrival of a model counts as overtaking (range of a held model's turn).
+ANY_PRIORITY = -(2**62)
 # Fresh submissions are read past the snapshot each request; beyond this many, fold them into a new one.
 MAX_UNSNAPSHOTTED = 32
 
@@ -36,6 +41,8 @@ class Estimate(NamedTuple):
     seconds: float  # until its images are stored
     low: float = 0.0  # the range around seconds: its 10th percentile
     high: float = 0.0  # and its 90th
+    model_low: float = 0.0  # the range before calibration (kept with the task at submit: the calibration learns it)
+    model_high: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -214,6 +221,7 @@ class Forecaster:
         self.reads = SignalCache()
         self._rebuild_conn: Store | None = None  # the rebuilds' connection, kept between them
         self._replayed: tuple[Any, Any, Timeline] | None = None  # the latest whole-queue replay (_timeline)
+        self._calibration = (Calibration(), float("-inf"))  # and when it was read
 
     def cost_model(self, db: Store, now: float | None = None) -> CostModel:
         """The current cost model."""
@@ -316,7 +324,8 @@ class Forecaster:
         if task.status is Status.PROCESSING:
             remaining = cost.remaining_seconds(task, now)
             share = cost.remaining_gpu_seconds(task, now) / max(cost.gpu_seconds(task), 1e-9)
-            return Estimate(0, 0, remaining, *combined(remaining, [normal(remaining, cost.gpu_sd(task) * share)]))
+            low, high = combined(remaining, [normal(remaining, cost.gpu_sd(task) * share)])
+            return Estimate(0, 0, remaining, low, high, low, high)
         if task.status is not Status.WAITING:
             return Estimate(0, 0, 0.0)
         key = ClaimKey.of(task.priority, task.seq, task.fair_tag, task.fair_start)
@@ -360,16 +369,38 @@ class Forecaster:
         tasks_ahead = (max(pos, 0) + running_ahead) / max(workers, 1)
         parts = self._waiting_parts(task, workers, per_worker, until_start, tasks_ahead, cost)
         parts += [normal(switch, LOAD_SPREAD * switch), normal(change, LOAD_SPREAD * change)]
-        return Estimate(max(pos, 0), running_ahead, seconds, *combined(seconds, parts))
+        return self._ranged(db, Estimate(max(pos, 0), running_ahead, seconds), parts, now)
+
+    def _ranged(self, db: Store, estimate: Estimate, parts: list[Part], now: float) -> Estimate:
+        """A waiting task's estimate with the model's range, and that range calibrated by recent outcomes."""
+        model_low, model_high = combined(estimate.seconds, parts)
+        low, high = self.calibration(db, now).applied(estimate.seconds, model_low, model_high)
+        return estimate._replace(low=low, high=high, model_low=model_low, model_high=model_high)
+
+    def calibration(self, db: Store, now: float) -> Calibration:
+        """The calibration from the latest finished tasks, read at most every CALIBRATION_INTERVAL seconds."""
+        calibration, read_at = self._calibration
+        if now - read_at >= CALIBRATION_INTERVAL or now < read_at:
+            calibration = Calibration.of(db.recent_forecasts(CALIBRATION_TASKS))
+            self._calibration = (calibration, now)
+        return calibration
 
     def _waiting_parts(self, task: Task, workers: int, ahead: float, until_start: float, tasks_ahead: float,
-                       cost: CostModel) -> list[Part]:
+                       cost: CostModel, turn: tuple[str, float] | None = None) -> list[Part]:
         """The uncertain parts of a waiting task's forecast: overtaking arrivals, the engine time of the work ahead
-        (tasks_ahead tasks of about its own relative spread) and of the task itself."""
+        (tasks_ahead tasks of about its own relative spread) and of the task itself.
+
+        `turn` (the model a worker holds instead of this task's, and the latest start its --max-affinity-wait
+        allows) adds that model's later arrivals: the worker keeps serving them until the bound.
+        """
         start = self.arrivals.until_start
         relative = cost.relative_sd(task)
+        longest = ahead
+        if turn is not None:
+            held, latest = turn
+            longest = max(min(start(held, ANY_PRIORITY, 1, ahead, HIGH_QUANTILE), latest), ahead)
         return [Part(until_start, start(task.model, task.priority, workers, ahead, LOW_QUANTILE),
-                     start(task.model, task.priority, workers, ahead, HIGH_QUANTILE)),
+                     start(task.model, task.priority, workers, longest, HIGH_QUANTILE)),
                 normal(ahead, correlated_sd(relative * ahead / tasks_ahead, tasks_ahead) if tasks_ahead >= 1 else 0.0),
                 normal(cost.gpu_seconds(task), cost.gpu_sd(task))]
 
@@ -427,11 +458,17 @@ class Forecaster:
         running_ahead = sum(1 for t in running if t.model == task.model and t.id != task.id)
         pos = bisect.bisect_left(own.keys, key, own.first) - own.first
         seconds = until_start + cost.task_seconds(task)
-        parts = self._waiting_parts(task, 1, ahead, until_start, pos + running_ahead, cost)
-        if loaded != task.model:  # a load lies ahead: the replay holds its mean
+        turn = None
+        if loaded and loaded != task.model:  # a load lies ahead (the replay holds its mean), and the held model's turn
             load = expected_load(task.model, loads, DEFAULT_LOAD_SECONDS)
+            # The worker loads early by the load's length, so the task starts within its bound plus the task then
+            # running (about one of its own); later arrivals of the held model fill the turn up to there.
+            latest = task.created_at + (worker.affinity_wait or 0.0) - now + cost.gpu_seconds(task)
+            turn = (loaded, max(latest, ahead))
+        parts = self._waiting_parts(task, 1, ahead, until_start, pos + running_ahead, cost, turn)
+        if turn is not None:
             parts.append(normal(load, LOAD_SPREAD * load))
-        return Estimate(pos, running_ahead, seconds, *combined(seconds, parts))
+        return self._ranged(db, Estimate(pos, running_ahead, seconds), parts, now)
 
     def _timeline(self, queues: dict[str, ModelQueue], replay: ReplayWorker) -> Timeline:
         """The replay of the whole queue, shared by every status request until the queue or the worker moves.

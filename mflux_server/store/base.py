@@ -39,6 +39,7 @@ from mflux_server.core.rows import (
     Task,
     Timing,
     TimingStat,
+    ForecastOutcome,
     WaitingHead,
     Worker,
 )
@@ -723,13 +724,19 @@ class Store:
 
     # Metrics
 
-    def set_forecast(self, task_id: str, seconds: float) -> None:
-        """Keep the forecast a task got at submit (the metrics compare it with what it took)."""
+    def set_forecast(self, task_id: str, seconds: float, span: tuple[float, float] | None = None) -> None:
+        """Keep the forecast and range a task got at submit (the metrics and the calibration compare them with what
+        it took)."""
+        low, high = span if span is not None else (None, None)
         with self.session.transaction():
-            row = self._run("set_forecast", {"id": task_id, "seconds": seconds}).fetchone()
+            row = self._run("set_forecast", {"id": task_id, "seconds": seconds, "low": low, "high": high}).fetchone()
             if row is not None and row["status"] == "done" and row["finished_at"] is not None and seconds > 0:
                 # A fast worker finished it before the forecast was written: the trigger saw no forecast to compare.
                 self.observe("forecast_ratio", row["model"], (row["finished_at"] - row["created_at"]) / seconds)
+
+    def recent_forecasts(self, limit: int) -> list[ForecastOutcome]:
+        """The latest finished tasks' forecasts and ranges at submit, with the seconds they took, newest first."""
+        return [ForecastOutcome.from_row(r) for r in self._run("recent_forecasts", {"limit": limit})]
 
     def metric_rows(self) -> dict[str, list[tuple[object, ...]]]:
         """What /metrics shows, read in one go: histogram buckets and sums, counters, tasks, pending webhooks, size."""

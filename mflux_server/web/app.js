@@ -408,6 +408,14 @@ function dropTask(id) {
   state.tasks = state.tasks.filter((t) => t.id !== id); delete state.views[id]; saveTasks(); follow();
 }
 
+// The forecast as a person reads it, counting down: "~40 s, 30–55 s" (four tasks in five finish inside the range).
+function forecastText(view) {
+  const elapsed = (Date.now() - (view.seenAt || Date.now())) / 1000;
+  const left = (seconds) => Math.max(0, (seconds ?? 0) - elapsed).toFixed(0);
+  const [low, high] = (view.wait_range || []).map(left);
+  return `~${left(view.wait_remaining)} s` + (low !== undefined && low !== high ? `, ${low}–${high} s` : "");
+}
+
 function renderQueue() {
   const list = $("#queue"); list.innerHTML = "";
   for (const task of state.tasks) {
@@ -415,11 +423,11 @@ function renderQueue() {
     li.dataset.task = task.id;
     const p = view.progress || {}, total = (p.count || task.count) * (p.steps || 1);
     const done = view.status === "processing" ? ((p.image || 1) - 1) * (p.steps || 1) + (p.step || 0) : 0;
-    const left = Math.max(0, (view.wait_remaining ?? 0) - (Date.now() - (view.seenAt || Date.now())) / 1000);
+    const forecast = `<span class="nowrap countdown" title="forecast; four tasks in five finish within the range">${forecastText(view)}</span>`;
     let meta = view.failed ? `<span class="failed">${escapeHtml(view.failed)}</span>`
       : view.note ? `<span class="waiting-note">${escapeHtml(view.note)}</span>`
-      : view.status === "processing" ? `image ${p.image || 1}/${p.count || task.count} · step ${p.step || 0}/${p.steps || "?"} · <span class="nowrap">~<span class="countdown">${left.toFixed(0)}</span>&nbsp;s</span>`
-      : `waiting · ${view.position ?? "?"} ahead · <span class="nowrap">~<span class="countdown">${left.toFixed(0)}</span>&nbsp;s</span>`;
+      : view.status === "processing" ? `image ${p.image || 1}/${p.count || task.count} · step ${p.step || 0}/${p.steps || "?"} · ${forecast}`
+      : `waiting · ${view.position ?? "?"} ahead · ${forecast}`;
     li.innerHTML = `${view.preview ? `<img class="thumb" alt="preview" src="${view.preview}">` : '<div class="thumb" aria-hidden="true"></div>'}
       <div><div class="prompt">${escapeHtml(task.prompt)}</div><div class="meta">${meta}</div>
       <div class="bar" role="progressbar" aria-valuemin="0" aria-valuemax="100" aria-valuenow="${Math.round((done / total) * 100)}"><span style="width:${(done / total) * 100}%"></span></div></div>
@@ -439,7 +447,7 @@ async function cancel(id, dismiss) {
 setInterval(() => {  // the forecast counts down between events
   for (const el of document.querySelectorAll("#queue li")) {
     const view = state.views[el.dataset.task], counter = el.querySelector(".countdown");
-    if (view && counter) counter.textContent = Math.max(0, (view.wait_remaining ?? 0) - (Date.now() - view.seenAt) / 1000).toFixed(0);
+    if (view && counter) counter.textContent = forecastText(view);
   }
 }, 1000);
 

@@ -8,7 +8,8 @@ from dataclasses import replace
 
 import pytest
 
-from mflux_server.core.rows import Arrival, Status, Timing, TimingStat
+from mflux_server.core.rows import Arrival, ForecastOutcome, Status, Timing, TimingStat
+from mflux_server.forecast.calibration import MIN_CALIBRATION_TASKS, Calibration
 from mflux_server.forecast.arrivals import OVERTAKING_QUANTILE, ArrivalLog
 from mflux_server.forecast.cost_model import RUN_CORRELATION, UNMEASURED_SPREAD, CostModel, correlated_sd
 from mflux_server.forecast.ranges import HIGH_QUANTILE, LOW_QUANTILE, Part, combined, normal
@@ -146,3 +147,66 @@ def test_submit_status_and_task_views_carry_the_range_and_the_schema_documents_i
     schemas = client.get("/openapi.json").json["components"]["schemas"]
     assert "p10, p90" in schemas["TaskStatus"]["properties"]["wait_range"]["description"]
     assert schemas["GenerateResponse"]["properties"]["expected_time_range"]["type"] == "array"
+
+
+def test_the_cli_progress_line_prints_the_range_beside_the_forecast():
+    from mflux_server.client.cli import progress_line
+
+    assert progress_line({"event": "status", "status": "waiting", "position": 3, "wait_remaining": 40.2,
+                          "wait_range": [30.4, 55.1]}) == "queued: 3 ahead, ~40 s, 30–55 s"
+    # At submit the answer names them expected_time_*; a range that rounds to one number is not repeated.
+    assert progress_line({"pos": 0, "expected_time_seconds": 2.2, "expected_time_range": [1.9, 2.4]}) == "queued: 0 ahead, ~2 s"
+    running = progress_line({"event": "progress", "status": "processing", "image": 1, "count": 2, "step": 5, "steps": 10,
+                             "wait_remaining": 12.0, "wait_range": [10.0, 15.0]})
+    assert running is not None and running.endswith("~12 s, 10–15 s left")
+
+
+def outcome(point: float, low: float, high: float, took: float) -> ForecastOutcome:
+    return ForecastOutcome(point, low, high, took)
+
+
+def test_calibration_widens_ranges_that_held_too_few_and_narrows_those_that_held_all():
+    rnd = random.Random(8)
+    # The model said ±10% but tasks took ±40%: far fewer than four in five held.
+    missed = [outcome(100.0, 90.0, 110.0, rnd.uniform(60.0, 140.0)) for _ in range(200)]
+    wide = Calibration.of(missed)
+    low, high = wide.applied(100.0, 90.0, 110.0)
+    held = statistics.fmean(low <= o.took <= high for o in missed)
+    assert 0.78 <= held <= 0.85 and wide.margin > 0
+    # Ranges of ±50% around times that stay within ±5%: narrowed, but never past the point.
+    calm = [outcome(100.0, 50.0, 150.0, rnd.uniform(95.0, 105.0)) for _ in range(200)]
+    narrow = Calibration.of(calm)
+    low, high = narrow.applied(100.0, 50.0, 150.0)
+    assert narrow.margin < 0 and 90.0 < low <= 100.0 <= high < 110.0
+    assert 0.78 <= statistics.fmean(low <= o.took <= high for o in calm) <= 0.85
+    assert narrow.applied(100.0, 99.0, 101.0) == (100.0, 100.0), "never narrowed past the point"
+
+
+def test_calibration_waits_for_enough_finished_tasks():
+    few = [outcome(10.0, 9.0, 11.0, 30.0)] * (MIN_CALIBRATION_TASKS - 1)
+    assert Calibration.of(few).margin == 0.0
+    assert Calibration.of(few + [outcome(10.0, 9.0, 11.0, 30.0)]).margin == pytest.approx(1.9)
+
+
+def test_a_submit_keeps_the_models_range_and_later_forecasts_learn_from_what_tasks_took(client):
+    db = client.application.extensions["mflux_sessions"].get()
+    worker = db.register_worker("synthetic", "schnell", None)  # a live worker: the forecast is recorded
+    client.post("/api/generate", json={"prompt": "runs", "steps": 20})
+    db.claim_next(worker, "schnell", "synthetic")
+    first = client.post("/api/generate", json={"prompt": "waits", "steps": 20}).json
+    stored = db.session.execute("SELECT forecast_seconds, forecast_low, forecast_high FROM tasks WHERE id = ?",
+                                (first["task_id"],)).fetchone()
+    assert stored[0] == pytest.approx(first["expected_time_seconds"], abs=1e-3)
+    assert stored[1] < stored[0] < stored[2]
+    assert [stored[1], stored[2]] == pytest.approx(first["expected_time_range"], abs=1e-3), "no calibration yet"
+    # Twenty finished tasks that each took three times their forecast: the next range reaches that far.
+    for n in range(MIN_CALIBRATION_TASKS):
+        done = queue_task(db, now=NOW - 100 - n)
+        db.set_forecast(done.id, 10.0, (9.0, 11.0))
+        db.session.execute("UPDATE tasks SET status = 'done', started_at = created_at, finished_at = created_at + 30 "
+                           "WHERE id = ?", (done.id,))
+    forecaster = client.application.extensions["mflux_forecaster"]
+    forecaster._calibration = (forecaster._calibration[0], float("-inf"))  # read again now, not in 10 s
+    later = client.post("/api/generate", json={"prompt": "after", "steps": 20}).json
+    low, high = later["expected_time_range"]
+    assert high >= later["expected_time_seconds"] * 2.9, later

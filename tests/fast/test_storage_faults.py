@@ -142,7 +142,7 @@ def test_a_fault_after_the_submit_committed_never_says_the_request_was_not_carri
     client.post("/api/generate", json={"prompt": "warm the cost model"})
     queued = client.post("/api/generate", json={"prompt": "forecast not recorded"})
     assert queued.status_code == 200 and queued.json["task_id"], "the forecast metric is not worth an error"
-    monkeypatch.setattr(generation, "task_status", locked)
+    monkeypatch.setattr(generation, "task_status_and_estimate", locked)
     answer = client.post("/api/generate", json={"prompt": "answer cut short"})
     assert answer.status_code == 503 and "not carried out" not in answer.json["message"]
     task_id = answer.json["task_id"]

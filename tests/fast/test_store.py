@@ -313,3 +313,23 @@ def test_waiting_tasks_of_every_model_since_a_sequence_number(db):
     found = db.all_waiting_since(older.seq)
     assert sorted(entry.seq for entry in found) == [newer[0].seq, newer[2].seq]
     assert {entry.model for entry in found} == {"schnell"}
+
+
+def test_timings_keep_their_squares_and_finished_tasks_their_forecast_ranges(db):
+    db.record_timings("schnell", 512, 512, [Timing("step", (1.0, 2.0, 3.0))])
+    [stat] = [s for s in db.timing_stats() if s.kind == "step"]
+    assert (stat.n, stat.total, stat.total_sq) == (3, 6.0, 14.0)
+    finished = []
+    for n, took in enumerate((5.0, 7.0, 9.0)):
+        t = queue_task(db, prompt=f"t{n}")
+        db.set_forecast(t.id, 6.0, (4.0, 8.0))
+        claimed = db.claim_next("w", "schnell", "synthetic")
+        assert claimed is not None and db.complete(claimed.id, "w", images_for(t))
+        finished.append(t)
+    unranged = queue_task(db, prompt="no range")
+    db.set_forecast(unranged.id, 6.0)  # an older API's submit: no range, not learned from
+    claimed = db.claim_next("w", "schnell", "synthetic")
+    assert claimed is not None and db.complete(claimed.id, "w", images_for(unranged))
+    outcomes = db.recent_forecasts(10)
+    assert [(o.point, o.low, o.high) for o in outcomes] == [(6.0, 4.0, 8.0)] * 3
+    assert all(o.took >= 0 for o in outcomes) and len(db.recent_forecasts(2)) == 2

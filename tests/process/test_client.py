@@ -77,6 +77,8 @@ def test_the_cli_generates_files_and_shows_status_list_and_cancel(processes, tmp
     queued = Client(url).submit("to cancel", steps=100, width=1536, height=1536, count=8)
     status = run_cli("--server", url, "status", queued["task_id"])
     assert status.returncode == 0 and json.loads(status.stdout)["task_id"] == queued["task_id"]
+    low, high = json.loads(status.stdout)["wait_range"]
+    assert low <= json.loads(status.stdout)["wait_remaining"] <= high
     assert queued["task_id"] in run_cli("--server", url, "list").stdout
     assert run_cli("--server", url, "cancel", queued["task_id"]).returncode == 0
     wait_for(lambda: Client(url).status(queued["task_id"])["status"] == "canceled", what="canceled")

@@ -45,6 +45,7 @@ def make_engine(settings: Settings) -> Engine:
             log.warning("patterns, not model output. Pass --engine mflux to insist on the real model.")
             log.warning("=" * 72)
         from mflux_server.worker.engines.synthetic import SyntheticEngine
+        from mflux_server.worker.engines.synthetic_profiles import read_profiles
 
         return SyntheticEngine(
             step=settings.synthetic_step,
@@ -54,6 +55,7 @@ def make_engine(settings: Settings) -> Engine:
             load_seconds=settings.synthetic_load,
             lora_seconds=settings.synthetic_lora_change,
             max_pixels=settings.synthetic_max_pixels,
+            profiles=read_profiles(settings.synthetic_profiles) if settings.synthetic_profiles else None,
         )
     from mflux_server.worker.engines.mflux import MfluxEngine
 

@@ -12,6 +12,7 @@ from PIL import Image, ImageDraw, ImageFilter, ImageOps
 from mflux_server.core.settings import H100_STEP_COST
 from mflux_server.worker.engines.base import Control, Job, ModelLoadFailed, OutOfMemory, StepReporter
 from mflux_server.worker.engines.previews import revealed
+from mflux_server.worker.engines.synthetic_profiles import Profile
 
 LABEL = "SYNTHETIC TEST IMAGE - mflux-server synthetic engine, not model output"
 
@@ -143,6 +144,7 @@ class SyntheticEngine:
         load_seconds: float = 0.0,
         lora_seconds: float = 0.0,
         max_pixels: int | None = None,
+        profiles: dict[str, Profile] | None = None,
     ):
         self.model: str | None = None
         self.quantize: int | None = None
@@ -154,6 +156,11 @@ class SyntheticEngine:
         self.lora_seconds = lora_seconds
         self.applied: tuple[tuple[str, float], ...] = ()  # the LoRA set held; a load holds the default (none)
         self.max_pixels = max_pixels
+        # Per-model timings (step, fixed, load, cold first image, drift) for models named there; others use the above.
+        self.profiles = profiles or {}
+        self.default = Profile(step, fixed, load_seconds)
+        self.drift = 0.0
+        self.cold = 0.0  # seconds the next image still owes for being the first after a load
         self.broken: str | None = None  # why generate() fails until reset, like MLX after running out of memory
         self._rnd = random.Random()
         if model is not None:
@@ -169,6 +176,10 @@ class SyntheticEngine:
         self.model = None
         if model.startswith(("/", "./", "~")) and not Path(model).expanduser().is_dir():
             raise ModelLoadFailed(f"no model folder at {model}")
+        if self.profiles:  # without any, the attributes stay as set (tests change them between loads)
+            profile = self.profiles.get(model, self.default)
+            self.step_coef, self.fixed, self.load_seconds = profile.step, profile.fixed, profile.load
+            self.drift, self.cold = profile.drift, profile.cold
         time.sleep(self.load_seconds / self.speed)
         self.model, self.broken, self.applied = model, None, ()
 
@@ -203,17 +214,21 @@ class SyntheticEngine:
             self.broken = "synthetic engine unusable after running out of memory: reset or reload it"
             raise OutOfMemory(job.pixels, f"synthetic out of memory: {job.width}×{job.height} is above "
                                           f"--synthetic-max-pixels {self.max_pixels}")
+        # One factor for the whole image: the machine's state moves all its steps together (drift).
+        shared = 1.0 + self._rnd.uniform(-self.drift, self.drift) if self.drift else 1.0
         # Deadlines rather than plain sleeps, so reporting and drawing overhead do not add up over steps.
-        deadline = time.perf_counter() + self._seconds(self.fixed[0])
+        deadline = time.perf_counter() + self._seconds(self.fixed[0] * shared)
         sleep_until(deadline)
         reporter.loop_started()
-        per_step = self.step_seconds(job.width, job.height)
+        per_step = self.step_seconds(job.width, job.height) * shared
+        deadline += self.cold / self.speed  # the first image after a load compiles its kernels in its first step
+        self.cold = 0.0
         # Drawn while the first step "runs" (its time is a deadline), so previews can reveal it.
         image = with_loras(with_control(with_inputs(draw(job), job), job), job)
         for done in range(1, job.steps + 1):
             deadline += self._seconds(per_step)
             sleep_until(deadline)
             reporter.step(done, job.steps, lambda done=done: revealed(image, done, job.steps))  # type: ignore[misc]
-        deadline += self._seconds(self.fixed[1])
+        deadline += self._seconds(self.fixed[1] * shared)
         sleep_until(deadline)
         return image
