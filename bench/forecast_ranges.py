@@ -44,6 +44,7 @@ class Replay:
 
     seen: list[Seen]
     finished: dict[str, float]  # task id -> when its images were stored (done tasks only)
+    model_ranges: dict[str, tuple[float, float]]  # task id -> the range before calibration, as stored at submit
 
 
 def replay(trace: traces.Trace) -> Replay:
@@ -83,9 +84,11 @@ def replay(trace: traces.Trace) -> Replay:
         stop.set()
         sampler.join()
         rows = {i: db.get(i) for i in ids}
+        model_ranges = {r[0]: (r[1], r[2]) for r in db.session.execute(
+            "SELECT id, forecast_low, forecast_high FROM tasks WHERE forecast_low IS NOT NULL").fetchall()}
         db.close()
     finished = {i: t.finished_at for i, t in rows.items() if t is not None and t.status is Status.DONE and t.finished_at}
-    return Replay(seen, finished)
+    return Replay(seen, finished, model_ranges)
 
 
 def sample(url: str, seen: list[Seen], lock: threading.Lock, stop: threading.Event) -> None:
@@ -146,8 +149,11 @@ def run(smoke: bool = False, only: str | None = None) -> Result:
     chosen = [t for t in chosen if only is None or t.name == only]
     result = Result("Forecast ranges", "make bench ARGS='--only ranges'  (" + "; ".join(
         f"{t.name}: {t.description}" for t in chosen) + ")")
+    result.extra = {}
     for trace in chosen:
-        counts = score(trace, replay(trace), result, width_target=trace.name == "steady")
+        replayed = replay(trace)
+        result.extra[trace.name] = replayed
+        counts = score(trace, replayed, result, width_target=trace.name == "steady")
         result.notes.append(f"{trace.name}: {counts['tasks']} tasks and {counts['samples']} samples while waiting "
                             f"counted (the first {SKIP} left out; {counts['canceled']} canceled or failed).")
     return result

@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 from mflux_server.core.rows import Arrival
 from mflux_server.forecast.cost_model import CostModel
-from mflux_server.forecast.numerics import normal_quantile, poisson_quantile
+from mflux_server.forecast.numerics import compound_poisson_quantile, poisson_quantile
 
 # From the last ARRIVAL_WINDOW seconds of submissions we know each priority's rate and mean engine time; a
 # waiting task's forecast adds the OVERTAKING_QUANTILE-th percentile of the Poisson number of higher-priority
@@ -114,20 +114,20 @@ class ArrivalLog:
         # Mean engine seconds per overtaker, from the capped load; then T = ahead + quantile(Poisson(rate·T))·mean
         # is found by iterating upwards from T = ahead, which converges because the load is below 1.
         mean_seconds = self.overtaking_load(model, priority, workers) / rate
-        # For the range, k overtakers' sizes vary too: their sum's quantile is about k·mean + z·√k·sd (the point
-        # forecast keeps its count quantile alone, as measured in bench/explanations.md).
         sd_seconds = 0.0
-        if quantile != OVERTAKING_QUANTILE:
+        if quantile != OVERTAKING_QUANTILE:  # the range: the overtakers' sizes vary as well as their number
             raw_rate, raw_work = sum(load.rate for load in overtakers), sum(load.work for load in overtakers)
             mean_square = sum(load.work_sq for load in overtakers) / raw_rate
             scale = mean_seconds / (raw_work / raw_rate) if raw_work > 0 else 1.0  # as capped as the mean
             sd_seconds = math.sqrt(max(mean_square - (raw_work / raw_rate) ** 2, 0.0)) * scale
-        z = normal_quantile(quantile)
         start = ahead
         for _ in range(64):
             # Rounded so the cache of quantiles stays small; a thousandth of an arrival changes nothing.
-            count = poisson_quantile(round(rate * start, 3), quantile)
-            later = max(count * mean_seconds + z * math.sqrt(count) * sd_seconds, 0.0)
+            expected = round(rate * start, 3)
+            if quantile == OVERTAKING_QUANTILE:  # the point forecast: a count quantile (bench/explanations.md)
+                later = poisson_quantile(expected, quantile) * mean_seconds
+            else:
+                later = compound_poisson_quantile(expected, mean_seconds, sd_seconds, quantile)
             if ahead + later <= start:
                 break
             start = ahead + later

@@ -79,3 +79,14 @@ def poisson_quantile(mean: float, q: float) -> int:
 def normal_quantile(q: float) -> float:
     """The standard normal distribution's q-quantile."""
     return NormalDist().inv_cdf(q)
+
+
+def compound_poisson_quantile(expected: float, mean: float, sd: float, q: float) -> float:
+    """The q-quantile of a sum of Poisson(expected) many values of this mean and sd (a gamma of the same mean and
+    variance, by Wilson and Hilferty's approximation: skewed like the sum when few are expected, normal when many)."""
+    if expected <= 0 or mean <= 0:
+        return 0.0
+    total, variance = expected * mean, expected * (mean * mean + sd * sd)
+    shape = total * total / variance
+    cube = 1 - 1 / (9 * shape) + normal_quantile(q) / (3 * math.sqrt(shape))
+    return total * max(cube, 0.0) ** 3

@@ -344,3 +344,35 @@ def test_a_model_whose_weights_cannot_fit_is_refused_with_the_numbers_and_the_fi
     assert fitting(["schnell", "z-image-turbo"], 20, None) == ["z-image-turbo"]
     with pytest.raises(NothingFits):
         fitting(["schnell"], 20, None)
+
+
+def test_profiles_give_each_model_its_own_costs_load_and_cold_first_image(tmp_path):
+    import json
+
+    from mflux_server.worker.engines.synthetic_profiles import read_profiles
+
+    path = tmp_path / "profiles.json"
+    path.write_text(json.dumps({"qwen-image": {"step": [0.04, 0, 0], "fixed": [0.0, 0.0], "load": 0.2, "cold": 0.1},
+                                "z-image-turbo": {"step": [0.01, 0, 0], "fixed": [0.0, 0.0], "drift": 0.5}}))
+    engine = make_engine(Settings(engine="synthetic", synthetic_profiles=str(path)))
+    assert isinstance(engine, SyntheticEngine)
+
+    def timed(action) -> float:
+        started = time.perf_counter()
+        action()
+        return time.perf_counter() - started
+
+    assert timed(lambda: engine.load("qwen-image")) >= 0.2
+    first, second = (timed(lambda: engine.generate(JOB, Recorder())) for _ in range(2))
+    assert first >= 0.1 + 3 * 0.04 and 3 * 0.04 <= second < first - 0.05, "only the first image after a load is cold"
+    assert timed(lambda: engine.load("z-image-turbo")) < 0.1
+    drifted = [timed(lambda: engine.generate(JOB, Recorder())) for _ in range(12)]
+    assert max(drifted) - min(drifted) > 0.01, "one factor moves all of an image's steps together"
+    engine.load("schnell")  # not in the file: the engine's own settings
+    assert engine.step_coef == Settings().synthetic_step
+    path.write_text(json.dumps({"qwen-image": {"step": [1, 2], "fixed": [0, 0]}}))
+    with pytest.raises(ValueError, match="qwen-image.*step must be a list of 3 numbers"):
+        read_profiles(str(path))
+    path.write_text(json.dumps({"qwen-image": {"step": [1, 2, 3], "fixed": [0, 0], "drift": 1.5}}))
+    with pytest.raises(ValueError, match=r"drift must be a number in \[0, 1\)"):
+        read_profiles(str(path))

@@ -210,3 +210,20 @@ def test_a_submit_keeps_the_models_range_and_later_forecasts_learn_from_what_tas
     later = client.post("/api/generate", json={"prompt": "after", "steps": 20}).json
     low, high = later["expected_time_range"]
     assert high >= later["expected_time_seconds"] * 2.9, later
+
+
+def test_the_compound_poisson_quantiles_match_a_simulation():
+    from mflux_server.forecast.numerics import compound_poisson_quantile
+
+    rnd = random.Random(9)
+    for expected, mean, sd in ((1.5, 1.0, 1.0), (6.0, 2.0, 1.0)):
+        sums = []
+        for _ in range(20000):
+            count, clock = 0, rnd.expovariate(1.0)
+            while clock < expected:
+                count, clock = count + 1, clock + rnd.expovariate(1.0)
+            sums.append(sum(rnd.gammavariate((mean / sd) ** 2, sd * sd / mean) for _ in range(count)))
+        sums.sort()
+        for q in (LOW_QUANTILE, HIGH_QUANTILE):
+            simulated = sums[int(q * len(sums))]
+            assert compound_poisson_quantile(expected, mean, sd, q) == pytest.approx(simulated, abs=0.1 * mean + 0.08 * simulated)

@@ -5,6 +5,7 @@ Real Chromium (Playwright) against the real server and synthetic workers; screen
 from __future__ import annotations
 
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -244,3 +245,27 @@ def test_one_event_stream_per_submit_not_one_per_change(served, browser):  # noq
     opened = page.evaluate("window.__streams")
     assert opened == 3, f"the page opened {opened} event streams for 3 tasks"  # it reopened at every end too
     assert not page.errors, page.errors
+
+
+def test_a_waiting_task_shows_its_forecast_with_the_range_counting_down(served, browser):  # noqa: F811
+    url, _ = served
+    for _ in range(2):  # keeps the page's task waiting behind a running one and a waiting one
+        ahead = requests.post(url + "/api/generate", json={"prompt": "ahead", "steps": 60, "width": 1024,
+                                                           "height": 1024, "count": 4}, timeout=10)
+        assert ahead.status_code == 200, ahead.text
+    for name, viewport, scheme in (("desktop-dark", None, "dark"), ("phone-light", PHONE, "light")):
+        page = open_page(browser, url, viewport, scheme)
+        small(page)
+        page.locator("#prompt").fill(f"waits on {name}")
+        page.get_by_role("button", name="Generate").click()
+        page.wait_for_function("/~\\d+ s, \\d+–\\d+ s/.test(document.querySelector('#queue li .countdown')?.textContent)")
+        text = page.locator("#queue li .countdown").first.text_content() or ""
+        point, low, high = (int(n) for n in re.findall(r"\d+", text))
+        assert low <= point <= high and low < high, text
+        assert "four tasks in five" in (page.locator("#queue li .countdown").first.get_attribute("title") or "")
+        page.wait_for_timeout(2100)  # the countdown moves both the forecast and its range
+        later = [int(n) for n in re.findall(r"\d+", page.locator("#queue li .countdown").first.text_content() or "")]
+        assert later[2] < high, (text, later)
+        assert page.evaluate("document.documentElement.scrollWidth") <= page.evaluate("window.innerWidth")
+        shot(page, f"forecast-range-{name}")
+        assert not page.errors, page.errors
