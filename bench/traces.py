@@ -136,7 +136,7 @@ def h100(n: int, load: float = 0.75, speed: float = 4.0) -> Trace:
         if rnd.random() < 0.03:
             actions.append((at + rnd.uniform(0.5, 10.0), {"cancel": "running"}))
     actions.sort(key=lambda action: action[0])
-    args = ["--models", ",".join(profiles), "--max-affinity-wait", str(60.0 / speed)]
+    args = ["--models", ",".join(profiles), "--max-affinity-wait", str(120.0 / speed)]  # the default bound
     return Trace("h100", actions, speed, args, f"{n} tasks on an H100's measured costs (FLUX.1, Z-Image, FLUX.2 "
                                                f"klein, Qwen-Image on one worker; cold first images, count 1-4, 20% "
                                                f"priority, cancellations, a quiet minute and a burst of 20), load "

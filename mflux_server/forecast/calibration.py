@@ -16,29 +16,33 @@ MIN_CALIBRATION_TASKS = 20
 
 @dataclass(frozen=True)
 class Calibration:
-    """How much to widen (or narrow) the model's range on each side, as a share of the point forecast.
+    """How much to move each end of the model's range outwards (or inwards), as a share of the point forecast.
 
-    Split conformal prediction: each recent task's score is how far (relative to its forecast) the time it took
-    fell outside the range the model gave it at submit (negative: inside, by that much). Widening every range by
-    the 80th percentile of those scores would have held four tasks in five of them, and holds as many of the next
-    ones while the server's use stays alike. It corrects what the model leaves out (arrivals of other models that
-    fall due first, cancellations ahead, a burst) and what it overstates, without knowing which.
+    Split conformal prediction, one side at a time, since the range claims a 10th and a 90th percentile: each
+    recent task's low score is how far (relative to its forecast) the time it took fell below the low end the model
+    gave it at submit, its high score how far above the high end (negative: inside, by that much). Moving each end
+    by the 90th percentile of its scores would have left one task in ten below the range and one in ten above it,
+    and does so for the next tasks while the server's use stays alike. It corrects what the model leaves out
+    (arrivals of other models falling due first, cancellations ahead, a burst) and what it overstates.
     """
 
-    margin: float = 0.0
+    low_margin: float = 0.0
+    high_margin: float = 0.0
     tasks: int = 0
 
     @classmethod
     def of(cls, outcomes: Iterable[ForecastOutcome]) -> Calibration:
-        """The margin that would have held four in five of these outcomes; none with too few of them."""
-        scores = sorted(max(o.low - o.took, o.took - o.high) / o.point for o in outcomes if o.point > 0)
-        if len(scores) < MIN_CALIBRATION_TASKS:
-            return cls(0.0, len(scores))
-        # The conformal quantile: the ⌈(n + 1)·0.8⌉-th smallest score, which covers at least 80% of the next task.
-        rank = min(math.ceil((len(scores) + 1) * (HIGH_QUANTILE - LOW_QUANTILE)), len(scores))
-        return cls(scores[rank - 1], len(scores))
+        """The margins that would have held these outcomes' ends; none with too few of them."""
+        known = [o for o in outcomes if o.point > 0]
+        if len(known) < MIN_CALIBRATION_TASKS:
+            return cls(0.0, 0.0, len(known))
+        lows = sorted((o.low - o.took) / o.point for o in known)
+        highs = sorted((o.took - o.high) / o.point for o in known)
+        # The conformal quantile: the ⌈(n + 1)·0.9⌉-th smallest score bounds at least 90% of the next task's.
+        rank = min(math.ceil((len(known) + 1) * (1 - LOW_QUANTILE)), len(known))
+        assert HIGH_QUANTILE == 1 - LOW_QUANTILE  # one rank serves both ends
+        return cls(lows[rank - 1], highs[rank - 1], len(known))
 
     def applied(self, point: float, low: float, high: float) -> tuple[float, float]:
-        """The range widened by the margin on each side; narrowed no further than the point itself, never below 0."""
-        shift = self.margin * point
-        return max(min(low - shift, point), 0.0), max(high + shift, point)
+        """The range with each end moved by its margin; moved in no further than the point, never below 0."""
+        return max(min(low - self.low_margin * point, point), 0.0), max(high + self.high_margin * point, point)

@@ -172,20 +172,22 @@ def test_calibration_widens_ranges_that_held_too_few_and_narrows_those_that_held
     wide = Calibration.of(missed)
     low, high = wide.applied(100.0, 90.0, 110.0)
     held = statistics.fmean(low <= o.took <= high for o in missed)
-    assert 0.78 <= held <= 0.85 and wide.margin > 0
+    assert 0.78 <= held <= 0.85 and wide.low_margin > 0 and wide.high_margin > 0
+    assert 0.08 <= statistics.fmean(o.took < low for o in missed) <= 0.12, "one in ten below, as a 10th percentile"
     # Ranges of ±50% around times that stay within ±5%: narrowed, but never past the point.
     calm = [outcome(100.0, 50.0, 150.0, rnd.uniform(95.0, 105.0)) for _ in range(200)]
     narrow = Calibration.of(calm)
     low, high = narrow.applied(100.0, 50.0, 150.0)
-    assert narrow.margin < 0 and 90.0 < low <= 100.0 <= high < 110.0
+    assert narrow.low_margin < 0 and narrow.high_margin < 0 and 90.0 < low <= 100.0 <= high < 110.0
     assert 0.78 <= statistics.fmean(low <= o.took <= high for o in calm) <= 0.85
     assert narrow.applied(100.0, 99.0, 101.0) == (100.0, 100.0), "never narrowed past the point"
 
 
 def test_calibration_waits_for_enough_finished_tasks():
     few = [outcome(10.0, 9.0, 11.0, 30.0)] * (MIN_CALIBRATION_TASKS - 1)
-    assert Calibration.of(few).margin == 0.0
-    assert Calibration.of(few + [outcome(10.0, 9.0, 11.0, 30.0)]).margin == pytest.approx(1.9)
+    assert Calibration.of(few) == Calibration(0.0, 0.0, MIN_CALIBRATION_TASKS - 1)
+    enough = Calibration.of(few + [outcome(10.0, 9.0, 11.0, 30.0)])
+    assert (enough.low_margin, enough.high_margin) == pytest.approx((-2.1, 1.9))
 
 
 def test_a_submit_keeps_the_models_range_and_later_forecasts_learn_from_what_tasks_took(client):
