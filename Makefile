@@ -14,8 +14,12 @@ MFLUX_RUNTIME := "tqdm>=4.66.5,<5" "huggingface-hub>=1.1.6,<2" "platformdirs>=4,
 	"sentencepiece>=0.2.1,<1" "regex>=2024.11.6" "pyyaml>=6,<7" "requests>=2.33" "filelock>=3.20.1" \
 	"fsspec>=2026.6.0" "opencv-python-headless>=4.10,<6"
 ARGS ?=
+# Which MLX backend `make install` puts in on Linux: auto (CUDA where nvidia-smi sees a GPU, else CPU), cpu or
+# cuda; and the extras beside the server (the container image installs none: no test or benchmark tools).
+MLX_FLAVOUR ?= auto
+EXTRAS ?= test,bench
 
-.PHONY: help install run test test-fast test-engine engine-check lint bench fuzz clean browser postgres openblas
+.PHONY: help install run test test-fast test-engine engine-check lint bench fuzz clean browser postgres openblas containers
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -25,13 +29,17 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
 $(VENV)/.installed: setup.cfg pyproject.toml Makefile | $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[test,bench]'
+	$(BIN)/pip install --quiet -e '.$(if $(EXTRAS),[$(EXTRAS)])'
 	@if [ "$$(uname -s)" = Darwin ]; then \
 		echo "installing mflux $(MFLUX_VERSION) for macOS"; \
 		$(BIN)/pip install --quiet "mflux==$(MFLUX_VERSION)"; \
 	else \
-		if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then mlx="mlx[cuda13]==$(MLX_VERSION)"; \
-		else mlx="mlx[cpu]==$(MLX_VERSION)"; fi; \
+		case "$(MLX_FLAVOUR)" in \
+			cuda) mlx="mlx[cuda13]==$(MLX_VERSION)";; cpu) mlx="mlx[cpu]==$(MLX_VERSION)";; \
+			auto) if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+				mlx="mlx[cuda13]==$(MLX_VERSION)"; else mlx="mlx[cpu]==$(MLX_VERSION)"; fi;; \
+			*) echo "MLX_FLAVOUR must be auto, cpu or cuda, not $(MLX_FLAVOUR)" >&2; exit 2;; \
+		esac; \
 		echo "installing mflux $(MFLUX_VERSION) without its PyTorch dependency, with $$mlx"; \
 		$(BIN)/pip install --quiet "$$mlx" $(MFLUX_RUNTIME) && \
 		$(BIN)/pip install --quiet --no-deps "mflux==$(MFLUX_VERSION)"; \
@@ -46,7 +54,7 @@ run: install ## start the API and one worker; Ctrl-C stops both
 	$(BIN)/mflux-server & api=$$!; \
 	wait
 
-test: install browser postgres openblas ## run every test: tests/fast, tests/engine (mflux's own code) and tests/process (real processes)
+test: install browser postgres openblas containers ## run every test: tests/fast, tests/engine (mflux's own code) and tests/process (real processes)
 	$(BIN)/python -m pytest -q $(ARGS)
 
 browser: ## Debian's chromium for the web UI tests (Playwright cannot download its own browser here)
@@ -68,6 +76,12 @@ test-fast: install ## run the in-process tests only (tests/fast, under 15 second
 
 test-engine: install ## every served model through mflux's own classes, networks stood in for (tests/engine, < 1 minute)
 	$(BIN)/python -m pytest -q tests/engine $(ARGS)
+
+containers: ## Debian's podman, runc and debootstrap, which the container test builds and runs the image with
+	@{ command -v podman && command -v runc && { command -v debootstrap || ls /usr/sbin/debootstrap; }; } >/dev/null 2>&1 || \
+	{ [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman runc debootstrap >/dev/null; } || \
+	echo "WARNING: podman could not be installed: the container test will skip (it fails under CI=true)"
 
 openblas: ## Debian's OpenBLAS, which the real-network tests preload under MLX's CPU backend (its bundled BLAS is ~50x slower)
 	@ls /usr/lib/*-linux-gnu/openblas-pthread/libblas.so.3 >/dev/null 2>&1 || [ "$$(uname -s)" != Linux ] || \

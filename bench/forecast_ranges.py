@@ -134,7 +134,7 @@ def score(trace: traces.Trace, run: Replay, result: Result, width_target: bool) 
     result.add(f"{name}: inside expected_time_range at submit", covered_submit, "%", "75–90%", ok)
     ok = COVERAGE[0] <= covered_waiting <= COVERAGE[1]
     result.add(f"{name}: inside wait_range while waiting", covered_waiting, "%", "75–90%", ok)
-    result.add(f"{name}:   of those outside at submit, below the range", below, "% of all")
+    result.add(f"{name}:   share finished before the range at submit (of all)", below, "%")
     if width_target:
         result.add(f"{name}: median range width ÷ forecast at submit", width, "%", f"≤ {MAX_WIDTH:g}%", width <= MAX_WIDTH)
     else:
