@@ -90,8 +90,8 @@ def steady(n: int) -> Trace:
 def switching(n: int) -> Trace:
     """Benchmark 6's trace: schnell and dev on one worker, a 15 s load, Poisson arrivals at load 0.7."""
     speed = 20.0
-    actions = [(at, {"submit": {"prompt": f"switching {i}", "model": model, "width": 1024, "height": 1024, "steps": model_switching.STEPS,
-                                "format": "JPEG"}})
+    actions = [(at, {"submit": {"prompt": f"switching {i}", "model": model, "width": 1024, "height": 1024,
+                                "steps": model_switching.STEPS, "format": "JPEG"}})
                for i, (at, model) in enumerate(model_switching.make_trace(n, random.Random(5)))]
     args = ["--models", "schnell,dev", "--max-affinity-wait", str(model_switching.AFFINITY / speed),
             "--synthetic-load", str(model_switching.LOAD_SECONDS), "--synthetic-step", f"{model_switching.STEP_SECONDS},0,0",

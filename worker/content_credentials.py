@@ -16,6 +16,7 @@ import datetime
 import io
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,9 +40,15 @@ class SignerFiles:
 
 
 def default_folder(db: str) -> Path:
-    """Where a worker keeps its own credentials: beside the SQLite file, or in the working directory."""
-    base = Path(db).expanduser().resolve().parent if capabilities_of(db).local_file else Path.cwd()
-    return base / "mflux-server-c2pa"
+    """Where a worker keeps its own credentials: beside the SQLite file, else in the user's data folder.
+
+    Never the working directory: a worker started from a checkout wrote its private key there, where `git add`
+    or a container build picks it up (one was committed once), and every copy would then sign with that key.
+    """
+    if capabilities_of(db).local_file:
+        return Path(db).expanduser().resolve().parent / "mflux-server-c2pa"
+    data = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data) / "mflux-server" / "c2pa"
 
 
 def signer_files(cert: str | None, key: str | None, folder: Path) -> SignerFiles:

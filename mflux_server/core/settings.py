@@ -159,8 +159,8 @@ class Settings:
                                     _optional(str))
     c2pa_key: str | None = setting(None, "PEM private key of --c2pa-cert's signer", "worker", _optional(str))
     c2pa_dir: str | None = setting(None, "where a worker keeps its self-signed credentials (default: "
-                                   "mflux-server-c2pa beside the SQLite file, or in the working directory)", "worker",
-                                   _optional(str))
+                                   "mflux-server-c2pa beside the SQLite file, else $XDG_DATA_HOME/mflux-server/c2pa, "
+                                   "~/.local/share by default)", "worker", _optional(str))
     lora_hub: bool = setting(
         False, "also accept Hugging Face references (org/repo, org/repo:file.safetensors) as LoRA names; workers "
         "download them with mflux (give the API and every worker this flag)", parse=_bool)

@@ -26,6 +26,7 @@ from mflux_server.core.rows import (
     ClaimKey,
     Delivery,
     Event,
+    ForecastOutcome,
     InputImage,
     LoadStat,
     NewTask,
@@ -39,7 +40,6 @@ from mflux_server.core.rows import (
     Task,
     Timing,
     TimingStat,
-    ForecastOutcome,
     WaitingHead,
     Worker,
 )

@@ -9,8 +9,8 @@ from dataclasses import replace
 import pytest
 
 from mflux_server.core.rows import Arrival, ForecastOutcome, Status, Timing, TimingStat
-from mflux_server.forecast.calibration import MIN_CALIBRATION_TASKS, Calibration
 from mflux_server.forecast.arrivals import OVERTAKING_QUANTILE, ArrivalLog
+from mflux_server.forecast.calibration import MIN_CALIBRATION_TASKS, Calibration
 from mflux_server.forecast.cost_model import RUN_CORRELATION, UNMEASURED_SPREAD, CostModel, correlated_sd
 from mflux_server.forecast.ranges import HIGH_QUANTILE, LOW_QUANTILE, Part, combined, normal
 from tests.conftest import new_task as task

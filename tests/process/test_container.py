@@ -19,6 +19,8 @@ import requests
 import yaml
 from PIL import Image
 
+from mflux_server import store
+from mflux_server.core.rows import Status
 from mflux_server.testing import ROOT, free_port, wait_for
 
 BASE = "docker.io/library/debian:bookworm-slim"
@@ -30,10 +32,10 @@ pytestmark = pytest.mark.skipif(bool(MISSING) and not os.environ.get("CI"),
                                 reason=f"LOUD SKIP: {', '.join(MISSING)} missing (make test installs them where it can)")
 
 
-def podman(*args: str, check: bool = True, timeout: float = 120, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def podman(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     """One podman command with the options this machine needs (runc, no default ulimits)."""
     command = ["podman", "--runtime", "runc", *args]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env or os.environ | PODMAN_ENV)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=os.environ | PODMAN_ENV)
     if check and done.returncode != 0:
         raise AssertionError(f"{' '.join(command)} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     return done
@@ -85,9 +87,13 @@ def run_container(image: str, name: str, volume: str, *command: str, env: dict[s
     return name
 
 
-def test_the_image_runs_the_api_and_a_worker_on_one_queue_and_a_worker_restart_loses_nothing(image, queue_volume):
+@pytest.mark.parametrize("queue", ["sqlite", "postgresql"])
+def test_the_image_runs_the_api_and_a_worker_on_one_queue_and_a_worker_restart_loses_nothing(image, queue_volume, queue,
+                                                                                              request):
     port = free_port()
     env = {"MFLUX_SERVER_PORT": str(port), "MFLUX_SERVER_STALE_AFTER": "5", "MFLUX_SERVER_HEARTBEAT_INTERVAL": "1"}
+    if queue == "postgresql":  # the host's throwaway server, on loopback: the containers share the host's network
+        env["MFLUX_SERVER_DB"] = request.getfixturevalue("postgres_server").create_database()
     suffix = f"{os.getpid()}-{time.monotonic_ns() % 10**6}"
     api, worker = f"mflux-api-{suffix}", f"mflux-worker-{suffix}"
     try:
@@ -107,7 +113,8 @@ def test_the_image_runs_the_api_and_a_worker_on_one_queue_and_a_worker_restart_l
         assert podman("exec", api, "id", "-u").stdout.strip() == "10001", "the processes do not run as root"
         for name in (api, worker):
             health = podman("healthcheck", "run", name, check=False)
-            assert health.returncode == 0, f"{name} unhealthy: {health.stdout}{health.stderr}"
+            logs = podman("logs", name, check=False)
+            assert health.returncode == 0, f"{name} unhealthy: {health.stdout}{health.stderr}\n{logs.stderr[-3000:]}"
 
         first = requests.post(url + "/api/generate", json={"prompt": "from the host", "width": 256, "height": 256,
                                                            "steps": 2}, timeout=10).json()
@@ -130,6 +137,14 @@ def test_the_image_runs_the_api_and_a_worker_on_one_queue_and_a_worker_restart_l
                      what=f"{task['task_id']} after the restart")
         listed = requests.get(url + "/api/tasks", params={"status": "done", "limit": 100}, timeout=10).json()
         assert {t["task_id"] for t in listed["tasks"]} >= {t["task_id"] for t in (first, running, *waiting)}
+        # The queue is where the containers were told it is: the PostgreSQL database, or the file on the volume.
+        where = env.get("MFLUX_SERVER_DB") or str(Path(podman("volume", "inspect", queue_volume, "--format",
+                                                               "{{.Mountpoint}}").stdout.strip()) / "queue.db")
+        held = store.connect(where)
+        try:
+            assert all(held.get(t["task_id"]).status is Status.DONE for t in (first, running, *waiting))
+        finally:
+            held.close()
         logs = podman("logs", worker)
         assert "the task goes back to the queue" in logs.stdout + logs.stderr, "the SIGTERM did not put it back"
     finally:
