@@ -10,6 +10,7 @@ import io
 import os
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,7 +51,8 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     assert not MISSING, f"CI must build the container image, but {', '.join(MISSING)} are missing"
     folder = tmp_path_factory.mktemp("container")
     conf = folder / "containers.conf"
-    conf.write_text("[containers]\ndefault_ulimits = []\n")
+    # runc for podman-compose too, which calls podman without our flags.
+    conf.write_text('[containers]\ndefault_ulimits = []\n\n[engine]\nruntime = "runc"\n')
     PODMAN_ENV["CONTAINERS_CONF"] = str(conf)
     if podman("image", "exists", BASE, check=False).returncode != 0:
         rootfs = folder / "rootfs"
@@ -152,6 +154,47 @@ def test_the_image_runs_the_api_and_a_worker_on_one_queue_and_a_worker_restart_l
             podman("rm", "-f", "-t", "5", name, check=False)
 
 
+def test_compose_runs_the_sqlite_profile_and_serves_a_task_to_the_host(image, tmp_path):
+    """The compose file itself, with podman-compose: its sqlite profile (no registry here for PostgreSQL's image),
+    on the image built above under the name the file uses."""
+    compose = str(Path(sys.executable).parent / "podman-compose")  # beside this interpreter, in .venv
+    assert Path(compose).exists(), "podman-compose is a test dependency (setup.cfg)"
+    named = podman("image", "exists", "localhost/mflux-server:cpu", check=False).returncode == 0
+    if not named:  # an image of that name built here before is left as it is (and used)
+        podman("tag", image, "localhost/mflux-server:cpu")
+    project, port = f"mflux-test-{os.getpid()}", free_port()
+    env = os.environ | PODMAN_ENV | {"MFLUX_PORT": str(port)}
+
+    def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run([compose, "-p", project, "-f", str(ROOT / "compose.yaml"), "--profile", "sqlite", *args],
+                              capture_output=True, text=True, timeout=timeout, env=env, cwd=str(tmp_path))
+        assert done.returncode == 0, f"podman-compose {' '.join(args)}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        return done
+
+    try:
+        run("up", "-d", "--no-build")
+        url = f"http://127.0.0.1:{port}"
+
+        def ready() -> bool:
+            try:
+                return requests.get(url + "/readyz", timeout=2).status_code == 200
+            except requests.RequestException:
+                return False
+
+        wait_for(ready, timeout=180, what="the compose API to be ready")
+        task = requests.post(url + "/api/generate", json={"prompt": "through compose", "width": 256, "height": 256,
+                                                          "steps": 2}, timeout=10).json()
+        wait_for(lambda: requests.get(url + "/api/status", params={"task_id": task["task_id"]}, timeout=5).json()
+                 ["status"] == "done", timeout=120, what="the task through compose")
+        fetched = requests.get(url + "/api/image", params={"task_id": task["task_id"]}, timeout=10)
+        assert Image.open(io.BytesIO(fetched.content)).size == (256, 256)
+    finally:
+        subprocess.run([compose, "-p", project, "-f", str(ROOT / "compose.yaml"), "--profile", "sqlite", "down", "-v",
+                        "-t", "10"], capture_output=True, timeout=300, env=env, cwd=str(tmp_path))
+        if not named:
+            podman("untag", image, "localhost/mflux-server:cpu", check=False)
+
+
 def test_the_compose_file_has_both_profiles_the_gpu_reservation_and_the_volumes():
     compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
     services = compose["services"]
@@ -161,7 +204,7 @@ def test_the_compose_file_has_both_profiles_the_gpu_reservation_and_the_volumes(
     for api, worker in (("api", "worker"), ("api-sqlite", "worker-sqlite")):
         assert services[api]["command"] == ["mflux-server"] and services[worker]["command"] == ["mflux-worker"]
         assert services[api]["image"] == services[worker]["image"], "one image runs both"
-        assert "127.0.0.1:4030:4030" in services[api]["ports"]
+        assert "127.0.0.1:${MFLUX_PORT:-4030}:4030" in services[api]["ports"]
         assert any(v.endswith(":/var/cache/huggingface") for v in services[worker]["volumes"])
     shared = [v for v in services["api-sqlite"]["volumes"] if v.endswith(":/var/lib/mflux-server")]
     assert shared and shared[0] in services["worker-sqlite"]["volumes"], "the SQLite queue is one shared volume"
