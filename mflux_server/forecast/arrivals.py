@@ -48,7 +48,7 @@ class ArrivalLog:
         self._samples: dict[tuple[str, int, int, int, int], Arrival] = {}  # one arrival of each shape, to price it
         self.last_seq = 0  # the newest arrival seen; the next read starts after it
         self._load: dict[str, dict[int, Load]] = {}
-        self._starts: dict[tuple[str, int, int, float], float] = {}  # until_start's solutions for this load
+        self._starts: dict[tuple[str, int, int, float, float], float] = {}  # until_start's solutions for this load
 
     def observe(self, new: Iterable[Arrival], now: float, cost: CostModel) -> None:
         """Add new arrivals, forget old ones, and re-price every priority's load with the current cost model."""

@@ -215,8 +215,8 @@ class CostModel:
             mp = megapixels(stat.width, stat.height)
             grouped.setdefault((stat.model, stat.kind), {})[mp] = (stat.total / stat.n, stat.n)
             squares.setdefault((stat.model, stat.kind), {})[mp] = stat.total_sq / stat.n
-            family = (family_of(stat.model), stat.kind)
-            sizes, sizes_sq = pooled.setdefault(family, {}), pooled_sq.setdefault(family, {})
+            family_kind = (family_of(stat.model), stat.kind)
+            sizes, sizes_sq = pooled.setdefault(family_kind, {}), pooled_sq.setdefault(family_kind, {})
             total, n = sizes.get(mp, (0.0, 0))
             sizes[mp] = (total + stat.total, n + stat.n)
             sizes_sq[mp] = (sizes_sq.get(mp, (0.0, 0))[0] + stat.total_sq, n + stat.n)
