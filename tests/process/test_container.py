@@ -81,6 +81,18 @@ def queue_volume(image: str) -> Iterator[str]:
     podman("volume", "rm", "-f", name, check=False)
 
 
+def wait_ready(url: str, what: str) -> None:
+    """Wait until the API at url says it is ready (the queue takes writes and a worker heartbeats)."""
+
+    def ready() -> bool:
+        try:
+            return requests.get(url + "/readyz", timeout=2).status_code == 200
+        except requests.RequestException:
+            return False
+
+    wait_for(ready, timeout=180, what=f"{what} to be ready")
+
+
 def run_container(image: str, name: str, volume: str, *command: str, env: dict[str, str]) -> str:
     """Start a container on the host's network with the queue volume; returns its name (removed at the end)."""
     flags = [f"--env={key}={value}" for key, value in env.items()]
@@ -104,14 +116,7 @@ def test_the_image_runs_the_api_and_a_worker_on_one_queue_and_a_worker_restart_l
         run_container(image, worker, queue_volume, "mflux-worker", env=env | {
             "MFLUX_SERVER_ENGINE": "synthetic", "MFLUX_SERVER_SYNTHETIC_STEP": "0.25,0,0"})
         url = f"http://127.0.0.1:{port}"
-
-        def ready() -> bool:
-            try:
-                return requests.get(url + "/readyz", timeout=2).status_code == 200
-            except requests.RequestException:
-                return False
-
-        wait_for(ready, timeout=120, what=f"the API container to be ready:\n{podman('logs', api, check=False).stderr[-2000:]}")
+        wait_ready(url, f"the API container {api}")
         assert podman("exec", api, "id", "-u").stdout.strip() == "10001", "the processes do not run as root"
         for name in (api, worker):
             health = podman("healthcheck", "run", name, check=False)
@@ -174,14 +179,7 @@ def test_compose_runs_the_sqlite_profile_and_serves_a_task_to_the_host(image, tm
     try:
         run("up", "-d", "--no-build")
         url = f"http://127.0.0.1:{port}"
-
-        def ready() -> bool:
-            try:
-                return requests.get(url + "/readyz", timeout=2).status_code == 200
-            except requests.RequestException:
-                return False
-
-        wait_for(ready, timeout=180, what="the compose API to be ready")
+        wait_ready(url, "the compose API")
         task = requests.post(url + "/api/generate", json={"prompt": "through compose", "width": 256, "height": 256,
                                                           "steps": 2}, timeout=10).json()
         wait_for(lambda: requests.get(url + "/api/status", params={"task_id": task["task_id"]}, timeout=5).json()
