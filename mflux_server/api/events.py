@@ -107,7 +107,7 @@ def follow(watched: set[str] | None, after: int | None, single: bool, owner: int
     hub = event_hub()
     owned: set[str] = set()  # this key's tasks seen on the stream, so their 'deleted' events still pass
     yield f"retry: {RETRY_MS}\n\n"
-    positions: dict[str, tuple[int, float, list[float]]] = {}
+    positions: dict[str, tuple[int, float]] = {}
     if after is None:
         after = hub.last_id
         for task_id in sorted(watched or ()):
@@ -115,7 +115,7 @@ def follow(watched: set[str] | None, after: int | None, single: bool, owner: int
             if view is not None and owner is not None and view["owner_key"] != owner:
                 continue
             if view is not None:
-                positions[task_id] = (view["pos"], view["wait_remaining"], view["wait_range"])
+                positions[task_id] = (view["pos"], view["wait_remaining"])
                 kind = {"done": "done", "error": "error"}.get(view["status"], "status")
                 state = Event(after, task_id, kind, json.dumps({"status": view["status"], "error": view["error"]}), 0.0)
                 yield frame(after, kind, {**payload(state, view), "at": None})
@@ -140,7 +140,7 @@ def follow(watched: set[str] | None, after: int | None, single: bool, owner: int
                     continue
                 owned.add(event.task_id)
             if view is not None:
-                positions[event.task_id] = (view["pos"], view["wait_remaining"], view["wait_range"])
+                positions[event.task_id] = (view["pos"], view["wait_remaining"])
             yield message
             if single and (event.kind in ("done", "error", "deleted") or json.loads(event.data).get("status") in ENDED):
                 return
@@ -149,7 +149,7 @@ def follow(watched: set[str] | None, after: int | None, single: bool, owner: int
             yield from moved_positions(watched, positions, after, owner)
 
 
-def moved_positions(watched: set[str], positions: dict[str, tuple[int, float, list[float]]], event_id: int,
+def moved_positions(watched: set[str], positions: dict[str, tuple[int, float]], event_id: int,
                     owner: int | None = None) -> Iterator[str]:
     """A progress event for each watched waiting task whose position changed as the queue moved; with an owner,
     only that key's tasks (another key's task id, guessed or leaked, shows nothing)."""
@@ -158,11 +158,11 @@ def moved_positions(watched: set[str], positions: dict[str, tuple[int, float, li
         if task is None or task.status is not Status.WAITING or (owner is not None and task.key_id != owner):
             continue
         view = task_status(db(), task)
-        now = (view["pos"], view["wait_remaining"], view["wait_range"])
-        if task_id not in positions or positions[task_id][0] != now[0]:
+        now = (view["pos"], view["wait_remaining"])
+        if positions.get(task_id, (None, None))[0] != now[0]:
             positions[task_id] = now
             yield frame(event_id, "progress", {"task_id": task_id, "status": "waiting", "position": now[0],
-                                               "wait_remaining": now[1], "wait_range": now[2], "at": None})
+                                               "wait_remaining": now[1], "wait_range": view["wait_range"], "at": None})
 
 
 def event_stream(body: Iterator[str]) -> Response:

@@ -38,10 +38,12 @@ class Calibration:
             return cls(0.0, 0.0, len(known))
         lows = sorted((o.low - o.took) / o.point for o in known)
         highs = sorted((o.took - o.high) / o.point for o in known)
-        # The conformal quantile: the ⌈(n + 1)·0.9⌉-th smallest score bounds at least 90% of the next task's.
-        rank = min(math.ceil((len(known) + 1) * (1 - LOW_QUANTILE)), len(known))
-        assert HIGH_QUANTILE == 1 - LOW_QUANTILE  # one rank serves both ends
-        return cls(lows[rank - 1], highs[rank - 1], len(known))
+        # The conformal quantile: the ⌈(n + 1)·q⌉-th smallest score bounds at least a share q of the next task's
+        # (q = 0.9 at each end: one in ten beyond it).
+        def bound(scores: list[float], share: float) -> float:
+            return scores[min(math.ceil((len(scores) + 1) * share), len(scores)) - 1]
+
+        return cls(bound(lows, 1 - LOW_QUANTILE), bound(highs, HIGH_QUANTILE), len(known))
 
     def applied(self, point: float, low: float, high: float) -> tuple[float, float]:
         """The range with each end moved by its margin; moved in no further than the point, never below 0."""

@@ -172,11 +172,6 @@ def _means(sums: dict[float, tuple[float, int]]) -> dict[float, tuple[float, int
     return {mp: (total / n, n) for mp, (total, n) in sums.items() if n > 0}
 
 
-def _squares(sums: dict[float, tuple[float, int]]) -> dict[float, float]:
-    """(sum of squared seconds, n) per size as the mean square."""
-    return {mp: total_sq / n for mp, (total_sq, n) in sums.items() if n > 0}
-
-
 def correlated_sd(sd: float, n: float) -> float:
     """The standard deviation of a sum of n durations of one sd each, sharing RUN_CORRELATION of their variance."""
     return n * sd * math.sqrt(RUN_CORRELATION + (1 - RUN_CORRELATION) / n) if n > 0 else 0.0
@@ -201,6 +196,10 @@ class CostModel:
     kinds: dict[str, dict[str, KindModel]]
     families: dict[str, dict[str, KindModel]]
     measured: bool
+    # Per (model, width, height): each kind's seconds and the sd of one of its durations. A fitted model never
+    # changes (a refit makes a new one), and a status request prices its task's size several times.
+    _sizes: dict[tuple[str, int, int], tuple[dict[str, float], dict[str, float]]] = field(
+        default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def fit(cls, stats: Iterable[TimingStat]) -> CostModel:
@@ -208,7 +207,7 @@ class CostModel:
         grouped: dict[tuple[str, str], dict[float, tuple[float, int]]] = {}
         squares: dict[tuple[str, str], dict[float, float]] = {}
         pooled: dict[tuple[str, str], dict[float, tuple[float, int]]] = {}
-        pooled_sq: dict[tuple[str, str], dict[float, tuple[float, int]]] = {}
+        pooled_sq: dict[tuple[str, str], dict[float, float]] = {}  # sums of squares, beside pooled's sums
         for stat in stats:
             if stat.n <= 0:
                 continue
@@ -219,11 +218,12 @@ class CostModel:
             sizes, sizes_sq = pooled.setdefault(family_kind, {}), pooled_sq.setdefault(family_kind, {})
             total, n = sizes.get(mp, (0.0, 0))
             sizes[mp] = (total + stat.total, n + stat.n)
-            sizes_sq[mp] = (sizes_sq.get(mp, (0.0, 0))[0] + stat.total_sq, n + stat.n)
+            sizes_sq[mp] = sizes_sq.get(mp, 0.0) + stat.total_sq
         families: dict[str, dict[str, KindModel]] = {}
         for (family, kind), sums in pooled.items():
+            squared = pooled_sq[(family, kind)]
             families.setdefault(family, {})[kind] = KindModel.fit(PRIOR[kind], _means(sums)).with_spread(
-                _squares(pooled_sq[(family, kind)]))
+                {mp: squared[mp] / n for mp, (_, n) in sums.items() if n > 0})
         kinds: dict[str, dict[str, KindModel]] = {}
         for (model, kind), samples in grouped.items():
             # The shape comes from its siblings alone: a slower sibling measured at one size must not bend it.
@@ -246,9 +246,19 @@ class CostModel:
         return KindModel(prior=PRIOR[kind], ratio=ratio)
 
     def parts(self, model: str, width: int, height: int) -> dict[str, float]:
-        """Seconds for one step and for each fixed cost, at this size."""
-        mp = megapixels(width, height)
-        return {kind: self.kind(model, kind).seconds(mp) for kind in KINDS}
+        """Seconds for one step and for each fixed cost, at this size (not to be changed: it is shared)."""
+        return self._priced(model, width, height)[0]
+
+    def _priced(self, model: str, width: int, height: int) -> tuple[dict[str, float], dict[str, float]]:
+        """Each kind's seconds at this size, and the standard deviation of one duration of that kind."""
+        key = (model, width, height)
+        priced = self._sizes.get(key)
+        if priced is None:
+            mp = megapixels(width, height)
+            fitted = {kind: self.kind(model, kind) for kind in KINDS}
+            seconds = {kind: fitted[kind].seconds(mp) for kind in KINDS}
+            priced = self._sizes[key] = (seconds, {kind: seconds[kind] * fitted[kind].relative_sd(mp) for kind in KINDS})
+        return priced
 
     def gpu_seconds(self, task: TaskShape) -> float:
         """Seconds a task keeps the engine busy; encoding runs beside the next generation, so it is not here."""
@@ -257,17 +267,11 @@ class CostModel:
 
     def gpu_sd(self, task: TaskShape) -> float:
         """The standard deviation of a task's engine seconds, from the spread measured around each kind's fit."""
-        mp = megapixels(task.width, task.height)
-        p = self.parts(task.model, task.width, task.height)
+        sds = self._priced(task.model, task.width, task.height)[1]
         variance = 0.0
         for kind, n in (("step", task.count * task.steps), ("before", task.count), ("after", task.count)):
-            variance += correlated_sd(p[kind] * self.kind(task.model, kind).relative_sd(mp), n) ** 2
+            variance += correlated_sd(sds[kind], n) ** 2
         return math.sqrt(variance)
-
-    def relative_sd(self, task: TaskShape) -> float:
-        """gpu_sd as a share of gpu_seconds."""
-        seconds = self.gpu_seconds(task)
-        return self.gpu_sd(task) / seconds if seconds > 0 else UNMEASURED_SPREAD
 
     def task_seconds(self, task: TaskShape) -> float:
         """Seconds from a task's start until its images are stored: the generation, then its last encode."""

@@ -16,7 +16,7 @@ from mflux_server.core.rows import ClaimKey, QueueEntry, QueueRead, Status, Task
 from mflux_server.core.scheduling import expected_load, expected_lora_change
 from mflux_server.forecast.arrivals import ARRIVAL_WINDOW, ArrivalLog
 from mflux_server.forecast.calibration import CALIBRATION_TASKS, Calibration
-from mflux_server.forecast.cost_model import CostModel, correlated_sd
+from mflux_server.forecast.cost_model import UNMEASURED_SPREAD, CostModel, correlated_sd
 from mflux_server.forecast.policy_replay import ModelQueue, Timeline, timeline
 from mflux_server.forecast.policy_replay import Worker as ReplayWorker
 from mflux_server.forecast.ranges import HIGH_QUANTILE, LOAD_SPREAD, LOW_QUANTILE, Part, combined, normal
@@ -368,7 +368,7 @@ class Forecaster:
         seconds = until_start + switch + change + cost.task_seconds(task)
         tasks_ahead = (max(pos, 0) + running_ahead) / max(workers, 1)
         parts = self._waiting_parts(task, workers, per_worker, until_start, tasks_ahead, cost)
-        parts += [normal(switch, LOAD_SPREAD * switch), normal(change, LOAD_SPREAD * change)]
+        parts += [normal(extra, LOAD_SPREAD * extra) for extra in (switch, change) if extra]
         return self._ranged(db, Estimate(max(pos, 0), running_ahead, seconds), parts, now)
 
     def _ranged(self, db: Store, estimate: Estimate, parts: list[Part], now: float) -> Estimate:
@@ -394,7 +394,8 @@ class Forecaster:
         allows) adds that model's later arrivals: the worker keeps serving them until the bound.
         """
         start = self.arrivals.until_start
-        relative = cost.relative_sd(task)
+        own, own_sd = cost.gpu_seconds(task), cost.gpu_sd(task)
+        relative = own_sd / own if own > 0 else UNMEASURED_SPREAD
         longest = ahead
         if turn is not None:
             held, latest = turn
@@ -402,7 +403,7 @@ class Forecaster:
         return [Part(until_start, start(task.model, task.priority, workers, ahead, LOW_QUANTILE),
                      start(task.model, task.priority, workers, longest, HIGH_QUANTILE)),
                 normal(ahead, correlated_sd(relative * ahead / tasks_ahead, tasks_ahead) if tasks_ahead >= 1 else 0.0),
-                normal(cost.gpu_seconds(task), cost.gpu_sd(task))]
+                normal(own, own_sd)]
 
     def lora_change_seconds(self, db: Store, task: Task, running: Sequence[Task], live: Sequence[Worker]) -> float:
         """The measured cost of changing to a task's LoRA set, unless a worker holding its model holds that set

@@ -54,10 +54,10 @@ def test_a_tasks_spread_grows_with_its_steps_but_shrinks_relative_to_its_time():
                           stat([rnd.gauss(0.1, 0.01) for _ in range(50)], kind="after")])
     short, long = task(width=1024, height=1024, steps=2), task(width=1024, height=1024, steps=40)
     assert cost.gpu_sd(long) > cost.gpu_sd(short)
-    assert cost.relative_sd(long) < cost.relative_sd(short)
+    assert cost.gpu_sd(long) / cost.gpu_seconds(long) < cost.gpu_sd(short) / cost.gpu_seconds(short)
     # Shared machine state keeps a floor: a long task's relative spread never falls below √ρ of a step's.
     step_relative = cost.kind("schnell", "step").relative_sd(1.0)
-    assert cost.relative_sd(long) > step_relative * RUN_CORRELATION ** 0.5 * 0.9
+    assert cost.gpu_sd(long) / cost.gpu_seconds(long) > step_relative * RUN_CORRELATION ** 0.5 * 0.9
 
 
 def test_correlated_sums_lie_between_independent_and_fully_shared():
