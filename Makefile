@@ -72,7 +72,8 @@ postgres: ## Debian's PostgreSQL server binaries, which the PostgreSQL store tes
 # Three workers on two cores: a third of the tier waits (sleeps, PostgreSQL, subprocesses). Plugins are loaded by
 # name: hypothesis's and schemathesis's (the fuzz tests', in tests/process) took a second of every worker's start.
 test-fast: install ## run the in-process tests only (tests/fast, under 15 seconds)
-	PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 $(BIN)/python -m pytest -q -p xdist -n 3 tests/fast $(ARGS)
+	@# PYTHONDONTWRITEBYTECODE= : pytest keeps its rewritten test modules, and Python its compiled ones, between runs
+	PYTHONDONTWRITEBYTECODE= PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 $(BIN)/python -m pytest -q -p xdist -n 3 tests/fast $(ARGS)
 
 test-engine: install ## every served model through mflux's own classes, networks stood in for (tests/engine, < 1 minute)
 	$(BIN)/python -m pytest -q tests/engine $(ARGS)

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from apispec import APISpec
 from flask import Flask, Response, g, request, send_from_directory
-from flask_smorest import Api
+from flask_smorest import Api, Blueprint
 from werkzeug.exceptions import HTTPException, InternalServerError
+from werkzeug.routing import Rule
 
 import mflux_server.web
 from mflux_server import __version__, store
@@ -49,9 +53,56 @@ as in the original mflux-server. Every error is JSON with a stable `code`, a `me
 
 
 class JsonErrorApi(Api):
-    """flask-smorest's Api with our error body: code, message, field, errors."""
+    """flask-smorest's Api with our error body, and an OpenAPI document built on its first use."""
 
     ERROR_SCHEMA = ErrorSchema
+
+    def __init__(self, app: Flask) -> None:
+        # Documenting the views is about half of an app's start, and most processes never serve the docs.
+        self._pending_docs: list[Callable[[], None]] = []
+        self._docs_lock = threading.Lock()
+        self._docs_builder: int | None = None
+        self._spec: APISpec | None = None
+        super().__init__(app)
+
+    @property
+    def spec(self) -> APISpec | None:
+        """The OpenAPI document, with every view registered so far documented in it."""
+        if self._pending_docs and self._docs_builder != threading.get_ident():
+            with self._docs_lock:
+                self._docs_builder = threading.get_ident()  # the jobs read self.spec: they get the one being built
+                try:
+                    while self._pending_docs:
+                        self._pending_docs[0]()
+                        del self._pending_docs[0]  # after the job: another thread waits until the last is done
+                finally:
+                    self._docs_builder = None
+        return self._spec
+
+    @spec.setter
+    def spec(self, value: APISpec | None) -> None:
+        self._spec = value
+
+    def _register_responses(self) -> None:
+        self._pending_docs.append(super()._register_responses)
+
+    def _register_etag_headers(self) -> None:
+        self._pending_docs.append(super()._register_etag_headers)
+
+    def _register_pagination_header(self) -> None:
+        self._pending_docs.append(super()._register_pagination_header)
+
+    def register_blueprint(self, blp: Blueprint, *, parameters: Any = None, **options: Any) -> None:
+        """Register a blueprint's views now and document them when the document is first read."""
+        name = options.get("name", blp.name)
+        self._app.extensions["flask-smorest"]["blp_name_to_api"][name] = self
+        self._app.register_blueprint(blp, **options)
+
+        def document() -> None:
+            blp.register_views_in_doc(self, self._app, self._spec, name=name, parameters=parameters)
+            self._spec.tag({"name": name, "description": blp.description})  # type: ignore[union-attr]
+
+        self._pending_docs.append(document)
 
     def handle_http_exception(self, error: HTTPException) -> JsonError:
         """Render any HTTP error as our JSON error body; a 5xx a view chose (504 timeout, 500 generation_failed,
@@ -61,6 +112,21 @@ class JsonErrorApi(Api):
             log.warning("%s %s answered %d %s: %s", request.method, request.path, answer[1], answer[0]["code"],
                         answer[0]["message"])
         return in_envelope(answer)
+
+
+class LazyBuilderRule(Rule):
+    """werkzeug's Rule with its URL builders compiled on first use: a rule is matched far more often than built
+    (url_for), and compiling two builders per rule is most of what adding the routes costs."""
+
+    def _compile_builder(self, append_unknown: bool = True) -> Callable[..., tuple[str, str]]:
+        compiled: list[Callable[..., tuple[str, str]]] = []
+
+        def build(rule: Rule, **values: Any) -> tuple[str, str]:
+            if not compiled:
+                compiled.append(Rule._compile_builder(rule, append_unknown).__get__(rule, None))
+            return compiled[0](**values)
+
+        return build
 
 
 # What each storage problem answers: HTTP status, code, and what to tell the client.
@@ -101,6 +167,7 @@ def create_app(config: Settings | None = None, overrides: dict[str, Any] | None 
     """Build the API app for a settings object; migrates the database first."""
     config = config or Settings()
     app = Flask("mflux_server")
+    app.url_rule_class = LazyBuilderRule
     app.config.update(
         API_TITLE="mflux-server",
         API_VERSION=__version__,

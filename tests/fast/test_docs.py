@@ -128,8 +128,14 @@ def help_text(*command: str) -> str:
 
 
 def test_every_flag_the_docs_name_is_one_a_command_takes():
-    helps = {"API": help_text("mflux_server"), "worker": help_text("mflux_server.worker")}
-    client = help_text("mflux_server.client.cli") + help_text("mflux_server.client.cli", "generate")
+    from concurrent.futures import ThreadPoolExecutor
+
+    commands = [("mflux_server",), ("mflux_server.worker",), ("mflux_server.client.cli",),
+                ("mflux_server.client.cli", "generate")]
+    with ThreadPoolExecutor(len(commands)) as pool:  # four Pythons starting at once, not one after another
+        api, worker, client, client_generate = pool.map(lambda command: help_text(*command), commands)
+    helps = {"API": api, "worker": worker}
+    client += client_generate
     for match in re.finditer(r"^\| `(--[a-z-]+)` \| `[A-Z_]+` \| `[^`]*` \| ([^|]+) \|", CONFIGURATION, re.M):
         flag, roles = match.group(1), match.group(2)
         for role in ("API", "worker"):
@@ -145,3 +151,21 @@ def test_every_flag_the_docs_name_is_one_a_command_takes():
     unknown = sorted(flag for flag in named - outside if not re.search(rf"{flag}\b", everything))
     assert not unknown, f"the docs name flags no command takes: {unknown}"
     assert len(named) > 50, named
+
+
+def test_the_document_built_on_first_read_is_whole_and_the_same_for_readers_at_once(app):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from flask import url_for
+
+    api = app.extensions["flask-smorest"]["apis"][""]["ext_obj"]
+    assert api._pending_docs, "a new app documents its views when the document is first read, not at start"
+    with ThreadPoolExecutor(4) as pool:
+        documents = list(pool.map(lambda _: app.test_client().get("/openapi.json").get_data(), range(4)))
+    assert len(set(documents)) == 1 and not api._pending_docs
+    spec = app.test_client().get("/openapi.json").json
+    assert {"/api/generate", "/generate", "/v1/images/generations", "/api/tasks/{task_id}"} <= set(spec["paths"])
+    assert "DEFAULT_ERROR" in spec["components"]["responses"] and len(spec["tags"]) == 13
+    with app.test_request_context():  # URL builders are compiled on first use, and build as werkzeug's own do
+        assert url_for("web_assets", filename="a b/c.js") == "/ui/a%20b/c.js"
+        assert url_for("swagger_assets", filename="x.css", v=2) == "/swagger-assets/x.css?v=2"

@@ -17,11 +17,11 @@ from tests.conftest import queue_task
 
 @pytest.fixture
 def pg_conn(postgres_server):
-    url = postgres_server.create_database()
-    store.open_migrated(url).close()
+    url = postgres_server.create_database(migrated=True)
     db = store.connect(url)
     yield db
     db.close()
+    postgres_server.recycle(url)
 
 
 def test_placeholders_become_positions_each_name_once():
@@ -44,7 +44,7 @@ def test_a_claim_in_one_message_takes_the_task_in_order_under_the_write_lock(pg_
     done: list = []
     claimer = threading.Thread(target=lambda: done.append(pg_conn.claim_next("w", first.model, "synthetic")))
     claimer.start()
-    time.sleep(0.5)
+    time.sleep(0.25)  # a claim that did not wait for the lock takes a few milliseconds
     assert not done, "the claim ran while another session held the write lock"
     holder.session.session().execute(f"SELECT pg_advisory_unlock({WRITE_LOCK})")
     claimer.join(10)

@@ -86,10 +86,10 @@ def test_storage_retry_waits_out_a_full_disk_and_gives_other_errors_back_at_once
     db = store.open_migrated(str(tmp_path / "q.db"))
     db.session.execute("CREATE TABLE blobs (data BLOB)")
     fill_up(db)
-    threading.Timer(0.8, lambda: db.session.execute("PRAGMA max_page_count = 1073741823")).start()
+    threading.Timer(0.3, lambda: db.session.execute("PRAGMA max_page_count = 1073741823")).start()
     started = time.monotonic()
     StorageRetry("test", threading.Event()).run(lambda: db.session.execute("INSERT INTO blobs VALUES (?)", (b"x" * 50_000,)))
-    assert time.monotonic() - started >= 0.7 and db.session.execute("SELECT count(*) FROM blobs").fetchone()[0] == 1
+    assert time.monotonic() - started >= 0.25 and db.session.execute("SELECT count(*) FROM blobs").fetchone()[0] == 1
     with pytest.raises(ZeroDivisionError):
         StorageRetry("test", threading.Event()).run(lambda: 1 / 0)
 
@@ -106,7 +106,7 @@ def test_the_result_writer_keeps_a_finished_image_through_a_full_disk_and_stores
     thread.start()
     noise = Image.effect_noise((256, 256), 90).convert("RGB")  # incompressible: its PNG needs new pages
     writer.send(ImageGenerated(task, 0, noise, 1.0, 2.0, 0.1, "test"))
-    time.sleep(1.0)
+    time.sleep(0.5)  # the writer has tried twice (now and after 0.2 s) and waits 0.4 s more
     assert db.get(task_id).status is Status.PROCESSING, "held while the disk is full, not failed"
     writer_conn.session.execute("PRAGMA max_page_count = 1073741823")
     writer.send(SHUTDOWN)

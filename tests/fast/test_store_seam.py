@@ -92,11 +92,12 @@ def test_code_outside_the_store_never_names_a_driver():
     for path in [*root.rglob("*.py"), *(root.parent / "worker").rglob("*.py")]:
         if STORE in path.parents or path.name in ("testing_postgres.py",):
             continue
-        imported = {alias.name for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Import | ast.ImportFrom)
-                    for alias in node.names} | {node.module for node in ast.walk(ast.parse(path.read_text()))
-                                               if isinstance(node, ast.ImportFrom) and node.module}
+        text = path.read_text()
+        imports = [node for node in ast.walk(ast.parse(text)) if isinstance(node, ast.Import | ast.ImportFrom)]
+        imported = {alias.name for node in imports for alias in node.names} | \
+                   {node.module for node in imports if isinstance(node, ast.ImportFrom) and node.module}
         assert not {"sqlite3", "psycopg", "psycopg_pool"} & imported, f"{path} imports a database driver"
-        assert "sqlite3." not in path.read_text(), f"{path} names sqlite3"
+        assert "sqlite3." not in text, f"{path} names sqlite3"
 
 
 @pytest.mark.parametrize("url, expected", [("postgresql://u@h/db", True), ("postgres://u:p@h:5/db?sslmode=require", True),
