@@ -6,6 +6,7 @@ import io
 
 from PIL import Image, PngImagePlugin
 
+from mflux_server.worker import mflux_metadata
 from mflux_server.worker.generation_data import GenerationData
 
 MIME = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
@@ -24,7 +25,11 @@ def encode(image: Image.Image, fmt: str, quality: int, data: GenerationData) -> 
         info.add_text("Software", data.software)
         info.add_text("Seed", str(data.seed))
         info.add_itxt("XML:com.adobe.xmp", data.xmp().decode())
-        rgb.save(out, format="PNG", pnginfo=info, compress_level=PNG_COMPRESS_LEVEL)
+        if data.mflux is not None:  # as mflux writes its own PNGs: an IPTC block, and EXIF
+            info.add_text("IPTC", mflux_metadata.iptc(data.mflux))
+            rgb.save(out, format="PNG", pnginfo=info, compress_level=PNG_COMPRESS_LEVEL, exif=data.exif())
+        else:
+            rgb.save(out, format="PNG", pnginfo=info, compress_level=PNG_COMPRESS_LEVEL)
     elif fmt == "JPEG":
         rgb.save(out, format="JPEG", quality=quality, comment=data.software.encode(), exif=data.exif(), xmp=data.xmp())
     elif fmt == "WEBP":

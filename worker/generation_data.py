@@ -4,14 +4,15 @@ Every image carries IPTC's DigitalSourceType `trainedAlgorithmicMedia` in XMP (t
 Article 50 of the EU AI Act asks for), whatever else is left out. The generation data goes into PNG text chunks
 (with AUTOMATIC1111's `parameters` text, which many tools read), EXIF (Software, and the same text as
 UserComment, where AUTOMATIC1111 puts it in JPEG and WEBP) and XMP (a JSON copy under this server's namespace).
-mflux's own metadata builder is not used: it reads mflux's GeneratedImage and Config, and the result writer
-labels the synthetic engine's images too.
+An image the mflux engine made carries what mflux itself writes instead (mflux_metadata.py: its JSON UserComment,
+its XMP fields and, in PNG, its IPTC block), so that `mflux-info` reads it back; the PNG `parameters` text and
+this server's XMP stay. The synthetic engine's test patterns never claim to be mflux's.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 from xml.sax.saxutils import escape, quoteattr
 
@@ -20,6 +21,7 @@ from PIL import Image
 from mflux_server import __version__
 from mflux_server.core import catalog
 from mflux_server.core.rows import Task
+from mflux_server.worker import mflux_metadata
 
 DIGITAL_SOURCE_TYPE = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
 NAMESPACE = "https://mflux-server.invalid/ns/generation/1.0/"  # ours: a JSON copy of the generation data
@@ -42,16 +44,19 @@ class GenerationData:
     inputs: list[str]  # the kinds of input images it was made from (never the images)
     software: str  # the engine and model, as the engine names them
     server: str = f"mflux-server {__version__}"
+    mflux: dict[str, Any] | None = field(default=None, compare=False)  # what mflux writes, for its engine's images
 
     @classmethod
-    def of(cls, task: Task, index: int, software: str) -> GenerationData:
+    def of(cls, task: Task, index: int, software: str, image: Image.Image | None = None) -> GenerationData:
         """The data of image `index` of a task; the prompts only when the task is not private (the API marks it so
-        for a request's private and for --metadata-prompts false)."""
+        for a request's private and for --metadata-prompts false). mflux's own metadata comes with an image the
+        mflux engine made."""
         shared = not task.private
+        made_by_mflux = image.info.get(mflux_metadata.MFLUX_METADATA) if image is not None else None
         return cls(task.prompt if shared else None, task.negative_prompt if shared else None, task.model,
                    task.seed + index, task.steps, None if task.guidance_auto else task.guidance, task.width,
                    task.height, [{"name": name, "scale": scale} for name, scale in task.lora_set], input_kinds(task),
-                   software)
+                   software, mflux=None if made_by_mflux is None else mflux_metadata.shared(made_by_mflux, bool(task.private)))
 
     def parameters(self) -> str:
         """AUTOMATIC1111's "parameters" text: the prompt, the negative prompt, then one line of settings."""
@@ -71,30 +76,39 @@ class GenerationData:
 
     def as_json(self) -> str:
         """The data as one JSON object (what the XMP carries)."""
-        return json.dumps(asdict(self), ensure_ascii=False, separators=(",", ":"))
+        data = {key: value for key, value in asdict(self).items() if key != "mflux"}
+        return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
 
     def xmp(self) -> bytes:
-        """An XMP packet: the DigitalSourceType marking, the creator tool, the prompt as dc:description, the JSON."""
+        """An XMP packet: the DigitalSourceType marking, the prompt as dc:description and the JSON; for an mflux
+        image, mflux's own packet with those added, else ours with the creator tool."""
+        marking = (f'xmlns:Iptc4xmpExt="http://iptc.org/std/Iptc4xmpExt/2008-02-29/" xmlns:mfluxserver="{NAMESPACE}" '
+                   f'Iptc4xmpExt:DigitalSourceType="{DIGITAL_SOURCE_TYPE}"')
+        generation = f"<mfluxserver:generation>{escape(self.as_json())}</mfluxserver:generation>"
+        if self.mflux is not None:  # mflux's packet has the prompt as dc:description already
+            return mflux_metadata.xmp(self.mflux, marking, generation)
         description = "" if self.prompt is None else (
             f"<dc:description><rdf:Alt><rdf:li xml:lang=\"x-default\">{escape(self.prompt)}</rdf:li></rdf:Alt>"
             "</dc:description>")
         packet = (
             '<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?>'
             '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
-            '<rdf:Description rdf:about="" xmlns:Iptc4xmpExt="http://iptc.org/std/Iptc4xmpExt/2008-02-29/" '
-            'xmlns:xmp="http://ns.adobe.com/xap/1.0/" xmlns:dc="http://purl.org/dc/elements/1.1/" '
-            f'xmlns:mfluxserver="{NAMESPACE}" Iptc4xmpExt:DigitalSourceType="{DIGITAL_SOURCE_TYPE}" '
-            f'xmp:CreatorTool={quoteattr(self.software)}>{description}'
-            f"<mfluxserver:generation>{escape(self.as_json())}</mfluxserver:generation>"
+            '<rdf:Description rdf:about="" xmlns:xmp="http://ns.adobe.com/xap/1.0/" '
+            f'xmlns:dc="http://purl.org/dc/elements/1.1/" {marking} '
+            f'xmp:CreatorTool={quoteattr(self.software)}>{description}{generation}'
             '</rdf:Description></rdf:RDF></x:xmpmeta><?xpacket end="w"?>')
         return packet.encode()
 
-    def exif(self) -> Image.Exif:
-        """EXIF with Software and, as UserComment (UTF-16 with its UNICODE prefix), the parameters text."""
-        exif = Image.Exif()
-        exif[SOFTWARE_TAG] = self.software
-        exif.get_ifd(EXIF_IFD)[USER_COMMENT_TAG] = b"UNICODE\0" + self.parameters().encode("utf-16-be")
-        return exif
+    def exif(self) -> bytes:
+        """EXIF with Software and a UserComment: mflux's JSON for an mflux image, else the parameters text (UTF-16
+        with its UNICODE prefix). Written by piexif, as mflux writes it and AUTOMATIC1111 reads it: Pillow stores a
+        UserComment as BYTE values, which piexif reads back as a tuple, not the text."""
+        import piexif
+
+        comment = (mflux_metadata.user_comment(self.mflux) if self.mflux is not None
+                   else b"UNICODE\0" + self.parameters().encode("utf-16-be"))
+        return bytes(piexif.dump({"0th": {SOFTWARE_TAG: self.software.encode("ascii", "replace")},
+                                  "Exif": {USER_COMMENT_TAG: comment}}))
 
 
 def input_kinds(task: Task) -> list[str]:

@@ -91,7 +91,7 @@ class ResultWriter:
         images = self._pending.setdefault(task.id, [])
         started = time.perf_counter()
         seed = task.seed + done.index
-        generation = GenerationData.of(task, done.index, done.software)
+        generation = GenerationData.of(task, done.index, done.software, done.image)
         data, mime = encode(done.image, task.format, task.quality, generation)
         signed = self.credentials is not None
         if self.credentials is not None:

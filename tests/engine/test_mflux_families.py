@@ -261,3 +261,54 @@ def test_a_hugging_face_reference_reaches_mfluxs_lora_resolution_as_it_was_named
     with pytest.raises(ModelLoadFailed, match="no network here for org/ink:styles/ink.safetensors"):
         engine.use_loras((("org/ink:styles/ink.safetensors", 0.7),))
     assert resolved == ["org/ink:styles/ink.safetensors"] and engine.model == "schnell", "the default set is held"
+
+
+@pytest.mark.parametrize("fmt, suffix", [("PNG", ".png"), ("JPEG", ".jpg"), ("WEBP", ".webp")])
+def test_an_mflux_image_carries_what_mflux_writes_and_mflux_info_reads_it_back(db, tmp_path, fmt, suffix):
+    import subprocess
+    import sys
+    from xml.etree import ElementTree
+
+    from mflux.utils.metadata_reader import MetadataReader
+
+    from mflux_server.client import provenance
+    from mflux_server.worker.encoding import encode
+    from mflux_server.worker.generation_data import DIGITAL_SOURCE_TYPE, GenerationData
+    from tests.conftest import queue_task
+
+    prompt = "a lighthouse in fog, 灯台"
+    engine = MfluxEngine("schnell", warm_up_steps=0)
+    shared, private = (queue_task(db, prompt=prompt, seed=7, steps=2, width=128, height=128, private=private)
+                       for private in (False, True))
+    image = engine.generate(Job(prompt, 7, 128, 128, 2, None, image=Image.new("RGB", (128, 128), "teal"),
+                                image_strength=0.5), Recorder())
+    for task in (shared, private):
+        data, _ = encode(image, fmt, 90, GenerationData.of(task, 0, engine.software, image))
+        path = tmp_path / f"{task.id}{suffix}"
+        path.write_bytes(data)
+        read = MetadataReader.read_all_metadata(path)  # mflux's own reader, as mflux-info uses it
+        exif = read["exif"]
+        assert exif is not None and (exif["seed"], exif["steps"], exif["width"]) == (7, 2, 128)
+        assert exif["model"] == "black-forest-labs/FLUX.1-schnell" and exif["mflux_version"] == "0.24.0"
+        assert exif["image_strength"] == 0.5 and "image_path" not in exif, "input kinds, never the worker's files"
+        ours = provenance.read(data)
+        assert ours["digital_source_type"] == DIGITAL_SOURCE_TYPE and ours["generation_data"]["seed"] == 7
+        if task is shared:
+            assert exif["prompt"] == prompt and ours["generation_data"]["prompt"] == prompt
+        else:
+            assert "prompt" not in exif and ours["generation_data"]["prompt"] is None
+            assert prompt.encode() not in data and prompt.encode("utf-16-be") not in data, "a private prompt stays out"
+        if fmt == "PNG":
+            carried = Image.open(path).text
+            assert carried["parameters"].startswith(prompt if task is shared else "(prompt withheld)")
+            # mflux 0.24.0's own XMP reader finds nothing in any image (it looks for "</<mflux:seed>"), so an XML
+            # parser reads the packet: well-formed, mflux's fields, and this server's marking on the same description.
+            description = ElementTree.fromstring(carried["XML:com.adobe.xmp"].split("?>", 1)[1].rsplit("<?", 1)[0]) \
+                .find(".//{http://www.w3.org/1999/02/22-rdf-syntax-ns#}Description")
+            assert description.findtext("{http://ns.mflux.ai/1.0/}seed") == "7"
+            assert description.findtext("{http://ns.mflux.ai/1.0/}model") == "black-forest-labs/FLUX.1-schnell"
+            assert description.get("{http://iptc.org/std/Iptc4xmpExt/2008-02-29/}DigitalSourceType") == DIGITAL_SOURCE_TYPE
+            assert (prompt.encode() in bytes.fromhex(carried["IPTC"])) is (task is shared), "mflux's IPTC block"
+    shown = subprocess.run([sys.executable, "-m", "mflux.models.common.cli.info", str(tmp_path / f"{shared.id}{suffix}")],
+                           capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0 and prompt in shown.stdout and "7" in shown.stdout, shown.stdout + shown.stderr

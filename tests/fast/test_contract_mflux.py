@@ -41,6 +41,19 @@ def test_the_committed_catalog_is_what_the_installed_mflux_builds():
     assert catalog.CATALOG_FILE.read_text() == render(build()), "run: python -m mflux_server.worker.catalog_build"
 
 
+def test_the_metadata_mflux_writes_is_listed_and_built_where_the_worker_reads_it():
+    from mflux.utils.generated_image import GeneratedImage
+    from mflux.utils.metadata_builder import MetadataBuilder
+
+    from mflux_server.worker import mflux_metadata
+
+    listed = inspect.getsource(GeneratedImage._get_metadata)
+    for key in ("prompt", "negative_prompt", "seed", "steps", *mflux_metadata.PATHS):
+        assert f'"{key}"' in listed, f"mflux's metadata no longer lists {key!r}"
+    assert mflux_metadata.DESCRIPTION_END in MetadataBuilder.build_xmp_packet({"seed": 1})
+    assert set(params(MetadataBuilder.build_iptc_binary)) == {"metadata"}
+
+
 def test_the_committed_lora_patterns_are_what_the_installed_mflux_maps():
     from mflux_server.core.lora_library import PATTERNS_FILE
     from mflux_server.worker.catalog_build import build_patterns

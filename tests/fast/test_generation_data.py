@@ -28,10 +28,16 @@ def carried(data: bytes) -> dict[str, str]:
         found |= {"parameters": image.text["parameters"], "software": image.text["Software"],
                   "xmp": image.text["XML:com.adobe.xmp"]}
     else:
+        import piexif
+        import piexif.helper
+
         exif = image.getexif()
         comment = exif.get_ifd(EXIF_IFD)[USER_COMMENT_TAG]
         assert comment[:8] == b"UNICODE\0"
         found |= {"parameters": comment[8:].decode("utf-16-be"), "software": exif[0x0131]}
+        # As AUTOMATIC1111 reads it (modules/images.py, read_info_from_image): piexif, then its UserComment helper.
+        assert piexif.helper.UserComment.load(piexif.load(image.info["exif"])["Exif"][USER_COMMENT_TAG]) == \
+            found["parameters"]
     if isinstance(found["xmp"], bytes):
         found["xmp"] = found["xmp"].decode()
     return found

@@ -18,6 +18,7 @@ from PIL import Image
 
 from mflux_server.core import catalog, structured_prompts
 from mflux_server.core.rows import REFERENCE_ROLES
+from mflux_server.worker import mflux_metadata
 from mflux_server.worker.engines.base import Control, EngineFault, Job, ModelLoadFailed, OutOfMemory, StepReporter
 from mflux_server.worker.engines.families import Family, family_named
 from mflux_server.worker.engines.latent_formats import FORMATS, LatentFormat
@@ -340,6 +341,9 @@ class MfluxEngine:
         image: Image.Image = result.image
         if image.size != (job.width, job.height):  # SeedVR2 rounds the longer side to an even number itself
             image = image.resize((job.width, job.height), Image.Resampling.LANCZOS)
+        metadata = mflux_metadata.of_result(result)
+        if metadata is not None:
+            image.info[mflux_metadata.MFLUX_METADATA] = metadata  # what mflux would write into the file
         return image
 
     def _tiling(self, job: Job) -> Any:
