@@ -165,29 +165,34 @@ def outcome(point: float, low: float, high: float, took: float) -> ForecastOutco
     return ForecastOutcome(point, low, high, took)
 
 
-def test_calibration_widens_ranges_that_held_too_few_and_narrows_those_that_held_all():
+def test_calibration_replaces_the_models_range_by_what_recent_tasks_took_as_a_share_of_their_forecast():
     rnd = random.Random(8)
-    # The model said ±10% but tasks took ±40%: far fewer than four in five held.
+    # The model said ±10% but tasks took ±40%: the range becomes the forecast times the ratios' 10th and 90th
+    # percentiles, and holds four in five of such tasks, one in ten below.
     missed = [outcome(100.0, 90.0, 110.0, rnd.uniform(60.0, 140.0)) for _ in range(200)]
     wide = Calibration.of(missed)
+    low, high = wide.applied(50.0, 45.0, 55.0)  # another forecast: the same shares of it
+    assert low == pytest.approx(50.0 * wide.low_ratio) and high == pytest.approx(50.0 * wide.high_ratio)
     low, high = wide.applied(100.0, 90.0, 110.0)
-    held = statistics.fmean(low <= o.took <= high for o in missed)
-    assert 0.78 <= held <= 0.85 and wide.low_margin > 0 and wide.high_margin > 0
+    assert 0.78 <= statistics.fmean(low <= o.took <= high for o in missed) <= 0.85
     assert 0.08 <= statistics.fmean(o.took < low for o in missed) <= 0.12, "one in ten below, as a 10th percentile"
-    # Ranges of ±50% around times that stay within ±5%: narrowed, but never past the point.
+    # Ranges of ±50% around times that stay within ±5%: as narrow as the times were.
     calm = [outcome(100.0, 50.0, 150.0, rnd.uniform(95.0, 105.0)) for _ in range(200)]
-    narrow = Calibration.of(calm)
-    low, high = narrow.applied(100.0, 50.0, 150.0)
-    assert narrow.low_margin < 0 and narrow.high_margin < 0 and 90.0 < low <= 100.0 <= high < 110.0
+    low, high = Calibration.of(calm).applied(100.0, 50.0, 150.0)
+    assert 94.0 < low <= 100.0 <= high < 106.0
     assert 0.78 <= statistics.fmean(low <= o.took <= high for o in calm) <= 0.85
-    assert narrow.applied(100.0, 99.0, 101.0) == (100.0, 100.0), "never narrowed past the point"
+    # Every task took twice its forecast: the range reaches there, and still holds the forecast shown beside it.
+    slow = Calibration.of([outcome(10.0, 9.0, 11.0, 20.0 + n / 100) for n in range(50)])
+    assert slow.applied(10.0, 9.0, 11.0) == pytest.approx((10.0, 20.45), abs=0.01)
 
 
 def test_calibration_waits_for_enough_finished_tasks():
     few = [outcome(10.0, 9.0, 11.0, 30.0)] * (MIN_CALIBRATION_TASKS - 1)
     assert Calibration.of(few) == Calibration(0.0, 0.0, MIN_CALIBRATION_TASKS - 1)
+    assert Calibration.of(few).applied(10.0, 9.0, 11.0) == (9.0, 11.0), "the model's range until then"
     enough = Calibration.of(few + [outcome(10.0, 9.0, 11.0, 30.0)])
-    assert (enough.low_margin, enough.high_margin) == pytest.approx((-2.1, 1.9))
+    assert (enough.low_ratio, enough.high_ratio) == pytest.approx((3.0, 3.0))
+    assert enough.applied(10.0, 9.0, 11.0) == pytest.approx((10.0, 30.0))
 
 
 def test_a_submit_keeps_the_models_range_and_later_forecasts_learn_from_what_tasks_took(client):
