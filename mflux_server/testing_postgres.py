@@ -180,8 +180,9 @@ class PostgresServer:
     def recycle(self, url: str) -> None:
         """Give a test's migrated database back, emptied to the template's rows, for a later create_database.
 
-        Emptying is a tenth of a CREATE DATABASE's cost. The database is renamed first (which fails while anyone is
-        still connected), so that a session a test left behind can never reach the next test's data."""
+        Emptying takes a third of a CREATE DATABASE's server CPU (46 ms against 130 ms on the 2-core VM). The
+        database is renamed first (which fails while anyone is still connected), so that a session a test left behind
+        can never reach the next test's data."""
         import psycopg
 
         if self._seed is None or self._stopped:
