@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TypeVar
-
 from flask import Flask, current_app, g, has_app_context
 
 from mflux_server import store
@@ -14,8 +11,6 @@ from mflux_server.core.lora_library import Library
 from mflux_server.core.settings import Settings
 from mflux_server.forecast.queue_view import Forecaster
 from mflux_server.store import Store
-
-T = TypeVar("T")
 
 
 class Sessions:
@@ -46,14 +41,6 @@ class Sessions:
             self._local.db = db
         return db
 
-    def off_loop(self, action: Callable[[Store], T], name: str) -> T:
-        """action(session) on an OS thread of its own with that thread's session, the calling greenlet alone
-        waiting; inline where there is no event loop, or where each request has a pooled session (PostgreSQL's
-        driver yields to gevent while it waits)."""
-        if self._per_request or not native.gevent_active():
-            return action(self.get())
-        return native.call_bounded(lambda: action(self.get()), name, 1)
-
 
 def init_app(app: Flask, config: Settings) -> None:
     """Migrate the queue and attach the settings, the sessions and the forecaster to the app."""
@@ -76,12 +63,6 @@ def db() -> Store:
     """The current thread's (or request's) session with the app's queue."""
     sessions: Sessions = current_app.extensions["mflux_sessions"]
     return sessions.get()
-
-
-def sessions() -> Sessions:
-    """The app's store sessions, for work that must leave the event loop (context.Sessions.off_loop)."""
-    found: Sessions = current_app.extensions["mflux_sessions"]
-    return found
 
 
 def lora_library() -> Library:

@@ -7,15 +7,14 @@ import hashlib
 import json
 import logging
 import secrets
-from collections.abc import Callable
 from dataclasses import replace
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn
 
 import marshmallow as ma
 from flask import g, request
 
 from mflux_server.api.auth import by_cookie, current_key
-from mflux_server.api.context import db, forecaster, lora_library, sessions, settings
+from mflux_server.api.context import db, forecaster, lora_library, settings
 from mflux_server.api.errors import abort_json
 from mflux_server.api.generation_schemas import MAX_SEED, MIN_SIZE
 from mflux_server.api.image_inputs import RawImage, verified
@@ -33,12 +32,10 @@ from mflux_server.core.rows import (
     Worker,
     lora_set_text,
 )
-from mflux_server.store import Store
 
 # mflux's default image-to-image strength (mflux.cli.defaults.IMAGE_STRENGTH).
 DEFAULT_IMAGE_STRENGTH = 0.4
 log = logging.getLogger("mflux_server")
-T = TypeVar("T")
 
 
 def body_limit() -> int:
@@ -362,29 +359,15 @@ def request_fingerprint() -> str:
     return digest.hexdigest()
 
 
-LARGE_SUBMIT = 1 << 20  # bytes of input images past which the task is written off the event loop
-
-
-def stored(task: NewTask, write: Callable[[Store], T]) -> T:
-    """write(session) for this task: a task carrying large input images on an OS thread of its own, since SQLite
-    holds the calling thread for the whole write (88 ms for four 4 MB references on the 2-core VM), and on the
-    event loop that was every other request of the process waiting."""
-    if sum(len(image.data) for image in task.inputs) < LARGE_SUBMIT:
-        return write(db())
-    return sessions().off_loop(write, "large-submit")
-
-
 def submit_once(task: NewTask, key_id: int) -> Task:
     """Queue the task; with an Idempotency-Key header, a retry of the same request answers the task it created."""
     idem_key = request.headers.get("Idempotency-Key")
     if idem_key is None:
-        return stored(task, lambda session: session.submit(task))
+        return db().submit(task)
     if not 1 <= len(idem_key) <= MAX_IDEMPOTENCY_KEY or not idem_key.isprintable() or not idem_key.isascii():
         abort_json(422, field="Idempotency-Key", message=f"Idempotency-Key: must be 1 to {MAX_IDEMPOTENCY_KEY} "
                                                          "printable ASCII characters")
-    fingerprint = request_fingerprint()
-    created, other = stored(task, lambda session: session.submit_idempotent(task, key_id, idem_key, fingerprint,
-                                                                            IDEMPOTENCY_WINDOW))
+    created, other = db().submit_idempotent(task, key_id, idem_key, request_fingerprint(), IDEMPOTENCY_WINDOW)
     if other is not None:
         abort_json(422, code="idempotency_key_reused", field="Idempotency-Key",
                    message=f"Idempotency-Key: {idem_key!r} was used within 24 h for another request (task {other}); "

@@ -100,41 +100,6 @@ print("ok")
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
 
 
-def test_a_large_task_is_written_off_the_event_loop_on_a_session_of_its_own():
-    script = """
-import gevent.monkey; gevent.monkey.patch_all()
-import gevent, os, tempfile
-from gevent import monkey
-from mflux_server import store
-from mflux_server.api.context import Sessions
-from mflux_server.core.rows import InputImage
-from tests.conftest import new_task
-real_ident, real_sleep = monkey.get_original("threading", "get_ident"), monkey.get_original("time", "sleep")
-path = tempfile.mkdtemp() + "/queue.db"
-store.open_migrated(path).close()
-sessions = Sessions(path)
-loop_thread, loop_session, ticks = real_ident(), sessions.get(), []
-def tick():
-    for _ in range(30):
-        ticks.append(1)
-        gevent.sleep(0.01)
-ticker = gevent.spawn(tick)
-inputs = tuple(InputImage(role, "image/jpeg", 4096, 4096, os.urandom(1 << 20)) for role in ("image", "image2"))
-def write(session):
-    real_sleep(0.3)  # as SQLite holds the thread through a large write
-    return real_ident(), session, session.submit(new_task(model="flux2-klein-4b", inputs=inputs))
-thread, session, task = sessions.off_loop(write, "large-submit")
-assert thread != loop_thread and session is not loop_session, "the write ran on the event loop's thread"
-assert len(ticks) >= 15, f"other greenlets ran {len(ticks)} times in 0.3 s: the loop waited for the write"
-stored = loop_session.inputs(task.id)
-assert {role: image.data for role, image in stored.items()} == {image.role: image.data for image in inputs}
-ticker.join()
-print("ok")
-"""
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30, cwd=str(ROOT))
-    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SO_REUSEPORT balances connections on Linux only")
 def test_every_server_process_listens_on_its_own_socket(processes):
     url = processes.server(http_workers=2)
