@@ -12,7 +12,7 @@ this server's XMP stay. The synthetic engine's test patterns never claim to be m
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 from xml.sax.saxutils import escape, quoteattr
 
@@ -76,7 +76,7 @@ class GenerationData:
 
     def as_json(self) -> str:
         """The data as one JSON object (what the XMP carries)."""
-        data = {key: value for key, value in asdict(self).items() if key != "mflux"}
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "mflux"}  # no copy of mflux's data
         return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
 
     def xmp(self) -> bytes:

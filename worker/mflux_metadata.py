@@ -19,13 +19,9 @@ PROMPTS = ("prompt", "negative_prompt")
 DESCRIPTION_END = 'xmlns:mflux="http://ns.mflux.ai/1.0/">'  # where mflux's XMP opens its rdf:Description
 
 
-def of_result(result: Any) -> dict[str, Any] | None:
-    """mflux's metadata of a GeneratedImage, without the paths of the worker's files (None for a result that lists
-    none: the image then carries this server's own data only)."""
-    listed = getattr(result, "_get_metadata", None)
-    if listed is None:
-        return None
-    metadata: dict[str, Any] = listed()
+def of_result(result: Any) -> dict[str, Any]:
+    """mflux's metadata of a GeneratedImage, without the paths of the worker's files."""
+    metadata: dict[str, Any] = result._get_metadata()
     return {key: value for key, value in metadata.items() if key not in PATHS}
 
 

@@ -272,11 +272,9 @@ class TimingStat(FromRow):
 
 @dataclass(frozen=True, slots=True)
 class ForecastOutcome(FromRow):
-    """A finished task's forecast and range at submit, and the seconds it took: what the calibration learns from."""
+    """A finished task's forecast at submit and the seconds it took: what the calibration learns from."""
 
     point: float
-    low: float
-    high: float
     took: float
 
 

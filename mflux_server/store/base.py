@@ -725,8 +725,8 @@ class Store:
     # Metrics
 
     def set_forecast(self, task_id: str, seconds: float, span: tuple[float, float] | None = None) -> None:
-        """Keep the forecast and range a task got at submit (the metrics and the calibration compare them with what
-        it took)."""
+        """Keep the forecast a task got at submit and the model's range for it (the metrics and the calibration
+        compare the forecast with what it took; the range stays for benchmark 14's diagnosis)."""
         low, high = span if span is not None else (None, None)
         with self.session.transaction():
             row = self._run("set_forecast", {"id": task_id, "seconds": seconds, "low": low, "high": high}).fetchone()
@@ -735,7 +735,7 @@ class Store:
                 self.observe("forecast_ratio", row["model"], (row["finished_at"] - row["created_at"]) / seconds)
 
     def recent_forecasts(self, limit: int) -> list[ForecastOutcome]:
-        """The latest finished tasks' forecasts and ranges at submit, with the seconds they took, newest first."""
+        """The latest finished tasks' forecasts at submit, with the seconds they took, newest first."""
         return [ForecastOutcome.from_row(r) for r in self._run("recent_forecasts", {"limit": limit})]
 
     def metric_rows(self) -> dict[str, list[tuple[object, ...]]]:

@@ -305,15 +305,16 @@ SELECT count(*) FROM tasks WHERE key_id = :key_id AND status IN ('waiting', 'pro
 UPDATE metric_buckets SET count = count + 1 WHERE name = :name AND model = :model AND le >= :value;
 
 -- name: set_forecast
--- Keep the forecast and range a task was given at submit, for the forecast-error metric and the calibration.
+-- Keep the forecast a task was given at submit (for the forecast-error metric and the calibration) and the
+-- model's range for it.
 UPDATE tasks SET forecast_seconds = :seconds, forecast_low = :low, forecast_high = :high WHERE id = :id
 RETURNING status, model, created_at, finished_at;
 
 -- name: recent_forecasts
--- The latest finished tasks' forecasts and ranges at submit, with what they took (newest first, by tasks_finished).
-SELECT forecast_seconds AS point, forecast_low AS low, forecast_high AS high, finished_at - created_at AS took
+-- The latest finished tasks' forecasts at submit, with what they took (newest first, by tasks_finished).
+SELECT forecast_seconds AS point, finished_at - created_at AS took
   FROM tasks
- WHERE finished_at IS NOT NULL AND status = 'done' AND forecast_low IS NOT NULL AND forecast_seconds > 0
+ WHERE finished_at IS NOT NULL AND status = 'done' AND forecast_seconds > 0
  ORDER BY finished_at DESC
  LIMIT :limit;
 

@@ -194,8 +194,11 @@ def stand_in(cls):
                 ctx.in_loop(t, latents)
             ctx.after_loop(latents)
 
-            class Result:
+            class Result:  # what the engine reads of mflux's GeneratedImage
                 image = Image.new("RGB", (kwargs["width"], kwargs["height"]))
+
+                def _get_metadata(self):
+                    return {"seed": kwargs["seed"], "prompt": kwargs["prompt"], "image_path": None}
 
             return Result()
 

@@ -161,15 +161,15 @@ def test_the_cli_progress_line_prints_the_range_beside_the_forecast():
     assert running is not None and running.endswith("~12 s, 10–15 s left")
 
 
-def outcome(point: float, low: float, high: float, took: float) -> ForecastOutcome:
-    return ForecastOutcome(point, low, high, took)
+def outcome(point: float, took: float) -> ForecastOutcome:
+    return ForecastOutcome(point, took)
 
 
 def test_calibration_replaces_the_models_range_by_what_recent_tasks_took_as_a_share_of_their_forecast():
     rnd = random.Random(8)
     # The model said ±10% but tasks took ±40%: the range becomes the forecast times the ratios' 10th and 90th
     # percentiles, and holds four in five of such tasks, one in ten below.
-    missed = [outcome(100.0, 90.0, 110.0, rnd.uniform(60.0, 140.0)) for _ in range(200)]
+    missed = [outcome(100.0, rnd.uniform(60.0, 140.0)) for _ in range(200)]
     wide = Calibration.of(missed)
     low, high = wide.applied(50.0, 45.0, 55.0)  # another forecast: the same shares of it
     assert low == pytest.approx(50.0 * wide.low_ratio) and high == pytest.approx(50.0 * wide.high_ratio)
@@ -177,20 +177,20 @@ def test_calibration_replaces_the_models_range_by_what_recent_tasks_took_as_a_sh
     assert 0.78 <= statistics.fmean(low <= o.took <= high for o in missed) <= 0.85
     assert 0.08 <= statistics.fmean(o.took < low for o in missed) <= 0.12, "one in ten below, as a 10th percentile"
     # Ranges of ±50% around times that stay within ±5%: as narrow as the times were.
-    calm = [outcome(100.0, 50.0, 150.0, rnd.uniform(95.0, 105.0)) for _ in range(200)]
+    calm = [outcome(100.0, rnd.uniform(95.0, 105.0)) for _ in range(200)]
     low, high = Calibration.of(calm).applied(100.0, 50.0, 150.0)
     assert 94.0 < low <= 100.0 <= high < 106.0
     assert 0.78 <= statistics.fmean(low <= o.took <= high for o in calm) <= 0.85
     # Every task took twice its forecast: the range reaches there, and still holds the forecast shown beside it.
-    slow = Calibration.of([outcome(10.0, 9.0, 11.0, 20.0 + n / 100) for n in range(50)])
+    slow = Calibration.of([outcome(10.0, 20.0 + n / 100) for n in range(50)])
     assert slow.applied(10.0, 9.0, 11.0) == pytest.approx((10.0, 20.45), abs=0.01)
 
 
 def test_calibration_waits_for_enough_finished_tasks():
-    few = [outcome(10.0, 9.0, 11.0, 30.0)] * (MIN_CALIBRATION_TASKS - 1)
+    few = [outcome(10.0, 30.0)] * (MIN_CALIBRATION_TASKS - 1)
     assert Calibration.of(few) == Calibration(0.0, 0.0, MIN_CALIBRATION_TASKS - 1)
     assert Calibration.of(few).applied(10.0, 9.0, 11.0) == (9.0, 11.0), "the model's range until then"
-    enough = Calibration.of(few + [outcome(10.0, 9.0, 11.0, 30.0)])
+    enough = Calibration.of(few + [outcome(10.0, 30.0)])
     assert (enough.low_ratio, enough.high_ratio) == pytest.approx((3.0, 3.0))
     assert enough.applied(10.0, 9.0, 11.0) == pytest.approx((10.0, 30.0))
 

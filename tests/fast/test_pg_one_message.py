@@ -88,3 +88,22 @@ def test_a_rehearsed_claim_changes_nothing_and_keeps_psycopgs_prepared_statement
     assert pg_conn.get(waiting.id) == waiting
     names = [row[0] for row in pg_conn.session.session().execute("SELECT name FROM pg_prepared_statements")]
     assert [name for name in names if name.startswith("_pg3_")], f"psycopg's statements were dropped: {names}"
+
+
+def test_a_recycled_test_database_is_the_template_again_and_out_of_reach_of_a_session_left_on_it(postgres_server):
+    # The suite's own plumbing (PostgresServer.recycle): a test's leftovers must not reach the next test.
+    url = postgres_server.create_database(migrated=True)
+    left = store.connect(url)
+    first = queue_task(left)
+    postgres_server.recycle(url)
+    with pytest.raises(Exception) as cut:
+        queue_task(left)
+    assert storage_problem(cut.value) == "io", cut.value
+    reused = [postgres_server.create_database(migrated=True) for _ in range(2)]
+    assert url not in reused and any("/reused_" in found for found in reused), "the used database came back renamed"
+    for found in reused:
+        db = store.connect(found)
+        assert db.list_tasks(Status.WAITING, 10, 0)[0] == []
+        assert queue_task(db).seq == first.seq, "sequences start again where the template's stood"
+        db.close()
+        postgres_server.recycle(found)

@@ -341,9 +341,7 @@ class MfluxEngine:
         image: Image.Image = result.image
         if image.size != (job.width, job.height):  # SeedVR2 rounds the longer side to an even number itself
             image = image.resize((job.width, job.height), Image.Resampling.LANCZOS)
-        metadata = mflux_metadata.of_result(result)
-        if metadata is not None:
-            image.info[mflux_metadata.MFLUX_METADATA] = metadata  # what mflux would write into the file
+        image.info[mflux_metadata.MFLUX_METADATA] = mflux_metadata.of_result(result)  # what mflux would write
         return image
 
     def _tiling(self, job: Job) -> Any:
