@@ -162,7 +162,8 @@ def test_the_document_built_on_first_read_is_whole_and_the_same_for_readers_at_o
     assert api._pending_docs, "a new app documents its views when the document is first read, not at start"
     rule = next(rule for rule in app.url_map.iter_rules() if rule.endpoint == "web_assets")
     build = rule._build.__func__
-    compiled = dict(zip(build.__code__.co_freevars, (cell.cell_contents for cell in build.__closure__)))["compiled"]
+    cells = dict(zip(build.__code__.co_freevars, build.__closure__, strict=True))
+    compiled = cells["compiled"].cell_contents
     assert compiled == [], "no URL builder compiled at start"
     with ThreadPoolExecutor(4) as pool:
         documents = list(pool.map(lambda _: app.test_client().get("/openapi.json").get_data(), range(4)))
