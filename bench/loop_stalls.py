@@ -19,6 +19,7 @@ from PIL import Image
 
 from bench.api_load import PACED_PAUSE_MS, add_beside, full_queue, parse_wrk, phase, wrk_command
 from bench.results import Result, median, percentile
+from mflux_server.testing import wait_for
 
 EDITORS = 8  # clients, each sending one edit with four references at a time, back to back
 REFERENCES = 4
@@ -52,15 +53,18 @@ class Editors:
         self.stop = threading.Event()
         self.answers: dict[int, int] = {}
         self.seconds: list[float] = []
+        self.task_ids: list[str] = []
 
         def client() -> None:
             session = requests.Session()
             while not self.stop.is_set():
                 started = time.perf_counter()
-                status = session.post(url + "/api/generate", data=body, timeout=120,
-                                      headers={"Content-Type": "application/json"}).status_code
+                answer = session.post(url + "/api/generate", data=body, timeout=120,
+                                      headers={"Content-Type": "application/json"})
                 self.seconds.append(time.perf_counter() - started)
-                self.answers[status] = self.answers.get(status, 0) + 1
+                self.answers[answer.status_code] = self.answers.get(answer.status_code, 0) + 1
+                if answer.status_code == 200:
+                    self.task_ids.append(answer.json()["task_id"])
 
         self.threads = [threading.Thread(target=client, daemon=True) for _ in range(count)]
         for thread in self.threads:
@@ -71,6 +75,19 @@ class Editors:
         self.stop.set()
         for thread in self.threads:
             thread.join()
+
+    def cancel_left(self, url: str) -> None:
+        """Cancel the edits still queued or running, and wait until none runs: the next phase measures the flood
+        alone, not the worker decoding the backlog's references beside it."""
+        session = requests.Session()
+        for task_id in self.task_ids:
+            session.delete(f"{url}/api/tasks/{task_id}", timeout=30)
+
+        def running() -> bool:
+            return any(session.get(f"{url}/api/status", params={"task_id": task_id}, timeout=30).json().get("status")
+                       == "processing" for task_id in self.task_ids)
+
+        wait_for(lambda: not running(), timeout=120, interval=0.5, what="the canceled edits to stop")
 
 
 def new_connection_reads(url: str, seconds: float) -> list[float]:
@@ -109,6 +126,7 @@ def run(smoke: bool = False) -> Result:
         editors = Editors(url, EDITORS, body)
         beside = phase(url, ids, ids_file, seconds, connections, PACED_PAUSE_MS, use_wrk)
         editors.close()
+        editors.cancel_left(url)
         add_beside(result, alone, beside)
         accepted = editors.answers.get(200, 0)
         result.add("reference-heavy edits accepted meanwhile", accepted, "", "> 0 and no other answer",

@@ -128,6 +128,8 @@ def serve(settings: Settings) -> None:
     from gunicorn.app.base import BaseApplication
 
     from mflux_server.api.deadlines import DeadlineGeventWorker
+    from mflux_server.api.submission import body_limit
+    from mflux_server.api.upload_lane import UploadLane, upload_lane
 
     class Server(BaseApplication):
         def load_config(self) -> None:
@@ -154,7 +156,7 @@ def serve(settings: Settings) -> None:
 
         def load(self) -> Any:
             shorten_gil_switch_interval()
-            app = take_turns(create_app(settings))
+            app = take_turns(upload_lane(create_app(settings), UploadLane(settings, body_limit(settings.max_input_bytes))))
             # Everything made so far (modules, the app, the catalog) lives as long as the process: keep it out
             # of the garbage collector's full passes, which otherwise pause every connection of the loop.
             gc.collect()

@@ -25,6 +25,29 @@ def gevent_active() -> bool:
     return bool(monkey.is_module_patched("threading"))
 
 
+def loop_waiter() -> Callable[[float], None] | None:
+    """gevent.sleep when called on gevent's event loop (a server process's main thread), else None: what a wait
+    there must use so that the loop's other connections go on meanwhile."""
+    if not gevent_active():
+        return None
+    from gevent import sleep
+
+    return sleep if _os_thread() == _MAIN_THREAD else None
+
+
+def _os_thread() -> int:
+    if gevent_active():
+        from gevent import monkey
+
+        ident: int = monkey.get_original("_thread", "get_ident")()
+        return ident
+    return threading.get_ident()
+
+
+# This module is first imported on the main thread (the event loop's, under gevent; a fork keeps the number).
+_MAIN_THREAD = _os_thread()
+
+
 def thread_local() -> Any:
     """A threading.local that is per OS thread even under gevent (all greenlets of the loop share it)."""
     if gevent_active():

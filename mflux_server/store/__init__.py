@@ -7,6 +7,7 @@ capabilities.Capabilities what the store can do; they never see a connection, a 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from mflux_server.store.base import EVENT_RETENTION, FORGET_WORKERS_AFTER, Store, clip_outliers, new_task_id, pid_alive
@@ -23,18 +24,22 @@ __all__ = ["BACKSTOP_PAGES", "Capabilities", "Conflict", "EAGER_PAGES", "EVENT_R
            "open_or_exit", "pid_alive", "redact", "storage_problem"]
 
 
-def connect(target: str | Path, checkpoint_pages: int | None = None, pooled: bool = False) -> Store:
+def connect(target: str | Path, checkpoint_pages: int | None = None, pooled: bool = False,
+            wait_turn: Callable[[float], None] | None = None) -> Store:
     """A session with the queue a --db value names, its schema as it is.
 
     checkpoint_pages: on SQLite, the WAL's size in pages at which this session's commits checkpoint
     (EAGER_PAGES, BACKSTOP_PAGES; SQLite's default otherwise). pooled: on PostgreSQL, borrow the session from
-    this process's pool (close() gives it back).
+    this process's pool (close() gives it back). wait_turn: on SQLite, how to pause between tries of the write
+    lock instead of sleeping in SQLite's busy handler (gevent.sleep on an event loop; psycopg yields by itself).
     """
     if is_server_url(target):
         from mflux_server.store.postgresql.backend import PostgresStore
 
         return PostgresStore(str(target), pooled)
-    return SqliteStore(target, checkpoint_pages)
+    found = SqliteStore(target, checkpoint_pages)
+    found.session.wait_turn = wait_turn
+    return found
 
 
 def open_migrated(target: str | Path) -> Store:

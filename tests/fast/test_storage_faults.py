@@ -12,6 +12,7 @@ from PIL import Image
 
 from mflux_server import store
 from mflux_server.core.rows import Status
+from mflux_server.store import StoreError
 from mflux_server.store.sqlite.connection import problem_of
 from mflux_server.worker.messages import SHUTDOWN, ImageGenerated
 from mflux_server.worker.result_writer import ResultWriter
@@ -148,3 +149,58 @@ def test_a_fault_after_the_submit_committed_never_says_the_request_was_not_carri
     task_id = answer.json["task_id"]
     assert f"the task was queued as {task_id}" in answer.json["message"]
     assert app_conn(client).get(task_id) is not None
+
+
+def test_a_writer_on_the_event_loop_waits_for_the_write_lock_by_yielding_and_gives_up_at_the_busy_timeout(
+        tmp_path, monkeypatch):
+    from mflux_server.store.sqlite import connection
+
+    path = tmp_path / "queue.db"
+    holder = store.open_migrated(path)
+    waiter = store.connect(path)
+    pauses: list[float] = []
+
+    def yield_once(seconds: float) -> None:  # what gevent.sleep does for the loop; here the holder commits at last
+        pauses.append(seconds)
+        if len(pauses) == 6:
+            holder.session.execute("COMMIT")
+
+    waiter.session.wait_turn = yield_once
+    holder.session.execute("BEGIN IMMEDIATE")
+    with waiter.session.transaction():
+        waiter.session.execute("SELECT 1")
+    assert len(pauses) == 6 and pauses == sorted(pauses) and pauses[0] < pauses[-1] <= connection.LAST_PAUSE
+    busy = waiter.session.execute("PRAGMA busy_timeout").fetchone()[0]
+    assert busy == connection.BUSY_TIMEOUT_MS, "other statements of the session still wait in SQLite as before"
+
+    monkeypatch.setattr(connection, "BUSY_TIMEOUT_MS", 30)
+    holder.session.execute("BEGIN IMMEDIATE")
+    waiter.session.wait_turn = lambda seconds: time.sleep(seconds)
+    started = time.monotonic()
+    with pytest.raises(StoreError) as refused:
+        waiter.session.begin()
+    assert refused.value.problem == "busy" and time.monotonic() - started < 1.0
+    holder.session.execute("ROLLBACK")
+    holder.close()
+    waiter.close()
+
+
+def test_only_the_event_loop_s_own_session_waits_for_the_lock_by_yielding(tmp_path):
+    import subprocess
+    import sys
+
+    probe = """
+from gevent import monkey
+monkey.patch_all()
+import gevent
+from mflux_server.api.context import Sessions
+from mflux_server.core import native
+print(native.loop_waiter() is gevent.sleep, gevent.get_hub().threadpool.apply(native.loop_waiter) is None)
+sessions = Sessions({path!r})
+print(sessions.get().session.wait_turn is gevent.sleep)
+"""
+    path = str(tmp_path / "queue.db")
+    store.open_migrated(path).close()
+    out = subprocess.run([sys.executable, "-c", probe.format(path=path)], capture_output=True, text=True,
+                         timeout=60, check=True).stdout.split()
+    assert out == ["True", "True", "True"], out
