@@ -43,6 +43,10 @@ UPLOAD_BYTES = 256 << 10
 HELPER_NICENESS = 10
 # Seconds between starts of a helper that keeps dying; meanwhile large requests are handled in the process.
 RESTART_AFTER = 5.0
+# Seconds a large request waits for a starting helper (about 1 s on an idle 2-core machine) before it is handled
+# in the process instead, and between looks at whether it listens.
+START_WAIT = 10.0
+START_POLL = 0.02
 # Seconds the helper waits for its open requests when told to stop (gunicorn's graceful timeout is 10 s).
 HELPER_GRACE = 9.0
 # Headers that describe one connection, not the request: the relay's connections have their own.
@@ -75,24 +79,30 @@ class UploadLane:
             length = int(environ.get("CONTENT_LENGTH") or 0)
         except ValueError:
             return False
-        if not UPLOAD_BYTES <= length <= self.limit:
-            return False
-        return self.available()
+        return UPLOAD_BYTES <= length <= self.limit
 
     def available(self) -> bool:
-        """Whether the helper is up; starts it when it is not (and was not started moments ago)."""
-        if self.helper is not None and self.helper.poll() is None:
-            if not self.ready:
-                self.ready = os.path.exists(self.path)
-            return self.ready
-        if time.monotonic() - self.started_at >= RESTART_AFTER:
+        """Whether the helper is up; starts it when it is not (unless it was started moments ago and died) and
+        waits for it up to START_WAIT: requests handled in the process while it started kept the process's
+        decode pool busy for seconds after it was ready."""
+        if self.helper is None or self.helper.poll() is not None:
+            if time.monotonic() - self.started_at < RESTART_AFTER:
+                return False
             self.start()
-        return False
+        deadline = time.monotonic() + START_WAIT
+        while not self.ready:
+            assert self.helper is not None
+            self.ready = os.path.exists(self.path)
+            if self.ready or self.helper.poll() is not None or time.monotonic() >= deadline:
+                break
+            time.sleep(START_POLL)  # gevent's sleep in a server process: only this request waits
+        return self.ready
 
     def start(self) -> None:
         """Start the helper; it listens on the lane's socket once its app is built."""
         self.started_at = time.monotonic()
         self.ready = False
+        self.folder.mkdir(mode=0o700, exist_ok=True)  # a helper stopped on its own removes it
         if os.path.exists(self.path):
             os.unlink(self.path)
         self.helper = subprocess.Popen([sys.executable, "-m", "mflux_server.api.upload_lane", self.path, str(os.getpid())],
@@ -111,8 +121,8 @@ class UploadLane:
         """Read the body, send the request to the helper and its answer to the client (inline if it cannot)."""
         length = int(environ["CONTENT_LENGTH"])
         body = read_exactly(environ["wsgi.input"], length)
-        if len(body) < length:  # the client went away mid-body: the app says so, as it always has
-            return _inline(environ, start_response, app, body)
+        if len(body) < length or not self.available():  # the client went away mid-body (the app says so), or no
+            return _inline(environ, start_response, app, body)  # helper could start: handled here, as before
         connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             connection.connect(self.path)
@@ -212,8 +222,8 @@ def serve_helper(path: str, parent: int, settings: Settings) -> None:
     from mflux_server.api.app import create_app
     from mflux_server.core.logs import configure_logging, shorten_gil_switch_interval
 
+    started = time.monotonic()
     configure_logging(settings.log_level, "mflux-server")
-    os.nice(HELPER_NICENESS)
     shorten_gil_switch_interval()
     store.limit_idle_transactions(settings.write_lock_limit)
     app = create_app(settings)
@@ -222,7 +232,10 @@ def serve_helper(path: str, parent: int, settings: Settings) -> None:
     listener.listen(64)
     server = WSGIServer(listener, app, log=None, error_log=log)
     server.start()
+    # Niced once ready: starting (imports, the app) at the server's priority makes it ready sooner under load.
+    os.nice(HELPER_NICENESS)
     os.rename(path + ".new", path)  # the parent relays once the socket is there, listening
+    log.info("upload lane: helper process %d ready in %.1f s", os.getpid(), time.monotonic() - started)
 
     stopped = gevent.event.Event()
 
