@@ -143,6 +143,7 @@ function applyModel() {
   const can = { negative_prompt: caps.negative_prompt, guidance: caps.guidance, inpaint: caps.inpaint,
                 image_to_image: caps.image_to_image, loras: caps.loras && fittingLoras().length > 0,
                 image: caps.image_to_image || caps.edit || caps.inpaint || caps.control || caps.variation,
+                variation: caps.variation, try_on: caps.try_on,
                 control_strength: control?.default_strength != null, control_maps: Boolean(control?.maps) };
   for (const el of document.querySelectorAll("[data-needs]")) el.hidden = model ? !can[el.dataset.needs] : false;
   $("#strength-field").hidden = !caps.image_to_image || (caps.edit && !$("#image_strength").dataset.touched);
@@ -152,13 +153,15 @@ function applyModel() {
     if (caps.edit) hints.push("edits the image you give it");
     if (caps.inpaint) hints.push("paint the area to repaint");
     if (caps.variation) hints.push("draws variations of the image you give it");
+    if (caps.try_on) hints.push("dresses the person in the garment you give it");
     if (control) hints.push(`follows the ${CONTROL_WORDS[control.types[0]] || control.types[0]} of the image you give it`);
     if (!model.served) hints.push("no live worker serves it");
   }
   $("#model-hint").textContent = hints.join(" · ");
   $("#steps").placeholder = model ? String(model.default_steps) : "model default";
   $("#mask-canvas").hidden = !caps.inpaint;
-  $("#image-label").textContent = control ? "Control image" : caps.variation ? "Image prompt" : "Init image";
+  $("#image-label").textContent = control ? "Control image" : caps.variation ? "Image prompt" : caps.try_on ? "Person"
+    : "Init image";
   $("#drop").setAttribute("aria-label", `${control ? "control" : "init"} image: press Enter to choose a file, or drop or paste one`);
   if (control) {
     $("#control-map-kind").textContent = control.types[0];
@@ -216,6 +219,31 @@ function setImage(dataUrl) {
   $("#mask-wrap").hidden = !dataUrl; $("#image-tools").hidden = !dataUrl; $("#drop-text").hidden = !!dataUrl;
 }
 
+function setGarment(dataUrl) {
+  state.garment = dataUrl;
+  const preview = $("#garment-preview");
+  if (dataUrl) preview.src = dataUrl; else preview.removeAttribute("src");
+  preview.hidden = !dataUrl; $("#garment-text").hidden = !!dataUrl; $("#garment-clear").hidden = !dataUrl;
+  clearFieldError("garment_image");
+}
+
+function setupGarmentInput() {
+  const drop = $("#garment-drop"), file = $("#garment-file");
+  drop.addEventListener("click", () => file.click());
+  drop.addEventListener("keydown", (e) => {
+    if ((e.key === "Enter" || e.key === " ") && e.target === drop) { e.preventDefault(); file.click(); }
+  });
+  file.addEventListener("change", async () => file.files[0] && setGarment(await readFile(file.files[0])));
+  drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
+  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+  drop.addEventListener("drop", async (e) => {
+    e.preventDefault(); e.stopPropagation(); drop.classList.remove("over");
+    const dropped = e.dataTransfer.files[0];
+    if (dropped?.type.startsWith("image/")) setGarment(await readFile(dropped));
+  });
+  $("#garment-clear").addEventListener("click", () => { setGarment(null); drop.focus(); });
+}
+
 function setupImageInput() {
   const drop = $("#drop"), file = $("#image-file");
   drop.addEventListener("click", (e) => { if (!state.image && e.target.id !== "mask-canvas") file.click(); });
@@ -245,9 +273,11 @@ function setupImageInput() {
     if (before) canvas.getContext("2d").putImageData(before, 0, 0);
     $("#mask-undo").disabled = state.strokes.length === 0;
   });
-  for (const [input, output] of [["#image_strength", "#strength-out"], ["#control_strength", "#control-strength-out"]]) {
+  for (const [input, output] of [["#image_strength", "#strength-out"], ["#control_strength", "#control-strength-out"],
+                                 ["#prompt_strength", "#prompt-strength-out"]]) {
     const strength = $(input), out = $(output);
-    const show = () => { out.textContent = Number(strength.value).toFixed(2); };
+    // The image prompt's strength says "model default" until it is moved: only then is it sent.
+    const show = () => { if (input !== "#prompt_strength" || strength.dataset.touched) out.textContent = Number(strength.value).toFixed(2); };
     strength.addEventListener("input", () => { strength.dataset.touched = "1"; show(); });
     strength.addEventListener("change", show); show();
   }
@@ -339,7 +369,9 @@ async function submit(event) {
     body.image = state.image;
     if (caps.inpaint) body.mask = maskDataUrl();
     else if (caps.image_to_image && !$("#strength-field").hidden) body.image_strength = Number($("#image_strength").value);
+    if (caps.variation && $("#prompt_strength").dataset.touched) body.image_strengths = [Number($("#prompt_strength").value)];
   }
+  if (caps.try_on && state.garment) body.garment_image = state.garment;
   for (const key of Object.keys(body)) if (body[key] === undefined) delete body[key];
   const button = $("#generate"); button.disabled = true;
   try {
@@ -603,6 +635,7 @@ $("#seed").addEventListener("input", () => {  // a typed seed is meant: it is se
 $("#lora-add").addEventListener("click", () => { const row = addLora(); row.querySelector("select").focus(); });
 setupViewer();
 setupImageInput();
+setupGarmentInput();
 loadModels().then(() => { if (!$("#width").value) applyPreset(); });
 setInterval(loadModels, 15_000);  // workers come and go: the menu follows without a reload
 renderQueue(); renderGallery(); checkGallery();

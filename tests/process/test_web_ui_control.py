@@ -3,6 +3,8 @@ strength or as a finished map, errors under the field, a phone and the light the
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import requests
 from PIL import Image
@@ -94,11 +96,74 @@ def test_a_variation_model_takes_the_picked_image_as_its_image_prompt(guided, br
     page.locator("#image-file").set_input_files(str(photo))
     page.wait_for_function("document.querySelector('#init-preview').naturalWidth > 0", timeout=5000)  # read, async
     page.locator("#prompt").fill("in autumn")
+    assert page.locator("#prompt-strength-out").inner_text() == "model default"
     small(page)
     page.get_by_role("button", name="Generate").click()
     wait_for(lambda: latest_task(url).get("model") == "dev-redux", what="the variation task")
     task = latest_task(url)
-    assert task["image_strengths"] == [] and task["width"] == 512
+    assert task["image_strengths"] == [] and task["width"] == 512, "untouched: the model's own strength"
+    first = task["task_id"]
+    page.locator("#prompt_strength").focus()
+    for _ in range(8):  # from the keyboard: 1.00 down to 0.60
+        page.keyboard.press("ArrowLeft")
+    assert page.locator("#prompt-strength-out").inner_text() == "0.60"
+    shot(page, "variation-strength")
+    page.get_by_role("button", name="Generate").click()
+    wait_for(lambda: latest_task(url).get("task_id") != first, what="the second variation task")
+    assert latest_task(url)["image_strengths"] == [0.6]
+    page.locator("#model").select_option("schnell")
+    assert not page.locator("#prompt-strength-field").is_visible(), "only variation models take it"
+    assert not page.errors, page.errors
+
+
+def test_a_try_on_takes_a_person_a_painted_area_and_a_garment_picked_from_the_keyboard(processes, tmp_path,
+                                                                                        browser):  # noqa: F811
+    url = processes.server()
+    processes.worker("--models", "dev-fill-catvton,schnell", speed=10)
+    person, garment = tmp_path / "person.png", tmp_path / "garment.png"
+    Image.new("RGB", (384, 512), (90, 120, 200)).save(person)
+    Image.new("RGB", (256, 256), (200, 40, 40)).save(garment)
+    page = open_page(browser, url, PHONE)
+    page.locator("#model").select_option("dev-fill-catvton")
+    assert page.locator("#image-label").inner_text() == "Person"
+    assert "dresses the person" in page.locator("#model-hint").inner_text()
+    assert page.locator("#garment-field").is_visible()
+    page.locator("#image-file").set_input_files(str(person))
+    page.wait_for_function("document.querySelector('#mask-canvas').width === 384", timeout=5000)  # sized on load
+    page.locator("#mask-canvas").scroll_into_view_if_needed()  # below the fold on a phone
+    box = page.locator("#mask-canvas").bounding_box()
+    page.mouse.move(box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.4)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.7, box["y"] + box["height"] * 0.6, steps=5)
+    page.mouse.up()
+    page.locator("#prompt").fill("a red shirt")
+    page.get_by_role("button", name="Generate").click()
+    error = page.locator('[data-error-for="garment_image"]')
+    wait_for(lambda: "send garment_image" in error.inner_text(), what="the missing garment under its field")
+    with page.expect_file_chooser() as chooser:
+        page.locator("#garment-drop").focus()
+        page.keyboard.press("Enter")
+    chooser.value.set_files(str(garment))
+    page.wait_for_function("document.querySelector('#garment-preview').naturalWidth > 0", timeout=5000)
+    assert error.inner_text() == "", "picking the garment clears its error"
+    assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+    small(page)
+    shot(page, "try-on-phone")
+    page.get_by_role("button", name="Generate").click()
+    wait_for(lambda: latest_task(url).get("model") == "dev-fill-catvton", what="the try-on task")
+    from mflux_server import store
+
+    db = store.connect(processes.db_path)
+    try:
+        inputs = db.inputs(latest_task(url)["task_id"])
+    finally:
+        db.close()
+    kinds = {(found.width, found.height) for found in inputs.values()}
+    assert len(inputs) == 3 and (256, 256) in kinds, "the person, the painted mask and the garment as sent"
+    painted = Image.open(io.BytesIO(inputs["mask"].data)).convert("L")
+    assert painted.size == (384, 512) and painted.getextrema() == (0, 255), "the painted area is white, the rest black"
+    page.locator("#garment-clear").click()
+    assert page.locator("#garment-preview").is_hidden() and page.locator("#garment-text").is_visible()
     assert not page.errors, page.errors
 
 
