@@ -13,11 +13,13 @@ answers its open waits the way a server process does (api/draining.py), and the 
 
 from __future__ import annotations
 
+import atexit
 import http.client
 import io
 import logging
 import os
 import pickle
+import shutil
 import signal
 import socket
 import subprocess
@@ -25,7 +27,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -64,8 +65,7 @@ class UploadLane:
     def __init__(self, settings: Settings, limit: int):
         self.settings = settings
         self.limit = limit  # bodies over it are refused in the process, cheaply, before any is read
-        self.folder = Path(tempfile.mkdtemp(prefix="mflux-upload-"))  # 0700: only this user reaches the socket
-        self.path = str(self.folder / "lane.sock")
+        self.path = ""  # the socket, in a folder of its own made at the first start
         self.helper: subprocess.Popen[bytes] | None = None
         self.ready = False
         self.started_at = -RESTART_AFTER
@@ -102,9 +102,13 @@ class UploadLane:
         """Start the helper; it listens on the lane's socket once its app is built."""
         self.started_at = time.monotonic()
         self.ready = False
-        self.folder.mkdir(mode=0o700, exist_ok=True)  # a helper stopped on its own removes it
-        if os.path.exists(self.path):
-            os.unlink(self.path)
+        if not self.path or not os.path.isdir(os.path.dirname(self.path)):  # a helper that stopped removed it
+            # 0700: only this user reaches the socket. Removed at exit, in case the helper could not.
+            folder = tempfile.mkdtemp(prefix="mflux-upload-")
+            atexit.register(shutil.rmtree, folder, True)
+            self.path = os.path.join(folder, "lane.sock")
+        elif os.path.exists(self.path):
+            os.unlink(self.path)  # a killed helper's
         self.helper = subprocess.Popen([sys.executable, "-m", "mflux_server.api.upload_lane", self.path, str(os.getpid())],
                                        stdin=subprocess.PIPE, close_fds=True)
         assert self.helper.stdin is not None

@@ -8,12 +8,18 @@ machine has held it for --write-lock-limit seconds it is sent SIGKILL: the kerne
 open transaction back, systemd starts it again and its task is retried (tasks are never lost to a dead worker).
 A process that is not a registered worker (an operator's sqlite3 shell) is only named in the log.
 
-On PostgreSQL the database server bounds it (idle_in_transaction_session_timeout, set per session in store/postgresql/session.py).
+On PostgreSQL the database server bounds a session idle inside a transaction (idle_in_transaction_session_timeout,
+set per session in store/postgresql/session.py), but not one stopped in the middle of a pipeline: before its Sync
+the session is reading, not idle, and it holds the lock for as long as its process stays stopped. So each API
+process also asks the server, twice a second, for the sessions that have held the write lock past the limit,
+and has the server end them (PostgresStore.end_frozen_writers): the process then finds its connection gone, and
+reconnects when it runs again, as after a cut connection.
 """
 
 from __future__ import annotations
 
 import fcntl
+import functools
 import logging
 import os
 import signal
@@ -144,16 +150,41 @@ class Watchdog:
         return pid
 
 
+_named_sessions: set[int] = set()  # sessions this role may not end, already logged
+
+
+def end_frozen_sessions(limit: float, connect: Callable[[], Any]) -> list[int]:
+    """On PostgreSQL: have the server end the sessions that held the write lock past the limit; their pids."""
+    db = connect()
+    try:
+        ended = db.end_frozen_writers(limit)
+    finally:
+        db.close()
+    for pid, held, done in ended:
+        if done:
+            log.error("a PostgreSQL session (server pid %d) held the queue's write lock for %.0f s (--write-lock-limit "
+                      "%g), its client stopped inside a write; ended it so that submits and the other workers go on",
+                      pid, held, limit)
+        elif pid not in _named_sessions:  # once, not twice a second
+            _named_sessions.add(pid)
+            log.error("a PostgreSQL session (server pid %d) has held the queue's write lock for %.0f s but this role "
+                      "may not end it: run every process as the same database role", pid, held)
+    return [pid for pid, _, done in ended if done]
+
+
 def start(db_path: str, limit: float | None, connect: Callable[[], Any]) -> Any:
     """Run the watchdog on an OS thread of its own; returns its stop signal, or None where there is nothing to do."""
-    if not limit or not store.capabilities_of(db_path).local_file:
+    if not limit:
         return None
-    watchdog = Watchdog(db_path, limit, connect)
+    if store.capabilities_of(db_path).local_file:
+        look: Callable[[], Any] = Watchdog(db_path, limit, connect).look
+    else:
+        look = functools.partial(end_frozen_sessions, limit, connect)
 
     def run(stop: Any) -> None:
         while not stop.wait(EVERY):
             try:
-                watchdog.look()
+                look()
             except Exception:  # a fault here must not end the watch for good
                 log.exception("write-lock watchdog")
 

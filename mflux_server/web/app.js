@@ -227,37 +227,32 @@ function setGarment(dataUrl) {
   clearFieldError("garment_image");
 }
 
-function setupGarmentInput() {
-  const drop = $("#garment-drop"), file = $("#garment-file");
-  drop.addEventListener("click", () => file.click());
+// A drop zone: Enter or Space opens its file input; a chosen or dropped image is read and handed to take().
+function acceptImages(drop, file, take) {
   drop.addEventListener("keydown", (e) => {
     if ((e.key === "Enter" || e.key === " ") && e.target === drop) { e.preventDefault(); file.click(); }
   });
-  file.addEventListener("change", async () => file.files[0] && setGarment(await readFile(file.files[0])));
+  file.addEventListener("change", async () => file.files[0] && take(await readFile(file.files[0])));
   drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
   drop.addEventListener("dragleave", () => drop.classList.remove("over"));
   drop.addEventListener("drop", async (e) => {
     e.preventDefault(); e.stopPropagation(); drop.classList.remove("over");
     const dropped = e.dataTransfer.files[0];
-    if (dropped?.type.startsWith("image/")) setGarment(await readFile(dropped));
+    if (dropped?.type.startsWith("image/")) take(await readFile(dropped));
   });
+}
+
+function setupGarmentInput() {
+  const drop = $("#garment-drop"), file = $("#garment-file");
+  drop.addEventListener("click", () => file.click());
+  acceptImages(drop, file, setGarment);
   $("#garment-clear").addEventListener("click", () => { setGarment(null); drop.focus(); });
 }
 
 function setupImageInput() {
   const drop = $("#drop"), file = $("#image-file");
   drop.addEventListener("click", (e) => { if (!state.image && e.target.id !== "mask-canvas") file.click(); });
-  drop.addEventListener("keydown", (e) => {
-    if ((e.key === "Enter" || e.key === " ") && e.target === drop) { e.preventDefault(); file.click(); }
-  });
-  file.addEventListener("change", async () => file.files[0] && setImage(await readFile(file.files[0])));
-  drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
-  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
-  drop.addEventListener("drop", async (e) => {
-    e.preventDefault(); drop.classList.remove("over");
-    const dropped = e.dataTransfer.files[0];
-    if (dropped?.type.startsWith("image/")) setImage(await readFile(dropped));
-  });
+  acceptImages(drop, file, setImage);
   document.addEventListener("paste", async (e) => {
     const item = [...(e.clipboardData?.items || [])].find((i) => i.type.startsWith("image/"));
     if (item) setImage(await readFile(item.getAsFile()));

@@ -99,13 +99,7 @@ def test_a_killed_helper_loses_nothing_says_when_the_outcome_is_unknown_and_is_s
     time.sleep(RESTART_AFTER)
     replacement = ready_helper(processes, url)
     assert replacement.pid != helper.pid
-    waiting: list[requests.Response] = []
-    files = {"image": ("big.png", noise_png(), "image/png")}
-    sender = threading.Thread(target=lambda: waiting.append(requests.post(
-        url + "/v1/images/edits", data={"prompt": "lost with the helper", "size": "256x256"}, files=files,
-        timeout=60)))
-    sender.start()
-    wait_for(lambda: "lost with the helper" in prompts(processes.db_path), what="the edit queued")
+    sender, waiting = edit_waiting_in_helper(url, processes.db_path, "lost with the helper")
     replacement.send_signal(signal.SIGKILL)
     sender.join(timeout=30)
     lost = waiting[0]
@@ -118,13 +112,7 @@ def test_a_stopping_server_answers_a_wait_held_by_its_helper_and_the_helper_goes
     url = processes.server()  # no worker: the wait stays open until the server stops
     helper = ready_helper(processes, url)
     folder = Path(helper.cmdline()[-2]).parent
-    answers: list[requests.Response] = []
-    files = {"image": ("big.png", noise_png(), "image/png")}
-    sender = threading.Thread(target=lambda: answers.append(requests.post(
-        url + "/v1/images/edits", data={"prompt": "waiting in the helper", "size": "256x256"}, files=files,
-        timeout=60)))
-    sender.start()
-    wait_for(lambda: "waiting in the helper" in prompts(processes.db_path), what="the edit queued")
+    sender, answers = edit_waiting_in_helper(url, processes.db_path, "waiting in the helper")
     assert processes.server_proc is not None
     processes.server_proc.send_signal(signal.SIGTERM)
     sender.join(timeout=30)
@@ -134,6 +122,18 @@ def test_a_stopping_server_answers_a_wait_held_by_its_helper_and_the_helper_goes
     wait_for(lambda: not psutil.pid_exists(helper.pid) or helper.status() == psutil.STATUS_ZOMBIE, timeout=5,
              what="the helper to exit")
     assert not folder.exists(), "the lane's socket and folder are removed"
+
+
+def edit_waiting_in_helper(url: str, db_path: str, prompt: str) -> tuple[threading.Thread, list[requests.Response]]:
+    """A synchronous OpenAI edit with a large image, sent on a thread; returns once its task is queued (with no
+    worker it then waits in the helper) with the thread and the list its answer lands in."""
+    answers: list[requests.Response] = []
+    files = {"image": ("big.png", noise_png(), "image/png")}
+    sender = threading.Thread(target=lambda: answers.append(requests.post(
+        url + "/v1/images/edits", data={"prompt": prompt, "size": "256x256"}, files=files, timeout=60)))
+    sender.start()
+    wait_for(lambda: prompt in prompts(db_path), what="the edit queued")
+    return sender, answers
 
 
 def prompts(db_path: str) -> set[str]:

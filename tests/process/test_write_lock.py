@@ -11,6 +11,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import pytest
 import requests
 
 from mflux_server import store
@@ -27,8 +28,25 @@ FROZEN = textwrap.dedent("""
         import psycopg
         from mflux_server.store.postgresql import session as pg
         store.limit_idle_transactions(limit)  # as the worker's main() does
-        session = psycopg.connect(target, **{**pg.SESSION_OPTIONS, "autocommit": False})
-        session.execute(pg._BEGIN_WRITE[1])  # the store's write lock, held inside an open transaction
+        if sys.argv[2] == "pipeline":  # stopped mid-pipeline: BEGIN and the lock ran, no Sync yet (not idle)
+            import select
+            session = psycopg.connect(target, **pg.SESSION_OPTIONS)
+            wire = session.pgconn
+            wire.enter_pipeline_mode()
+            for text in pg._BEGIN_WRITE:
+                wire.send_query_params(text.encode(), None)
+            wire.send_flush_request()
+            wire.flush()
+            results = 0
+            while results < len(pg._BEGIN_WRITE):  # until the server says the lock is taken
+                if wire.is_busy():
+                    select.select([wire.socket], [], [], 5)
+                    wire.consume_input()
+                elif wire.get_result() is not None:
+                    results += 1
+        else:
+            session = psycopg.connect(target, **{**pg.SESSION_OPTIONS, "autocommit": False})
+            session.execute(pg._BEGIN_WRITE[1])  # the store's write lock, held inside an open transaction
     else:
         db = store.connect(target)
         if register:
@@ -40,9 +58,10 @@ FROZEN = textwrap.dedent("""
 """)
 
 
-def frozen_writer(target: str, as_worker: bool, limit: float = 2.0) -> subprocess.Popen[str]:
+def frozen_writer(target: str, as_worker: bool, limit: float = 2.0, mid_pipeline: bool = False) -> subprocess.Popen[str]:
     """Start the stand-in and return once it holds the write lock (it is stopped by then, or about to be)."""
-    proc = subprocess.Popen([sys.executable, "-c", FROZEN, target, "worker" if as_worker else "other", str(limit)],
+    how = "pipeline" if mid_pipeline else "worker" if as_worker else "other"
+    proc = subprocess.Popen([sys.executable, "-c", FROZEN, target, how, str(limit)],
                             stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[2])
     assert proc.stdout is not None and proc.stdout.readline().strip() == "holding"
     return proc
@@ -115,14 +134,17 @@ def test_a_worker_that_commits_often_is_not_mistaken_for_a_frozen_one(db_path):
         db.close()
 
 
-def test_on_postgresql_the_server_ends_a_session_frozen_in_a_write(processes: Processes, postgres_server):
+@pytest.mark.parametrize("mid_pipeline", [False, True], ids=["idle in its transaction", "stopped mid-pipeline"])
+def test_on_postgresql_a_session_frozen_in_a_write_is_ended(processes: Processes, postgres_server, mid_pipeline):
+    # Idle in its transaction, the server's own timeout ends it; stopped mid-pipeline (before its Sync the session
+    # is reading, and that timeout is not armed), the API's watchdog has the server end it.
     limit = 2.0
     url_db = postgres_server.create_database()
     store.open_migrated(url_db).close()
     pg_processes = Processes(processes.workdir, url_db)
     try:
         url = pg_processes.server("--write-lock-limit", str(limit))
-        frozen = frozen_writer(url_db, as_worker=True, limit=limit)
+        frozen = frozen_writer(url_db, as_worker=True, limit=limit, mid_pipeline=mid_pipeline)
         try:
             answer, took = timed_submit(url)
             assert answer.status_code == 200, answer.text  # waited for the lock without end before
@@ -130,5 +152,8 @@ def test_on_postgresql_the_server_ends_a_session_frozen_in_a_write(processes: Pr
         finally:
             frozen.kill()
             frozen.wait()
+        assert pg_processes.server_proc is not None
+        if mid_pipeline:
+            assert "its client stopped inside a write; ended it" in pg_processes.log(pg_processes.server_proc)
     finally:
         pg_processes.stop_all()

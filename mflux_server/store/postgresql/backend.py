@@ -9,7 +9,7 @@ from mflux_server.store.base import Store
 from mflux_server.store.capabilities import POSTGRESQL
 from mflux_server.store.postgresql import migrations, pools
 from mflux_server.store.postgresql.notifications import notifications
-from mflux_server.store.postgresql.session import PgSession, psycopg_placeholders
+from mflux_server.store.postgresql.session import WRITE_LOCK, PgSession, psycopg_placeholders
 from mflux_server.store.query_files import for_backend
 from mflux_server.store.sqlite.backend import SqliteStore
 
@@ -22,6 +22,13 @@ class PostgresStore(Store):
 
     def __init__(self, url: str, pooled: bool = False):
         super().__init__(url, pools.connect(url, pooled), for_backend("postgresql", psycopg_placeholders))
+
+    def end_frozen_writers(self, limit: float) -> list[tuple[int, float, bool]]:
+        """End the sessions that have held the write lock for more than limit seconds (core/write_lock.py): each
+        one's (pid, seconds held, whether it could be ended)."""
+        rows = self._run("end_frozen_writers", {"high": WRITE_LOCK >> 32, "low": WRITE_LOCK & 0xFFFFFFFF,
+                                                "limit": limit}).fetchall()
+        return [(int(pid), float(held), bool(ended)) for pid, held, ended in rows]
 
     def claim_next(self, worker_id: str, model: str, engine: str, now: float | None = None,
                    loras: str | None = None) -> Task | None:

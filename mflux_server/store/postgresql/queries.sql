@@ -119,3 +119,14 @@ ON CONFLICT (key_id) DO UPDATE SET
                          THEN (SELECT virtual FROM fair_clock WHERE id = 1) ELSE fair_keys.backlog_start END,
     last_finish = GREATEST(fair_keys.last_finish, (SELECT virtual FROM fair_clock WHERE id = 1)) + :cost
 RETURNING last_finish - :cost, backlog_start;
+
+-- name: end_frozen_writers
+-- End every session of this database that has held the write lock (session.WRITE_LOCK, a transaction-level
+-- advisory lock: classid its high 32 bits, objid its low) for longer than :limit seconds; their pids. The server's
+-- idle_in_transaction_session_timeout misses a client stopped in the middle of a pipeline (before its Sync the
+-- session is not idle but reading), which would hold the lock, and every write, for as long as it stays stopped.
+SELECT a.pid, extract(epoch FROM now() - a.xact_start) AS held, pg_terminate_backend(a.pid) AS ended
+  FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+ WHERE l.locktype = 'advisory' AND l.granted AND l.classid = :high AND l.objid = :low AND l.objsubid = 1
+   AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+   AND a.pid <> pg_backend_pid() AND a.xact_start < now() - make_interval(secs => :limit);
