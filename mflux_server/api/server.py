@@ -11,8 +11,6 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from flask import Flask
-
 from mflux_server import __version__, store
 from mflux_server.api import admin_commands
 from mflux_server.api.app import create_app
@@ -66,7 +64,7 @@ BACK_TO_BACK = 0.002
 WRITE_METHODS = ("POST", "PUT", "PATCH", "DELETE")
 
 
-def take_turns(app: Flask) -> Callable[[dict[str, Any], Any], Any]:
+def take_turns(app: Callable[[dict[str, Any], Any], Any]) -> Callable[[dict[str, Any], Any], Any]:
     """Let every connection take its turn: a read waits for the event loop to be idle before it runs.
 
     gevent's server reads a keep-alive connection's next request without yielding when it has already arrived,
