@@ -11,9 +11,10 @@ A process that is not a registered worker (an operator's sqlite3 shell) is only 
 On PostgreSQL the database server bounds a session idle inside a transaction (idle_in_transaction_session_timeout,
 set per session in store/postgresql/session.py), but not one stopped in the middle of a pipeline: before its Sync
 the session is reading, not idle, and it holds the lock for as long as its process stays stopped. So each API
-process also asks the server, twice a second, for the sessions that have held the write lock past the limit,
-and has the server end them (PostgresStore.end_frozen_writers): the process then finds its connection gone, and
-reconnects when it runs again, as after a cut connection.
+process also asks the server, twice a second, for the sessions that have held the write lock past the limit while
+waiting for their client (not those running a long statement), and has the server end them
+(PostgresStore.end_frozen_writers): the process then finds its connection gone, and reconnects when it runs
+again, as after a cut connection.
 """
 
 from __future__ import annotations

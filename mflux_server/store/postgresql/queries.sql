@@ -125,8 +125,10 @@ RETURNING last_finish - :cost, backlog_start;
 -- advisory lock: classid its high 32 bits, objid its low) for longer than :limit seconds; their pids. The server's
 -- idle_in_transaction_session_timeout misses a client stopped in the middle of a pipeline (before its Sync the
 -- session is not idle but reading), which would hold the lock, and every write, for as long as it stays stopped.
+-- Only a session waiting for its client (ClientRead) is ended: a long statement still running is left alone.
 SELECT a.pid, extract(epoch FROM now() - a.xact_start) AS held, pg_terminate_backend(a.pid) AS ended
   FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
  WHERE l.locktype = 'advisory' AND l.granted AND l.classid = :high AND l.objid = :low AND l.objsubid = 1
    AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-   AND a.pid <> pg_backend_pid() AND a.xact_start < now() - make_interval(secs => :limit);
+   AND a.pid <> pg_backend_pid() AND a.wait_event = 'ClientRead'
+   AND a.xact_start < now() - make_interval(secs => :limit);
