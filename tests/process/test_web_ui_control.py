@@ -123,7 +123,7 @@ def test_a_try_on_takes_a_person_a_painted_area_and_a_garment_picked_from_the_ke
     person, garment = tmp_path / "person.png", tmp_path / "garment.png"
     Image.new("RGB", (384, 512), (90, 120, 200)).save(person)
     Image.new("RGB", (256, 256), (200, 40, 40)).save(garment)
-    page = open_page(browser, url, PHONE)
+    page = open_page(browser, url, PHONE, scheme="light")
     page.locator("#model").select_option("dev-fill-catvton")
     assert page.locator("#image-label").inner_text() == "Person"
     assert "dresses the person" in page.locator("#model-hint").inner_text()
@@ -148,7 +148,7 @@ def test_a_try_on_takes_a_person_a_painted_area_and_a_garment_picked_from_the_ke
     assert error.inner_text() == "", "picking the garment clears its error"
     assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
     small(page)
-    shot(page, "try-on-phone")
+    shot(page, "try-on-phone-light")
     page.get_by_role("button", name="Generate").click()
     wait_for(lambda: latest_task(url).get("model") == "dev-fill-catvton", what="the try-on task")
     from mflux_server import store
