@@ -6,14 +6,16 @@ of the blobs. Threads do not take that off the event loop, since their Python pa
 with a lower CPU priority, on a Unix socket only its parent can reach; the server process only reads the body
 (under the client's deadlines, as before) and copies bytes both ways. Small requests never leave the process.
 
-The helper starts with the first large request (until it is ready, such requests are handled in the process as
-before) and is started again if it dies. A server process that stops tells its helper to stop too: the helper
-answers its open waits the way a server process does (api/draining.py), and the answers go back to the clients.
+The helper starts with the first large request (which waits for it, as do the others meanwhile) and is started
+again if it dies (while it cannot be, large requests are handled in the process as before). A server process that
+stops tells its helper to stop too: the helper answers its open waits the way a server process does
+(api/draining.py), and the answers go back to the clients.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import http.client
 import io
 import logging
@@ -50,9 +52,12 @@ START_WAIT = 10.0
 START_POLL = 0.02
 # Seconds the helper waits for its open requests when told to stop (gunicorn's graceful timeout is 10 s).
 HELPER_GRACE = 9.0
-# Headers that describe one connection, not the request: the relay's connections have their own.
+# Headers that describe one connection, not the request: the relay's connections have their own. The request's
+# length is set again for the body as read; the answer's Date and Server are gunicorn's.
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer",
-                        "upgrade", "expect", "content-length", "date", "server"})
+                        "upgrade", "expect"})
+NOT_RELAYED = HOP_BY_HOP | {"content-length"}
+NOT_ANSWERED = HOP_BY_HOP | {"date", "server"}
 CHUNK = 1 << 16
 LOST_MESSAGE = ("the process handling this upload stopped before answering, so the request may or may not have "
                 "been carried out: send it again with the same Idempotency-Key header to get the task it created, "
@@ -65,7 +70,7 @@ class UploadLane:
     def __init__(self, settings: Settings, limit: int):
         self.settings = settings
         self.limit = limit  # bodies over it are refused in the process, cheaply, before any is read
-        self.path = ""  # the socket, in a folder of its own made at the first start
+        self.path = ""  # the socket, in a folder of this process's own made at the first start, removed at exit
         self.helper: subprocess.Popen[bytes] | None = None
         self.ready = False
         self.started_at = -RESTART_AFTER
@@ -93,6 +98,9 @@ class UploadLane:
         while not self.ready:
             assert self.helper is not None
             self.ready = os.path.exists(self.path)
+            if self.ready:
+                log.info("upload lane: helper process %d ready %.1f s after its start", self.helper.pid,
+                         time.monotonic() - self.started_at)
             if self.ready or self.helper.poll() is not None or time.monotonic() >= deadline:
                 break
             time.sleep(START_POLL)  # gevent's sleep in a server process: only this request waits
@@ -102,12 +110,11 @@ class UploadLane:
         """Start the helper; it listens on the lane's socket once its app is built."""
         self.started_at = time.monotonic()
         self.ready = False
-        if not self.path or not os.path.isdir(os.path.dirname(self.path)):  # a helper that stopped removed it
-            # 0700: only this user reaches the socket. Removed at exit, in case the helper could not.
-            folder = tempfile.mkdtemp(prefix="mflux-upload-")
+        if not self.path:
+            folder = tempfile.mkdtemp(prefix="mflux-upload-")  # 0700: only this user reaches the socket
             atexit.register(shutil.rmtree, folder, True)
             self.path = os.path.join(folder, "lane.sock")
-        elif os.path.exists(self.path):
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)  # a killed helper's
         self.helper = subprocess.Popen([sys.executable, "-m", "mflux_server.api.upload_lane", self.path, str(os.getpid())],
                                        stdin=subprocess.PIPE, close_fds=True)
@@ -146,7 +153,7 @@ class UploadLane:
                       environ.get("PATH_INFO"), error)
             return _lost(app, environ, start_response)
         start_response(f"{response.status} {response.reason}",
-                       [(name, value) for name, value in response.getheaders() if name.lower() not in HOP_BY_HOP])
+                       [(name, value) for name, value in response.getheaders() if name.lower() not in NOT_ANSWERED])
         return _answer(response, connection)
 
 
@@ -173,7 +180,7 @@ def request_head(environ: dict[str, Any], length: int) -> bytes:
     for key, value in environ.items():
         if key.startswith("HTTP_"):
             name = key[5:].replace("_", "-").title()
-            if name.lower() not in HOP_BY_HOP:
+            if name.lower() not in NOT_RELAYED:
                 lines.append(f"{name}: {value}")
     if environ.get("CONTENT_TYPE"):
         lines.append(f"Content-Type: {environ['CONTENT_TYPE']}")
@@ -226,7 +233,6 @@ def serve_helper(path: str, parent: int, settings: Settings) -> None:
     from mflux_server.api.app import create_app
     from mflux_server.core.logs import configure_logging, shorten_gil_switch_interval
 
-    started = time.monotonic()
     configure_logging(settings.log_level, "mflux-server")
     shorten_gil_switch_interval()
     store.limit_idle_transactions(settings.write_lock_limit)
@@ -239,7 +245,6 @@ def serve_helper(path: str, parent: int, settings: Settings) -> None:
     # Niced once ready: starting (imports, the app) at the server's priority makes it ready sooner under load.
     os.nice(HELPER_NICENESS)
     os.rename(path + ".new", path)  # the parent relays once the socket is there, listening
-    log.info("upload lane: helper process %d ready in %.1f s", os.getpid(), time.monotonic() - started)
 
     stopped = gevent.event.Event()
 
@@ -253,9 +258,8 @@ def serve_helper(path: str, parent: int, settings: Settings) -> None:
     while not stopped.wait(1.0):
         if os.getppid() != parent:  # the server process is gone (killed): nothing can reach this one any more
             stop()
-    if os.path.exists(path):
+    with contextlib.suppress(FileNotFoundError):  # the folder is the server process's to remove
         os.unlink(path)
-    os.rmdir(os.path.dirname(path))  # the lane's folder: made for this socket alone
 
 
 if __name__ == "__main__":

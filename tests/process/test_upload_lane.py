@@ -77,6 +77,7 @@ def test_a_large_submit_goes_to_the_niced_helper_and_a_frozen_helper_stalls_no_o
     finally:
         db.close()
     assert len(answer.raw.headers.getlist("Date")) == 1, "the relay passes one Date header, not the helper's too"
+    assert int(answer.headers["Content-Length"]) == len(answer.content), "the answer's length goes along"
 
     refused = requests.post(url + "/api/generate", json=large_submit("bad", image_strength=7), timeout=30)
     assert refused.status_code == 422 and refused.headers["Content-Type"] == "application/json"
