@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import logging
 import threading
 import time
@@ -18,6 +17,7 @@ from mflux_server.core.rows import CONTROL_ROLE, REFERENCE_ROLES, Task
 from mflux_server.core.scheduling import LORA_CHANGE, Variant, choose_variant
 from mflux_server.core.settings import Settings
 from mflux_server.store import Store
+from mflux_server.worker import low_priority
 from mflux_server.worker.engines.base import Control, Engine, EngineFault, Job, ModelLoadFailed, OutOfMemory
 from mflux_server.worker.messages import (
     ImageGenerated,
@@ -288,7 +288,7 @@ class ClaimLoop:
         # Most tasks have no input images: no read for them (a round trip fewer between generations on PostgreSQL).
         stored_inputs = self.stored("reading input images",
                                     lambda: self.db.inputs(task.id)) if task.input_count else {}
-        inputs = {role: Image.open(io.BytesIO(stored.data)) for role, stored in stored_inputs.items()}
+        inputs = low_priority.decoded(stored_inputs)
         references = tuple(inputs[role] for role in REFERENCE_ROLES if role in inputs)
         settings = task.control_settings
         resolved = catalog.resolve_reference(task.model)

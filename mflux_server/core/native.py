@@ -135,6 +135,16 @@ BACKGROUND_NICE = 10  # how much less CPU share a bounded pool's thread gets tha
 _niced = thread_local()
 
 
+def lower_thread_priority(niceness: int) -> None:
+    """Run the calling OS thread `niceness` steps nicer than the process (Linux, where niceness is per thread;
+    elsewhere nothing changes)."""
+    if sys.platform.startswith("linux"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0) + niceness)
+        except OSError:
+            pass
+
+
 def _yielding(function: Callable[[], T]) -> Callable[[], T]:
     """function, run at a lower CPU priority on this OS thread: where cores are few, the event loop's thread is
     scheduled first and the pool's work fills the idle time (Linux niceness is per thread)."""
@@ -142,11 +152,7 @@ def _yielding(function: Callable[[], T]) -> Callable[[], T]:
     def run() -> T:
         if not getattr(_niced, "done", False):
             _niced.done = True
-            if sys.platform.startswith("linux"):
-                try:
-                    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
-                except OSError:
-                    pass
+            lower_thread_priority(BACKGROUND_NICE)
         return function()
 
     return run

@@ -18,7 +18,7 @@ from PIL import Image
 
 from mflux_server.core import catalog, structured_prompts
 from mflux_server.core.rows import REFERENCE_ROLES
-from mflux_server.worker import mflux_metadata
+from mflux_server.worker import low_priority, mflux_metadata
 from mflux_server.worker.engines.base import Control, EngineFault, Job, ModelLoadFailed, OutOfMemory, StepReporter
 from mflux_server.worker.engines.families import Family, family_named
 from mflux_server.worker.engines.latent_formats import FORMATS, LatentFormat
@@ -326,7 +326,7 @@ class MfluxEngine:
         self.bridge.reporter = reporter
         try:
             with tempfile.TemporaryDirectory(prefix="mflux-inputs-") as folder:
-                files = write_inputs(job, Path(folder))
+                files = low_priority.run(lambda: write_inputs(job, Path(folder)))
                 with self._tiling(job):
                     result = self.adapter.call(job, files)
         except Exception as exc:
@@ -435,6 +435,6 @@ def write_inputs(job: Job, folder: Path) -> dict[str, str]:
     for role, image in roles:
         if image is not None:
             path = folder / f"{role}.png"
-            image.save(path, format="PNG")
+            image.save(path, format="PNG", compress_level=1)  # read back at once: speed over size
             files[role] = str(path)
     return files
