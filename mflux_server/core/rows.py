@@ -272,10 +272,12 @@ class TimingStat(FromRow):
 
 @dataclass(frozen=True, slots=True)
 class ForecastOutcome(FromRow):
-    """A finished task's forecast at submit and the seconds it took: what the calibration learns from."""
+    """A finished task's forecast at submit, the top of the model's own range then, and the seconds it took: what
+    the calibration learns from."""
 
     point: float
     took: float
+    high: float | None = None  # None for a task an older API forecast
 
 
 # Not frozen: a snapshot reads 10,000 of these, and a frozen dataclass costs 6 ms per 10,000 where a

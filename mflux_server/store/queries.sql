@@ -311,8 +311,9 @@ UPDATE tasks SET forecast_seconds = :seconds, forecast_low = :low, forecast_high
 RETURNING status, model, created_at, finished_at;
 
 -- name: recent_forecasts
--- The latest finished tasks' forecasts at submit, with what they took (newest first, by tasks_finished).
-SELECT forecast_seconds AS point, finished_at - created_at AS took
+-- The latest finished tasks' forecasts at submit and their model range's top, with what they took (newest first,
+-- by tasks_finished).
+SELECT forecast_seconds AS point, finished_at - created_at AS took, forecast_high AS high
   FROM tasks
  WHERE finished_at IS NOT NULL AND status = 'done' AND forecast_seconds > 0
  ORDER BY finished_at DESC

@@ -186,6 +186,26 @@ def test_calibration_replaces_the_models_range_by_what_recent_tasks_took_as_a_sh
     assert slow.applied(10.0, 9.0, 11.0) == pytest.approx((10.0, 20.45), abs=0.01)
 
 
+def test_calibration_gives_a_forecast_the_spread_of_recent_tasks_whose_model_range_was_alike():
+    rnd = random.Random(9)
+    # Half the tasks were sure things (model range up to +10%, took ±5%), half waited behind a burst (model range
+    # up to +100%, took 0.5× to 2×). Pooled, the burst's tasks would fall outside far more than one in five.
+    sure = [ForecastOutcome(100.0, rnd.uniform(95.0, 105.0), 110.0) for _ in range(100)]
+    burst = [ForecastOutcome(100.0, rnd.uniform(50.0, 200.0), 200.0) for _ in range(100)]
+    calibration = Calibration.of(sure + burst)
+    for kind, high in ((sure, 110.0), (burst, 200.0)):
+        low_end, high_end = calibration.applied(100.0, 90.0, high)
+        assert 0.75 <= statistics.fmean(low_end <= o.took <= high_end for o in kind) <= 0.88
+    assert calibration.applied(100.0, 90.0, 110.0)[1] < 106.0, "a sure thing's range stays narrow"
+    pooled = Calibration.of([ForecastOutcome(o.point, o.took) for o in sure + burst])
+    low_end, high_end = pooled.applied(100.0, 90.0, 200.0)
+    assert statistics.fmean(low_end <= o.took <= high_end for o in burst) < 0.7, "what the halves are for"
+    # A half with too few tasks, and a forecast without a model range, take the pooled ratios.
+    lopsided = Calibration.of(sure + burst[:MIN_CALIBRATION_TASKS - 1])
+    assert lopsided.wide is None and lopsided.narrow is not None
+    assert lopsided.applied(100.0, 90.0, 200.0) == pytest.approx((100.0 * lopsided.low_ratio, 100.0 * lopsided.high_ratio))
+
+
 def test_calibration_waits_for_enough_finished_tasks():
     few = [outcome(10.0, 30.0)] * (MIN_CALIBRATION_TASKS - 1)
     assert Calibration.of(few) == Calibration(0.0, 0.0, MIN_CALIBRATION_TASKS - 1)

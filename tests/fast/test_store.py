@@ -333,4 +333,6 @@ def test_timings_keep_their_squares_and_finished_tasks_their_forecasts(db):
     assert claimed is not None and db.complete(claimed.id, "w", images_for(unforecast))
     outcomes = db.recent_forecasts(10)
     assert [o.point for o in outcomes] == [6.0] * 4
+    assert sorted(o.high for o in outcomes if o.high is not None) == [8.0] * 3, "the model range's top, where known"
+    assert sum(o.high is None for o in outcomes) == 1
     assert all(o.took >= 0 for o in outcomes) and len(db.recent_forecasts(2)) == 2
