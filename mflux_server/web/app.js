@@ -6,7 +6,7 @@ const store = {
   set: (key, value) => localStorage.setItem("mflux." + key, JSON.stringify(value)),
 };
 const state = { models: [], loras: [], tasks: store.get("tasks", []), gallery: store.get("gallery", []), views: {}, source: null,
-                followed: "", image: null, maskDirty: false, polling: null, strokes: [], info: {}, viewing: -1 };
+                followed: "", image: null, more: [], maskDirty: false, polling: null, strokes: [], info: {}, viewing: -1 };
 
 async function api(path, options = {}) {
   const key = store.get("key", "");
@@ -144,6 +144,7 @@ function applyModel() {
                 image_to_image: caps.image_to_image, loras: caps.loras && fittingLoras().length > 0,
                 image: caps.image_to_image || caps.edit || caps.inpaint || caps.control || caps.variation,
                 variation: caps.variation, try_on: caps.try_on,
+                more_images: (caps.edit || caps.variation) && (model?.max_reference_images || 0) > 1,
                 control_strength: control?.default_strength != null, control_maps: Boolean(control?.maps) };
   for (const el of document.querySelectorAll("[data-needs]")) el.hidden = model ? !can[el.dataset.needs] : false;
   $("#strength-field").hidden = !caps.image_to_image || (caps.edit && !$("#image_strength").dataset.touched);
@@ -171,6 +172,7 @@ function applyModel() {
     }
   }
   if (!model) $("#loras-field").hidden = true;
+  renderMore();
   applyLoras();
 }
 
@@ -217,6 +219,7 @@ function setImage(dataUrl) {
   for (const field of ["image", "mask", "control_image"]) clearFieldError(field);
   $("#form-error").textContent = "";
   $("#mask-wrap").hidden = !dataUrl; $("#image-tools").hidden = !dataUrl; $("#drop-text").hidden = !!dataUrl;
+  renderMore();
 }
 
 function setGarment(dataUrl) {
@@ -242,6 +245,53 @@ function acceptImages(drop, file, take) {
   });
 }
 
+// ---- more images: an edit's further references, or a variation's further image prompts (each with its strength)
+function moreAllowed() {  // how many besides the picked image the model takes
+  return Math.max((currentModel()?.max_reference_images || 1) - 1, 0);
+}
+
+function renderMore() {
+  const model = currentModel(), variation = Boolean(model?.capabilities?.variation), list = $("#more-list");
+  const room = moreAllowed() - state.more.length;
+  list.replaceChildren(...state.more.map((entry, n) => {
+    const item = document.createElement("li"), img = document.createElement("img");
+    img.src = entry.dataUrl; img.alt = `image ${n + 2}`;
+    const middle = document.createElement("span");
+    if (variation) {  // its own strength, "model default" (1) until moved, as the first image's
+      const label = document.createElement("label"), out = document.createElement("output");
+      const slider = Object.assign(document.createElement("input"), { type: "range", min: "0", max: "1", step: "0.05",
+                                                                      value: String(entry.strength ?? 1) });
+      slider.setAttribute("aria-label", `strength of image ${n + 2}`);
+      out.textContent = entry.strength == null ? "model default" : entry.strength.toFixed(2);
+      slider.addEventListener("input", () => { entry.strength = Number(slider.value); out.textContent = entry.strength.toFixed(2); });
+      label.append(`Strength of image ${n + 2} `, out, slider); middle.append(label);
+    } else middle.textContent = `image ${n + 2}`;
+    const remove = Object.assign(document.createElement("button"), { type: "button", className: "ghost",
+                                                                     textContent: "Remove" });
+    remove.setAttribute("aria-label", `remove image ${n + 2}`);
+    remove.addEventListener("click", () => { state.more.splice(n, 1); renderMore(); $("#more-drop").focus(); });
+    item.append(img, middle, remove);
+    return item;
+  }));
+  $("#more-drop").hidden = room <= 0 || !state.image;
+  $("#more-room").textContent = `(${state.more.length} of ${moreAllowed()})`;
+  $("#more-hint").textContent = !state.image ? "Pick the first image above; then add more here."
+    : variation ? "Each image prompt steers the variation; the first is the image above."
+    : "References in order after the image above: \u201cthe cat from the first on the sofa of the second\u201d.";
+  clearFieldError("images");
+}
+
+function addMore(dataUrl) {
+  if (state.more.length < moreAllowed()) state.more.push({ dataUrl, strength: null });
+  renderMore();
+}
+
+function setupMoreInput() {
+  const drop = $("#more-drop"), file = $("#more-file");
+  drop.addEventListener("click", () => file.click());
+  acceptImages(drop, file, (dataUrl) => { addMore(dataUrl); file.value = ""; });
+}
+
 function setupGarmentInput() {
   const drop = $("#garment-drop"), file = $("#garment-file");
   drop.addEventListener("click", () => file.click());
@@ -257,7 +307,8 @@ function setupImageInput() {
     const item = [...(e.clipboardData?.items || [])].find((i) => i.type.startsWith("image/"));
     if (item) setImage(await readFile(item.getAsFile()));
   });
-  $("#image-clear").addEventListener("click", () => setImage(null));
+  // Removing the first image moves the next one up, so what is listed is always what is sent.
+  $("#image-clear").addEventListener("click", () => setImage(state.more.shift()?.dataUrl || null));
   $("#mask-clear").addEventListener("click", () => {
     const canvas = $("#mask-canvas"), ctx = canvas.getContext("2d");
     state.strokes.push(ctx.getImageData(0, 0, canvas.width, canvas.height));
@@ -335,8 +386,9 @@ function showError(error) {
   if (!Object.keys(errors).length && error.body?.field) errors[error.body.field] = [error.message];  // e.g. 409 on model
   let placed = false;
   for (const [field, messages] of Object.entries(errors)) {
-    const name = field.split(".")[0], slot = document.querySelector(`[data-error-for="${name}"]`);
-    const text = (Array.isArray(messages) ? messages.join(" ") : JSON.stringify(messages));
+    const [name, index] = field.split("."), slot = document.querySelector(`[data-error-for="${name}"]`);
+    let text = (Array.isArray(messages) ? messages.join(" ") : JSON.stringify(messages));
+    if (name === "images" && /^\d+$/.test(index || "")) text = `Image ${Number(index) + 1}: ${text}`;
     if (slot) {
       slot.textContent = FIELD_NAMES[name] ? `${FIELD_NAMES[name]}: ${text}` : text;
       placed = true; document.getElementById(name)?.classList.add("invalid");
@@ -365,6 +417,14 @@ async function submit(event) {
     if (caps.inpaint) body.mask = maskDataUrl();
     else if (caps.image_to_image && !$("#strength-field").hidden) body.image_strength = Number($("#image_strength").value);
     if (caps.variation && $("#prompt_strength").dataset.touched) body.image_strengths = [Number($("#prompt_strength").value)];
+    const more = $("#more-field").hidden ? [] : state.more;
+    if (more.length && !caps.inpaint) {  // several images: sent as images, in order, the picked one first
+      body.images = [body.image, ...more.map((entry) => entry.dataUrl)]; delete body.image;
+      if (caps.variation && (body.image_strengths || more.some((entry) => entry.strength != null))) {
+        // One strength per image prompt once any is set; an unmoved one keeps mflux's default, 1.
+        body.image_strengths = [body.image_strengths?.[0] ?? 1, ...more.map((entry) => entry.strength ?? 1)];
+      }
+    }
   }
   if (caps.try_on && state.garment) body.garment_image = state.garment;
   for (const key of Object.keys(body)) if (body[key] === undefined) delete body[key];
@@ -631,6 +691,7 @@ $("#lora-add").addEventListener("click", () => { const row = addLora(); row.quer
 setupViewer();
 setupImageInput();
 setupGarmentInput();
+setupMoreInput();
 loadModels().then(() => { if (!$("#width").value) applyPreset(); });
 setInterval(loadModels, 15_000);  // workers come and go: the menu follows without a reload
 renderQueue(); renderGallery(); checkGallery();

@@ -9,9 +9,10 @@ import pytest
 import requests
 from PIL import Image
 
+from mflux_server import store
 from mflux_server.testing import wait_for
 from tests.process.test_web_ui import browser, sync_api  # noqa: F401  (the browser fixture)
-from tests.process.test_web_ui_people import PHONE, open_page, shot, small
+from tests.process.test_web_ui_people import PHONE, SCREENSHOTS, open_page, shot, small
 from tests.process.test_web_ui_people import pytestmark as needs_chromium
 
 pytestmark = needs_chromium
@@ -186,3 +187,69 @@ def test_a_gallery_image_is_upscaled_as_a_task_of_the_queue(guided, browser):  #
     page.wait_for_function("document.querySelector('#gallery li img').naturalWidth === 1024", timeout=10000)
     shot(page, "upscaled")
     assert not page.errors, page.errors
+
+
+def test_more_images_go_as_images_in_order_with_a_strength_each_for_variations(processes, tmp_path,
+                                                                                browser):  # noqa: F811
+    url = processes.server()
+    processes.worker("--models", "flux2-klein-4b,dev-redux,schnell", speed=10)
+    files = []
+    for name, size, colour in (("first", (512, 512), "white"), ("second", (256, 384), "red"),
+                               ("third", (320, 320), "blue")):
+        Image.new("RGB", size, colour).save(tmp_path / f"{name}.png")
+        files.append(str(tmp_path / f"{name}.png"))
+    page = open_page(browser, url, PHONE, scheme="light")
+    page.locator("#model").select_option("flux2-klein-4b")
+    assert page.locator("#more-field").is_visible() and not page.locator("#more-drop").is_visible()
+    assert "Pick the first image" in page.locator("#more-hint").inner_text()
+    page.locator("#image-file").set_input_files(files[0])
+    page.wait_for_function("document.querySelector('#init-preview').naturalWidth > 0", timeout=5000)
+    with page.expect_file_chooser() as chooser:  # from the keyboard, as the other drop zones
+        page.locator("#more-drop").focus()
+        page.keyboard.press("Enter")
+    chooser.value.set_files(files[1])
+    wait_for(lambda: page.locator("#more-list li").count() == 1, what="the second image listed")
+    page.locator("#more-file").set_input_files(files[2])
+    wait_for(lambda: page.locator("#more-list li").count() == 2, what="the third image listed")
+    assert page.locator("#more-room").inner_text() == "(2 of 3)"
+    page.locator("#prompt").fill("the cat from the first on the sofa of the second")
+    small(page)
+    shot(page, "more-images-phone-light")
+    page.get_by_role("button", name="Generate").click()
+    wait_for(lambda: latest_task(url).get("model") == "flux2-klein-4b", what="the edit task")
+    db = store.connect(processes.db_path)
+    inputs = db.inputs(latest_task(url)["task_id"])
+    assert [(role, image.width) for role, image in inputs.items()] == [("image", 512), ("image2", 256), ("image3", 320)]
+    edit = latest_task(url)["task_id"]
+
+    page.locator("#model").select_option("dev-redux")
+    sliders = page.locator("#more-list input[type=range]")
+    assert sliders.count() == 2 and page.locator("#more-list output").first.inner_text() == "model default"
+    sliders.nth(1).focus()
+    for _ in range(4):  # 1.00 down to 0.80, from the keyboard
+        page.keyboard.press("ArrowLeft")
+    assert page.locator("#more-list output").nth(1).inner_text() == "0.80"
+    page.locator("#more-field").scroll_into_view_if_needed()
+    page.screenshot(path=str(SCREENSHOTS / "more-images-variation-phone.png"))
+    page.get_by_role("button", name="Generate").click()
+    wait_for(lambda: latest_task(url).get("task_id") != edit, what="the variation task")
+    variation = latest_task(url)
+    assert variation["model"] == "dev-redux" and variation["image_strengths"] == [1.0, 1.0, 0.8]
+    assert len(db.inputs(variation["task_id"])) == 3
+
+    # Removing the first image moves the next one up: what is listed is what is sent.
+    page.locator("#image-clear").click()
+    page.wait_for_function("document.querySelector('#init-preview').naturalWidth === 256", timeout=5000)
+    assert page.locator("#more-list li").count() == 1
+    page.locator("#model").select_option("schnell")
+    assert not page.locator("#more-field").is_visible(), "a text-to-image model takes no more images"
+    db.close()
+    assert not page.errors, page.errors
+    desktop = open_page(browser, url)  # the dark scheme, wide
+    desktop.locator("#model").select_option("dev-redux")
+    desktop.locator("#image-file").set_input_files(files[0])
+    desktop.wait_for_function("document.querySelector('#init-preview').naturalWidth > 0", timeout=5000)
+    desktop.locator("#more-file").set_input_files(files[1])
+    wait_for(lambda: desktop.locator("#more-list li").count() == 1, what="the image listed on the desktop")
+    shot(desktop, "more-images-desktop-dark")
+    assert not desktop.errors, desktop.errors
