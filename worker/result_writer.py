@@ -8,7 +8,7 @@ import threading
 import time
 from functools import partial
 
-from mflux_server.core.rows import StoredImage, Timing
+from mflux_server.core.rows import InputImage, NewTask, StoredImage, Task, Timing, UpscaleAfter
 from mflux_server.store import Store, storage_problem
 from mflux_server.worker.content_credentials import ContentCredentials
 from mflux_server.worker.encoding import encode
@@ -100,9 +100,26 @@ class ResultWriter:
         images.append(StoredImage(done.index, seed, mime, data, done.started, done.ended, int(signed)))
         self.retry.run(lambda: db.record_timings(task.model, task.width, task.height, timings))
         if len(images) == task.count:
-            stored = self.retry.run(lambda: db.complete(task.id, self.worker_id, images))
+            then = upscales_after(task, images)
+            stored = self.retry.run(lambda: db.complete(task.id, self.worker_id, images, then))
             del self._pending[task.id]
             if stored:
                 log.info("task %s: done", task.id)
             else:
                 log.info("task %s: finished but no longer ours (canceled); images dropped", task.id)
+
+
+def upscales_after(task: Task, images: list[StoredImage]) -> list[NewTask]:
+    """The upscale tasks a generate request's `upscale` asks for, one per image, queued with it done."""
+    after = UpscaleAfter.of(task.then_upscale)
+    if after is None:
+        return []
+    # Each is the task's own in all but what it runs: same key, priority, webhook, links and privacy.
+    return [NewTask(prompt=task.prompt, model=after.model, width=after.width, height=after.height, steps=after.steps,
+                    guidance=0.0, guidance_auto=True, seed=image.seed, count=1, format=task.format,
+                    quality=task.quality, priority=task.priority,
+                    inputs=(InputImage("image", image.mime, task.width, task.height, image.data),),
+                    callback_url=task.callback_url, link_base=task.link_base, keep_for=task.keep_for,
+                    client_user=task.client_user, key_id=task.key_id, private=bool(task.private),
+                    upscales_task=task.id, upscales_index=image.idx)
+            for image in sorted(images, key=lambda image: image.idx)]

@@ -192,6 +192,43 @@ class ControlView(ma.Schema):
     preprocess = fields.Boolean(metadata={"description": "the worker turned the image into the map"})
 
 
+MAX_UPSCALE_FACTOR = 4.0
+
+
+class UpscaleAfterRequest(ma.Schema):
+    """A generate request's `upscale`: each image enlarged once the task is done, by an upscale task of its own."""
+
+    class Meta:
+        unknown = ma.RAISE
+
+    error_messages = {"type": "must be an object: {\"factor\": 2} or {\"width\": …, \"height\": …}",
+                      "unknown": "unknown field"}
+
+    factor = fields.Float(load_default=None, validate=validate.Range(1, MAX_UPSCALE_FACTOR, min_inclusive=False),
+                          metadata={"description": f"how much larger, above 1 and at most {MAX_UPSCALE_FACTOR:g}; "
+                                                   "default 2 unless width or height is given"})
+    width = StrictInteger(load_default=None, validate=_size("max_width"), metadata={
+        "description": "the target width instead of a factor (the height follows the aspect unless given)"})
+    height = StrictInteger(load_default=None, validate=_size("max_height"), metadata={
+        "description": "the target height instead of a factor (the width follows the aspect unless given)"})
+    upscaler = fields.String(load_default=None, metadata={
+        "description": "a model with the upscale capability (GET /api/models); default: the first of them"})
+    steps = StrictInteger(load_default=None, validate=validate.Range(1, 100), metadata={
+        "description": "the upscaler's denoising steps; default: its own"})
+
+
+class UpscaleAfterView(ma.Schema):
+    """The upscale a task asked for, and the tasks that do it once it is done."""
+
+    upscaler = fields.String()
+    width = fields.Integer()
+    height = fields.Integer()
+    steps = fields.Integer()
+    task_ids = fields.List(fields.String(), metadata={
+        "description": "one upscale task per image, queued the moment this task is done (empty before, and for ever "
+                       "if it fails or is canceled); follow each like any task"})
+
+
 class GenerateRequest(ma.Schema):
     """A text-to-image request; the fields and types of the original mflux-server's examples."""
 
@@ -275,6 +312,11 @@ class GenerateRequest(ma.Schema):
     callback_url = fields.String(load_default=None, validate=_callback_url, metadata={
         "description": "an http(s) URL POSTed once the task ends (done, error or canceled), signed per Standard "
                        "Webhooks; public addresses only unless the server runs with --webhook-allow-private"})
+    upscale = fields.Nested(UpscaleAfterRequest, load_default=None, metadata={
+        "description": "generate, then upscale: once the task is done, each of its images is queued for an upscaler "
+                       "as a task of its own (its ids in this task's upscale.task_ids), with this task's key, "
+                       "priority, format and callback_url. The same fields as POST /api/upscale: factor, or width and "
+                       "height; upscaler; steps"})
 
 
 class Webhook(ma.Schema):
@@ -337,6 +379,10 @@ class TaskStatus(ma.Schema):
     finished_at = fields.Float(allow_none=True)
     webhook = fields.Nested(Webhook, metadata={"description": "the callback_url and how its delivery went (tasks "
                                                               "submitted with one)"})
+    upscale = fields.Nested(UpscaleAfterView, metadata={"description": "the upscale asked for with the request, and "
+                                                                       "its tasks (tasks submitted with one)"})
+    upscales = fields.Dict(metadata={"description": "an upscale queued by a task's upscale: {task_id, index} of the "
+                                                    "image it enlarges"})
 
 
 class GenerateResponse(TaskStatus):

@@ -29,6 +29,7 @@ from mflux_server.core.rows import (
     LoraSet,
     NewTask,
     Task,
+    UpscaleAfter,
     Worker,
     lora_set_text,
 )
@@ -76,9 +77,43 @@ def served_models(live: list[Worker]) -> set[str]:
     return {name for w in live for name in w.servable}
 
 
-def _reject(field: str, rule: str) -> NoReturn:
+def _reject(field: str, rule: str, within: str | None = None) -> NoReturn:
     location = "form" if request.mimetype == "multipart/form-data" else "json"
-    abort_json(422, errors={location: {field: [rule]}})
+    named: dict[str, Any] = {field: [rule]}
+    abort_json(422, errors={location: {within: named} if within else named})
+
+
+def upscalers() -> list[str]:
+    """The catalog's upscalers, by registry name."""
+    return [info.name for info in catalog.models() if info.capabilities.upscale]
+
+
+def default_upscaler() -> str:
+    """The upscaler a request that names none gets: the first in the catalog."""
+    return upscalers()[0]
+
+
+def upscale_after(asked: dict[str, Any], width: int, height: int, live: list[Worker], served: set[str]) -> UpscaleAfter:
+    """A generate request's `upscale` checked as POST /api/upscale checks its own fields (a 422 names
+    upscale.<field>; a 409 when no live worker serves the upscaler), for images of width × height."""
+    if asked["factor"] is not None and (asked["width"] is not None or asked["height"] is not None):
+        _reject("factor", "give a factor, or a target width and height, not both", "upscale")
+    name = asked["upscaler"] or default_upscaler()
+    resolved = catalog.resolve_reference(name)
+    if resolved is None or not resolved.info.capabilities.upscale:
+        _reject("upscaler", f"{name!r} is not an upscaler; the upscalers are {', '.join(upscalers())}", "upscale")
+    if live and resolved.served not in served:
+        abort_json(409, code="model_not_served", field="upscale.upscaler",
+                   message=f"no live worker serves the upscaler {resolved.served}; the live workers serve "
+                           f"{', '.join(sorted(served))}. The task was not queued")
+    factor = asked["factor"] if asked["factor"] is not None or asked["width"] or asked["height"] else 2.0
+    target = {"width": asked["width"], "height": asked["height"], "upscale_factor": factor}
+    wide, high, field = upscale_size(target, InputImage("image", "", width, height, b""), "upscale")
+    limit = pixel_limit(live, resolved.served)
+    if limit is not None and wide * high > limit:
+        _reject(field, f"the target {wide}×{high} = {wide * high} pixels; the workers serving {resolved.served} run "
+                       f"at most {limit} pixels", "upscale")
+    return UpscaleAfter(resolved.served, wide, high, asked["steps"] or resolved.info.default_steps)
 
 
 def check_inputs(body: dict[str, Any], info: catalog.ModelInfo, served: str) -> tuple[InputImage, ...]:
@@ -236,7 +271,7 @@ def output_size(body: dict[str, Any], image: InputImage | None) -> tuple[int, in
     return width or natural[0], height or natural[1]
 
 
-def upscale_size(body: dict[str, Any], image: InputImage) -> tuple[int, int, str]:
+def upscale_size(body: dict[str, Any], image: InputImage, within: str | None = None) -> tuple[int, int, str]:
     """An upscale's target size (from its factor, or its width and height with the image's aspect), and the field
     that set it; a 422 names that field when the target is over the server's limits or not larger."""
     step, (w, h) = catalog.size_multiple(), (image.width, image.height)
@@ -250,9 +285,9 @@ def upscale_size(body: dict[str, Any], image: InputImage) -> tuple[int, int, str
     most = (settings().max_width, settings().max_height)
     if width > most[0] or height > most[1]:
         _reject(field, f"the target {width}×{height} is over the server's largest image, {most[0]}×{most[1]} "
-                       f"(--max-width, --max-height); the image is {w}×{h}")
+                       f"(--max-width, --max-height); the image is {w}×{h}", within)
     if width * height <= w * h or min(width, height) < MIN_SIZE:
-        _reject(field, f"the target {width}×{height} is not larger than the image, {w}×{h}")
+        _reject(field, f"the target {width}×{height} is not larger than the image, {w}×{h}", within)
     return width, height, field
 
 
@@ -308,6 +343,7 @@ def queue_task(body: dict[str, Any], surface: str = "native", keep_for: float | 
         _reject(size_field,
                 f"width × height = {width}×{height} = {width * height} pixels; the workers serving {resolved.served} "
                 f"run at most {limit} pixels")
+    after = upscale_after(body["upscale"], width, height, live, served) if body.get("upscale") else None
     seed = body["seed"]
     if seed is None:
         seed = secrets.randbelow(MAX_SEED - body["count"] + 2)
@@ -326,7 +362,8 @@ def queue_task(body: dict[str, Any], surface: str = "native", keep_for: float | 
                    client_user=client_user, key_id=key.id if key else None, loras=lora_set_text(loras),
                    control=control.text() if control else "",
                    image_strengths=json.dumps(body["image_strengths"]) if body.get("image_strengths") else "",
-                   private=bool(body.get("private")) or not settings().metadata_prompts)
+                   private=bool(body.get("private")) or not settings().metadata_prompts,
+                   then_upscale=after.text() if after else "")
     if fair_scheduling():
         task = replace(task, fair_cost=forecaster().cost_model(db()).gpu_seconds(task))
     created = submit_once(task, key.id if key else 0)

@@ -9,7 +9,7 @@ from mflux_server.api.auth import may_see
 from mflux_server.api.context import db, forecaster, settings
 from mflux_server.api.errors import abort_json
 from mflux_server.api.generation_schemas import TASK_ID_LENGTH
-from mflux_server.core.rows import Status, Task, Worker
+from mflux_server.core.rows import Status, Task, UpscaleAfter, Worker
 from mflux_server.forecast.queue_view import Estimate
 from mflux_server.store import Store
 
@@ -72,7 +72,19 @@ def summary(task: Task) -> dict[str, Any]:
         "metadata": {"generation_data": True, "prompt": not task.private,
                      "digital_source_type": "trainedAlgorithmicMedia",
                      "content_credentials": signed_images(task)},
-    } | webhook_view(task)
+    } | webhook_view(task) | upscale_view(task)
+
+
+def upscale_view(task: Task) -> dict[str, Any]:
+    """A task's upscale (asked with it) and the tasks doing it, or the image an upscale task enlarges; {} for neither."""
+    if task.upscales_task is not None:
+        return {"upscales": {"task_id": task.upscales_task, "index": task.upscales_index}}
+    after = UpscaleAfter.of(task.then_upscale)
+    if after is None:
+        return {}
+    queued = db().upscale_tasks_of(task.id) if task.status is Status.DONE else []
+    return {"upscale": {"upscaler": after.model, "width": after.width, "height": after.height, "steps": after.steps,
+                        "task_ids": queued}}
 
 
 def signed_images(task: Task) -> list[bool]:

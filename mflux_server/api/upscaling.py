@@ -12,6 +12,7 @@ from mflux_server.api.context import db
 from mflux_server.api.errors import ErrorSchema, abort_json
 from mflux_server.api.generation import submitted_view
 from mflux_server.api.generation_schemas import (
+    MAX_UPSCALE_FACTOR,
     FormatField,
     GenerateRequest,
     GenerateResponse,
@@ -22,7 +23,7 @@ from mflux_server.api.generation_schemas import (
 )
 from mflux_server.api.image_inputs import ImageField, RawImage
 from mflux_server.api.request_body import StrictParser
-from mflux_server.api.submission import queue_task, require_json_body
+from mflux_server.api.submission import default_upscaler, queue_task, require_json_body, upscalers
 from mflux_server.api.task_view import NOT_FOUND, get_task_or_404
 from mflux_server.core import catalog
 from mflux_server.core.rows import Status
@@ -31,17 +32,7 @@ blp = Blueprint("upscaling", __name__, description="Enlarge an image with an ups
 blp.ARGUMENTS_PARSER = StrictParser()
 blp.before_request(require_json_body)
 
-MAX_FACTOR = 4.0
-
-
-def upscalers() -> list[str]:
-    """The catalog's upscalers, by registry name."""
-    return [info.name for info in catalog.models() if info.capabilities.upscale]
-
-
-def default_upscaler() -> str:
-    """The upscaler a request that names none gets: the first in the catalog."""
-    return upscalers()[0]
+MAX_FACTOR = MAX_UPSCALE_FACTOR
 
 
 class UpscaleRequest(ma.Schema):

@@ -82,6 +82,8 @@ def generate(client: Client, args: argparse.Namespace) -> int:
                               "control_preprocess": False if args.control_map else None}
     if args.size:
         fields["width"], fields["height"] = args.size
+    if args.upscale is not None:
+        fields["upscale"] = {"factor": args.upscale, **({"upscaler": args.upscaler} if args.upscaler else {})}
     live = sys.stderr.isatty()
 
     def show(state: dict[str, Any]) -> None:
@@ -96,14 +98,15 @@ def generate(client: Client, args: argparse.Namespace) -> int:
     task = client.submit(args.prompt, image=args.image, mask=args.mask, control_image=args.control_image, **fields)
     show({"event": "submitted", **task})
     done = client.wait(task["task_id"], show)
+    finals = client.final_images(done, show)  # the upscaled images, when --upscale asked for them
     if live:
         print(file=sys.stderr)
     folder = Path(args.output)
     folder.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    for index in range(done["count"]):
-        path = unique_path(folder, f"{stamp}-{done['seed'] + index}", EXTENSIONS[done["format"]])
-        path.write_bytes(client.image(task["task_id"], index))
+    for number, (task_id, index) in enumerate(finals):
+        path = unique_path(folder, f"{stamp}-{done['seed'] + number}", EXTENSIONS[done["format"]])
+        path.write_bytes(client.image(task_id, index))
         print(path)
     return 0
 
@@ -162,6 +165,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     gen.add_argument("--control-strength", type=float, help="how strongly the control map steers, 0 to 2")
     gen.add_argument("--control-map", action="store_true",
                      help="the control image is the map already (a depth map), not a photo to turn into one")
+    gen.add_argument("--upscale", type=float, metavar="FACTOR",
+                     help="then upscale each image by FACTOR (above 1, at most 4) and write the upscaled images")
+    gen.add_argument("--upscaler", help="with --upscale: the upscaler (GET /api/models); default: the server's first")
     for name, helptext in (("status", "a task's status"), ("cancel", "cancel or delete a task")):
         commands.add_parser(name, help=helptext, parents=[after]).add_argument("task_id")
     listing = commands.add_parser("list", help="the queue and recent tasks", parents=[after])

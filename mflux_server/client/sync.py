@@ -152,9 +152,19 @@ class Client:
                 progress({"event": "status", **state})
             time.sleep(poll)
 
+    def final_images(self, done: dict[str, Any], progress: Progress | None = None) -> tuple[tuple[str, int], ...]:
+        """Where a done task's images end up, as (task_id, index): its own, or, when it was submitted with an
+        `upscale`, each upscale task's image (waited for)."""
+        upscales: list[str] = (done.get("upscale") or {}).get("task_ids") or []
+        for task_id in upscales:
+            self.wait(task_id, progress)
+        return tuple((task_id, 0) for task_id in upscales) or tuple((done["task_id"], index)
+                                                                   for index in range(done["count"]))
+
     def generate(self, prompt: str, *, wait: bool = True, progress: Progress | None = None, as_pil: bool = True,
                  **fields: Any) -> Any:
-        """Queue a prompt; with wait=True follow it and return its images (PIL images, or bytes with as_pil=False)."""
+        """Queue a prompt; with wait=True follow it and return its images (PIL images, or bytes with as_pil=False);
+        with upscale={...}, the upscaled ones."""
         task = self.submit(prompt, **fields)
         if progress is not None:
             progress({"event": "submitted", **task})
@@ -166,7 +176,7 @@ class Client:
             if error.status == 404:
                 raise TaskCanceled(task["task_id"]) from None
             raise
-        blobs = [self.image(task["task_id"], index) for index in range(done["count"])]
+        blobs = [self.image(task_id, index) for task_id, index in self.final_images(done, progress)]
         if not as_pil:
             return blobs
         from PIL import Image

@@ -71,6 +71,27 @@ class NewTask:
     control: str = ""  # ControlNet or depth settings, ControlSettings.text(); "" for none
     image_strengths: str = ""  # variations: each image prompt's strength, a JSON list; "" for the model's default
     private: bool = False  # its images leave the prompt out of their metadata
+    then_upscale: str = ""  # UpscaleAfter.text(): the upscale each image gets once the task is done; "" for none
+    upscales_task: str | None = None  # an upscale queued by that: the task whose image it enlarges
+    upscales_index: int | None = None  # and which of its images
+
+
+class UpscaleAfter(NamedTuple):
+    """What a generate request's `upscale` asks for each of its images once the task is done."""
+
+    model: str
+    width: int
+    height: int
+    steps: int
+
+    def text(self) -> str:
+        """The tasks.then_upscale column."""
+        return json.dumps(self._asdict(), separators=(",", ":"))
+
+    @classmethod
+    def of(cls, text: str) -> UpscaleAfter | None:
+        """The column read back; None for ''."""
+        return cls(**json.loads(text)) if text else None
 
 
 class ControlSettings(NamedTuple):
@@ -171,6 +192,9 @@ class Task(FromRow):
     control: str = ""  # ControlSettings.text(), "" for none
     image_strengths: str = ""  # variations: each image prompt's strength (JSON list), "" for the default
     private: int = 0  # 1: its images leave the prompt out of their metadata
+    then_upscale: str = ""  # UpscaleAfter.text(), "" for none
+    upscales_task: str | None = None  # the task whose image this upscale enlarges (queued by its then_upscale)
+    upscales_index: int | None = None
 
     def __post_init__(self) -> None:
         # sqlite hands the status back as a plain string; the enum is what everyone compares with.

@@ -168,13 +168,21 @@ class Store:
 
     def submit(self, task: NewTask, now: float | None = None) -> Task:
         """Queue a waiting task, with its input images, and return its row."""
-        params = _task_params(task, new_task_id(), time.time() if now is None else now)
         with self.session.transaction():
-            params["fair_tag"], params["fair_start"] = self._fair_tag(task)
-            created = Task.from_row(self._run("insert_task", params).fetchone())
-            for image in task.inputs:
-                self._run("insert_input", asdict(image) | {"task_id": created.id})
-            return created
+            return self._insert(task, time.time() if now is None else now)
+
+    def _insert(self, task: NewTask, now: float) -> Task:
+        """Insert a waiting task and its input images, inside the caller's transaction."""
+        params = _task_params(task, new_task_id(), now)
+        params["fair_tag"], params["fair_start"] = self._fair_tag(task)
+        created = Task.from_row(self._run("insert_task", params).fetchone())
+        for image in task.inputs:
+            self._run("insert_input", asdict(image) | {"task_id": created.id})
+        return created
+
+    def upscale_tasks_of(self, task_id: str) -> list[str]:
+        """The ids of the upscale tasks a done task's then_upscale queued, in the order of its images."""
+        return [row[0] for row in self._run("upscale_tasks_of", (task_id,))]
 
     def inputs(self, task_id: str) -> dict[str, InputImage]:
         """The images a task was submitted with, by role ('image', 'image2'..'image4', 'mask'), references in order."""
@@ -222,14 +230,22 @@ class Store:
         """True while the task is processing under this worker."""
         return self._run("still_mine", {"id": task_id, "worker_id": worker_id}).fetchone() is not None
 
-    def complete(self, task_id: str, worker_id: str, images: Iterable[StoredImage]) -> bool:
-        """Store the images and mark the task done, in one transaction; False if it was not ours."""
+    def complete(self, task_id: str, worker_id: str, images: Iterable[StoredImage], then: Sequence[NewTask] = ()
+                 ) -> bool:
+        """Store the images and mark the task done, and queue the tasks `then` (its upscales) if it was, all in one
+        transaction; False if it was not ours."""
         # Every statement is guarded by the task still being this worker's (canceled or recovered meanwhile: the
-        # images are dropped), under the write lock; on PostgreSQL they all go out with the COMMIT, one round trip.
+        # images are dropped), under the write lock; on PostgreSQL they all go out with the COMMIT, one round trip,
+        # unless tasks follow: they are queued only once the task is known to be done.
+        now = time.time()
         with self.session.transaction():
             for image in images:
                 self._later("insert_image_if_mine", asdict(image) | {"task_id": task_id, "worker_id": worker_id})
-            done = self._later("mark_done", {"id": task_id, "worker_id": worker_id, "now": time.time()})
+            if not then:
+                done = self._later("mark_done", {"id": task_id, "worker_id": worker_id, "now": now})
+            elif (done := self._run("mark_done", {"id": task_id, "worker_id": worker_id, "now": now})).rowcount == 1:
+                for task in then:
+                    self._insert(task, now)
         return bool(done.rowcount == 1)
 
     def fail(self, task_id: str, worker_id: str, message: str) -> bool:

@@ -7,12 +7,18 @@
 INSERT INTO tasks (id, priority, model, prompt, width, height, steps, guidance, seed, count,
                    format, quality, created_at, negative_prompt, image_strength, guidance_auto,
                    surface, callback_url, link_base, keep_for, client_user, key_id, fair_tag, fair_start,
-                   input_count, loras, control, image_strengths, private)
+                   input_count, loras, control, image_strengths, private, then_upscale, upscales_task,
+                   upscales_index)
 VALUES (:id, :priority, :model, :prompt, :width, :height, :steps, :guidance, :seed, :count,
         :format, :quality, :created_at, :negative_prompt, :image_strength, :guidance_auto,
         :surface, :callback_url, :link_base, :keep_for, :client_user, :key_id, :fair_tag, :fair_start,
-        :input_count, :loras, :control, :image_strengths, :private)
+        :input_count, :loras, :control, :image_strengths, :private, :then_upscale, :upscales_task,
+        :upscales_index)
 RETURNING *;
+
+-- name: upscale_tasks_of
+-- The upscale tasks a done task's then_upscale queued, in the order of its images.
+SELECT id FROM tasks WHERE upscales_task = ? ORDER BY upscales_index;
 
 -- name: insert_input
 -- Store an image a task was submitted with (its start image or reference, or its mask).

@@ -19,7 +19,7 @@ EXPECTED_COLUMNS = {
               "image_index", "step", "step_at", "engine", "error", "negative_prompt", "image_strength", "guidance_auto",
               "surface", "callback_url", "link_base", "keep_for", "client_user", "key_id", "forecast_seconds",
               "fair_tag", "fair_start", "input_count", "loras", "control", "image_strengths", "private",
-              "forecast_low", "forecast_high"},
+              "forecast_low", "forecast_high", "then_upscale", "upscales_task", "upscales_index"},
     "task_inputs": {"task_id", "role", "mime", "width", "height", "data"},
     "load_stats": {"model", "n", "total", "last", "updated_at"},
     "images": {"task_id", "idx", "seed", "mime", "data", "served", "gen_started", "gen_ended", "credentials"},

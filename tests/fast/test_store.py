@@ -9,8 +9,9 @@ import time
 import pytest
 
 from mflux_server import store
-from mflux_server.core.rows import InputImage, Recovery, Removal, Status, Task, Timing
+from mflux_server.core.rows import InputImage, Recovery, Removal, Status, Task, Timing, UpscaleAfter
 from mflux_server.store.query_files import Query, parse_queries
+from mflux_server.worker.result_writer import upscales_after
 from tests.conftest import images_for, new_task, queue_task
 
 
@@ -336,3 +337,30 @@ def test_timings_keep_their_squares_and_finished_tasks_their_forecasts(db):
     assert sorted(o.high for o in outcomes if o.high is not None) == [8.0] * 3, "the model range's top, where known"
     assert sum(o.high is None for o in outcomes) == 1
     assert all(o.took >= 0 for o in outcomes) and len(db.recent_forecasts(2)) == 2
+
+
+def test_a_done_task_queues_its_upscales_with_it_and_a_canceled_one_none(db):
+    after = UpscaleAfter("dev-controlnet-upscaler", 1024, 768, 20)
+    task = queue_task(db, prompt="enlarge me", count=2, priority=1, then_upscale=after.text(), callback_url="http://x/")
+    claimed = db.claim_next("w", "schnell", "synthetic")
+    assert claimed is not None and UpscaleAfter.of(claimed.then_upscale) == after
+    images = images_for(claimed)
+    assert db.upscale_tasks_of(task.id) == []
+    assert db.complete(claimed.id, "w", images, upscales_after(claimed, images))
+    ids = db.upscale_tasks_of(task.id)
+    assert len(ids) == 2
+    for index, task_id in enumerate(ids):
+        upscale = db.get(task_id)
+        assert upscale is not None and upscale.status is Status.WAITING
+        assert (upscale.model, upscale.width, upscale.height, upscale.steps) == ("dev-controlnet-upscaler", 1024, 768, 20)
+        assert (upscale.upscales_task, upscale.upscales_index, upscale.seed) == (task.id, index, task.seed + index)
+        assert (upscale.priority, upscale.prompt, upscale.callback_url, upscale.count) == (1, "enlarge me", "http://x/", 1)
+        assert upscale.then_upscale == "" and upscale.input_count == 1
+        assert db.inputs(task_id)["image"].data == images[index].data, "the generated image, stored with it"
+    # Canceled while it ran: the worker's images are dropped, and no upscale is queued.
+    canceled = queue_task(db, then_upscale=after.text())
+    claimed = db.claim_next("w", "schnell", "synthetic")
+    assert claimed is not None and db.cancel_or_delete(canceled.id) is not None
+    assert not db.complete(claimed.id, "w", images_for(claimed), upscales_after(claimed, images_for(claimed)))
+    assert db.upscale_tasks_of(canceled.id) == []
+    assert upscales_after(db.get(ids[0]), images) == [], "an upscale queues nothing after it"

@@ -105,3 +105,58 @@ def test_an_upscale_comes_in_multipart_too(client):
     refused = client.post("/api/upscale", data={"image": (io.BytesIO(png((200, 120))), "small.png"), "factor": "9"},
                           content_type="multipart/form-data")
     assert refused.status_code == 422 and refused.json["field"] == "factor"
+
+
+def test_a_generate_request_with_upscale_queues_one_upscale_per_image_once_it_is_done(client):
+    serve(client, "schnell", UPSCALER)
+    made = client.post("/api/generate", json={"prompt": "a harbour", "model": "schnell", "width": 512, "height": 384,
+                                              "count": 2, "priority": False,
+                                              "upscale": {"factor": 2, "steps": 7}})
+    assert made.status_code == 200, made.json
+    assert made.json["upscale"] == {"upscaler": UPSCALER, "width": 1024, "height": 768, "steps": 7, "task_ids": []}
+    db = db_of(client)
+    task = db.claim_next("w", "schnell", "synthetic")
+    assert task is not None and task.id == made.json["task_id"]
+    assert db_of(client).upscale_tasks_of(task.id) == [], "nothing queued while it runs"
+    from mflux_server.worker.result_writer import upscales_after  # the worker's own hand-off
+
+    out = io.BytesIO()
+    Image.new("RGB", (512, 384), "teal").save(out, format="PNG")
+    images = [StoredImage(i, task.seed + i, "image/png", out.getvalue(), 1.0, 2.0) for i in range(2)]
+    assert db.complete(task.id, "w", images, upscales_after(task, images))
+    view = client.get("/api/status", query_string={"task_id": task.id}).json
+    ids = view["upscale"]["task_ids"]
+    assert len(ids) == 2 and view["status"] == "done"
+    for index, upscale_id in enumerate(ids):
+        upscale = client.get("/api/status", query_string={"task_id": upscale_id}).json
+        assert upscale["status"] == "waiting" and upscale["model"] == UPSCALER
+        assert (upscale["width"], upscale["height"], upscale["steps"]) == (1024, 768, 7)
+        assert upscale["upscales"] == {"task_id": task.id, "index": index}
+        assert upscale["wait_remaining"] > 0, "forecast like any task"
+    default = client.post("/api/generate", json={"prompt": "p", "model": "schnell", "width": 256, "height": 256,
+                                                 "upscale": {}}).json
+    assert default["upscale"]["width"] == 512 and default["upscale"]["steps"] == catalog.resolve(UPSCALER).default_steps
+
+
+@pytest.mark.parametrize("upscale, field, rule", [
+    ({"factor": 2, "width": 1024}, "factor", "not both"),
+    ({"upscaler": "schnell"}, "upscaler", "is not an upscaler"),
+    ({"factor": 4}, "factor", "over the server's largest image"),
+    ({"width": 256}, "width", "not larger than the image"),
+    ({"factor": 9}, "factor", "less than or equal to 4"),
+    ({"scale": 2}, "scale", "unknown field"),
+])
+def test_every_bad_upscale_of_a_generate_request_is_a_422_naming_it(client, upscale, field, rule):
+    serve(client, "schnell", UPSCALER)
+    found = errors(client.post("/api/generate", json={"prompt": "p", "model": "schnell", "width": 1024,
+                                                      "height": 1024, "upscale": upscale}))
+    assert rule in " ".join(found["upscale"][field]), found
+    assert db_of(client).list_tasks(None, 10, 0)[1] == 0, "nothing queued"
+
+
+def test_an_upscaler_no_live_worker_serves_is_a_409_and_a_text_upscale_is_a_422(client):
+    serve(client, "schnell")
+    refused = client.post("/api/generate", json={"prompt": "p", "model": "schnell", "upscale": {"factor": 2}})
+    assert refused.status_code == 409 and refused.json["field"] == "upscale.upscaler", refused.json
+    text = errors(client.post("/api/generate", json={"prompt": "p", "model": "schnell", "upscale": "2x"}))
+    assert "must be an object" in text["upscale"]["_schema"][0]

@@ -134,3 +134,17 @@ def test_on_a_terminal_previews_never_replace_the_progress_line(processes, tmp_p
     lines = [part.removeprefix("\x1b[K") for part in text.replace("\r\n", "\r").split("\r") if part.strip()]
     assert any("step" in line for line in lines), text
     assert "preview" not in text, text
+
+
+def test_generate_with_upscale_returns_and_writes_the_upscaled_images(processes, tmp_path):
+    url = processes.server()
+    processes.worker("--models", "schnell,dev-controlnet-upscaler", speed=5)
+    images = Client(url).generate("a pier", width=256, height=192, steps=2, count=2, upscale={"factor": 2, "steps": 2})
+    assert [image.size for image in images] == [(512, 384), (512, 384)]
+    result = run_cli("--server", url, "generate", "a pier", "-o", str(tmp_path), "--size", "256x128", "--steps", "2",
+                     "--upscale", "1.5")
+    assert result.returncode == 0, result.stderr
+    [path] = result.stdout.split()
+    assert Image.open(path).size == (384, 192), "the upscaled image, not the generated one"
+    bad = run_cli("--server", url, "generate", "x", "--size", "256x256", "--upscale", "2", "--upscaler", "schnell")
+    assert bad.returncode == 1 and "is not an upscaler" in bad.stderr, bad.stderr

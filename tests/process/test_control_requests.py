@@ -53,3 +53,32 @@ def test_a_finished_image_is_upscaled_through_the_queue_and_keeps_its_content(pr
     assert images[1].size == (512, 384)
     back = images[1].resize(images[0].size, Image.Resampling.LANCZOS)
     assert sum(ImageStat.Stat(ImageChops.difference(back, images[0])).mean) < 20, "the source's content, larger"
+
+
+def test_a_generate_request_with_upscale_ends_in_larger_images_of_its_own(processes):
+    import io
+
+    import requests
+    from PIL import ImageChops
+
+    from tests.conftest import wait_status
+
+    url = processes.server()
+    processes.worker("--models", "schnell,dev-controlnet-upscaler")
+    made = requests.post(f"{url}/api/generate", json={
+        "prompt": "a harbour", "width": 256, "height": 192, "steps": 2, "count": 2, "format": "PNG",
+        "upscale": {"factor": 2, "steps": 2}}, timeout=10)
+    assert made.status_code == 200, made.text
+    source = made.json()["task_id"]
+    done = wait_status(url, source, ("done",))
+    assert len(done["upscale"]["task_ids"]) == 2, done
+    for index, task_id in enumerate(done["upscale"]["task_ids"]):
+        upscaled = wait_status(url, task_id, ("done",))
+        assert (upscaled["width"], upscaled["height"], upscaled["model"]) == (512, 384, "dev-controlnet-upscaler")
+        assert upscaled["upscales"] == {"task_id": source, "index": index}
+        images = [Image.open(io.BytesIO(requests.get(f"{url}/api/image", params={"task_id": t, "index": i,
+                                                                                   "delete": "false"},
+                                                     timeout=10).content)).convert("RGB")
+                  for t, i in ((source, index), (task_id, 0))]
+        back = images[1].resize(images[0].size, Image.Resampling.LANCZOS)
+        assert sum(ImageStat.Stat(ImageChops.difference(back, images[0])).mean) < 20, "its own image, larger"
