@@ -12,14 +12,13 @@ from mflux_server.api.context import db
 from mflux_server.api.errors import ErrorSchema, abort_json
 from mflux_server.api.generation import submitted_view
 from mflux_server.api.generation_schemas import (
-    MAX_UPSCALE_FACTOR,
     FormatField,
     GenerateRequest,
     GenerateResponse,
     SeedField,
     StrictInteger,
+    UpscaleAfterRequest,
     _callback_url,
-    _size,
 )
 from mflux_server.api.image_inputs import ImageField, RawImage
 from mflux_server.api.request_body import StrictParser
@@ -32,11 +31,10 @@ blp = Blueprint("upscaling", __name__, description="Enlarge an image with an ups
 blp.ARGUMENTS_PARSER = StrictParser()
 blp.before_request(require_json_body)
 
-MAX_FACTOR = MAX_UPSCALE_FACTOR
 
 
-class UpscaleRequest(ma.Schema):
-    """What to enlarge, by how much, and with which upscaler."""
+class UpscaleRequest(UpscaleAfterRequest):
+    """What to enlarge, by how much (factor, or width and height), and with which upscaler (upscaler, steps)."""
 
     class Meta:
         unknown = ma.RAISE
@@ -50,20 +48,9 @@ class UpscaleRequest(ma.Schema):
         "description": "a finished task whose image to enlarge (yours: another key's tasks are not found)"})
     index = StrictInteger(load_default=0, validate=validate.Range(0, 63), metadata={
         "description": "which of that task's images, from 0"})
-    factor = fields.Float(load_default=None, validate=validate.Range(1, MAX_FACTOR, min_inclusive=False), metadata={
-        "description": f"how much larger, above 1 and at most {MAX_FACTOR:g} (each side, down to a multiple of 16); "
-                       "default 2 unless width or height is given"})
-    width = StrictInteger(load_default=None, validate=_size("max_width"), metadata={
-        "description": "the target width instead of a factor (the height follows the aspect unless given)"})
-    height = StrictInteger(load_default=None, validate=_size("max_height"), metadata={
-        "description": "the target height instead of a factor (the width follows the aspect unless given)"})
-    upscaler = fields.String(load_default=None, metadata={
-        "description": "a model with the upscale capability (GET /api/models); default: the first of them"})
     prompt = fields.String(load_default=None, validate=validate.Length(max=4000), metadata={
         "description": "what the picture shows, for upscalers that take a prompt; default: the task's own prompt, "
                        "or none"})
-    steps = StrictInteger(load_default=None, validate=validate.Range(1, 100), metadata={
-        "description": "denoising steps; default: the upscaler's"})
     seed = SeedField(load_default=None, metadata={"description": "random when absent"})
     format = FormatField(load_default="PNG", metadata={"description": "JPEG, PNG or WEBP, any case"})
     quality = StrictInteger(load_default=90, validate=validate.Range(1, 100))
