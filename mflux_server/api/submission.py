@@ -113,7 +113,8 @@ def upscale_after(asked: dict[str, Any], width: int, height: int, live: list[Wor
     if limit is not None and wide * high > limit:
         _reject(field, f"the target {wide}×{high} = {wide * high} pixels; the workers serving {resolved.served} run "
                        f"at most {limit} pixels", "upscale")
-    return UpscaleAfter(resolved.served, wide, high, asked["steps"] or resolved.info.default_steps)
+    return UpscaleAfter(resolved.served, wide, high, asked["steps"] or resolved.info.default_steps,
+                        resolved.info.default_guidance)
 
 
 def check_inputs(body: dict[str, Any], info: catalog.ModelInfo, served: str) -> tuple[InputImage, ...]:

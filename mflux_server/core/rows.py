@@ -83,6 +83,7 @@ class UpscaleAfter(NamedTuple):
     width: int
     height: int
     steps: int
+    guidance: float | None = None  # the upscaler's default, as POST /api/upscale gives it; None: its own choice
 
     def text(self) -> str:
         """The tasks.then_upscale column."""

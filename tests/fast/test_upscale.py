@@ -133,6 +133,9 @@ def test_a_generate_request_with_upscale_queues_one_upscale_per_image_once_it_is
         assert (upscale["width"], upscale["height"], upscale["steps"]) == (1024, 768, 7)
         assert upscale["upscales"] == {"task_id": task.id, "index": index}
         assert upscale["wait_remaining"] > 0, "forecast like any task"
+        stored, info = db.get(upscale_id), catalog.resolve(UPSCALER)
+        assert (stored.guidance, bool(stored.guidance_auto)) == (info.default_guidance or 0.0,
+                                                                 info.default_guidance is None), "as /api/upscale's"
     default = client.post("/api/generate", json={"prompt": "p", "model": "schnell", "width": 256, "height": 256,
                                                  "upscale": {}}).json
     assert default["upscale"]["width"] == 512 and default["upscale"]["steps"] == catalog.resolve(UPSCALER).default_steps
