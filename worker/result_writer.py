@@ -116,8 +116,8 @@ def upscales_after(task: Task, images: list[StoredImage]) -> list[NewTask]:
         return []
     # Each is the task's own in all but what it runs: same key, priority, webhook, links and privacy.
     return [NewTask(prompt=task.prompt, model=after.model, width=after.width, height=after.height, steps=after.steps,
-                    guidance=after.guidance or 0.0, guidance_auto=after.guidance is None, seed=image.seed, count=1, format=task.format,
-                    quality=task.quality, priority=task.priority,
+                    guidance=after.guidance or 0.0, guidance_auto=after.guidance is None, seed=image.seed, count=1,
+                    format=task.format, quality=task.quality, priority=task.priority,
                     inputs=(InputImage("image", image.mime, task.width, task.height, image.data),),
                     callback_url=task.callback_url, link_base=task.link_base, keep_for=task.keep_for,
                     client_user=task.client_user, key_id=task.key_id, private=bool(task.private),
