@@ -52,6 +52,8 @@ def generation() -> dict[str, Any]:
     """Generate images and answer them as base64 (their examples send this as GET with a body, or POST)."""
     body = compat.json_object()
     compat.refuse_unknown(body, PARAMS)
+    if body.get("model") is not None and not isinstance(body["model"], str):  # {} or 0 is not "left out"
+        compat.refuse("model", "must be a string")
     model = body.get("model") or default_model()
     native = {"prompt": body.get("prompt"), "model": model, "steps": body.get("num_steps"),
               "guidance": body.get("guidance_scale"), "width": body.get("width"), "height": body.get("height"),

@@ -160,6 +160,11 @@ def test_what_the_fuzzer_found_stays_fixed(client):
                         ({"action": "retrieve", "id": "x", "ids": [1]}, "ids"), ({"ids": "x"}, "ids")):
         answer = client.post("/flux/tasks", json=body)
         assert answer.status_code == 400 and answer.json["error"]["field"] == field, answer.json
+    # 4. (2026-12-07's long run) NebulaBlock took a model of {} (or 0, false, []) as left out and generated.
+    for model in ({}, 0, False, [], ["schnell"]):
+        answer = client.post("/api/v1/images/generation", json={"prompt": "x", "model": model})
+        assert answer.status_code == 400 and answer.json["param"] == "model", (model, answer.json)
+        assert "must be a string" in answer.json["message"]
 
 
 @pytest.mark.parametrize("method, path, body, field", [
