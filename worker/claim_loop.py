@@ -288,7 +288,12 @@ class ClaimLoop:
         # Most tasks have no input images: no read for them (a round trip fewer between generations on PostgreSQL).
         stored_inputs = self.stored("reading input images",
                                     lambda: self.db.inputs(task.id)) if task.input_count else {}
-        inputs = low_priority.decoded(stored_inputs)
+        try:  # verified at submit; a file damaged since (or written around the API) fails its task, not the worker
+            inputs = low_priority.decoded(stored_inputs)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+            log.error("task %s: its input images could not be read: %s", task.id, exc)
+            self.writer.send(TaskFailed(task, f"its input images could not be read: {type(exc).__name__}: {exc}"))
+            return previous
         references = tuple(inputs[role] for role in REFERENCE_ROLES if role in inputs)
         settings = task.control_settings
         resolved = catalog.resolve_reference(task.model)

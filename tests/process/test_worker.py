@@ -181,3 +181,15 @@ def test_worker_refuses_an_unknown_model(processes):
     proc = processes.worker("--model", "flux-pro", wait=False)
     assert proc.wait(timeout=20) == 1
     assert "unknown model 'flux-pro'" in processes.log(proc)
+
+
+def test_an_input_image_damaged_in_the_store_fails_its_task_and_the_worker_goes_on(db, db_path, processes):
+    from mflux_server.core.rows import InputImage
+
+    damaged = queue_task(db, width=256, height=256, prompt="from a broken file", model="dev", image_strength=0.5,
+                         inputs=(InputImage("image", "image/png", 256, 256, b"\x89PNG\r\n\x1a\n not a png any more"),))
+    good = queue_task(db, width=256, height=256, prompt="fine", model="dev")
+    processes.worker("--model", "dev")
+    wait_for(lambda: status_of(db_path, good.id) == "done", what="the next task to finish")
+    failed = row(db_path, damaged.id)
+    assert failed.status is Status.ERROR and failed.error.startswith("its input images could not be read: "), failed.error
