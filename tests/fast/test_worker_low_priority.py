@@ -35,9 +35,9 @@ def test_inputs_are_decoded_there_whole_and_by_role() -> None:
               "mask": InputImage("mask", "image/png", 32, 16, _png(mask))}
     images = low_priority.decoded(stored)
     assert set(images) == {"image", "mask"}
-    # Decoded there, not on first use on the generation thread.
+    # Decoded there, not on first use on the generation thread: Pillow lets go of the source once it has loaded.
+    assert images["image"].fp is None and images["mask"].fp is None
     assert images["image"].getpixel((3, 3)) == (200, 10, 10) and images["mask"].mode == "L"
-    assert images["image"].im is not None
     assert low_priority.decoded({}) == {}
 
 

@@ -52,7 +52,7 @@ def draw(job: Job) -> Image.Image:
 
 def fitted(image: Image.Image, size: tuple[int, int], mode: str = "RGB") -> Image.Image:
     """The image in `mode` at `size`, Lanczos-resampled after whole-factor reduction (Pillow's reducing_gap): a
-    4096² reference costs a tenth of a full Lanczos pass for the same look."""
+    4096² reference costs a sixth of a full Lanczos pass (0.03 s against 0.19 s here) for the same look."""
     return (image if image.mode == mode else image.convert(mode)).resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
 
 
@@ -62,8 +62,7 @@ def with_inputs(pattern: Image.Image, job: Job) -> Image.Image:
     if job.image is None:
         return pattern
     size = (job.width, job.height)
-    source = job.image.convert("RGB")
-    source = source if source.size == size else fitted(source, size)
+    source = job.image.convert("RGB") if job.image.size == size else fitted(job.image, size)
     if job.upscale:  # the source's content at the new size, a little sharpened, as an upscaler's would be
         return source.filter(ImageFilter.UnsharpMask(radius=2, percent=60))
     if job.variation:  # variations: each image prompt pulls the pattern towards it, by its strength
