@@ -165,8 +165,8 @@ class ClaimLoop:
 
     def claim(self, now: float | None = None) -> Task | None:
         """Claim the next task this worker should run, per choose_variant; None when nothing it serves waits."""
-        if self.servable == [self.engine.model] and self.library.folder is None:
-            # One model and no LoRA library, so one variant: the plain claim, no per-variant tally.
+        if self.servable == [self.engine.model] and self.library.folder is None and not self.settings.lora_hub:
+            # One model and no LoRAs to take (no library, no hub), so one variant: the plain claim, no tally.
             assert self.engine.model is not None
             return self.db.claim_next(self.worker_id, self.engine.model, self.engine.name)
         now = time.time() if now is None else now

@@ -321,6 +321,7 @@ class QueueEntry:
     created_at: float
     fair_tag: float = 0.0
     fair_start: float = 0.0  # where its key's backlog began: among equal tags, the later goes first
+    loras: str = ""  # its LoRA set (tasks.loras' text): a worker groups its work by model and set
 
 
 @dataclass(slots=True)

@@ -51,7 +51,7 @@ def choose_variant(heads: list[WaitingHead], loaded: Variant | None, servable: S
 
 def choose_model(heads: list[WaitingHead], loaded: str | None, servable: Sequence[str], now: float,
                  max_affinity_wait: float, load_seconds: Mapping[str, float] | None = None) -> str | None:
-    """choose_variant over models alone (every head on the default LoRA set), as the forecast replays it."""
+    """choose_variant over models alone (every head on the default LoRA set)."""
     chosen = choose_variant(heads, None if loaded is None else Variant(loaded), servable, now, max_affinity_wait,
                             load_seconds)
     return None if chosen is None else chosen.model

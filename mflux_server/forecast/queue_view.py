@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 
 from mflux_server.core import native
 from mflux_server.core.rows import ClaimKey, QueueEntry, QueueRead, Status, Task, Worker
-from mflux_server.core.scheduling import expected_load, expected_lora_change
+from mflux_server.core.scheduling import Variant, expected_load, expected_lora_change
 from mflux_server.forecast.arrivals import ARRIVAL_WINDOW, ArrivalLog
 from mflux_server.forecast.calibration import CALIBRATION_TASKS, Calibration
 from mflux_server.forecast.cost_model import UNMEASURED_SPREAD, CostModel, correlated_sd
@@ -47,28 +47,29 @@ class Estimate(NamedTuple):
 
 @dataclass(frozen=True)
 class QueueSnapshot:
-    """The waiting tasks of each model in claim order, with prefix sums of their predicted engine time."""
+    """The waiting tasks of each variant (a model and LoRA set) in claim order, with prefix sums of their predicted
+    engine time: a worker claims each variant's tasks in claim order, whichever variant it serves first."""
 
     max_seq: int
     changes: int
-    keys: dict[str, list[ClaimKey]]
-    created: dict[str, list[float]]  # when each was submitted (a multi-model worker's policy depends on it)
-    prefix: dict[str, list[float]]
+    keys: dict[Variant, list[ClaimKey]]
+    created: dict[Variant, list[float]]  # when each was submitted (a multi-model worker's policy depends on it)
+    prefix: dict[Variant, list[float]]
     cost: CostModel  # the model the prefix sums were priced with
     built_at: float
     # Which shape (model, size, steps, count) each task is, as an index into samples: one task of each shape.
     # A cost model that learned re-prices the queue from these without reading it again (repriced).
-    shapes: dict[str, list[int]]
+    shapes: dict[Variant, list[int]]
     samples: list[QueueEntry]
-    # The latest merge of each model's queue with what was submitted since (model_queue), for the next request.
-    merged: dict[str, tuple[Any, CostModel, ModelQueue]] = field(default_factory=dict, compare=False, repr=False)
+    # The latest merge of each variant's queue with what was submitted since (queue), for the next request.
+    merged: dict[Variant, tuple[Any, CostModel, ModelQueue]] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def build(cls, read: QueueRead, cost: CostModel, now: float) -> QueueSnapshot:
         """Sum predicted times in claim order over a queue read (pure: the read comes from store.read_queue)."""
-        keys: dict[str, list[ClaimKey]] = {}
-        created: dict[str, list[float]] = {}
-        shapes: dict[str, list[int]] = {}
+        keys: dict[Variant, list[ClaimKey]] = {}
+        created: dict[Variant, list[float]] = {}
+        shapes: dict[Variant, list[int]] = {}
         shape_ids: dict[tuple[str, int, int, int, int], int] = {}
         samples: list[QueueEntry] = []
         for entry in read.entries:
@@ -77,12 +78,13 @@ class QueueSnapshot:
             if shape_id is None:
                 shape_id = shape_ids[shape] = len(samples)
                 samples.append(entry)
-            model_keys = keys.get(entry.model)
-            if model_keys is None:
-                model_keys, shapes[entry.model], created[entry.model] = keys.setdefault(entry.model, []), [], []
-            model_keys.append(ClaimKey.of(entry.priority, entry.seq, entry.fair_tag, entry.fair_start))
-            created[entry.model].append(entry.created_at)
-            shapes[entry.model].append(shape_id)
+            variant = Variant(entry.model, entry.loras)
+            variant_keys = keys.get(variant)
+            if variant_keys is None:
+                variant_keys, shapes[variant], created[variant] = keys.setdefault(variant, []), [], []
+            variant_keys.append(ClaimKey.of(entry.priority, entry.seq, entry.fair_tag, entry.fair_start))
+            created[variant].append(entry.created_at)
+            shapes[variant].append(shape_id)
         return cls(read.max_seq, read.changes, keys, created, _prefix_sums(shapes, samples, cost), cost, now, shapes,
                    samples)
 
@@ -100,7 +102,7 @@ class QueueSnapshot:
             return self
         samples = list(self.samples)
         shape_ids = {(e.model, e.width, e.height, e.steps, e.count): i for i, e in enumerate(samples)}
-        added: dict[str, list[tuple[ClaimKey, float, int]]] = {}
+        added: dict[Variant, list[tuple[ClaimKey, float, int]]] = {}
         for entry in newer:
             shape = (entry.model, entry.width, entry.height, entry.steps, entry.count)
             shape_id = shape_ids.get(shape)
@@ -108,25 +110,30 @@ class QueueSnapshot:
                 shape_id = shape_ids[shape] = len(samples)
                 samples.append(entry)
             key = ClaimKey.of(entry.priority, entry.seq, entry.fair_tag, entry.fair_start)
-            added.setdefault(entry.model, []).append((key, entry.created_at, shape_id))
+            added.setdefault(Variant(entry.model, entry.loras), []).append((key, entry.created_at, shape_id))
         keys, created, shapes, prefix = dict(self.keys), dict(self.created), dict(self.shapes), dict(self.prefix)
         prices = [self.cost.gpu_seconds(sample) for sample in samples]
-        for model, additions in added.items():
-            keys[model], created[model], shapes[model] = _inserted(
-                self.keys.get(model, []), self.created.get(model, []), self.shapes.get(model, []), additions)
-            prefix[model] = list(accumulate(map(prices.__getitem__, shapes[model]), initial=0.0))
+        for variant, additions in added.items():
+            keys[variant], created[variant], shapes[variant] = _inserted(
+                self.keys.get(variant, []), self.created.get(variant, []), self.shapes.get(variant, []), additions)
+            prefix[variant] = list(accumulate(map(prices.__getitem__, shapes[variant]), initial=0.0))
         return replace(self, max_seq=max(self.max_seq, max(entry.seq for entry in newer)), keys=keys, created=created,
                        prefix=prefix, shapes=shapes, samples=samples, merged={})
 
-    def model_queue(self, model: str, front: ClaimKey | None, newer: Sequence[QueueEntry], cost: CostModel) -> ModelQueue:
-        """One model's waiting queue now: the snapshot less what was claimed since (all before `front`, or
-        everything when nothing of it waits), plus what was submitted since, in claim order."""
-        keys, created, prefix = self.keys.get(model, []), self.created.get(model, []), self.prefix.get(model, [0.0])
+    def variants_of(self, model: str) -> list[Variant]:
+        """The variants of a model that have tasks in this snapshot (the default set's first when it has)."""
+        return sorted(variant for variant in self.keys if variant.model == model)
+
+    def queue(self, variant: Variant, front: ClaimKey | None, newer: Sequence[QueueEntry], cost: CostModel) -> ModelQueue:
+        """One variant's waiting queue now: the snapshot less what was claimed since (all before `front`, or
+        everything when nothing of it waits), plus what was submitted since (`newer`, of this variant), in claim
+        order."""
+        keys, created, prefix = self.keys.get(variant, []), self.created.get(variant, []), self.prefix.get(variant, [0.0])
         first = len(keys) if front is None else bisect.bisect_left(keys, front)
         if not newer:  # the common case, and no copy: the replay starts at `first`
             return ModelQueue(keys, created, prefix, first)
         seqs = tuple(entry.seq for entry in newer)
-        hit = self.merged.get(model)
+        hit = self.merged.get(variant)
         if hit is not None and hit[0] == (front, seqs) and hit[1] is cost:
             return hit[2]  # status requests between two submits share one merge
         # Merged by inserting the few new tasks into copies of the snapshot's lists: slices, inserts and sums run
@@ -135,23 +142,23 @@ class QueueSnapshot:
             keys[first:], created[first:], list(map(operator.sub, prefix[first + 1:], prefix[first:-1])),
             [(ClaimKey.of(e.priority, e.seq, e.fair_tag, e.fair_start), e.created_at, cost.gpu_seconds(e)) for e in newer])
         merged = ModelQueue(merged_keys, merged_created, list(accumulate(seconds, initial=0.0)))
-        self.merged[model] = ((front, seqs), cost, merged)  # one entry per model; a plain store is atomic
+        self.merged[variant] = ((front, seqs), cost, merged)  # one entry per variant; a plain store is atomic
         return merged
 
-    def queued_seconds(self, model: str, front: ClaimKey | None) -> float:
-        """Predicted engine seconds of a model's tasks here that still wait: from `front` on (none when None)."""
-        prefix = self.prefix.get(model)
+    def queued_seconds(self, variant: Variant, front: ClaimKey | None) -> float:
+        """Predicted engine seconds of a variant's tasks here that still wait: from `front` on (none when None)."""
+        prefix = self.prefix.get(variant)
         if not prefix or front is None:
             return 0.0
-        return prefix[-1] - prefix[bisect.bisect_left(self.keys[model], front)]
+        return prefix[-1] - prefix[bisect.bisect_left(self.keys[variant], front)]
 
-    def ahead(self, model: str, key: ClaimKey) -> tuple[int, float]:
-        """Waiting tasks ahead of a claim key, and their summed engine seconds."""
-        keys = self.keys.get(model)
+    def ahead(self, variant: Variant, key: ClaimKey) -> tuple[int, float]:
+        """A variant's waiting tasks ahead of a claim key, and their summed engine seconds."""
+        keys = self.keys.get(variant)
         if not keys:
             return 0, 0.0
         index = bisect.bisect_left(keys, key)
-        return index, self.prefix[model][index]
+        return index, self.prefix[variant][index]
 
 
 def _inserted(keys: Sequence[ClaimKey], created: Sequence[float], values: Sequence[Any],
@@ -167,10 +174,11 @@ def _inserted(keys: Sequence[ClaimKey], created: Sequence[float], values: Sequen
     return keys, created, values
 
 
-def _prefix_sums(shapes: dict[str, list[int]], samples: Sequence[QueueEntry], cost: CostModel) -> dict[str, list[float]]:
-    """Each model's running sums of predicted engine seconds, from its tasks' shapes."""
+def _prefix_sums(shapes: dict[Variant, list[int]], samples: Sequence[QueueEntry],
+                 cost: CostModel) -> dict[Variant, list[float]]:
+    """Each variant's running sums of predicted engine seconds, from its tasks' shapes."""
     prices = [cost.gpu_seconds(sample) for sample in samples]
-    return {model: list(accumulate(map(prices.__getitem__, ids), initial=0.0)) for model, ids in shapes.items()}
+    return {variant: list(accumulate(map(prices.__getitem__, ids), initial=0.0)) for variant, ids in shapes.items()}
 
 
 class CostCache:
@@ -331,16 +339,15 @@ class Forecaster:
         key = ClaimKey.of(task.priority, task.seq, task.fair_tag, task.fair_start)
         snap = self.snapshot(db, cost, now)
         serving = [w for w in live if task.model in w.servable]
-        if len(serving) == 1 and len(serving[0].servable) > 1:
-            # One worker switching between models: replay its claim policy over every queue it serves.
+        if len(serving) == 1 and (len(serving[0].servable) > 1 or self._several_sets(task, serving[0], snap)):
+            # One worker switching between models or LoRA sets: replay its claim policy over every queue it serves.
             return self.replayed_estimate(db, task, serving[0], snap, cost, now)
-        front = self.front(db, task.model, snap)
-        if front is None:
-            pos, ahead = 0, 0.0
-        else:
-            pos, ahead = snap.ahead(task.model, key)
-            gone, gone_seconds = snap.ahead(task.model, front)
-            pos, ahead = max(pos - gone, 0), max(ahead - gone_seconds, 0.0)
+        pos, ahead = 0, 0.0
+        for variant in snap.variants_of(task.model):
+            front = self.front(db, variant, snap)
+            if front is not None:  # the variant's tasks ahead of its front have been claimed since the snapshot
+                (tasks, seconds), (gone, gone_seconds) = snap.ahead(variant, key), snap.ahead(variant, front)
+                pos, ahead = pos + max(tasks - gone, 0), ahead + max(seconds - gone_seconds, 0.0)
         # Tasks submitted since the snapshot: a rowid range read, so a new task's position is always exact.
         newer = self._waiting_since(db, task, snap.max_seq)
         if len(newer) > MAX_UNSNAPSHOTTED:
@@ -405,12 +412,21 @@ class Forecaster:
                 normal(ahead, correlated_sd(relative * ahead / tasks_ahead, tasks_ahead) if tasks_ahead >= 1 else 0.0),
                 normal(own, own_sd)]
 
+    @staticmethod
+    def _several_sets(task: Task, worker: Worker, snap: QueueSnapshot) -> bool:
+        """Whether a worker serving the task's model has more than one of its LoRA sets to serve or hold: then it
+        groups the work by set, and only a replay says when the task starts."""
+        sets = {variant.loras for variant in snap.variants_of(task.model)} | {task.loras}
+        if worker.model == task.model:
+            sets.add(worker.loras)
+        return len(sets) > 1
+
     def lora_change_seconds(self, db: Store, task: Task, running: Sequence[Task], live: Sequence[Worker]) -> float:
         """The measured cost of changing to a task's LoRA set, unless a worker holding its model holds that set
         or runs a task with it (no live worker known: unless it asks for the default set).
 
-        Only its own change is charged: the changes of other sets' tasks ahead of it, and how grouping by set
-        moves it, are not (the replay knows models, not sets).
+        Charged where no replay runs (several workers serve the model): only the task's own change, not how
+        grouping by set moves it.
         """
         held = {w.loras for w in live if w.model == task.model and not w.loading}
         held |= {t.loras for t in running if t.model == task.model}
@@ -419,12 +435,13 @@ class Forecaster:
         loads = self.reads.get(db, ("loads",), db.mean_load_seconds)
         return expected_lora_change(task.model, loads, DEFAULT_LOAD_SECONDS)
 
-    def front(self, db: Store, model: str, snap: QueueSnapshot) -> ClaimKey | None:
-        """The claim key of the snapshot's first task of a model that still waits (None when none does)."""
-        # A claim takes the front of its model's queue in claim order, so every task of the snapshot ahead of the
+    def front(self, db: Store, variant: Variant, snap: QueueSnapshot) -> ClaimKey | None:
+        """The claim key of the snapshot's first task of a variant that still waits (None when none does)."""
+        # A claim takes the front of its variant's queue in claim order, so every task of the snapshot ahead of the
         # first one still waiting has left the queue since: skipping them keeps a snapshot exact between rebuilds,
         # and claims need none (migration 0012).
-        return self.reads.get(db, ("front", model, snap.max_seq), lambda: db.waiting_front(model, snap.max_seq))
+        return self.reads.get(db, ("front", variant, snap.max_seq),
+                              lambda: db.waiting_front(variant.model, snap.max_seq, variant.loras))
 
     def _waiting_since(self, db: Store, task: Task, seq: int) -> list[QueueEntry]:
         newer = self.reads.get(db, ("since", task.model, seq), lambda: db.waiting_since(task.model, seq))
@@ -436,42 +453,49 @@ class Forecaster:
 
     def replayed_estimate(self, db: Store, task: Task, worker: Worker, snap: QueueSnapshot,
                           cost: CostModel, now: float) -> Estimate:
-        """Where a waiting task stands with a worker serving several models, by replaying its claim policy."""
-        queues = {}
+        """Where a waiting task stands with a worker serving several models or LoRA sets, by replaying its claim
+        policy over every variant's queue."""
+        own = Variant(task.model, task.loras)
+        queues: dict[Variant, ModelQueue] = {}
         for model in worker.servable:
             newer = db.waiting_since(model, snap.max_seq)
             if len(newer) > MAX_UNSNAPSHOTTED:
                 self._rebuild_soon(cost, extend=True)
-            queues[model] = snap.model_queue(model, self.front(db, model, snap), newer, cost)
-        own = queues[task.model]
+            by_variant: dict[Variant, list[QueueEntry]] = {}
+            for entry in newer:
+                by_variant.setdefault(Variant(entry.model, entry.loras), []).append(entry)
+            variants = {*snap.variants_of(model), *by_variant, *([own] if model == task.model else [])}
+            for variant in sorted(variants):
+                queues[variant] = snap.queue(variant, self.front(db, variant, snap), by_variant.get(variant, ()), cost)
         key = ClaimKey.of(task.priority, task.seq, task.fair_tag, task.fair_start)
         running = db.running_tasks()
         loads = db.mean_load_seconds()
         free_at = now + sum(cost.remaining_gpu_seconds(t, now) for t in running if t.worker_id == worker.id)
-        loaded = worker.model or None
+        loaded = Variant(worker.model, worker.loras) if worker.model else None
         if worker.loading:
-            loaded = worker.loading
+            loaded = Variant(worker.loading)
             free_at += expected_load(worker.loading, loads, DEFAULT_LOAD_SECONDS) / 2  # about half is left, on average
         replay = ReplayWorker(loaded, free_at, worker.affinity_wait or 0.0, loads, DEFAULT_LOAD_SECONDS)
-        start = self._timeline(queues, replay).start_in(queues, task.model, key)
+        replayed = self._timeline(queues, replay)
+        start = replayed.start_in(queues, own, key)
         ahead = max(start - now, 0.0)
         until_start = self.arrivals.until_start(task.model, task.priority, 1, ahead)
         running_ahead = sum(1 for t in running if t.model == task.model and t.id != task.id)
-        pos = bisect.bisect_left(own.keys, key, own.first) - own.first
+        pos = replayed.started_before(queues, start)
         seconds = until_start + cost.task_seconds(task)
         turn = None
-        if loaded and loaded != task.model:  # a load lies ahead (the replay holds its mean), and the held model's turn
-            load = expected_load(task.model, loads, DEFAULT_LOAD_SECONDS)
-            # The worker loads early by the load's length, so the task starts within its bound plus the task then
+        if loaded is not None and loaded != own:  # a change lies ahead (the replay holds its mean), and the held turn
+            load = replay.change_seconds(own, loaded)
+            # The worker changes early by the change's length, so the task starts within its bound plus the task then
             # running (about one of its own); later arrivals of the held model fill the turn up to there.
             latest = task.created_at + (worker.affinity_wait or 0.0) - now + cost.gpu_seconds(task)
-            turn = (loaded, max(latest, ahead))
+            turn = (loaded.model, max(latest, ahead))
         parts = self._waiting_parts(task, 1, ahead, until_start, pos + running_ahead, cost, turn)
         if turn is not None:
             parts.append(normal(load, LOAD_SPREAD * load))
         return self._ranged(db, Estimate(pos, running_ahead, seconds), parts, now)
 
-    def _timeline(self, queues: dict[str, ModelQueue], replay: ReplayWorker) -> Timeline:
+    def _timeline(self, queues: dict[Variant, ModelQueue], replay: ReplayWorker) -> Timeline:
         """The replay of the whole queue, shared by every status request until the queue or the worker moves.
 
         Replayed per request it was most of the event loop's time at 10,000 queued with a few tasks of a second
@@ -505,7 +529,8 @@ class Forecaster:
 
         def queued(model: str) -> float:  # the snapshot, plus what was submitted since (as for the task's own model)
             newer = db.waiting_since(model, snap.max_seq)
-            return snap.queued_seconds(model, self.front(db, model, snap)) + sum(map(cost.gpu_seconds, newer))
+            return (sum(snap.queued_seconds(variant, self.front(db, variant, snap)) for variant in snap.variants_of(model))
+                    + sum(map(cost.gpu_seconds, newer)))
 
         return min(
             sum(cost.remaining_gpu_seconds(t, now) for t in running if t.worker_id == worker.id)

@@ -329,9 +329,10 @@ class Store:
         """Waiting tasks of every model submitted after sequence number seq."""
         return [QueueEntry(*r) for r in self._run("all_waiting_since", {"seq": seq})]
 
-    def waiting_front(self, model: str, seq: int) -> ClaimKey | None:
-        """The claim key of the first waiting task in claim order among those with seq up to seq, or None."""
-        row = self._run("waiting_front", {"model": model, "seq": seq}).fetchone()
+    def waiting_front(self, model: str, seq: int, loras: str = "") -> ClaimKey | None:
+        """The claim key of a model and LoRA set's first waiting task in claim order among those with seq up to seq,
+        or None."""
+        row = self._run("waiting_front", {"model": model, "loras": loras, "seq": seq}).fetchone()
         return ClaimKey.of(row["priority"], row["seq"], row["fair_tag"], row["fair_start"]) if row else None
 
     def arrivals_since(self, seq: int, since: float) -> list[Arrival]:

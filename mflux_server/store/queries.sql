@@ -119,16 +119,18 @@ SELECT * FROM tasks WHERE status = 'processing' ORDER BY started_at;
 
 -- name: waiting_queue
 -- Every waiting task in claim order, read from the tasks_queue index alone.
-SELECT t.model, t.priority, t.seq, t.width, t.height, t.steps, t.count, t.created_at, t.fair_tag, t.fair_start
+SELECT t.model, t.priority, t.seq, t.width, t.height, t.steps, t.count, t.created_at, t.fair_tag, t.fair_start,
+       t.loras
   FROM tasks t
  WHERE t.status = 'waiting'
  ORDER BY t.priority DESC, t.fair_tag, t.fair_start DESC, t.seq;
 
 -- name: waiting_front
--- The first task in claim order that is still waiting, among those up to seq: everything of a queue
--- snapshot ahead of it has been claimed (or canceled) since the snapshot was read.
+-- The first task of a variant (a model and LoRA set) in claim order that is still waiting, among those up to seq:
+-- everything of that variant's queue in a snapshot ahead of it has been claimed (or canceled) since the snapshot
+-- was read. One lookup in tasks_variant_queue.
 SELECT t.priority, t.seq, t.fair_tag, t.fair_start FROM tasks t
- WHERE t.status = 'waiting' AND t.model = :model AND t.seq <= :seq
+ WHERE t.status = 'waiting' AND t.model = :model AND t.loras = :loras AND t.seq <= :seq
  ORDER BY t.priority DESC, t.fair_tag, t.fair_start DESC, t.seq
  LIMIT 1;
 

@@ -11,7 +11,7 @@ import pytest
 
 from mflux_server import store
 from mflux_server.core.rows import ClaimKey, QueueEntry, QueueRead, Task, Timing, WaitingHead
-from mflux_server.core.scheduling import choose_model, expected_load
+from mflux_server.core.scheduling import Variant, choose_variant, expected_load, expected_lora_change
 from mflux_server.forecast.arrivals import (
     MAX_PRIORITY_LOAD,
     MIN_ARRIVAL_SPAN,
@@ -298,8 +298,8 @@ def test_claims_keep_the_snapshot_and_it_stays_exact(db, db_path):
         forecaster.settle()
         assert forecaster._snapshot is built  # no rebuild for a claim
         assert (after.pos, after.running) == (2 - claimed, claimed + 1)
-        front = forecaster.front(db, "schnell", built)
-        assert built.queued_seconds("schnell", front) == pytest.approx(
+        front = forecaster.front(db, Variant("schnell"), built)
+        assert built.queued_seconds(Variant("schnell"), front) == pytest.approx(
             sum(cost.gpu_seconds(t) for t in tasks[claimed + 1:]), rel=1e-12)
     assert db.queue_changes() == changes
     assert db.release(tasks[0].id, "w")  # back in the queue: a change the snapshot cannot see
@@ -444,16 +444,16 @@ def test_the_replay_delays_a_loaded_models_task_by_the_other_models_turn_and_two
     from mflux_server.forecast.policy_replay import Worker, start_time
 
     # schnell loaded, 60 tasks of 3 s; one dev task submitted at 0; bound 120 s, loads 15 s.
-    queues = {"schnell": _queue(*[(i + 2, 1.0, 3.0) for i in range(60)]), "dev": _queue((1, 0.0, 3.0))}
-    worker = Worker("schnell", 0.0, 120.0, {"schnell": 15.0, "dev": 15.0}, 15.0)
+    queues = {Variant("schnell"): _queue(*[(i + 2, 1.0, 3.0) for i in range(60)]), Variant("dev"): _queue((1, 0.0, 3.0))}
+    worker = Worker(Variant("schnell"), 0.0, 120.0, {"schnell": 15.0, "dev": 15.0}, 15.0)
     # dev falls due at 105 s (its load is started early); the schnell task claimed at 105 runs to 108
-    assert start_time(queues, "dev", ClaimKey.of(0, 1), worker) == pytest.approx(108 + 15)
+    assert start_time(queues, Variant("dev"), ClaimKey.of(0, 1), worker) == pytest.approx(108 + 15)
     # the 40th schnell task: 35 run before the switch + dev's load and task + schnell's load back + 4 more
-    assert start_time(queues, "schnell", ClaimKey.of(0, 41), worker) == pytest.approx(36 * 3 + 15 + 3 + 15 + 3 * 3)
+    assert start_time(queues, Variant("schnell"), ClaimKey.of(0, 41), worker) == pytest.approx(36 * 3 + 15 + 3 + 15 + 3 * 3)
     # with a bound of 0 (first in, first out) dev goes first, and schnell pays the switch there and back
-    fifo = Worker("schnell", 0.0, 0.0, {"schnell": 15.0, "dev": 15.0}, 15.0)
-    assert start_time(queues, "dev", ClaimKey.of(0, 1), fifo) == pytest.approx(15)
-    assert start_time(queues, "schnell", ClaimKey.of(0, 2), fifo) == pytest.approx(15 + 3 + 15)
+    fifo = Worker(Variant("schnell"), 0.0, 0.0, {"schnell": 15.0, "dev": 15.0}, 15.0)
+    assert start_time(queues, Variant("dev"), ClaimKey.of(0, 1), fifo) == pytest.approx(15)
+    assert start_time(queues, Variant("schnell"), ClaimKey.of(0, 2), fifo) == pytest.approx(15 + 3 + 15)
 
 
 def test_a_priority_task_of_another_model_is_served_before_the_loaded_models_normal_work():
@@ -461,10 +461,10 @@ def test_a_priority_task_of_another_model_is_served_before_the_loaded_models_nor
     from mflux_server.forecast.policy_replay import ModelQueue, Worker, start_time
 
     urgent = ModelQueue([ClaimKey.of(1, 50)], [10.0], [0.0, 2.0])
-    queues = {"schnell": _queue(*[(i + 1, 0.0, 3.0) for i in range(10)]), "dev": urgent}
-    worker = Worker("schnell", 5.0, 120.0, {}, 15.0)  # schnell's running task ends at 5 s; no load measured yet
-    assert start_time(queues, "dev", ClaimKey.of(1, 50), worker) == pytest.approx(5 + 15)
-    assert start_time(queues, "schnell", ClaimKey.of(0, 1), worker) == pytest.approx(5 + 15 + 2 + 15)
+    queues = {Variant("schnell"): _queue(*[(i + 1, 0.0, 3.0) for i in range(10)]), Variant("dev"): urgent}
+    worker = Worker(Variant("schnell"), 5.0, 120.0, {}, 15.0)  # schnell's running task ends at 5 s; no load measured yet
+    assert start_time(queues, Variant("dev"), ClaimKey.of(1, 50), worker) == pytest.approx(5 + 15)
+    assert start_time(queues, Variant("schnell"), ClaimKey.of(0, 1), worker) == pytest.approx(5 + 15 + 2 + 15)
 
 
 def test_until_start_remembers_solutions_within_a_tenth_of_a_percent_and_forgets_them_on_observe():
@@ -497,10 +497,10 @@ def test_a_models_queue_merged_with_later_submits_is_the_claim_order_and_is_reus
     old = sorted((entry(seq) for seq in range(1, 400)),
                  key=lambda e: ClaimKey.of(e.priority, e.seq, e.fair_tag, e.fair_start))
     snap = QueueSnapshot.build(QueueRead(old, 399, 1), cost, 0.0)
-    keys = snap.keys["schnell"]
+    keys = snap.keys[Variant("schnell")]
     front = keys[37]  # 37 tasks claimed since the snapshot
     newer = [entry(seq) for seq in range(400, 430)]  # some of higher priority, some with smaller fair tags
-    merged = snap.model_queue("schnell", front, newer, cost)
+    merged = snap.queue(Variant("schnell"), front, newer, cost)
     expected = sorted([(k, old_entry.created_at, cost.gpu_seconds(old_entry))
                        for k, old_entry in zip(keys, old, strict=True) if k >= front]
                       + [(ClaimKey.of(e.priority, e.seq, e.fair_tag, e.fair_start), e.created_at, cost.gpu_seconds(e))
@@ -511,8 +511,8 @@ def test_a_models_queue_merged_with_later_submits_is_the_claim_order_and_is_reus
     for i, (_, _, seconds) in enumerate(expected):
         running += seconds
         assert math.isclose(merged.prefix[merged.first + i + 1] - merged.prefix[merged.first], running)
-    assert snap.model_queue("schnell", front, newer, cost) is merged, "the next status request reuses the merge"
-    assert snap.model_queue("schnell", front, newer[:-1], cost) is not merged, "another submit set is merged anew"
+    assert snap.queue(Variant("schnell"), front, newer, cost) is merged, "the next status request reuses the merge"
+    assert snap.queue(Variant("schnell"), front, newer[:-1], cost) is not merged, "another submit set is merged anew"
 
 
 def test_a_flood_of_submits_extends_the_snapshot_without_reading_the_queue_again(db, db_path, monkeypatch):
@@ -537,20 +537,25 @@ def test_a_flood_of_submits_extends_the_snapshot_without_reading_the_queue_again
     assert {m: pytest.approx(p) for m, p in fresh._snapshot.prefix.items()} == extended.prefix
 
 
-def claimed_one_by_one(queues: dict[str, ModelQueue], worker: ReplayWorker) -> dict[tuple[str, ClaimKey], float]:
-    """The claim policy run task by task, as the worker runs it (choose_model before every claim): when each
-    waiting task starts. The oracle the whole-queue replay, which skips ahead in stretches, must agree with."""
+def claimed_one_by_one(queues: dict[Variant, ModelQueue], worker: ReplayWorker) -> dict[tuple[Variant, ClaimKey], float]:
+    """The claim policy run task by task, as the worker runs it (choose_variant before every claim, a load leaving
+    the default LoRA set): when each waiting task starts. The oracle the whole-queue replay, which skips ahead in
+    stretches, must agree with."""
     pointers = {name: queue.first for name, queue in queues.items()}
     loaded, now, starts = worker.loaded, worker.free_at, {}
     while True:
-        heads = [WaitingHead(name, -queues[name].keys[i].neg_priority, queues[name].keys[i].seq, queues[name].created[i],
-                             len(queues[name].keys) - i, len(queues[name].keys) - i)
+        heads = [WaitingHead(name.model, -queues[name].keys[i].neg_priority, queues[name].keys[i].seq,
+                             queues[name].created[i], len(queues[name].keys) - i, len(queues[name].keys) - i, name.loras)
                  for name, i in pointers.items() if i < len(queues[name].keys)]
-        choice = choose_model(heads, loaded, list(queues), now, worker.affinity_wait, worker.loads)
+        choice = choose_variant(heads, loaded, list({name.model for name in queues}), now, worker.affinity_wait,
+                                worker.loads)
         if choice is None:
             return starts
-        if choice != loaded:
-            now += expected_load(choice, worker.loads, worker.default_load)
+        if loaded is None or choice.model != loaded.model:
+            now += expected_load(choice.model, worker.loads, worker.default_load)
+            loaded = Variant(choice.model)
+        if choice.loras != loaded.loras:
+            now += expected_lora_change(choice.model, worker.loads, worker.default_load)
             loaded = choice
         queue, index = queues[choice], pointers[choice]
         starts[(choice, queue.keys[index])] = now
@@ -560,21 +565,25 @@ def claimed_one_by_one(queues: dict[str, ModelQueue], worker: ReplayWorker) -> d
 
 def test_one_replay_of_the_whole_queue_gives_every_tasks_start_as_claiming_task_by_task_does():
     rng = random.Random(11)
-    for trial in range(60):
+    for trial in range(80):
         queues = {}
-        seqs = iter(rng.sample(range(100_000), 120))  # sequence numbers are unique across the queue
-        for model in ("schnell", "dev", "flux2-klein-4b")[: rng.choice([2, 3])]:
+        seqs = iter(rng.sample(range(100_000), 160))  # sequence numbers are unique across the queue
+        variants = [Variant("schnell"), Variant("dev"), Variant("flux2-klein-4b"), Variant("dev", '[["ink",1.0]]'),
+                    Variant("dev", '[["oil",0.5]]')]
+        for variant in rng.sample(variants, rng.choice([2, 3, 4])):
             entries = sorted((ClaimKey.of(rng.choice([0, 0, 0, 1]), next(seqs), rng.choice([0.0, 0.0, 3.0])),
                               1000.0 + rng.uniform(0, 300), rng.uniform(1, 30)) for _ in range(rng.randrange(0, 40)))
             prefix = [0.0]
             for _, _, seconds in entries:
                 prefix.append(prefix[-1] + seconds)
-            queues[model] = ModelQueue([k for k, _, _ in entries], [c for _, c, _ in entries], prefix,
-                                       rng.randrange(0, 3) if entries else 0)
+            queues[variant] = ModelQueue([k for k, _, _ in entries], [c for _, c, _ in entries], prefix,
+                                         rng.randrange(0, 3) if entries else 0)
         worker = ReplayWorker(rng.choice([None, *queues]), 1200.0 + rng.uniform(0, 200), rng.choice([0.0, 60.0, 600.0]),
-                              {"schnell": 20.0}, 15.0)
+                              {"schnell": 20.0, "dev+loras": rng.choice([2.0, 9.0])}, 15.0)
         whole, expected = timeline(queues, worker), claimed_one_by_one(queues, worker)
-        for model, queue in queues.items():
+        for variant, queue in queues.items():
             for key in queue.keys[queue.first:]:
-                assert whole.start_in(queues, model, key) == pytest.approx(expected[(model, key)], abs=1e-6), \
-                    (trial, model, key)
+                at = expected[(variant, key)]
+                assert whole.start_in(queues, variant, key) == pytest.approx(at, abs=1e-6), (trial, variant, key)
+                assert whole.started_before(queues, at) == sum(1 for t in expected.values() if t < at - 1e-6), \
+                    (trial, variant, key)

@@ -98,10 +98,61 @@ def test_an_idle_worker_holding_a_set_is_not_charged_a_change_to_it(db, db_path)
     inked = db.get(queue_task(db, prompt="ink", loras=INK).id)
 
     def seconds() -> float:
-        return forecaster.estimate(db, inked, 0, now=1000.0, live=db.live_workers(60)).seconds
+        return forecaster.estimate(db, inked, 1, now=1000.0, live=db.live_workers(60)).seconds  # 1: it holds schnell
 
     charged = seconds()
     db.worker_loras(worker, INK)
     assert charged - seconds() == pytest.approx(30.0), "the worker holds ink: no change ahead"
     db.worker_loading(worker, "schnell", None, ["schnell"])  # a (re)load holds the default set again
     assert seconds() == pytest.approx(charged)
+
+
+def test_a_worker_taking_hub_loras_without_a_library_groups_its_work_by_set(db, db_path):
+    from mflux_server.core.settings import Settings
+    from mflux_server.worker.claim_loop import ClaimLoop
+    from mflux_server.worker.engines.synthetic import SyntheticEngine
+
+    paper = queue_task(db, model="dev", loras=PAPER, prompt="paper")
+    queue_task(db, model="dev", loras=INK, prompt="ink")
+    loop = ClaimLoop(Settings(db=db_path, lora_hub=True), SyntheticEngine("dev"), "w", db,
+                     None, None, None)  # type: ignore[arg-type]
+    loop.loras = INK
+    assert loop.claim().prompt == "ink", "the held set's task first, though the other set's was queued before it"
+    assert loop.claim().id == paper.id
+
+
+def test_a_worker_grouping_by_set_is_replayed_so_each_task_is_forecast_after_the_sets_served_first(db, db_path):
+    from mflux_server.forecast.queue_view import Forecaster
+
+    forecaster = Forecaster(connect=lambda: store.connect(db_path), clock=lambda: 1000.0, refit_interval=0)
+    db.record_load("dev" + LORA_CHANGE, 30.0)
+    worker = db.register_worker("synthetic", "dev", None, affinity_wait=600.0)
+    db.worker_loras(worker, INK)
+    order = ["paper 1", "ink 1", "paper 2", "ink 2", "plain"]
+    tasks = {name: queue_task(db, now=999.0, model="dev", prompt=name,
+                              loras={"paper": PAPER, "ink": INK}.get(name.split()[0], "")) for name in order}
+    cost = forecaster.cost_model(db)
+    one, own = cost.gpu_seconds(tasks["ink 1"]), cost.task_seconds(tasks["ink 1"])  # every task has the same shape
+
+    def estimate(name: str):
+        return forecaster.estimate(db, db.get(tasks[name].id), 1, now=1000.0, live=db.live_workers(60))
+
+    # The worker holds ink: both ink tasks, a change to paper (the set with more work), both paper tasks, then the
+    # change to the default set and the plain task; nothing has waited past the bound (600 s by default).
+    expected = {"ink 1": (0, 0), "ink 2": (1, 0), "paper 1": (2, 30), "paper 2": (3, 30), "plain": (4, 60)}
+    for name, (pos, changes) in expected.items():
+        got = estimate(name)
+        assert (got.pos, got.seconds) == (pos, pytest.approx(pos * one + changes + own, rel=1e-6)), name
+
+
+def test_the_queue_read_with_each_tasks_lora_set_stays_one_index_only_scan_on_postgresql(store_db):
+    db = store.connect(store_db)
+    try:
+        if not db.capabilities.notifies:
+            return  # SQLite reads the rows for the fair tags anyway; the plan test is PostgreSQL's
+        with db.session.transaction():
+            db.session.execute("SET LOCAL enable_seqscan = off")  # an empty table is otherwise read whole
+            plan = " | ".join(row[0] for row in db.session.execute("EXPLAIN " + db._queries["waiting_queue"].sql))
+        assert "Index Only Scan using tasks_queue" in plan and "Sort" not in plan, plan
+    finally:
+        db.close()

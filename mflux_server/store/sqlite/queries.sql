@@ -35,13 +35,15 @@ RETURNING *;
 -- name: waiting_since
 -- Waiting tasks newer than a snapshot: a range read on the rowid. The unary + keeps SQLite from
 -- preferring the status index, which would scan every waiting task.
-SELECT t.model, t.priority, t.seq, t.width, t.height, t.steps, t.count, t.created_at, t.fair_tag, t.fair_start
+SELECT t.model, t.priority, t.seq, t.width, t.height, t.steps, t.count, t.created_at, t.fair_tag, t.fair_start,
+       t.loras
   FROM tasks t
  WHERE t.seq > :seq AND +t.status = 'waiting' AND +t.model = :model;
 
 -- name: all_waiting_since
 -- Every model's waiting tasks newer than a snapshot, to extend it: a range read on the rowid (+ as above).
-SELECT t.model, t.priority, t.seq, t.width, t.height, t.steps, t.count, t.created_at, t.fair_tag, t.fair_start
+SELECT t.model, t.priority, t.seq, t.width, t.height, t.steps, t.count, t.created_at, t.fair_tag, t.fair_start,
+       t.loras
   FROM tasks t
  WHERE t.seq > :seq AND +t.status = 'waiting';
 
