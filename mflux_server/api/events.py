@@ -84,6 +84,8 @@ def payload(event: Event, task_view: dict[str, Any] | None) -> dict[str, Any]:
     if event.kind == "done" and task_view is not None:
         body["images"] = [url_for("generation.image", task_id=event.task_id, index=i, delete="false")
                           for i in range(task_view["count"])]
+        if "upscale" in task_view:  # asked with the task: the upscale tasks it queued, one per image
+            body["upscale"] = task_view["upscale"]
     if event.kind == "preview":
         body["url"] = url_for("events.TaskPreview", task_id=event.task_id)
     return body

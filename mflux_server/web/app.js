@@ -145,7 +145,8 @@ function applyModel() {
                 image: caps.image_to_image || caps.edit || caps.inpaint || caps.control || caps.variation,
                 variation: caps.variation, try_on: caps.try_on,
                 more_images: (caps.edit || caps.variation) && (model?.max_reference_images || 0) > 1,
-                control_strength: control?.default_strength != null, control_maps: Boolean(control?.maps) };
+                control_strength: control?.default_strength != null, control_maps: Boolean(control?.maps),
+                then_upscale: Boolean(upscaler()) && !caps.upscale };
   for (const el of document.querySelectorAll("[data-needs]")) el.hidden = model ? !can[el.dataset.needs] : false;
   $("#strength-field").hidden = !caps.image_to_image || (caps.edit && !$("#image_strength").dataset.touched);
   const hints = [];
@@ -172,8 +173,16 @@ function applyModel() {
     }
   }
   if (!model) $("#loras-field").hidden = true;
+  applyUpscale();
   renderMore();
   applyLoras();
+}
+
+// ---- then upscale: each image becomes an upscale task of the one queue once the task is done ------------------
+function applyUpscale() {  // the hint says what the upscale makes, and with which upscaler
+  const factor = Number($("#upscale").value), width = Number($("#width").value), height = Number($("#height").value);
+  $("#upscale-hint").textContent = !factor || $("#upscale-field").hidden ? ""
+    : `${width && height ? `${width * factor}×${height * factor}, ` : ""}with ${upscaler().name}; the larger images follow in the queue`;
 }
 
 // ---- size presets ----------------------------------------------------------------------------------------------
@@ -427,6 +436,7 @@ async function submit(event) {
     }
   }
   if (caps.try_on && state.garment) body.garment_image = state.garment;
+  if (!$("#upscale-field").hidden && $("#upscale").value) body.upscale = { factor: Number($("#upscale").value), upscaler: upscaler().name };
   for (const key of Object.keys(body)) if (body[key] === undefined) delete body[key];
   const button = $("#generate"); button.disabled = true;
   try {
@@ -483,6 +493,12 @@ function onEvent(kind, data) {
     }
     state.gallery.unshift(...images);  // newest task first, its images in seed order
     dropTask(task.id); renderGallery();
+    for (const [index, id] of (data.upscale?.task_ids || []).entries()) {  // asked with it: now queued, one per image
+      if (!state.tasks.some((t) => t.id === id)) {
+        state.tasks.push({ id, prompt: task.prompt, format: task.format, count: 1, seed: images[index]?.seed ?? task.seed });
+      }
+    }
+    if (data.upscale?.task_ids?.length) { saveTasks(); follow(); }
   } else if (kind === "deleted" || data.status === "canceled") {
     dropTask(task.id);
   } else if (kind === "error") {
@@ -674,6 +690,9 @@ function escapeHtml(text) {
 setupKey();
 persist();
 $("#preset").addEventListener("change", applyPreset); $("#aspect").addEventListener("change", applyPreset);
+for (const id of ["#preset", "#aspect", "#width", "#height", "#upscale"]) {  // after applyPreset: the size it set
+  $(id).addEventListener("change", applyUpscale); $(id).addEventListener("input", applyUpscale);
+}
 $("#model").addEventListener("change", () => { clearFieldError("model"); $("#form-error").textContent = ""; applyModel(); });
 $("#form").addEventListener("submit", submit);
 $("#form").addEventListener("keydown", (e) => {  // Ctrl+Enter (or Cmd+Enter) submits from any field
@@ -692,7 +711,7 @@ setupViewer();
 setupImageInput();
 setupGarmentInput();
 setupMoreInput();
-loadModels().then(() => { if (!$("#width").value) applyPreset(); });
+loadModels().then(() => { if (!$("#width").value) applyPreset(); applyUpscale(); });
 setInterval(loadModels, 15_000);  // workers come and go: the menu follows without a reload
 renderQueue(); renderGallery(); checkGallery();
 (async () => {  // a reload restores this browser's queue: refresh each task, then follow them live

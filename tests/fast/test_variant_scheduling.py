@@ -121,24 +121,33 @@ def test_a_worker_taking_hub_loras_without_a_library_groups_its_work_by_set(db, 
     assert loop.claim().id == paper.id
 
 
-def test_a_worker_grouping_by_set_is_replayed_so_each_task_is_forecast_after_the_sets_served_first(db, db_path):
+def grouped_queue(db, db_path, bound: float = 3600.0):
+    """A worker holding ink with a bound of `bound` seconds, the change of set measured at 30 s, and five waiting
+    tasks of one shape submitted at 300 s (before the 10-minute arrival window of a forecast at 1000 s): paper, ink,
+    paper, ink, then the default set. Returns the forecaster, the tasks by name and an estimate at 1000 s."""
     from mflux_server.forecast.queue_view import Forecaster
 
     forecaster = Forecaster(connect=lambda: store.connect(db_path), clock=lambda: 1000.0, refit_interval=0)
     db.record_load("dev" + LORA_CHANGE, 30.0)
-    worker = db.register_worker("synthetic", "dev", None, affinity_wait=600.0)
+    worker = db.register_worker("synthetic", "dev", None, affinity_wait=bound)
     db.worker_loras(worker, INK)
-    order = ["paper 1", "ink 1", "paper 2", "ink 2", "plain"]
-    tasks = {name: queue_task(db, now=999.0, model="dev", prompt=name,
-                              loras={"paper": PAPER, "ink": INK}.get(name.split()[0], "")) for name in order}
-    cost = forecaster.cost_model(db)
-    one, own = cost.gpu_seconds(tasks["ink 1"]), cost.task_seconds(tasks["ink 1"])  # every task has the same shape
+    tasks = {name: queue_task(db, now=300.0, model="dev", prompt=name,
+                              loras={"paper": PAPER, "ink": INK}.get(name.split()[0], ""))
+             for name in ["paper 1", "ink 1", "paper 2", "ink 2", "plain"]}
 
     def estimate(name: str):
         return forecaster.estimate(db, db.get(tasks[name].id), 1, now=1000.0, live=db.live_workers(60))
 
+    return forecaster, tasks, estimate
+
+
+def test_a_worker_grouping_by_set_is_replayed_so_each_task_is_forecast_after_the_sets_served_first(db, db_path):
+    forecaster, tasks, estimate = grouped_queue(db, db_path)
+    cost = forecaster.cost_model(db)
+    one, own = cost.gpu_seconds(tasks["ink 1"]), cost.task_seconds(tasks["ink 1"])  # every task has the same shape
     # The worker holds ink: both ink tasks, a change to paper (the set with more work), both paper tasks, then the
-    # change to the default set and the plain task; nothing has waited past the bound (600 s by default).
+    # change to the default set and the plain task; nothing has waited past the bound. No recent arrivals: the
+    # replay is the whole forecast.
     expected = {"ink 1": (0, 0), "ink 2": (1, 0), "paper 1": (2, 30), "paper 2": (3, 30), "plain": (4, 60)}
     for name, (pos, changes) in expected.items():
         got = estimate(name)

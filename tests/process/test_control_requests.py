@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from PIL import Image, ImageStat
@@ -72,6 +73,9 @@ def test_a_generate_request_with_upscale_ends_in_larger_images_of_its_own(proces
     source = made.json()["task_id"]
     done = wait_status(url, source, ("done",))
     assert len(done["upscale"]["task_ids"]) == 2, done
+    stream = requests.get(f"{url}/api/tasks/{source}/events", timeout=10).text  # the task ended: it replays and ends
+    ended = json.loads(stream.split("event: done\ndata: ")[1].split("\n")[0])
+    assert ended["upscale"]["task_ids"] == done["upscale"]["task_ids"], "the done event names the upscale tasks"
     for index, task_id in enumerate(done["upscale"]["task_ids"]):
         upscaled = wait_status(url, task_id, ("done",))
         assert (upscaled["width"], upscaled["height"], upscaled["model"]) == (512, 384, "dev-controlnet-upscaler")

@@ -253,3 +253,44 @@ def test_more_images_go_as_images_in_order_with_a_strength_each_for_variations(p
     wait_for(lambda: desktop.locator("#more-list li").count() == 1, what="the image listed on the desktop")
     shot(desktop, "more-images-desktop-dark")
     assert not desktop.errors, desktop.errors
+
+
+def test_then_upscale_on_the_form_queues_each_image_s_upscale_when_the_task_is_done(guided, browser):  # noqa: F811
+    url, _ = guided
+    page = open_page(browser, url, PHONE, scheme="light")
+    page.locator("#model").select_option("dev-controlnet-upscaler")
+    assert page.locator("#upscale-field").is_hidden(), "an upscaler is not upscaled after itself"
+    page.locator("#model").select_option("schnell")
+    small(page, count=2)
+    page.locator("#prompt").fill("a harbour at night")
+    page.locator("#upscale").focus()
+    page.keyboard.press("ArrowDown")  # from the keyboard: "no" to "2×"
+    assert page.locator("#upscale").input_value() == "2"
+    hint = page.locator("#upscale-hint").inner_text()
+    assert "1024×1024" in hint and "dev-controlnet-upscaler" in hint, hint
+    page.locator("#width").fill("1536")  # the largest schnell runs here; twice that is past the server's 2048
+    page.locator("#height").fill("1536")
+    assert "3072×3072" in page.locator("#upscale-hint").inner_text()
+    page.keyboard.press("Control+Enter")
+    error = page.locator('[data-error-for="upscale"]')
+    error.wait_for(timeout=10000)
+    page.wait_for_function("document.querySelector('[data-error-for=\"upscale\"]').textContent.length > 0")
+    assert "3072" in error.inner_text() and "2048" in error.inner_text(), error.inner_text()
+    assert "invalid" in page.locator("#upscale").get_attribute("class")
+    assert latest_task(url) == {}, "a refused request queues nothing"
+    shot(page, "then-upscale-refused")
+    small(page, count=2)
+    page.locator("#prompt").focus()
+    page.keyboard.press("Control+Enter")
+    page.wait_for_function("document.querySelectorAll('#gallery li').length === 4", timeout=60000)
+    tasks = requests.get(url + "/api/tasks", timeout=10).json()["tasks"]
+    generated = next(task for task in tasks if task["model"] == "schnell")
+    ups = requests.get(f"{url}/api/tasks/{generated['task_id']}", timeout=10).json()["upscale"]
+    assert ups["upscaler"] == "dev-controlnet-upscaler" and len(ups["task_ids"]) == 2
+    sources = [requests.get(f"{url}/api/tasks/{task_id}", timeout=10).json()["upscales"] for task_id in ups["task_ids"]]
+    assert sources == [{"task_id": generated["task_id"], "index": 0}, {"task_id": generated["task_id"], "index": 1}]
+    widths = page.evaluate("[...document.querySelectorAll('#gallery li img')].map((img) => img.naturalWidth)")
+    assert sorted(widths) == [512, 512, 1024, 1024], widths
+    assert page.locator("#queue li").count() == 0, "the upscales left the queue once done"
+    shot(page, "then-upscale-done")
+    assert not page.errors, page.errors
