@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.before_after", description=__doc__)
     parser.add_argument("ref", help="the commit to compare with (its code runs from a temporary worktree)")
     parser.add_argument("--only", choices=NAMES, action="append", help="run only these (repeatable)")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "before_after.md")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "before_after.md",
+                        help="the table's file (or a folder to write before_after.md in)")
     args = parser.parse_args(argv)
     before: dict = {}
     after: dict = {}
@@ -89,9 +90,10 @@ def main(argv: list[str] | None = None) -> int:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(old)], check=False,
                            capture_output=True)
     text = table(before, after, args.ref)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    print(text)
+    print(text, flush=True)  # first: a bad --out must not lose minutes of runs
+    out = args.out / "before_after.md" if args.out.is_dir() else args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
     regressed = [key for key, (_, _, met) in after.items() if met == "**no**" and before.get(key, ("", "", ""))[2] == "yes"]
     for key in regressed:
         print(f"missed after, met before: {key[0]}: {key[1]}", file=sys.stderr)
