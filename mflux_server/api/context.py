@@ -36,7 +36,7 @@ class Sessions:
             return found
         db: Store | None = getattr(self._local, "db", None)
         if db is None:
-            # On the event loop (the production server), checkpoints are left to others (store.BACKSTOP_PAGES).
+            # On the event loop (the production server), checkpoints are left to others (store.connect).
             db = store.connect(self.path, store.BACKSTOP_PAGES if native.gevent_active() else None,
                                wait_turn=native.loop_waiter())
             self._local.db = db

@@ -28,8 +28,8 @@ def connect(target: str | Path, checkpoint_pages: int | None = None, pooled: boo
             wait_turn: Callable[[float], None] | None = None) -> Store:
     """A session with the queue a --db value names, its schema as it is.
 
-    checkpoint_pages: on SQLite, the WAL's size in pages at which this session's commits checkpoint
-    (EAGER_PAGES, BACKSTOP_PAGES; SQLite's default otherwise). pooled: on PostgreSQL, borrow the session from
+    checkpoint_pages: on SQLite, the WAL's size in pages at which this session's commits checkpoint it, FULL
+    (EAGER_PAGES, BACKSTOP_PAGES; SQLite's default otherwise; never with wait_turn). pooled: on PostgreSQL, borrow the session from
     this process's pool (close() gives it back). wait_turn: on SQLite, how to pause between tries of the write
     lock instead of sleeping in SQLite's busy handler (gevent.sleep on an event loop; psycopg yields by itself).
     """
@@ -39,6 +39,10 @@ def connect(target: str | Path, checkpoint_pages: int | None = None, pooled: boo
         return PostgresStore(str(target), pooled)
     found = SqliteStore(target, checkpoint_pages)
     found.session.wait_turn = wait_turn
+    if wait_turn is not None:
+        # A FULL checkpoint waits in SQLite's busy handler, which would stall the event loop: the housekeeper
+        # (every 0.25 s) and the workers' threads checkpoint instead.
+        found.session.checkpoint_bytes = None
     return found
 
 

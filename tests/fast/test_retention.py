@@ -136,7 +136,7 @@ def test_the_housekeeper_checkpoints_a_growing_wal_between_sweeps(db_path):
     try:
         # Like a server's event-loop connection: it leaves checkpoints to the housekeeper (up to the backstop).
         writer = store.connect(db_path, store.BACKSTOP_PAGES)
-        assert writer.session.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == store.BACKSTOP_PAGES
+        assert writer.session.checkpoint_bytes == store.BACKSTOP_PAGES * 4096
         for _ in range(12):
             finish(writer, data=os.urandom(200_000))  # 2.4 MB of WAL, under the backstop's 16 MB
         deadline = time.monotonic() + 10

@@ -38,15 +38,21 @@ class QueueConnection(sqlite3.Connection):
     lost: str | None = None
     # How to wait for the write lock without blocking: set for the session of gevent's event loop (api/context.py).
     wait_turn: Callable[[float], None] | None = None
+    # The WAL's size past which this connection's commits checkpoint it (see checkpoint_full); None: never here.
+    checkpoint_bytes: int | None = None
 
     def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:
         """Run a statement; a write first checks the files."""
-        if self.path and _WRITE.match(sql):
+        writes = bool(self.path and _WRITE.match(sql))
+        if writes:
             self.check_files()
         try:
-            return super().execute(sql, parameters)
+            cursor = super().execute(sql, parameters)
         except sqlite3.Error as error:
             raise self.store_error(error) from error
+        if writes and not self.in_transaction:  # a write outside BEGIN: it committed on its own
+            self.checkpoint_if_due()
+        return cursor
 
     def executescript(self, sql_script: str, /) -> sqlite3.Cursor:
         """Run a script (a pragma that must step to its end); errors as the store's."""
@@ -84,12 +90,34 @@ class QueueConnection(sqlite3.Connection):
         try:
             yield
             self.execute("COMMIT")
+            self.checkpoint_if_due()
         except BaseException:
             # SQLite has already rolled back after some errors (a full disk, an I/O error); a second ROLLBACK would
             # raise "no transaction is active" and hide the error that matters.
             if self.in_transaction:
                 self.execute("ROLLBACK")
             raise
+
+    def checkpoint_if_due(self) -> None:
+        """After a commit: checkpoint (FULL) once the WAL has outgrown this connection's bound.
+
+        SQLite's own automatic checkpoints are PASSIVE, and before 3.51.3 (Debian 12 ships 3.40.1) a PASSIVE
+        checkpoint can race a commit that restarts the WAL and silently lose committed transactions (the WAL-reset
+        bug, https://sqlite.org/wal.html#walresetbug): a worker here once lost its claims and a completion within
+        150 ms, leaving three tasks "processing" under a live worker for good. A FULL checkpoint holds the writer
+        lock from before it reads the WAL's header, so no commit can restart the WAL under it; every connection
+        turns automatic checkpoints off (connect) and checkpoints this way instead.
+        """
+        if self.checkpoint_bytes is not None and wal_bytes(self) > self.checkpoint_bytes:
+            self.checkpoint_full()
+
+    def checkpoint_full(self) -> tuple[int, int, int]:
+        """PRAGMA wal_checkpoint(FULL): (busy, WAL frames, frames checkpointed); a failure is not this commit's."""
+        try:
+            busy, frames, done = super().execute("PRAGMA wal_checkpoint(FULL)").fetchone()
+        except sqlite3.Error:
+            return 1, -1, -1  # the next commit tries again
+        return int(busy), int(frames), int(done)
 
     def begin(self) -> None:
         """Take the write lock. With wait_turn, another process's hold is waited out by yielding, not sleeping.
@@ -150,10 +178,9 @@ class QueueConnection(sqlite3.Connection):
 
     def _save_wal(self) -> str:
         """Copy what the removed WAL holds into the database file, which is still ours, so acknowledged writes stay."""
-        try:
-            busy, _, _ = super().execute("PRAGMA wal_checkpoint(FULL)").fetchone()
-        except sqlite3.Error as error:
-            return f" (saving its contents into the database file failed: {error})"
+        busy, frames, _ = self.checkpoint_full()
+        if frames < 0:
+            return " (saving its contents into the database file failed)"
         if busy:
             return " (another connection was busy, so some of its contents may not be in the database file)"
         return " (its contents were first copied into the database file, so no acknowledged write is lost)"
@@ -182,10 +209,10 @@ def problem_of(error: sqlite3.Error) -> str | None:
 
 
 WAL_SIZE_LIMIT = 1 << 20  # bytes the -wal file is cut back to after a checkpoint
-# Who checkpoints the WAL (SQLite runs a checkpoint in the commit that takes the WAL past a connection's page
-# count): a worker's publisher and writer threads, at 1 MB; connections on an API event loop or the worker's
-# claim loop only should nobody else keep up (16 MB), since there a checkpoint's 2-12 ms stalls every request
-# or delays the next generation. The API's housekeeper checkpoints too, for a queue with no worker running.
+# Who checkpoints the WAL (a commit that leaves it past the connection's page count runs a FULL checkpoint:
+# checkpoint_if_due): a worker's publisher and writer threads, at 1 MB; the worker's claim loop only should
+# nobody else keep up (16 MB), since there a checkpoint's 2-12 ms delays the next generation; an API event
+# loop's sessions never (store.connect). The API's housekeeper checkpoints at 1 MB, with or without a worker.
 EAGER_PAGES = WAL_SIZE_LIMIT // 4096
 BACKSTOP_PAGES = 4000
 
@@ -216,8 +243,9 @@ def blob_disk_bytes(length: int, page: int) -> int:
 def connect(path: str | Path, checkpoint_pages: int | None = None) -> QueueConnection:
     """Open the database in autocommit mode (we issue BEGIN ourselves) with WAL and a busy timeout.
 
-    checkpoint_pages: the WAL's size in pages at which this connection's commits checkpoint (EAGER_PAGES or
-    BACKSTOP_PAGES above); SQLite's default (1,000) otherwise.
+    checkpoint_pages: the WAL's size in pages at which this connection's commits checkpoint it (EAGER_PAGES or
+    BACKSTOP_PAGES above; 1,000, SQLite's default, otherwise), always as a FULL checkpoint (checkpoint_if_due).
+    A session of gevent's event loop never checkpoints: the housekeeper and the workers do.
     """
     if str(path) != ":memory:":
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -236,8 +264,8 @@ def connect(path: str | Path, checkpoint_pages: int | None = None) -> QueueConne
     # Under steady load the WAL file keeps its largest size after each checkpoint; this lets the next reset
     # truncate it, so the queue's files stay near what they hold (retention's bound covers the WAL too).
     conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
-    if checkpoint_pages is not None:
-        conn.execute(f"PRAGMA wal_autocheckpoint = {int(checkpoint_pages)}")
+    conn.execute("PRAGMA wal_autocheckpoint = 0")  # never PASSIVE: see checkpoint_if_due
+    conn.checkpoint_bytes = (checkpoint_pages or 1000) * 4096
     if str(path) != ":memory:":
         conn.path = str(path)
         conn.files = {str(path): _identity(str(path)), str(path) + "-wal": _identity(str(path) + "-wal")}

@@ -125,5 +125,6 @@ RETURNING last_finish - :cost, backlog_start;
 SELECT page_size FROM pragma_page_size();
 
 -- name: checkpoint
--- Copy the WAL into the database file as far as readers allow, so the WAL can restart (and be cut back).
-PRAGMA wal_checkpoint(PASSIVE);
+-- Copy the WAL into the database file, so the WAL can restart (and be cut back). FULL, never PASSIVE: before
+-- SQLite 3.51.3 a PASSIVE checkpoint can lose committed transactions (connection.py, checkpoint_if_due).
+PRAGMA wal_checkpoint(FULL);
