@@ -29,8 +29,8 @@ def connect(target: str | Path, checkpoint_pages: int | None = None, pooled: boo
     """A session with the queue a --db value names, its schema as it is.
 
     checkpoint_pages: on SQLite, the WAL's size in pages at which this session's commits checkpoint it, FULL
-    (EAGER_PAGES, BACKSTOP_PAGES; SQLite's default otherwise; never with wait_turn). pooled: on PostgreSQL, borrow the session from
-    this process's pool (close() gives it back). wait_turn: on SQLite, how to pause between tries of the write
+    (EAGER_PAGES, BACKSTOP_PAGES; SQLite's default otherwise; never with wait_turn). pooled: on PostgreSQL, borrow
+    the session from this process's pool (close() gives it back). wait_turn: on SQLite, how to pause between tries of the write
     lock instead of sleeping in SQLite's busy handler (gevent.sleep on an event loop; psycopg yields by itself).
     """
     if is_server_url(target):
