@@ -227,6 +227,8 @@ class ClaimLoop:
                     outage.failed(exc)
                     continue
                 outage.passed()
+                if task is not None:
+                    self.publisher.task_claimed(task.id)
                 if task is not None and task.model != self.engine.model:
                     if handoff is not None:
                         self.writer.send(handoff)

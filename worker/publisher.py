@@ -21,6 +21,10 @@ log = logging.getLogger("mflux_worker")
 
 # How often a running task's latest step is published and its ownership checked.
 PROGRESS_INTERVAL = 0.02
+# Seconds without progress after which a task shown as this worker's, which it neither runs nor has claimed last,
+# goes back to the queue (a completion waiting in the writer is seconds old; a storage outage longer than this
+# costs that task a second run, never the task).
+GHOST_AFTER = 60.0
 PREVIEW_QUALITY = 70
 
 
@@ -62,6 +66,7 @@ class ProgressPublisher:
         self.settings = settings
         self.worker_id = worker_id
         self._current: str | None = None
+        self._claimed: str | None = None  # the task claimed last, from its claim (a model load may come first)
         self._latest: Progress | None = None
         self._preview: PreviewFrame | None = None
         self._taken: set[str] = set()
@@ -77,6 +82,10 @@ class ProgressPublisher:
         self._version = 0
 
     # Called from the generation thread
+
+    def task_claimed(self, task_id: str) -> None:
+        """A task was claimed: it is this worker's, though it may load a model before it starts."""
+        self._claimed = task_id
 
     def task_started(self, task_id: str) -> None:
         """A task is running now: publish its progress often, and watch for it being taken away."""
@@ -151,6 +160,12 @@ class ProgressPublisher:
         if time.monotonic() - self._beat_at >= self.settings.heartbeat_interval:
             db.heartbeat(self.worker_id)
             recover(db, self.settings)
+            # A task shown as this worker's that it does not run would wait for good: its heartbeat keeps recovery
+            # away. Seen once, after SQLite lost a claim loop's commits (store/sqlite/connection.py).
+            held = [task_id for task_id in (self._current, self._claimed) if task_id]
+            for task_id in db.release_ghosts(self.worker_id, held, time.time() - GHOST_AFTER):
+                log.warning("task %s was shown as running on this worker, which does not run it: back in the queue",
+                            task_id)
             self._beat_at = time.monotonic()
 
     def flush_timings(self, db: Store) -> None:

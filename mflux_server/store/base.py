@@ -522,6 +522,15 @@ class Store:
             self._run("prune_events", {"before": now - EVENT_RETENTION})
         return outcomes
 
+    def release_ghosts(self, worker_id: str, held: Sequence[str], before: float) -> list[str]:
+        """Requeue this worker's processing tasks other than those it holds (runs, or claimed last) whose progress is
+        older than `before` (their attempt stays counted); their ids."""
+        first, second = (list(held) + ["", ""])[:2]
+        with self.session.transaction():
+            rows = self._run("release_ghosts", {"worker_id": worker_id, "running": first, "claimed": second,
+                                                "before": before}).fetchall()
+        return [row[0] for row in rows]
+
     # Events and previews
 
     def events_after(self, after: int, task_id: str | None = None, limit: int = 1000) -> list[Event]:

@@ -204,6 +204,15 @@ UPDATE tasks SET status = 'waiting', worker_id = NULL, started_at = NULL, step =
                  step_at = NULL
  WHERE id = :id AND worker_id = :worker_id AND status = 'processing';
 
+-- name: release_ghosts
+-- Put back in line the tasks a live worker is shown running but is not (its claim or completion was lost, or it
+-- lost track): not the one it runs, and only once their progress is older than any pending completion's.
+UPDATE tasks SET status = 'waiting', worker_id = NULL, started_at = NULL, step = 0, image_index = 0,
+                 step_at = NULL
+ WHERE worker_id = :worker_id AND status = 'processing' AND id <> :running AND id <> :claimed
+   AND step_at < :before
+RETURNING id;
+
 -- name: fail_orphan
 -- Give up on a task whose workers died too often.
 UPDATE tasks SET status = 'error', finished_at = :now, error = :error

@@ -57,3 +57,31 @@ def test_an_event_loop_session_never_checkpoints(sqlite_path):
         assert wal_bytes(db.session) > 2 * WAL_SIZE_LIMIT, "left to the housekeeper and the workers"
     finally:
         db.close()
+
+
+def test_a_task_shown_as_a_live_workers_but_not_run_by_it_goes_back_to_the_queue(store_db):
+    """The safety net for a lost write: a claim the worker lost track of would otherwise wait for good."""
+    import time
+
+    from mflux_server.core.rows import Status
+    from mflux_server.core.settings import Settings
+    from mflux_server.worker.publisher import GHOST_AFTER, ProgressPublisher
+
+    db = store.connect(store_db)
+    try:
+        worker = db.register_worker("synthetic", "schnell", None)
+        ghost, claimed, running, pending = (queue_task(db, prompt=name) for name in ("ghost", "claimed", "running",
+                                                                                      "pending"))
+        old = time.time() - GHOST_AFTER - 5
+        for task in (ghost, claimed, running, pending):
+            assert db.claim_next(worker, "schnell", "synthetic", now=old).id == task.id
+        db.record_progress(pending.id, worker, 0, 4, time.time())  # generated just now: its completion is pending
+        publisher = ProgressPublisher(Settings(db=store_db, heartbeat_interval=0.01), worker)
+        publisher.task_claimed(claimed.id)  # loading a model before it starts
+        publisher.task_started(running.id)
+        publisher._publish_once(db)
+        assert db.get(ghost.id).status is Status.WAITING and db.get(ghost.id).attempts == 1
+        assert [db.get(t.id).status for t in (claimed, running, pending)] == [Status.PROCESSING] * 3
+        assert db.claim_next(worker, "schnell", "synthetic").id == ghost.id, "claimed again, first in line"
+    finally:
+        db.close()
