@@ -74,8 +74,9 @@ def run(smoke: bool = False) -> Result:
     result.add("forecast MAPE of expected_time_seconds, ours", mape(ours.forecasts[10:]), "%")
     result.add("  same, one set", mape(one.forecasts[10:]), "%")
     result.notes.append(f"Waits are from submit to start, in model seconds. Ours: --max-affinity-wait {AFFINITY:g}; "
-                        "first-in first-out: --max-affinity-wait 0. The forecast charges a task its own change of "
-                        "set, not the grouping (docs/forecast.md): its error is reported, with no target yet.")
+                        "first-in first-out: --max-affinity-wait 0. The forecast replays the worker's grouping by "
+                        "set (docs/forecast.md) but not the arrivals that extend a set's turn: its error is reported, "
+                        "with no target yet.")
     result.extra = {"runs": (one, ours, fifo)}
     return result
 
