@@ -224,6 +224,7 @@ def test_the_light_theme_and_the_phone_header(served, browser):  # noqa: F811
         assert (sum(channels) > 600) == (scheme == "light"), (scheme, background)
         # Native controls (the slider's track) follow the page's scheme, not the browser's default.
         assert page.evaluate("getComputedStyle(document.documentElement).colorScheme") == scheme
+        assert page.locator("#upscale-field").is_hidden(), "no live worker serves an upscaler here"
         shot(page, f"first-load-{scheme}")
     phone = open_page(browser, url, PHONE)
     title = phone.locator(".top h1").bounding_box()
