@@ -162,8 +162,7 @@ class ProgressPublisher:
             recover(db, self.settings)
             # A task shown as this worker's that it does not run would wait for good: its heartbeat keeps recovery
             # away. Seen once, after SQLite lost a claim loop's commits (store/sqlite/connection.py).
-            held = [task_id for task_id in (self._current, self._claimed) if task_id]
-            for task_id in db.release_ghosts(self.worker_id, held, time.time() - GHOST_AFTER):
+            for task_id in db.release_ghosts(self.worker_id, self._current, self._claimed, time.time() - GHOST_AFTER):
                 log.warning("task %s was shown as running on this worker, which does not run it: back in the queue",
                             task_id)
             self._beat_at = time.monotonic()

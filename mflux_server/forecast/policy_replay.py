@@ -87,7 +87,7 @@ def timeline(queues: Mapping[Variant, ModelQueue], worker: Worker) -> Timeline:
     loaded, now = worker.loaded, worker.free_at
     stretches: dict[Variant, list[tuple[int, int, float]]] = {}
     for _ in range(sum(len(queue.keys) - queue.first for queue in queues.values()) + 1):
-        heads = [head_of(name, queues[name], i) for name, i in pointers.items() if i < len(queues[name].keys)]
+        heads = [_head_of(name, queues[name], i) for name, i in pointers.items() if i < len(queues[name].keys)]
         choice = choose_variant(heads, loaded, servable, now, worker.affinity_wait, worker.loads)
         if choice is None:
             break
@@ -111,7 +111,7 @@ def timeline(queues: Mapping[Variant, ModelQueue], worker: Worker) -> Timeline:
     return Timeline(stretches, now)
 
 
-def head_of(variant: Variant, queue: ModelQueue, index: int) -> WaitingHead:
+def _head_of(variant: Variant, queue: ModelQueue, index: int) -> WaitingHead:
     """The waiting head the worker would read for a variant's queue from `index` on (its tasks counted as images)."""
     key = queue.keys[index]
     left = len(queue.keys) - index

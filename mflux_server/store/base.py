@@ -522,13 +522,12 @@ class Store:
             self._run("prune_events", {"before": now - EVENT_RETENTION})
         return outcomes
 
-    def release_ghosts(self, worker_id: str, held: Sequence[str], before: float) -> list[str]:
-        """Requeue this worker's processing tasks other than those it holds (runs, or claimed last) whose progress is
-        older than `before` (their attempt stays counted); their ids."""
-        first, second = (list(held) + ["", ""])[:2]
+    def release_ghosts(self, worker_id: str, running: str | None, claimed: str | None, before: float) -> list[str]:
+        """Requeue this worker's processing tasks other than the one it runs and the one it claimed last, whose
+        progress is older than `before` (their attempt stays counted); their ids."""
         with self.session.transaction():
-            rows = self._run("release_ghosts", {"worker_id": worker_id, "running": first, "claimed": second,
-                                                "before": before}).fetchall()
+            rows = self._run("release_ghosts", {"worker_id": worker_id, "running": running or "",
+                                                "claimed": claimed or "", "before": before}).fetchall()
         return [row[0] for row in rows]
 
     # Events and previews

@@ -172,7 +172,7 @@ function applyModel() {
       strength.value = String(control.default_strength); strength.dispatchEvent(new Event("change"));
     }
   }
-  if (!model) $("#loras-field").hidden = true;
+  if (!model) { $("#loras-field").hidden = true; $("#upscale-field").hidden = true; }  // no server, no upscaler
   applyUpscale();
   renderMore();
   applyLoras();
@@ -181,8 +181,9 @@ function applyModel() {
 // ---- then upscale: each image becomes an upscale task of the one queue once the task is done ------------------
 function applyUpscale() {  // the hint says what the upscale makes, and with which upscaler
   const factor = Number($("#upscale").value), width = Number($("#width").value), height = Number($("#height").value);
-  $("#upscale-hint").textContent = !factor || $("#upscale-field").hidden ? ""
-    : `${width && height ? `${width * factor}×${height * factor}, ` : ""}with ${upscaler().name}; the larger images follow in the queue`;
+  const chosen = upscaler();
+  $("#upscale-hint").textContent = !factor || !chosen || $("#upscale-field").hidden ? ""
+    : `${width && height ? `${width * factor}×${height * factor}, ` : ""}with ${chosen.name}; the larger images follow in the queue`;
 }
 
 // ---- size presets ----------------------------------------------------------------------------------------------
@@ -436,7 +437,7 @@ async function submit(event) {
     }
   }
   if (caps.try_on && state.garment) body.garment_image = state.garment;
-  if (!$("#upscale-field").hidden && $("#upscale").value) body.upscale = { factor: Number($("#upscale").value), upscaler: upscaler().name };
+  if (!$("#upscale-field").hidden && $("#upscale").value) body.upscale = { factor: Number($("#upscale").value), upscaler: upscaler()?.name };
   for (const key of Object.keys(body)) if (body[key] === undefined) delete body[key];
   const button = $("#generate"); button.disabled = true;
   try {

@@ -70,6 +70,10 @@ def test_the_claim_by_lora_set_is_one_index_lookup_without_a_sort(db):
     inner = sql[sql.index("(SELECT") + 1:sql.rindex(")")]
     plan = " | ".join(row[3] for row in db.session.execute("EXPLAIN QUERY PLAN " + inner, {"model": "dev", "loras": ""}))
     assert "USING INDEX tasks_variant_queue (model=? AND loras=?)" in plan and "TEMP B-TREE" not in plan, plan
+    front = db._queries["waiting_front"].sql  # the forecast's read of a variant's first waiting task
+    plan = " | ".join(row[3] for row in db.session.execute("EXPLAIN QUERY PLAN " + front,
+                                                           {"model": "dev", "loras": "", "seq": 5}))
+    assert "USING INDEX tasks_variant_queue (model=? AND loras=?)" in plan and "TEMP B-TREE" not in plan, plan
 
 
 def test_the_forecast_charges_the_measured_change_to_a_tasks_lora_set_unless_it_is_running(db, db_path):

@@ -294,3 +294,19 @@ def test_then_upscale_on_the_form_queues_each_image_s_upscale_when_the_task_is_d
     assert page.locator("#queue li").count() == 0, "the upscales left the queue once done"
     shot(page, "then-upscale-done")
     assert not page.errors, page.errors
+
+
+def test_a_remembered_then_upscale_without_a_reachable_server_shows_nothing_and_throws_nothing(guided, browser):  # noqa: F811
+    url, _ = guided
+    page = browser.new_page(viewport=PHONE)
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.add_init_script('localStorage.setItem("mflux.field.upscale", JSON.stringify("2"))')
+    page.route("**/api/models", lambda route: route.abort())  # the server went away after serving the page
+    page.goto(url + "/")
+    page.locator("#server-note").filter(has_text="cannot reach the server").wait_for(timeout=10000)
+    assert page.locator("#upscale").input_value() == "2", "the choice is remembered"
+    assert page.locator("#upscale-field").is_hidden(), "no upscaler is known to be served"
+    page.locator("#width").fill("640")  # the hint is recomputed on input
+    shot(page, "server-unreachable-phone")
+    assert not errors, errors

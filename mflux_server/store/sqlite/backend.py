@@ -40,8 +40,8 @@ class SqliteStore(Store):
                 return current
 
     def checkpoint(self) -> None:
-        """Move the WAL's pages into the database file as far as current readers allow."""
-        self._run("checkpoint").fetchall()
+        """Move the WAL's pages into the database file: a FULL checkpoint, never PASSIVE (connection.py)."""
+        self.session.checkpoint_full()
 
     def checkpoint_if_grown(self) -> None:
         """Checkpoint once the -wal file is past its bound (the event loops' connections leave this to others)."""

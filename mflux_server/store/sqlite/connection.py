@@ -109,14 +109,14 @@ class QueueConnection(sqlite3.Connection):
         turns automatic checkpoints off (connect) and checkpoints this way instead.
         """
         if self.checkpoint_bytes is not None and wal_bytes(self) > self.checkpoint_bytes:
-            self.checkpoint_full()
+            try:
+                self.checkpoint_full()
+            except StoreError:
+                pass  # the commit stands; the next one tries again
 
     def checkpoint_full(self) -> tuple[int, int, int]:
-        """PRAGMA wal_checkpoint(FULL): (busy, WAL frames, frames checkpointed); a failure is not this commit's."""
-        try:
-            busy, frames, done = super().execute("PRAGMA wal_checkpoint(FULL)").fetchone()
-        except sqlite3.Error:
-            return 1, -1, -1  # the next commit tries again
+        """PRAGMA wal_checkpoint(FULL): (busy, WAL frames, frames checkpointed); StoreError if it fails."""
+        busy, frames, done = self.execute("PRAGMA wal_checkpoint(FULL)").fetchone()
         return int(busy), int(frames), int(done)
 
     def begin(self) -> None:
@@ -178,9 +178,10 @@ class QueueConnection(sqlite3.Connection):
 
     def _save_wal(self) -> str:
         """Copy what the removed WAL holds into the database file, which is still ours, so acknowledged writes stay."""
-        busy, frames, _ = self.checkpoint_full()
-        if frames < 0:
-            return " (saving its contents into the database file failed)"
+        try:
+            busy, _, _ = self.checkpoint_full()
+        except StoreError as error:
+            return f" (saving its contents into the database file failed: {error})"
         if busy:
             return " (another connection was busy, so some of its contents may not be in the database file)"
         return " (its contents were first copied into the database file, so no acknowledged write is lost)"

@@ -123,8 +123,3 @@ RETURNING last_finish - :cost, backlog_start;
 -- name: page_size
 -- The database's page size, which sets how much disk a blob takes.
 SELECT page_size FROM pragma_page_size();
-
--- name: checkpoint
--- Copy the WAL into the database file, so the WAL can restart (and be cut back). FULL, never PASSIVE: before
--- SQLite 3.51.3 a PASSIVE checkpoint can lose committed transactions (connection.py, checkpoint_if_due).
-PRAGMA wal_checkpoint(FULL);
