@@ -183,6 +183,7 @@ def stand_in(cls):
             # The files live only during the call: keep what they held.
             self.references = [Image.open(path).copy()
                                for path in kwargs.get("image_paths", kwargs.get("redux_image_paths", []))]
+            self.picture = Image.open(kwargs["image_path"]).copy() if "image_path" in kwargs else None
             self.calls.append(kwargs)
             config = Config(model_config=ModelConfig.dev(), num_inference_steps=kwargs["num_inference_steps"],
                             width=kwargs["width"], height=kwargs["height"])
@@ -334,3 +335,45 @@ def test_every_family_names_a_latent_format():
     from mflux_server.worker.engines.latent_formats import FORMATS
 
     assert {family.name: family.latent_format for family in FAMILIES if family.latent_format not in FORMATS} == {}
+
+
+def _gradient(size, colour):
+    from PIL import Image
+
+    picture = Image.linear_gradient("L").resize(size).convert("RGB")
+    picture.paste(colour, (0, 0, 32, 32))
+    return picture
+
+
+def test_flux2_edit_images_reach_mflux_fitted_as_mflux_itself_would_fit_them(tmp_path):
+    """Edit images above FLUX.2 klein's reference area are fitted on the worker's low-priority thread with mflux's
+    own function: what reaches generate_image is exactly what mflux would have made of the original file, and
+    mflux's own call (on the engine's thread) then changes nothing."""
+    from mflux.models.flux2.variants.edit.flux2_klein_edit_helpers import MAX_REFERENCE_AREA, _Flux2KleinEditHelpers
+    from mflux.utils.image_util import ImageUtil
+
+    engine, built = engine_with_stand_ins("flux2-klein-4b")
+    image, reference = _gradient((1200, 1000), "red"), _gradient((900, 1300), "blue")
+    engine.generate(Job("combine them", 5, 256, 256, 2, None, image=image, references=(reference,)), Recorder())
+    used = next(instance for instance in built if instance.calls and instance.calls[-1]["prompt"] == "combine them")
+    for original, given in zip((image, reference), used.references, strict=True):
+        unfitted = tmp_path / "unfitted.png"
+        original.save(unfitted)  # what the worker wrote before: mflux fitted it on the engine's thread
+        by_mflux = _Flux2KleinEditHelpers.prepare_reference_image(ImageUtil.load_image(unfitted).convert("RGB"))
+        assert given.size == by_mflux.size and given.width * given.height <= MAX_REFERENCE_AREA
+        assert given.convert("RGB").tobytes() == by_mflux.tobytes()
+        again = _Flux2KleinEditHelpers.prepare_reference_image(ImageUtil.load_image(given).convert("RGB"))
+        assert again.size == given.size and again.tobytes() == given.convert("RGB").tobytes()
+
+
+def test_only_the_edit_images_of_an_edit_are_fitted():
+    """Image-to-image runs FLUX.2 klein's text-to-image class, which takes the picture at the task's size, and a
+    family without a fitting function gets its pictures as they were sent."""
+    picture = _gradient((1200, 1000), "red")
+    for model, job in (("flux2-klein-4b", Job("keep it", 5, 256, 256, 2, None, image=picture, image_strength=0.4)),
+                       ("qwen-image-edit", Job("keep it", 5, 256, 256, 2, None, image=picture))):
+        engine, built = engine_with_stand_ins(model)
+        engine.generate(job, Recorder())
+        used = next(instance for instance in built if instance.calls and instance.calls[-1]["prompt"] == "keep it")
+        sent = used.picture or used.references[0]
+        assert sent.size == (1200, 1000) and sent.tobytes() == picture.tobytes(), model

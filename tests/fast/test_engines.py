@@ -376,3 +376,16 @@ def test_profiles_give_each_model_its_own_costs_load_and_cold_first_image(tmp_pa
     path.write_text(json.dumps({"qwen-image": {"step": [1, 2, 3], "fixed": [0, 0], "drift": 1.5}}))
     with pytest.raises(ValueError, match=r"drift must be a number in \[0, 1\)"):
         read_profiles(str(path))
+
+
+def test_the_synthetic_picture_is_drawn_on_the_workers_low_priority_thread(monkeypatch):
+    """The drawing stands in for the GPU's work: at full priority, shrinking large references took CPU from the
+    API on the same cores that a real engine leaves to it."""
+    from mflux_server.worker.engines import synthetic
+
+    threads = []
+    real_draw = synthetic.draw
+    monkeypatch.setattr(synthetic, "draw", lambda job: threads.append(threading.current_thread().name) or real_draw(job))
+    engine = SyntheticEngine("dev", step=(0, 0, 0), fixed=(0, 0))
+    engine.generate(JOB, Recorder())
+    assert len(threads) == 1 and threads[0].startswith("low-priority") and threads[0] != threading.current_thread().name

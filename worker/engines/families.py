@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import importlib
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
+
+from PIL import Image
 
 # How a family uses the request's `image`: as the start of image-to-image, as the reference an
 # instruction edits (Kontext, Qwen-Image-Edit, FLUX.2 edit), or as the picture a mask repaints (FLUX.1 Fill);
@@ -44,12 +47,30 @@ class Family:
     control_map: str | None = None
     control_strength: str = "CONTROLNET_STRENGTH"
     upscale_source: str | None = None  # an upscaler's generate_image parameter that takes the picture
+    # mflux's own function fitting one edit image to what the edit model conditions on ("module:Class.method"),
+    # applied to image_paths; it is idempotent, so the worker may run it first, on its low-priority thread.
+    fit_reference: str | None = None
 
     def load_class(self, edit: bool = False) -> Any:
         """Import the mflux class (mflux is imported only here and in the engine)."""
         path = self.edit_class if edit and self.edit_class else self.model_class
         module, _, name = path.partition(":")
         return getattr(importlib.import_module(module), name)
+
+    def reference_fitter(self) -> Callable[[Image.Image], Image.Image] | None:
+        """The image as mflux's edit model would load and fit it before encoding (None: this family fits none).
+
+        A 4096² reference costs about a second of CPU to decode and shrink; done here, on the worker's
+        low-priority thread, mflux's own call on the engine's thread finds it already fitted and does nothing."""
+        if self.fit_reference is None:
+            return None
+        from mflux.utils.image_util import ImageUtil
+
+        module, _, path = self.fit_reference.partition(":")
+        owner, _, name = path.partition(".")
+        fit = getattr(getattr(importlib.import_module(module), owner), name)
+        # What mflux reads from the file: upright, alpha over white, RGB (flux2_klein_edit_helpers.py).
+        return lambda image: fit(ImageUtil.load_image(image).convert("RGB"))
 
     def registry_keys(self) -> tuple[str, ...]:
         """The ModelConfig registry keys this family runs, from the table or from mflux's own CLI module."""
@@ -97,7 +118,9 @@ FAMILIES: tuple[Family, ...] = (
            control_map="depth_image_path"),
     Family("flux2-klein", "FLUX.2 klein", "mflux.models.flux2.variants.txt2img.flux2_klein:Flux2Klein",
            cli="mflux.models.flux2.cli.flux2_generate",
-           edit_class="mflux.models.flux2.variants.edit.flux2_klein_edit:Flux2KleinEdit", latent_format="flux2"),
+           edit_class="mflux.models.flux2.variants.edit.flux2_klein_edit:Flux2KleinEdit", latent_format="flux2",
+           fit_reference="mflux.models.flux2.variants.edit.flux2_klein_edit_helpers:_Flux2KleinEditHelpers."
+                         "prepare_reference_image"),
     Family("qwen-image", "Qwen-Image", "mflux.models.qwen.variants.txt2img.qwen_image:QwenImage",
            cli="mflux.models.qwen.cli.qwen_image_generate", latent_format="wan21"),
     Family("qwen-image-edit", "Qwen-Image-Edit", "mflux.models.qwen.variants.edit.qwen_image_edit:QwenImageEdit",

@@ -116,13 +116,20 @@ class Adapter:
         self.model = model
         self.edit_model = edit_model  # FLUX.2 klein's edit class, built on demand over the same weights
 
+    def edits(self, job: Job) -> bool:
+        """Whether the job runs on the family's edit class (FLUX.2 klein with an image and no strength)."""
+        return self.edit_model is not None and (self.family.image_role == "edit" or (
+            job.image is not None and job.image_strength is None and self.family.edit_class is not None))
+
+    def reference_fitter(self, job: Job) -> Callable[[Image.Image], Image.Image] | None:
+        """mflux's fitting of each edit image, when the job's model fits them (run ahead, at low priority)."""
+        return self.family.reference_fitter() if self.edits(job) else None
+
     def call(self, job: Job, files: dict[str, str]) -> Any:
         """Run generate_image with the arguments this family's signature takes."""
         if self.family.image_role == "upscale":
             return self.upscale(job, files)
-        edit = self.family.image_role == "edit" or (job.image is not None and job.image_strength is None
-                                                    and self.family.edit_class is not None)
-        model = self.edit_model if edit and self.edit_model is not None else self.model
+        model = self.edit_model if self.edits(job) else self.model
         accepted = self.family.generate_parameters(edit=model is self.edit_model)
         prompt = structured_prompts.for_family(self.family.name, job.prompt)  # FIBO reads a JSON object
         wanted: dict[str, Any] = {"seed": job.seed, "prompt": prompt, "num_inference_steps": job.steps,
@@ -326,7 +333,8 @@ class MfluxEngine:
         self.bridge.reporter = reporter
         try:
             with tempfile.TemporaryDirectory(prefix="mflux-inputs-") as folder:
-                files = low_priority.run(lambda: write_inputs(job, Path(folder)))
+                fit = self.adapter.reference_fitter(job)
+                files = low_priority.run(lambda: write_inputs(job, Path(folder), fit))
                 with self._tiling(job):
                     result = self.adapter.call(job, files)
         except Exception as exc:
@@ -426,14 +434,17 @@ def free_gib() -> float:
         return float("inf")
 
 
-def write_inputs(job: Job, folder: Path) -> dict[str, str]:
-    """mflux takes image inputs as file paths: write the job's images as PNG files there."""
+def write_inputs(job: Job, folder: Path, fit: Callable[[Image.Image], Image.Image] | None = None) -> dict[str, str]:
+    """mflux takes image inputs as file paths: write the job's images as PNG files there (the edit images fitted
+    first by `fit`, mflux's own fitting, where the model has one)."""
     files = {}
     # The API stores at most one reference per role, so the roles may outnumber the references, never the reverse.
     roles = [("image", job.image), *zip(REFERENCE_ROLES, job.references, strict=False), ("mask", job.mask),
              ("control", job.control.image if job.control else None)]
     for role, image in roles:
         if image is not None:
+            if fit is not None and role not in ("mask", "control"):
+                image = fit(image)
             path = folder / f"{role}.png"
             image.save(path, format="PNG", compress_level=1)  # read back at once: speed over size
             files[role] = str(path)

@@ -10,6 +10,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFilter, ImageOps
 
 from mflux_server.core.settings import H100_STEP_COST
+from mflux_server.worker import low_priority
 from mflux_server.worker.engines.base import Control, Job, ModelLoadFailed, OutOfMemory, StepReporter
 from mflux_server.worker.engines.previews import revealed
 from mflux_server.worker.engines.synthetic_profiles import Profile
@@ -226,8 +227,10 @@ class SyntheticEngine:
         per_step = self.step_seconds(job.width, job.height) * shared
         deadline += self.cold / self.speed  # the first image after a load compiles its kernels in its first step
         self.cold = 0.0
-        # Drawn while the first step "runs" (its time is a deadline), so previews can reveal it.
-        image = with_loras(with_control(with_inputs(draw(job), job), job), job)
+        # Drawn while the first step "runs" (its time is a deadline), so previews can reveal it. The drawing stands
+        # in for the GPU's work, so it runs on the worker's low-priority thread: shrinking four 4096² references
+        # at full priority took CPU from the API that a real engine leaves to it (docs/benchmarks.md, benchmark 12).
+        image = low_priority.run(lambda: with_loras(with_control(with_inputs(draw(job), job), job), job))
         for done in range(1, job.steps + 1):
             deadline += self._seconds(per_step)
             sleep_until(deadline)
