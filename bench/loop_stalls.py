@@ -25,7 +25,8 @@ EDITORS = 8  # clients, each sending one edit with four references at a time, ba
 REFERENCES = 4
 SIDE = 4096
 SUBMITTERS = 10  # keep-alive clients submitting flat out
-PAIRS = 3  # phases alone and beside the editors, interleaved
+PAIRS = 8  # phases alone and beside the editors, interleaved, each pair in the other order than the one before
+PAIR_SECONDS = 10.0  # each of those phases: short, so that a pair's two phases are close in time
 PROBE_EVERY = 0.02  # seconds between new connections' reads
 FLOOD_SCRIPT = """
 wrk.method = "POST"
@@ -120,26 +121,34 @@ def run(smoke: bool = False) -> Result:
     """Benchmark 3's paced load alone and beside the editors; then new connections beside the flat-out submitters."""
     tasks, seconds, connections, side = (300, 2.0, 8, 512) if smoke else (10_000, 20.0, 32, SIDE)
     use_wrk = shutil.which("wrk") is not None and not smoke
+    pairs_text = "once" if smoke else f"{PAIRS} times, in alternating order"
     result = Result("The event loop beside heavy work", f"make bench ARGS='--only stalls'  ({tasks:,} queued; benchmark "
-                    f"3's paced load for {seconds:.0f} s alone, then beside {EDITORS} clients each sending "
-                    f"{REFERENCES} {side}² JPEG references back to back, {PAIRS} times; then new connections every "
-                    f"{PROBE_EVERY * 1000:.0f} ms beside {SUBMITTERS} keep-alive clients submitting flat out)")
+                    f"3's paced load for {seconds if smoke else PAIR_SECONDS:.0f} s alone and beside {EDITORS} "
+                    f"clients each sending {REFERENCES} {side}² JPEG references back to back, {pairs_text}; then new "
+                    f"connections every {PROBE_EVERY * 1000:.0f} ms for {seconds:.0f} s beside {SUBMITTERS} keep-alive "
+                    "clients submitting flat out)")
     body = reference_body(side)
     with full_queue(tasks, smoke) as (procs, url, ids, ids_file, _):
         # The edits' model on a worker of its own: one worker switching between the two would put its claim
         # policy's replay in every status answer, a cost of its own (docs/benchmarks.md notes it).
         procs.worker("--model", "flux2-klein-4b", speed=1.0)
-        # Alone, then beside the editors, PAIRS times: this VM's speed drifts by up to 2× between phases a minute
-        # apart (the paced p99 alone read 10.5, 12.7 and 20.1 ms in one run), so one pair's ratio is mostly drift.
+        # Alone and beside the editors, PAIRS times: this VM's speed drifts by up to 2× between phases a minute
+        # apart (the paced p99 alone read 11 to 30 ms within one run), so one pair's ratio is mostly drift. Short
+        # phases keep a pair's two close together, and every other pair runs beside the editors first, so that a
+        # steady drift raises as many ratios as it lowers; the median of the pairs' ratios is reported.
         pairs: list[tuple[dict, dict]] = []
         answers: dict[int, int] = {}
         submit_seconds: list[float] = []
-        for _ in range(1 if smoke else PAIRS):
-            alone = phase(url, ids, ids_file, seconds, connections, PACED_PAUSE_MS, use_wrk)
+        pair_seconds = seconds if smoke else PAIR_SECONDS
+        for number in range(1 if smoke else PAIRS):
+            beside_first = number % 2 == 1
+            alone = {} if beside_first else phase(url, ids, ids_file, pair_seconds, connections, PACED_PAUSE_MS, use_wrk)
             editors = Editors(url, EDITORS, body)
-            beside = phase(url, ids, ids_file, seconds, connections, PACED_PAUSE_MS, use_wrk)
+            beside = phase(url, ids, ids_file, pair_seconds, connections, PACED_PAUSE_MS, use_wrk)
             editors.close()
             editors.cancel_left(url)
+            if beside_first:
+                alone = phase(url, ids, ids_file, pair_seconds, connections, PACED_PAUSE_MS, use_wrk)
             pairs.append((alone, beside))
             for status, count in editors.answers.items():
                 answers[status] = answers.get(status, 0) + count
