@@ -121,5 +121,5 @@ def upscales_after(task: Task, images: list[StoredImage]) -> list[NewTask]:
                     inputs=(InputImage("image", image.mime, task.width, task.height, image.data),),
                     callback_url=task.callback_url, link_base=task.link_base, keep_for=task.keep_for,
                     client_user=task.client_user, key_id=task.key_id, private=bool(task.private),
-                    upscales_task=task.id, upscales_index=image.idx)
+                    upscales_task=task.id, upscales_index=image.idx, fair_cost=after.fair_cost)
             for image in sorted(images, key=lambda image: image.idx)]

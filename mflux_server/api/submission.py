@@ -24,6 +24,7 @@ from mflux_server.core.lora_library import hub_reference
 from mflux_server.core.rows import (
     CONTROL_ROLE,
     REFERENCE_ROLES,
+    ApiKey,
     ControlSettings,
     InputImage,
     LoraSet,
@@ -309,11 +310,7 @@ def queue_task(body: dict[str, Any], surface: str = "native", keep_for: float | 
     if body["priority"] and key is not None and not (key.admin or key.priority):
         abort_json(403, code="priority_not_allowed", field="priority",
                    message=f"priority: the key {key.name!r} may not submit priority tasks (keys create --priority)")
-    limit = settings().max_queued_per_key
-    if key is not None and limit is not None and db().unfinished_of_key(key.id) >= limit:
-        abort_json(429, code="too_many_requests", field=None, headers={"Retry-After": "10"},
-                   message=f"the key {key.name!r} has {limit} unfinished tasks, the most it may have "
-                           "(--max-queued-per-key); submit again when one has finished")
+    check_key_quota(key, body)
     resolved = catalog.resolve_reference(body["model"] or default_model())
     live = live_workers(db())  # read once: it decides the model check and the forecast's worker count
     served = served_models(live)
@@ -366,10 +363,31 @@ def queue_task(body: dict[str, Any], surface: str = "native", keep_for: float | 
                    private=bool(body.get("private")) or not settings().metadata_prompts,
                    then_upscale=after.text() if after else "")
     if fair_scheduling():
-        task = replace(task, fair_cost=forecaster().cost_model(db()).gpu_seconds(task))
+        cost = forecaster().cost_model(db())
+        task = replace(task, fair_cost=cost.gpu_seconds(task))
+        if after is not None:  # each upscale is charged to the key too, at the upscaler's price
+            upscale = replace(task, model=after.model, width=after.width, height=after.height, steps=after.steps, count=1)
+            task = replace(task, then_upscale=after._replace(fair_cost=cost.gpu_seconds(upscale)).text())
     created = submit_once(task, key.id if key else 0)
     g.committed_task_id = created.id  # from here a storage fault must not say the request was not carried out
     return created, live
+
+
+def check_key_quota(key: ApiKey | None, body: dict[str, Any]) -> None:
+    """429 when the key's unfinished tasks, with the upscales they will queue, leave no room for this task and its
+    own upscales (--max-queued-per-key); 422 on `count` when this task alone is more than the key may have."""
+    limit = settings().max_queued_per_key
+    if key is None or limit is None:
+        return
+    weight = 1 + (body["count"] if body.get("upscale") else 0)
+    if weight > limit:
+        _reject("count", f"with upscale, a task counts as 1 + count tasks (it queues an upscale per image), "
+                         f"and the key {key.name!r} may have at most {limit} unfinished (--max-queued-per-key)")
+    if db().unfinished_of_key(key.id) + weight > limit:
+        abort_json(429, code="too_many_requests", field=None, headers={"Retry-After": "10"},
+                   message=f"the key {key.name!r} has {limit} unfinished tasks, the most it may have, counting the "
+                           "upscales its waiting tasks will queue (--max-queued-per-key); submit again when one has "
+                           "finished")
 
 
 def fair_scheduling() -> bool:

@@ -84,6 +84,9 @@ class UpscaleAfter(NamedTuple):
     height: int
     steps: int
     guidance: float | None = None  # the upscaler's default, as POST /api/upscale gives it; None: its own choice
+    # Each upscale's charge to its key under fair scheduling (engine seconds, priced at submit, since the worker
+    # that queues it has no cost model); None: first in, first out, as the task itself was queued.
+    fair_cost: float | None = None
 
     def text(self) -> str:
         """The tasks.then_upscale column."""

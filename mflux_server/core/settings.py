@@ -222,8 +222,9 @@ class Settings:
     auth: str = setting("auto", "auto (an API key is needed once one exists) or required (needed even before)", "api")
     rate_limit: int | None = setting(600, "requests a minute each API key may make (every server process counts "
                                      "together); none for no limit", "api", _optional(_positive(int)))
-    max_queued_per_key: int | None = setting(50, "unfinished tasks (waiting or running) each API key may have; none "
-                                             "for no limit", "api", _optional(_positive(int)))
+    max_queued_per_key: int | None = setting(50, "unfinished tasks (waiting or running) each API key may have, a task "
+                                             "asked with upscale counting its upscales too; none for no limit", "api",
+                                             _optional(_positive(int)))
     scheduling: str = setting("auto", "fair (API keys take turns by GPU-seconds), fifo, or auto (fair once a key "
                               "exists)", "api")
     keep_finished: float = setting(24 * 3600.0, "seconds finished, failed and canceled tasks are kept, with their images",

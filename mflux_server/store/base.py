@@ -744,7 +744,7 @@ class Store:
             return int(self._run("count_request", {"key_id": key_id, "window": minute, "n": n}).fetchone()[0])
 
     def unfinished_of_key(self, key_id: int) -> int:
-        """A key's waiting and processing tasks."""
+        """A key's waiting and processing tasks, and the upscale tasks they will queue when done."""
         return int(self._run("unfinished_of_key", {"key_id": key_id}).fetchone()[0])
 
     # Metrics

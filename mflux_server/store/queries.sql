@@ -314,8 +314,9 @@ SELECT 1 FROM expired_tasks WHERE id = ?;
 UPDATE queue_state SET changes = changes WHERE id = 1;
 
 -- name: unfinished_of_key
--- How many of a key's tasks are waiting or processing.
-SELECT count(*) FROM tasks WHERE key_id = :key_id AND status IN ('waiting', 'processing');
+-- How many of a key's tasks are waiting or processing, with the upscale tasks they will queue when done.
+SELECT coalesce(sum(CASE WHEN then_upscale = '' THEN 1 ELSE 1 + count END), 0)
+  FROM tasks WHERE key_id = :key_id AND status IN ('waiting', 'processing');
 
 -- name: histogram_observe
 -- Count an observation in every bucket whose bound is at least it (buckets are cumulative).

@@ -163,3 +163,24 @@ def test_an_upscaler_no_live_worker_serves_is_a_409_and_a_text_upscale_is_a_422(
     assert refused.status_code == 409 and refused.json["field"] == "upscale.upscaler", refused.json
     text = errors(client.post("/api/generate", json={"prompt": "p", "model": "schnell", "upscale": "2x"}))
     assert "must be an object" in text["upscale"]["_schema"][0]
+
+
+def test_an_upscale_a_done_task_queues_is_charged_to_its_key_not_put_after_every_other_task(db):
+    from dataclasses import replace as with_
+
+    from mflux_server.core.rows import UpscaleAfter
+    from mflux_server.worker.result_writer import upscales_after
+    from tests.conftest import new_task
+
+    after = UpscaleAfter(UPSCALER, 1024, 1024, 2, fair_cost=1.0)  # priced by the API at submit
+    mine = db.submit(with_(new_task(), key_id=1, fair_cost=2.0, then_upscale=after.text()))
+    others = [db.submit(with_(new_task(), key_id=2, fair_cost=2.0)) for _ in range(3)]
+    task = db.claim_next("w", mine.model, "synthetic")
+    assert task is not None and task.id == mine.id
+    images = [StoredImage(0, task.seed, "image/png", png(), 1.0, 2.0)]
+    then = upscales_after(task, images)
+    assert [t.fair_cost for t in then] == [1.0]
+    assert db.complete(task.id, "w", images, then)
+    (upscale_id,) = db.upscale_tasks_of(task.id)
+    tag = lambda task_id: db.session.execute("SELECT fair_tag FROM tasks WHERE id = ?", (task_id,)).fetchone()[0]  # noqa: E731
+    assert tag(upscale_id) < tag(others[2].id), "its key's turn, not after every task queued meanwhile"

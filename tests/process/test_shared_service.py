@@ -3,6 +3,7 @@ submits, retention, health checks and backups, between real processes."""
 
 from __future__ import annotations
 
+import json
 import re
 import sqlite3
 import subprocess
@@ -341,3 +342,21 @@ def test_the_queue_stream_shows_nothing_of_another_keys_task_as_the_queue_moves(
     assert requests.delete(f"{url}/api/tasks/{first}", headers=auth(alice), timeout=10).status_code == 200
     listener.join(timeout=10)
     assert [e for e in seen if second in str(e.get("data"))] == [], "no position or wait of alice's task for bob"
+
+
+def test_the_upscales_a_task_will_queue_count_against_its_keys_quota_and_are_charged_to_its_fair_share(processes):
+    key = new_key(processes.db_path, "enlarger")
+    url = processes.server("--max-queued-per-key", "4")
+    processes.worker("--models", "schnell,dev-controlnet-upscaler", speed=0.01)  # slow: every task stays unfinished
+    enlarged = dict(SMALL, model="schnell", upscale={"factor": 2, "steps": 2})
+    too_many = requests.post(f"{url}/api/generate", json=dict(enlarged, count=4), headers=auth(key), timeout=10)
+    assert too_many.status_code == 422 and too_many.json()["field"] == "count" and "1 + count" in too_many.json()["message"], \
+        too_many.json()
+    made = requests.post(f"{url}/api/generate", json=dict(enlarged, count=2), headers=auth(key), timeout=10)
+    assert made.status_code == 200, made.json()
+    assert requests.post(f"{url}/api/generate", json=SMALL, headers=auth(key), timeout=10).status_code == 200
+    full = requests.post(f"{url}/api/generate", json=SMALL, headers=auth(key), timeout=10)
+    assert full.status_code == 429 and "upscales" in full.json()["message"], "2 tasks, and the 2 upscales one will queue"
+    with sqlite3.connect(processes.db_path) as copy:
+        (then,) = copy.execute("SELECT then_upscale FROM tasks WHERE id = ?", (made.json()["task_id"],)).fetchone()
+    assert json.loads(then)["fair_cost"] > 0, "priced at submit (keys exist: fair scheduling), for the worker to charge"
