@@ -90,9 +90,10 @@ def parse_wrk(out: str) -> dict:
     rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     total = int(re.search(r"(\d+) requests in", out).group(1))
     non_2xx = int((re.search(r"Non-2xx or 3xx responses: (\d+)", out) or [0, 0])[1])
-    socket_errors = sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
-    return {"rate": rate, "p50": ms("50"), "p99": ms("99"), "errors": non_2xx + socket_errors, "total": total,
-            "raw": out}
+    sockets = [(kind, int(n)) for kind, n in re.findall(r"(connect|read|write|timeout) (\d+)", out)]
+    kinds = [f"{kind} {n}" for kind, n in sockets if n] + ([f"non-2xx {non_2xx}"] if non_2xx else [])
+    return {"rate": rate, "p50": ms("50"), "p99": ms("99"), "errors": non_2xx + sum(n for _, n in sockets),
+            "error_kinds": kinds, "total": total, "raw": out}
 
 
 def python_clients(url: str, ids: list[str], seconds: float, connections: int, pause_ms: float = 0,
@@ -181,7 +182,8 @@ def phase(url: str, ids: list[str], ids_file: Path, seconds: float, connections:
         load = wrk(url, ids_file, seconds, connections, pause_ms)
         posted = parse_wrk(submits.communicate()[0])
         load.update(submit_p50=posted["p50"], submit_p99=posted["p99"], submits=posted["total"],
-                    errors=load["errors"] + posted["errors"])
+                    errors=load["errors"] + posted["errors"],
+                    error_kinds=[f"status {k}" for k in load["error_kinds"]] + [f"submit {k}" for k in posted["error_kinds"]])
         return load
     stop = threading.Event()
     submit_ms: list[float] = []
@@ -195,7 +197,9 @@ def phase(url: str, ids: list[str], ids_file: Path, seconds: float, connections:
     for t in submitters:
         t.join()
     load.update(submit_p50=median(submit_ms), submit_p99=percentile(submit_ms, 99), submits=len(submit_ms),
-                errors=load["errors"] + submit_errors[0])
+                errors=load["errors"] + submit_errors[0],
+                error_kinds=[f"{name} failed {n}" for name, n in (("status", load["errors"]), ("submit", submit_errors[0]))
+                             if n])
     return load
 
 

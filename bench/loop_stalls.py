@@ -114,7 +114,8 @@ def new_connection_reads(url: str, seconds: float) -> list[float]:
 def pooled(phases: list[dict]) -> dict:
     """Several runs of one phase as one: the median of each latency, the mean rate, the summed errors."""
     return {"rate": sum(p["rate"] for p in phases) / len(phases), "p99": median([p["p99"] for p in phases]),
-            "submit_p50": median([p["submit_p50"] for p in phases]), "errors": sum(p["errors"] for p in phases)}
+            "submit_p50": median([p["submit_p50"] for p in phases]), "errors": sum(p["errors"] for p in phases),
+            "error_kinds": [kind for p in phases for kind in p["error_kinds"]]}
 
 
 def run(smoke: bool = False) -> Result:
@@ -158,6 +159,9 @@ def run(smoke: bool = False) -> Result:
                    median(ratios))
         result.notes.append("Each pair's p99 beside ÷ alone: " + ", ".join(f"{r:.2f}×" for r in ratios)
                             + "; the figures above are the pairs' medians (requests per second: their mean).")
+        beside_errors = pooled([beside for _, beside in pairs])["error_kinds"]
+        if beside_errors:  # wrk's kinds: a timeout is a request unanswered within its 2 s
+            result.notes.append("The other clients' errors beside the editors: " + ", ".join(beside_errors) + ".")
         accepted = answers.get(200, 0)
         result.add("reference-heavy edits accepted meanwhile", accepted, "", "> 0 and no other answer",
                    accepted > 0 and set(answers) == {200})

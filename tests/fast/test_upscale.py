@@ -184,3 +184,21 @@ def test_an_upscale_a_done_task_queues_is_charged_to_its_key_not_put_after_every
     (upscale_id,) = db.upscale_tasks_of(task.id)
     tag = lambda task_id: db.session.execute("SELECT fair_tag FROM tasks WHERE id = ?", (task_id,)).fetchone()[0]  # noqa: E731
     assert tag(upscale_id) < tag(others[2].id), "its key's turn, not after every task queued meanwhile"
+
+
+def test_a_keys_unfinished_count_includes_the_upscales_its_tasks_will_queue_on_either_store(store_db):
+    from dataclasses import replace as with_
+
+    from mflux_server import store
+    from mflux_server.core.rows import UpscaleAfter
+    from tests.conftest import new_task
+
+    db = store.connect(store_db)
+    try:
+        after = UpscaleAfter(UPSCALER, 1024, 1024, 2).text()
+        db.submit(with_(new_task(), key_id=7, count=3, then_upscale=after))
+        db.submit(with_(new_task(), key_id=7))
+        db.submit(with_(new_task(), key_id=8, count=2, then_upscale=after))
+        assert (db.unfinished_of_key(7), db.unfinished_of_key(8), db.unfinished_of_key(9)) == (5, 3, 0)
+    finally:
+        db.close()
