@@ -88,6 +88,11 @@ def verify(data: bytes, limit: int, role: str = "image") -> InputImage:
             if fmt not in MIMES:
                 raise ma.ValidationError(f"is a {fmt} image; send PNG, JPEG, WEBP, GIF, BMP or TIFF")
             with Image.open(io.BytesIO(data)) as image:
+                if fmt == "JPEG" and not changes(image, role):
+                    # Kept as sent, so only its integrity matters: libjpeg decoding at 1/8 scale still reads every
+                    # entropy-coded block (a truncated file fails as in a full decode) at a ninth of the CPU
+                    # (6 against 57 ms for a 4096² photo here).
+                    image.draft(image.mode, (max(1, width // 8), max(1, height // 8)))
                 image.load()  # verify() does not decode pixel data: a truncated file fails only here
                 upright = normalised(image, role)
     except ma.ValidationError:
@@ -101,14 +106,24 @@ def verify(data: bytes, limit: int, role: str = "image") -> InputImage:
     return InputImage(role="", mime=MIMES["PNG"], width=upright.width, height=upright.height, data=out.getvalue())
 
 
+def turned(image: Image.Image) -> bool:
+    """Whether the image is stored sideways or mirrored, with an EXIF orientation saying so (read from the header)."""
+    return image.getexif().get(ORIENTATION, 1) in range(2, 9)
+
+
+def changes(image: Image.Image, role: str) -> bool:
+    """Whether normalised() will change the image (from its header: no pixel is decoded)."""
+    return turned(image) or image.mode not in KEPT_MODES["mask" if role == "mask" else "image"]
+
+
 def normalised(image: Image.Image, role: str) -> Image.Image | None:
     """The image turned as its EXIF orientation says and in a mode the engine saves as PNG; None when already so."""
     # A portrait photo is stored sideways with an orientation tag. Only then is it turned: exif_transpose copies
     # every image, and a copy read as "turned" re-encoded every input as PNG (seconds of CPU for a 4096² photo).
-    turned = image.getexif().get(ORIENTATION, 1) in range(2, 9)
-    current = ImageOps.exif_transpose(image) if turned else image
+    is_turned = turned(image)
+    current = ImageOps.exif_transpose(image) if is_turned else image
     if current.mode in KEPT_MODES["mask" if role == "mask" else "image"]:
-        return current if turned else None
+        return current if is_turned else None
     try:
         if role == "mask":
             return current.convert("L")

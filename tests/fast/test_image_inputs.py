@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 
+import marshmallow as ma
 import pytest
 from PIL import Image
 
@@ -402,3 +403,31 @@ def test_an_openai_edit_mask_is_held_to_the_input_pixel_limit_before_it_is_decod
         "prompt": "a hat", "image": (io.BytesIO(png()), "photo.png"), "mask": (io.BytesIO(huge.getvalue()), "m.png")})
     assert response.status_code == 400, response.json
     assert "mask" in str(response.json) and "5000×4000 = 20000000 pixels" in str(response.json)
+
+
+def _jpeg(size=(1024, 768)) -> bytes:
+    out = io.BytesIO()
+    Image.effect_noise(size, 60).convert("RGB").save(out, format="JPEG", quality=90)
+    return out.getvalue()
+
+
+def test_a_jpeg_kept_as_sent_is_verified_from_an_eighth_scale_decode_and_a_truncated_one_is_still_refused(monkeypatch):
+    from PIL import JpegImagePlugin
+
+    from mflux_server.api.image_inputs import verify
+
+    asked = []
+    real_draft = JpegImagePlugin.JpegImageFile.draft
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft",
+                        lambda self, mode, size: asked.append(size) or real_draft(self, mode, size))
+    data = _jpeg()
+    kept = verify(data, 10 ** 8)
+    assert asked == [(128, 96)] and kept.data == data and (kept.width, kept.height) == (1024, 768), "stored as sent"
+    with pytest.raises(ma.ValidationError, match="is not a readable image"):
+        verify(data[: len(data) // 2], 10 ** 8)
+    asked.clear()
+    cmyk = io.BytesIO()
+    Image.new("CMYK", (64, 48), (0, 255, 0, 0)).save(cmyk, format="JPEG")
+    converted = verify(cmyk.getvalue(), 10 ** 8)
+    assert asked == [] and converted.mime == "image/png", "a JPEG that is converted is decoded in full"
+    assert Image.open(io.BytesIO(converted.data)).mode == "RGB"
