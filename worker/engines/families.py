@@ -60,8 +60,8 @@ class Family:
     def reference_fitter(self) -> Callable[[Image.Image], Image.Image] | None:
         """The image as mflux's edit model would load and fit it before encoding (None: this family fits none).
 
-        A 4096² reference costs about a second of CPU to decode and shrink; done here, on the worker's
-        low-priority thread, mflux's own call on the engine's thread finds it already fitted and does nothing."""
+        A 4096² reference costs 0.3–0.5 s of CPU to decode and shrink; done here, on the worker's low-priority
+        thread, mflux's own call on the engine's thread finds it already fitted and does nothing."""
         if self.fit_reference is None:
             return None
         from mflux.utils.image_util import ImageUtil
