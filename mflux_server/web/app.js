@@ -147,7 +147,8 @@ function applyModel() {
                 more_images: (caps.edit || caps.variation) && (model?.max_reference_images || 0) > 1,
                 control_strength: control?.default_strength != null, control_maps: Boolean(control?.maps),
                 then_upscale: Boolean(upscaler()) && !caps.upscale };
-  for (const el of document.querySelectorAll("[data-needs]")) el.hidden = model ? !can[el.dataset.needs] : false;
+  // Without a model (the server not reached yet, or not at all) no field is offered that a model may not take.
+  for (const el of document.querySelectorAll("[data-needs]")) el.hidden = !model || !can[el.dataset.needs];
   $("#strength-field").hidden = !caps.image_to_image || (caps.edit && !$("#image_strength").dataset.touched);
   const hints = [];
   if (model) {
@@ -172,7 +173,6 @@ function applyModel() {
       strength.value = String(control.default_strength); strength.dispatchEvent(new Event("change"));
     }
   }
-  if (!model) { $("#loras-field").hidden = true; $("#upscale-field").hidden = true; }  // no server, no upscaler
   applyUpscale();
   renderMore();
   applyLoras();

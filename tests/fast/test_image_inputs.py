@@ -405,13 +405,15 @@ def test_an_openai_edit_mask_is_held_to_the_input_pixel_limit_before_it_is_decod
     assert "mask" in str(response.json) and "5000×4000 = 20000000 pixels" in str(response.json)
 
 
-def _jpeg(size=(1024, 768)) -> bytes:
+def _jpeg(size=(1024, 768), progressive=False) -> bytes:
     out = io.BytesIO()
-    Image.effect_noise(size, 60).convert("RGB").save(out, format="JPEG", quality=90)
+    Image.effect_noise(size, 60).convert("RGB").save(out, format="JPEG", quality=90, progressive=progressive)
     return out.getvalue()
 
 
-def test_a_jpeg_kept_as_sent_is_verified_from_an_eighth_scale_decode_and_a_truncated_one_is_still_refused(monkeypatch):
+@pytest.mark.parametrize("progressive", [False, True])
+def test_a_jpeg_kept_as_sent_is_verified_from_an_eighth_scale_decode_and_a_truncated_one_is_still_refused(
+        monkeypatch, progressive):
     from PIL import JpegImagePlugin
 
     from mflux_server.api.image_inputs import verify
@@ -420,7 +422,7 @@ def test_a_jpeg_kept_as_sent_is_verified_from_an_eighth_scale_decode_and_a_trunc
     real_draft = JpegImagePlugin.JpegImageFile.draft
     monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft",
                         lambda self, mode, size: asked.append(size) or real_draft(self, mode, size))
-    data = _jpeg()
+    data = _jpeg(progressive=progressive)
     kept = verify(data, 10 ** 8)
     assert asked == [(128, 96)] and kept.data == data and (kept.width, kept.height) == (1024, 768), "stored as sent"
     with pytest.raises(ma.ValidationError, match="is not a readable image"):

@@ -296,7 +296,7 @@ def test_then_upscale_on_the_form_queues_each_image_s_upscale_when_the_task_is_d
     assert not page.errors, page.errors
 
 
-def test_a_remembered_then_upscale_without_a_reachable_server_shows_nothing_and_throws_nothing(guided, browser):  # noqa: F811
+def test_without_a_reachable_server_the_form_offers_only_the_common_fields_and_throws_nothing(guided, browser):  # noqa: F811
     url, _ = guided
     page = browser.new_page(viewport=PHONE)
     errors: list[str] = []
@@ -307,6 +307,10 @@ def test_a_remembered_then_upscale_without_a_reachable_server_shows_nothing_and_
     page.locator("#server-note").filter(has_text="cannot reach the server").wait_for(timeout=10000)
     assert page.locator("#upscale").input_value() == "2", "the choice is remembered"
     assert page.locator("#upscale-field").is_hidden(), "no upscaler is known to be served"
+    offered = page.evaluate("[...document.querySelectorAll('[data-needs]')].filter((el) => !el.hidden)"
+                            ".map((el) => el.dataset.needs)")
+    assert offered == [], f"no model known, so no field a model may not take: {offered}"
+    assert page.locator("#prompt").is_visible() and page.locator("#width").is_visible()
     page.locator("#width").fill("640")  # the hint is recomputed on input
     shot(page, "server-unreachable-phone")
     assert not errors, errors
