@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("ref", help="the commit to compare with (its code runs from a temporary worktree)")
     parser.add_argument("--only", choices=NAMES, action="append", help="run only these (repeatable)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "before_after.md",
-                        help="the table's file (or a folder to write before_after.md in)")
+                        help="the table's file (or a folder to write before_after.md and each side's page in)")
     args = parser.parse_args(argv)
     before: dict = {}
     after: dict = {}
@@ -86,6 +87,11 @@ def main(argv: list[str] | None = None) -> int:
                 before |= run(old, name, Path(tmp) / "before" / name)
                 print(f"{name}: working tree …", file=sys.stderr, flush=True)
                 after |= run(ROOT, name, Path(tmp) / "after" / name)
+                if args.out.is_dir():  # each side's own page too: its notes (such as benchmark 12's pairs)
+                    for side in ("before", "after"):
+                        page = Path(tmp) / side / name / "benchmarks.md"
+                        if page.exists():
+                            shutil.copyfile(page, args.out / f"{side}-{name}.md")
         finally:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(old)], check=False,
                            capture_output=True)
