@@ -4,7 +4,8 @@ A submit carrying input images is mostly CPU: JSON parsing, base64, image decodi
 of the blobs. Threads do not take that off the event loop, since their Python parts hold the GIL the loop needs
 (docs/benchmarks.md, "The event loop beside heavy work"). The helper runs the same app in its own interpreter
 on CPU time nothing else wants (lowest_priority), on a Unix socket only its parent can reach; the server
-process only reads the body (under the client's deadlines, as before) and copies bytes both ways. Small requests never leave the process.
+process only reads the body (under the client's deadlines, as before) and copies bytes both ways. Small
+requests never leave the process.
 
 The helper starts with the first large request (which waits for it, as do the others meanwhile) and is started
 again if it dies (while it cannot be, large requests are handled in the process as before). A server process that
