@@ -1,11 +1,10 @@
-"""The upload lane: a server process hands large request bodies to a helper process of its own, idle-class, to handle.
+"""The upload lane: a server process hands large request bodies to a helper process of its own, niced, to handle.
 
 A submit carrying input images is mostly CPU: JSON parsing, base64, image decoding and checks, and a long write
 of the blobs. Threads do not take that off the event loop, since their Python parts hold the GIL the loop needs
 (docs/benchmarks.md, "The event loop beside heavy work"). The helper runs the same app in its own interpreter
-on CPU time nothing else wants (lowest_priority), on a Unix socket only its parent can reach; the server
-process only reads the body (under the client's deadlines, as before) and copies bytes both ways. Small
-requests never leave the process.
+with a lower CPU priority, on a Unix socket only its parent can reach; the server process only reads the body
+(under the client's deadlines, as before) and copies bytes both ways. Small requests never leave the process.
 
 The helper starts with the first large request (which waits for it, as do the others meanwhile) and is started
 again if it dies (while it cannot be, large requests are handled in the process as before). A server process that
@@ -224,20 +223,6 @@ def upload_lane(app: Flask, lane: UploadLane) -> Callable[[dict[str, Any], Any],
     return wsgi
 
 
-def lowest_priority() -> None:
-    """Run this process, and the threads it starts, on CPU time nothing else wants: Linux's SCHED_IDLE (niced
-    where there is none).
-
-    At niceness 10 the helpers still delayed the server processes' event loops: a status request that woke them
-    waited for a niced helper's time slice, and the paced status p99 beside the benchmark's editors read 1.4–3.5×
-    its p99 alone; an idle-class task gives way at once (0.6–1.2× in the same run, bench/explanations.md)."""
-    os.nice(HELPER_NICENESS)
-    if hasattr(os, "SCHED_IDLE"):
-        for thread in os.listdir("/proc/self/task"):  # the policy is per thread; new threads inherit it
-            with contextlib.suppress(OSError):
-                os.sched_setscheduler(int(thread), os.SCHED_IDLE, os.sched_param(0))
-
-
 def serve_helper(path: str, parent: int, settings: Settings) -> None:
     """The helper: the app on the lane's socket, until the parent stops it or is gone."""
     import gevent
@@ -257,8 +242,8 @@ def serve_helper(path: str, parent: int, settings: Settings) -> None:
     listener.listen(64)
     server = WSGIServer(listener, app, log=None, error_log=log)
     server.start()
-    # Lowered once ready: starting (imports, the app) at the server's priority makes it ready sooner under load.
-    lowest_priority()
+    # Niced once ready: starting (imports, the app) at the server's priority makes it ready sooner under load.
+    os.nice(HELPER_NICENESS)
     os.rename(path + ".new", path)  # the parent relays once the socket is there, listening
 
     stopped = gevent.event.Event()
