@@ -155,13 +155,13 @@ def run(smoke: bool = False) -> Result:
                 answers[status] = answers.get(status, 0) + count
             submit_seconds += editors.seconds
         ratios = [beside["p99"] / alone["p99"] for alone, beside in pairs]
-        add_beside(result, pooled([alone for alone, _ in pairs]), pooled([beside for _, beside in pairs]),
+        beside_all = pooled([beside for _, beside in pairs])
+        add_beside(result, pooled([alone for alone, _ in pairs]), beside_all,
                    median(ratios))
         result.notes.append("Each pair's p99 beside ÷ alone: " + ", ".join(f"{r:.2f}×" for r in ratios)
                             + "; the figures above are the pairs' medians (requests per second: their mean).")
-        beside_errors = pooled([beside for _, beside in pairs])["error_kinds"]
-        if beside_errors:  # wrk's kinds: a timeout is a request unanswered within its 2 s
-            result.notes.append("The other clients' errors beside the editors: " + ", ".join(beside_errors) + ".")
+        if beside_all["error_kinds"]:  # wrk's kinds: a timeout is a request unanswered within its 2 s
+            result.notes.append("The other clients' errors beside the editors: " + ", ".join(beside_all["error_kinds"]) + ".")
         accepted = answers.get(200, 0)
         result.add("reference-heavy edits accepted meanwhile", accepted, "", "> 0 and no other answer",
                    accepted > 0 and set(answers) == {200})
