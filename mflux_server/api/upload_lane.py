@@ -231,6 +231,7 @@ def serve_helper(path: str, parent: int, settings: Settings) -> None:
 
     from mflux_server import store
     from mflux_server.api.app import create_app
+    from mflux_server.api.write_lane import Writer
     from mflux_server.core.logs import configure_logging, shorten_gil_switch_interval
 
     configure_logging(settings.log_level, "mflux-server")
@@ -242,6 +243,8 @@ def serve_helper(path: str, parent: int, settings: Settings) -> None:
     listener.listen(64)
     server = WSGIServer(listener, app, log=None, error_log=log)
     server.start()
+    # Before the nice: the writer's thread keeps the server's priority (api/write_lane.py).
+    app.extensions["mflux_writer"] = Writer(app.extensions["mflux_sessions"].get)
     # Niced once ready: starting (imports, the app) at the server's priority makes it ready sooner under load.
     os.nice(HELPER_NICENESS)
     os.rename(path + ".new", path)  # the parent relays once the socket is there, listening

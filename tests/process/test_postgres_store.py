@@ -42,6 +42,9 @@ from tests.process.test_shared_service import (  # noqa: F401  (collected here, 
 from tests.process.test_store_processes import (  # noqa: F401  (collected here, on PostgreSQL)
     test_concurrent_claims_from_several_processes_never_share_a_task,
 )
+from tests.process.test_upload_lane import (  # noqa: F401  (collected here, on PostgreSQL)
+    test_the_helpers_submits_are_written_on_a_thread_at_the_servers_priority,
+)
 from tests.process.test_webhook_delivery import (  # noqa: F401  (collected here, on PostgreSQL)
     test_a_failing_receiver_gets_retries_with_one_id_until_it_answers,
     test_a_task_finished_while_the_api_was_killed_is_delivered_when_it_returns,

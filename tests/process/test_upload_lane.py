@@ -84,6 +84,36 @@ def test_a_large_submit_goes_to_the_niced_helper_and_a_frozen_helper_stalls_no_o
     assert refused.json()["field"] == "image_strength", refused.text
 
 
+def test_the_helpers_submits_are_written_on_a_thread_at_the_servers_priority(processes):
+    url = processes.server()
+    helper = ready_helper(processes, url)
+    server_nice = psutil.Process(helper.ppid()).nice()
+    niceness = {thread.id: psutil.Process(thread.id).nice() for thread in helper.threads()}
+    assert niceness[helper.pid] == server_nice + HELPER_NICENESS, "the helper's loop (parsing, checks) is niced"
+    writers = [tid for tid, nice in niceness.items() if nice == server_nice]
+    assert len(writers) == 1, f"one thread at the server's priority: {niceness}"
+
+    def writer_cpu() -> float:
+        times = next(t for t in helper.threads() if t.id == writers[0])
+        return float(times.user_time + times.system_time)
+
+    before = writer_cpu()
+    headers = {"Idempotency-Key": "sent twice"}
+    body = large_submit("written at full priority", images=[base64.b64encode(noise_png()).decode() for _ in range(4)],
+                        model="flux2-klein-4b")
+    del body["image"], body["image_strength"]
+    first = requests.post(url + "/api/generate", json=body, headers=headers, timeout=60)
+    again = requests.post(url + "/api/generate", json=body, headers=headers, timeout=60)
+    assert first.status_code == again.status_code == 200, (first.text, again.text)
+    assert first.json()["task_id"] == again.json()["task_id"], "the idempotent retry answers the task it created"
+    for n in range(8):
+        answer = requests.post(url + "/api/generate", json={**body, "prompt": f"written {n}"}, timeout=60)
+        assert answer.status_code == 200, answer.text
+    assert "written 7" in prompts(processes.db_path)
+    # Nine stores of four 786 KB references: the thread that wrote them spent CPU on it; an idle one spends none.
+    assert writer_cpu() > before, "the references were written on the full-priority thread"
+
+
 def test_a_killed_helper_loses_nothing_says_when_the_outcome_is_unknown_and_is_started_again(processes):
     url = processes.server()  # no worker: a synchronous edit waits in the helper
     helper = ready_helper(processes, url)
