@@ -2,9 +2,8 @@
 
 The helper runs niced (api/upload_lane.py), and a submit holds the queue's write lock while it stores its images.
 A niced holder is preempted by the busy server processes, whose own submits then wait for the lock it holds: a
-priority inversion (beside 8 clients sending four 4096² references, other clients' submit p99 rose from 43 to
-185 ms; with the helper's thread at the server's priority, 72 ms). The writer's thread is started before the helper
-is niced, so the lock is only ever held at full priority, while the parsing and checking before it stay niced.
+priority inversion (docs/benchmarks.md, benchmark 12). The writer's thread is started before the helper is niced,
+so the helper only ever holds the lock at full priority, while its parsing and checking before the write stay niced.
 """
 
 from __future__ import annotations
