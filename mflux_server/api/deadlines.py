@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import sys
 import time
 import weakref
 from typing import Any
@@ -119,6 +120,20 @@ class DeadlineGeventWorker(GeventWorker):
 
         gevent.spawn(drain_when_stopping)
         super().run()
+
+    def init_process(self) -> None:
+        """Boot and serve; a process told to stop while it boots (Ctrl-C right after start) exits quietly.
+
+        gunicorn's master halts the whole server with "Worker failed to boot" (exit status 3) when a process fails
+        before it has booted, and a stop signal that lands in the middle of the boot can make it fail.
+        """
+        try:
+            super().init_process()
+        except Exception:
+            if self.alive and not self.quitting:
+                raise
+            log.debug("stopped while starting", exc_info=True)
+            sys.exit(0)
 
     def handle_quit(self, sig: Any, frame: Any) -> None:
         """SIGINT or SIGQUIT: stop now; ignored once the process is already stopping.
