@@ -156,6 +156,10 @@ def _status(api: str, task_id: str) -> str:
 
 
 def test_a_frozen_worker_is_recovered_by_another_and_its_late_writes_are_refused(db, db_path, processes):
+    # With the API, as deployed: a worker frozen in the middle of a write's pipeline holds the write lock, and only
+    # the API's watchdog ends such a session (PostgreSQL's idle-in-transaction timeout does not see it); without
+    # it the second worker could not even register (CI saw that once).
+    processes.server()
     task = queue_task(db, width=256, height=256, steps=40)
     frozen = processes.worker("--stale-after", "2", speed=2.0)
     wait_for(lambda: (row(db_path, task.id).step or 0) >= 1, what="the task to be running")
