@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TypeVar
-
 from flask import Flask, current_app, g, has_app_context
 
 from mflux_server import store
 from mflux_server.api.event_hub import EventHub
-from mflux_server.api.write_lane import Writer
 from mflux_server.core import native
 from mflux_server.core.lora_library import Library
 from mflux_server.core.settings import Settings
 from mflux_server.forecast.queue_view import Forecaster
 from mflux_server.store import Store
-
-T = TypeVar("T")
 
 
 class Sessions:
@@ -70,13 +64,6 @@ def db() -> Store:
     """The current thread's (or request's) session with the app's queue."""
     sessions: Sessions = current_app.extensions["mflux_sessions"]
     return sessions.get()
-
-
-def writes(write: Callable[[Store], T]) -> T:
-    """Run a submit's write with a queue session: in the upload helper on its full-priority writer thread
-    (api/write_lane.py), elsewhere on this request's session."""
-    writer: Writer | None = current_app.extensions.get("mflux_writer")
-    return write(db()) if writer is None else writer.run(write)
 
 
 def lora_library() -> Library:

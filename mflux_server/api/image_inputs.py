@@ -13,6 +13,7 @@ import binascii
 import io
 import re
 import warnings
+from dataclasses import replace
 from typing import Any
 
 import marshmallow as ma
@@ -21,7 +22,7 @@ from PIL import Image, ImageOps
 from werkzeug.datastructures import FileStorage
 
 from mflux_server.api.context import settings
-from mflux_server.core import native
+from mflux_server.api.upload_lane import offloaded
 from mflux_server.core.rows import InputImage
 
 ORIENTATION = 0x0112  # the EXIF tag
@@ -69,9 +70,16 @@ def decode(value: Any) -> RawImage:
 
 
 def verified(data: bytes, role: str = "image") -> InputImage:
-    """verify() on the decode pool: only the calling request waits for it."""
-    limit = settings().max_input_pixels
-    return native.call_bounded(lambda: verify(data, limit, role), "image-decode", DECODE_THREADS)
+    """verify() off the event loop (the upload helper, or the decode pool): only the calling request waits for it."""
+    checked = offloaded(verify_unless_kept, data, settings().max_input_pixels, role, pool="image-decode",
+                        threads=DECODE_THREADS)
+    return checked if checked.data else replace(checked, data=data)
+
+
+def verify_unless_kept(data: bytes, limit: int, role: str = "image") -> InputImage:
+    """verify(), with no data in the answer when the image is kept as sent (the helper need not send it back)."""
+    checked = verify(data, limit, role)
+    return replace(checked, data=b"") if checked.data is data else checked
 
 
 def verify(data: bytes, limit: int, role: str = "image") -> InputImage:

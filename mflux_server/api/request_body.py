@@ -19,9 +19,9 @@ from webargs.flaskparser import FlaskParser, is_json_request
 from werkzeug.routing import RequestRedirect
 
 from mflux_server.api.errors import abort_json
-from mflux_server.core import native
+from mflux_server.api.upload_lane import offloaded
 
-LARGE_JSON = 256 * 1024  # bytes past which a JSON body is parsed on an OS thread (native.call_bounded)
+LARGE_JSON = 256 * 1024  # bytes past which a JSON body is parsed off the loop (upload_lane.offloaded)
 PARSE_THREADS = 2  # such parses at once per server process
 MAX_DEPTH = 8  # our deepest body is a list of images inside the object: 2 levels
 MAX_DIGITS = 40  # any of our numbers fits in 20 digits; this leaves room for spelled-out zeros
@@ -155,7 +155,7 @@ class StrictParser(FlaskParser):
             return core.missing
         raw = req.get_data(cache=True)
         if len(raw) > LARGE_JSON:  # a body full of base64 images: tens of milliseconds of parsing, off the loop
-            return native.call_bounded(lambda: parse_json_body(raw), "json-parse", PARSE_THREADS)
+            return offloaded(parse_json_body, raw, pool="json-parse", threads=PARSE_THREADS)
         return parse_json_body(raw)
 
     def load_querystring(self, req: Request, schema: Any) -> Any:

@@ -125,9 +125,8 @@ def serve(settings: Settings) -> None:
     """
     from gunicorn.app.base import BaseApplication
 
+    from mflux_server.api import upload_lane
     from mflux_server.api.deadlines import DeadlineGeventWorker
-    from mflux_server.api.submission import body_limit
-    from mflux_server.api.upload_lane import UploadLane, upload_lane
 
     class Server(BaseApplication):
         def load_config(self) -> None:
@@ -154,7 +153,8 @@ def serve(settings: Settings) -> None:
 
         def load(self) -> Any:
             shorten_gil_switch_interval()
-            app = take_turns(upload_lane(create_app(settings), UploadLane(settings, body_limit(settings.max_input_bytes))))
+            app = take_turns(create_app(settings))
+            upload_lane.install(upload_lane.UploadHelper(settings.log_level))
             # Everything made so far (modules, the app, the catalog) lives as long as the process: keep it out
             # of the garbage collector's full passes, which otherwise pause every connection of the loop.
             gc.collect()

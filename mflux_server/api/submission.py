@@ -14,7 +14,7 @@ import marshmallow as ma
 from flask import g, request
 
 from mflux_server.api.auth import by_cookie, current_key
-from mflux_server.api.context import db, forecaster, lora_library, settings, writes
+from mflux_server.api.context import db, forecaster, lora_library, settings
 from mflux_server.api.errors import abort_json
 from mflux_server.api.generation_schemas import MAX_SEED, MIN_SIZE
 from mflux_server.api.image_inputs import RawImage, verified
@@ -419,13 +419,11 @@ def submit_once(task: NewTask, key_id: int) -> Task:
     """Queue the task; with an Idempotency-Key header, a retry of the same request answers the task it created."""
     idem_key = request.headers.get("Idempotency-Key")
     if idem_key is None:
-        return writes(lambda session: session.submit(task))
+        return db().submit(task)
     if not 1 <= len(idem_key) <= MAX_IDEMPOTENCY_KEY or not idem_key.isprintable() or not idem_key.isascii():
         abort_json(422, field="Idempotency-Key", message=f"Idempotency-Key: must be 1 to {MAX_IDEMPOTENCY_KEY} "
                                                          "printable ASCII characters")
-    fingerprint = request_fingerprint()  # read here: the writer's thread has no request
-    created, other = writes(lambda session: session.submit_idempotent(task, key_id, idem_key, fingerprint,
-                                                                      IDEMPOTENCY_WINDOW))
+    created, other = db().submit_idempotent(task, key_id, idem_key, request_fingerprint(), IDEMPOTENCY_WINDOW)
     if other is not None:
         abort_json(422, code="idempotency_key_reused", field="Idempotency-Key",
                    message=f"Idempotency-Key: {idem_key!r} was used within 24 h for another request (task {other}); "

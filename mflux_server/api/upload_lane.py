@@ -1,23 +1,24 @@
-"""The upload lane: a server process hands large request bodies to a helper process of its own, niced, to handle.
+"""The upload lane: each server process's upload helper (api/upload_helper.py), an idle-class process that does the
+CPU-heavy parts of large uploads (parsing a large JSON body, decoding and checking input images) as pure functions.
 
-A submit carrying input images is mostly CPU: JSON parsing, base64, image decoding and checks, and a long write
-of the blobs. Threads do not take that off the event loop, since their Python parts hold the GIL the loop needs
-(docs/benchmarks.md, "The event loop beside heavy work"). The helper runs the same app in its own interpreter
-with a lower CPU priority, on a Unix socket only its parent can reach; the server process only reads the body
-(under the client's deadlines, as before) and copies bytes both ways. Small requests never leave the process.
+Those parts hold the GIL for milliseconds, so a thread of the server process would hold up its event loop (docs/
+benchmarks.md, "The event loop beside heavy work"). The helper runs them in its own interpreter under Linux's
+SCHED_IDLE (niced 19 elsewhere): the kernel gives it only CPU time nothing else wants and takes a core back the
+moment a server process wakes, where a niced process keeps its time slice. It holds no lock and no queue
+session, nothing a server process waits for but its own results, so being starved delays only the requests that
+asked it. An earlier helper ran the whole request, its write included: an idle-class helper holding the queue's
+write lock stalled every submit, and a niced one still made the server processes wait for its slices.
 
-The helper starts with the first large request (which waits for it, as do the others meanwhile) and is started
-again if it dies (while it cannot be, large requests are handled in the process as before). A server process that
-stops tells its helper to stop too: the helper answers its open waits the way a server process does
-(api/draining.py), and the answers go back to the clients.
+Only requests with a body of UPLOAD_BYTES or more use it; the request itself (checks, the write, the answer) stays
+in the server process. The helper starts with the first such request (which waits for it, up to START_WAIT) and
+again after it dies. A call it cannot answer (not started, gone, or silent for CALL_TIMEOUT) runs in the process
+on a bounded pool of threads instead: the functions are pure, so running one twice changes nothing.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
-import http.client
-import io
 import logging
 import os
 import pickle
@@ -28,68 +29,48 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from typing import Any
-from urllib.parse import quote
-
-from flask import Flask
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from mflux_server.api import draining
-from mflux_server.core.settings import Settings
+from mflux_server.core import native
 
 log = logging.getLogger("mflux_server")
+T = TypeVar("T")
 
-# Bodies at least this large go to the helper: JSON this size is parsed off the loop already (request_body.py),
-# and anything smaller carries no image worth decoding elsewhere.
+# Requests with a body at least this large use the helper: anything smaller carries no image worth the trip.
 UPLOAD_BYTES = 256 << 10
-# The helper's niceness: when cores are few, the kernel runs the server processes' event loops first.
-HELPER_NICENESS = 10
-# Seconds between starts of a helper that keeps dying; meanwhile large requests are handled in the process.
+# Seconds between starts of a helper that keeps dying; meanwhile calls run in the process.
 RESTART_AFTER = 5.0
-# Seconds a large request waits for a starting helper (about 1 s on an idle 2-core machine) before it is handled
-# in the process instead, and between looks at whether it listens.
+# Seconds a call waits for a starting helper (about a second on an idle 2-core machine), and between looks.
 START_WAIT = 10.0
 START_POLL = 0.02
-# Seconds the helper waits for its open requests when told to stop (gunicorn's graceful timeout is 10 s).
-HELPER_GRACE = 9.0
-# Headers that describe one connection, not the request: the relay's connections have their own. The request's
-# length is set again for the body as read; the answer's Date and Server are gunicorn's.
-HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer",
-                        "upgrade", "expect"})
-NOT_RELAYED = HOP_BY_HOP | {"content-length"}
-NOT_ANSWERED = HOP_BY_HOP | {"date", "server"}
+# Seconds a call waits for the helper's answer before the helper is ended and the call runs in the process: an
+# idle-class process gets no CPU while the cores are saturated, and the request must still be answered.
+CALL_TIMEOUT = 30.0
 CHUNK = 1 << 16
-LOST_MESSAGE = ("the process handling this upload stopped before answering, so the request may or may not have "
-                "been carried out: send it again with the same Idempotency-Key header to get the task it created, "
-                "if it did")
 
 
-class UploadLane:
-    """This server process's helper: started on demand, told to stop with the process."""
+class HelperUnavailable(Exception):
+    """The helper could not answer this call (not started, gone, or too slow); nothing was done with it."""
 
-    def __init__(self, settings: Settings, limit: int):
-        self.settings = settings
-        self.limit = limit  # bodies over it are refused in the process, cheaply, before any is read
+
+class UploadHelper:
+    """This server process's helper: started on demand, ended with the process."""
+
+    def __init__(self, log_level: str = "info"):
+        self.log_level = log_level
         self.path = ""  # the socket, in a folder of this process's own made at the first start, removed at exit
         self.helper: subprocess.Popen[bytes] | None = None
         self.ready = False
         self.started_at = -RESTART_AFTER
         draining.on_drain(self.stop)
 
-    def takes(self, environ: dict[str, Any]) -> bool:
-        """Whether a request goes to the helper: a large POST with a length, while this process is not stopping."""
-        if environ.get("REQUEST_METHOD") != "POST" or draining.draining():
-            return False
-        try:
-            length = int(environ.get("CONTENT_LENGTH") or 0)
-        except ValueError:
-            return False
-        return UPLOAD_BYTES <= length <= self.limit
-
     def available(self) -> bool:
         """Whether the helper is up; starts it when it is not (unless it was started moments ago and died) and
-        waits for it up to START_WAIT: requests handled in the process while it started kept the process's
-        decode pool busy for seconds after it was ready."""
+        waits for it up to START_WAIT."""
+        if draining.draining():
+            return False
         if self.helper is None or self.helper.poll() is not None:
             if time.monotonic() - self.started_at < RESTART_AFTER:
                 return False
@@ -99,7 +80,7 @@ class UploadLane:
             assert self.helper is not None
             self.ready = os.path.exists(self.path)
             if self.ready:
-                log.info("upload lane: helper process %d ready %.1f s after its start", self.helper.pid,
+                log.info("upload helper: process %d ready %.1f s after its start", self.helper.pid,
                          time.monotonic() - self.started_at)
             if self.ready or self.helper.poll() is not None or time.monotonic() >= deadline:
                 break
@@ -107,166 +88,87 @@ class UploadLane:
         return self.ready
 
     def start(self) -> None:
-        """Start the helper; it listens on the lane's socket once its app is built."""
+        """Start the helper; it listens on the socket once it has imported what it runs."""
         self.started_at = time.monotonic()
         self.ready = False
         if not self.path:
             folder = tempfile.mkdtemp(prefix="mflux-upload-")  # 0700: only this user reaches the socket
             atexit.register(shutil.rmtree, folder, True)
-            self.path = os.path.join(folder, "lane.sock")
+            self.path = os.path.join(folder, "helper.sock")
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)  # a killed helper's
-        self.helper = subprocess.Popen([sys.executable, "-m", "mflux_server.api.upload_lane", self.path, str(os.getpid())],
-                                       stdin=subprocess.PIPE, close_fds=True)
-        assert self.helper.stdin is not None
-        self.helper.stdin.write(pickle.dumps(self.settings))
-        self.helper.stdin.close()
-        log.info("upload lane: helper process %d started", self.helper.pid)
+        self.helper = subprocess.Popen([sys.executable, "-m", "mflux_server.api.upload_helper", self.path,
+                                        str(os.getpid()), self.log_level], stdin=subprocess.DEVNULL, close_fds=True)
+        log.info("upload helper: process %d started", self.helper.pid)
 
     def stop(self) -> None:
-        """Tell the helper to answer what it holds and exit (this process is stopping)."""
+        """End the helper (this process is stopping; a call it held runs in the process)."""
         if self.helper is not None and self.helper.poll() is None:
             self.helper.send_signal(signal.SIGTERM)
 
-    def relay(self, environ: dict[str, Any], start_response: Callable[..., Any], app: Flask) -> Any:
-        """Read the body, send the request to the helper and its answer to the client (inline if it cannot)."""
-        length = int(environ["CONTENT_LENGTH"])
-        body = read_exactly(environ["wsgi.input"], length)
-        if len(body) < length or not self.available():  # the client went away mid-body (the app says so), or no
-            return _inline(environ, start_response, app, body)  # helper could start: handled here, as before
+    def call(self, function: Callable[..., T], *args: Any) -> T:
+        """function(*args) in the helper; what it raises is raised here. HelperUnavailable if it cannot answer."""
+        if not self.available():
+            raise HelperUnavailable("not running")
         connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        connection.settimeout(CALL_TIMEOUT)
         try:
             connection.connect(self.path)
-            connection.sendall(request_head(environ, length))
-            connection.sendall(body)
-        except OSError:
+            connection.sendall(pickle.dumps((function, args), protocol=pickle.HIGHEST_PROTOCOL))
+            connection.shutdown(socket.SHUT_WR)
+            answer = read_all(connection)
+        except TimeoutError:
+            log.warning("upload helper: no answer to %s within %.0f s; ending it, the call runs here",
+                        function.__name__, CALL_TIMEOUT)
+            self.kill()
+            raise HelperUnavailable("too slow") from None
+        except OSError as error:
+            raise HelperUnavailable(str(error)) from None
+        finally:
             connection.close()
-            # The helper never had the whole request, so it did nothing with it.
-            return _inline(environ, start_response, app, body)
-        del body
-        try:
-            response = http.client.HTTPResponse(connection, method="POST")
-            response.begin()
-        except (OSError, http.client.HTTPException) as error:
-            connection.close()
-            log.error("upload lane: the helper did not answer %s %s (%s)", environ.get("REQUEST_METHOD"),
-                      environ.get("PATH_INFO"), error)
-            return _lost(app, environ, start_response)
-        start_response(f"{response.status} {response.reason}",
-                       [(name, value) for name, value in response.getheaders() if name.lower() not in NOT_ANSWERED])
-        return _answer(response, connection)
+        if not answer:  # it died holding the call
+            raise HelperUnavailable("gone")
+        raised, value = pickle.loads(answer)
+        if raised:
+            raise value
+        result: T = value
+        return result
+
+    def kill(self) -> None:
+        """End a helper that stopped answering; the next call starts another (after RESTART_AFTER)."""
+        if self.helper is not None and self.helper.poll() is None:
+            self.helper.kill()
 
 
-def read_exactly(stream: Any, length: int) -> bytes:
-    """Up to length bytes of a request body (fewer only if the client stopped sending)."""
-    parts, got = [], 0
-    while got < length:
-        part = stream.read(min(CHUNK * 16, length - got))
-        if not part:
-            break
+def read_all(connection: socket.socket) -> bytes:
+    """Everything the peer sends until it shuts its side."""
+    parts = []
+    while part := connection.recv(CHUNK):
         parts.append(part)
-        got += len(part)
     return b"".join(parts)
 
 
-def request_head(environ: dict[str, Any], length: int) -> bytes:
-    """The request line and headers as the client sent them (as WSGI gives them), for one request on its own
-    connection."""
-    # Rebuilt from the path as this server parsed it (not as sent), so the helper routes it the same way.
-    target = quote(environ.get("PATH_INFO", "/").encode("latin-1"), safe="/")
-    if environ.get("QUERY_STRING"):
-        target += "?" + environ["QUERY_STRING"]
-    lines = [f"POST {target} HTTP/1.1"]
-    for key, value in environ.items():
-        if key.startswith("HTTP_"):
-            name = key[5:].replace("_", "-").title()
-            if name.lower() not in NOT_RELAYED:
-                lines.append(f"{name}: {value}")
-    if environ.get("CONTENT_TYPE"):
-        lines.append(f"Content-Type: {environ['CONTENT_TYPE']}")
-    lines += [f"Content-Length: {length}", "Connection: close"]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+_installed: UploadHelper | None = None
 
 
-def _inline(environ: dict[str, Any], start_response: Callable[..., Any], app: Flask, body: bytes) -> Any:
-    environ["wsgi.input"] = io.BytesIO(body)
-    return app(environ, start_response)
+def install(helper: UploadHelper | None) -> None:
+    """Make this process's large requests use the helper (the server does, per process; tests may not)."""
+    global _installed
+    _installed = helper
 
 
-def _lost(app: Flask, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
-    """A 503 saying the outcome is unknown, in the envelope of the surface the request came through."""
-    from mflux_server.api.errors import in_envelope
-
-    with app.request_context(environ):
-        answer = app.make_response(in_envelope(({"code": "unavailable", "field": None, "message": LOST_MESSAGE},
-                                                503, {"Retry-After": "5"})))
-    return answer(environ, start_response)
-
-
-def _answer(response: http.client.HTTPResponse, connection: socket.socket) -> Iterator[bytes]:
-    try:
-        while chunk := response.read1(CHUNK):
-            yield chunk
-    finally:
-        response.close()
-        connection.close()
+def offloaded(function: Callable[..., T], *args: Any, pool: str, threads: int) -> T:
+    """function(*args) off the event loop: in the upload helper for a request with a large body, otherwise (or
+    when the helper cannot answer) on a pool of `threads` OS threads of this process named `pool`."""
+    if _installed is not None and _large_request():
+        try:
+            return _installed.call(function, *args)
+        except HelperUnavailable:
+            pass
+    return native.call_bounded(lambda: function(*args), pool, threads)
 
 
-def upload_lane(app: Flask, lane: UploadLane) -> Callable[[dict[str, Any], Any], Any]:
-    """The app, with large request bodies handled by the lane's helper process."""
+def _large_request() -> bool:
+    from flask import has_request_context, request
 
-    def wsgi(environ: dict[str, Any], start_response: Any) -> Any:
-        if lane.takes(environ):
-            return lane.relay(environ, start_response, app)
-        return app(environ, start_response)
-
-    return wsgi
-
-
-def serve_helper(path: str, parent: int, settings: Settings) -> None:
-    """The helper: the app on the lane's socket, until the parent stops it or is gone."""
-    import gevent
-    import gevent.event
-    from gevent.pywsgi import WSGIServer
-
-    from mflux_server import store
-    from mflux_server.api.app import create_app
-    from mflux_server.api.write_lane import Writer
-    from mflux_server.core.logs import configure_logging, shorten_gil_switch_interval
-
-    configure_logging(settings.log_level, "mflux-server")
-    shorten_gil_switch_interval()
-    store.limit_idle_transactions(settings.write_lock_limit)
-    app = create_app(settings)
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(path + ".new")
-    listener.listen(64)
-    server = WSGIServer(listener, app, log=None, error_log=log)
-    server.start()
-    # Before the nice: the writer's thread keeps the server's priority (api/write_lane.py).
-    app.extensions["mflux_writer"] = Writer(app.extensions["mflux_sessions"].get)
-    # Niced once ready: starting (imports, the app) at the server's priority makes it ready sooner under load.
-    os.nice(HELPER_NICENESS)
-    os.rename(path + ".new", path)  # the parent relays once the socket is there, listening
-
-    stopped = gevent.event.Event()
-
-    def stop() -> None:
-        draining.drain()
-        server.stop(timeout=HELPER_GRACE)
-        stopped.set()
-
-    gevent.signal_handler(signal.SIGTERM, lambda: gevent.spawn(stop))
-    gevent.signal_handler(signal.SIGINT, lambda: None)  # Ctrl-C reaches the whole group: the parent decides
-    while not stopped.wait(1.0):
-        if os.getppid() != parent:  # the server process is gone (killed): nothing can reach this one any more
-            stop()
-    with contextlib.suppress(FileNotFoundError):  # the folder is the server process's to remove
-        os.unlink(path)
-
-
-if __name__ == "__main__":
-    from gevent import monkey
-
-    monkey.patch_all()
-    serve_helper(sys.argv[1], int(sys.argv[2]), pickle.loads(sys.stdin.buffer.read()))
+    return has_request_context() and (request.content_length or 0) >= UPLOAD_BYTES

@@ -43,7 +43,7 @@ from tests.process.test_store_processes import (  # noqa: F401  (collected here,
     test_concurrent_claims_from_several_processes_never_share_a_task,
 )
 from tests.process.test_upload_lane import (  # noqa: F401  (collected here, on PostgreSQL)
-    test_the_helpers_submits_are_written_on_a_thread_at_the_servers_priority,
+    test_an_edit_with_four_references_is_stored_as_sent_and_its_retry_answers_its_task,
 )
 from tests.process.test_webhook_delivery import (  # noqa: F401  (collected here, on PostgreSQL)
     test_a_failing_receiver_gets_retries_with_one_id_until_it_answers,
