@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 from flask import Flask, current_app, g, has_app_context
 
 from mflux_server import store
@@ -11,6 +14,8 @@ from mflux_server.core.lora_library import Library
 from mflux_server.core.settings import Settings
 from mflux_server.forecast.queue_view import Forecaster
 from mflux_server.store import Store
+
+T = TypeVar("T")
 
 
 class Sessions:
@@ -64,6 +69,20 @@ def db() -> Store:
     """The current thread's (or request's) session with the app's queue."""
     sessions: Sessions = current_app.extensions["mflux_sessions"]
     return sessions.get()
+
+
+# Bytes of input images past which a submit's write runs on an OS thread: copying them into the queue takes
+# milliseconds, which on the event loop every other connection of the process would wait for.
+LARGE_WRITE = 256 << 10
+
+
+def writes(write: Callable[[Store], T], size: int) -> T:
+    """Run a submit's write of `size` bytes of images: a large one on an OS thread at the loop's priority, with
+    that thread's session (a niced one would hold the queue's write lock while preempted); others here."""
+    if size < LARGE_WRITE:
+        return write(db())
+    sessions: Sessions = current_app.extensions["mflux_sessions"]
+    return native.call(lambda: write(sessions.get()))
 
 
 def lora_library() -> Library:

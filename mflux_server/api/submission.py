@@ -14,7 +14,7 @@ import marshmallow as ma
 from flask import g, request
 
 from mflux_server.api.auth import by_cookie, current_key
-from mflux_server.api.context import db, forecaster, lora_library, settings
+from mflux_server.api.context import db, forecaster, lora_library, settings, writes
 from mflux_server.api.errors import abort_json
 from mflux_server.api.generation_schemas import MAX_SEED, MIN_SIZE
 from mflux_server.api.image_inputs import RawImage, verified
@@ -418,12 +418,15 @@ def request_fingerprint() -> str:
 def submit_once(task: NewTask, key_id: int) -> Task:
     """Queue the task; with an Idempotency-Key header, a retry of the same request answers the task it created."""
     idem_key = request.headers.get("Idempotency-Key")
+    size = sum(len(image.data) for image in task.inputs)
     if idem_key is None:
-        return db().submit(task)
+        return writes(lambda session: session.submit(task), size)
     if not 1 <= len(idem_key) <= MAX_IDEMPOTENCY_KEY or not idem_key.isprintable() or not idem_key.isascii():
         abort_json(422, field="Idempotency-Key", message=f"Idempotency-Key: must be 1 to {MAX_IDEMPOTENCY_KEY} "
                                                          "printable ASCII characters")
-    created, other = db().submit_idempotent(task, key_id, idem_key, request_fingerprint(), IDEMPOTENCY_WINDOW)
+    fingerprint = request_fingerprint()  # read here: an OS thread has no request
+    created, other = writes(lambda session: session.submit_idempotent(task, key_id, idem_key, fingerprint,
+                                                                      IDEMPOTENCY_WINDOW), size)
     if other is not None:
         abort_json(422, code="idempotency_key_reused", field="Idempotency-Key",
                    message=f"Idempotency-Key: {idem_key!r} was used within 24 h for another request (task {other}); "

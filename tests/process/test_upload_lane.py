@@ -160,3 +160,4 @@ def prompts(db_path: str) -> set[str]:
         return {task.prompt for task in db.list_tasks(None, 100, 0)[0]}
     finally:
         db.close()
+
