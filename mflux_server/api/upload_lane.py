@@ -126,9 +126,10 @@ class UploadHelper:
             raise HelperUnavailable(str(error)) from None
         finally:
             connection.close()
-        if not answer:  # it died holding the call
-            raise HelperUnavailable("gone")
-        raised, value = pickle.loads(answer)
+        try:
+            raised, value = pickle.loads(answer)
+        except (pickle.UnpicklingError, EOFError, ValueError):  # it died holding the call, or while answering
+            raise HelperUnavailable("gone") from None
         if raised:
             raise value
         result: T = value
