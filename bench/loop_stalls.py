@@ -158,6 +158,8 @@ def run(smoke: bool = False) -> Result:
         ratios = [beside["p99"] / alone["p99"] for alone, beside in pairs]
         beside_all, alone_all = pooled([beside for _, beside in pairs]), pooled([alone for alone, _ in pairs])
         add_beside(result, alone_all, beside_all, median(ratios))
+        # The rate alone tells the VM's speed that hour from what the editors cost (the target is on the rate beside).
+        result.add("paced status requests per second without them", alone_all["rate"], "/s")
         # Other clients' submits meet the editors at the queue's write lock (docs/hardening.md, the upload helper).
         result.add("submit latency p99 without them", alone_all["submit_p99"], "ms")
         result.add("submit latency p99 beside them", beside_all["submit_p99"], "ms")
