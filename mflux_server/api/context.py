@@ -77,12 +77,13 @@ LARGE_WRITE = 256 << 10
 
 
 def writes(write: Callable[[Store], T], size: int) -> T:
-    """Run a submit's write of `size` bytes of images: a large one on an OS thread at the loop's priority, with
-    that thread's session (a niced one would hold the queue's write lock while preempted); others here."""
+    """Run a submit's write of `size` bytes of images: a large one on an OS thread of its own at the loop's
+    priority, with that thread's session (a niced one would hold the queue's write lock while preempted; one
+    thread, since writes take turns at the lock anyway); others here."""
     if size < LARGE_WRITE:
         return write(db())
     sessions: Sessions = current_app.extensions["mflux_sessions"]
-    return native.call(lambda: write(sessions.get()))
+    return native.call_bounded(lambda: write(sessions.get()), "large-writes", 1, niced=False)
 
 
 def lora_library() -> Library:

@@ -40,10 +40,10 @@ DEFAULT_IMAGE_STRENGTH = 0.4
 log = logging.getLogger("mflux_server")
 
 
-def body_limit(max_input_bytes: int | None = None) -> int:
+def body_limit() -> int:
     """The largest generate body: every input image at --max-input-bytes, base64-encoded, plus 1 MiB for the rest."""
     images = 1 + len(REFERENCE_ROLES) + 3  # the image, further references, the mask, the control and garment images
-    return (1 << 20) + images * ((max_input_bytes or settings().max_input_bytes) * 4 // 3 + 4)
+    return (1 << 20) + images * (settings().max_input_bytes * 4 // 3 + 4)
 
 
 def require_json_body() -> None:

@@ -158,14 +158,14 @@ def _yielding(function: Callable[[], T]) -> Callable[[], T]:
     return run
 
 
-def call_bounded(function: Callable[[], T], name: str, size: int) -> T:
-    """Like call(), on a pool of `size` OS threads of its own, run at a lower CPU priority than the event loop:
-    at most `size` such jobs run at once, the rest wait (their greenlets only), so CPU-heavy work neither stalls
-    the loop nor takes every core from it."""
+def call_bounded(function: Callable[[], T], name: str, size: int, niced: bool = True) -> T:
+    """Like call(), on a pool of `size` OS threads of its own, run at a lower CPU priority than the event loop
+    (unless not `niced`): at most `size` such jobs run at once, the rest wait (their greenlets only), so CPU-heavy
+    work neither stalls the loop nor takes every core from it."""
     if gevent_active():
         from gevent.threadpool import ThreadPool
 
         pool = _bounded.get(name) or _bounded.setdefault(name, ThreadPool(size))
-        result: T = pool.apply(_yielding(function))
+        result: T = pool.apply(_yielding(function) if niced else function)
         return result
     return function()
