@@ -306,7 +306,10 @@ def test_fair_share_lets_a_second_key_through_within_a_task(processes, schedulin
     overtaken = [started_between(tasks, a_ids, at, tasks[b_id].started_at or 0)
                  for b_id, at in zip(b_ids, acknowledged, strict=True)]
     if scheduling == "auto":  # fair once keys exist
-        assert overtaken == [[], []], "no task of A claimed after a B task was acknowledged starts before it"
+        assert overtaken[0] == [], "no task of A claimed after B's first was acknowledged starts before it"
+        # B's second starts one of its own tasks' cost after B's first, where A's next may start too: when the two
+        # forecasts are equal (the tie goes to the older task) one task of A goes first, as the forecast says.
+        assert len(overtaken[1]) <= 1, "B's second waits for at most one task of A"
         assert b[0]["pos"] == 0 and b[1]["pos"] <= 1, "the forecast sees B's turn"
         assert b[1]["expected_time_seconds"] < 1.5, b[1]
     else:
