@@ -32,6 +32,8 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from flask import has_request_context, request
+
 from mflux_server.api import draining
 from mflux_server.core import native
 
@@ -170,6 +172,4 @@ def offloaded(function: Callable[..., T], *args: Any, pool: str, threads: int) -
 
 
 def _large_request() -> bool:
-    from flask import has_request_context, request
-
     return has_request_context() and (request.content_length or 0) >= UPLOAD_BYTES

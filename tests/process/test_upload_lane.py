@@ -135,7 +135,7 @@ def test_a_killed_helper_loses_nothing_and_is_started_again(processes):
     assert replacement.pid != helper.pid
 
 
-def test_a_stopping_server_ends_its_helper_and_a_killed_one_leaves_it_no_work(processes):
+def test_a_stopping_server_ends_its_helper_and_an_orphaned_helper_exits(processes):
     url = processes.server()
     helper = ready_helper(processes, url)
     folder = Path(helper.cmdline()[-3]).parent
