@@ -146,7 +146,7 @@ def run(smoke: bool = False, plot_path: Path | None = None) -> Result:
     lock = threading.Lock()
     with fresh_queue() as procs:
         url = procs.server()
-        procs.worker("--synthetic-step", ",".join(map(str, STEP)), "--synthetic-fixed", ",".join(map(str, FIXED)),
+        worker = procs.worker("--synthetic-step", ",".join(map(str, STEP)), "--synthetic-fixed", ",".join(map(str, FIXED)),
                      "--synthetic-noise", str(NOISE), speed=speed)
         stop = threading.Event()
 
@@ -186,7 +186,12 @@ def run(smoke: bool = False, plot_path: Path | None = None) -> Result:
         deadline = time.monotonic() + n * mean_service * 3 + 60
         while index < n or not counted_done():
             if time.monotonic() > deadline:
-                raise AssertionError("the forecast trace did not finish in time")
+                counts: dict[str, int] = {}
+                for row in db.list_tasks(None, len(submitted) + 1, 0)[0]:
+                    counts[str(row.status)] = counts.get(str(row.status), 0) + 1
+                raise AssertionError(f"the forecast trace did not finish in time: {index} of {n} sent, "
+                                     f"{len(submitted)} in all, by status {counts}; the worker's log ends:\n"
+                                     f"{procs.log(worker)[-2000:]}")
             task = trace[index] if index < n else make_trace(1, rnd)[0] | {"seed": index}
             clock += rnd.expovariate(LOAD / mean_service)
             time.sleep(max(clock - time.monotonic(), 0))
