@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -146,8 +147,8 @@ def run(smoke: bool = False, plot_path: Path | None = None) -> Result:
     lock = threading.Lock()
     with fresh_queue() as procs:
         url = procs.server()
-        worker = procs.worker("--synthetic-step", ",".join(map(str, STEP)), "--synthetic-fixed", ",".join(map(str, FIXED)),
-                     "--synthetic-noise", str(NOISE), speed=speed)
+        worker = procs.worker("--synthetic-step", ",".join(map(str, STEP)),
+                              "--synthetic-fixed", ",".join(map(str, FIXED)), "--synthetic-noise", str(NOISE), speed=speed)
         stop = threading.Event()
 
         def sample() -> None:
@@ -186,11 +187,9 @@ def run(smoke: bool = False, plot_path: Path | None = None) -> Result:
         deadline = time.monotonic() + n * mean_service * 3 + 60
         while index < n or not counted_done():
             if time.monotonic() > deadline:
-                counts: dict[str, int] = {}
-                for row in db.list_tasks(None, len(submitted) + 1, 0)[0]:
-                    counts[str(row.status)] = counts.get(str(row.status), 0) + 1
+                counts = Counter(str(row.status) for row in db.list_tasks(None, len(submitted) + 1, 0)[0])
                 raise AssertionError(f"the forecast trace did not finish in time: {index} of {n} sent, "
-                                     f"{len(submitted)} in all, by status {counts}; the worker's log ends:\n"
+                                     f"{len(submitted)} in all, by status {dict(counts)}; the worker's log ends:\n"
                                      f"{procs.log(worker)[-2000:]}")
             task = trace[index] if index < n else make_trace(1, rnd)[0] | {"seed": index}
             clock += rnd.expovariate(LOAD / mean_service)

@@ -240,7 +240,7 @@ def test_one_event_stream_per_submit_not_one_per_change(served, browser):  # noq
     page.locator("#prompt").fill("streamed")
     for _ in range(3):
         page.get_by_role("button", name="Generate").click()
-        # Counts the gallery too: on a slow machine the first task may end before the third is sent.
+        # Counts the gallery too: on a slow machine a quick task may end before the page's list is read.
         page.wait_for_function(f"document.querySelectorAll('#queue li, #gallery li').length === {_ + 1}")
     shot(page, "busy-queue")
     page.wait_for_function("document.querySelectorAll('#gallery li').length === 3", timeout=30000)
